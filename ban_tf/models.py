@@ -1,0 +1,238 @@
+"""Model zoo for ban_tf: CIFAR Wide-ResNets, DenseNet-BC, pre-activation ResNets, a tiny net.
+
+`build_model(arch, num_classes, input_shape)` returns a functional `keras.Model` that maps
+raw float32 pixels in [0, 255] to float32 logits. Every model has the same three named
+layers that other modules rely on:
+
+* ``"stem"``: the first convolution (shared and frozen between teacher and student in the
+  DenseNet -> ResNet experiments of the paper).
+* ``"features"``: the global-average-pooled penultimate activation.
+* ``"logits"``: the final Dense layer, always float32 so that a ``mixed_bfloat16`` policy
+  still yields float32 logits.
+
+Input normalisation ``(x - mean) / std`` is a non-trainable float32 layer inside the model,
+so an exported SavedModel takes raw pixels.
+
+Convolutions are bias-free and initialised He-normal with ``fan_out`` (untruncated), as in
+the reference WRN/DenseNet PyTorch code. Initializers draw their seeds from Keras' global
+seed state, so ``keras.utils.set_random_seed(s)`` before a build makes it reproducible.
+
+DenseNet depth reading. The paper names DenseNet-BC nets depth-growth (112-33, 90-60, 80-80,
+80-120) but (D - 4) / 6 is not an integer for 90 and 80. We read D as
+``stem conv + 2 * (dense layers) + 2 transitions + classifier``, i.e. the net has
+``L = (D - 4) // 2`` bottleneck layers (each a 1x1 + 3x3 conv) spread as evenly as possible
+over the 3 dense blocks, the extra layers going to the later blocks: 112 -> 18/18/18,
+90 -> 14/14/15, 80 -> 12/13/13. Trainable parameters (see `count_params`) with 10 / 100
+classes versus Table 1: 112-33 6.89M / 6.99M (6.3M, +9% / +11%), 90-60 15.55M / 15.69M
+(16.1M, -3%), 80-80 22.75M / 22.91M (22.4M, +2%), 80-120 51.09M / 51.33M (50.4M, +1-2%).
+Flooring (D - 4) / 6 per block gives -6% on the last three, rounding up +5..7%; no integer
+reading brings 112-33 closer than +9% (17 layers per block would give 6.27M, but that is
+depth 106). The paper's 6.3M vs. its own "6.5M" in §5.2 suggests that number is loose.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import keras
+import numpy as np
+
+ARCH_HELP = (
+    "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
+    "e.g. densenet-90-60), preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny"
+)
+
+_WRN_RE = re.compile(r"^wrn-(\d+)-(\d+)$")
+_DENSENET_RE = re.compile(r"^densenet-(\d+)-(\d+)$")
+_PREACT_RE = re.compile(r"^preact-resnet-(\d+)$")
+
+
+def _bad(arch: str, why: str) -> ValueError:
+  return ValueError(f"Bad arch {arch!r}: {why}. Accepted forms: {ARCH_HELP}.")
+
+
+def parse_arch(arch: str) -> dict:
+  """Validates an architecture name and returns its hyperparameters.
+
+  Args:
+    arch: e.g. "wrn-28-10", "densenet-90-60", "preact-resnet-20" or "tiny"
+      (case-insensitive).
+
+  Returns:
+    A dict with "family" ("wrn", "densenet", "preact_resnet" or "tiny") and
+    "name" (the default model name, e.g. "wrn_28_10"), plus per family:
+    wrn: "depth", "widen", "blocks_per_stage";
+    densenet: "depth", "growth", "layers_per_block" (tuple of 3);
+    preact_resnet: "depth", "blocks_per_stage".
+
+  Raises:
+    ValueError: unknown family or invalid depth/width, with a one-line fix.
+  """
+  if not isinstance(arch, str):
+    raise _bad(str(arch), "expected a string")
+  a = arch.strip().lower()
+  if a == "tiny":
+    return {"family": "tiny", "name": "tiny"}
+  if m := _WRN_RE.match(a):
+    depth, widen = int(m[1]), int(m[2])
+    if depth < 10 or (depth - 4) % 6:
+      raise _bad(arch, f"wrn depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+    if widen < 1:
+      raise _bad(arch, f"wrn widen factor must be >= 1, got {widen}")
+    return {"family": "wrn", "name": a.replace("-", "_"), "depth": depth, "widen": widen,
+            "blocks_per_stage": (depth - 4) // 6}
+  if m := _DENSENET_RE.match(a):
+    depth, growth = int(m[1]), int(m[2])
+    if depth < 10 or (depth - 4) % 2:
+      raise _bad(arch, f"densenet depth must be even and >= 10 (depth = 4 + 2 * layers), got {depth}")
+    if growth < 1:
+      raise _bad(arch, f"densenet growth rate must be >= 1, got {growth}")
+    q, r = divmod((depth - 4) // 2, 3)
+    layers = tuple(q + (1 if i >= 3 - r else 0) for i in range(3))
+    return {"family": "densenet", "name": a.replace("-", "_"), "depth": depth, "growth": growth,
+            "layers_per_block": layers}
+  if m := _PREACT_RE.match(a):
+    depth = int(m[1])
+    if depth < 8 or (depth - 2) % 6:
+      raise _bad(arch, f"preact-resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
+    return {"family": "preact_resnet", "name": a.replace("-", "_"), "depth": depth,
+            "blocks_per_stage": (depth - 2) // 6}
+  raise _bad(arch, "unknown or malformed architecture name")
+
+
+def count_params(model: keras.Model) -> int:
+  """Number of trainable parameters.
+
+  BatchNorm moving mean/variance are excluded, matching how PyTorch/Chainer (and so the
+  paper's tables) count parameters. `model.count_params()` gives the total incl. those.
+  """
+  return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+def _conv_init():
+  # He-normal, fan_out (as torch kaiming_normal_(mode="fan_out") in the WRN/DenseNet code).
+  # A fresh instance per layer so each draws its own seed from the global seed state.
+  return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+def _conv(x, filters, kernel, name, strides=1):
+  return keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                             kernel_initializer=_conv_init(), name=name)(x)
+
+
+def _bn_relu(x, name):
+  # Momentum 0.9 / eps 1e-5 follow the PyTorch defaults that the reference numbers used.
+  x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+  return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _preact_resnet(x, blocks_per_stage, widths, dropout):
+  """Pre-activation basic-block ResNet body (WRN when widths are widened). Returns pre-pool."""
+  x = _conv(x, widths[0], 3, "stem")
+  for s, width in enumerate(widths[1:]):
+    for b in range(blocks_per_stage):
+      p = f"s{s + 1}b{b + 1}"
+      strides = 2 if (s > 0 and b == 0) else 1
+      pre = _bn_relu(x, f"{p}_1")
+      if strides != 1 or x.shape[-1] != width:
+        # Projection shortcut sees the pre-activated input, as in the WRN reference.
+        shortcut = _conv(pre, width, 1, f"{p}_proj", strides)
+      else:
+        shortcut = x
+      y = _conv(pre, width, 3, f"{p}_conv1", strides)
+      y = _bn_relu(y, f"{p}_2")
+      if dropout:
+        y = keras.layers.Dropout(dropout, name=f"{p}_drop")(y)
+      y = _conv(y, width, 3, f"{p}_conv2")
+      x = keras.layers.Add(name=f"{p}_add")([shortcut, y])
+  return _bn_relu(x, "final")
+
+
+def _densenet_bc(x, layers_per_block, growth, dropout):
+  """DenseNet-BC body: bottleneck layers, compression 0.5. Returns pre-pool activations."""
+  x = _conv(x, 2 * growth, 3, "stem")
+  for blk, n_layers in enumerate(layers_per_block):
+    for i in range(n_layers):
+      p = f"d{blk + 1}l{i + 1}"
+      y = _bn_relu(x, f"{p}_1")
+      y = _conv(y, 4 * growth, 1, f"{p}_conv1")
+      if dropout:
+        y = keras.layers.Dropout(dropout, name=f"{p}_drop1")(y)
+      y = _bn_relu(y, f"{p}_2")
+      y = _conv(y, growth, 3, f"{p}_conv2")
+      if dropout:
+        y = keras.layers.Dropout(dropout, name=f"{p}_drop2")(y)
+      x = keras.layers.Concatenate(name=f"{p}_concat")([x, y])
+    if blk < len(layers_per_block) - 1:
+      p = f"t{blk + 1}"
+      y = _bn_relu(x, p)
+      y = _conv(y, x.shape[-1] // 2, 1, f"{p}_conv")
+      x = keras.layers.AveragePooling2D(2, name=f"{p}_pool")(y)
+  return _bn_relu(x, "final")
+
+
+def _tiny(x, dropout):
+  x = _conv(x, 8, 3, "stem")
+  x = _bn_relu(x, "b1")
+  if dropout:
+    x = keras.layers.Dropout(dropout, name="drop")(x)
+  x = _conv(x, 16, 3, "conv2", strides=2)
+  return _bn_relu(x, "b2")
+
+
+def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], *, mean=None,
+                std=None, dropout: float = 0.0, name: str | None = None) -> keras.Model:
+  """Builds a functional classifier from raw pixels to logits.
+
+  Args:
+    arch: architecture name, see `ARCH_HELP` / `parse_arch`.
+    num_classes: number of output logits.
+    input_shape: (H, W, C); only C is fixed in the model, H and W may vary.
+    mean: per-channel mean (length C) in pixel units; default 0.
+    std: per-channel std (length C) in pixel units; default 255 (plain scaling to [0, 1]).
+    dropout: dropout rate inside blocks (WRN: between the two convs; DenseNet: after each
+      conv of a bottleneck layer; tiny: after the first conv). 0 disables it.
+    name: model name; defaults to the arch with "-" -> "_", e.g. "wrn_28_10". Give distinct
+      names to models nested in one ensemble.
+
+  Returns:
+    A `keras.Model` mapping float32 [N, H, W, C] to float32 logits [N, num_classes], with
+    layers "stem", "features" and "logits".
+
+  Raises:
+    ValueError: bad arch name, num_classes, input_shape, mean/std or dropout.
+  """
+  spec = parse_arch(arch)
+  if int(num_classes) < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  if len(input_shape) != 3:
+    raise ValueError(f"input_shape must be (H, W, C), got {input_shape}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  channels = int(input_shape[-1])
+  mean = np.zeros(channels) if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
+  std = np.full(channels, 255.0) if std is None else np.asarray(std, dtype=np.float64).reshape(-1)
+  if mean.shape != (channels,) or std.shape != (channels,):
+    raise ValueError(f"mean and std need {channels} values (one per channel), got "
+                     f"{mean.size} and {std.size}")
+  if np.any(std <= 0):
+    raise ValueError(f"std must be positive, got {std.tolist()}")
+
+  inputs = keras.Input(shape=(None, None, channels), dtype="float32", name="pixels")
+  # float32 even under a mixed policy: normalising 0..255 in bfloat16 would lose precision.
+  x = keras.layers.Normalization(mean=mean.tolist(), variance=(std ** 2).tolist(),
+                                 dtype="float32", name="normalize")(inputs)
+  family = spec["family"]
+  if family == "wrn":
+    k = spec["widen"]
+    x = _preact_resnet(x, spec["blocks_per_stage"], (16, 16 * k, 32 * k, 64 * k), dropout)
+  elif family == "preact_resnet":
+    x = _preact_resnet(x, spec["blocks_per_stage"], (16, 16, 32, 64), dropout)
+  elif family == "densenet":
+    x = _densenet_bc(x, spec["layers_per_block"], spec["growth"], dropout)
+  else:
+    x = _tiny(x, dropout)
+  features = keras.layers.GlobalAveragePooling2D(name="features")(x)
+  logits = keras.layers.Dense(int(num_classes), dtype="float32", name="logits")(features)
+  return keras.Model(inputs, logits, name=name or spec["name"])

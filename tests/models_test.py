@@ -1,0 +1,150 @@
+"""Tests for ban_tf.models: names, shapes, dtypes, normalisation, param counts, export.
+
+Full-size DenseNet counts take a few seconds each; they run only with BAN_SLOW_TESTS=1.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from ban_tf import models
+
+_SLOW = pytest.mark.skipif(not os.environ.get("BAN_SLOW_TESTS"),
+                           reason="slow; set BAN_SLOW_TESTS=1")
+
+
+@pytest.mark.parametrize("arch,family", [
+    ("wrn-28-10", "wrn"), ("WRN-16-4", "wrn"), ("densenet-90-60", "densenet"),
+    ("densenet-112-33", "densenet"), ("preact-resnet-20", "preact_resnet"), ("tiny", "tiny"),
+])
+def test_parse_arch_accepts(arch, family):
+  assert models.parse_arch(arch)["family"] == family
+
+
+def test_parse_arch_fields():
+  assert models.parse_arch("wrn-28-10")["blocks_per_stage"] == 4
+  assert models.parse_arch("preact-resnet-20")["blocks_per_stage"] == 3
+  assert models.parse_arch("densenet-112-33")["layers_per_block"] == (18, 18, 18)
+  assert models.parse_arch("densenet-90-60")["layers_per_block"] == (14, 14, 15)
+  assert models.parse_arch("densenet-80-80")["layers_per_block"] == (12, 13, 13)
+  assert models.parse_arch("wrn-28-1")["name"] == "wrn_28_1"
+
+
+@pytest.mark.parametrize("arch,fragment", [
+    ("resnet-50", "unknown"), ("wrn-27-1", "6n+4"), ("wrn-28", "unknown"), ("wrn-28-0", ">= 1"),
+    ("densenet-81-12", "even"), ("preact-resnet-21", "6n+2"), ("", "unknown"),
+    ("tiny-1", "unknown"),
+])
+def test_parse_arch_rejects(arch, fragment):
+  with pytest.raises(ValueError) as err:
+    models.parse_arch(arch)
+  msg = str(err.value)
+  assert fragment in msg
+  assert models.ARCH_HELP in msg
+  assert "\n" not in msg
+
+
+@pytest.mark.parametrize("arch", ["tiny", "preact-resnet-8", "wrn-10-1", "densenet-10-4"])
+def test_shapes_and_layer_names(arch):
+  model = models.build_model(arch, 7, (32, 32, 3))
+  out = model(np.random.uniform(0, 255, (2, 32, 32, 3)).astype("float32"))
+  assert tuple(out.shape) == (2, 7)
+  assert out.dtype == "float32"
+  for layer in ("stem", "features", "logits"):
+    model.get_layer(layer)
+  assert isinstance(model.get_layer("stem"), keras.layers.Conv2D)
+  assert model.get_layer("features").output.shape[-1] == model.get_layer("logits").kernel.shape[0]
+  names = [layer.name for layer in model.layers]
+  assert len(names) == len(set(names))
+  assert model.name == arch.replace("-", "_")
+
+
+def test_any_spatial_size_and_channels():
+  model = models.build_model("tiny", 3, (28, 28, 1), name="mnist_tiny")
+  assert model.name == "mnist_tiny"
+  assert tuple(model(np.zeros((1, 28, 28, 1), "float32")).shape) == (1, 3)
+  assert tuple(model(np.zeros((1, 20, 36, 1), "float32")).shape) == (1, 3)
+
+
+def test_logits_float32_under_mixed_bfloat16():
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = models.build_model("preact-resnet-8", 5, (16, 16, 3))
+    assert model.get_layer("stem").compute_dtype == "bfloat16"
+    out = model(np.random.uniform(0, 255, (2, 16, 16, 3)).astype("float32"))
+    assert out.dtype == "float32"
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_normalisation_inside_model():
+  mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+  x = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+  norm_model = models.build_model("tiny", 4, (16, 16, 3), mean=mean, std=std)
+  plain = models.build_model("tiny", 4, (16, 16, 3), mean=[0, 0, 0], std=[1, 1, 1])
+  plain.set_weights(norm_model.get_weights())
+  normalised = (x - np.array(mean, "float32")) / np.array(std, "float32")
+  np.testing.assert_allclose(norm_model.get_layer("normalize")(x), normalised, atol=1e-5)
+  np.testing.assert_allclose(norm_model(x), plain(normalised), atol=1e-4)
+  # Default is plain scaling to [0, 1]; nothing in the normaliser is trainable.
+  default = models.build_model("tiny", 4, (16, 16, 3))
+  np.testing.assert_allclose(default.get_layer("normalize")(x), x / 255.0, atol=1e-6)
+  assert not default.get_layer("normalize").trainable_weights
+
+
+def test_bad_build_args():
+  with pytest.raises(ValueError, match="one per channel"):
+    models.build_model("tiny", 10, (32, 32, 3), mean=[0.0])
+  with pytest.raises(ValueError, match="num_classes"):
+    models.build_model("tiny", 0, (32, 32, 3))
+
+
+@pytest.mark.parametrize("arch,paper,tol", [
+    ("wrn-28-1", 0.38e6, 0.05), ("wrn-28-2", 1.48e6, 0.05), ("preact-resnet-20", 0.27e6, 0.05),
+    pytest.param("wrn-28-5", 9.16e6, 0.05, marks=_SLOW),
+    pytest.param("wrn-28-10", 36.5e6, 0.05, marks=_SLOW),
+    ("densenet-112-33", 6.3e6, 0.12),
+    pytest.param("densenet-90-60", 16.1e6, 0.12, marks=_SLOW),
+    pytest.param("densenet-80-80", 22.4e6, 0.12, marks=_SLOW),
+    pytest.param("densenet-80-120", 50.4e6, 0.12, marks=_SLOW),
+])
+def test_param_counts_match_paper(arch, paper, tol):
+  for num_classes in (10, 100):
+    n = models.count_params(models.build_model(arch, num_classes, (32, 32, 3)))
+    assert abs(n / paper - 1) < tol, (arch, num_classes, n)
+
+
+def test_same_seed_same_weights():
+  def build(seed):
+    keras.utils.set_random_seed(seed)
+    return models.build_model("preact-resnet-8", 10, (32, 32, 3)).get_weights()
+
+  a, b, c = build(1), build(1), build(2)
+  assert all(np.array_equal(u, v) for u, v in zip(a, b))
+  assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+
+
+def test_two_models_nest_in_one():
+  x = keras.Input((16, 16, 3))
+  members = [models.build_model("tiny", 5, (16, 16, 3), name=f"member_{i}") for i in range(2)]
+  avg = keras.layers.Average()([m(x) for m in members])
+  ensemble = keras.Model(x, avg)
+  assert tuple(ensemble(np.zeros((2, 16, 16, 3), "float32")).shape) == (2, 5)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "preact-resnet-8"])
+def test_export_round_trip(arch, tmp_path):
+  keras.utils.set_random_seed(0)
+  model = models.build_model(arch, 10, (32, 32, 3), mean=[120.0] * 3, std=[60.0] * 3)
+  # Non-trivial BN statistics, so inference-mode export is actually checked.
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      layer.moving_mean.assign(np.full(layer.moving_mean.shape, 0.1, "float32"))
+      layer.moving_variance.assign(np.full(layer.moving_variance.shape, 2.0, "float32"))
+  path = str(tmp_path / "saved_model")
+  model.export(path, format="tf_saved_model", verbose=False)
+  reloaded = keras.layers.TFSMLayer(path, call_endpoint="serve")
+  x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+  np.testing.assert_allclose(reloaded(x), model(x, training=False), atol=1e-5)
