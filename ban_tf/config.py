@@ -1,0 +1,164 @@
+"""The resolved experiment: a frozen Config built once from flags, validated, saved.
+
+Library code takes a Config (or plain arguments), never absl FLAGS, so tests build
+one directly with `Config(...)`.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from ban_tf import errors
+
+LOSSES = ("ban", "ban_l", "kd", "cwtm", "dkpp")
+AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
+# Data sets whose labels change under a horizontal flip (digits, text).
+_NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
+
+# Fields that do not change what is trained: they may differ when a run resumes.
+NON_EXPERIMENT_FIELDS = frozenset({
+    "run_dir", "data_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
+    "steps_per_execution",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every knob of a run. Defaults are the paper's (WRN) CIFAR recipe."""
+  # Data.
+  dataset: str = "cifar10"
+  data_dir: Optional[str] = None
+  train_examples: int = 0  # 0 = all (minus the validation hold-out)
+  val_examples: int = 0
+  augment: str = "auto"
+  # Models.
+  arch: str = "wrn-28-1"
+  teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
+  dropout: float = 0.0
+  # Generations and objective.
+  gens: int = 3
+  loss: str = "ban"
+  temperature: float = 1.0
+  kd_weight: float = 1.0
+  label_weight: float = 0.0
+  ensemble_include_teacher: bool = False
+  # Optimisation (SGD Nesterov, step schedule).
+  epochs: int = 200
+  batch_size: int = 128
+  lr: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 5e-4
+  lr_milestones: tuple = (0.3, 0.6, 0.8)
+  lr_decay: float = 0.2
+  # Execution.
+  seed: int = 0
+  run_dir: Optional[str] = None
+  num_cpu_devices: int = 0
+  deterministic: bool = False
+  overwrite: bool = False
+  steps_per_execution: int = 1
+  jit_compile: bool = False
+  mixed_precision: str = "none"
+  verbose: str = "auto"
+
+  # ---- derived values -------------------------------------------------------
+  @property
+  def resolved_loss(self) -> str:
+    """`ban` with a label term is BAN+L; everything else is as given."""
+    if self.loss == "ban" and self.label_weight > 0:
+      return "ban_l"
+    return self.loss
+
+  @property
+  def resolved_label_weight(self) -> float:
+    if self.resolved_loss == "ban_l" and self.label_weight == 0:
+      return 1.0  # BAN+L: a plain sum of the two terms (paper.md, section 1).
+    if self.resolved_loss in ("ban", "dkpp"):
+      return 0.0
+    if self.resolved_loss == "cwtm":
+      return 1.0
+    return self.label_weight
+
+  @property
+  def resolved_kd_weight(self) -> float:
+    return 0.0 if self.resolved_loss == "cwtm" else self.kd_weight
+
+  def objective(self) -> dict:
+    """What a student generation optimises (written to every metrics.json)."""
+    return {
+        "loss": self.resolved_loss,
+        "temperature": self.temperature,
+        "kd_weight": self.resolved_kd_weight,
+        "label_weight": self.resolved_label_weight,
+    }
+
+  def arch_for(self, gen: int) -> str:
+    return (self.teacher_arch or self.arch) if gen == 0 else self.arch
+
+  @property
+  def resolved_augment(self) -> str:
+    if self.augment != "auto":
+      return self.augment
+    return "crop" if self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+
+  def default_run_dir(self) -> str:
+    arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
+    return os.path.join("runs", f"{self.dataset.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["lr_milestones"] = list(self.lr_milestones)
+    d["resolved"] = dict(self.objective(), augment=self.resolved_augment)
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  def experiment_diff(self, stored: dict) -> list:
+    """Fields that differ from a stored config.json and change the experiment."""
+    mine = self.to_dict()
+    keys = (set(mine) | set(stored)) - NON_EXPERIMENT_FIELDS
+    return sorted(k for k in keys if mine.get(k) != stored.get(k))
+
+  # ---- validation -------------------------------------------------------------
+  def validate(self, num_replicas: int = 1) -> None:
+    """Raises errors.UsageError (one line, naming the fix) on a bad value."""
+    def need(cond, msg):
+      if not cond:
+        raise errors.UsageError(msg)
+    need(self.gens >= 0, f"--gens={self.gens}: must be >= 0 (0 trains only the teacher)")
+    need(self.epochs >= 1, f"--epochs={self.epochs}: must be >= 1")
+    need(self.batch_size >= 1, f"--batch_size={self.batch_size}: must be >= 1")
+    need(self.batch_size % max(num_replicas, 1) == 0,
+         f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas: "
+         f"use a multiple of {num_replicas}")
+    need(self.lr > 0, f"--lr={self.lr}: must be > 0")
+    need(0 <= self.momentum < 1, f"--momentum={self.momentum}: must be in [0, 1)")
+    need(self.weight_decay >= 0, f"--weight_decay={self.weight_decay}: must be >= 0")
+    need(self.temperature > 0, f"--temperature={self.temperature}: must be > 0")
+    need(self.kd_weight >= 0, f"--kd_weight={self.kd_weight}: must be >= 0")
+    need(self.label_weight >= 0, f"--label_weight={self.label_weight}: must be >= 0")
+    need(self.loss in LOSSES, f"--loss={self.loss!r}: unknown objective; use one of {', '.join(LOSSES)}")
+    need(self.resolved_kd_weight > 0 or self.resolved_label_weight > 0,
+         "--kd_weight and --label_weight are both 0: the students would learn nothing")
+    need(self.augment in AUGMENTS, f"--augment={self.augment!r}: use one of {', '.join(AUGMENTS)}")
+    need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1)")
+    need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
+    need(self.val_examples >= 0, f"--val_examples={self.val_examples}: must be >= 0")
+    need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
+         f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
+    need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
+    need(self.num_cpu_devices >= 0, f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
+    need(self.steps_per_execution >= 1, f"--steps_per_execution={self.steps_per_execution}: must be >= 1")
+    need(self.mixed_precision in ("none", "bf16", "fp16"),
+         f"--mixed_precision={self.mixed_precision!r}: use none, bf16 or fp16")
+    need(self.verbose in ("auto", "0", "1", "2"), f"--verbose={self.verbose!r}: use auto, 0, 1 or 2")
+    from ban_tf import models  # local import: models pulls in keras
+    for flag, arch in (("--arch", self.arch), ("--teacher_arch", self.teacher_arch)):
+      if arch is not None:
+        try:
+          models.parse_arch(arch)
+        except ValueError as e:
+          raise errors.UsageError(f"{flag}={arch!r}: {e}") from None

@@ -1,0 +1,21 @@
+"""Errors that the binary turns into one-line messages and exit code 2."""
+
+
+class UsageError(ValueError):
+  """Bad input: the message is one line and names the fix."""
+
+
+class DataError(UsageError):
+  """A data set that cannot be found, prepared or used."""
+
+
+class TeacherError(UsageError):
+  """A teacher SavedModel that is missing, corrupt or does not fit the student."""
+
+
+class RunDirError(UsageError):
+  """A run directory that is locked or holds a different experiment."""
+
+
+class DivergedError(RuntimeError):
+  """The training loss became NaN or Inf; the last good checkpoint is kept."""

@@ -1,0 +1,159 @@
+"""ban_tf binary: flags -> Config -> strategy -> generations.run -> results table.
+
+  python -m ban_tf.main --dataset=cifar10 --gens=3
+  python -m ban_tf.main --flagfile=flags/smoke.flags --data_dir=../shared/tensorflow_datasets
+
+Bad input is one line on stderr and exit code 2, before anything is written.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the binary's flags (called once, from __main__ or a test)."""
+  # Data.
+  flags.DEFINE_string("dataset", "cifar10", "[data] tfds image-classification data set name.")
+  flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
+  flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
+  flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
+  flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  # Models.
+  flags.DEFINE_string("arch", "wrn-28-1", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny.")
+  flags.DEFINE_string("teacher_arch", None, "[model] Generation 0's architecture (default: --arch).")
+  flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3).")
+  # Distillation.
+  flags.DEFINE_integer("gens", 3, "[distill] Number of born-again generations after the teacher.")
+  flags.DEFINE_string("loss", "ban", "[distill] Student objective: ban|ban_l|kd|cwtm|dkpp.")
+  flags.DEFINE_float("temperature", 1.0, "[distill] Softmax temperature T of the KD term (scaled by T^2).")
+  flags.DEFINE_float("kd_weight", 1.0, "[distill] Weight of the KD term.")
+  flags.DEFINE_float("label_weight", 0.0, "[distill] Weight of the label cross-entropy (>0 makes ban into BAN+L).")
+  flags.DEFINE_bool("ensemble_include_teacher", False, "[distill] Include generation 0 in BANE ensembles.")
+  # Optimisation.
+  flags.DEFINE_integer("epochs", 200, "[optim] Epochs per generation.")
+  flags.DEFINE_integer("batch_size", 128, "[optim] Global batch size (split over replicas).")
+  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate.")
+  flags.DEFINE_float("momentum", 0.9, "[optim] SGD momentum.")
+  flags.DEFINE_bool("nesterov", True, "[optim] Nesterov momentum.")
+  flags.DEFINE_float("weight_decay", 5e-4, "[optim] Coupled L2 weight decay.")
+  flags.DEFINE_list("lr_milestones", ["0.3", "0.6", "0.8"], "[optim] LR decay points as fractions of --epochs.")
+  flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
+  # Execution.
+  flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
+  flags.DEFINE_string("run_dir", None, "[run] Output directory (default runs/<dataset>-<arch>-<loss>-seed<seed>).")
+  flags.DEFINE_integer("num_cpu_devices", 0, "[run] Mirror over N logical CPU devices (testing multi-replica).")
+  flags.DEFINE_bool("deterministic", False, "[run] Enable TF op determinism (slower; identical reruns).")
+  flags.DEFINE_bool("overwrite", False, "[run] Delete an existing --run_dir and start over.")
+  flags.DEFINE_integer("steps_per_execution", 1, "[run] Train steps per compiled call.")
+  flags.DEFINE_bool("jit_compile", False, "[run] Compile the train step with XLA.")
+  flags.DEFINE_string("mixed_precision", "none", "[run] none|bf16|fp16.")
+  flags.DEFINE_string("verbose", "auto", "[run] Keras verbosity: auto|0|1|2.")
+
+
+def config_from_flags(fv):
+  from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ban_tf import errors  # pylint: disable=g-import-not-at-top
+  try:
+    milestones = tuple(float(m) for m in fv.lr_milestones)
+  except ValueError:
+    raise errors.UsageError(f"--lr_milestones={','.join(fv.lr_milestones)}: use comma-separated fractions") from None
+  return config_lib.Config(
+      dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
+      val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
+      dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
+      kd_weight=fv.kd_weight, label_weight=fv.label_weight,
+      ensemble_include_teacher=fv.ensemble_include_teacher, epochs=fv.epochs,
+      batch_size=fv.batch_size, lr=fv.lr, momentum=fv.momentum, nesterov=fv.nesterov,
+      weight_decay=fv.weight_decay, lr_milestones=milestones, lr_decay=fv.lr_decay, seed=fv.seed,
+      run_dir=fv.run_dir, num_cpu_devices=fv.num_cpu_devices, deterministic=fv.deterministic,
+      overwrite=fv.overwrite, steps_per_execution=fv.steps_per_execution,
+      jit_compile=fv.jit_compile, mixed_precision=fv.mixed_precision, verbose=fv.verbose)
+
+
+def make_strategy(num_cpu_devices=0):
+  """MirroredStrategy over >= 2 GPUs or N logical CPUs; the default strategy otherwise."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import errors  # pylint: disable=g-import-not-at-top
+  if num_cpu_devices > 1:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+      tf.config.set_logical_device_configuration(
+          cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_cpu_devices)])
+    except RuntimeError:  # runtime already initialised (e.g. inside a test process)
+      pass
+    logical = tf.config.list_logical_devices("CPU")
+    if len(logical) < num_cpu_devices:
+      raise errors.UsageError(
+          f"--num_cpu_devices={num_cpu_devices}: only {len(logical)} logical CPUs exist in this process "
+          "(configure them before TensorFlow starts)")
+    return tf.distribute.MirroredStrategy([d.name for d in logical[:num_cpu_devices]])
+  if len(tf.config.list_physical_devices("GPU")) > 1:
+    return tf.distribute.MirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+def run(cfg):
+  """Validates, prepares data, trains all generations; returns results. Raises UsageError."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  from ban_tf import generations  # pylint: disable=g-import-not-at-top
+  from ban_tf import rundir  # pylint: disable=g-import-not-at-top
+
+  tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
+  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
+  strategy = make_strategy(cfg.num_cpu_devices)
+  cfg.validate(num_replicas=strategy.num_replicas_in_sync)
+  if cfg.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  if cfg.mixed_precision != "none":
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "mixed_float16")
+  dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
+                         val_examples=cfg.val_examples)
+  dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment)  # validates the batch size
+  run_dir = cfg.run_dir or cfg.default_run_dir()
+  logging.info("config: %s", cfg.to_json())
+  logging.info("strategy: %s with %d replica(s); data: %s", type(strategy).__name__,
+               strategy.num_replicas_in_sync, dataset.info)
+  with rundir.RunDir(run_dir, cfg) as run_handle:
+    results = generations.run(cfg, strategy, dataset, run_handle)
+  print(open(os.path.join(run_dir, "results.md")).read())
+  return results
+
+
+def main(argv):
+  from ban_tf import errors  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
+  try:
+    run(config_from_flags(FLAGS))
+  except errors.UsageError as e:
+    _fail(str(e))
+  except errors.DivergedError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _fail(msg):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (see --help)")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=_parse)

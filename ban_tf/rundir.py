@@ -1,0 +1,78 @@
+"""The run directory: one process at a time, one experiment per directory.
+
+Layout (README "Run directory"):
+  config.json                 resolved config (checked on resume)
+  gen_k/{saved_model/, model.keras, metrics.json, history.json, tb/, DONE}
+  ensemble_k/{saved_model/, metrics.json, DONE}
+  results.json, results.md
+"""
+
+import fcntl
+import os
+import shutil
+import socket
+
+from ban_tf import errors
+from ban_tf import export
+
+LOCK_FILE = ".lock"
+
+
+class RunDir:
+  """Holds an exclusive lock on a run directory for the life of the process.
+
+  The lock is an fcntl lock, released by the kernel when the process dies, so a
+  killed run never leaves a stuck lock.
+  """
+
+  def __init__(self, path, cfg):
+    self.path = path
+    self._lock = None
+    self.cfg = cfg
+
+  def gen_dir(self, gen):
+    return os.path.join(self.path, f"gen_{gen}")
+
+  def ensemble_dir(self, k):
+    return os.path.join(self.path, f"ensemble_{k}")
+
+  def open(self):
+    """Creates/locks the directory and checks or writes config.json."""
+    os.makedirs(self.path, exist_ok=True)
+    fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise errors.RunDirError(
+          f"{self.path} is in use by {holder}: wait for it, stop it, or pass another --run_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    self._lock = fd
+    cfg_path = os.path.join(self.path, "config.json")
+    if self.cfg.overwrite:
+      for name in os.listdir(self.path):
+        if name != LOCK_FILE:
+          target = os.path.join(self.path, name)
+          shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    elif os.path.exists(cfg_path):
+      diff = self.cfg.experiment_diff(export.read_json(cfg_path))
+      if diff:
+        raise errors.RunDirError(
+            f"{self.path} holds a different experiment (differs in {', '.join(diff)}): "
+            "rerun with the original flags to resume, pass another --run_dir, or --overwrite to start over")
+    export.write_json(self.cfg.to_dict(), cfg_path)
+    return self
+
+  def close(self):
+    if self._lock is not None:
+      fcntl.flock(self._lock, fcntl.LOCK_UN)
+      os.close(self._lock)
+      self._lock = None
+
+  def __enter__(self):
+    return self.open()
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,183 @@
+"""One generation: build a fresh student, fit it (to its teacher), evaluate, export.
+
+`train_generation` is resumable: at the end of every epoch the student, the
+optimizer (momentum slots and step counter, hence the learning-rate schedule) and
+the epoch are checkpointed, and the data pipeline is a function of (seed, epoch),
+so a generation interrupted at epoch e continues from e as if never stopped.
+"""
+
+import math
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ban_tf import distiller as distiller_lib
+from ban_tf import errors
+from ban_tf import export
+from ban_tf import models
+
+
+@keras.saving.register_keras_serializable(package="ban_tf")
+class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+  """lr * decay^(number of boundaries passed); boundaries in optimizer steps."""
+
+  def __init__(self, lr, boundaries, decay):
+    self.lr = float(lr)
+    self.boundaries = [int(b) for b in boundaries]
+    self.decay = float(decay)
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
+    return self.lr * tf.pow(self.decay, passed)
+
+  def get_config(self):
+    return {"lr": self.lr, "boundaries": self.boundaries, "decay": self.decay}
+
+
+def make_optimizer(cfg, steps_per_epoch):
+  boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
+  schedule = StepDecay(cfg.lr, boundaries, cfg.lr_decay)
+  return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+class _EpochState(keras.callbacks.Callback):
+  """Per epoch: NaN guard, checkpoint, history.json and TensorBoard scalars."""
+
+  def __init__(self, gen_dir, manager, epoch_var, history, writer, optimizer):
+    super().__init__()
+    self.gen_dir, self.manager, self.epoch_var = gen_dir, manager, epoch_var
+    self.history, self.writer, self.optimizer = history, writer, optimizer
+    self.diverged = None
+    self._t0 = None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._t0 = time.time()
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+      self.diverged = float(loss)
+      self.model.stop_training = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.diverged is not None:
+      return  # keep the last good checkpoint
+    logs = {k: float(v) for k, v in (logs or {}).items()}
+    lr = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+    entry = dict(logs, epoch=epoch + 1, learning_rate=lr, seconds=time.time() - self._t0)
+    with self.writer.as_default(step=epoch + 1):
+      for k, v in logs.items():
+        name = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
+        tf.summary.scalar(name, v)
+      tf.summary.scalar("train/learning_rate", lr)
+    self.writer.flush()
+    self.epoch_var.assign(epoch + 1)
+    self.manager.save(checkpoint_number=epoch + 1)
+    self.history[:] = [h for h in self.history if h["epoch"] <= epoch] + [entry]
+    export.write_json(self.history, os.path.join(self.gen_dir, "history.json"))
+
+
+def _verbose(cfg):
+  if cfg.verbose != "auto":
+    return int(cfg.verbose)
+  return 1 if sys.stdout.isatty() else 2
+
+
+def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
+  """Trains generation `gen` into `gen_dir`; returns its metrics dict.
+
+  Args:
+    cfg: config.Config.
+    gen: generation index (0 = teacher trained on labels).
+    strategy: the tf.distribute strategy everything is built under.
+    dataset: data.Dataset.
+    gen_dir: the generation's directory (created if needed).
+    teacher_path: the previous generation's SavedModel directory (gen >= 1).
+  """
+  os.makedirs(gen_dir, exist_ok=True)
+  info = dataset.info
+  arch = cfg.arch_for(gen)
+  seed = cfg.seed + gen
+  keras.utils.set_random_seed(seed)  # fresh, differently seeded student per generation
+  objective = cfg.objective() if gen > 0 else {"loss": "labels", "temperature": 1.0,
+                                                  "kd_weight": 0.0, "label_weight": 1.0}
+  train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
+                                  first_epoch=0, epochs=cfg.epochs)
+  with strategy.scope():
+    student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
+                                 std=info.std, dropout=cfg.dropout,
+                                 name=f"gen{gen}_" + arch.replace("-", "_"))
+    teacher = None
+    if gen > 0:
+      teacher = export.load_teacher(teacher_path, expected_classes=info.num_classes)
+    model = distiller_lib.Distiller(
+        student, teacher, loss=objective["loss"], temperature=objective["temperature"],
+        kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
+        weight_decay=cfg.weight_decay, seed=seed)
+    optimizer = make_optimizer(cfg, steps)
+    model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
+                  jit_compile=cfg.jit_compile)
+    optimizer.build(student.trainable_variables)
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    ckpt = tf.train.Checkpoint(student=student, optimizer=optimizer, epoch=epoch_var)
+  manager = tf.train.CheckpointManager(ckpt, os.path.join(gen_dir, "ckpt"), max_to_keep=2)
+  initial_epoch = 0
+  history = []
+  if manager.latest_checkpoint:
+    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    initial_epoch = int(epoch_var.numpy())
+    hist_path = os.path.join(gen_dir, "history.json")
+    if os.path.exists(hist_path):
+      history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
+    logging.info("gen %d: resuming from epoch %d (%s)", gen, initial_epoch, manager.latest_checkpoint)
+    train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
+                                    first_epoch=initial_epoch, epochs=cfg.epochs)
+  writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
+  state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
+  role = "teacher" if gen == 0 else f"BAN-{gen}"
+  logging.info("gen %d (%s): %s, %d params, objective %s, seed %d, teacher %s", gen, role, arch,
+               student.count_params(), objective, seed, teacher_path)
+  t0 = time.time()
+  if initial_epoch < cfg.epochs:
+    model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+              validation_data=dataset.val(cfg.batch_size), callbacks=[state],
+              verbose=_verbose(cfg))
+  if state.diverged is not None:
+    raise errors.DivergedError(
+        f"generation {gen} diverged (loss={state.diverged}) in epoch {len(state.history) + 1}: "
+        f"the last good checkpoint (epoch {len(state.history)}) is kept in {gen_dir}/ckpt; "
+        "lower --lr and rerun the same command to resume")
+  # Final-epoch evaluation: no selection on test (nor on val) happens anywhere.
+  test = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
+  result = {
+      "gen": gen, "role": role, "arch": arch, "params": int(student.count_params()),
+      "seed": seed, "objective": objective, "teacher": teacher_path,
+      "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
+      "test_accuracy": float(test["accuracy"]), "test_error": 1.0 - float(test["accuracy"]),
+      "test_loss": float(test["label_loss"]),
+  }
+  if dataset.val(cfg.batch_size) is not None:
+    val = model.evaluate(dataset.val(cfg.batch_size), verbose=0, return_dict=True)
+    result["val_accuracy"] = float(val["accuracy"])
+    result["val_loss"] = float(val["label_loss"])
+  if state.history:
+    result["final_train"] = {k: v for k, v in state.history[-1].items() if not k.startswith("val_")}
+  with writer.as_default(step=cfg.epochs):
+    tf.summary.scalar("test/accuracy", result["test_accuracy"])
+    tf.summary.scalar("test/error", result["test_error"])
+  writer.flush()
+  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape)
+  export.save_keras(student, os.path.join(gen_dir, "model.keras"))
+  export.write_json(result, os.path.join(gen_dir, "metrics.json"))
+  export.touch_done(gen_dir)
+  shutil.rmtree(os.path.join(gen_dir, "ckpt"), ignore_errors=True)
+  logging.info("gen %d (%s) done: test accuracy %.4f (error %.2f%%)", gen, role,
+               result["test_accuracy"], 100 * result["test_error"])
+  return result
