@@ -78,6 +78,10 @@ def run(cfg, strategy, dataset, run):
   return results
 
 
+def format_params(n):
+  return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
 def results_table(results):
   """The paper-style markdown table: teacher, BAN-k, BANE-k, delta vs teacher."""
   gens = results["generations"]
@@ -95,7 +99,7 @@ def results_table(results):
 
   for g in gens:
     name = "Teacher" if g["gen"] == 0 else f"BAN-{g['gen']}"
-    lines.append(row(name, g["arch"], f"{g['params'] / 1e6:.2f}M", g["test_error"], g.get("val_accuracy")))
+    lines.append(row(name, g["arch"], format_params(g["params"]), g["test_error"], g.get("val_accuracy")))
   for e in results["ensembles"]:
     members = ",".join("T" if m == 0 else str(m) for m in e["members"])
     lines.append(row(f"{e['name']} ({members})", "ensemble", "", e["test_error"], e.get("val_accuracy")))

@@ -16,8 +16,9 @@ from absl import logging
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defines the binary's flags (called once, from __main__ or a test)."""
+def define_flags(fv=FLAGS):
+  """Defines the binary's flags on `fv` (called once, from __main__ or a test)."""
+  flags = _Definer(fv)
   # Data.
   flags.DEFINE_string("dataset", "cifar10", "[data] tfds image-classification data set name.")
   flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
@@ -54,6 +55,17 @@ def define_flags():
   flags.DEFINE_bool("jit_compile", False, "[run] Compile the train step with XLA.")
   flags.DEFINE_string("mixed_precision", "none", "[run] none|bf16|fp16.")
   flags.DEFINE_string("verbose", "auto", "[run] Keras verbosity: auto|0|1|2.")
+
+
+class _Definer:
+  """absl's DEFINE_* bound to one FlagValues, so tests can use a fresh one."""
+
+  def __init__(self, fv):
+    self._fv = fv
+
+  def __getattr__(self, name):
+    define = getattr(flags, name)
+    return lambda *a, **k: define(*a, flag_values=self._fv, **k)
 
 
 def config_from_flags(fv):

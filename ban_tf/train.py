@@ -148,7 +148,7 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
   if initial_epoch < cfg.epochs:
     model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
               validation_data=dataset.val(cfg.batch_size), callbacks=[state],
-              verbose=_verbose(cfg))
+              verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
     raise errors.DivergedError(
         f"generation {gen} diverged (loss={state.diverged}) in epoch {len(state.history) + 1}: "
