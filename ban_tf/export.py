@@ -127,18 +127,22 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4):
   return got
 
 
-def load_teacher(path, expected_classes=None):
+def load_teacher(path, strategy=None, expected_classes=None):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 
-  Call it inside `strategy.scope()` (its variables become mirrored) and only from
-  inside fit/evaluate/predict: calling a TFSMLayer eagerly inside a strategy scope
-  fails (lessons-from-peers.md, section 4.3).
+  Call this outside any strategy scope: the fingerprint check runs the SavedModel
+  eagerly, which fails inside a MirroredStrategy scope (lessons-from-peers.md,
+  4.3). The layer itself is created inside `strategy.scope()` so its variables
+  are mirrored, and must then only be called from fit/evaluate/predict.
   """
+  if tf.distribute.has_strategy():
+    raise RuntimeError("load_teacher must be called outside strategy.scope(); pass the strategy instead")
   out = verify_saved_model(path)
   if expected_classes is not None and out.shape[-1] != expected_classes:
     raise errors.TeacherError(
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
-  layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher")
+  with (strategy or tf.distribute.get_strategy()).scope():
+    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher")
   layer.source_path = os.path.abspath(path)
   return layer

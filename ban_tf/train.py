@@ -110,13 +110,13 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
                                                   "kd_weight": 0.0, "label_weight": 1.0}
   train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
                                   first_epoch=0, epochs=cfg.epochs)
+  teacher = None
+  if gen > 0:
+    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes)
   with strategy.scope():
     student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
                                  std=info.std, dropout=cfg.dropout,
                                  name=f"gen{gen}_" + arch.replace("-", "_"))
-    teacher = None
-    if gen > 0:
-      teacher = export.load_teacher(teacher_path, expected_classes=info.num_classes)
     model = distiller_lib.Distiller(
         student, teacher, loss=objective["loss"], temperature=objective["temperature"],
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
