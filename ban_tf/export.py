@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from ban_tf import errors
+from ban_tf import faults
 
 SERVE = "serve"
 FINGERPRINT_FILE = "fingerprint.npz"
@@ -23,6 +24,24 @@ FINGERPRINT_FILE = "fingerprint.npz"
 def _tmp_path(path):
   head, tail = os.path.split(os.path.abspath(path))
   return os.path.join(head, f".tmp-{os.getpid()}-{tail}")
+
+
+def remove_stale_tmp(root):
+  """Deletes temporary outputs (`.tmp-*`) that a killed process left under `root`.
+
+  Call only while holding the run directory's lock: no live writer exists then.
+  """
+  removed = []
+  for parent, dirs, files in os.walk(root):
+    for name in [d for d in dirs if d.startswith(".tmp-")]:
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      dirs.remove(name)
+      removed.append(os.path.join(parent, name))
+    for name in files:
+      if name.startswith(".tmp-"):
+        os.remove(os.path.join(parent, name))
+        removed.append(os.path.join(parent, name))
+  return removed
 
 
 def _replace_dir(tmp, path):
@@ -89,6 +108,7 @@ def export_saved_model(model, path, input_shape=None):
   x = fingerprint_inputs(shape)
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
+  faults.kill_if("kill_during_export", os.path.basename(os.path.dirname(os.path.abspath(path))))
   _replace_dir(tmp, path)
   return y
 

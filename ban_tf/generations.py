@@ -1,8 +1,9 @@
 """The born-again sequence: teacher, BAN-1..N (each taught by the previous one's
 SavedModel on disk), BANE ensembles, results.json and results.md.
 
-Finished generations (DONE marker) are skipped on rerun; their SavedModel is
-re-verified against its fingerprint before it teaches the next generation.
+Finished generations (DONE marker) are skipped on rerun; their SavedModel was
+re-verified against its fingerprint when the run directory was opened
+(rundir.RunDir.verify_finished), and is again when it is loaded as a teacher.
 """
 
 import os
@@ -13,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from ban_tf import export
+from ban_tf import faults
 from ban_tf import train
 
 
@@ -66,8 +68,7 @@ def run(cfg, strategy, dataset, run):
     gdir = run.gen_dir(gen)
     teacher_path = os.path.join(run.gen_dir(gen - 1), "saved_model") if gen > 0 else None
     if export.is_done(gdir):
-      logging.info("gen %d already done: skipping (verifying its SavedModel)", gen)
-      export.verify_saved_model(os.path.join(gdir, "saved_model"))
+      logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint)", gen)
       metrics = export.read_json(os.path.join(gdir, "metrics.json"))
     else:
       metrics = train.train_generation(cfg, gen, strategy, dataset, gdir, teacher_path)
@@ -75,6 +76,7 @@ def run(cfg, strategy, dataset, run):
     if gen >= 2:
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
     write_results(run.path, results, cfg)
+    faults.kill_if("kill_between_generations", f"gen_{gen}")
   return results
 
 

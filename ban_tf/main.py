@@ -115,6 +115,7 @@ def run(cfg):
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
+  from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
@@ -134,8 +135,15 @@ def run(cfg):
   logging.info("config: %s", cfg.to_json())
   logging.info("strategy: %s with %d replica(s); data: %s", type(strategy).__name__,
                strategy.num_replicas_in_sync, dataset.info)
-  with rundir.RunDir(run_dir, cfg) as run_handle:
-    results = generations.run(cfg, strategy, dataset, run_handle)
+  with rundir.RunDir(run_dir, cfg, num_classes=dataset.info.num_classes) as run_handle:
+    try:
+      results = generations.run(cfg, strategy, dataset, run_handle)
+    except (OSError, tf.errors.OpError) as e:
+      if not errors.is_disk_full(e):
+        raise
+      raise errors.DiskFullError(
+          f"no space left on the device of {run_dir}: free some space and rerun the same command "
+          "(it resumes from the last good checkpoint, which is kept)") from None
   print(open(os.path.join(run_dir, "results.md")).read())
   return results
 

@@ -20,6 +20,7 @@ from absl import logging
 from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
+from ban_tf import faults
 from ban_tf import models
 
 
@@ -47,6 +48,19 @@ def make_optimizer(cfg, steps_per_epoch):
   return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
+def make_checkpoint(student, optimizer, epoch_var):
+  """What an epoch checkpoint holds: everything that resuming must restore.
+
+  Through `optimizer`: the student's trainable weights, the momentum slots and the
+  step counter (which drives the learning-rate schedule and DKPP's seeds). Through
+  `student`: BatchNorm statistics. `variables` adds what that tracking misses: the
+  dropout layers' SeedGenerator states, so resumed dropout masks are the ones an
+  uninterrupted run would draw (tests/resume_test.py).
+  """
+  return tf.train.Checkpoint(student=student, variables=list(student.variables),
+                             optimizer=optimizer, epoch=epoch_var)
+
+
 class _EpochState(keras.callbacks.Callback):
   """Per epoch: NaN guard, checkpoint, history.json and TensorBoard scalars."""
 
@@ -56,12 +70,19 @@ class _EpochState(keras.callbacks.Callback):
     self.history, self.writer, self.optimizer = history, writer, optimizer
     self.diverged = None
     self._t0 = None
+    self._epoch = 0
+
+  def _where(self, epoch):
+    return f"{os.path.basename(self.gen_dir)}/epoch_{epoch + 1}"
 
   def on_epoch_begin(self, epoch, logs=None):
     self._t0 = time.time()
+    self._epoch = epoch
 
   def on_train_batch_end(self, batch, logs=None):
     loss = (logs or {}).get("loss")
+    if faults.nan_if(self._where(self._epoch)):
+      loss = float("nan")
     if loss is not None and not math.isfinite(float(loss)):
       self.diverged = float(loss)
       self.model.stop_training = True
@@ -78,10 +99,15 @@ class _EpochState(keras.callbacks.Callback):
         tf.summary.scalar(name, v)
       tf.summary.scalar("train/learning_rate", lr)
     self.writer.flush()
-    self.epoch_var.assign(epoch + 1)
-    self.manager.save(checkpoint_number=epoch + 1)
+    # history.json first: on resume it is cut back to the checkpoint's epoch, so it
+    # always covers every checkpointed epoch whenever the process dies.
     self.history[:] = [h for h in self.history if h["epoch"] <= epoch] + [entry]
     export.write_json(self.history, os.path.join(self.gen_dir, "history.json"))
+    faults.disk_fault_if(self._where(epoch), self.gen_dir)
+    self.epoch_var.assign(epoch + 1)
+    # CheckpointManager updates its `checkpoint` index only after the new files are
+    # complete, and deletes old ones only then: a failed save keeps the last good one.
+    self.manager.save(checkpoint_number=epoch + 1)
 
 
 def _verbose(cfg):
@@ -126,7 +152,7 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
                   jit_compile=cfg.jit_compile)
     optimizer.build(student.trainable_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ckpt = tf.train.Checkpoint(student=student, optimizer=optimizer, epoch=epoch_var)
+    ckpt = make_checkpoint(student, optimizer, epoch_var)
   manager = tf.train.CheckpointManager(ckpt, os.path.join(gen_dir, "ckpt"), max_to_keep=2)
   initial_epoch = 0
   history = []
@@ -150,10 +176,13 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
               validation_data=dataset.val(cfg.batch_size), callbacks=[state],
               verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
+    good = int(epoch_var.numpy())
+    kept = (f"its last good checkpoint (epoch {good}) is kept in {gen_dir}/ckpt" if good else
+            "it has no good checkpoint yet")
     raise errors.DivergedError(
-        f"generation {gen} diverged (loss={state.diverged}) in epoch {len(state.history) + 1}: "
-        f"the last good checkpoint (epoch {len(state.history)}) is kept in {gen_dir}/ckpt; "
-        "lower --lr and rerun the same command to resume")
+        f"generation {gen} diverged (loss={state.diverged}) in epoch {good + 1}: {kept}; "
+        "rerun the same command to retry from it, or start over with a lower --lr "
+        "(--lr changes the experiment: add --overwrite or use a new --run_dir)")
   # Final-epoch evaluation: no selection on test (nor on val) happens anywhere.
   test = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
   result = {
