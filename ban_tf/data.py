@@ -161,7 +161,7 @@ def _builder(name, data_dir):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise errors.DataError(
-        f"unknown dataset {name!r}: use a tfds image-classification name such as "
+        f"unknown dataset {name!r}: pass --dataset=<a tfds image-classification name>, e.g. "
         "cifar10, cifar100, fashion_mnist, mnist, svhn_cropped") from None
   except Exception as e:  # pylint: disable=broad-except
     raise errors.DataError(f"dataset {name!r} could not be opened ({_short(e)}): check --dataset/--data_dir") from None
