@@ -112,6 +112,8 @@ def make_strategy(num_cpu_devices=0):
 
 def run(cfg):
   """Validates, prepares data, trains all generations; returns results. Raises UsageError."""
+  # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
+  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
@@ -119,7 +121,6 @@ def run(cfg):
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
-  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   strategy = make_strategy(cfg.num_cpu_devices)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
   if cfg.deterministic:
