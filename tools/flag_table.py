@@ -22,8 +22,8 @@ def flag_table():
   for title, entries in main.flag_groups(fv):
     group = title.split(":")[0]
     for name, default, text in entries:
-      lines.append(f"| {group} | `--{name}` | `{default}` | {text.replace('|', '\\|')} |"
-                   if default else f"| {group} | `--{name}` | | {text.replace('|', '\\|')} |")
+      cells = [group, f"`--{name}`", f"`{default}`" if default else "", text.replace("|", "\\|")]
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
