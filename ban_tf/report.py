@@ -226,10 +226,11 @@ def write_hparams(run):
                       metrics=[hp.Metric(m, display_name=m) for m in METRICS])
   writer.close()
   epochs = int(run.config.get("epochs", 0))
+  name = os.path.basename(os.path.normpath(run.path))  # trial ids stay distinct under a parent logdir
   for g in run.results["generations"]:
     writer = fresh_writer(os.path.join(run.path, f"gen_{g['gen']}", "tb"))
     with writer.as_default():
-      hp.hparams(_session_hparams(run, g, False), trial_id=f"gen_{g['gen']}")
+      hp.hparams(_session_hparams(run, g, False), trial_id=f"{name}/gen_{g['gen']}")
     writer.close()
   for e in run.results["ensembles"]:
     k = max(e["members"])
@@ -237,7 +238,7 @@ def write_hparams(run):
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
     writer = tf.summary.create_file_writer(logdir)
     with writer.as_default(step=epochs):
-      hp.hparams(_session_hparams(run, e, True), trial_id=f"ensemble_{k}")
+      hp.hparams(_session_hparams(run, e, True), trial_id=f"{name}/ensemble_{k}")
       tf.summary.scalar("test/accuracy", e["test_accuracy"])
       tf.summary.scalar("test/error", e["test_error"])
     writer.close()

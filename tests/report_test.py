@@ -130,7 +130,8 @@ def _session_hparams(logdir):
       for v in event.summary.value:
         if v.tag == hp_metadata.SESSION_START_INFO_TAG:
           info = hp_metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
-          found.append({k: getattr(x, x.WhichOneof("kind")) for k, x in info.hparams.items()})
+          found.append(dict({k: getattr(x, x.WhichOneof("kind")) for k, x in info.hparams.items()},
+                            _trial=info.group_name))
   assert len(found) == 1, found
   return found[0]
 
@@ -143,6 +144,7 @@ def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
   for gen in range(3):
     hp = _session_hparams(os.path.join(path, f"gen_{gen}", "tb"))
     assert hp["gen"] == gen and hp["arch"] == "tiny" and hp["seed"] == 3
+    assert hp["_trial"] == f"run/gen_{gen}"  # distinct across run dirs under one logdir
     assert hp["loss"] == ("labels" if gen == 0 else "ban") and hp["temperature"] == 1.0
   hp = _session_hparams(os.path.join(path, "ensemble_2", "tb"))
   assert hp["arch"] == "ensemble" and hp["role"] == "BANE-2" and hp["gen"] == 2
