@@ -73,3 +73,10 @@ def test_flag_table_lists_every_flag():
   for name in ours:
     assert sum(f"`--{name}`" in r for r in rows) == 1, name
   assert all(r.count(" | ") == 3 for r in rows)  # pipes in help text are escaped
+
+
+def test_docs_flag_table_is_current():
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import flag_table  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "docs", "report.md")) as f:
+    assert flag_table.flag_table() in f.read(), "rerun python tools/flag_table.py into docs/report.md"
