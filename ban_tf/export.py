@@ -19,6 +19,7 @@ from ban_tf import faults
 
 SERVE = "serve"
 FINGERPRINT_FILE = "fingerprint.npz"
+LABELS_FILE = "labels.txt"  # class names, one a line, in output order
 
 
 def _tmp_path(path):
@@ -95,11 +96,13 @@ def fingerprint_inputs(input_shape, n=4):
   return rng.uniform(0, 255, size=(n,) + tuple(input_shape)).astype(np.float32)
 
 
-def export_saved_model(model, path, input_shape=None):
+def export_saved_model(model, path, input_shape=None, class_names=()):
   """model.export(...) to a temporary directory, fingerprint, rename into place.
 
   The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] to the
-  model's output. Returns the fingerprint outputs.
+  model's output. `class_names`, when given, go to labels.txt beside it, so the
+  model can be used (ban_tf.evaluate --images) without the data set. Returns the
+  fingerprint outputs.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +111,9 @@ def export_saved_model(model, path, input_shape=None):
   x = fingerprint_inputs(shape)
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
+  if class_names:
+    with open(os.path.join(tmp, LABELS_FILE), "w") as f:
+      f.write("".join(f"{name}\n" for name in class_names))
   faults.kill_if("kill_during_export", os.path.basename(os.path.dirname(os.path.abspath(path))))
   _replace_dir(tmp, path)
   return y

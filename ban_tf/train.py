@@ -202,7 +202,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])
   writer.flush()
-  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape)
+  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape,
+                            class_names=info.class_names)
   export.save_keras(student, os.path.join(gen_dir, "model.keras"))
   export.write_json(result, os.path.join(gen_dir, "metrics.json"))
   export.touch_done(gen_dir)
