@@ -92,22 +92,22 @@ def run(cfg, strategy, dataset, run):
   return results
 
 
-def run_seeds(cfg, strategy, dataset, run):
+def run_seeds(cfg, strategy, dataset, top):
   """--seeds=N: the whole run per base seed into run.path/seed_S/, then mean +- std."""
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
   per_seed = []
   for seed in cfg.seed_list():
     sub = dataclasses.replace(cfg, seed=seed, seeds=1,
-                              run_dir=os.path.join(run.path, f"seed_{seed}"))
+                              run_dir=os.path.join(top.path, f"seed_{seed}"))
     logging.info("seed %d: %s", seed, sub.run_dir)
     with rundir.RunDir(sub.run_dir, sub) as sub_run:
       per_seed.append(run(sub, strategy, dataset, sub_run))
   summary = {"seeds": cfg.seed_list(), "rows": aggregate([table_rows(r) for r in per_seed])}
-  export.write_json(summary, os.path.join(run.path, "results.json"))
+  export.write_json(summary, os.path.join(top.path, "results.json"))
   title = (f"# {cfg.dataset}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
            f"{cfg.resolved_loss} (T={cfg.temperature}), seeds {', '.join(map(str, cfg.seed_list()))}\n\n"
            "Final-epoch test error, mean +- std (ddof=1) over seeds; per-seed tables in seed_S/results.md.\n\n")
-  export.write_text(title + aggregate_table(summary["rows"]), os.path.join(run.path, "results.md"))
+  export.write_text(title + aggregate_table(summary["rows"]), os.path.join(top.path, "results.md"))
   return summary
 
 
