@@ -10,6 +10,11 @@ layers that other modules rely on:
 * ``"logits"``: the final Dense layer, always float32 so that a ``mixed_bfloat16`` policy
   still yields float32 logits.
 
+Teacher-matched students (paper section 3.4, Table 5): ``wrn-match-U`` / ``prebn-match-U``
+are resolved by `resolve_arch` against a DenseNet teacher into explicit-width nets
+``wrnw-U-S-W1-W2-W3-F`` (basic blocks) / ``prebw-...`` (pre-activation bottlenecks); see
+docs/variants.md. `copy_and_freeze` shares "stem" and "logits" between two models.
+
 Input normalisation ``(x - mean) / std`` is a non-trainable float32 layer inside the model,
 so an exported SavedModel takes raw pixels.
 
@@ -65,11 +70,14 @@ def parse_arch(arch: str) -> dict:
       (case-insensitive).
 
   Returns:
-    A dict with "family" ("wrn", "densenet", "preact_resnet" or "tiny") and
-    "name" (the default model name, e.g. "wrn_28_10"), plus per family:
+    A dict with "family" ("wrn", "densenet", "preact_resnet", "tiny",
+    "wrn_widths" or "preact_bottleneck") and "name" (the default model name, e.g.
+    "wrn_28_10"), plus per family:
     wrn: "depth", "widen", "blocks_per_stage";
     densenet: "depth", "growth", "layers_per_block" (tuple of 3);
-    preact_resnet: "depth", "blocks_per_stage".
+    preact_resnet: "depth", "blocks_per_stage";
+    wrn_widths / preact_bottleneck: "units" (per stage), "stem", "widths" (3),
+    "out" (width of the final 1x1 conv, or None).
 
   Raises:
     ValueError: unknown family or invalid depth/width, with a one-line fix.
