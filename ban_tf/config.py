@@ -19,7 +19,7 @@ _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
     "run_dir", "data_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution",
+    "steps_per_execution", "seeds",
 })
 
 
@@ -35,6 +35,8 @@ class Config:
   # Models.
   arch: str = "wrn-28-1"
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
+  student_width_ratio: float = 1.0  # -match- students: widths = ratio x teacher's blocks
+  share_stem_head: bool = False  # copy + freeze the teacher's "stem" and "logits" (Table 5)
   dropout: float = 0.0
   # Generations and objective.
   gens: int = 3
@@ -43,6 +45,8 @@ class Config:
   kd_weight: float = 1.0
   label_weight: float = 0.0
   ensemble_include_teacher: bool = False
+  feature_weight: float = 0.0  # activation matching: weight of (1/D)||f_s - f_t||^2
+  feature_projection: bool = False  # learned Dense projection of the student's features
   # Optimisation (SGD Nesterov, step schedule).
   epochs: int = 200
   batch_size: int = 128
@@ -54,6 +58,8 @@ class Config:
   lr_decay: float = 0.2
   # Execution.
   seed: int = 0
+  seeds: int = 1  # repeat the run with seeds seed, seed+100, ... into run_dir/seed_S/
+  baseline: bool = False  # also train a label-only student-arch baseline per seed
   run_dir: Optional[str] = None
   num_cpu_devices: int = 0
   deterministic: bool = False
@@ -92,10 +98,21 @@ class Config:
         "temperature": self.temperature,
         "kd_weight": self.resolved_kd_weight,
         "label_weight": self.resolved_label_weight,
+        "feature_weight": self.feature_weight,
+        "feature_projection": self.feature_projection,
+        "share_stem_head": self.share_stem_head,
     }
 
   def arch_for(self, gen: int) -> str:
-    return (self.teacher_arch or self.arch) if gen == 0 else self.arch
+    """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
+    if gen == 0:
+      return self.teacher_arch or self.arch
+    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    return models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+
+  def seed_list(self) -> list:
+    """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
+    return [self.seed + 100 * i for i in range(self.seeds)]
 
   @property
   def resolved_augment(self) -> str:
@@ -155,10 +172,23 @@ class Config:
     need(self.mixed_precision in ("none", "bf16", "fp16"),
          f"--mixed_precision={self.mixed_precision!r}: use none, bf16 or fp16")
     need(self.verbose in ("auto", "0", "1", "2"), f"--verbose={self.verbose!r}: use auto, 0, 1 or 2")
+    need(self.feature_weight >= 0, f"--feature_weight={self.feature_weight}: must be >= 0")
+    need(not self.feature_projection or self.feature_weight > 0,
+         "--feature_projection needs --feature_weight > 0 (it projects the matched features)")
+    need(0 < self.student_width_ratio <= 4,
+         f"--student_width_ratio={self.student_width_ratio}: must be in (0, 4] (the paper uses 1 and 0.5)")
+    need(self.seeds >= 1, f"--seeds={self.seeds}: must be >= 1")
+    need(self.gens >= 1 or not (self.baseline or self.share_stem_head or self.feature_weight),
+         "--baseline, --share_stem_head and --feature_weight need students: use --gens >= 1")
     from ban_tf import models  # local import: models pulls in keras
-    for flag, arch in (("--arch", self.arch), ("--teacher_arch", self.teacher_arch)):
+    need(self.student_width_ratio == 1 or models.is_match_arch(self.arch),
+         f"--student_width_ratio={self.student_width_ratio} only applies to teacher-matched students: "
+         "use --arch=wrn-match-U or prebn-match-U")
+    need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
+         f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
+    for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):
       if arch is not None:
         try:
-          models.parse_arch(arch)
+          models.parse_arch(self.arch_for(gen))
         except ValueError as e:
           raise errors.UsageError(f"{flag}={arch!r}: {e}") from None

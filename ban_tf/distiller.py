@@ -14,6 +14,16 @@ gradient of the loss on the whole global batch, exactly, whatever the number of
 replicas (tested with 1 vs 2 replicas). Weight decay (coupled L2, as in the WRN/
 PyTorch recipe) is a global term and contributes 1/num_replicas per replica. Logged
 values are the all-reduced (true, global) losses.
+
+CWTM: w_s = max_j softmax(t_s)_j; sum_u w_u is all-reduced over replicas before
+dividing, so the weights are normalised over the global batch (Eq. 10).
+DKPP: the permutation seed is [seed, step * 1024 + replica_id], so every sample of
+every step gets a fresh permutation and a rerun with the same seed repeats them (a
+different replica count splits the batch differently and so draws differently).
+Activation matching (feature_weight > 0): the teacher is called through its
+`logits_and_features` endpoint and the term is the global-batch mean of
+losses.feature_l2, optionally through a learned Dense projection of the student's
+features (`feature_projection`), which is trained with the student but not exported.
 """
 
 import keras
@@ -52,13 +62,29 @@ class Distiller(keras.Model):
     weight_decay: coupled L2 coefficient: adds 0.5 * wd * sum ||w||^2 over the
       student's trainable variables.
     seed: base seed of the DKPP permutation RNG.
+    feature_weight: weight of the activation-matching term (needs a teacher that
+      returns {"logits", "features"}).
+    feature_projection: None, or the teacher's feature width: adds a learned Dense
+      projection from the student's features to it.
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
-               label_weight=0.0, weight_decay=0.0, seed=0, **kwargs):
+               label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
+               feature_projection=None, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
+    self.feature_weight = float(feature_weight) if teacher is not None else 0.0
+    self.projection = None
+    if self.feature_weight:
+      # Shares the student's layers: the same weights, two outputs.
+      self.student_with_features = keras.Model(
+          student.inputs, [student.outputs[0], student.get_layer("features").output],
+          name=f"{student.name}_with_features")
+      if feature_projection:
+        self.projection = keras.layers.Dense(int(feature_projection), dtype="float32",
+                                             name="feature_projection")
+        self.projection.build((None, student.get_layer("features").output.shape[-1]))
     if teacher is not None:
       teacher.trainable = False
     self.loss_name = loss if teacher is not None else "labels"
@@ -75,18 +101,41 @@ class Distiller(keras.Model):
     self.l2_tracker = keras.metrics.Mean(name="l2_loss")
     self.acc_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     self.agree_tracker = keras.metrics.Mean(name="teacher_agreement")
+    self.feature_tracker = keras.metrics.Mean(name="feature_loss")
 
   @property
   def metrics(self):
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
+    ms += [self.feature_tracker] if self.feature_weight else []
     return ms + ([self.agree_tracker] if self.teacher is not None else [])
+
+  @property
+  def train_variables(self):
+    """What the optimizer updates: the student (minus frozen layers) and the projection."""
+    extra = self.projection.trainable_variables if self.projection is not None else []
+    return list(self.student.trainable_variables) + list(extra)
 
   def call(self, x, training=False):
     return self.student(x, training=training)
 
   def teacher_logits(self, x):
-    # The teacher runs in inference mode and is never differentiated.
-    return tf.stop_gradient(tf.cast(self.teacher(x, training=False), tf.float32))
+    return self.teacher_outputs(x)[0]
+
+  def teacher_outputs(self, x):
+    """(logits, features or None). Inference mode, never differentiated."""
+    out = self.teacher(x, training=False)
+    feats = None
+    if isinstance(out, dict):
+      feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
+      out = out["logits"]
+    return tf.stop_gradient(tf.cast(out, tf.float32)), feats
+
+  def feature_term(self, s_feats, t_feats):
+    """Per-replica contribution of the activation-matching term."""
+    if self.projection is not None:
+      s_feats = self.projection(tf.cast(s_feats, tf.float32))
+    n_global = _global_sum(tf.cast(tf.shape(s_feats)[0], tf.float32))
+    return tf.reduce_sum(losses.feature_l2(s_feats, t_feats)) / n_global
 
   def _terms(self, x, y, logits, t_logits):
     """Per-replica contributions (for gradients) of each loss term."""
@@ -116,20 +165,27 @@ class Distiller(keras.Model):
   def _l2(self):
     if not self.weight_decay:
       return tf.constant(0.0)
-    sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in self.student.trainable_variables])
+    sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in self.train_variables])
     return 0.5 * self.weight_decay * sq
 
   def train_step(self, data):
     x, y = data[0], data[1]
-    t_logits = self.teacher_logits(x) if self.teacher is not None else None
+    t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
     with tf.GradientTape() as tape:
-      logits = tf.cast(self.student(x, training=True), tf.float32)
+      if self.feature_weight:
+        logits, s_feats = self.student_with_features(x, training=True)
+      else:
+        logits = self.student(x, training=True)
+      logits = tf.cast(logits, tf.float32)
       terms = self._terms(x, y, logits, t_logits)
       objective = (self.kd_weight * terms["kd"] + self.label_weight * terms["label"])
+      if self.feature_weight:
+        terms["feature"] = self.feature_term(s_feats, t_feats)
+        objective += self.feature_weight * terms["feature"]
       l2 = self._l2()
       contribution = objective + l2 / _num_replicas()
       scaled = self.optimizer.scale_loss(contribution)
-    variables = self.student.trainable_variables
+    variables = self.train_variables
     grads = tape.gradient(scaled, variables)
     self.optimizer.apply_gradients(zip(grads, variables))
     # Logged values are global (summed over replicas), i.e. the true loss.
@@ -137,6 +193,8 @@ class Distiller(keras.Model):
     self.kd_tracker.update_state(_global_sum(terms["kd"]))
     self.label_tracker.update_state(_global_sum(terms["label"]))
     self.l2_tracker.update_state(l2)
+    if self.feature_weight:
+      self.feature_tracker.update_state(_global_sum(terms["feature"]))
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
       self.agree_tracker.update_state(losses.agreement(t_logits, logits))

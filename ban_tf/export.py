@@ -17,7 +17,9 @@ import tensorflow as tf
 from ban_tf import errors
 from ban_tf import faults
 
-SERVE = "serve"
+SERVE = "serve"  # raw pixels -> logits (every SavedModel)
+FEATURES = "features"  # raw pixels -> pooled penultimate activations (models with a "features" layer)
+BOTH = "logits_and_features"  # raw pixels -> {"logits", "features"}: the activation-matching teacher
 FINGERPRINT_FILE = "fingerprint.npz"
 LABELS_FILE = "labels.txt"  # class names, one a line, in output order
 
@@ -96,17 +98,44 @@ def fingerprint_inputs(input_shape, n=4):
   return rng.uniform(0, 255, size=(n,) + tuple(input_shape)).astype(np.float32)
 
 
+def _has_features(model):
+  return any(layer.name == "features" for layer in model.layers)
+
+
+def _write_archive(model, path):
+  """SavedModel with `serve` (logits, as model.export writes it) and, when the model
+  has a "features" layer, `features` and `logits_and_features` endpoints."""
+  if not _has_features(model):
+    model.export(path, format="tf_saved_model", verbose=False)
+    return
+  spec = [tf.TensorSpec(model.inputs[0].shape, tf.float32, name="pixels")]
+  both = keras.Model(model.inputs, {"logits": model.outputs[0],
+                                    "features": model.get_layer("features").output})
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=spec)
+  archive.add_endpoint(
+      FEATURES, lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
+      input_signature=spec)
+  archive.add_endpoint(
+      BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
+      input_signature=spec)
+  archive.write_out(path, verbose=False)
+
+
 def export_saved_model(model, path, input_shape=None, class_names=()):
-  """model.export(...) to a temporary directory, fingerprint, rename into place.
+  """Exports to a temporary directory, fingerprints, renames into place.
 
   The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] to the
-  model's output. `class_names`, when given, go to labels.txt beside it, so the
-  model can be used (ban_tf.evaluate --images) without the data set. Returns the
-  fingerprint outputs.
+  model's output; models with a "features" layer also serve `features` (pooled
+  penultimate activations, float32) and `logits_and_features` (a dict of both).
+  `class_names`, when given, go to labels.txt beside it, so the model can be used
+  (ban_tf.evaluate --images) without the data set. Returns the fingerprint
+  outputs of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
-  model.export(tmp, format="tf_saved_model", verbose=False)
+  _write_archive(model, tmp)
   shape = input_shape or tuple(model.inputs[0].shape[1:])
   x = fingerprint_inputs(shape)
   y = _call_saved_model(tmp, x)
@@ -153,9 +182,22 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4):
   return got
 
 
-def load_teacher(path, strategy=None, expected_classes=None):
+def teacher_feature_dim(path):
+  """Width of the SavedModel's `features` output; TeacherError if it has none."""
+  loaded = tf.saved_model.load(path)
+  if not hasattr(loaded, BOTH):
+    raise errors.TeacherError(
+        f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
+        "by an older ban_tf): retrain that generation, or use --feature_weight=0")
+  x = fingerprint_inputs(np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"].shape[1:], n=1)
+  return int(getattr(loaded, BOTH)(tf.constant(x))["features"].shape[-1])
+
+
+def load_teacher(path, strategy=None, expected_classes=None, with_features=False):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 
+  With `with_features` the layer calls the `logits_and_features` endpoint and
+  returns {"logits", "features"}; its `feature_dim` attribute gives the width.
   Call this outside any strategy scope: the fingerprint check runs the SavedModel
   eagerly, which fails inside a MirroredStrategy scope (lessons-from-peers.md,
   4.3). The layer itself is created inside `strategy.scope()` so its variables
@@ -168,7 +210,10 @@ def load_teacher(path, strategy=None, expected_classes=None):
     raise errors.TeacherError(
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
+  feature_dim = teacher_feature_dim(path) if with_features else None
   with (strategy or tf.distribute.get_strategy()).scope():
-    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher")
+    layer = keras.layers.TFSMLayer(path, call_endpoint=BOTH if with_features else SERVE,
+                                   trainable=False, name="teacher")
   layer.source_path = os.path.abspath(path)
+  layer.feature_dim = feature_dim
   return layer

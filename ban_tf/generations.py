@@ -4,8 +4,15 @@ SavedModel on disk), BANE ensembles, results.json and results.md.
 Finished generations (DONE marker) are skipped on rerun; their SavedModel was
 re-verified against its fingerprint when the run directory was opened
 (rundir.RunDir.verify_finished), and is again when it is loaded as a teacher.
+
+Rows are named as in the paper's Table 2: Teacher, BAN-1..N, Ens*k (the BANE of
+generations 1..k, Eq. 4, plus the teacher with --ensemble_include_teacher) and,
+with --baseline, Baseline (BAN-1's architecture and seed trained on labels only).
+`run_seeds` repeats the whole run for --seeds base seeds into seed_S/ and reports
+mean +- sample standard deviation (ddof=1) of every row's test error.
 """
 
+import dataclasses
 import os
 
 import keras
@@ -79,35 +86,102 @@ def run(cfg, strategy, dataset, run):
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
     write_results(run.path, results, cfg)
     faults.kill_if("kill_between_generations", f"gen_{gen}")
+  if cfg.baseline:
+    bdir = os.path.join(run.path, "baseline")
+    if export.is_done(bdir):
+      results["baseline"] = export.read_json(os.path.join(bdir, "metrics.json"))
+    else:
+      results["baseline"] = train.train_generation(cfg, 1, strategy, dataset, bdir, baseline=True)
+    write_results(run.path, results, cfg)
   report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results
+
+
+def run_seeds(cfg, strategy, dataset, top):
+  """--seeds=N: the whole run per base seed into run.path/seed_S/, then mean +- std."""
+  from ban_tf import rundir  # pylint: disable=g-import-not-at-top
+  per_seed = []
+  for seed in cfg.seed_list():
+    sub = dataclasses.replace(cfg, seed=seed, seeds=1,
+                              run_dir=os.path.join(top.path, f"seed_{seed}"))
+    logging.info("seed %d: %s", seed, sub.run_dir)
+    with rundir.RunDir(sub.run_dir, sub, num_classes=dataset.info.num_classes) as sub_run:
+      per_seed.append(run(sub, strategy, dataset, sub_run))
+  summary = {"seeds": cfg.seed_list(), "rows": aggregate([table_rows(r) for r in per_seed])}
+  export.write_json(summary, os.path.join(top.path, "results.json"))
+  title = (f"# {cfg.dataset}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
+           f"{cfg.resolved_loss} (T={cfg.temperature}), seeds {', '.join(map(str, cfg.seed_list()))}\n\n"
+           "Final-epoch test error, mean +- std (ddof=1) over seeds; per-seed tables in seed_S/results.md.\n\n")
+  export.write_text(title + aggregate_table(summary["rows"]), os.path.join(top.path, "results.md"))
+  return summary
 
 
 def format_params(n):
   return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def ensemble_label(members):
+  """Table 2's column name, Ens*k for k members, then the members (T = teacher).
+
+  E.g. "Ens*3 (1,2,3)", or "Ens*3 (T,1,2)" as in Table 2's DenseNet-80-120 row.
+  """
+  return f"Ens*{len(members)} (" + ",".join("T" if m == 0 else str(m) for m in members) + ")"
+
+
+def table_rows(results):
+  """(name, arch, params, test_error, val_accuracy or None) per row, in table order."""
+  rows = []
+  for g in results["generations"]:
+    name = "Teacher" if g["gen"] == 0 else f"BAN-{g['gen']}"
+    rows.append((name, g["arch"], format_params(g["params"]), g["test_error"], g.get("val_accuracy")))
+  for e in results["ensembles"]:
+    rows.append((ensemble_label(e["members"]), "ensemble", "", e["test_error"], e.get("val_accuracy")))
+  if results.get("baseline"):
+    b = results["baseline"]
+    rows.append(("Baseline", b["arch"], format_params(b["params"]), b["test_error"], b.get("val_accuracy")))
+  return rows
+
+
 def results_table(results):
-  """The paper-style markdown table: teacher, BAN-k, BANE-k, delta vs teacher."""
-  gens = results["generations"]
-  base = gens[0]["test_error"] if gens else None
-  has_val = any("val_accuracy" in g for g in gens)
+  """The paper-style markdown table: Teacher, BAN-k, Ens*k, Baseline, delta vs teacher."""
+  rows = table_rows(results)
+  base = rows[0][3] if rows and rows[0][0] == "Teacher" else None
+  has_val = any(r[4] is not None for r in rows)
   head = "| Model | Arch | Params | Test error (%) | Δ vs teacher |" + (" Val error (%) |" if has_val else "")
   lines = [head, "|---|---|---|---|---|" + ("---|" if has_val else "")]
-
-  def row(name, arch, params, err, val_acc):
+  for name, arch, params, err, val_acc in rows:
     delta = "" if base is None or name == "Teacher" else f"{100 * (err - base):+.2f}"
     cells = [name, arch, params, f"{100 * err:.2f}", delta]
     if has_val:
       cells.append("" if val_acc is None else f"{100 * (1 - val_acc):.2f}")
-    return "| " + " | ".join(cells) + " |"
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
-  for g in gens:
-    name = "Teacher" if g["gen"] == 0 else f"BAN-{g['gen']}"
-    lines.append(row(name, g["arch"], format_params(g["params"]), g["test_error"], g.get("val_accuracy")))
-  for e in results["ensembles"]:
-    members = ",".join("T" if m == 0 else str(m) for m in e["members"])
-    lines.append(row(f"{e['name']} ({members})", "ensemble", "", e["test_error"], e.get("val_accuracy")))
+
+def aggregate(per_seed_rows):
+  """Mean and sample std (ddof=1; 0 for one seed) of each row's test error, in %."""
+  order, errs, archs = [], {}, {}
+  for rows in per_seed_rows:
+    for name, arch, params, err, _ in rows:
+      if name not in errs:
+        order.append(name)
+        errs[name], archs[name] = [], (arch, params)
+      errs[name].append(100.0 * err)
+  out = []
+  for name in order:
+    e = np.asarray(errs[name], dtype=np.float64)
+    out.append({"name": name, "arch": archs[name][0], "params": archs[name][1], "n": int(e.size),
+                "test_error_mean": float(e.mean()),
+                "test_error_std": float(e.std(ddof=1)) if e.size > 1 else 0.0,
+                "test_errors": e.tolist()})
+  return out
+
+
+def aggregate_table(rows):
+  lines = ["| Model | Arch | Params | Test error (%) mean ± std | Seeds |", "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['arch']} | {r['params']} | "
+                 f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} | {r['n']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -118,11 +192,13 @@ def write_results(run_dir, results, cfg):
                        if k in g} for g in results["generations"]],
       "ensembles": [{k: e[k] for k in ("name", "members", "test_accuracy", "test_error", "val_accuracy") if k in e}
                     for e in results["ensembles"]],
+      "baseline": ({k: v for k, v in results["baseline"].items() if k != "final_train"}
+                   if results.get("baseline") else None),
       "dataset": cfg.dataset,
       "seed": cfg.seed,
   }
   export.write_json(clean, os.path.join(run_dir, "results.json"))
-  title = (f"# {cfg.dataset}: {cfg.arch_for(0)} teacher -> {cfg.arch} students, objective "
+  title = (f"# {cfg.dataset}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
            f"{cfg.resolved_loss} (T={cfg.temperature}), seed {cfg.seed}\n\n"
            "Final-epoch test error; no checkpoint selection.\n\n")
   export.write_text(title + results_table(results), os.path.join(run_dir, "results.md"))

@@ -27,8 +27,16 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
   # Models.
-  flags.DEFINE_string("arch", "wrn-28-1", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny.")
+  flags.DEFINE_string("arch", "wrn-28-1", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny, "
+                      "wrn-match-U / prebn-match-U (widths from a DenseNet --teacher_arch), "
+                      "wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (explicit widths).")
   flags.DEFINE_string("teacher_arch", None, "[model] Generation 0's architecture (default: --arch).")
+  flags.DEFINE_float("student_width_ratio", 1.0,
+                     "[model] wrn-match-U / prebn-match-U students: stage widths = ratio x the DenseNet "
+                     "teacher's block outputs (paper: 1 or 0.5).")
+  flags.DEFINE_bool("share_stem_head", False,
+                    "[model] Copy the teacher's first conv and classifier into each student and freeze them "
+                    "(Table 5; reads gen_{k-1}/model.keras).")
   flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3).")
   # Distillation.
   flags.DEFINE_integer("gens", 3, "[distill] Number of born-again generations after the teacher.")
@@ -37,6 +45,11 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("kd_weight", 1.0, "[distill] Weight of the KD term.")
   flags.DEFINE_float("label_weight", 0.0, "[distill] Weight of the label cross-entropy (>0 makes ban into BAN+L).")
   flags.DEFINE_bool("ensemble_include_teacher", False, "[distill] Include generation 0 in BANE ensembles.")
+  flags.DEFINE_float("feature_weight", 0.0,
+                     "[distill] Activation matching: weight of mean_batch (1/D)||f_s - f_t||^2 on the "
+                     "penultimate (pooled) features.")
+  flags.DEFINE_bool("feature_projection", False,
+                    "[distill] Learned Dense projection of the student's features to the teacher's width.")
   # Optimisation.
   flags.DEFINE_integer("epochs", 200, "[optim] Epochs per generation.")
   flags.DEFINE_integer("batch_size", 128, "[optim] Global batch size (split over replicas).")
@@ -48,6 +61,9 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
   # Execution.
   flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
+  flags.DEFINE_integer("seeds", 1, "[run] Repeat the run with base seeds seed, seed+100, ... into "
+                       "run_dir/seed_S/ and report mean +- std.")
+  flags.DEFINE_bool("baseline", False, "[run] Also train a label-only baseline (student arch and seed).")
   flags.DEFINE_string("run_dir", None, "[run] Output directory (default runs/<dataset>-<arch>-<loss>-seed<seed>).")
   flags.DEFINE_integer("num_cpu_devices", 0, "[run] Mirror over N logical CPU devices (testing multi-replica).")
   flags.DEFINE_bool("deterministic", False, "[run] Enable TF op determinism (slower; identical reruns).")
@@ -107,7 +123,9 @@ def config_from_flags(fv):
   return config_lib.Config(
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
       val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
-      dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
+      student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
+      feature_weight=fv.feature_weight, feature_projection=fv.feature_projection,
+      seeds=fv.seeds, baseline=fv.baseline, dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
       kd_weight=fv.kd_weight, label_weight=fv.label_weight,
       ensemble_include_teacher=fv.ensemble_include_teacher, epochs=fv.epochs,
       batch_size=fv.batch_size, lr=fv.lr, momentum=fv.momentum, nesterov=fv.nesterov,
@@ -133,7 +151,10 @@ def make_strategy(num_cpu_devices=0):
       raise errors.UsageError(
           f"--num_cpu_devices={num_cpu_devices}: only {len(logical)} logical CPUs exist in this process "
           "(configure them before TensorFlow starts)")
-    return tf.distribute.MirroredStrategy([d.name for d in logical[:num_cpu_devices]])
+    # ReductionToOneDevice: CPU collectives gain nothing here, and their instance keys
+    # can clash when a process creates several strategies (tests, notebooks).
+    return tf.distribute.MirroredStrategy([d.name for d in logical[:num_cpu_devices]],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
   if len(tf.config.list_physical_devices("GPU")) > 1:
     return tf.distribute.MirroredStrategy()
   return tf.distribute.get_strategy()
@@ -167,7 +188,10 @@ def run(cfg):
                strategy.num_replicas_in_sync, dataset.info)
   with rundir.RunDir(run_dir, cfg, num_classes=dataset.info.num_classes) as run_handle:
     try:
-      results = generations.run(cfg, strategy, dataset, run_handle)
+      if cfg.seeds > 1:
+        results = generations.run_seeds(cfg, strategy, dataset, run_handle)
+      else:
+        results = generations.run(cfg, strategy, dataset, run_handle)
     except (OSError, tf.errors.OpError) as e:
       if not errors.is_disk_full(e):
         raise

@@ -48,17 +48,19 @@ def make_optimizer(cfg, steps_per_epoch):
   return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def make_checkpoint(student, optimizer, epoch_var):
+def make_checkpoint(student, optimizer, epoch_var, projection=None):
   """What an epoch checkpoint holds: everything that resuming must restore.
 
   Through `optimizer`: the student's trainable weights, the momentum slots and the
   step counter (which drives the learning-rate schedule and DKPP's seeds). Through
   `student`: BatchNorm statistics. `variables` adds what that tracking misses: the
   dropout layers' SeedGenerator states, so resumed dropout masks are the ones an
-  uninterrupted run would draw (tests/resume_test.py).
+  uninterrupted run would draw (tests/resume_test.py). `projection`: the
+  activation-matching projection layer, when there is one.
   """
+  tracked = {"projection": projection} if projection is not None else {}
   return tf.train.Checkpoint(student=student, variables=list(student.variables),
-                             optimizer=optimizer, epoch=epoch_var)
+                             optimizer=optimizer, epoch=epoch_var, **tracked)
 
 
 class _EpochState(keras.callbacks.Callback):
@@ -116,7 +118,26 @@ def _verbose(cfg):
   return 1 if sys.stdout.isatty() else 2
 
 
-def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
+def _teacher_keras_path(teacher_path):
+  """gen_{k-1}/model.keras next to gen_{k-1}/saved_model (for --share_stem_head)."""
+  return os.path.join(os.path.dirname(os.path.abspath(teacher_path)), "model.keras")
+
+
+def _share_stem_head(student, teacher_path):
+  path = _teacher_keras_path(teacher_path)
+  if not os.path.exists(path):
+    raise errors.TeacherError(f"--share_stem_head needs the teacher's {path}: retrain that generation "
+                              "or drop --share_stem_head")
+  teacher = keras.saving.load_model(path, custom_objects={"StepDecay": StepDecay}, compile=False)
+  try:
+    models.copy_and_freeze(student, teacher)
+  except ValueError as e:
+    raise errors.TeacherError(
+        f"--share_stem_head: {e}: use a student whose stem width and feature width equal the "
+        "teacher's (e.g. wrn-match-U), or drop --share_stem_head") from None
+
+
+def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, baseline=False):
   """Trains generation `gen` into `gen_dir`; returns its metrics dict.
 
   Args:
@@ -126,33 +147,52 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
     dataset: data.Dataset.
     gen_dir: the generation's directory (created if needed).
     teacher_path: the previous generation's SavedModel directory (gen >= 1).
+    baseline: train the same-recipe label-only baseline instead: BAN-1's
+      architecture and seed, labels only, no teacher, nothing shared.
   """
   os.makedirs(gen_dir, exist_ok=True)
   info = dataset.info
-  arch = cfg.arch_for(gen)
-  seed = cfg.seed + gen
+  arch = cfg.arch_for(1 if baseline else gen)
+  seed = cfg.seed + (1 if baseline else gen)
   keras.utils.set_random_seed(seed)  # fresh, differently seeded student per generation
-  objective = cfg.objective() if gen > 0 else {"loss": "labels", "temperature": 1.0,
-                                                  "kd_weight": 0.0, "label_weight": 1.0}
+  labels_only = {"loss": "labels", "temperature": 1.0, "kd_weight": 0.0, "label_weight": 1.0}
+  objective = cfg.objective() if gen > 0 and not baseline else labels_only
+  if baseline:
+    teacher_path = None
   train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
                                   first_epoch=0, epochs=cfg.epochs)
   teacher = None
-  if gen > 0:
-    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes)
+  if teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
+    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes,
+                                  with_features=cfg.feature_weight > 0)
   with strategy.scope():
     student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
                                  std=info.std, dropout=cfg.dropout,
                                  name=f"gen{gen}_" + arch.replace("-", "_"))
+    projection = None
+    if teacher is not None:
+      if cfg.feature_weight > 0:
+        s_dim = student.get_layer("features").output.shape[-1]
+        if cfg.feature_projection:
+          projection = teacher.feature_dim
+        elif s_dim != teacher.feature_dim:
+          raise errors.TeacherError(
+              f"--feature_weight: student features have {s_dim} dims but the teacher's have "
+              f"{teacher.feature_dim}: add --feature_projection or use a same-width student")
+      if cfg.share_stem_head:
+        _share_stem_head(student, teacher_path)
     model = distiller_lib.Distiller(
         student, teacher, loss=objective["loss"], temperature=objective["temperature"],
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
-        weight_decay=cfg.weight_decay, seed=seed)
+        weight_decay=cfg.weight_decay, seed=seed,
+        feature_weight=cfg.feature_weight if teacher is not None else 0.0,
+        feature_projection=projection)
     optimizer = make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
-    optimizer.build(student.trainable_variables)
+    optimizer.build(model.train_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ckpt = make_checkpoint(student, optimizer, epoch_var)
+    ckpt = make_checkpoint(student, optimizer, epoch_var, projection=model.projection)
   manager = tf.train.CheckpointManager(ckpt, os.path.join(gen_dir, "ckpt"), max_to_keep=2)
   initial_epoch = 0
   history = []
@@ -167,7 +207,7 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
                                     first_epoch=initial_epoch, epochs=cfg.epochs)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
   state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
-  role = "teacher" if gen == 0 else f"BAN-{gen}"
+  role = "baseline" if baseline else "teacher" if gen == 0 else f"BAN-{gen}"
   logging.info("gen %d (%s): %s, %d params, objective %s, seed %d, teacher %s", gen, role, arch,
                student.count_params(), objective, seed, teacher_path)
   t0 = time.time()
@@ -186,7 +226,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
   # Final-epoch evaluation: no selection on test (nor on val) happens anywhere.
   test = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
   result = {
-      "gen": gen, "role": role, "arch": arch, "params": int(student.count_params()),
+      "gen": "baseline" if baseline else gen, "role": role, "arch": arch,
+      "params": int(student.count_params()),
       "seed": seed, "objective": objective, "teacher": teacher_path,
       "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
       "test_accuracy": float(test["accuracy"]), "test_error": 1.0 - float(test["accuracy"]),

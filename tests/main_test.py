@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from ban_tf import config as config_lib
+from ban_tf import data
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import main
@@ -30,7 +31,8 @@ def test_defaults_are_the_paper_recipe():
   assert (cfg.dataset, cfg.gens, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov,
           cfg.weight_decay, cfg.lr_decay, cfg.lr_milestones) == (
               "cifar10", 3, 200, 128, 0.1, 0.9, True, 5e-4, 0.2, (0.3, 0.6, 0.8))
-  assert cfg.objective() == {"loss": "ban", "temperature": 1.0, "kd_weight": 1.0, "label_weight": 0.0}
+  assert {k: cfg.objective()[k] for k in ("loss", "temperature", "kd_weight", "label_weight")} == {
+      "loss": "ban", "temperature": 1.0, "kd_weight": 1.0, "label_weight": 0.0}
   assert parse("--label_weight=0.5").objective()["loss"] == "ban_l"
   assert cfg.default_run_dir() == os.path.join("runs", "cifar10-wrn-28-1-ban-seed0")
 
@@ -88,6 +90,8 @@ def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
     return real_load(path, *args, **kwargs)
 
   monkeypatch.setattr(export, "load_teacher", spy)
+  # tfds' mock replaces download_and_prepare; our fail-fast network probe must not stop it.
+  monkeypatch.setattr(data, "_online", lambda: True)
   run_dir = str(tmp_path / "run")
   cfg = parse("--dataset=cifar10", "--arch=tiny", "--gens=2", "--epochs=2", "--batch_size=16",
               "--val_examples=16", f"--run_dir={run_dir}", "--verbose=0")
@@ -124,7 +128,7 @@ def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
   assert [e["members"] for e in res["ensembles"]] == [[1, 2]]
   assert res == json.loads(json.dumps(res))  # plain JSON types
   table = open(os.path.join(run_dir, "results.md")).read()
-  for row in ("| Teacher |", "| BAN-1 |", "| BAN-2 |", "| BANE-2 (1,2) |"):
+  for row in ("| Teacher |", "| BAN-1 |", "| BAN-2 |", "| Ens*2 (1,2) |"):
     assert row in table
   assert len(results["generations"]) == 3
 

@@ -69,7 +69,7 @@ def test_single_run_writes_table_and_png(tmp_path):
   md = open(out["results_md"]).read()
   assert "| Teacher | tiny | 1.5k | 7.10 |  |" in md
   assert "| BAN-2 | tiny | 1.5k | 6.41 | -0.69 |" in md
-  assert "| BANE-2 (1,2) | ensemble |  | 5.98 | -1.12 |" in md
+  assert "| Ens*2 (1,2) | ensemble |  | 5.98 | -1.12 |" in md
 
 
 def test_curves_fall_back_to_train_accuracy(tmp_path):

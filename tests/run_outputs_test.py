@@ -97,7 +97,7 @@ def test_evaluate_reloads_savedmodels_and_matches_results(run_dir, tmp_path):
                        results["generations"] + results["ensembles"]):
     assert abs(got["test_accuracy"] - want["test_accuracy"]) < 1e-6, (got, want)
     assert abs(got["test_error"] - want["test_error"]) < 1e-6
-  assert "| BANE-2 (1,2) | ensemble |" in stdout
+  assert "| Ens*2 (1,2) | ensemble |" in stdout
   assert "max |accuracy difference| vs results.json" in stdout
 
 
