@@ -14,6 +14,13 @@ gradient of the loss on the whole global batch, exactly, whatever the number of
 replicas (tested with 1 vs 2 replicas). Weight decay (coupled L2, as in the WRN/
 PyTorch recipe) is a global term and contributes 1/num_replicas per replica. Logged
 values are the all-reduced (true, global) losses.
+
+Sequence outputs (language models: logits [B, T, V], labels [B, T]) are flattened
+to tokens first, so "example" above means *token*: every term is averaged per token
+over the global batch, never summed over a sequence (HF transformers #1181), and
+the teacher is applied at every unrolled position. `clip_norm` clips the norm of
+the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
+`global_clipnorm` would clip each replica's partial gradient before the sum.
 """
 
 import keras
@@ -52,10 +59,11 @@ class Distiller(keras.Model):
     weight_decay: coupled L2 coefficient: adds 0.5 * wd * sum ||w||^2 over the
       student's trainable variables.
     seed: base seed of the DKPP permutation RNG.
+    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
-               label_weight=0.0, weight_decay=0.0, seed=0, **kwargs):
+               label_weight=0.0, weight_decay=0.0, seed=0, clip_norm=0.0, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
@@ -69,6 +77,7 @@ class Distiller(keras.Model):
       self.kd_weight, self.label_weight = 0.0, 1.0
     self.weight_decay = float(weight_decay)
     self.seed = int(seed)
+    self.clip_norm = float(clip_norm)
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.kd_tracker = keras.metrics.Mean(name="kd_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")
@@ -91,6 +100,7 @@ class Distiller(keras.Model):
   def _terms(self, x, y, logits, t_logits):
     """Per-replica contributions (for gradients) of each loss term."""
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
+    logits, t_logits = _tokens(logits), (None if t_logits is None else _tokens(t_logits))
     n_global = _global_sum(tf.cast(tf.shape(y)[0], tf.float32))
     terms = {"kd": tf.constant(0.0), "label": tf.constant(0.0)}
     if t_logits is None:
@@ -129,6 +139,8 @@ class Distiller(keras.Model):
       scaled = self.optimizer.scale_loss(contribution)
     variables = self.student.trainable_variables
     grads = tape.gradient(scaled, variables)
+    if self.clip_norm > 0:
+      grads = _clip_global_norm(grads, self.clip_norm)
     self.optimizer.apply_gradients(zip(grads, variables))
     # Logged values are global (summed over replicas), i.e. the true loss.
     self.loss_tracker.update_state(_global_sum(objective) + l2)
@@ -137,14 +149,35 @@ class Distiller(keras.Model):
     self.l2_tracker.update_state(l2)
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
-      self.agree_tracker.update_state(losses.agreement(t_logits, logits))
+      self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
     return {m.name: m.result() for m in self.metrics}
 
   def test_step(self, data):
     x, y = data[0], data[1]
     logits = tf.cast(self.student(x, training=False), tf.float32)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
-    ce = losses.label_ce(y, logits)
-    self.label_tracker.update_state(ce)
-    self.acc_tracker.update_state(y, logits)
-    return {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
+    ce = losses.label_ce(y, _tokens(logits))
+    self.label_tracker.update_state(ce)  # a token mean for language models
+    self.acc_tracker.update_state(y, _tokens(logits))
+    out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
+    if len(logits.shape) == 3:  # language model: per-token perplexity
+      out["perplexity"] = tf.exp(self.label_tracker.result())
+    return out
+
+
+def _tokens(logits):
+  """[B, T, V] sequence logits -> [B*T, V]; [B, C] logits unchanged."""
+  if len(logits.shape) == 2:
+    return logits
+  return tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+
+
+def _clip_global_norm(grads, clip_norm):
+  """Clips the all-replica gradient sum to `clip_norm`; returns per-replica shares."""
+  n = _num_replicas()
+  grads = [tf.convert_to_tensor(g) for g in grads]  # dense: embedding grads are IndexedSlices
+  if n > 1:
+    grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+  grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+  # The optimizer sums the replicas' gradients again: each contributes 1/n.
+  return [g / n for g in grads] if n > 1 else grads

@@ -20,6 +20,8 @@ from absl import logging
 from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
+from ban_tf import lm
+from ban_tf import lm_models
 from ban_tf import models
 
 
@@ -42,6 +44,8 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(cfg, steps_per_epoch):
+  if cfg.task == "lm":
+    return lm.make_optimizer(cfg)  # constant rate, driven by lm.PlateauDecay
   boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
   schedule = StepDecay(cfg.lr, boundaries, cfg.lr_decay)
   return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -111,16 +115,19 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
   train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
                                   first_epoch=0, epochs=cfg.epochs)
   with strategy.scope():
-    student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
-                                 std=info.std, dropout=cfg.dropout,
-                                 name=f"gen{gen}_" + arch.replace("-", "_"))
+    name = f"gen{gen}_" + arch.replace("-", "_")
+    if cfg.task == "lm":
+      student = lm_models.build_model(arch, info.vocab, dropout=cfg.dropout, name=name)
+    else:
+      student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
+                                   std=info.std, dropout=cfg.dropout, name=name)
     teacher = None
     if gen > 0:
       teacher = export.load_teacher(teacher_path, expected_classes=info.num_classes)
     model = distiller_lib.Distiller(
         student, teacher, loss=objective["loss"], temperature=objective["temperature"],
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
-        weight_decay=cfg.weight_decay, seed=seed)
+        weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm)
     optimizer = make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
@@ -141,13 +148,16 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
                                     first_epoch=initial_epoch, epochs=cfg.epochs)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
   state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
+  callbacks = [state]
+  if cfg.task == "lm":
+    callbacks.append(lm.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer))
   role = "teacher" if gen == 0 else f"BAN-{gen}"
   logging.info("gen %d (%s): %s, %d params, objective %s, seed %d, teacher %s", gen, role, arch,
                student.count_params(), objective, seed, teacher_path)
   t0 = time.time()
   if initial_epoch < cfg.epochs:
     model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-              validation_data=dataset.val(cfg.batch_size), callbacks=[state],
+              validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
               verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
     raise errors.DivergedError(
@@ -173,6 +183,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])
   writer.flush()
+  if cfg.task == "lm":
+    lm.finish_generation(result, gen_dir, info.vocab, writer, cfg.epochs)
   export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape)
   export.save_keras(student, os.path.join(gen_dir, "model.keras"))
   export.write_json(result, os.path.join(gen_dir, "metrics.json"))
