@@ -24,6 +24,7 @@ the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ban_tf import losses
@@ -176,8 +177,10 @@ def _clip_global_norm(grads, clip_norm):
   """Clips the all-replica gradient sum to `clip_norm`; returns per-replica shares."""
   n = _num_replicas()
   grads = [tf.convert_to_tensor(g) for g in grads]  # dense: embedding grads are IndexedSlices
-  if n > 1:
-    grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+  if n > 1:  # one flat all-reduce: the same single collective on every replica
+    flat = _global_sum(tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0))
+    sizes = [int(np.prod(g.shape)) for g in grads]
+    grads = [tf.reshape(f, g.shape) for f, g in zip(tf.split(flat, sizes), grads)]
   grads, _ = tf.clip_by_global_norm(grads, clip_norm)
   # The optimizer sums the replicas' gradients again: each contributes 1/n.
   return [g / n for g in grads] if n > 1 else grads
