@@ -48,7 +48,7 @@ class TextInfo:
   name: str
   num_classes: int
   image_shape: tuple
-  vocab: tuple
+  vocab: tuple = dataclasses.field(repr=False)  # id -> word
   bptt: int
   num_train: int  # tokens
   num_val: int
