@@ -102,14 +102,16 @@ class Distiller(keras.Model):
     """Per-replica contributions (for gradients) of each loss term."""
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
     logits, t_logits = _tokens(logits), (None if t_logits is None else _tokens(t_logits))
-    n_global = _global_sum(tf.cast(tf.shape(y)[0], tf.float32))
     terms = {"kd": tf.constant(0.0), "label": tf.constant(0.0)}
-    if t_logits is None:
-      terms["label"] = tf.reduce_sum(losses.label_ce(y, logits)) / n_global
-      return terms
-    if self.loss_name == "cwtm":
+    if t_logits is not None and self.loss_name == "cwtm":
       w = losses.cwtm_weights(t_logits)
       terms["label"] = tf.reduce_sum(w * losses.label_ce(y, logits)) / _global_sum(tf.reduce_sum(w))
+      return terms
+    # Every replica issues the same collectives in the same order (a collective
+    # that only some code paths create would deadlock or mismatch).
+    n_global = _global_sum(tf.cast(tf.shape(y)[0], tf.float32))
+    if t_logits is None:
+      terms["label"] = tf.reduce_sum(losses.label_ce(y, logits)) / n_global
       return terms
     if self.loss_name == "dkpp":
       step = tf.cast(self.optimizer.iterations, tf.int64)

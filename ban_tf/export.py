@@ -18,6 +18,7 @@ from ban_tf import errors
 
 SERVE = "serve"
 FINGERPRINT_FILE = "fingerprint.npz"
+LABELS_FILE = "labels.txt"  # class names, one a line, in output order
 
 
 def _tmp_path(path):
@@ -78,11 +79,13 @@ def fingerprint_inputs(input_shape, n=4, num_tokens=None):
   return rng.uniform(0, 255, size=(n,) + tuple(input_shape)).astype(np.float32)
 
 
-def export_saved_model(model, path, input_shape=None):
+def export_saved_model(model, path, input_shape=None, class_names=()):
   """model.export(...) to a temporary directory, fingerprint, rename into place.
 
   The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] (or, for a
-  language model, int32 token ids [N, T]) to the model's output. Returns the
+  language model, int32 token ids [N, T]) to the model's output. `class_names`, when
+  given, go to labels.txt beside it, so the model can be used (ban_tf.evaluate
+  --images) without the data set. Returns the
   fingerprint outputs.
   """
   tmp = _tmp_path(path)
@@ -93,6 +96,9 @@ def export_saved_model(model, path, input_shape=None):
   x = fingerprint_inputs(shape, num_tokens=model.outputs[0].shape[-1] if tokens else None)
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
+  if class_names:
+    with open(os.path.join(tmp, LABELS_FILE), "w") as f:
+      f.write("".join(f"{name}\n" for name in class_names))
   _replace_dir(tmp, path)
   return y
 
@@ -131,18 +137,22 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4):
   return got
 
 
-def load_teacher(path, expected_classes=None):
+def load_teacher(path, strategy=None, expected_classes=None):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 
-  Call it inside `strategy.scope()` (its variables become mirrored) and only from
-  inside fit/evaluate/predict: calling a TFSMLayer eagerly inside a strategy scope
-  fails (lessons-from-peers.md, section 4.3).
+  Call this outside any strategy scope: the fingerprint check runs the SavedModel
+  eagerly, which fails inside a MirroredStrategy scope (lessons-from-peers.md,
+  4.3). The layer itself is created inside `strategy.scope()` so its variables
+  are mirrored, and must then only be called from fit/evaluate/predict.
   """
+  if tf.distribute.has_strategy():
+    raise RuntimeError("load_teacher must be called outside strategy.scope(); pass the strategy instead")
   out = verify_saved_model(path)
   if expected_classes is not None and out.shape[-1] != expected_classes:
     raise errors.TeacherError(
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
-  layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher")
+  with (strategy or tf.distribute.get_strategy()).scope():
+    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher")
   layer.source_path = os.path.abspath(path)
   return layer

@@ -14,6 +14,7 @@ from absl import logging
 
 from ban_tf import export
 from ban_tf import lm
+from ban_tf import report
 from ban_tf import train
 
 
@@ -63,7 +64,8 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   if val is not None:
     vres = model.evaluate(val, verbose=0, return_dict=True)
     result["val_accuracy"] = float(vres["accuracy"])
-  export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape)
+  export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape,
+                            class_names=dataset.info.class_names)
   export.write_json(result, os.path.join(out, "metrics.json"))
   export.touch_done(out)
   logging.info("BANE-%d (generations %s): test accuracy %.4f", k, gens, result["test_accuracy"])
@@ -86,6 +88,7 @@ def run(cfg, strategy, dataset, run):
     if gen >= 2:
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
     write_results(run.path, results, cfg)
+  report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results
 
 

@@ -7,6 +7,7 @@ Bad input is one line on stderr and exit code 2, before anything is written.
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -64,6 +65,34 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_bool("jit_compile", False, "[run] Compile the train step with XLA.")
   flags.DEFINE_string("mixed_precision", "none", "[run] none|bf16|fp16.")
   flags.DEFINE_string("verbose", "auto", "[run] Keras verbosity: auto|0|1|2.")
+
+
+GROUPS = (("data", "Data"), ("model", "Models"), ("distill", "Distillation: generations and objective"),
+          ("optim", "Optimisation"), ("run", "Execution"))
+
+
+def flag_groups(fv):
+  """[(title, [(name, default, help without its [tag])])] of the flags define_flags made."""
+  by_tag = {tag: [] for tag, _ in GROUPS}
+  for name in fv:  # definition order: define_flags lists them by importance
+    flag = fv[name]
+    m = re.match(r"\[(\w+)\] (.*)", flag.help or "")
+    if flag.name == name and m and m.group(1) in by_tag:
+      default = flag.default
+      default = (",".join(default) if isinstance(default, list) else str(default).lower()
+                 if isinstance(default, bool) else "" if default is None else str(default))
+      by_tag[m.group(1)].append((name, default, m.group(2)))
+  return [(title, by_tag[tag]) for tag, title in GROUPS if by_tag[tag]]
+
+
+def grouped_help(fv):
+  """--help: the flags grouped by purpose, one line each (absl groups them by module)."""
+  lines = [__doc__.strip().splitlines()[0], "", "usage: python -m ban_tf.main [--flag=value ...]"]
+  for title, entries in flag_groups(fv):
+    lines += ["", f"{title}:"]
+    lines += [f"  --{name}={default}".ljust(36) + f" {text}" for name, default, text in entries]
+  lines += ["", "--flagfile=FILE reads flags from a file (see flags/); --helpfull also lists absl's own flags."]
+  return "\n".join(lines)
 
 
 class _Definer:
@@ -124,6 +153,8 @@ def make_strategy(num_cpu_devices=0):
 
 def run(cfg):
   """Validates, prepares data, trains all generations; returns results. Raises UsageError."""
+  # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
+  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
@@ -131,7 +162,6 @@ def run(cfg):
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
-  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   strategy = make_strategy(cfg.num_cpu_devices)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
   if cfg.deterministic:
@@ -177,6 +207,9 @@ def _fail(msg):
 
 
 def _parse(argv):
+  if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
+    print(grouped_help(FLAGS))
+    sys.exit(0)
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -114,6 +114,9 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
                                                   "kd_weight": 0.0, "label_weight": 1.0}
   train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
                                   first_epoch=0, epochs=cfg.epochs)
+  teacher = None
+  if gen > 0:
+    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes)
   with strategy.scope():
     name = f"gen{gen}_" + arch.replace("-", "_")
     if cfg.task == "lm":
@@ -121,9 +124,6 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
     else:
       student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
                                    std=info.std, dropout=cfg.dropout, name=name)
-    teacher = None
-    if gen > 0:
-      teacher = export.load_teacher(teacher_path, expected_classes=info.num_classes)
     model = distiller_lib.Distiller(
         student, teacher, loss=objective["loss"], temperature=objective["temperature"],
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
@@ -185,7 +185,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None):
   writer.flush()
   if cfg.task == "lm":
     lm.finish_generation(result, gen_dir, info.vocab, writer, cfg.epochs)
-  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape)
+  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape,
+                            class_names=info.class_names)
   export.save_keras(student, os.path.join(gen_dir, "model.keras"))
   export.write_json(result, os.path.join(gen_dir, "metrics.json"))
   export.touch_done(gen_dir)
