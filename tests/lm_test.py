@@ -19,7 +19,8 @@ from ban_tf import lm
 from ban_tf import lm_models
 from ban_tf import main
 from ban_tf import text_data
-from conftest import REPO, SHARED_TFDS
+from tests.conftest import REPO
+from tests.conftest import SHARED_TFDS
 
 
 def _write(path, text):
