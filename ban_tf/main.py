@@ -21,7 +21,7 @@ def define_flags(fv=FLAGS):
   """Defines the binary's flags on `fv` (called once, from __main__ or a test)."""
   flags = _Definer(fv)
   # Data.
-  flags.DEFINE_enum("task", "image", ["image", "lm"], "[data] image classification or word-level language modelling.")
+  flags.DEFINE_string("task", "image", "[data] image (classification) or lm (word-level language modelling).")
   flags.DEFINE_string("dataset", "cifar10", "[data] tfds data set name (lm: ptb or tiny_shakespeare).")
   flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
   flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
