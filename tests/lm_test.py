@@ -37,11 +37,21 @@ _MIRRORED = []
 
 
 def _strategy(replicas):
-  """One MirroredStrategy per process: two would reuse collective instance keys."""
+  """This module's MirroredStrategy, with its own collective group key.
+
+  TF caches a collective's shape by (group key, instance key), and every new
+  MirroredStrategy starts from the same keys: strategies of other test modules in
+  the same process, all-reducing other shapes, would abort with "Shape mismatch".
+  """
   if replicas == 1:
     return tf.distribute.get_strategy()
   if not _MIRRORED:
-    _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    cls = tf.distribute.MirroredStrategy
+    base, cls._collective_key_base = cls._collective_key_base, 4096  # "only set this in tests" (TF)
+    try:
+      _MIRRORED.append(cls(["/cpu:0", "/cpu:1"]))
+    finally:
+      cls._collective_key_base = base
   return _MIRRORED[0]
 
 
