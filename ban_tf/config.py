@@ -12,13 +12,14 @@ from typing import Optional
 from ban_tf import errors
 
 LOSSES = ("ban", "ban_l", "kd", "cwtm", "dkpp")
+TASKS = ("image", "lm")
 AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
 # Data sets whose labels change under a horizontal flip (digits, text).
 _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
-    "run_dir", "data_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
+    "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
     "steps_per_execution", "seeds",
 })
 
@@ -27,11 +28,15 @@ NON_EXPERIMENT_FIELDS = frozenset({
 class Config:
   """Every knob of a run. Defaults are the paper's (WRN) CIFAR recipe."""
   # Data.
+  task: str = "image"  # image (classification) | lm (word-level language modelling)
   dataset: str = "cifar10"
   data_dir: Optional[str] = None
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
   augment: str = "auto"
+  ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
+  vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
+  bptt: int = 35  # lm: unrolled steps per window
   # Models.
   arch: str = "wrn-28-1"
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
@@ -56,6 +61,10 @@ class Config:
   weight_decay: float = 5e-4
   lr_milestones: tuple = (0.3, 0.6, 0.8)
   lr_decay: float = 0.2
+  # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
+  lr_plateau_decay: float = 0.25
+  lr_plateau_min_delta: float = 0.0
+  clip_norm: float = 0.0  # global gradient-norm clipping (0 = off)
   # Execution.
   seed: int = 0
   seeds: int = 1  # repeat the run with seeds seed, seed+100, ... into run_dir/seed_S/
@@ -180,15 +189,36 @@ class Config:
     need(self.seeds >= 1, f"--seeds={self.seeds}: must be >= 1")
     need(self.gens >= 1 or not (self.baseline or self.share_stem_head or self.feature_weight),
          "--baseline, --share_stem_head and --feature_weight need students: use --gens >= 1")
+    need(self.task in TASKS, f"--task={self.task!r}: use one of {', '.join(TASKS)}")
+    need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")
+    need(not (self.clip_norm and self.mixed_precision == "fp16"),
+         "--clip_norm does not support --mixed_precision=fp16 (loss-scaled gradients): use bf16 or none")
+    if self.task == "lm":
+      need(self.bptt >= 1, f"--bptt={self.bptt}: must be >= 1")
+      need(self.vocab_size == 0 or self.vocab_size >= 2,
+           f"--vocab_size={self.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)")
+      need(0 < self.lr_plateau_decay <= 1, f"--lr_plateau_decay={self.lr_plateau_decay}: must be in (0, 1]")
+      need(self.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={self.lr_plateau_min_delta}: must be >= 0")
+      need(self.dataset != "ptb" or self.ptb_dir,
+           "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+      need(not self.train_examples and not self.val_examples,
+           "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
+      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1),
+           "--feature_weight, --share_stem_head and --student_width_ratio are image-only: drop them with --task=lm")
     from ban_tf import models  # local import: models pulls in keras
-    need(self.student_width_ratio == 1 or models.is_match_arch(self.arch),
-         f"--student_width_ratio={self.student_width_ratio} only applies to teacher-matched students: "
-         "use --arch=wrn-match-U or prebn-match-U")
-    need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
-         f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
+    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    if self.task == "lm":
+      parse = lm_models.parse_arch
+    else:
+      parse = models.parse_arch
+      need(self.student_width_ratio == 1 or models.is_match_arch(self.arch),
+           f"--student_width_ratio={self.student_width_ratio} only applies to teacher-matched students: "
+           "use --arch=wrn-match-U or prebn-match-U")
+      need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
+           f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):
       if arch is not None:
         try:
-          models.parse_arch(self.arch_for(gen))
+          parse(self.arch_for(gen))
         except ValueError as e:
           raise errors.UsageError(f"{flag}={arch!r}: {e}") from None

@@ -24,9 +24,16 @@ Activation matching (feature_weight > 0): the teacher is called through its
 `logits_and_features` endpoint and the term is the global-batch mean of
 losses.feature_l2, optionally through a learned Dense projection of the student's
 features (`feature_projection`), which is trained with the student but not exported.
+Sequence outputs (language models: logits [B, T, V], labels [B, T]) are flattened
+to tokens first, so "example" above means *token*: every term is averaged per token
+over the global batch, never summed over a sequence (HF transformers #1181), and
+the teacher is applied at every unrolled position. `clip_norm` clips the norm of
+the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
+`global_clipnorm` would clip each replica's partial gradient before the sum.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ban_tf import losses
@@ -66,11 +73,12 @@ class Distiller(keras.Model):
       returns {"logits", "features"}).
     feature_projection: None, or the teacher's feature width: adds a learned Dense
       projection from the student's features to it.
+    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
                label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
-               feature_projection=None, **kwargs):
+               feature_projection=None, clip_norm=0.0, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
@@ -95,6 +103,7 @@ class Distiller(keras.Model):
       self.kd_weight, self.label_weight = 0.0, 1.0
     self.weight_decay = float(weight_decay)
     self.seed = int(seed)
+    self.clip_norm = float(clip_norm)
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.kd_tracker = keras.metrics.Mean(name="kd_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")
@@ -140,6 +149,7 @@ class Distiller(keras.Model):
   def _terms(self, x, y, logits, t_logits):
     """Per-replica contributions (for gradients) of each loss term."""
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
+    logits, t_logits = _tokens(logits), (None if t_logits is None else _tokens(t_logits))
     terms = {"kd": tf.constant(0.0), "label": tf.constant(0.0)}
     if t_logits is not None and self.loss_name == "cwtm":
       w = losses.cwtm_weights(t_logits)
@@ -187,6 +197,8 @@ class Distiller(keras.Model):
       scaled = self.optimizer.scale_loss(contribution)
     variables = self.train_variables
     grads = tape.gradient(scaled, variables)
+    if self.clip_norm > 0:
+      grads = _clip_global_norm(grads, self.clip_norm)
     self.optimizer.apply_gradients(zip(grads, variables))
     # Logged values are global (summed over replicas), i.e. the true loss.
     self.loss_tracker.update_state(_global_sum(objective) + l2)
@@ -197,14 +209,37 @@ class Distiller(keras.Model):
       self.feature_tracker.update_state(_global_sum(terms["feature"]))
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
-      self.agree_tracker.update_state(losses.agreement(t_logits, logits))
+      self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
     return {m.name: m.result() for m in self.metrics}
 
   def test_step(self, data):
     x, y = data[0], data[1]
     logits = tf.cast(self.student(x, training=False), tf.float32)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
-    ce = losses.label_ce(y, logits)
-    self.label_tracker.update_state(ce)
-    self.acc_tracker.update_state(y, logits)
-    return {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
+    ce = losses.label_ce(y, _tokens(logits))
+    self.label_tracker.update_state(ce)  # a token mean for language models
+    self.acc_tracker.update_state(y, _tokens(logits))
+    out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
+    if len(logits.shape) == 3:  # language model: per-token perplexity
+      out["perplexity"] = tf.exp(self.label_tracker.result())
+    return out
+
+
+def _tokens(logits):
+  """[B, T, V] sequence logits -> [B*T, V]; [B, C] logits unchanged."""
+  if len(logits.shape) == 2:
+    return logits
+  return tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+
+
+def _clip_global_norm(grads, clip_norm):
+  """Clips the all-replica gradient sum to `clip_norm`; returns per-replica shares."""
+  n = _num_replicas()
+  grads = [tf.convert_to_tensor(g) for g in grads]  # dense: embedding grads are IndexedSlices
+  if n > 1:  # one flat all-reduce: the same single collective on every replica
+    flat = _global_sum(tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0))
+    sizes = [int(np.prod(g.shape)) for g in grads]
+    grads = [tf.reshape(f, g.shape) for f, g in zip(tf.split(flat, sizes), grads)]
+  grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+  # The optimizer sums the replicas' gradients again: each contributes 1/n.
+  return [g / n for g in grads] if n > 1 else grads

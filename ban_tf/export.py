@@ -92,9 +92,11 @@ def is_done(directory):
   return os.path.exists(os.path.join(directory, "DONE"))
 
 
-def fingerprint_inputs(input_shape, n=4):
-  """A fixed pseudo-random batch of raw pixels in [0, 255]."""
+def fingerprint_inputs(input_shape, n=4, num_tokens=None):
+  """A fixed pseudo-random batch: raw pixels in [0, 255], or int32 token ids < num_tokens."""
   rng = np.random.RandomState(20180512)
+  if num_tokens:
+    return rng.randint(0, num_tokens, size=(n,) + tuple(input_shape)).astype(np.int32)
   return rng.uniform(0, 255, size=(n,) + tuple(input_shape)).astype(np.float32)
 
 
@@ -126,18 +128,19 @@ def _write_archive(model, path):
 def export_saved_model(model, path, input_shape=None, class_names=()):
   """Exports to a temporary directory, fingerprints, renames into place.
 
-  The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] to the
-  model's output; models with a "features" layer also serve `features` (pooled
-  penultimate activations, float32) and `logits_and_features` (a dict of both).
-  `class_names`, when given, go to labels.txt beside it, so the model can be used
-  (ban_tf.evaluate --images) without the data set. Returns the fingerprint
-  outputs of `serve`.
+  The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] (or, for a
+  language model, int32 token ids [N, T]) to the model's output; image models with a
+  "features" layer also serve `features` (pooled penultimate activations, float32)
+  and `logits_and_features` (a dict of both). `class_names`, when given, go to
+  labels.txt beside it, so the model can be used (ban_tf.evaluate --images) without
+  the data set. Returns the fingerprint outputs of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
   _write_archive(model, tmp)
   shape = input_shape or tuple(model.inputs[0].shape[1:])
-  x = fingerprint_inputs(shape)
+  tokens = "int" in str(model.inputs[0].dtype)  # token ids < vocabulary size
+  x = fingerprint_inputs(shape, num_tokens=model.outputs[0].shape[-1] if tokens else None)
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
   if class_names:

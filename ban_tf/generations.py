@@ -22,6 +22,7 @@ from absl import logging
 
 from ban_tf import export
 from ban_tf import faults
+from ban_tf import lm
 from ban_tf import report
 from ban_tf import train
 
@@ -33,7 +34,8 @@ def ensemble_members(gen, include_teacher=False):
 
 def build_ensemble(members, name="ensemble"):
   """A model averaging the members' softmax probabilities (not their logits)."""
-  inputs = keras.Input(shape=members[0].inputs[0].shape[1:], dtype="float32", name="images")
+  first = members[0].inputs[0]
+  inputs = keras.Input(shape=first.shape[1:], dtype=first.dtype, name="inputs")
   probs = []
   for i, m in enumerate(members):
     wrapped = keras.Model(m.inputs[0], m.outputs[0], name=f"member_{i}")
@@ -55,6 +57,15 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
                for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+  if cfg.task == "lm":
+    with strategy.scope():
+      result = dict(name=f"BANE-{k}", members=gens, **lm.evaluate_ensemble(model, dataset, cfg.batch_size))
+    export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape)
+    lm.write_vocab(dataset.info.vocab, out)
+    export.write_json(result, os.path.join(out, "metrics.json"))
+    export.touch_done(out)
+    logging.info("BANE-%d (generations %s): test perplexity %.2f", k, gens, result["test_perplexity"])
+    return result
   res = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
   result = {"name": f"BANE-{k}", "members": gens, "test_accuracy": float(res["accuracy"]),
             "test_error": 1.0 - float(res["accuracy"]), "test_loss": float(res["loss"])}
@@ -185,13 +196,16 @@ def aggregate_table(rows):
   return "\n".join(lines) + "\n"
 
 
+_LM_KEYS = ("val_perplexity", "test_perplexity")  # language models (cfg.task == "lm")
+
+
 def write_results(run_dir, results, cfg):
   clean = {
       "generations": [{k: g[k] for k in ("gen", "role", "arch", "params", "test_accuracy", "test_error",
                                           "val_accuracy", "epochs", "seconds", "seed", "objective", "teacher")
-                       if k in g} for g in results["generations"]],
-      "ensembles": [{k: e[k] for k in ("name", "members", "test_accuracy", "test_error", "val_accuracy") if k in e}
-                    for e in results["ensembles"]],
+                       + _LM_KEYS if k in g} for g in results["generations"]],
+      "ensembles": [{k: e[k] for k in ("name", "members", "test_accuracy", "test_error", "val_accuracy")
+                     + _LM_KEYS if k in e} for e in results["ensembles"]],
       "baseline": ({k: v for k, v in results["baseline"].items() if k != "final_train"}
                    if results.get("baseline") else None),
       "dataset": cfg.dataset,
@@ -201,5 +215,8 @@ def write_results(run_dir, results, cfg):
   title = (f"# {cfg.dataset}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
            f"{cfg.resolved_loss} (T={cfg.temperature}), seed {cfg.seed}\n\n"
            "Final-epoch test error; no checkpoint selection.\n\n")
-  export.write_text(title + results_table(results), os.path.join(run_dir, "results.md"))
+  if cfg.task == "lm":
+    title = title.replace("test error", "perplexity (per token)")
+  table = lm.results_table(results) if cfg.task == "lm" else results_table(results)
+  export.write_text(title + table, os.path.join(run_dir, "results.md"))
   return clean

@@ -21,15 +21,20 @@ def define_flags(fv=FLAGS):
   """Defines the binary's flags on `fv` (called once, from __main__ or a test)."""
   flags = _Definer(fv)
   # Data.
-  flags.DEFINE_string("dataset", "cifar10", "[data] tfds image-classification data set name.")
+  flags.DEFINE_string("task", "image", "[data] image (classification) or lm (word-level language modelling).")
+  flags.DEFINE_string("dataset", "cifar10", "[data] tfds data set name (lm: ptb or tiny_shakespeare).")
   flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
   flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
   flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.DEFINE_string("ptb_dir", None, "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
+  flags.DEFINE_integer("vocab_size", 0, "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
+  flags.DEFINE_integer("bptt", 35, "[data] lm: unrolled steps per training window.")
   # Models.
   flags.DEFINE_string("arch", "wrn-28-1", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny, "
                       "wrn-match-U / prebn-match-U (widths from a DenseNet --teacher_arch), "
-                      "wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (explicit widths).")
+                      "wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (explicit widths); "
+                      "lm: lstm-L-H, cnn-lstm[-small|-large].")
   flags.DEFINE_string("teacher_arch", None, "[model] Generation 0's architecture (default: --arch).")
   flags.DEFINE_float("student_width_ratio", 1.0,
                      "[model] wrn-match-U / prebn-match-U students: stage widths = ratio x the DenseNet "
@@ -37,7 +42,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_bool("share_stem_head", False,
                     "[model] Copy the teacher's first conv and classifier into each student and freeze them "
                     "(Table 5; reads gen_{k-1}/model.keras).")
-  flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3).")
+  flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
+                     "lm: on every non-recurrent connection.")
   # Distillation.
   flags.DEFINE_integer("gens", 3, "[distill] Number of born-again generations after the teacher.")
   flags.DEFINE_string("loss", "ban", "[distill] Student objective: ban|ban_l|kd|cwtm|dkpp.")
@@ -59,6 +65,9 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("weight_decay", 5e-4, "[optim] Coupled L2 weight decay.")
   flags.DEFINE_list("lr_milestones", ["0.3", "0.6", "0.8"], "[optim] LR decay points as fractions of --epochs.")
   flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
+  flags.DEFINE_float("lr_plateau_decay", 0.25, "[optim] lm: LR multiplier when val perplexity does not improve.")
+  flags.DEFINE_float("lr_plateau_min_delta", 0.0, "[optim] lm: improvement in val perplexity that counts.")
+  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off).")
   # Execution.
   flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
   flags.DEFINE_integer("seeds", 1, "[run] Repeat the run with base seeds seed, seed+100, ... into "
@@ -121,6 +130,9 @@ def config_from_flags(fv):
   except ValueError:
     raise errors.UsageError(f"--lr_milestones={','.join(fv.lr_milestones)}: use comma-separated fractions") from None
   return config_lib.Config(
+      task=fv.task, ptb_dir=fv.ptb_dir, vocab_size=fv.vocab_size, bptt=fv.bptt,
+      lr_plateau_decay=fv.lr_plateau_decay, lr_plateau_min_delta=fv.lr_plateau_min_delta,
+      clip_norm=fv.clip_norm,
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
       val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
       student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
@@ -179,8 +191,13 @@ def run(cfg):
   if cfg.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "mixed_float16")
-  dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                         val_examples=cfg.val_examples)
+  if cfg.task == "lm":
+    from ban_tf import text_data  # pylint: disable=g-import-not-at-top
+    dataset = text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
+                                    vocab_size=cfg.vocab_size, bptt=cfg.bptt)
+  else:
+    dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
+                           val_examples=cfg.val_examples)
   dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
   logging.info("config: %s", cfg.to_json())

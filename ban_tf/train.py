@@ -21,6 +21,8 @@ from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
+from ban_tf import lm
+from ban_tf import lm_models
 from ban_tf import models
 
 
@@ -43,6 +45,8 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def make_optimizer(cfg, steps_per_epoch):
+  if cfg.task == "lm":
+    return lm.make_optimizer(cfg)  # constant rate, driven by lm.PlateauDecay
   boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
   schedule = StepDecay(cfg.lr, boundaries, cfg.lr_decay)
   return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -166,9 +170,12 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
     teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes,
                                   with_features=cfg.feature_weight > 0)
   with strategy.scope():
-    student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
-                                 std=info.std, dropout=cfg.dropout,
-                                 name=f"gen{gen}_" + arch.replace("-", "_"))
+    name = f"gen{gen}_" + arch.replace("-", "_")
+    if cfg.task == "lm":
+      student = lm_models.build_model(arch, info.vocab, dropout=cfg.dropout, name=name)
+    else:
+      student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
+                                   std=info.std, dropout=cfg.dropout, name=name)
     projection = None
     if teacher is not None:
       if cfg.feature_weight > 0:
@@ -186,7 +193,7 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
         weight_decay=cfg.weight_decay, seed=seed,
         feature_weight=cfg.feature_weight if teacher is not None else 0.0,
-        feature_projection=projection)
+        feature_projection=projection, clip_norm=cfg.clip_norm)
     optimizer = make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
@@ -207,13 +214,16 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
                                     first_epoch=initial_epoch, epochs=cfg.epochs)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
   state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
+  callbacks = [state]
+  if cfg.task == "lm":
+    callbacks.append(lm.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer))
   role = "baseline" if baseline else "teacher" if gen == 0 else f"BAN-{gen}"
   logging.info("gen %d (%s): %s, %d params, objective %s, seed %d, teacher %s", gen, role, arch,
                student.count_params(), objective, seed, teacher_path)
   t0 = time.time()
   if initial_epoch < cfg.epochs:
     model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-              validation_data=dataset.val(cfg.batch_size), callbacks=[state],
+              validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
               verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
     good = int(epoch_var.numpy())
@@ -243,6 +253,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])
   writer.flush()
+  if cfg.task == "lm":
+    lm.finish_generation(result, gen_dir, info.vocab, writer, cfg.epochs)
   export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape,
                             class_names=info.class_names)
   export.save_keras(student, os.path.join(gen_dir, "model.keras"))
