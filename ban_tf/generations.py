@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ban_tf import cluster
 from ban_tf import export
 from ban_tf import train
 
@@ -35,12 +36,12 @@ def build_ensemble(members, name="ensemble"):
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   out = run.ensemble_dir(k)
-  if export.is_done(out):
-    return export.read_json(os.path.join(out, "metrics.json"))
+  if export.is_done(run.read_ensemble_dir(k)):
+    return export.read_json(os.path.join(run.read_ensemble_dir(k), "metrics.json"))
   os.makedirs(out, exist_ok=True)
   gens = ensemble_members(k, cfg.ensemble_include_teacher)
   with strategy.scope():
-    members = [keras.saving.load_model(os.path.join(run.gen_dir(g), "model.keras"),
+    members = [keras.saving.load_model(os.path.join(run.read_gen_dir(g), "model.keras"),
                                        custom_objects={"StepDecay": train.StepDecay}, compile=False)
                for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
@@ -63,17 +64,21 @@ def run(cfg, strategy, dataset, run):
   """Trains generations 0..cfg.gens into `run`, an open (locked) rundir.RunDir."""
   results = {"generations": [], "ensembles": []}
   for gen in range(cfg.gens + 1):
-    gdir = run.gen_dir(gen)
-    teacher_path = os.path.join(run.gen_dir(gen - 1), "saved_model") if gen > 0 else None
-    if export.is_done(gdir):
+    gdir, done_dir = run.gen_dir(gen), run.read_gen_dir(gen)
+    # Every worker reads the same teacher: the chief's export of the previous generation.
+    teacher_path = os.path.join(run.read_gen_dir(gen - 1), "saved_model") if gen > 0 else None
+    if export.is_done(done_dir):
       logging.info("gen %d already done: skipping (verifying its SavedModel)", gen)
-      export.verify_saved_model(os.path.join(gdir, "saved_model"))
-      metrics = export.read_json(os.path.join(gdir, "metrics.json"))
+      export.verify_saved_model(os.path.join(done_dir, "saved_model"))
+      metrics = export.read_json(os.path.join(done_dir, "metrics.json"))
     else:
-      metrics = train.train_generation(cfg, gen, strategy, dataset, gdir, teacher_path)
+      metrics = train.train_generation(cfg, gen, strategy, dataset, gdir, teacher_path,
+                                       read_dir=done_dir)
+    cluster.barrier(strategy)  # the chief's gen_{gen} is complete before anyone reads it
     results["generations"].append(metrics)
     if gen >= 2:
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
+      cluster.barrier(strategy)
     write_results(run.path, results, cfg)
   return results
 
