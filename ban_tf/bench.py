@@ -224,9 +224,9 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
       with strategy.scope():
         teacher_model = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed + 100).student
       export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), info.image_shape)
+      teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=info.num_classes)
       with strategy.scope():
         supervised = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed)
-        teacher = export.load_teacher(os.path.join(tmp, "teacher"), expected_classes=info.num_classes)
         distill = _build_distiller(cfg, info, teacher, steps_per_epoch, cfg.seed + 1)
         baseline = _build_keras_baseline(cfg, info, steps_per_epoch) if keras_baseline else None
       timers = {"supervised": StepTimer(supervised, x, y), "distill": StepTimer(distill, x, y)}

@@ -30,9 +30,13 @@ def task():
   return spec.get("type") or "worker", int(spec.get("index") or 0)
 
 
+def is_multi_worker(strategy):
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def is_chief(strategy=None):
   """True in single-process runs and on the multi-worker chief."""
-  if strategy is not None and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+  if strategy is not None and not is_multi_worker(strategy):
     return True
   cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
   kind, index = task()
@@ -64,6 +68,6 @@ def remove_write_dir(path, run_dir):
 
 def barrier(strategy):
   """Returns once every worker has reached it (a one-scalar all-reduce)."""
-  if strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+  if is_multi_worker(strategy):
     one = strategy.run(lambda: tf.constant(1.0))
     strategy.reduce(tf.distribute.ReduceOp.SUM, one, axis=None).numpy()

@@ -5,6 +5,7 @@ Finished generations (DONE marker) are skipped on rerun; their SavedModel is
 re-verified against its fingerprint before it teaches the next generation.
 """
 
+import contextlib
 import os
 
 import keras
@@ -40,7 +41,10 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     return export.read_json(os.path.join(run.read_ensemble_dir(k), "metrics.json"))
   os.makedirs(out, exist_ok=True)
   gens = ensemble_members(k, cfg.ensemble_include_teacher)
-  with strategy.scope():
+  # Multi-worker: every worker evaluates the whole test set on its own (outside the
+  # strategy, no collectives); Keras cannot evaluate a plain model under MWMS.
+  scope = contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope()
+  with scope:
     members = [keras.saving.load_model(os.path.join(run.read_gen_dir(g), "model.keras"),
                                        custom_objects={"StepDecay": train.StepDecay}, compile=False)
                for g in gens]
