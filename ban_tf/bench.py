@@ -54,6 +54,8 @@ def define_flags(fv=FLAGS):
   d.DEFINE_bool("mock_data", False, "[bench] Use tfds mock data (random pixels) for --dataset.")
   d.DEFINE_list("image_shape", ["32", "32", "3"], "[bench] Image shape for --dataset=synthetic.")
   d.DEFINE_integer("num_classes", 10, "[bench] Classes for --dataset=synthetic.")
+  d.DEFINE_integer("inter_op_threads", 0, "[bench] tf.config.threading inter-op threads (0 = TF default).")
+  d.DEFINE_integer("intra_op_threads", 0, "[bench] tf.config.threading intra-op threads (0 = TF default).")
   d.DEFINE_bool("keras_baseline", True, "[bench] Also time a plain Keras compile()/fit step of the student.")
 
 
@@ -162,6 +164,9 @@ def time_input(dataset, cfg, reps, input_batches):
                             epochs=cfg.epochs)
   build_s = time.perf_counter() - t0
   per_rep = input_batches or steps
+  needed = 1 + -(-reps * per_rep // steps)  # warm-up epoch + the timed batches
+  if needed > cfg.epochs:
+    ds, _ = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, epochs=needed)
   it = iter(ds)
   for _ in range(steps):  # warm-up: one epoch fills the cache
     next(it)
@@ -181,6 +186,7 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   from ban_tf import main  # pylint: disable=g-import-not-at-top
@@ -189,6 +195,7 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
     print(*a, file=out, flush=True)
 
   tf.get_logger().setLevel("ERROR")
+  logging.set_verbosity(logging.WARNING)  # tfds and SavedModel export log every file at INFO
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   strategy = main.make_strategy(cfg.num_cpu_devices)
   if cfg.mixed_precision != "none":
@@ -282,6 +289,9 @@ def main(argv):
     if FLAGS.steps < 1 or FLAGS.reps < 1 or FLAGS.warmup < 0:
       raise errors.UsageError("--steps and --reps must be >= 1 and --warmup >= 0")
     shape = tuple(int(s) for s in FLAGS.image_shape)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     run(cfg, FLAGS.steps, FLAGS.reps, FLAGS.warmup, FLAGS.input_batches, FLAGS.mock_data, shape,
         FLAGS.num_classes, FLAGS.keras_baseline)
   except errors.UsageError as e:
