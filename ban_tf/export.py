@@ -143,6 +143,9 @@ def load_teacher(path, strategy=None, expected_classes=None):
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
   with (strategy or tf.distribute.get_strategy()).scope():
-    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher")
+    # float32 whatever the global policy: the `serve` signature takes float32 pixels,
+    # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
+    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher",
+                                   dtype="float32")
   layer.source_path = os.path.abspath(path)
   return layer
