@@ -117,7 +117,11 @@ def _build_distiller(cfg, info, teacher, steps_per_epoch, seed):
   student = models.build_model(cfg.arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
                                dropout=cfg.dropout, name=f"student{seed}")
   objective = cfg.objective() if teacher is not None else {}
-  model = distiller.Distiller(student, teacher, weight_decay=cfg.weight_decay, seed=seed, **objective)
+  # Logit objectives only: feature matching / shared stems are not what this bench times.
+  model = distiller.Distiller(
+      student, teacher, loss=objective.get("loss", "ban"), temperature=objective.get("temperature", 1.0),
+      kd_weight=objective.get("kd_weight", 1.0), label_weight=objective.get("label_weight", 0.0),
+      weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm)
   optimizer = train.make_optimizer(cfg, steps_per_epoch)
   model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                 jit_compile=cfg.jit_compile)

@@ -12,14 +12,15 @@ from typing import Optional
 from ban_tf import errors
 
 LOSSES = ("ban", "ban_l", "kd", "cwtm", "dkpp")
+TASKS = ("image", "lm")
 AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
 # Data sets whose labels change under a horizontal flip (digits, text).
 _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
-    "run_dir", "data_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "strategy",
+    "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
+    "steps_per_execution", "seeds", "strategy",
 })
 STRATEGIES = ("auto", "multi_worker")
 
@@ -28,14 +29,20 @@ STRATEGIES = ("auto", "multi_worker")
 class Config:
   """Every knob of a run. Defaults are the paper's (WRN) CIFAR recipe."""
   # Data.
+  task: str = "image"  # image (classification) | lm (word-level language modelling)
   dataset: str = "cifar10"
   data_dir: Optional[str] = None
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
   augment: str = "auto"
+  ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
+  vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
+  bptt: int = 35  # lm: unrolled steps per window
   # Models.
   arch: str = "wrn-28-1"
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
+  student_width_ratio: float = 1.0  # -match- students: widths = ratio x teacher's blocks
+  share_stem_head: bool = False  # copy + freeze the teacher's "stem" and "logits" (Table 5)
   dropout: float = 0.0
   # Generations and objective.
   gens: int = 3
@@ -44,6 +51,8 @@ class Config:
   kd_weight: float = 1.0
   label_weight: float = 0.0
   ensemble_include_teacher: bool = False
+  feature_weight: float = 0.0  # activation matching: weight of (1/D)||f_s - f_t||^2
+  feature_projection: bool = False  # learned Dense projection of the student's features
   # Optimisation (SGD Nesterov, step schedule).
   epochs: int = 200
   batch_size: int = 128
@@ -53,8 +62,14 @@ class Config:
   weight_decay: float = 5e-4
   lr_milestones: tuple = (0.3, 0.6, 0.8)
   lr_decay: float = 0.2
+  # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
+  lr_plateau_decay: float = 0.25
+  lr_plateau_min_delta: float = 0.0
+  clip_norm: float = 0.0  # global gradient-norm clipping (0 = off)
   # Execution.
   seed: int = 0
+  seeds: int = 1  # repeat the run with seeds seed, seed+100, ... into run_dir/seed_S/
+  baseline: bool = False  # also train a label-only student-arch baseline per seed
   run_dir: Optional[str] = None
   num_cpu_devices: int = 0
   strategy: str = "auto"  # auto: one device, N logical CPUs or all GPUs; multi_worker: TF_CONFIG
@@ -94,10 +109,21 @@ class Config:
         "temperature": self.temperature,
         "kd_weight": self.resolved_kd_weight,
         "label_weight": self.resolved_label_weight,
+        "feature_weight": self.feature_weight,
+        "feature_projection": self.feature_projection,
+        "share_stem_head": self.share_stem_head,
     }
 
   def arch_for(self, gen: int) -> str:
-    return (self.teacher_arch or self.arch) if gen == 0 else self.arch
+    """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
+    if gen == 0:
+      return self.teacher_arch or self.arch
+    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    return models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+
+  def seed_list(self) -> list:
+    """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
+    return [self.seed + 100 * i for i in range(self.seeds)]
 
   @property
   def resolved_augment(self) -> str:
@@ -156,14 +182,50 @@ class Config:
     need(self.strategy in STRATEGIES, f"--strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
     need(self.strategy != "multi_worker" or self.num_cpu_devices == 0,
          "--strategy=multi_worker and --num_cpu_devices are exclusive: drop --num_cpu_devices")
+    need(self.strategy != "multi_worker" or self.seeds == 1,
+         "--strategy=multi_worker runs one seed per launch: drop --seeds (launch once per --seed)")
     need(self.steps_per_execution >= 1, f"--steps_per_execution={self.steps_per_execution}: must be >= 1")
     need(self.mixed_precision in ("none", "bf16", "fp16"),
          f"--mixed_precision={self.mixed_precision!r}: use none, bf16 or fp16")
     need(self.verbose in ("auto", "0", "1", "2"), f"--verbose={self.verbose!r}: use auto, 0, 1 or 2")
+    need(self.feature_weight >= 0, f"--feature_weight={self.feature_weight}: must be >= 0")
+    need(not self.feature_projection or self.feature_weight > 0,
+         "--feature_projection needs --feature_weight > 0 (it projects the matched features)")
+    need(0 < self.student_width_ratio <= 4,
+         f"--student_width_ratio={self.student_width_ratio}: must be in (0, 4] (the paper uses 1 and 0.5)")
+    need(self.seeds >= 1, f"--seeds={self.seeds}: must be >= 1")
+    need(self.gens >= 1 or not (self.baseline or self.share_stem_head or self.feature_weight),
+         "--baseline, --share_stem_head and --feature_weight need students: use --gens >= 1")
+    need(self.task in TASKS, f"--task={self.task!r}: use one of {', '.join(TASKS)}")
+    need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")
+    need(not (self.clip_norm and self.mixed_precision == "fp16"),
+         "--clip_norm does not support --mixed_precision=fp16 (loss-scaled gradients): use bf16 or none")
+    if self.task == "lm":
+      need(self.bptt >= 1, f"--bptt={self.bptt}: must be >= 1")
+      need(self.vocab_size == 0 or self.vocab_size >= 2,
+           f"--vocab_size={self.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)")
+      need(0 < self.lr_plateau_decay <= 1, f"--lr_plateau_decay={self.lr_plateau_decay}: must be in (0, 1]")
+      need(self.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={self.lr_plateau_min_delta}: must be >= 0")
+      need(self.dataset != "ptb" or self.ptb_dir,
+           "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+      need(not self.train_examples and not self.val_examples,
+           "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
+      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1),
+           "--feature_weight, --share_stem_head and --student_width_ratio are image-only: drop them with --task=lm")
     from ban_tf import models  # local import: models pulls in keras
-    for flag, arch in (("--arch", self.arch), ("--teacher_arch", self.teacher_arch)):
+    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    if self.task == "lm":
+      parse = lm_models.parse_arch
+    else:
+      parse = models.parse_arch
+      need(self.student_width_ratio == 1 or models.is_match_arch(self.arch),
+           f"--student_width_ratio={self.student_width_ratio} only applies to teacher-matched students: "
+           "use --arch=wrn-match-U or prebn-match-U")
+      need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
+           f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
+    for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):
       if arch is not None:
         try:
-          models.parse_arch(arch)
+          parse(self.arch_for(gen))
         except ValueError as e:
           raise errors.UsageError(f"{flag}={arch!r}: {e}") from None

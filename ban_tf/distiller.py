@@ -14,9 +14,26 @@ gradient of the loss on the whole global batch, exactly, whatever the number of
 replicas (tested with 1 vs 2 replicas). Weight decay (coupled L2, as in the WRN/
 PyTorch recipe) is a global term and contributes 1/num_replicas per replica. Logged
 values are the all-reduced (true, global) losses.
+
+CWTM: w_s = max_j softmax(t_s)_j; sum_u w_u is all-reduced over replicas before
+dividing, so the weights are normalised over the global batch (Eq. 10).
+DKPP: the permutation seed is [seed, step * 1024 + replica_id], so every sample of
+every step gets a fresh permutation and a rerun with the same seed repeats them (a
+different replica count splits the batch differently and so draws differently).
+Activation matching (feature_weight > 0): the teacher is called through its
+`logits_and_features` endpoint and the term is the global-batch mean of
+losses.feature_l2, optionally through a learned Dense projection of the student's
+features (`feature_projection`), which is trained with the student but not exported.
+Sequence outputs (language models: logits [B, T, V], labels [B, T]) are flattened
+to tokens first, so "example" above means *token*: every term is averaged per token
+over the global batch, never summed over a sequence (HF transformers #1181), and
+the teacher is applied at every unrolled position. `clip_norm` clips the norm of
+the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
+`global_clipnorm` would clip each replica's partial gradient before the sum.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ban_tf import losses
@@ -52,13 +69,30 @@ class Distiller(keras.Model):
     weight_decay: coupled L2 coefficient: adds 0.5 * wd * sum ||w||^2 over the
       student's trainable variables.
     seed: base seed of the DKPP permutation RNG.
+    feature_weight: weight of the activation-matching term (needs a teacher that
+      returns {"logits", "features"}).
+    feature_projection: None, or the teacher's feature width: adds a learned Dense
+      projection from the student's features to it.
+    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
-               label_weight=0.0, weight_decay=0.0, seed=0, **kwargs):
+               label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
+               feature_projection=None, clip_norm=0.0, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
+    self.feature_weight = float(feature_weight) if teacher is not None else 0.0
+    self.projection = None
+    if self.feature_weight:
+      # Shares the student's layers: the same weights, two outputs.
+      self.student_with_features = keras.Model(
+          student.inputs, [student.outputs[0], student.get_layer("features").output],
+          name=f"{student.name}_with_features")
+      if feature_projection:
+        self.projection = keras.layers.Dense(int(feature_projection), dtype="float32",
+                                             name="feature_projection")
+        self.projection.build((None, student.get_layer("features").output.shape[-1]))
     if teacher is not None:
       teacher.trainable = False
     self.loss_name = loss if teacher is not None else "labels"
@@ -69,16 +103,19 @@ class Distiller(keras.Model):
       self.kd_weight, self.label_weight = 0.0, 1.0
     self.weight_decay = float(weight_decay)
     self.seed = int(seed)
+    self.clip_norm = float(clip_norm)
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.kd_tracker = keras.metrics.Mean(name="kd_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")
     self.l2_tracker = keras.metrics.Mean(name="l2_loss")
     self.acc_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     self.agree_tracker = keras.metrics.Mean(name="teacher_agreement")
+    self.feature_tracker = keras.metrics.Mean(name="feature_loss")
 
   @property
   def metrics(self):
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
+    ms += [self.feature_tracker] if self.feature_weight else []
     return ms + ([self.agree_tracker] if self.teacher is not None else [])
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -91,16 +128,38 @@ class Distiller(keras.Model):
       return
     super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
+  @property
+  def train_variables(self):
+    """What the optimizer updates: the student (minus frozen layers) and the projection."""
+    extra = self.projection.trainable_variables if self.projection is not None else []
+    return list(self.student.trainable_variables) + list(extra)
+
   def call(self, x, training=False):
     return self.student(x, training=training)
 
   def teacher_logits(self, x):
-    # The teacher runs in inference mode and is never differentiated.
-    return tf.stop_gradient(tf.cast(self.teacher(x, training=False), tf.float32))
+    return self.teacher_outputs(x)[0]
+
+  def teacher_outputs(self, x):
+    """(logits, features or None). Inference mode, never differentiated."""
+    out = self.teacher(x, training=False)
+    feats = None
+    if isinstance(out, dict):
+      feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
+      out = out["logits"]
+    return tf.stop_gradient(tf.cast(out, tf.float32)), feats
+
+  def feature_term(self, s_feats, t_feats):
+    """Per-replica contribution of the activation-matching term."""
+    if self.projection is not None:
+      s_feats = self.projection(tf.cast(s_feats, tf.float32))
+    n_global = _global_sum(tf.cast(tf.shape(s_feats)[0], tf.float32))
+    return tf.reduce_sum(losses.feature_l2(s_feats, t_feats)) / n_global
 
   def _terms(self, x, y, logits, t_logits):
     """Per-replica contributions (for gradients) of each loss term."""
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
+    logits, t_logits = _tokens(logits), (None if t_logits is None else _tokens(t_logits))
     terms = {"kd": tf.constant(0.0), "label": tf.constant(0.0)}
     if t_logits is not None and self.loss_name == "cwtm":
       w = losses.cwtm_weights(t_logits)
@@ -126,21 +185,30 @@ class Distiller(keras.Model):
   def _l2(self):
     if not self.weight_decay:
       return tf.constant(0.0)
-    sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in self.student.trainable_variables])
+    sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in self.train_variables])
     return 0.5 * self.weight_decay * sq
 
   def train_step(self, data):
     x, y = data[0], data[1]
-    t_logits = self.teacher_logits(x) if self.teacher is not None else None
+    t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
     with tf.GradientTape() as tape:
-      logits = tf.cast(self.student(x, training=True), tf.float32)
+      if self.feature_weight:
+        logits, s_feats = self.student_with_features(x, training=True)
+      else:
+        logits = self.student(x, training=True)
+      logits = tf.cast(logits, tf.float32)
       terms = self._terms(x, y, logits, t_logits)
       objective = (self.kd_weight * terms["kd"] + self.label_weight * terms["label"])
+      if self.feature_weight:
+        terms["feature"] = self.feature_term(s_feats, t_feats)
+        objective += self.feature_weight * terms["feature"]
       l2 = self._l2()
       contribution = objective + l2 / _num_replicas()
       scaled = self.optimizer.scale_loss(contribution)
-    variables = self.student.trainable_variables
+    variables = self.train_variables
     grads = tape.gradient(scaled, variables)
+    if self.clip_norm > 0:
+      grads = _clip_global_norm(grads, self.clip_norm)
     self.optimizer.apply_gradients(zip(grads, variables))
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       self._average_statistics()
@@ -149,19 +217,25 @@ class Distiller(keras.Model):
     self.kd_tracker.update_state(_global_sum(terms["kd"]))
     self.label_tracker.update_state(_global_sum(terms["label"]))
     self.l2_tracker.update_state(l2)
+    if self.feature_weight:
+      self.feature_tracker.update_state(_global_sum(terms["feature"]))
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
-      self.agree_tracker.update_state(losses.agreement(t_logits, logits))
+      self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
     return self._step_logs({m.name: m.result() for m in self.metrics})
 
   def test_step(self, data):
     x, y = data[0], data[1]
     logits = tf.cast(self.student(x, training=False), tf.float32)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
-    ce = losses.label_ce(y, logits)
-    self.label_tracker.update_state(ce)
-    self.acc_tracker.update_state(y, logits)
-    return self._step_logs({"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()})
+    ce = losses.label_ce(y, _tokens(logits))
+    self.label_tracker.update_state(ce)  # a token mean for language models
+    self.acc_tracker.update_state(y, _tokens(logits))
+    out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
+    if len(logits.shape) == 3:  # language model: per-token perplexity
+      out["perplexity"] = tf.exp(self.label_tracker.result())
+    return self._step_logs(out)
+
 
   def _average_statistics(self):
     # BatchNorm moving statistics are updated from each worker's own part of the
@@ -182,3 +256,23 @@ class Distiller(keras.Model):
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       return {k: tf.reshape(v, [1]) for k, v in logs.items()}
     return logs
+
+
+def _tokens(logits):
+  """[B, T, V] sequence logits -> [B*T, V]; [B, C] logits unchanged."""
+  if len(logits.shape) == 2:
+    return logits
+  return tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+
+
+def _clip_global_norm(grads, clip_norm):
+  """Clips the all-replica gradient sum to `clip_norm`; returns per-replica shares."""
+  n = _num_replicas()
+  grads = [tf.convert_to_tensor(g) for g in grads]  # dense: embedding grads are IndexedSlices
+  if n > 1:  # one flat all-reduce: the same single collective on every replica
+    flat = _global_sum(tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0))
+    sizes = [int(np.prod(g.shape)) for g in grads]
+    grads = [tf.reshape(f, g.shape) for f, g in zip(tf.split(flat, sizes), grads)]
+  grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+  # The optimizer sums the replicas' gradients again: each contributes 1/n.
+  return [g / n for g in grads] if n > 1 else grads

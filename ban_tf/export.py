@@ -15,14 +15,36 @@ import numpy as np
 import tensorflow as tf
 
 from ban_tf import errors
+from ban_tf import faults
 
-SERVE = "serve"
+SERVE = "serve"  # raw pixels -> logits (every SavedModel)
+FEATURES = "features"  # raw pixels -> pooled penultimate activations (models with a "features" layer)
+BOTH = "logits_and_features"  # raw pixels -> {"logits", "features"}: the activation-matching teacher
 FINGERPRINT_FILE = "fingerprint.npz"
+LABELS_FILE = "labels.txt"  # class names, one a line, in output order
 
 
 def _tmp_path(path):
   head, tail = os.path.split(os.path.abspath(path))
   return os.path.join(head, f".tmp-{os.getpid()}-{tail}")
+
+
+def remove_stale_tmp(root):
+  """Deletes temporary outputs (`.tmp-*`) that a killed process left under `root`.
+
+  Call only while holding the run directory's lock: no live writer exists then.
+  """
+  removed = []
+  for parent, dirs, files in os.walk(root):
+    for name in [d for d in dirs if d.startswith(".tmp-")]:
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      dirs.remove(name)
+      removed.append(os.path.join(parent, name))
+    for name in files:
+      if name.startswith(".tmp-"):
+        os.remove(os.path.join(parent, name))
+        removed.append(os.path.join(parent, name))
+  return removed
 
 
 def _replace_dir(tmp, path):
@@ -70,25 +92,61 @@ def is_done(directory):
   return os.path.exists(os.path.join(directory, "DONE"))
 
 
-def fingerprint_inputs(input_shape, n=4):
-  """A fixed pseudo-random batch of raw pixels in [0, 255]."""
+def fingerprint_inputs(input_shape, n=4, num_tokens=None):
+  """A fixed pseudo-random batch: raw pixels in [0, 255], or int32 token ids < num_tokens."""
   rng = np.random.RandomState(20180512)
+  if num_tokens:
+    return rng.randint(0, num_tokens, size=(n,) + tuple(input_shape)).astype(np.int32)
   return rng.uniform(0, 255, size=(n,) + tuple(input_shape)).astype(np.float32)
 
 
-def export_saved_model(model, path, input_shape=None):
-  """model.export(...) to a temporary directory, fingerprint, rename into place.
+def _has_features(model):
+  return any(layer.name == "features" for layer in model.layers)
 
-  The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] to the
-  model's output. Returns the fingerprint outputs.
+
+def _write_archive(model, path):
+  """SavedModel with `serve` (logits, as model.export writes it) and, when the model
+  has a "features" layer, `features` and `logits_and_features` endpoints."""
+  if not _has_features(model):
+    model.export(path, format="tf_saved_model", verbose=False)
+    return
+  spec = [tf.TensorSpec(model.inputs[0].shape, tf.float32, name="pixels")]
+  both = keras.Model(model.inputs, {"logits": model.outputs[0],
+                                    "features": model.get_layer("features").output})
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=spec)
+  archive.add_endpoint(
+      FEATURES, lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
+      input_signature=spec)
+  archive.add_endpoint(
+      BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
+      input_signature=spec)
+  archive.write_out(path, verbose=False)
+
+
+def export_saved_model(model, path, input_shape=None, class_names=()):
+  """Exports to a temporary directory, fingerprints, renames into place.
+
+  The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] (or, for a
+  language model, int32 token ids [N, T]) to the model's output; image models with a
+  "features" layer also serve `features` (pooled penultimate activations, float32)
+  and `logits_and_features` (a dict of both). `class_names`, when given, go to
+  labels.txt beside it, so the model can be used (ban_tf.evaluate --images) without
+  the data set. Returns the fingerprint outputs of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
-  model.export(tmp, format="tf_saved_model", verbose=False)
+  _write_archive(model, tmp)
   shape = input_shape or tuple(model.inputs[0].shape[1:])
-  x = fingerprint_inputs(shape)
+  tokens = "int" in str(model.inputs[0].dtype)  # token ids < vocabulary size
+  x = fingerprint_inputs(shape, num_tokens=model.outputs[0].shape[-1] if tokens else None)
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
+  if class_names:
+    with open(os.path.join(tmp, LABELS_FILE), "w") as f:
+      f.write("".join(f"{name}\n" for name in class_names))
+  faults.kill_if("kill_during_export", os.path.basename(os.path.dirname(os.path.abspath(path))))
   _replace_dir(tmp, path)
   return y
 
@@ -127,9 +185,22 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4):
   return got
 
 
-def load_teacher(path, strategy=None, expected_classes=None):
+def teacher_feature_dim(path):
+  """Width of the SavedModel's `features` output; TeacherError if it has none."""
+  loaded = tf.saved_model.load(path)
+  if not hasattr(loaded, BOTH):
+    raise errors.TeacherError(
+        f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
+        "by an older ban_tf): retrain that generation, or use --feature_weight=0")
+  x = fingerprint_inputs(np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"].shape[1:], n=1)
+  return int(getattr(loaded, BOTH)(tf.constant(x))["features"].shape[-1])
+
+
+def load_teacher(path, strategy=None, expected_classes=None, with_features=False):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 
+  With `with_features` the layer calls the `logits_and_features` endpoint and
+  returns {"logits", "features"}; its `feature_dim` attribute gives the width.
   Call this outside any strategy scope: the fingerprint check runs the SavedModel
   eagerly, which fails inside a MirroredStrategy scope (lessons-from-peers.md,
   4.3). The layer itself is created inside `strategy.scope()` so its variables
@@ -142,10 +213,12 @@ def load_teacher(path, strategy=None, expected_classes=None):
     raise errors.TeacherError(
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
+  feature_dim = teacher_feature_dim(path) if with_features else None
   with (strategy or tf.distribute.get_strategy()).scope():
     # float32 whatever the global policy: the `serve` signature takes float32 pixels,
     # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
-    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVE, trainable=False, name="teacher",
-                                   dtype="float32")
+    layer = keras.layers.TFSMLayer(path, call_endpoint=BOTH if with_features else SERVE,
+                                   trainable=False, name="teacher", dtype="float32")
   layer.source_path = os.path.abspath(path)
+  layer.feature_dim = feature_dim
   return layer

@@ -17,6 +17,9 @@ Notation: student logits z, teacher logits t, temperature T, labels y.
   batch by the caller.
 * dkpp target     softmax(t/T) with the argmax entry kept and the other n-1 entries
   randomly permuted within each row (Eq. 11).
+* feature_l2      (1/D) ||f_s - f_t||^2: mean squared difference of the student's and
+  the teacher's D-dimensional penultimate ("features") activations per example, so
+  the scale does not grow with D (activation matching, paper section 4.1).
 """
 
 import tensorflow as tf
@@ -84,6 +87,12 @@ def dkpp(teacher_logits, student_logits, seed, temperature=1.0):
   """Cross-entropy to the teacher's permuted predictions (DKPP, no labels)."""
   target = dkpp_permute(teacher_probs(teacher_logits, temperature), seed)
   return soft_ce(target, student_logits, temperature)
+
+
+def feature_l2(student_features, teacher_features):
+  """(1/D) * ||f_s - f_t||^2 per example; the teacher features are not differentiated."""
+  t = tf.stop_gradient(tf.cast(teacher_features, tf.float32))
+  return tf.reduce_mean(tf.square(tf.cast(student_features, tf.float32) - t), axis=-1)
 
 
 def agreement(teacher_logits, student_logits):

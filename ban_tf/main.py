@@ -7,6 +7,7 @@ Bad input is one line on stderr and exit code 2, before anything is written.
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -20,15 +21,29 @@ def define_flags(fv=FLAGS):
   """Defines the binary's flags on `fv` (called once, from __main__ or a test)."""
   flags = _Definer(fv)
   # Data.
-  flags.DEFINE_string("dataset", "cifar10", "[data] tfds image-classification data set name.")
+  flags.DEFINE_string("task", "image", "[data] image (classification) or lm (word-level language modelling).")
+  flags.DEFINE_string("dataset", "cifar10", "[data] tfds data set name (lm: ptb or tiny_shakespeare).")
   flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
   flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
   flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.DEFINE_string("ptb_dir", None, "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
+  flags.DEFINE_integer("vocab_size", 0, "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
+  flags.DEFINE_integer("bptt", 35, "[data] lm: unrolled steps per training window.")
   # Models.
-  flags.DEFINE_string("arch", "wrn-28-1", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny.")
+  flags.DEFINE_string("arch", "wrn-28-1", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny, "
+                      "wrn-match-U / prebn-match-U (widths from a DenseNet --teacher_arch), "
+                      "wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (explicit widths); "
+                      "lm: lstm-L-H, cnn-lstm[-small|-large].")
   flags.DEFINE_string("teacher_arch", None, "[model] Generation 0's architecture (default: --arch).")
-  flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3).")
+  flags.DEFINE_float("student_width_ratio", 1.0,
+                     "[model] wrn-match-U / prebn-match-U students: stage widths = ratio x the DenseNet "
+                     "teacher's block outputs (paper: 1 or 0.5).")
+  flags.DEFINE_bool("share_stem_head", False,
+                    "[model] Copy the teacher's first conv and classifier into each student and freeze them "
+                    "(Table 5; reads gen_{k-1}/model.keras).")
+  flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
+                     "lm: on every non-recurrent connection.")
   # Distillation.
   flags.DEFINE_integer("gens", 3, "[distill] Number of born-again generations after the teacher.")
   flags.DEFINE_string("loss", "ban", "[distill] Student objective: ban|ban_l|kd|cwtm|dkpp.")
@@ -36,6 +51,11 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("kd_weight", 1.0, "[distill] Weight of the KD term.")
   flags.DEFINE_float("label_weight", 0.0, "[distill] Weight of the label cross-entropy (>0 makes ban into BAN+L).")
   flags.DEFINE_bool("ensemble_include_teacher", False, "[distill] Include generation 0 in BANE ensembles.")
+  flags.DEFINE_float("feature_weight", 0.0,
+                     "[distill] Activation matching: weight of mean_batch (1/D)||f_s - f_t||^2 on the "
+                     "penultimate (pooled) features.")
+  flags.DEFINE_bool("feature_projection", False,
+                    "[distill] Learned Dense projection of the student's features to the teacher's width.")
   # Optimisation.
   flags.DEFINE_integer("epochs", 200, "[optim] Epochs per generation.")
   flags.DEFINE_integer("batch_size", 128, "[optim] Global batch size (split over replicas).")
@@ -45,8 +65,14 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("weight_decay", 5e-4, "[optim] Coupled L2 weight decay.")
   flags.DEFINE_list("lr_milestones", ["0.3", "0.6", "0.8"], "[optim] LR decay points as fractions of --epochs.")
   flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
+  flags.DEFINE_float("lr_plateau_decay", 0.25, "[optim] lm: LR multiplier when val perplexity does not improve.")
+  flags.DEFINE_float("lr_plateau_min_delta", 0.0, "[optim] lm: improvement in val perplexity that counts.")
+  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off).")
   # Execution.
   flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
+  flags.DEFINE_integer("seeds", 1, "[run] Repeat the run with base seeds seed, seed+100, ... into "
+                       "run_dir/seed_S/ and report mean +- std.")
+  flags.DEFINE_bool("baseline", False, "[run] Also train a label-only baseline (student arch and seed).")
   flags.DEFINE_string("run_dir", None, "[run] Output directory (default runs/<dataset>-<arch>-<loss>-seed<seed>).")
   flags.DEFINE_integer("num_cpu_devices", 0, "[run] Mirror over N logical CPU devices (testing multi-replica).")
   flags.DEFINE_string("strategy", "auto", "[run] auto (one device, --num_cpu_devices or all GPUs) or "
@@ -57,6 +83,34 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_bool("jit_compile", False, "[run] Compile the train step with XLA.")
   flags.DEFINE_string("mixed_precision", "none", "[run] none|bf16|fp16.")
   flags.DEFINE_string("verbose", "auto", "[run] Keras verbosity: auto|0|1|2.")
+
+
+GROUPS = (("data", "Data"), ("model", "Models"), ("distill", "Distillation: generations and objective"),
+          ("optim", "Optimisation"), ("run", "Execution"))
+
+
+def flag_groups(fv):
+  """[(title, [(name, default, help without its [tag])])] of the flags define_flags made."""
+  by_tag = {tag: [] for tag, _ in GROUPS}
+  for name in fv:  # definition order: define_flags lists them by importance
+    flag = fv[name]
+    m = re.match(r"\[(\w+)\] (.*)", flag.help or "")
+    if flag.name == name and m and m.group(1) in by_tag:
+      default = flag.default
+      default = (",".join(default) if isinstance(default, list) else str(default).lower()
+                 if isinstance(default, bool) else "" if default is None else str(default))
+      by_tag[m.group(1)].append((name, default, m.group(2)))
+  return [(title, by_tag[tag]) for tag, title in GROUPS if by_tag[tag]]
+
+
+def grouped_help(fv):
+  """--help: the flags grouped by purpose, one line each (absl groups them by module)."""
+  lines = [__doc__.strip().splitlines()[0], "", "usage: python -m ban_tf.main [--flag=value ...]"]
+  for title, entries in flag_groups(fv):
+    lines += ["", f"{title}:"]
+    lines += [f"  --{name}={default}".ljust(36) + f" {text}" for name, default, text in entries]
+  lines += ["", "--flagfile=FILE reads flags from a file (see flags/); --helpfull also lists absl's own flags."]
+  return "\n".join(lines)
 
 
 class _Definer:
@@ -78,9 +132,14 @@ def config_from_flags(fv):
   except ValueError:
     raise errors.UsageError(f"--lr_milestones={','.join(fv.lr_milestones)}: use comma-separated fractions") from None
   return config_lib.Config(
+      task=fv.task, ptb_dir=fv.ptb_dir, vocab_size=fv.vocab_size, bptt=fv.bptt,
+      lr_plateau_decay=fv.lr_plateau_decay, lr_plateau_min_delta=fv.lr_plateau_min_delta,
+      clip_norm=fv.clip_norm,
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
       val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
-      dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
+      student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
+      feature_weight=fv.feature_weight, feature_projection=fv.feature_projection,
+      seeds=fv.seeds, baseline=fv.baseline, dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
       kd_weight=fv.kd_weight, label_weight=fv.label_weight,
       ensemble_include_teacher=fv.ensemble_include_teacher, epochs=fv.epochs,
       batch_size=fv.batch_size, lr=fv.lr, momentum=fv.momentum, nesterov=fv.nesterov,
@@ -115,7 +174,10 @@ def make_strategy(num_cpu_devices=0, kind="auto"):
       raise errors.UsageError(
           f"--num_cpu_devices={num_cpu_devices}: only {len(logical)} logical CPUs exist in this process "
           "(configure them before TensorFlow starts)")
-    return tf.distribute.MirroredStrategy([d.name for d in logical[:num_cpu_devices]])
+    # ReductionToOneDevice: CPU collectives gain nothing here, and their instance keys
+    # can clash when a process creates several strategies (tests, notebooks).
+    return tf.distribute.MirroredStrategy([d.name for d in logical[:num_cpu_devices]],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
   if len(tf.config.list_physical_devices("GPU")) > 1:
     return tf.distribute.MirroredStrategy()
   return tf.distribute.get_strategy()
@@ -123,15 +185,17 @@ def make_strategy(num_cpu_devices=0, kind="auto"):
 
 def run(cfg):
   """Validates, prepares data, trains all generations; returns results. Raises UsageError."""
+  # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
+  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
+  from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
-  cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   strategy = make_strategy(cfg.num_cpu_devices, cfg.strategy)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
   if cfg.deterministic:
@@ -139,8 +203,13 @@ def run(cfg):
   if cfg.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "mixed_float16")
-  dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                         val_examples=cfg.val_examples)
+  if cfg.task == "lm":
+    from ban_tf import text_data  # pylint: disable=g-import-not-at-top
+    dataset = text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
+                                    vocab_size=cfg.vocab_size, bptt=cfg.bptt)
+  else:
+    dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
+                           val_examples=cfg.val_examples)
   dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
   logging.info("config: %s", cfg.to_json())
@@ -150,9 +219,20 @@ def run(cfg):
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)
   try:
-    with rundir.RunDir(write_dir, cfg, read_path=run_dir) as run_handle:
+    with rundir.RunDir(write_dir, cfg, num_classes=dataset.info.num_classes,
+                       read_path=run_dir) as run_handle:
       cluster.barrier(strategy)  # the chief has checked, cleaned (--overwrite) and locked run_dir
-      results = generations.run(cfg, strategy, dataset, run_handle)
+      try:
+        if cfg.seeds > 1:
+          results = generations.run_seeds(cfg, strategy, dataset, run_handle)
+        else:
+          results = generations.run(cfg, strategy, dataset, run_handle)
+      except (OSError, tf.errors.OpError) as e:
+        if not errors.is_disk_full(e):
+          raise
+        raise errors.DiskFullError(
+            f"no space left on the device of {run_dir}: free some space and rerun the same command "
+            "(it resumes from the last good checkpoint, which is kept)") from None
     print(open(os.path.join(write_dir, "results.md")).read())
   finally:
     cluster.remove_write_dir(write_dir, run_dir)
@@ -179,6 +259,9 @@ def _fail(msg):
 
 
 def _parse(argv):
+  if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
+    print(grouped_help(FLAGS))
+    sys.exit(0)
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -10,6 +10,11 @@ layers that other modules rely on:
 * ``"logits"``: the final Dense layer, always float32 so that a ``mixed_bfloat16`` policy
   still yields float32 logits.
 
+Teacher-matched students (paper section 3.4, Table 5): ``wrn-match-U`` / ``prebn-match-U``
+are resolved by `resolve_arch` against a DenseNet teacher into explicit-width nets
+``wrnw-U-S-W1-W2-W3-F`` (basic blocks) / ``prebw-...`` (pre-activation bottlenecks); see
+docs/variants.md. `copy_and_freeze` shares "stem" and "logits" between two models.
+
 Input normalisation ``(x - mean) / std`` is a non-trainable float32 layer inside the model,
 so an exported SavedModel takes raw pixels.
 
@@ -40,12 +45,17 @@ import numpy as np
 
 ARCH_HELP = (
     "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
-    "e.g. densenet-90-60), preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny"
+    "e.g. densenet-90-60), preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
+    "and explicit widths wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (U units per stage, "
+    "stem S, stage widths W, optional final 1x1 conv to F channels), or the teacher-matched "
+    "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch)"
 )
 
 _WRN_RE = re.compile(r"^wrn-(\d+)-(\d+)$")
 _DENSENET_RE = re.compile(r"^densenet-(\d+)-(\d+)$")
 _PREACT_RE = re.compile(r"^preact-resnet-(\d+)$")
+_WIDTHS_RE = re.compile(r"^(wrnw|prebw)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)(?:-(\d+))?$")
+_MATCH_RE = re.compile(r"^(wrn|prebn)-match-(\d+)$")
 
 
 def _bad(arch: str, why: str) -> ValueError:
@@ -60,11 +70,14 @@ def parse_arch(arch: str) -> dict:
       (case-insensitive).
 
   Returns:
-    A dict with "family" ("wrn", "densenet", "preact_resnet" or "tiny") and
-    "name" (the default model name, e.g. "wrn_28_10"), plus per family:
+    A dict with "family" ("wrn", "densenet", "preact_resnet", "tiny",
+    "wrn_widths" or "preact_bottleneck") and "name" (the default model name, e.g.
+    "wrn_28_10"), plus per family:
     wrn: "depth", "widen", "blocks_per_stage";
     densenet: "depth", "growth", "layers_per_block" (tuple of 3);
-    preact_resnet: "depth", "blocks_per_stage".
+    preact_resnet: "depth", "blocks_per_stage";
+    wrn_widths / preact_bottleneck: "units" (per stage), "stem", "widths" (3),
+    "out" (width of the final 1x1 conv, or None).
 
   Raises:
     ValueError: unknown family or invalid depth/width, with a one-line fix.
@@ -98,7 +111,77 @@ def parse_arch(arch: str) -> dict:
       raise _bad(arch, f"preact-resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
     return {"family": "preact_resnet", "name": a.replace("-", "_"), "depth": depth,
             "blocks_per_stage": (depth - 2) // 6}
+  if m := _WIDTHS_RE.match(a):
+    units, stem = int(m[2]), int(m[3])
+    widths = (int(m[4]), int(m[5]), int(m[6]))
+    out = int(m[7]) if m[7] else None
+    if units < 1 or stem < 1 or min(widths) < 1 or (out is not None and out < 1):
+      raise _bad(arch, "units, stem and widths must be >= 1")
+    if m[1] == "prebw" and min(widths) < 4:
+      raise _bad(arch, "bottleneck stage widths must be >= 4 (the bottleneck is width / 4)")
+    return {"family": "wrn_widths" if m[1] == "wrnw" else "preact_bottleneck",
+            "name": a.replace("-", "_"), "units": units, "stem": stem, "widths": widths,
+            "out": out}
+  if _MATCH_RE.match(a):
+    raise _bad(arch, "a -match- student needs a DenseNet teacher: resolve it with "
+                     "models.resolve_arch(arch, teacher_arch, ratio) (--arch with --teacher_arch)")
   raise _bad(arch, "unknown or malformed architecture name")
+
+
+def densenet_widths(arch: str) -> dict:
+  """Channel counts of a DenseNet-BC: stem, per-block outputs after the transition
+  (the last block compressed by the same factor 0.5, as if a transition followed),
+  and the pooled feature width.
+
+  E.g. densenet-90-60: stem 120, blocks (480, 660, 780), features 1560.
+  """
+  spec = parse_arch(arch)
+  if spec["family"] != "densenet":
+    raise ValueError(f"{arch!r} is not a DenseNet (widths can only be matched to densenet-D-K)")
+  g = spec["growth"]
+  c = 2 * g
+  stem, blocks = c, []
+  for n_layers in spec["layers_per_block"]:
+    c += n_layers * g
+    blocks.append(c // 2)
+    features = c
+    c //= 2
+  return {"stem": stem, "blocks": tuple(blocks), "features": features}
+
+
+def is_match_arch(arch: str) -> bool:
+  return bool(_MATCH_RE.match(arch.strip().lower()))
+
+
+def resolve_arch(arch: str, teacher_arch: str | None, ratio: float = 1.0) -> str:
+  """Turns a teacher-matched student name into an explicit-width architecture.
+
+  `wrn-match-U` (Wide-ResNet basic blocks) and `prebn-match-U` (pre-activation
+  bottleneck blocks) with U units per stage get (paper section 3.4, Table 5):
+
+  * stem width = the teacher's stem width (so the stem can be shared);
+  * stage widths = ratio x the teacher's dense-block outputs after the transition's
+    1x1 conv, before pooling (`densenet_widths`; the last block compressed by 0.5);
+  * a final pre-activated 1x1 conv to the teacher's feature width, so the student's
+    classifier has the teacher's shape (and can be shared).
+
+  Any other name is returned unchanged.
+
+  Raises:
+    ValueError: a -match- student without a DenseNet teacher or with a bad ratio.
+  """
+  m = _MATCH_RE.match(arch.strip().lower())
+  if not m:
+    return arch
+  if not teacher_arch or parse_arch(teacher_arch)["family"] != "densenet":
+    raise ValueError(f"{arch!r} matches a DenseNet teacher's widths: set --teacher_arch=densenet-D-K "
+                     f"(got {teacher_arch!r})")
+  if not 0 < ratio <= 4:
+    raise ValueError(f"width ratio must be in (0, 4], got {ratio}")
+  w = densenet_widths(teacher_arch)
+  widths = [max(4, int(round(ratio * b))) for b in w["blocks"]]
+  family = "wrnw" if m[1] == "wrn" else "prebw"
+  return "-".join(str(v) for v in [family, int(m[2]), w["stem"], *widths, w["features"]])
 
 
 def count_params(model: keras.Model) -> int:
@@ -146,6 +229,38 @@ def _preact_resnet(x, blocks_per_stage, widths, dropout):
         y = keras.layers.Dropout(dropout, name=f"{p}_drop")(y)
       y = _conv(y, width, 3, f"{p}_conv2")
       x = keras.layers.Add(name=f"{p}_add")([shortcut, y])
+  return _bn_relu(x, "final")
+
+
+def _widths_resnet(x, spec, dropout):
+  """Explicit-width pre-activation ResNet: basic (WRN) or bottleneck blocks. Returns pre-pool."""
+  x = _conv(x, spec["stem"], 3, "stem")
+  bottleneck = spec["family"] == "preact_bottleneck"
+  for s, width in enumerate(spec["widths"]):
+    for b in range(spec["units"]):
+      p = f"s{s + 1}b{b + 1}"
+      strides = 2 if (s > 0 and b == 0) else 1
+      pre = _bn_relu(x, f"{p}_1")
+      shortcut = x
+      if strides != 1 or x.shape[-1] != width:
+        shortcut = _conv(pre, width, 1, f"{p}_proj", strides)
+      if bottleneck:  # 1x1 (width/4) -> 3x3 (width/4, strided) -> 1x1 (width)
+        y = _conv(pre, width // 4, 1, f"{p}_conv1")
+        y = _bn_relu(y, f"{p}_2")
+        y = _conv(y, width // 4, 3, f"{p}_conv2", strides)
+        y = _bn_relu(y, f"{p}_3")
+        if dropout:
+          y = keras.layers.Dropout(dropout, name=f"{p}_drop")(y)
+        y = _conv(y, width, 1, f"{p}_conv3")
+      else:
+        y = _conv(pre, width, 3, f"{p}_conv1", strides)
+        y = _bn_relu(y, f"{p}_2")
+        if dropout:
+          y = keras.layers.Dropout(dropout, name=f"{p}_drop")(y)
+        y = _conv(y, width, 3, f"{p}_conv2")
+      x = keras.layers.Add(name=f"{p}_add")([shortcut, y])
+  if spec["out"]:
+    x = _conv(_bn_relu(x, "out"), spec["out"], 1, "out_conv")
   return _bn_relu(x, "final")
 
 
@@ -231,8 +346,35 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], 
     x = _preact_resnet(x, spec["blocks_per_stage"], (16, 16, 32, 64), dropout)
   elif family == "densenet":
     x = _densenet_bc(x, spec["layers_per_block"], spec["growth"], dropout)
+  elif family in ("wrn_widths", "preact_bottleneck"):
+    x = _widths_resnet(x, spec, dropout)
   else:
     x = _tiny(x, dropout)
   features = keras.layers.GlobalAveragePooling2D(name="features")(x)
   logits = keras.layers.Dense(int(num_classes), dtype="float32", name="logits")(features)
   return keras.Model(inputs, logits, name=name or spec["name"])
+
+
+SHARED_LAYERS = ("stem", "logits")
+
+
+def copy_and_freeze(student: keras.Model, teacher: keras.Model,
+                    layers: Sequence[str] = SHARED_LAYERS) -> None:
+  """Copies the teacher's named layers' weights into the student and freezes them.
+
+  Used for the paper's Table 5 setting (the first conv "stem" and the classifier
+  "logits" shared between teacher and student, frozen).
+
+  Raises:
+    ValueError: (one line) a layer whose weight shapes differ between the two.
+  """
+  for name in layers:
+    src, dst = teacher.get_layer(name), student.get_layer(name)
+    s_shapes = [tuple(w.shape) for w in src.get_weights()]
+    d_shapes = [tuple(w.shape) for w in dst.get_weights()]
+    if s_shapes != d_shapes:
+      raise ValueError(f"cannot share layer {name!r}: teacher weights {s_shapes} vs student {d_shapes}")
+  for name in layers:
+    dst = student.get_layer(name)
+    dst.set_weights(teacher.get_layer(name).get_weights())
+    dst.trainable = False

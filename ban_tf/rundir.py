@@ -12,6 +12,8 @@ import os
 import shutil
 import socket
 
+from absl import logging
+
 from ban_tf import errors
 from ban_tf import export
 
@@ -25,10 +27,11 @@ class RunDir:
   killed run never leaves a stuck lock.
   """
 
-  def __init__(self, path, cfg, read_path=None):
+  def __init__(self, path, cfg, num_classes=None, read_path=None):
     self.path = path
     self._lock = None
     self.cfg = cfg
+    self.num_classes = num_classes
     # Where finished generations, teachers and checkpoints are read from: `path`,
     # except on a multi-worker non-chief, which writes a private copy (cluster.py).
     self.read_path = read_path or path
@@ -46,7 +49,11 @@ class RunDir:
     return os.path.join(self.read_path, f"ensemble_{k}")
 
   def open(self):
-    """Creates/locks the directory and checks or writes config.json."""
+    """Creates/locks the directory, checks it, then writes config.json.
+
+    Every check (lock, experiment flags, finished generations' SavedModels) runs
+    before anything but the lock file is written, so a refused run changes nothing.
+    """
     os.makedirs(self.path, exist_ok=True)
     fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -59,6 +66,14 @@ class RunDir:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     self._lock = fd
+    try:
+      self._check_and_write_config()
+    except BaseException:
+      self.close()
+      raise
+    return self
+
+  def _check_and_write_config(self):
     cfg_path = os.path.join(self.path, "config.json")
     if self.cfg.overwrite:
       for name in os.listdir(self.path):
@@ -71,8 +86,22 @@ class RunDir:
         raise errors.RunDirError(
             f"{self.path} holds a different experiment (differs in {', '.join(diff)}): "
             "rerun with the original flags to resume, pass another --run_dir, or --overwrite to start over")
+    for name in export.remove_stale_tmp(self.path):
+      logging.info("removed %s, left by a killed process", name)
+    self.verify_finished()
     export.write_json(self.cfg.to_dict(), cfg_path)
-    return self
+
+  def verify_finished(self):
+    """Re-verifies every finished (DONE) generation's SavedModel before it is used."""
+    for gen in range(self.cfg.gens + 1):
+      if not export.is_done(self.gen_dir(gen)):
+        continue
+      path = os.path.join(self.gen_dir(gen), "saved_model")
+      out = export.verify_saved_model(path)
+      if self.num_classes is not None and (out.ndim != 2 or out.shape[-1] != self.num_classes):
+        raise errors.TeacherError(
+            f"{path} outputs shape {tuple(out.shape[1:])} per image but this data set has "
+            f"{self.num_classes} classes: use a teacher trained on the same data set, or --overwrite")
 
   def close(self):
     if self._lock is not None:

@@ -21,6 +21,9 @@ from absl import logging
 from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
+from ban_tf import faults
+from ban_tf import lm
+from ban_tf import lm_models
 from ban_tf import models
 
 
@@ -51,9 +54,26 @@ def weights_digest(model):
 
 
 def make_optimizer(cfg, steps_per_epoch):
+  if cfg.task == "lm":
+    return lm.make_optimizer(cfg)  # constant rate, driven by lm.PlateauDecay
   boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
   schedule = StepDecay(cfg.lr, boundaries, cfg.lr_decay)
   return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def make_checkpoint(student, optimizer, epoch_var, projection=None):
+  """What an epoch checkpoint holds: everything that resuming must restore.
+
+  Through `optimizer`: the student's trainable weights, the momentum slots and the
+  step counter (which drives the learning-rate schedule and DKPP's seeds). Through
+  `student`: BatchNorm statistics. `variables` adds what that tracking misses: the
+  dropout layers' SeedGenerator states, so resumed dropout masks are the ones an
+  uninterrupted run would draw (tests/resume_test.py). `projection`: the
+  activation-matching projection layer, when there is one.
+  """
+  tracked = {"projection": projection} if projection is not None else {}
+  return tf.train.Checkpoint(student=student, variables=list(student.variables),
+                             optimizer=optimizer, epoch=epoch_var, **tracked)
 
 
 class _EpochState(keras.callbacks.Callback):
@@ -65,12 +85,19 @@ class _EpochState(keras.callbacks.Callback):
     self.history, self.writer, self.optimizer = history, writer, optimizer
     self.diverged = None
     self._t0 = None
+    self._epoch = 0
+
+  def _where(self, epoch):
+    return f"{os.path.basename(self.gen_dir)}/epoch_{epoch + 1}"
 
   def on_epoch_begin(self, epoch, logs=None):
     self._t0 = time.time()
+    self._epoch = epoch
 
   def on_train_batch_end(self, batch, logs=None):
     loss = (logs or {}).get("loss")
+    if faults.nan_if(self._where(self._epoch)):
+      loss = float("nan")
     if loss is not None and not math.isfinite(float(loss)):
       self.diverged = float(loss)
       self.model.stop_training = True
@@ -87,10 +114,15 @@ class _EpochState(keras.callbacks.Callback):
         tf.summary.scalar(name, v)
       tf.summary.scalar("train/learning_rate", lr)
     self.writer.flush()
-    self.epoch_var.assign(epoch + 1)
-    self.manager.save(checkpoint_number=epoch + 1)
+    # history.json first: on resume it is cut back to the checkpoint's epoch, so it
+    # always covers every checkpointed epoch whenever the process dies.
     self.history[:] = [h for h in self.history if h["epoch"] <= epoch] + [entry]
     export.write_json(self.history, os.path.join(self.gen_dir, "history.json"))
+    faults.disk_fault_if(self._where(epoch), self.gen_dir)
+    self.epoch_var.assign(epoch + 1)
+    # CheckpointManager updates its `checkpoint` index only after the new files are
+    # complete, and deletes old ones only then: a failed save keeps the last good one.
+    self.manager.save(checkpoint_number=epoch + 1)
 
 
 def _verbose(cfg):
@@ -99,7 +131,27 @@ def _verbose(cfg):
   return 1 if sys.stdout.isatty() else 2
 
 
-def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, read_dir=None):
+def _teacher_keras_path(teacher_path):
+  """gen_{k-1}/model.keras next to gen_{k-1}/saved_model (for --share_stem_head)."""
+  return os.path.join(os.path.dirname(os.path.abspath(teacher_path)), "model.keras")
+
+
+def _share_stem_head(student, teacher_path):
+  path = _teacher_keras_path(teacher_path)
+  if not os.path.exists(path):
+    raise errors.TeacherError(f"--share_stem_head needs the teacher's {path}: retrain that generation "
+                              "or drop --share_stem_head")
+  teacher = keras.saving.load_model(path, custom_objects={"StepDecay": StepDecay}, compile=False)
+  try:
+    models.copy_and_freeze(student, teacher)
+  except ValueError as e:
+    raise errors.TeacherError(
+        f"--share_stem_head: {e}: use a student whose stem width and feature width equal the "
+        "teacher's (e.g. wrn-match-U), or drop --share_stem_head") from None
+
+
+def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, baseline=False,
+                     read_dir=None):
   """Trains generation `gen` into `gen_dir`; returns its metrics dict.
 
   Args:
@@ -109,35 +161,57 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, re
     dataset: data.Dataset.
     gen_dir: the generation's directory (created if needed).
     teacher_path: the previous generation's SavedModel directory (gen >= 1).
+    baseline: train the same-recipe label-only baseline instead: BAN-1's
+      architecture and seed, labels only, no teacher, nothing shared.
     read_dir: where to resume from (default gen_dir); a multi-worker non-chief
       writes gen_dir privately and resumes from the chief's directory.
   """
   os.makedirs(gen_dir, exist_ok=True)
   info = dataset.info
-  arch = cfg.arch_for(gen)
-  seed = cfg.seed + gen
+  arch = cfg.arch_for(1 if baseline else gen)
+  seed = cfg.seed + (1 if baseline else gen)
   keras.utils.set_random_seed(seed)  # fresh, differently seeded student per generation
-  objective = cfg.objective() if gen > 0 else {"loss": "labels", "temperature": 1.0,
-                                                  "kd_weight": 0.0, "label_weight": 1.0}
+  labels_only = {"loss": "labels", "temperature": 1.0, "kd_weight": 0.0, "label_weight": 1.0}
+  objective = cfg.objective() if gen > 0 and not baseline else labels_only
+  if baseline:
+    teacher_path = None
   train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
                                   first_epoch=0, epochs=cfg.epochs)
   teacher = None
-  if gen > 0:
-    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes)
+  if teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
+    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes,
+                                  with_features=cfg.feature_weight > 0)
   with strategy.scope():
-    student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
-                                 std=info.std, dropout=cfg.dropout,
-                                 name=f"gen{gen}_" + arch.replace("-", "_"))
+    name = f"gen{gen}_" + arch.replace("-", "_")
+    if cfg.task == "lm":
+      student = lm_models.build_model(arch, info.vocab, dropout=cfg.dropout, name=name)
+    else:
+      student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
+                                   std=info.std, dropout=cfg.dropout, name=name)
+    projection = None
+    if teacher is not None:
+      if cfg.feature_weight > 0:
+        s_dim = student.get_layer("features").output.shape[-1]
+        if cfg.feature_projection:
+          projection = teacher.feature_dim
+        elif s_dim != teacher.feature_dim:
+          raise errors.TeacherError(
+              f"--feature_weight: student features have {s_dim} dims but the teacher's have "
+              f"{teacher.feature_dim}: add --feature_projection or use a same-width student")
+      if cfg.share_stem_head:
+        _share_stem_head(student, teacher_path)
     model = distiller_lib.Distiller(
         student, teacher, loss=objective["loss"], temperature=objective["temperature"],
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
-        weight_decay=cfg.weight_decay, seed=seed)
+        weight_decay=cfg.weight_decay, seed=seed,
+        feature_weight=cfg.feature_weight if teacher is not None else 0.0,
+        feature_projection=projection, clip_norm=cfg.clip_norm)
     optimizer = make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
-    optimizer.build(student.trainable_variables)
+    optimizer.build(model.train_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ckpt = tf.train.Checkpoint(student=student, optimizer=optimizer, epoch=epoch_var)
+    ckpt = make_checkpoint(student, optimizer, epoch_var, projection=model.projection)
   manager = tf.train.CheckpointManager(ckpt, os.path.join(gen_dir, "ckpt"), max_to_keep=2)
   read_dir = read_dir or gen_dir
   latest = tf.train.latest_checkpoint(os.path.join(read_dir, "ckpt"))
@@ -154,23 +228,30 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, re
                                     first_epoch=initial_epoch, epochs=cfg.epochs)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
   state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
-  role = "teacher" if gen == 0 else f"BAN-{gen}"
+  callbacks = [state]
+  if cfg.task == "lm":
+    callbacks.append(lm.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer))
+  role = "baseline" if baseline else "teacher" if gen == 0 else f"BAN-{gen}"
   logging.info("gen %d (%s): %s, %d params, objective %s, seed %d, teacher %s", gen, role, arch,
                student.count_params(), objective, seed, teacher_path)
   t0 = time.time()
   if initial_epoch < cfg.epochs:
     model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-              validation_data=dataset.val(cfg.batch_size), callbacks=[state],
+              validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
               verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
+    good = int(epoch_var.numpy())
+    kept = (f"its last good checkpoint (epoch {good}) is kept in {gen_dir}/ckpt" if good else
+            "it has no good checkpoint yet")
     raise errors.DivergedError(
-        f"generation {gen} diverged (loss={state.diverged}) in epoch {len(state.history) + 1}: "
-        f"the last good checkpoint (epoch {len(state.history)}) is kept in {gen_dir}/ckpt; "
-        "lower --lr and rerun the same command to resume")
+        f"generation {gen} diverged (loss={state.diverged}) in epoch {good + 1}: {kept}; "
+        "rerun the same command to retry from it, or start over with a lower --lr "
+        "(--lr changes the experiment: add --overwrite or use a new --run_dir)")
   # Final-epoch evaluation: no selection on test (nor on val) happens anywhere.
   test = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
   result = {
-      "gen": gen, "role": role, "arch": arch, "params": int(student.count_params()),
+      "gen": "baseline" if baseline else gen, "role": role, "arch": arch,
+      "params": int(student.count_params()),
       "seed": seed, "objective": objective, "teacher": teacher_path,
       "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
       "test_accuracy": float(test["accuracy"]), "test_error": 1.0 - float(test["accuracy"]),
@@ -187,7 +268,10 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, re
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])
   writer.flush()
-  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape)
+  if cfg.task == "lm":
+    lm.finish_generation(result, gen_dir, info.vocab, writer, cfg.epochs)
+  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape,
+                            class_names=info.class_names)
   export.save_keras(student, os.path.join(gen_dir, "model.keras"))
   export.write_json(result, os.path.join(gen_dir, "metrics.json"))
   export.touch_done(gen_dir)

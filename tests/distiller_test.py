@@ -58,7 +58,10 @@ def one_step(strategy, teacher_dir, *, loss, temperature=1.0, kd_weight=1.0, lab
 
 
 def mirrored2():
-  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  # As main.make_strategy does for logical CPUs: no collective ops, whose keys can
+  # clash between several MirroredStrategy objects in one process.
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                        cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 def numpy_objective(teacher_dir, *, loss, temperature, kd_weight, label_weight):

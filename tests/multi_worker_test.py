@@ -67,9 +67,14 @@ def test_two_workers_train_identical_weights_and_chief_writes_once(tmp_path):
     assert digests == [chief, chief], (gen, digests, chief)
 
   # Written once, by the chief only; the other worker's private directory is gone.
-  assert sorted(os.listdir(run_dir)) == [".lock", "config.json", "gen_0", "gen_1", "results.json",
-                                         "results.md"]
+  names = sorted(os.listdir(run_dir))
+  events = [n for n in names if n.startswith("events.out.tfevents.")]  # TensorBoard hparams
+  assert len(events) == 1, names
+  assert [n for n in names if n not in events] == [".lock", "config.json", "gen_0", "gen_1", "report.png",
+                                                   "results.json", "results.md"]
   for gen in (0, 1):
-    assert len(glob.glob(str(run_dir / f"gen_{gen}" / "tb" / "events.out.tfevents.*"))) == 1
+    scalars = [f for f in glob.glob(str(run_dir / f"gen_{gen}" / "tb" / "events.out.tfevents.*"))
+               if not f.endswith(".hparams")]
+    assert len(scalars) == 1, scalars
     assert not os.path.exists(run_dir / f"gen_{gen}" / "ckpt")
   assert not glob.glob(str(tmp_path / "ban_tf_worker*"))

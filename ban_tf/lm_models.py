@@ -1,0 +1,179 @@
+"""Word-level language models: Zaremba LSTMs and Kim et al.'s character-aware CNN-LSTM.
+
+`build_model(arch, vocab)` returns a functional `keras.Model` mapping int32 token ids
+[N, T] to float32 next-token logits [N, T, V]. Windows are stateless: every call
+starts from a zero LSTM state (docs/lm.md explains the choice).
+
+* ``lstm-L-H`` (Zaremba et al. 2014, as in the paper's Table 6 with L=1, H=1500): an
+  H-dimensional word embedding, L LSTM layers of H units, dropout on every
+  non-recurrent connection (embedding output, between layers, before the softmax),
+  and the output softmax tied to the embedding (Press & Wolf; Inan et al.), so the
+  output layer is ``h @ E^T + b``. Weights are uniform in [-0.05, 0.05].
+* ``cnn-lstm-small`` / ``cnn-lstm-large`` (Kim et al. 2016, LSTM-CharCNN); ``cnn-lstm``
+  is the large one (19M parameters on PTB, the paper's ConvLSTM): every word is
+  spelled as characters (with begin/end-of-word marks, zero padded), embedded
+  (15 dims), convolved with filters of widths 1..6 (small: 25w filters each) or 1..7
+  (large: min(200, 50w)), tanh, max-pooled over time, passed through highway layers
+  (small 1, large 2), then a 2-layer LSTM (small 300, large 650 units) with dropout
+  and an untied softmax. The spelling table is a non-trainable weight of the model,
+  so the SavedModel still takes word ids.
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+ARCH_HELP = "lstm-L-H (e.g. lstm-1-1500), cnn-lstm, cnn-lstm-small, cnn-lstm-large"
+_LSTM_RE = re.compile(r"^lstm-(\d+)-(\d+)$")
+_INIT_SCALE = 0.05
+CNN_LSTM = {
+    "small": dict(char_dim=15, widths=(1, 2, 3, 4, 5, 6), filters=tuple(25 * w for w in range(1, 7)),
+                  highway=1, layers=2, units=300),
+    "large": dict(char_dim=15, widths=(1, 2, 3, 4, 5, 6, 7),
+                  filters=tuple(min(200, 50 * w) for w in range(1, 8)), highway=2, layers=2, units=650),
+}
+
+
+def parse_arch(arch: str) -> dict:
+  """Validates an LM architecture name; returns its hyperparameters (raises ValueError)."""
+  a = str(arch).strip().lower()
+  if m := _LSTM_RE.match(a):
+    layers, units = int(m[1]), int(m[2])
+    if layers < 1 or units < 1:
+      raise ValueError(f"Bad arch {arch!r}: lstm needs >= 1 layer of >= 1 unit. Accepted forms: {ARCH_HELP}.")
+    return {"family": "lstm", "layers": layers, "units": units, "name": a.replace("-", "_")}
+  if a in ("cnn-lstm", "cnn-lstm-small", "cnn-lstm-large"):
+    size = "small" if a.endswith("small") else "large"
+    return dict(CNN_LSTM[size], family="cnn_lstm", size=size, name=f"cnn_lstm_{size}")
+  raise ValueError(f"Bad arch {arch!r}: unknown language model. Accepted forms: {ARCH_HELP}.")
+
+
+def _uniform():
+  return keras.initializers.RandomUniform(-_INIT_SCALE, _INIT_SCALE)
+
+
+@keras.saving.register_keras_serializable(package="ban_tf")
+class TiedEmbedding(keras.layers.Layer):
+  """A word embedding E [V, D] that also decodes: ``call(h, decode=True) = h @ E^T + b``."""
+
+  def __init__(self, vocab_size, dim, **kwargs):
+    super().__init__(**kwargs)
+    self.vocab_size, self.dim = int(vocab_size), int(dim)
+
+  def build(self, input_shape):
+    self.embeddings = self.add_weight(shape=(self.vocab_size, self.dim), initializer=_uniform(),
+                                      name="embeddings")
+    self.bias = self.add_weight(shape=(self.vocab_size,), initializer="zeros", name="bias")
+
+  def call(self, inputs, decode=False):
+    if decode:
+      logits = ops.matmul(inputs, ops.transpose(ops.cast(self.embeddings, inputs.dtype)))
+      return logits + ops.cast(self.bias, inputs.dtype)
+    return ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
+
+  def get_config(self):
+    return dict(super().get_config(), vocab_size=self.vocab_size, dim=self.dim)
+
+
+@keras.saving.register_keras_serializable(package="ban_tf")
+class CharWordEncoder(keras.layers.Layer):
+  """Word ids [N, T] -> character-CNN + highway word vectors [N, T, sum(filters)].
+
+  The spelling table [V, W] (character ids, 0 = padding) is a non-trainable int32
+  weight, set once with `set_spellings` and saved with the model.
+  """
+
+  def __init__(self, vocab_size, word_len, num_chars, char_dim, widths, filters, highway, **kwargs):
+    super().__init__(**kwargs)
+    self.vocab_size, self.word_len, self.num_chars = int(vocab_size), int(word_len), int(num_chars)
+    self.char_dim, self.widths, self.filters = int(char_dim), tuple(widths), tuple(filters)
+    self.num_highway = int(highway)
+    self.features = sum(self.filters)
+    self.char_embedding = keras.layers.Embedding(num_chars, char_dim, embeddings_initializer=_uniform(),
+                                                 name="char_embedding")
+    self.convs = [keras.layers.Conv1D(f, w, activation="tanh", kernel_initializer=_uniform(),
+                                      name=f"conv_w{w}") for w, f in zip(self.widths, self.filters)]
+    # Highway: y = t * relu(W_h x) + (1 - t) * x, gate bias -2 (Kim et al.) starts near carry.
+    self.highway = [(keras.layers.Dense(self.features, activation="relu", kernel_initializer=_uniform(),
+                                        name=f"highway{i}_h"),
+                     keras.layers.Dense(self.features, activation="sigmoid", kernel_initializer=_uniform(),
+                                        bias_initializer=keras.initializers.Constant(-2.0),
+                                        name=f"highway{i}_t")) for i in range(self.num_highway)]
+
+  def build(self, input_shape):
+    self.spellings = self.add_weight(shape=(self.vocab_size, self.word_len), dtype="int32",
+                                     initializer="zeros", trainable=False, name="spellings")
+    self.char_embedding.build((None, self.word_len))
+    for conv in self.convs:
+      conv.build((None, self.word_len, self.char_dim))
+    for h, t in self.highway:
+      h.build((None, self.features))
+      t.build((None, self.features))
+
+  def set_spellings(self, table):
+    self.spellings.assign(np.asarray(table, np.int32))
+
+  def call(self, ids):
+    shape = ops.shape(ids)
+    chars = ops.take(self.spellings, ops.reshape(ops.cast(ids, "int32"), (-1,)), axis=0)  # [NT, W]
+    x = self.char_embedding(chars)
+    x = ops.concatenate([ops.max(conv(x), axis=1) for conv in self.convs], axis=-1)  # max over time
+    for h, t in self.highway:
+      gate = t(x)
+      x = gate * h(x) + (1.0 - gate) * x
+    return ops.reshape(x, (shape[0], shape[1], self.features))
+
+  def compute_output_shape(self, input_shape):
+    return tuple(input_shape) + (self.features,)
+
+  def get_config(self):
+    return dict(super().get_config(), vocab_size=self.vocab_size, word_len=self.word_len,
+                num_chars=self.num_chars, char_dim=self.char_dim, widths=list(self.widths),
+                filters=list(self.filters), highway=self.num_highway)
+
+
+def spellings(vocab, min_len=1):
+  """Character table for `vocab`: [V, W] ids with 1 = begin, 2 = end of word, 0 = pad.
+
+  Returns (table, num_chars). Special tokens (<unk>, <eos>) are spelled as words.
+  """
+  chars = sorted({c for w in vocab for c in w})
+  index = {c: i + 3 for i, c in enumerate(chars)}
+  width = max(max(len(w) for w in vocab) + 2, min_len)
+  table = np.zeros((len(vocab), width), np.int32)
+  for i, w in enumerate(vocab):
+    table[i, :len(w) + 2] = [1] + [index[c] for c in w] + [2]
+  return table, len(chars) + 3
+
+
+def build_model(arch: str, vocab, *, dropout: float = 0.0, name: str | None = None) -> keras.Model:
+  """Builds the LM `arch` for `vocab` (a sequence of words, or a vocabulary size for lstm)."""
+  spec = parse_arch(arch)
+  vocab_size = vocab if isinstance(vocab, int) else len(vocab)
+  ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
+  if spec["family"] == "lstm":
+    embed = TiedEmbedding(vocab_size, spec["units"], name="embedding")
+    x = embed(ids)
+  else:
+    if isinstance(vocab, int):
+      raise ValueError("cnn-lstm needs the vocabulary words, not only its size")
+    table, num_chars = spellings(vocab, min_len=max(spec["widths"]))
+    encoder = CharWordEncoder(vocab_size, table.shape[1], num_chars, spec["char_dim"], spec["widths"],
+                              spec["filters"], spec["highway"], name="char_cnn")
+    x = encoder(ids)
+    encoder.set_spellings(table)
+  x = keras.layers.Dropout(dropout, name="dropout_in")(x)
+  for i in range(spec["layers"]):
+    x = keras.layers.LSTM(spec["units"], return_sequences=True, kernel_initializer=_uniform(),
+                          recurrent_initializer=_uniform(), name=f"lstm{i}")(x)
+    x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
+  if spec["family"] == "lstm":
+    logits = embed(x, decode=True)
+  else:
+    logits = keras.layers.Dense(vocab_size, kernel_initializer=_uniform(), name="logits")(x)
+  logits = keras.layers.Activation("linear", dtype="float32", name="output")(logits)
+  return keras.Model(ids, logits, name=name or spec["name"])

@@ -1,0 +1,156 @@
+"""Tests for ban_tf.report on small run directories written here (no training).
+
+The end-to-end path (a real run writes its report) is in run_outputs_test.py.
+"""
+
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorboard.plugins.hparams import metadata as hp_metadata
+
+from ban_tf import config as config_lib
+from ban_tf import errors
+from ban_tf import report
+from tests.conftest import REPO
+
+
+def _fake_run(path, seed, test_errors, val=True, epochs=3):
+  """A run dir as ban_tf.main leaves it: teacher, BAN-1, BAN-2 and BANE-2."""
+  os.makedirs(path)
+  cfg = config_lib.Config(dataset="fashion_mnist", arch="tiny", gens=2, epochs=epochs, seed=seed,
+                          val_examples=100 if val else 0, run_dir=path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f)
+  rng = np.random.RandomState(seed)
+  gens = []
+  for gen, err in enumerate(test_errors[:3]):
+    objective = {"loss": "labels" if gen == 0 else "ban", "temperature": 1.0}
+    g = {"gen": gen, "role": "teacher" if gen == 0 else f"BAN-{gen}", "arch": "tiny", "params": 1490,
+         "test_error": err, "test_accuracy": 1 - err, "objective": objective, "seed": seed + gen}
+    history = []
+    for e in range(1, epochs + 1):
+      h = {"epoch": e, "accuracy": float(rng.uniform(0.5, 0.9)), "loss": 1.0 / e}
+      if val:
+        h["val_accuracy"] = float(rng.uniform(0.5, 0.9))
+      history.append(h)
+    if val:
+      g["val_accuracy"] = history[-1]["val_accuracy"]
+    os.makedirs(os.path.join(path, f"gen_{gen}", "tb"))
+    with open(os.path.join(path, f"gen_{gen}", "history.json"), "w") as f:
+      json.dump(history, f)
+    gens.append(g)
+  ens = [{"name": "BANE-2", "members": [1, 2], "test_error": test_errors[3], "test_accuracy": 1 - test_errors[3]}]
+  os.makedirs(os.path.join(path, "ensemble_2"))
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"generations": gens, "ensembles": ens, "dataset": "fashion_mnist", "seed": seed}, f)
+  return path
+
+
+def _assert_png(path):
+  assert os.path.getsize(path) > 10000
+  with Image.open(path) as im:
+    assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 300
+    # Not a blank canvas: many distinct colours (curves, markers, text).
+    assert len(set(im.convert("RGB").getdata())) > 50
+
+
+def test_single_run_writes_table_and_png(tmp_path):
+  run = _fake_run(str(tmp_path / "run"), 0, [0.071, 0.0653, 0.0641, 0.0598])
+  out = report.write_report(run, hparams=False)
+  _assert_png(out["png"])
+  md = open(out["results_md"]).read()
+  assert "| Teacher | tiny | 1.5k | 7.10 |  |" in md
+  assert "| BAN-2 | tiny | 1.5k | 6.41 | -0.69 |" in md
+  assert "| Ens*2 (1,2) | ensemble |  | 5.98 | -1.12 |" in md
+
+
+def test_curves_fall_back_to_train_accuracy(tmp_path):
+  run = report.load_run(_fake_run(str(tmp_path / "run"), 0, [0.3, 0.2, 0.1, 0.05], val=False))
+  epochs, err, source = report.curve(run.histories[1])
+  assert source == "train"
+  np.testing.assert_allclose(err, [100 * (1 - h["accuracy"]) for h in run.histories[1]])
+  np.testing.assert_array_equal(epochs, [1, 2, 3])
+  labels = report.plot([run], str(tmp_path / "r.png"))
+  assert labels == [f"{n} (train: no val split)" for n in ("Teacher", "BAN-1", "BAN-2")]
+  run_val = report.load_run(_fake_run(str(tmp_path / "run_val"), 0, [0.3, 0.2, 0.1, 0.05]))
+  _, err, source = report.curve(run_val.histories[2])
+  assert source == "val"
+  np.testing.assert_allclose(err, [100 * (1 - h["val_accuracy"]) for h in run_val.histories[2]])
+
+
+def test_parent_of_seed_runs_gives_mean_and_std(tmp_path):
+  errs = {0: [0.10, 0.09, 0.085, 0.08], 1: [0.12, 0.10, 0.095, 0.09], 2: [0.11, 0.08, 0.09, 0.07]}
+  for seed, e in errs.items():
+    _fake_run(str(tmp_path / "seeds" / f"seed{seed}"), seed, e)
+  parent = str(tmp_path / "seeds")
+  runs = [report.load_run(p) for p in report.find_runs(parent)]
+  agg = report.aggregate(runs)
+  assert list(agg) == ["Teacher", "BAN-1", "BAN-2", "BANE-2"]
+  for i, name in enumerate(agg):
+    values = [errs[s][i] for s in sorted(errs)]
+    assert agg[name][0] == pytest.approx(statistics.mean(values))
+    assert agg[name][1] == pytest.approx(statistics.stdev(values))
+  out = report.write_report(parent, hparams=False)
+  assert out["png"] == os.path.join(parent, "report.png")
+  _assert_png(out["png"])
+  md = open(out["results_md"]).read()
+  ban1 = [errs[s][1] for s in sorted(errs)]
+  assert (f"| BAN-1 | 3 | {100 * statistics.mean(ban1):.2f} ± {100 * statistics.stdev(ban1):.2f} |") in md
+
+
+def test_cli_with_run_dirs_list(tmp_path):
+  a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16])
+  b = _fake_run(str(tmp_path / "b"), 1, [0.22, 0.2, 0.15, 0.14])
+  out_dir = str(tmp_path / "summary")
+  proc = subprocess.run([sys.executable, "-m", "ban_tf.report", f"--run_dirs={a},{b}", f"--out_dir={out_dir}",
+                         "--nohparams"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  _assert_png(os.path.join(out_dir, "report.png"))
+  assert "| BANE-2 | 2 | 15.00 ± 1.41 |" in proc.stdout
+
+
+def test_missing_results_is_a_usage_error(tmp_path):
+  with pytest.raises(errors.UsageError, match="results.json"):
+    report.write_report(str(tmp_path))
+
+
+def _session_hparams(logdir):
+  """{name: value} of the (one) hparams session_start_info in `logdir`'s event files."""
+  found = []
+  for path in glob.glob(os.path.join(logdir, "*tfevents*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == hp_metadata.SESSION_START_INFO_TAG:
+          info = hp_metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
+          found.append(dict({k: getattr(x, x.WhichOneof("kind")) for k, x in info.hparams.items()},
+                            _trial=info.group_name))
+  assert len(found) == 1, found
+  return found[0]
+
+
+def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
+  path = _fake_run(str(tmp_path / "run"), 3, [0.3, 0.25, 0.2, 0.15])
+  run = report.load_run(path)
+  report.write_hparams(run)
+  report.write_hparams(run)  # a rerun replaces, not duplicates
+  for gen in range(3):
+    hp = _session_hparams(os.path.join(path, f"gen_{gen}", "tb"))
+    assert hp["gen"] == gen and hp["arch"] == "tiny" and hp["seed"] == 3
+    assert hp["_trial"] == f"run/gen_{gen}"  # distinct across run dirs under one logdir
+    assert hp["loss"] == ("labels" if gen == 0 else "ban") and hp["temperature"] == 1.0
+  hp = _session_hparams(os.path.join(path, "ensemble_2", "tb"))
+  assert hp["arch"] == "ensemble" and hp["role"] == "BANE-2" and hp["gen"] == 2
+  # The ensemble run carries the metric itself, as the generations' runs do.
+  values = [float(tf.make_ndarray(v.tensor)) for p in glob.glob(os.path.join(path, "ensemble_2", "tb", "*"))
+            for e in tf.compat.v1.train.summary_iterator(p) for v in e.summary.value if v.tag == "test/error"]
+  assert values == [pytest.approx(0.15)]
+  experiment = glob.glob(os.path.join(path, "*tfevents*" + report.HPARAMS_SUFFIX))
+  assert len(experiment) == 1

@@ -1,0 +1,167 @@
+"""Kill-and-resume tests of the ban_tf binary (issue 5, docs/reliability.md).
+
+One run directory is killed with SIGKILL three times, then finished:
+  (b) between generations: right after gen_0/DONE (fault kill_between_generations);
+  (a) during generation 1's training: killed from outside once gen_1/ckpt holds a
+      checkpoint (a real, asynchronous SIGKILL);
+  (c) during generation 1's export: after the SavedModel's temporary directory is
+      complete, before its rename (fault kill_during_export).
+Each rerun is the same command. Generation 0 must never be retrained, and with
+--deterministic every metric must equal that of an uninterrupted run.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO, SHARED_TFDS
+
+ARGS = [
+    f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
+    "--batch_size=32", "--epochs=2", "--gens=1", "--dropout=0.2", "--deterministic", "--verbose=2",
+]
+
+
+def _cmd(run_dir):
+  return [sys.executable, "-m", "ban_tf.main", *ARGS, f"--run_dir={run_dir}"]
+
+
+def _env(fault=None):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("BAN_TF_FAULT", None)
+  if fault:
+    env["BAN_TF_FAULT"] = fault
+  return env
+
+
+def _run(run_dir, fault=None):
+  return subprocess.run(_cmd(run_dir), cwd=REPO, env=_env(fault), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _load(run_dir, rel, drop=("seconds",)):
+  """A JSON output with its wall-clock fields removed and the run_dir as <run>."""
+  def clean(x):
+    if isinstance(x, dict):
+      return {k: clean(v) for k, v in x.items() if k not in drop}
+    if isinstance(x, list):
+      return [clean(v) for v in x]
+    return x
+  with open(os.path.join(run_dir, rel)) as f:
+    return clean(json.loads(f.read().replace(os.path.abspath(run_dir), "<run>")))
+
+
+def _mtimes(gen_dir):
+  return {p: os.stat(os.path.join(gen_dir, p)).st_mtime_ns
+          for p in ("DONE", "metrics.json", "model.keras", "saved_model/saved_model.pb")}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  run_dir = str(tmp_path_factory.mktemp("baseline") / "run")
+  proc = _run(run_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run_dir
+
+
+def test_checkpoint_restores_optimizer_epoch_schedule_and_dropout_rng(tmp_path):
+  """The checkpoint layout of train.train_generation restores what resume needs."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from ban_tf import config, models, train  # pylint: disable=g-import-not-at-top
+
+  cfg = config.Config(epochs=4, lr=0.1, lr_milestones=(0.5,), lr_decay=0.1)
+
+  def build():
+    keras.utils.set_random_seed(3)
+    student = models.build_model("tiny", 10, (28, 28, 1), dropout=0.3)
+    opt = train.make_optimizer(cfg, steps_per_epoch=2)
+    student.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    opt.build(student.trainable_variables)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    ckpt = train.make_checkpoint(student, opt, epoch)
+    return student, opt, epoch, ckpt
+
+  x = np.random.RandomState(0).uniform(0, 255, (16, 28, 28, 1)).astype(np.float32)
+  y = np.arange(16) % 10
+  student, opt, epoch, ckpt = build()
+  student.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)  # 6 steps: past the milestone
+  epoch.assign(3)
+  path = ckpt.save(str(tmp_path / "ckpt"))
+  student2, opt2, epoch2, ckpt2 = build()
+  ckpt2.restore(path).assert_existing_objects_matched()
+  assert int(epoch2.numpy()) == 3
+  assert int(opt2.iterations.numpy()) == 6
+  assert float(opt2.learning_rate.numpy()) == pytest.approx(0.01)  # schedule: decayed after step 4
+  slots = [v for v in opt2.variables if "momentum" in v.path]
+  assert slots and all(np.any(v.numpy() != 0) for v in slots)
+  for a, b in zip(opt.variables, opt2.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  for a, b in zip(student.variables, student2.variables):  # includes the dropout SeedGenerator state
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  # Continuing both gives the same weights: dropout masks and momentum match.
+  student.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+  student2.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+  for a, b in zip(student.weights, student2.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_killed_three_times_then_resumed_equals_uninterrupted(baseline, tmp_path):
+  run_dir = str(tmp_path / "run")
+  gen0, gen1 = os.path.join(run_dir, "gen_0"), os.path.join(run_dir, "gen_1")
+
+  # (b) Killed between generations: gen 0 is DONE, gen 1 not started.
+  proc = _run(run_dir, fault="kill_between_generations@gen_0")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert os.path.exists(os.path.join(gen0, "DONE"))
+  assert not os.path.exists(gen1)
+  gen0_files = _mtimes(gen0)
+
+  # (a) Killed from outside during generation 1's training, once it has a checkpoint.
+  p = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+  index = os.path.join(gen1, "ckpt", "checkpoint")
+  deadline = time.time() + 300
+  while not os.path.exists(index) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  os.kill(p.pid, signal.SIGKILL)
+  stderr = p.communicate()[1]
+  assert p.returncode == -signal.SIGKILL, stderr[-3000:]
+  assert "gen 0 already done: skipping" in stderr
+  assert not os.path.exists(os.path.join(gen1, "DONE")), "gen 1 finished before the kill"
+
+  # (c) Killed during generation 1's export, with its SavedModel half in place.
+  proc = _run(run_dir, fault="kill_during_export@gen_1")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  resumed = re.search(r"gen 1: resuming from epoch (\d+)", proc.stderr)
+  assert resumed and 1 <= int(resumed.group(1)) <= 2, proc.stderr[-3000:]
+  assert any(n.startswith(".tmp-") for n in os.listdir(gen1))
+  assert not os.path.exists(os.path.join(gen1, "saved_model"))
+  assert not os.path.exists(os.path.join(gen1, "DONE"))
+
+  # Rerun: resumes at the last epoch, only evaluates and exports, and finishes.
+  proc = _run(run_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "gen 0 already done: skipping" in proc.stderr
+  assert "gen 1: resuming from epoch 2" in proc.stderr
+  assert "Epoch " not in proc.stdout + proc.stderr  # nothing was trained
+  assert _mtimes(gen0) == gen0_files  # gen 0 was neither retrained nor rewritten
+  leftovers = [os.path.join(d, n) for d, ds, fs in os.walk(run_dir) for n in ds + fs if n.startswith(".tmp-")]
+  assert not leftovers
+  assert not os.path.exists(os.path.join(gen1, "ckpt"))
+
+  # Bit-identical to the uninterrupted run (--deterministic), wall-clock fields aside.
+  for rel in ("results.json", "gen_0/metrics.json", "gen_1/metrics.json", "gen_0/history.json",
+              "gen_1/history.json"):
+    assert _load(run_dir, rel) == _load(baseline, rel), rel
+  fp = [np.load(os.path.join(d, "gen_1", "saved_model", "fingerprint.npz"))["outputs"]
+        for d in (run_dir, baseline)]
+  np.testing.assert_array_equal(fp[0], fp[1])
+
