@@ -20,8 +20,9 @@ _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
     "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "seeds",
+    "steps_per_execution", "seeds", "strategy",
 })
+STRATEGIES = ("auto", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Config:
   baseline: bool = False  # also train a label-only student-arch baseline per seed
   run_dir: Optional[str] = None
   num_cpu_devices: int = 0
+  strategy: str = "auto"  # auto: one device, N logical CPUs or all GPUs; multi_worker: TF_CONFIG
   deterministic: bool = False
   overwrite: bool = False
   steps_per_execution: int = 1
@@ -177,6 +179,11 @@ class Config:
          f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
     need(self.num_cpu_devices >= 0, f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
+    need(self.strategy in STRATEGIES, f"--strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+    need(self.strategy != "multi_worker" or self.num_cpu_devices == 0,
+         "--strategy=multi_worker and --num_cpu_devices are exclusive: drop --num_cpu_devices")
+    need(self.strategy != "multi_worker" or self.seeds == 1,
+         "--strategy=multi_worker runs one seed per launch: drop --seeds (launch once per --seed)")
     need(self.steps_per_execution >= 1, f"--steps_per_execution={self.steps_per_execution}: must be >= 1")
     need(self.mixed_precision in ("none", "bf16", "fp16"),
          f"--mixed_precision={self.mixed_precision!r}: use none, bf16 or fp16")

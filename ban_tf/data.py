@@ -110,7 +110,7 @@ class Dataset:
     ds = ds.enumerate(start=first_epoch * per_epoch).map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.prefetch(AUTOTUNE), steps
+    return _distributable(ds.prefetch(AUTOTUNE)), steps
 
   def val(self, batch_size):
     if not self.info.num_val:
@@ -123,7 +123,7 @@ class Dataset:
   def _eval(self, src, batch_size):
     ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32))).cache()
     ds = ds.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+    return _distributable(ds.prefetch(AUTOTUNE))
 
   def test_labels(self):
     return np.concatenate([y.numpy() for _, y in self._test_src.batch(4096)])
@@ -138,6 +138,14 @@ def augment_image(image, seed, mode, size, pad=4):
   if mode in ("flip", "flip_crop"):
     image = tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 7919])
   return image
+
+
+def _distributable(ds):
+  """Multi-worker input: every worker builds the same pipeline and keeps its share of
+  the batches (DATA sharding); tfds' single-file splits cannot be sharded by FILE."""
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+  return ds.with_options(options)
 
 
 def _to_float(images, labels):

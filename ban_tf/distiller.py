@@ -118,6 +118,16 @@ class Distiller(keras.Model):
     ms += [self.feature_tracker] if self.feature_weight else []
     return ms + ([self.agree_tracker] if self.teacher is not None else [])
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy
+    # scope by eagerly reducing the first input batch across replicas, which fails
+    # under MultiWorkerMirroredStrategy (PerReplica inputs cannot be converted).
+    # Nothing here needs that build: student, teacher, trackers and optimizer exist
+    # before fit, and the step builds the rest when it is traced.
+    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      return
+    super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
   @property
   def train_variables(self):
     """What the optimizer updates: the student (minus frozen layers) and the projection."""
@@ -200,6 +210,8 @@ class Distiller(keras.Model):
     if self.clip_norm > 0:
       grads = _clip_global_norm(grads, self.clip_norm)
     self.optimizer.apply_gradients(zip(grads, variables))
+    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      self._average_statistics()
     # Logged values are global (summed over replicas), i.e. the true loss.
     self.loss_tracker.update_state(_global_sum(objective) + l2)
     self.kd_tracker.update_state(_global_sum(terms["kd"]))
@@ -210,7 +222,7 @@ class Distiller(keras.Model):
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
       self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
-    return {m.name: m.result() for m in self.metrics}
+    return self._step_logs({m.name: m.result() for m in self.metrics})
 
   def test_step(self, data):
     x, y = data[0], data[1]
@@ -222,7 +234,28 @@ class Distiller(keras.Model):
     out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
     if len(logits.shape) == 3:  # language model: per-token perplexity
       out["perplexity"] = tf.exp(self.label_tracker.result())
-    return out
+    return self._step_logs(out)
+
+
+  def _average_statistics(self):
+    # BatchNorm moving statistics are updated from each worker's own part of the
+    # batch, so under MultiWorkerMirroredStrategy they drift apart between workers.
+    # Averaging them after every step keeps every worker's model identical; the
+    # moving mean is then exactly that of the global batch means (the moving
+    # variance averages the per-worker variances). One small batched all-reduce.
+    stats = [v for v in self.student.non_trainable_variables if v.dtype == "float32"]
+    if stats:
+      ctx = tf.distribute.get_replica_context()
+      means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in stats])
+      for v, m in zip(stats, means):
+        v.assign(m)
+
+  def _step_logs(self, logs):
+    # Under MultiWorkerMirroredStrategy Keras (3.15) reduces step outputs with
+    # strategy.reduce(MEAN, axis=0), which needs a batch axis: give each scalar one.
+    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs
 
 
 def _tokens(logits):

@@ -215,8 +215,10 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
         "use a teacher trained on the same data set")
   feature_dim = teacher_feature_dim(path) if with_features else None
   with (strategy or tf.distribute.get_strategy()).scope():
+    # float32 whatever the global policy: the `serve` signature takes float32 pixels,
+    # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
     layer = keras.layers.TFSMLayer(path, call_endpoint=BOTH if with_features else SERVE,
-                                   trainable=False, name="teacher")
+                                   trainable=False, name="teacher", dtype="float32")
   layer.source_path = os.path.abspath(path)
   layer.feature_dim = feature_dim
   return layer

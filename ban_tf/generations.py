@@ -12,6 +12,7 @@ with --baseline, Baseline (BAN-1's architecture and seed trained on labels only)
 mean +- sample standard deviation (ddof=1) of every row's test error.
 """
 
+import contextlib
 import dataclasses
 import os
 
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ban_tf import cluster
 from ban_tf import export
 from ban_tf import faults
 from ban_tf import lm
@@ -47,12 +49,15 @@ def build_ensemble(members, name="ensemble"):
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   out = run.ensemble_dir(k)
-  if export.is_done(out):
-    return export.read_json(os.path.join(out, "metrics.json"))
+  if export.is_done(run.read_ensemble_dir(k)):
+    return export.read_json(os.path.join(run.read_ensemble_dir(k), "metrics.json"))
   os.makedirs(out, exist_ok=True)
   gens = ensemble_members(k, cfg.ensemble_include_teacher)
-  with strategy.scope():
-    members = [keras.saving.load_model(os.path.join(run.gen_dir(g), "model.keras"),
+  # Multi-worker: every worker evaluates the whole test set on its own (outside the
+  # strategy, no collectives); Keras cannot evaluate a plain model under MWMS.
+  scope = contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope()
+  with scope:
+    members = [keras.saving.load_model(os.path.join(run.read_gen_dir(g), "model.keras"),
                                        custom_objects={"StepDecay": train.StepDecay}, compile=False)
                for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
@@ -85,24 +90,30 @@ def run(cfg, strategy, dataset, run):
   """Trains generations 0..cfg.gens into `run`, an open (locked) rundir.RunDir."""
   results = {"generations": [], "ensembles": []}
   for gen in range(cfg.gens + 1):
-    gdir = run.gen_dir(gen)
-    teacher_path = os.path.join(run.gen_dir(gen - 1), "saved_model") if gen > 0 else None
-    if export.is_done(gdir):
+    gdir, done_dir = run.gen_dir(gen), run.read_gen_dir(gen)
+    # Every worker reads the same teacher: the chief's export of the previous generation.
+    teacher_path = os.path.join(run.read_gen_dir(gen - 1), "saved_model") if gen > 0 else None
+    if export.is_done(done_dir):
       logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint)", gen)
-      metrics = export.read_json(os.path.join(gdir, "metrics.json"))
+      metrics = export.read_json(os.path.join(done_dir, "metrics.json"))
     else:
-      metrics = train.train_generation(cfg, gen, strategy, dataset, gdir, teacher_path)
+      metrics = train.train_generation(cfg, gen, strategy, dataset, gdir, teacher_path,
+                                       read_dir=done_dir)
+    cluster.barrier(strategy)  # the chief's gen_{gen} is complete before anyone reads it
     results["generations"].append(metrics)
     if gen >= 2:
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
+      cluster.barrier(strategy)
     write_results(run.path, results, cfg)
     faults.kill_if("kill_between_generations", f"gen_{gen}")
   if cfg.baseline:
-    bdir = os.path.join(run.path, "baseline")
-    if export.is_done(bdir):
-      results["baseline"] = export.read_json(os.path.join(bdir, "metrics.json"))
+    bdir, bdone = os.path.join(run.path, "baseline"), os.path.join(run.read_path, "baseline")
+    if export.is_done(bdone):
+      results["baseline"] = export.read_json(os.path.join(bdone, "metrics.json"))
     else:
-      results["baseline"] = train.train_generation(cfg, 1, strategy, dataset, bdir, baseline=True)
+      results["baseline"] = train.train_generation(cfg, 1, strategy, dataset, bdir, baseline=True,
+                                                   read_dir=bdone)
+    cluster.barrier(strategy)
     write_results(run.path, results, cfg)
   report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results

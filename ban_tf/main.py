@@ -75,6 +75,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_bool("baseline", False, "[run] Also train a label-only baseline (student arch and seed).")
   flags.DEFINE_string("run_dir", None, "[run] Output directory (default runs/<dataset>-<arch>-<loss>-seed<seed>).")
   flags.DEFINE_integer("num_cpu_devices", 0, "[run] Mirror over N logical CPU devices (testing multi-replica).")
+  flags.DEFINE_string("strategy", "auto", "[run] auto (one device, --num_cpu_devices or all GPUs) or "
+                      "multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG; --run_dir on shared storage).")
   flags.DEFINE_bool("deterministic", False, "[run] Enable TF op determinism (slower; identical reruns).")
   flags.DEFINE_bool("overwrite", False, "[run] Delete an existing --run_dir and start over.")
   flags.DEFINE_integer("steps_per_execution", 1, "[run] Train steps per compiled call.")
@@ -142,15 +144,24 @@ def config_from_flags(fv):
       ensemble_include_teacher=fv.ensemble_include_teacher, epochs=fv.epochs,
       batch_size=fv.batch_size, lr=fv.lr, momentum=fv.momentum, nesterov=fv.nesterov,
       weight_decay=fv.weight_decay, lr_milestones=milestones, lr_decay=fv.lr_decay, seed=fv.seed,
-      run_dir=fv.run_dir, num_cpu_devices=fv.num_cpu_devices, deterministic=fv.deterministic,
+      run_dir=fv.run_dir, num_cpu_devices=fv.num_cpu_devices, strategy=fv.strategy, deterministic=fv.deterministic,
       overwrite=fv.overwrite, steps_per_execution=fv.steps_per_execution,
       jit_compile=fv.jit_compile, mixed_precision=fv.mixed_precision, verbose=fv.verbose)
 
 
-def make_strategy(num_cpu_devices=0):
-  """MirroredStrategy over >= 2 GPUs or N logical CPUs; the default strategy otherwise."""
+def make_strategy(num_cpu_devices=0, kind="auto"):
+  """MirroredStrategy over >= 2 GPUs or N logical CPUs; the default strategy otherwise.
+
+  kind="multi_worker" gives a MultiWorkerMirroredStrategy configured from TF_CONFIG.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
+  if kind == "multi_worker":
+    if not os.environ.get("TF_CONFIG"):
+      raise errors.UsageError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                              "(cluster and task; see README 'Several hosts')")
+    return cluster.make_strategy()
   if num_cpu_devices > 1:
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
@@ -178,13 +189,14 @@ def run(cfg):
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
   tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
-  strategy = make_strategy(cfg.num_cpu_devices)
+  strategy = make_strategy(cfg.num_cpu_devices, cfg.strategy)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
   if cfg.deterministic:
     tf.config.experimental.enable_op_determinism()
@@ -203,19 +215,27 @@ def run(cfg):
   logging.info("config: %s", cfg.to_json())
   logging.info("strategy: %s with %d replica(s); data: %s", type(strategy).__name__,
                strategy.num_replicas_in_sync, dataset.info)
-  with rundir.RunDir(run_dir, cfg, num_classes=dataset.info.num_classes) as run_handle:
-    try:
-      if cfg.seeds > 1:
-        results = generations.run_seeds(cfg, strategy, dataset, run_handle)
-      else:
-        results = generations.run(cfg, strategy, dataset, run_handle)
-    except (OSError, tf.errors.OpError) as e:
-      if not errors.is_disk_full(e):
-        raise
-      raise errors.DiskFullError(
-          f"no space left on the device of {run_dir}: free some space and rerun the same command "
-          "(it resumes from the last good checkpoint, which is kept)") from None
-  print(open(os.path.join(run_dir, "results.md")).read())
+  # Multi-worker: only the chief writes run_dir; the others write a private temp dir
+  # (saving and evaluating are collective) and read what they need from run_dir.
+  write_dir = cluster.write_dir(run_dir, strategy)
+  try:
+    with rundir.RunDir(write_dir, cfg, num_classes=dataset.info.num_classes,
+                       read_path=run_dir) as run_handle:
+      cluster.barrier(strategy)  # the chief has checked, cleaned (--overwrite) and locked run_dir
+      try:
+        if cfg.seeds > 1:
+          results = generations.run_seeds(cfg, strategy, dataset, run_handle)
+        else:
+          results = generations.run(cfg, strategy, dataset, run_handle)
+      except (OSError, tf.errors.OpError) as e:
+        if not errors.is_disk_full(e):
+          raise
+        raise errors.DiskFullError(
+            f"no space left on the device of {run_dir}: free some space and rerun the same command "
+            "(it resumes from the last good checkpoint, which is kept)") from None
+    print(open(os.path.join(write_dir, "results.md")).read())
+  finally:
+    cluster.remove_write_dir(write_dir, run_dir)
   return results
 
 

@@ -27,17 +27,26 @@ class RunDir:
   killed run never leaves a stuck lock.
   """
 
-  def __init__(self, path, cfg, num_classes=None):
+  def __init__(self, path, cfg, num_classes=None, read_path=None):
     self.path = path
     self._lock = None
     self.cfg = cfg
     self.num_classes = num_classes
+    # Where finished generations, teachers and checkpoints are read from: `path`,
+    # except on a multi-worker non-chief, which writes a private copy (cluster.py).
+    self.read_path = read_path or path
 
   def gen_dir(self, gen):
     return os.path.join(self.path, f"gen_{gen}")
 
   def ensemble_dir(self, k):
     return os.path.join(self.path, f"ensemble_{k}")
+
+  def read_gen_dir(self, gen):
+    return os.path.join(self.read_path, f"gen_{gen}")
+
+  def read_ensemble_dir(self, k):
+    return os.path.join(self.read_path, f"ensemble_{k}")
 
   def open(self):
     """Creates/locks the directory, checks it, then writes config.json.

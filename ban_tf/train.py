@@ -6,6 +6,7 @@ the epoch are checkpointed, and the data pipeline is a function of (seed, epoch)
 so a generation interrupted at epoch e continues from e as if never stopped.
 """
 
+import hashlib
 import math
 import os
 import shutil
@@ -42,6 +43,14 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
   def get_config(self):
     return {"lr": self.lr, "boundaries": self.boundaries, "decay": self.decay}
+
+
+def weights_digest(model):
+  """sha256 of every weight (trainable and BatchNorm statistics), in layer order."""
+  h = hashlib.sha256()
+  for w in model.get_weights():
+    h.update(np.ascontiguousarray(w).tobytes())
+  return h.hexdigest()
 
 
 def make_optimizer(cfg, steps_per_epoch):
@@ -141,7 +150,8 @@ def _share_stem_head(student, teacher_path):
         "teacher's (e.g. wrn-match-U), or drop --share_stem_head") from None
 
 
-def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, baseline=False):
+def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, baseline=False,
+                     read_dir=None):
   """Trains generation `gen` into `gen_dir`; returns its metrics dict.
 
   Args:
@@ -153,6 +163,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
     teacher_path: the previous generation's SavedModel directory (gen >= 1).
     baseline: train the same-recipe label-only baseline instead: BAN-1's
       architecture and seed, labels only, no teacher, nothing shared.
+    read_dir: where to resume from (default gen_dir); a multi-worker non-chief
+      writes gen_dir privately and resumes from the chief's directory.
   """
   os.makedirs(gen_dir, exist_ok=True)
   info = dataset.info
@@ -201,15 +213,17 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     ckpt = make_checkpoint(student, optimizer, epoch_var, projection=model.projection)
   manager = tf.train.CheckpointManager(ckpt, os.path.join(gen_dir, "ckpt"), max_to_keep=2)
+  read_dir = read_dir or gen_dir
+  latest = tf.train.latest_checkpoint(os.path.join(read_dir, "ckpt"))
   initial_epoch = 0
   history = []
-  if manager.latest_checkpoint:
-    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+  if latest:
+    ckpt.restore(latest).assert_existing_objects_matched()
     initial_epoch = int(epoch_var.numpy())
-    hist_path = os.path.join(gen_dir, "history.json")
+    hist_path = os.path.join(read_dir, "history.json")
     if os.path.exists(hist_path):
       history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
-    logging.info("gen %d: resuming from epoch %d (%s)", gen, initial_epoch, manager.latest_checkpoint)
+    logging.info("gen %d: resuming from epoch %d (%s)", gen, initial_epoch, latest)
     train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
                                     first_epoch=initial_epoch, epochs=cfg.epochs)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
@@ -242,6 +256,7 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
       "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
       "test_accuracy": float(test["accuracy"]), "test_error": 1.0 - float(test["accuracy"]),
       "test_loss": float(test["label_loss"]),
+      "weights_sha256": weights_digest(student),
   }
   if dataset.val(cfg.batch_size) is not None:
     val = model.evaluate(dataset.val(cfg.batch_size), verbose=0, return_dict=True)
@@ -261,6 +276,6 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
   export.write_json(result, os.path.join(gen_dir, "metrics.json"))
   export.touch_done(gen_dir)
   shutil.rmtree(os.path.join(gen_dir, "ckpt"), ignore_errors=True)
-  logging.info("gen %d (%s) done: test accuracy %.4f (error %.2f%%)", gen, role,
-               result["test_accuracy"], 100 * result["test_error"])
+  logging.info("gen %d (%s) done: test accuracy %.4f (error %.2f%%), weights sha256 %s", gen, role,
+               result["test_accuracy"], 100 * result["test_error"], result["weights_sha256"])
   return result

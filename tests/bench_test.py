@@ -1,0 +1,41 @@
+"""ban_tf.bench end to end on a tiny net: runs, and its last line parses (no timing asserts)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.conftest import SHARED_TFDS
+
+KEYS = ("supervised_img_s", "distill_img_s", "input_img_s", "ratio", "peak_rss_mb")
+
+
+def _last_line(args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "-m", "ban_tf.bench", "--arch=tiny", "--batch_size=32",
+                         "--steps=2", "--reps=2", "--warmup=1", "--epochs=2", *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  fields = dict(kv.split("=", 1) for kv in lines[-1].split())
+  assert tuple(fields) == KEYS, lines[-1]
+  return {k: float(v) for k, v in fields.items()}, proc.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")),
+                    reason="needs the shared fashion_mnist TFDS directory")
+def test_bench_on_fashion_mnist_reports_all_figures():
+  got, out = _last_line(["--dataset=fashion_mnist", f"--data_dir={SHARED_TFDS}", "--train_examples=256"])
+  for k in KEYS:
+    assert got[k] > 0, (k, out)
+  assert got["ratio"] == pytest.approx(got["supervised_img_s"] / got["distill_img_s"], rel=1e-2)
+  assert "device=CPU" in out and "intra_op_threads=" in out
+
+
+def test_bench_synthetic_has_no_input_figure():
+  got, _ = _last_line(["--dataset=synthetic", "--image_shape=8,8,3", "--num_classes=3",
+                       "--keras_baseline=false"])
+  assert got["supervised_img_s"] > 0 and got["distill_img_s"] > 0
+  assert got["input_img_s"] != got["input_img_s"]  # nan: nothing to read
