@@ -18,4 +18,8 @@ tf.config.set_logical_device_configuration(
 tf.get_logger().setLevel("ERROR")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_TFDS = os.path.join(os.path.dirname(REPO), "shared", "tensorflow_datasets")
+# The prepared TFDS data sets live in shared/ beside the checkout. realpath: under
+# Bazel this file is a runfiles symlink into the source tree.
+_SOURCE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+SHARED_TFDS = os.environ.get("BAN_TF_SHARED_TFDS") or os.path.join(
+    os.path.dirname(_SOURCE), "shared", "tensorflow_datasets")
