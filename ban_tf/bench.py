@@ -37,6 +37,8 @@ import time
 from absl import app
 from absl import flags
 
+import ban_tf
+
 FLAGS = flags.FLAGS
 
 
@@ -79,7 +81,7 @@ def describe_device():
   def show(n):
     return f"{n}" if n else f"auto({cores})"
   return (f"device={device} cpu_cores_available={cores} inter_op_threads={show(inter)} "
-          f"intra_op_threads={show(intra)} tf={tf.__version__}")
+          f"intra_op_threads={show(intra)} onednn={ban_tf.onednn_enabled()} tf={tf.__version__}")
 
 
 def _fixed_batch_iterator(model, x, y):

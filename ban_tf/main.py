@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import ban_tf
+
 FLAGS = flags.FLAGS
 
 
@@ -210,11 +212,13 @@ def run(cfg):
   else:
     dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
                            val_examples=cfg.val_examples)
-  dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment)  # validates the batch size
+  dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
   logging.info("config: %s", cfg.to_json())
   logging.info("strategy: %s with %d replica(s); data: %s", type(strategy).__name__,
                strategy.num_replicas_in_sync, dataset.info)
+  logging.info("tensorflow %s, keras %s, oneDNN CPU kernels: %s (TF_ENABLE_ONEDNN_OPTS)",
+               tf.__version__, keras.__version__, ban_tf.onednn_enabled())
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)

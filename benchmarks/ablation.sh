@@ -14,7 +14,9 @@ run() {
   line=$(TF_CPP_MIN_LOG_LEVEL=2 python -m ban_tf.bench $COMMON "$@" 2>/dev/null | tail -1)
   echo "$name: $line"
 }
-run "default" 
+run "default"
+# oneDNN is on by default (ban_tf/__init__.py); this shows what it is worth here.
+TF_ENABLE_ONEDNN_OPTS=0 run "oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)"
 run "inter_op=1,intra_op=2" --inter_op_threads=1 --intra_op_threads=2
 run "inter_op=2,intra_op=1" --inter_op_threads=2 --intra_op_threads=1
 run "steps_per_execution=8" --steps_per_execution=8

@@ -10,6 +10,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ban_tf  # pylint: disable=g-import-not-at-top,unused-import  # sets oneDNN on before TF loads
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
