@@ -42,6 +42,7 @@ from typing import Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 ARCH_HELP = (
     "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
@@ -204,9 +205,56 @@ def _conv(x, filters, kernel, name, strides=1):
                              kernel_initializer=_conv_init(), name=name)(x)
 
 
+@keras.saving.register_keras_serializable(package="ban_tf")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+  """`keras.layers.BatchNormalization` computed by TensorFlow's fused kernel.
+
+  Keras 3 normalises with ~10 separate element-wise ops (moments, then scale and shift,
+  and as many again in the gradient). On 4-D channels-last inputs this layer calls
+  `FusedBatchNormV3` instead: one kernel forward and one backward, which Grappler further
+  fuses with the following ReLU (oneDNN on CPU, cuDNN on GPU). A pre-act ResNet-20 train
+  step is ~25% faster on CPU (docs/performance.md).
+
+  Same variables, configuration and semantics as the Keras layer: statistics in float32
+  (inputs are upcast, outputs cast back to the compute dtype), moving statistics updated
+  with the biased batch variance (the fused kernel returns the unbiased one, which is
+  converted), inference mode when `training` is false or the layer is frozen. Other
+  inputs (masks, other ranks or axes, renorm, synchronized) take the Keras path.
+  """
+
+  def _fusable(self, inputs, mask):
+    return (mask is None and not self.renorm and not self.synchronized
+            and len(inputs.shape) == 4 and self.axis in (-1, 3)
+            and keras.backend.backend() == "tensorflow")
+
+  def call(self, inputs, training=None, mask=None):
+    if not self._fusable(inputs, mask):
+      return super().call(inputs, training=training, mask=mask)
+    x = tf.cast(inputs, "float32")
+    channels = x.shape[-1]
+    gamma = tf.cast(self.gamma, "float32") if self.scale else tf.ones([channels])
+    beta = tf.cast(self.beta, "float32") if self.center else tf.zeros([channels])
+    if training and self.trainable:
+      y, mean, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=gamma, offset=beta, mean=tf.constant([], "float32"),
+          variance=tf.constant([], "float32"), epsilon=self.epsilon,
+          exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+      count = tf.cast(tf.size(x, out_type=tf.int64) // channels, "float32")
+      variance = unbiased_var * ((count - 1.0) / tf.maximum(count, 1.0))
+      self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+      self.moving_variance.assign(
+          self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+    else:
+      y = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, "float32"),
+          variance=tf.cast(self.moving_variance, "float32"), epsilon=self.epsilon,
+          data_format="NHWC", is_training=False)[0]
+    return tf.cast(y, self.compute_dtype)
+
+
 def _bn_relu(x, name):
   # Momentum 0.9 / eps 1e-5 follow the PyTorch defaults that the reference numbers used.
-  x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+  x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 

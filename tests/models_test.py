@@ -148,3 +148,82 @@ def test_export_round_trip(arch, tmp_path):
   reloaded = keras.layers.TFSMLayer(path, call_endpoint="serve")
   x = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
   np.testing.assert_allclose(reloaded(x), model(x, training=False), atol=1e-5)
+
+
+def _bn_pair(channels, **kwargs):
+  """A FusedBatchNormalization and a Keras BatchNormalization with the same weights."""
+  fused = models.FusedBatchNormalization(momentum=0.7, epsilon=1e-5, **kwargs)
+  plain = keras.layers.BatchNormalization(momentum=0.7, epsilon=1e-5, **kwargs)
+  rng = np.random.default_rng(0)
+  weights = None
+  for layer in (fused, plain):
+    layer.build((None, 5, 5, channels))
+    weights = weights or [rng.uniform(0.5, 2.0, w.shape).astype("float32") for w in layer.weights]
+    layer.set_weights(weights)
+  return fused, plain
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_matches_keras(training):
+  """Outputs, moving statistics and gradients equal keras.layers.BatchNormalization's."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  fused, plain = _bn_pair(3)
+  before = fused.moving_variance.numpy(), fused.moving_mean.numpy()
+  x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (4, 5, 5, 3)).astype("float32"))
+  results = []
+  for layer in (fused, plain):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=training)
+      loss = tf.reduce_sum(tf.sin(y) * x)
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    results.append([y] + grads + [layer.moving_mean, layer.moving_variance])
+  names = ["y", "dx", "dgamma", "dbeta", "moving_mean", "moving_variance"]
+  for name, a, b in zip(names, *results):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5, err_msg=name)
+  # NumPy golden values for the statistics: biased batch variance, momentum 0.7.
+  flat = x.numpy().reshape(-1, 3)
+  if training:
+    np.testing.assert_allclose(fused.moving_variance.numpy(),
+                               0.7 * before[0] + 0.3 * flat.var(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_mean.numpy(),
+                               0.7 * before[1] + 0.3 * flat.mean(axis=0), rtol=1e-5)
+    gamma, beta = fused.gamma.numpy(), fused.beta.numpy()
+    expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5) * gamma + beta
+  else:
+    np.testing.assert_array_equal(fused.moving_variance.numpy(), before[0])
+    gamma, beta = fused.gamma.numpy(), fused.beta.numpy()
+    expected = (flat - before[1]) / np.sqrt(before[0] + 1e-5) * gamma + beta
+  np.testing.assert_allclose(np.asarray(results[0][0]).reshape(-1, 3), expected, rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_fused_batch_norm_uses_fused_kernel_and_falls_back():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  fused, plain = _bn_pair(3)
+  graph = tf.function(lambda x: fused(x, training=True)).get_concrete_function(
+      tf.TensorSpec((None, None, None, 3))).graph
+  assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+  # Rank 2 (not fusable) takes the Keras path and still agrees.
+  dense_fused = models.FusedBatchNormalization()
+  dense_plain = keras.layers.BatchNormalization()
+  x = np.random.default_rng(2).normal(size=(8, 3)).astype("float32")
+  np.testing.assert_allclose(dense_fused(x, training=True), dense_plain(x, training=True),
+                             atol=1e-5)
+
+
+def test_fused_batch_norm_mixed_precision_and_serialisation(tmp_path):
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    layer = models.FusedBatchNormalization()
+    y = layer(np.ones((2, 4, 4, 3), "float32"), training=True)
+    assert y.dtype == "bfloat16" and layer.moving_mean.dtype == "float32"
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  model = models.build_model("preact-resnet-8", 10, (32, 32, 3))
+  assert any(isinstance(l, models.FusedBatchNormalization) for l in model.layers)
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  again = keras.saving.load_model(path)
+  x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+  np.testing.assert_allclose(again(x, training=False), model(x, training=False), atol=1e-5)
