@@ -79,16 +79,21 @@ class Dataset:
     return ds
 
   # ---- pipelines --------------------------------------------------------------
+  def steps_per_epoch(self, batch_size):
+    """Training steps per epoch (the last partial batch is dropped); builds nothing."""
+    steps = self.info.num_train // batch_size
+    if steps == 0:
+      raise errors.UsageError(
+          f"--batch_size={batch_size} exceeds the {self.info.num_train} training examples: use a smaller batch or more examples")
+    return steps
+
   def train(self, batch_size, *, seed, augment, first_epoch=0, epochs=1):
     """Batches for epochs [first_epoch, epochs), drop_remainder, augmented.
 
     Returns (dataset, steps_per_epoch).
     """
     n = self.info.num_train
-    steps = n // batch_size
-    if steps == 0:
-      raise errors.UsageError(
-          f"--batch_size={batch_size} exceeds the {n} training examples: use a smaller batch or more examples")
+    steps = self.steps_per_epoch(batch_size)
     base = self._train_src.take(n).cache()
     h, w, _ = self.info.image_shape
     per_epoch = steps * batch_size

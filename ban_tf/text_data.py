@@ -113,18 +113,25 @@ class TextDataset:
                          bptt=bptt, num_train=len(self.ids["train"]), num_val=len(self.ids["val"]),
                          num_test=len(self.ids["test"]))
 
+  def _train_windows(self, batch_size):
+    wins = windows(batchify(self.ids["train"], batch_size), self.info.bptt)
+    if not wins:
+      raise errors.UsageError(
+          f"--batch_size={batch_size} x --bptt={self.info.bptt} leaves no training window in "
+          f"{self.info.num_train} tokens: use a smaller batch or --bptt")
+    return wins
+
+  def steps_per_epoch(self, batch_size):
+    """Training steps (BPTT windows) per epoch; builds no input pipeline."""
+    return len(self._train_windows(batch_size))
+
   def train(self, batch_size, *, seed, augment=None, first_epoch=0, epochs=1):
     """Full BPTT windows for epochs [first_epoch, epochs), shuffled per (seed, epoch).
 
     Returns (dataset, steps_per_epoch). `augment` is ignored (image-only).
     """
     del augment
-    bptt = self.info.bptt
-    wins = windows(batchify(self.ids["train"], batch_size), bptt)
-    if not wins:
-      raise errors.UsageError(
-          f"--batch_size={batch_size} x --bptt={bptt} leaves no training window in "
-          f"{self.info.num_train} tokens: use a smaller batch or --bptt")
+    wins = self._train_windows(batch_size)
     x = tf.constant(np.stack([w[0] for w in wins]))
     y = tf.constant(np.stack([w[1] for w in wins]))
     order = np.concatenate([np.random.RandomState(seed * 1000003 + e).permutation(len(wins))

@@ -175,8 +175,7 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
   objective = cfg.objective() if gen > 0 and not baseline else labels_only
   if baseline:
     teacher_path = None
-  train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
-                                  first_epoch=0, epochs=cfg.epochs)
+  steps = dataset.steps_per_epoch(cfg.batch_size)
   teacher = None
   if teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
     teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes,
@@ -224,8 +223,9 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
     if os.path.exists(hist_path):
       history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
     logging.info("gen %d: resuming from epoch %d (%s)", gen, initial_epoch, latest)
-    train_ds, steps = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
-                                    first_epoch=initial_epoch, epochs=cfg.epochs)
+  # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
+  train_ds, _ = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
+                              first_epoch=initial_epoch, epochs=cfg.epochs)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
   state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
   callbacks = [state]

@@ -165,3 +165,29 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(baseline, tmp_path
         for d in (run_dir, baseline)]
   np.testing.assert_array_equal(fp[0], fp[1])
 
+
+
+def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path, monkeypatch):
+  """Resuming builds the (per-epoch shuffled) training pipeline once, from the next epoch."""
+  from ban_tf import config, data, export, train  # pylint: disable=g-import-not-at-top
+
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64)
+  calls = []
+  real_train = ds.train
+  monkeypatch.setattr(ds, "train", lambda *a, **kw: calls.append(kw) or real_train(*a, **kw))
+  gen_dir = str(tmp_path / "gen_0")
+
+  def interrupted_export(*args, **kwargs):
+    raise KeyboardInterrupt("stop after training")
+
+  with monkeypatch.context() as m:  # train one epoch, then stop before the export
+    m.setattr(export, "export_saved_model", interrupted_export)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_generation(config.Config(arch="tiny", batch_size=32, epochs=1), 0,
+                             tf.distribute.get_strategy(), ds, gen_dir)
+  assert [c["first_epoch"] for c in calls] == [0]
+  calls.clear()
+  result = train.train_generation(config.Config(arch="tiny", batch_size=32, epochs=2), 0,
+                                  tf.distribute.get_strategy(), ds, gen_dir)
+  assert [(c["first_epoch"], c["epochs"]) for c in calls] == [(1, 2)]
+  assert result["epochs"] == 2 and os.path.exists(os.path.join(gen_dir, "DONE"))
