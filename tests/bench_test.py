@@ -39,3 +39,11 @@ def test_bench_synthetic_has_no_input_figure():
                        "--keras_baseline=false"])
   assert got["supervised_img_s"] > 0 and got["distill_img_s"] > 0
   assert got["input_img_s"] != got["input_img_s"]  # nan: nothing to read
+
+
+def test_bench_on_tfds_mock_data_works_offline():
+  """--mock_data reads tfds mock examples through data.Dataset, with no network."""
+  got, out = _last_line(["--dataset=cifar10", "--mock_data", "--train_examples=64",
+                         "--keras_baseline=false"])
+  assert got["input_img_s"] > 0 and got["supervised_img_s"] > 0, out
+  assert "data=cifar10 (tfds mock) image_shape=(32, 32, 3) classes=10" in out
