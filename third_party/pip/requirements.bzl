@@ -20,6 +20,7 @@ PIP_PACKAGES = [
     "pillow",
     "psutil",
     "pytest",
+    "pytest_xdist",
     "tensorboard",
     "tensorflow",
     "tensorflow_datasets",
