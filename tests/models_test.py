@@ -200,7 +200,7 @@ def test_fused_batch_norm_matches_keras(training):
 
 def test_fused_batch_norm_uses_fused_kernel_and_falls_back():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  fused, plain = _bn_pair(3)
+  fused, _ = _bn_pair(3)
   graph = tf.function(lambda x: fused(x, training=True)).get_concrete_function(
       tf.TensorSpec((None, None, None, 3))).graph
   assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
@@ -225,5 +225,6 @@ def test_fused_batch_norm_mixed_precision_and_serialisation(tmp_path):
   path = str(tmp_path / "m.keras")
   model.save(path)
   again = keras.saving.load_model(path)
+  assert isinstance(again.get_layer("s1b1_1_bn"), models.FusedBatchNormalization)
   x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
   np.testing.assert_allclose(again(x, training=False), model(x, training=False), atol=1e-5)
