@@ -259,25 +259,13 @@ def _bn_relu(x, name):
 
 
 def _preact_resnet(x, blocks_per_stage, widths, dropout):
-  """Pre-activation basic-block ResNet body (WRN when widths are widened). Returns pre-pool."""
-  x = _conv(x, widths[0], 3, "stem")
-  for s, width in enumerate(widths[1:]):
-    for b in range(blocks_per_stage):
-      p = f"s{s + 1}b{b + 1}"
-      strides = 2 if (s > 0 and b == 0) else 1
-      pre = _bn_relu(x, f"{p}_1")
-      if strides != 1 or x.shape[-1] != width:
-        # Projection shortcut sees the pre-activated input, as in the WRN reference.
-        shortcut = _conv(pre, width, 1, f"{p}_proj", strides)
-      else:
-        shortcut = x
-      y = _conv(pre, width, 3, f"{p}_conv1", strides)
-      y = _bn_relu(y, f"{p}_2")
-      if dropout:
-        y = keras.layers.Dropout(dropout, name=f"{p}_drop")(y)
-      y = _conv(y, width, 3, f"{p}_conv2")
-      x = keras.layers.Add(name=f"{p}_add")([shortcut, y])
-  return _bn_relu(x, "final")
+  """Pre-activation basic-block ResNet body (WRN when widths are widened). Returns pre-pool.
+
+  `widths` = (stem, stage 1, stage 2, stage 3): the explicit-width net with basic blocks.
+  """
+  spec = {"family": "wrn_widths", "stem": widths[0], "widths": tuple(widths[1:]),
+          "units": blocks_per_stage, "out": None}
+  return _widths_resnet(x, spec, dropout)
 
 
 def _widths_resnet(x, spec, dropout):
@@ -291,6 +279,7 @@ def _widths_resnet(x, spec, dropout):
       pre = _bn_relu(x, f"{p}_1")
       shortcut = x
       if strides != 1 or x.shape[-1] != width:
+        # Projection shortcut sees the pre-activated input, as in the WRN reference.
         shortcut = _conv(pre, width, 1, f"{p}_proj", strides)
       if bottleneck:  # 1x1 (width/4) -> 3x3 (width/4, strided) -> 1x1 (width)
         y = _conv(pre, width // 4, 1, f"{p}_conv1")
