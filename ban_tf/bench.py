@@ -285,15 +285,12 @@ def tfds_mock(num_examples):
 
   Mock data needs no download, so data.py's offline probe is bypassed meanwhile.
   """
+  from unittest import mock  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
-  online = data._online  # pylint: disable=protected-access
-  data._online = lambda: True  # pylint: disable=protected-access
-  try:
-    with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
-      yield
-  finally:
-    data._online = online  # pylint: disable=protected-access
+  with mock.patch.object(data, "_online", return_value=True), tfds.testing.mock_data(
+      num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
 
 
 def main(argv):
