@@ -49,6 +49,16 @@ def _one_error_line(stderr, *needles):
   return lines[0]
 
 
+def _rerun_resumes_gen0_from_epoch_1(monkeypatch, capsys, caplog, argv, gen0):
+  """With the fault gone, the same command exits 0, resumes gen 0 from epoch 1, finishes it."""
+  monkeypatch.delenv("BAN_TF_FAULT")
+  with caplog.at_level(logging.INFO, logger="absl"):
+    code, err = _main(monkeypatch, capsys, argv)
+  assert code == 0, err
+  assert "gen 0: resuming from epoch 1" in caplog.text
+  assert os.path.exists(os.path.join(gen0, "DONE"))
+
+
 def _snapshot(run_dir):
   """Every file (but the lock) with a hash of its content and its mtime."""
   out = {}
@@ -251,12 +261,7 @@ def test_full_disk_exits_2_keeps_checkpoint_and_resumes(monkeypatch, capsys, cap
   assert "ckpt-1" in open(os.path.join(gen0, "ckpt", "checkpoint")).read()
   if os.path.exists(os.path.join(gen0, "FILLER")):
     os.remove(os.path.join(gen0, "FILLER"))  # the user frees space
-  monkeypatch.delenv("BAN_TF_FAULT")
-  with caplog.at_level(logging.INFO, logger="absl"):
-    code, err = _main(monkeypatch, capsys, argv)
-  assert code == 0, err
-  assert "gen 0: resuming from epoch 1" in caplog.text
-  assert os.path.exists(os.path.join(gen0, "DONE"))
+  _rerun_resumes_gen0_from_epoch_1(monkeypatch, capsys, caplog, argv, gen0)
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------
@@ -282,9 +287,4 @@ def test_nan_keeps_last_good_checkpoint_and_rerun_resumes(monkeypatch, capsys, c
   assert "ckpt-1" in open(os.path.join(gen0, "ckpt", "checkpoint")).read()
   assert not os.path.exists(os.path.join(gen0, "ckpt", "ckpt-2.index"))
   assert not os.path.exists(os.path.join(gen0, "DONE"))
-  monkeypatch.delenv("BAN_TF_FAULT")
-  with caplog.at_level(logging.INFO, logger="absl"):
-    code, err = _main(monkeypatch, capsys, argv)
-  assert code == 0, err
-  assert "gen 0: resuming from epoch 1" in caplog.text
-  assert os.path.exists(os.path.join(gen0, "DONE"))
+  _rerun_resumes_gen0_from_epoch_1(monkeypatch, capsys, caplog, argv, gen0)
