@@ -111,35 +111,34 @@ class StepTimer:
     return executions * self.spe, time.perf_counter() - t0
 
 
-def _build_distiller(cfg, info, teacher, steps_per_epoch, seed):
+def _build_distiller(cfg, dataset, teacher, steps_per_epoch, seed):
   from ban_tf import distiller  # pylint: disable=g-import-not-at-top
-  from ban_tf import models  # pylint: disable=g-import-not-at-top
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  from ban_tf import losses  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+  task = tasks.get(cfg.task)
   keras.utils.set_random_seed(seed)
-  student = models.build_model(cfg.arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
-                               dropout=cfg.dropout, name=f"student{seed}")
-  objective = cfg.objective() if teacher is not None else {}
+  student = task.build_model(cfg.arch, dataset, dropout=cfg.dropout, name=f"student{seed}")
+  objective = cfg.objective() if teacher is not None else losses.Objective.labels_only()
   # Logit objectives only: feature matching / shared stems are not what this bench times.
   model = distiller.Distiller(
-      student, teacher, loss=objective.get("loss", "ban"), temperature=objective.get("temperature", 1.0),
-      kd_weight=objective.get("kd_weight", 1.0), label_weight=objective.get("label_weight", 0.0),
+      student, teacher, loss=objective.loss, temperature=objective.temperature,
+      kd_weight=objective.kd_weight, label_weight=objective.label_weight,
       weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm)
-  optimizer = train.make_optimizer(cfg, steps_per_epoch)
+  optimizer = task.make_optimizer(cfg, steps_per_epoch)
   model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                 jit_compile=cfg.jit_compile)
   return model
 
 
-def _build_keras_baseline(cfg, info, steps_per_epoch):
+def _build_keras_baseline(cfg, dataset, steps_per_epoch):
   """The student under plain `compile(loss=...)`: Keras' own train_step."""
-  from ban_tf import models  # pylint: disable=g-import-not-at-top
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+  task = tasks.get(cfg.task)
   keras.utils.set_random_seed(cfg.seed)
-  student = models.build_model(cfg.arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
-                               dropout=cfg.dropout, name="keras_baseline")
-  student.compile(optimizer=train.make_optimizer(cfg, steps_per_epoch),
+  student = task.build_model(cfg.arch, dataset, dropout=cfg.dropout, name="keras_baseline")
+  student.compile(optimizer=task.make_optimizer(cfg, steps_per_epoch),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile)
   return student
@@ -152,7 +151,17 @@ class _SyntheticInfo:
     self.mean = None
     self.std = None
     self.num_train = 50000
+    self.num_val = 0
+    self.num_test = 0
+    self.class_names = ()
     self.name = "synthetic"
+
+
+class _Synthetic:
+  """--dataset=synthetic: random pixels (an image data set's `info`, no pipelines)."""
+
+  def __init__(self, shape, num_classes):
+    self.info = _SyntheticInfo(shape, num_classes)
 
 
 def _median_rate(samples, batch_size):
@@ -193,9 +202,9 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from ban_tf import data  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   from ban_tf import main  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
   def say(*a):
     print(*a, file=out, flush=True)
@@ -213,35 +222,38 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
       f"mixed_precision={cfg.mixed_precision} replicas={strategy.num_replicas_in_sync} "
       f"weight_decay={cfg.weight_decay} loss={cfg.resolved_loss}")
 
+  task = tasks.get(cfg.task)
   dataset = None
   mock = tfds_mock(num_examples=cfg.train_examples or 50000) if mock_data else contextlib.nullcontext()
   results = {}
   with mock:
     if cfg.dataset == "synthetic":
-      info = _SyntheticInfo(image_shape, num_classes)
+      source = _Synthetic(image_shape, num_classes)
+      info = source.info
       rng = np.random.default_rng(cfg.seed)
       x = rng.uniform(0, 255, (cfg.batch_size,) + info.image_shape).astype(np.float32)
       y = rng.integers(0, num_classes, (cfg.batch_size,)).astype(np.int32)
       steps_per_epoch = 50000 // cfg.batch_size
     else:
-      dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                             val_examples=cfg.val_examples)
+      dataset = source = task.load_data(cfg)
       info = dataset.info
       ds, steps_per_epoch = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment)
       x, y = next(iter(ds))
-    say(f"data={info.name}{' (tfds mock)' if mock_data else ''} image_shape={info.image_shape} "
-        f"classes={info.num_classes}")
+    spec = task.spec(source)
+    say(f"data={info.name}{' (tfds mock)' if mock_data else ''} input_shape={spec.input_shape} "
+        f"outputs={spec.num_outputs}")
 
     tmp = tempfile.mkdtemp(prefix="ban_bench_")
     try:
       with strategy.scope():
-        teacher_model = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed + 100).student
-      export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), info.image_shape)
-      teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=info.num_classes)
+        teacher_model = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed + 100).student
+      export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), spec.input_shape,
+                                example_inputs=spec.example_inputs())
+      teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=spec.num_outputs)
       with strategy.scope():
-        supervised = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed)
-        distill = _build_distiller(cfg, info, teacher, steps_per_epoch, cfg.seed + 1)
-        baseline = _build_keras_baseline(cfg, info, steps_per_epoch) if keras_baseline else None
+        supervised = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed)
+        distill = _build_distiller(cfg, source, teacher, steps_per_epoch, cfg.seed + 1)
+        baseline = _build_keras_baseline(cfg, source, steps_per_epoch) if keras_baseline else None
       timers = {"supervised": StepTimer(supervised, x, y), "distill": StepTimer(distill, x, y)}
       if baseline is not None:
         timers["keras_fit"] = StepTimer(baseline, x, y)

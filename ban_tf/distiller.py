@@ -231,9 +231,8 @@ class Distiller(keras.Model):
     ce = losses.label_ce(y, _tokens(logits))
     self.label_tracker.update_state(ce)  # a token mean for language models
     self.acc_tracker.update_state(y, _tokens(logits))
+    # Derived metrics (a language model's perplexity) are the task's (tasks/).
     out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
-    if len(logits.shape) == 3:  # language model: per-token perplexity
-      out["perplexity"] = tf.exp(self.label_tracker.result())
     return self._step_logs(out)
 
 
@@ -259,10 +258,8 @@ class Distiller(keras.Model):
 
 
 def _tokens(logits):
-  """[B, T, V] sequence logits -> [B*T, V]; [B, C] logits unchanged."""
-  if len(logits.shape) == 2:
-    return logits
-  return tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+  """Logits [..., V] as rows [N, V]: [B, C] unchanged, [B, T, V] -> [B*T, V] (any rank alike)."""
+  return tf.reshape(logits, [-1, logits.shape[-1] or tf.shape(logits)[-1]])
 
 
 def _clip_global_norm(grads, clip_norm):

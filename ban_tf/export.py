@@ -125,7 +125,7 @@ def _write_archive(model, path):
   archive.write_out(path, verbose=False)
 
 
-def export_saved_model(model, path, input_shape=None, class_names=()):
+def export_saved_model(model, path, input_shape=None, class_names=(), *, example_inputs=None):
   """Exports to a temporary directory, fingerprints, renames into place.
 
   The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] (or, for a
@@ -133,14 +133,16 @@ def export_saved_model(model, path, input_shape=None, class_names=()):
   "features" layer also serve `features` (pooled penultimate activations, float32)
   and `logits_and_features` (a dict of both). `class_names`, when given, go to
   labels.txt beside it, so the model can be used (ban_tf.evaluate --images) without
-  the data set. Returns the fingerprint outputs of `serve`.
+  the data set. The fingerprint batch is `example_inputs` (tasks.DataSpec.example_inputs:
+  the caller knows what the model takes), by default raw pixels of `input_shape`.
+  Returns the fingerprint outputs of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
   _write_archive(model, tmp)
-  shape = input_shape or tuple(model.inputs[0].shape[1:])
-  tokens = "int" in str(model.inputs[0].dtype)  # token ids < vocabulary size
-  x = fingerprint_inputs(shape, num_tokens=model.outputs[0].shape[-1] if tokens else None)
+  x = example_inputs
+  if x is None:
+    x = fingerprint_inputs(input_shape or tuple(model.inputs[0].shape[1:]))
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
   if class_names:
@@ -192,7 +194,7 @@ def teacher_feature_dim(path):
     raise errors.TeacherError(
         f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
         "by an older ban_tf): retrain that generation, or use --feature_weight=0")
-  x = fingerprint_inputs(np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"].shape[1:], n=1)
+  x = np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"][:1]
   return int(getattr(loaded, BOTH)(tf.constant(x))["features"].shape[-1])
 
 

@@ -46,4 +46,4 @@ def test_bench_on_tfds_mock_data_works_offline():
   got, out = _last_line(["--dataset=cifar10", "--mock_data", "--train_examples=64",
                          "--keras_baseline=false"])
   assert got["input_img_s"] > 0 and got["supervised_img_s"] > 0, out
-  assert "data=cifar10 (tfds mock) image_shape=(32, 32, 3) classes=10" in out
+  assert "data=cifar10 (tfds mock) input_shape=(32, 32, 3) outputs=10" in out
