@@ -22,7 +22,11 @@ Convolutions are bias-free and initialised He-normal with ``fan_out`` (untruncat
 the reference WRN/DenseNet PyTorch code. Initializers draw their seeds from Keras' global
 seed state, so ``keras.utils.set_random_seed(s)`` before a build makes it reproducible.
 
-DenseNet depth reading. The paper names DenseNet-BC nets depth-growth (112-33, 90-60, 80-80,
+Architecture names are parsed by archs.py (pure Python, so that config validation needs
+no Keras); `parse_arch`, `resolve_arch`, `densenet_widths`, `is_match_arch` and `ARCH_HELP`
+are re-exported here.
+
+DenseNet depth reading (archs.parse_arch). The paper names DenseNet-BC nets depth-growth (112-33, 90-60, 80-80,
 80-120) but (D - 4) / 6 is not an integer for 90 and 80. We read D as
 ``stem conv + 2 * (dense layers) + 2 transitions + classifier``, i.e. the net has
 ``L = (D - 4) // 2`` bottleneck layers (each a 1x1 + 3x3 conv) spread as evenly as possible
@@ -45,6 +49,7 @@ import tensorflow as tf
 
 # The name grammar lives in archs.py (pure Python, imported by config validation).
 from ban_tf.archs import ARCH_HELP, densenet_widths, is_match_arch, parse_arch, resolve_arch  # pylint: disable=unused-import
+
 
 def count_params(model: keras.Model) -> int:
   """Number of trainable parameters.

@@ -154,6 +154,7 @@ class EpochState(keras.callbacks.Callback):
     # CheckpointManager updates its `checkpoint` index only after the new files are
     # complete, and deletes old ones only then: a failed save keeps the last good one.
     self.manager.save(checkpoint_number=epoch + 1)
+    faults.kill_if("kill_after_checkpoint", self._where(epoch))
 
 
 def _verbose(cfg):

@@ -94,3 +94,60 @@ def test_validation_imports_no_tensorflow():
           "assert not heavy, heavy[:5]\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _build_libraries():
+  """{target: (srcs, deps)} of BUILD's py_library rules (deps: local ":name" labels only)."""
+  import re  # pylint: disable=g-import-not-at-top
+  text = open(os.path.join(REPO, "BUILD")).read()
+  out = {}
+  for block in re.findall(r"py_library\((.*?)\n\)", text, re.S):
+    name = re.search(r'name = "(\w+)"', block).group(1)
+    srcs = re.search(r"srcs = \[(.*?)\]", block, re.S)
+    deps = re.search(r"deps = \[(.*?)\]", block, re.S)
+    out[name] = (re.findall(r'"([\w/]+\.py)"', srcs.group(1)) if srcs else [],
+                 set(re.findall(r'":(\w+)"', deps.group(1))) if deps else set())
+  return out
+
+
+def test_build_deps_mirror_imports():
+  """Each ban_tf module's BUILD library lists the library of every ban_tf module it imports."""
+  libs = _build_libraries()
+  target_of = {}
+  for target, (srcs, _) in libs.items():
+    for src in srcs:
+      module = src[:-3].replace("/", ".")
+      target_of[module[:-len(".__init__")] if module.endswith(".__init__") else module] = target
+  missing = []
+  for module, deps in import_graph().items():
+    if module not in target_of:
+      if module.startswith("ban_tf.") and module not in ("ban_tf.main", "ban_tf.evaluate", "ban_tf.bench"):
+        missing.append(f"{module}: no py_library")
+      continue
+    target = target_of[module]
+    for dep in deps:
+      if dep in target_of and target_of[dep] != target and target_of[dep] not in libs[target][1]:
+        missing.append(f"{target} ({module}) imports {dep}: add :{target_of[dep]} to its deps")
+  assert not missing, "\n".join(missing)
+
+
+GENERIC = ("generations", "train", "distiller", "export", "rundir", "evaluate", "report", "bench", "results")
+
+
+def test_generic_modules_do_not_branch_on_the_task():
+  """No `== "lm"` / `== "image"` and no guessing from a tensor's rank or dtype string in generic code."""
+  found = []
+  for name in GENERIC:
+    path = os.path.join(PKG, f"{name}.py")
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Compare):
+        for const in [node.left] + list(node.comparators):
+          if isinstance(const, ast.Constant) and const.value in ("lm", "image"):
+            found.append(f"{name}.py:{node.lineno}: compares with {const.value!r}")
+        src = ast.unparse(node)
+        if "len(" in src and ".shape)" in src:
+          found.append(f"{name}.py:{node.lineno}: branches on a tensor's rank: {src}")
+        if "dtype" in src and "str(" in src:
+          found.append(f"{name}.py:{node.lineno}: branches on a dtype: {src}")
+  assert not found, "\n".join(found)

@@ -9,6 +9,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 from ban_tf import config
 from ban_tf import export
@@ -16,6 +17,8 @@ from ban_tf import schedules
 from ban_tf.tasks import lm
 from ban_tf import main
 from ban_tf import text_data
+
+pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
 
 _WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
 

@@ -80,6 +80,7 @@ def test_binary_exit_code_2_one_line_and_nothing_written(tmp_path):
   assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
   """`--gens=2` through main.run: the whole run-dir contract, teachers read from disk."""
   loaded = []

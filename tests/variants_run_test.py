@@ -94,6 +94,7 @@ def test_aggregate_mean_std():
   assert "| Ens*2 (T,1) | ensemble |  | 10.00 ± 7.07 | -20.00 | 2 | 5.00, 15.00 |" in results.aggregate_table(rows, metric)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
 def test_cross_arch_shared_features_seeds_baseline(tmp_path, monkeypatch):
   from ban_tf import data  # pylint: disable=g-import-not-at-top
