@@ -4,7 +4,7 @@
 [N, T] to float32 next-token logits [N, T, V]. Windows are stateless: every call
 starts from a zero LSTM state (docs/lm.md explains the choice).
 
-* ``lstm-L-H`` (Zaremba et al. 2014, as in the paper's Table 6 with L=1, H=1500): an
+* ``lstm-L-H`` (Zaremba et al. 2014; the paper's Table 6 LSTM is lstm-2-1500, 51.0M): an
   H-dimensional word embedding, L LSTM layers of H units, dropout on every
   non-recurrent connection (embedding output, between layers, before the softmax),
   and the output softmax tied to the embedding (Press & Wolf; Inan et al.), so the

@@ -252,6 +252,37 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return tf.cast(y, self.compute_dtype)
 
 
+def has_fused_layers(model: keras.Model) -> bool:
+  """Whether `model` (or a model nested in it) holds a FusedBatchNormalization."""
+  return any(isinstance(layer, FusedBatchNormalization) or
+             (isinstance(layer, keras.Model) and has_fused_layers(layer)) for layer in model.layers)
+
+
+def to_stock(model: keras.Model) -> keras.Model:
+  """The same model with stock Keras layers only: what `model.keras` files hold.
+
+  Every `FusedBatchNormalization` (nested models included) becomes a
+  `keras.layers.BatchNormalization` with the same configuration and weights (the
+  same math in inference and training: see the class), so the file loads in plain
+  Keras without importing ban_tf. Other layers are cloned from their configs.
+  Training keeps the fused layer; only saved files get the stock one.
+
+  Args:
+    model: a functional keras.Model (built).
+
+  Returns:
+    A new functional keras.Model with equal weights, names and outputs.
+  """
+  def clone(layer):
+    if isinstance(layer, FusedBatchNormalization):
+      return keras.layers.BatchNormalization.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+  stock = keras.models.clone_model(model, clone_function=clone, recursive=True)
+  stock.set_weights(model.get_weights())
+  return stock
+
+
 def _bn_relu(x, name):
   # Momentum 0.9 / eps 1e-5 follow the PyTorch defaults that the reference numbers used.
   x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)

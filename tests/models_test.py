@@ -228,3 +228,20 @@ def test_fused_batch_norm_mixed_precision_and_serialisation(tmp_path):
   assert isinstance(again.get_layer("s1b1_1_bn"), models.FusedBatchNormalization)
   x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
   np.testing.assert_allclose(again(x, training=False), model(x, training=False), atol=1e-5)
+
+
+def test_to_stock_same_model_with_keras_batch_norm():
+  """What model.keras holds: stock BatchNormalization, same weights, names, frozen layers
+  and outputs (inference and training mode); the original keeps its fused layers."""
+  keras.utils.set_random_seed(4)
+  model = models.build_model("preact-resnet-8", 10, (16, 16, 3), mean=(1.0, 2.0, 3.0), std=(9.0, 8.0, 7.0))
+  model.get_layer("stem").trainable = False
+  stock = models.to_stock(model)
+  assert models.has_fused_layers(model) and not models.has_fused_layers(stock)
+  assert [l.name for l in stock.layers] == [l.name for l in model.layers]
+  assert type(stock.get_layer("s1b1_1_bn")) is keras.layers.BatchNormalization
+  assert not stock.get_layer("stem").trainable
+  assert models.count_params(stock) == models.count_params(model)
+  x = np.random.default_rng(5).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+  for training in (False, True):
+    np.testing.assert_allclose(stock(x, training=training), model(x, training=training), atol=1e-4)
