@@ -66,7 +66,8 @@ def define_flags(fv=FLAGS):
   # Optimisation.
   flags.DEFINE_integer("epochs", 200, "[optim] Epochs per generation.")
   flags.DEFINE_integer("batch_size", 128, "[optim] Global batch size (split over replicas).")
-  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate.")
+  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate (lm: of the per-token mean loss, so a recipe on "
+                     "the loss summed over the unrolled steps needs its lr x --bptt; docs/lm.md).")
   flags.DEFINE_float("momentum", 0.9, "[optim] SGD momentum.")
   flags.DEFINE_bool("nesterov", True, "[optim] Nesterov momentum.")
   flags.DEFINE_float("weight_decay", 5e-4, "[optim] Coupled L2 weight decay.")
@@ -74,7 +75,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
   flags.DEFINE_float("lr_plateau_decay", 0.25, "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.DEFINE_float("lr_plateau_min_delta", 0.0, "[optim] lm: improvement in val perplexity that counts.")
-  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off).")
+  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
+                     "summed-loss recipe's clip / --bptt).")
   # Execution.
   flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
   flags.DEFINE_integer("seeds", 1, "[run] Repeat the run with base seeds seed, seed+100, ... into "
