@@ -20,7 +20,7 @@ _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
     "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "seeds", "strategy",
+    "steps_per_execution", "seeds", "strategy", "device_augment",
 })
 STRATEGIES = ("auto", "multi_worker")
 
@@ -35,6 +35,9 @@ class Config:
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
   augment: str = "auto"
+  # Augment in the compiled train step instead of per example on the host (bit-identical
+  # batches either way, so it may differ on resume; docs/performance.md for the default).
+  device_augment: bool = True
   ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
   vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
   bptt: int = 35  # lm: unrolled steps per window
@@ -132,6 +135,11 @@ class Config:
     if self.augment != "auto":
       return self.augment
     return "crop" if self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+
+  @property
+  def resolved_device_augment(self) -> bool:
+    """Augmentation in the train step: image tasks only (text has none)."""
+    return self.device_augment and self.task == "image"
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"

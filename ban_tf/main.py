@@ -29,6 +29,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
   flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.DEFINE_bool("device_augment", True, "[data] Augment inside the compiled train step (the host only "
+                    "reads, shuffles and batches uint8); false: per example in tf.data. Same batches either way.")
   flags.DEFINE_string("ptb_dir", None, "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
   flags.DEFINE_integer("vocab_size", 0, "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
   flags.DEFINE_integer("bptt", 35, "[data] lm: unrolled steps per training window.")
@@ -143,7 +145,8 @@ def config_from_flags(fv):
       lr_plateau_decay=fv.lr_plateau_decay, lr_plateau_min_delta=fv.lr_plateau_min_delta,
       clip_norm=fv.clip_norm,
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
-      val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
+      val_examples=fv.val_examples, augment=fv.augment,
+      device_augment=fv.device_augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
       student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
       densenet_compression=fv.densenet_compression,
       feature_weight=fv.feature_weight, feature_projection=fv.feature_projection,
