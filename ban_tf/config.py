@@ -29,7 +29,7 @@ _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
     "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "seeds", "strategy",
+    "steps_per_execution", "seeds", "strategy", "device_augment",
 })
 STRATEGIES = ("auto", "multi_worker")
 
@@ -44,6 +44,9 @@ class Config:
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
   augment: str = "auto"
+  # Augment in the compiled train step instead of per example on the host (bit-identical
+  # batches either way, so it may differ on resume; docs/performance.md for the default).
+  device_augment: bool = True
   ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
   vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
   bptt: int = 35  # lm: unrolled steps per window
@@ -52,6 +55,7 @@ class Config:
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
   student_width_ratio: float = 1.0  # -match- students: widths = ratio x teacher's blocks
   share_stem_head: bool = False  # copy + freeze the teacher's "stem" and "logits" (Table 5)
+  densenet_compression: float = 0.5  # transition compression of a DenseNet --arch (Table 4)
   dropout: float = 0.0
   # Generations and objective.
   gens: int = 3
@@ -151,9 +155,10 @@ class Config:
 
   def arch_for(self, gen: int) -> str:
     """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
-    if gen == 0:
-      return self.teacher_arch or self.arch
-    return archs.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    if gen == 0 and self.teacher_arch:
+      return self.teacher_arch
+    arch = self.arch if gen == 0 else archs.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    return archs.with_compression(arch, self.densenet_compression)
 
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
@@ -164,6 +169,11 @@ class Config:
     if self.augment != "auto":
       return self.augment
     return "crop" if self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+
+  @property
+  def resolved_device_augment(self) -> bool:
+    """Augmentation in the train step: --device_augment where the task has it (images; text has none)."""
+    return tasks.get(self.task).device_augment(self)
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"

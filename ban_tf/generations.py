@@ -84,7 +84,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     model = build_ensemble(members, name=f"bane_{k}")
     scorer = ensemble_scorer(model)
   result = dict(name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size))
-  train.finish(task, task.spec(dataset), model, out, result)
+  train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES)
   export.write_json(result, os.path.join(out, "metrics.json"))
   export.touch_done(out)
   logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],

@@ -34,6 +34,8 @@ def define_flags(fv=FLAGS):
   flags.field("train_examples", "[data] Use only the first N training examples (0 = all).")
   flags.field("val_examples", "[data] Hold out the last N training examples as validation.")
   flags.field("augment", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.field("device_augment", "[data] Augment inside the compiled train step (the host only "
+              "reads, shuffles and batches uint8); false: per example in tf.data. Same batches either way.")
   flags.field("ptb_dir", "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
   flags.field("vocab_size", "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
   flags.field("bptt", "[data] lm: unrolled steps per training window.")
@@ -47,6 +49,8 @@ def define_flags(fv=FLAGS):
               "teacher's block outputs (paper: 1 or 0.5).")
   flags.field("share_stem_head", "[model] Copy the teacher's first conv and classifier into each student and freeze them "
               "(Table 5; reads gen_{k-1}/model.keras).")
+  flags.field("densenet_compression", "[model] Transition compression of a DenseNet --arch (students; the teacher too "
+              "without --teacher_arch): channels x THETA (DenseNet-BC: 0.5; Table 4: 0.25, 0.375, 0.75).")
   flags.field("dropout", "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
               "lm: on every non-recurrent connection.")
   # Distillation.
@@ -62,7 +66,8 @@ def define_flags(fv=FLAGS):
   # Optimisation.
   flags.field("epochs", "[optim] Epochs per generation.")
   flags.field("batch_size", "[optim] Global batch size (split over replicas).")
-  flags.field("lr", "[optim] Initial learning rate.")
+  flags.field("lr", "[optim] Initial learning rate (lm: of the per-token mean loss, so a recipe on "
+              "the loss summed over the unrolled steps needs its lr x --bptt; docs/lm.md).")
   flags.field("momentum", "[optim] SGD momentum.")
   flags.field("nesterov", "[optim] Nesterov momentum.")
   flags.field("weight_decay", "[optim] Coupled L2 weight decay.")
@@ -70,7 +75,8 @@ def define_flags(fv=FLAGS):
   flags.field("lr_decay", "[optim] LR multiplier at each milestone.")
   flags.field("lr_plateau_decay", "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.field("lr_plateau_min_delta", "[optim] lm: improvement in val perplexity that counts.")
-  flags.field("clip_norm", "[optim] Clip the global gradient norm to this value (0 = off).")
+  flags.field("clip_norm", "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
+              "summed-loss recipe's clip / --bptt).")
   # Execution.
   flags.field("seed", "[run] Base seed; generation k uses seed + k.")
   flags.field("seeds", "[run] Repeat the run with base seeds seed, seed+100, ... into "

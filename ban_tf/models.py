@@ -22,21 +22,21 @@ Convolutions are bias-free and initialised He-normal with ``fan_out`` (untruncat
 the reference WRN/DenseNet PyTorch code. Initializers draw their seeds from Keras' global
 seed state, so ``keras.utils.set_random_seed(s)`` before a build makes it reproducible.
 
-Architecture names are parsed by archs.py (pure Python, so that config validation needs
-no Keras); `parse_arch`, `resolve_arch`, `densenet_widths`, `is_match_arch` and `ARCH_HELP`
-are re-exported here.
+Architecture names are parsed by archs.py (pure Python, so config validation needs no
+Keras); the names below are re-exported here.
 
-DenseNet depth reading (archs.parse_arch). The paper names DenseNet-BC nets depth-growth (112-33, 90-60, 80-80,
-80-120) but (D - 4) / 6 is not an integer for 90 and 80. We read D as
-``stem conv + 2 * (dense layers) + 2 transitions + classifier``, i.e. the net has
-``L = (D - 4) // 2`` bottleneck layers (each a 1x1 + 3x3 conv) spread as evenly as possible
-over the 3 dense blocks, the extra layers going to the later blocks: 112 -> 18/18/18,
-90 -> 14/14/15, 80 -> 12/13/13. Trainable parameters (see `count_params`) with 10 / 100
-classes versus Table 1: 112-33 6.89M / 6.99M (6.3M, +9% / +11%), 90-60 15.55M / 15.69M
-(16.1M, -3%), 80-80 22.75M / 22.91M (22.4M, +2%), 80-120 51.09M / 51.33M (50.4M, +1-2%).
-Flooring (D - 4) / 6 per block gives -6% on the last three, rounding up +5..7%; no integer
-reading brings 112-33 closer than +9% (17 layers per block would give 6.27M, but that is
-depth 106). The paper's 6.3M vs. its own "6.5M" in §5.2 suggests that number is loose.
+DenseNet depth reading (`archs.densenet_layers`). DenseNet-BC-D-K has (D - 4) // 6 bottleneck
+layers (each a 1x1 + 3x3 conv) in each of its 3 dense blocks, growth K, compression 0.5, as
+in the DenseNet-BC reference code, which floors the same way when D is not 6n+4: 112 -> 18,
+106 -> 17, 90 -> 14, 80 -> 12 per block. The paper's own counts pin this reading: Table 4's
+half-depth student of DenseNet-90-60 is exactly 21.2M as a 7/7/7 growth-120 net, and Table 5's
+WRN students, whose widths follow the teacher's blocks, land within 1%. Its "112-33" at 6.3M
+is DenseNet-BC-106-33 (6.27M), the coupled-ensemble building block: the presets build that.
+Explicit layers `densenet-L1-L2-L3-K` keep any other reading reachable (the previous one,
+(D - 4) // 2 layers spread over the blocks, was densenet-14-14-15-60 for 90-60). A
+`-cTHETA` suffix sets the transitions' compression (default 0.5; `--densenet_compression`).
+Parameter counts: `param_count` (pure Python, equal to `count_params` of the built model);
+docs/presets.md compares every preset with the paper.
 """
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-# The name grammar lives in archs.py (pure Python, imported by config validation).
-from ban_tf.archs import ARCH_HELP, densenet_widths, is_match_arch, parse_arch, resolve_arch  # pylint: disable=unused-import
-
+# The name grammar and the pure-Python parameter counts live in archs.py (no Keras:
+# config validation and presets use them); re-exported here.
+from ban_tf.archs import (  # pylint: disable=unused-import
+    ARCH_HELP, DENSENET_COMPRESSION, densenet_layers, densenet_widths, is_match_arch, param_count, parse_arch,
+    resolve_arch, with_compression)
+from ban_tf.archs import _transition_width  # pylint: disable=unused-import  (the same floor as the counts)
 
 def count_params(model: keras.Model) -> int:
   """Number of trainable parameters.
@@ -118,6 +121,37 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return tf.cast(y, self.compute_dtype)
 
 
+def has_fused_layers(model: keras.Model) -> bool:
+  """Whether `model` (or a model nested in it) holds a FusedBatchNormalization."""
+  return any(isinstance(layer, FusedBatchNormalization) or
+             (isinstance(layer, keras.Model) and has_fused_layers(layer)) for layer in model.layers)
+
+
+def to_stock(model: keras.Model) -> keras.Model:
+  """The same model with stock Keras layers only: what `model.keras` files hold.
+
+  Every `FusedBatchNormalization` (nested models included) becomes a
+  `keras.layers.BatchNormalization` with the same configuration and weights (the
+  same math in inference and training: see the class), so the file loads in plain
+  Keras without importing ban_tf. Other layers are cloned from their configs.
+  Training keeps the fused layer; only saved files get the stock one.
+
+  Args:
+    model: a functional keras.Model (built).
+
+  Returns:
+    A new functional keras.Model with equal weights, names and outputs.
+  """
+  def clone(layer):
+    if isinstance(layer, FusedBatchNormalization):
+      return keras.layers.BatchNormalization.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+  stock = keras.models.clone_model(model, clone_function=clone, recursive=True)
+  stock.set_weights(model.get_weights())
+  return stock
+
+
 def _bn_relu(x, name):
   # Momentum 0.9 / eps 1e-5 follow the PyTorch defaults that the reference numbers used.
   x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
@@ -167,8 +201,8 @@ def _widths_resnet(x, spec, dropout):
   return _bn_relu(x, "final")
 
 
-def _densenet_bc(x, layers_per_block, growth, dropout):
-  """DenseNet-BC body: bottleneck layers, compression 0.5. Returns pre-pool activations."""
+def _densenet_bc(x, layers_per_block, growth, dropout, compression=DENSENET_COMPRESSION):
+  """DenseNet-BC body: bottleneck layers, transitions to floor(compression x channels). Returns pre-pool."""
   x = _conv(x, 2 * growth, 3, "stem")
   for blk, n_layers in enumerate(layers_per_block):
     for i in range(n_layers):
@@ -185,7 +219,7 @@ def _densenet_bc(x, layers_per_block, growth, dropout):
     if blk < len(layers_per_block) - 1:
       p = f"t{blk + 1}"
       y = _bn_relu(x, p)
-      y = _conv(y, x.shape[-1] // 2, 1, f"{p}_conv")
+      y = _conv(y, _transition_width(x.shape[-1], compression), 1, f"{p}_conv")
       x = keras.layers.AveragePooling2D(2, name=f"{p}_pool")(y)
   return _bn_relu(x, "final")
 
@@ -248,7 +282,7 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], 
   elif family == "preact_resnet":
     x = _preact_resnet(x, spec["blocks_per_stage"], (16, 16, 32, 64), dropout)
   elif family == "densenet":
-    x = _densenet_bc(x, spec["layers_per_block"], spec["growth"], dropout)
+    x = _densenet_bc(x, spec["layers_per_block"], spec["growth"], dropout, spec["compression"])
   elif family in ("wrn_widths", "preact_bottleneck"):
     x = _widths_resnet(x, spec, dropout)
   else:

@@ -219,7 +219,8 @@ def _build(cfg, task, gen, strategy, dataset, steps):
         student, teacher, loss=obj.loss, temperature=obj.temperature, kd_weight=obj.kd_weight,
         label_weight=obj.label_weight, weight_decay=cfg.weight_decay, seed=gen.seed,
         feature_weight=obj.feature_weight if teacher is not None else 0.0,
-        feature_projection=projection, clip_norm=cfg.clip_norm)
+        feature_projection=projection, clip_norm=cfg.clip_norm,
+        augment=task.train_augmenter(cfg, dataset, gen.seed))
     optimizer = task.make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
@@ -269,10 +270,11 @@ def evaluate_splits(model, dataset, batch_size):
   return out
 
 
-def finish(task, spec, model, out_dir, result, writer=None, step=0):
+def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS):
   """Adds the task's derived metrics, logs test scalars, exports, writes metrics.json and DONE.
 
-  Shared by generations and BANE ensembles. `model` is what the SavedModel serves.
+  Shared by generations and BANE ensembles. `model` is what the SavedModel serves
+  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles).
   """
   derived = task.summarize(result)
   result.update(derived)
@@ -285,7 +287,7 @@ def finish(task, spec, model, out_dir, result, writer=None, step=0):
         tf.summary.scalar(f"{split}/final_{name}", result[key])
     writer.flush()
   export.export_saved_model(model, os.path.join(out_dir, "saved_model"), spec.input_shape,
-                            class_names=spec.class_names, example_inputs=spec.example_inputs())
+                            class_names=spec.class_names, output_name=output_name, spec=spec)
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))
 
@@ -301,8 +303,7 @@ def run_generation(cfg, gen, strategy, dataset):
   manager = tf.train.CheckpointManager(built.ckpt, os.path.join(gen.out_dir, "ckpt"), max_to_keep=2)
   initial_epoch, history = _restore(gen, built)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
-  train_ds, _ = dataset.train(cfg.batch_size, seed=gen.seed, augment=cfg.resolved_augment,
-                              first_epoch=initial_epoch, epochs=cfg.epochs)
+  train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
   writer = tf.summary.create_file_writer(os.path.join(gen.out_dir, "tb"))
   state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer)
   # The task's callbacks first: they may add to an epoch's logs before state records them.
