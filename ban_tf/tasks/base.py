@@ -15,6 +15,9 @@ class DataSpec:
     input_shape: one example: (H, W, C) raw pixels, or (T,) token ids.
     input_dtype: "float32" (pixels in [0, input_high]) or "int32" (ids < input_high).
     input_high: upper bound of the input values (255 for pixels, V for token ids).
+    input_name: the SavedModels' serving input: "pixels" or "tokens".
+    serving_shape: one example as the SavedModels accept it: (H, W, C), or (None,)
+      (token windows of any length).
     num_outputs: softmax width: the number of classes, or the vocabulary size.
     output_shape: one example's output: (C,) class logits, or (None, V)
       next-token logits (None: one per input position).
@@ -29,6 +32,8 @@ class DataSpec:
   input_shape: tuple
   input_dtype: str
   input_high: int
+  input_name: str
+  serving_shape: tuple
   num_outputs: int
   output_shape: tuple
   output_unit: str = "classes"
@@ -95,6 +100,21 @@ class Task:
     raise NotImplementedError
 
   # ---- training -------------------------------------------------------------------
+  def device_augment(self, cfg) -> bool:
+    """Whether training batches are augmented inside the compiled step (--device_augment)."""
+    return False
+
+  def train_data(self, cfg, dataset, *, seed, first_epoch):
+    """Training batches for epochs [first_epoch, cfg.epochs), a function of (seed, epoch) only."""
+    on_device = {"device_augment": True} if self.device_augment(cfg) else {}
+    ds, _ = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment, first_epoch=first_epoch,
+                          epochs=cfg.epochs, **on_device)
+    return ds
+
+  def train_augmenter(self, cfg, dataset, seed):
+    """The in-step half of on-device augmentation (Distiller(augment=...)), or None."""
+    return dataset.train_augmenter(seed, cfg.resolved_augment) if self.device_augment(cfg) else None
+
   def make_optimizer(self, cfg, steps_per_epoch):
     raise NotImplementedError
 

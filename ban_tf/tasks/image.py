@@ -5,6 +5,7 @@ error (%), as in the paper's Tables 1-5. SavedModels carry labels.txt (class nam
 """
 
 from ban_tf import archs
+from ban_tf import errors
 from ban_tf import results
 from ban_tf.tasks import base
 
@@ -34,6 +35,14 @@ class ImageClassification(base.Task):
                  "use --arch=wrn-match-U or prebn-match-U")
     base.require(not archs.is_match_arch(cfg.teacher_arch or cfg.arch) or cfg.teacher_arch,
                  f"--arch={cfg.arch}: a -match- student needs a DenseNet --teacher_arch")
+    base.require(0 < cfg.densenet_compression <= 1,
+                 f"--densenet_compression={cfg.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)")
+    if cfg.densenet_compression != archs.DENSENET_COMPRESSION:
+      try:
+        archs.with_compression(cfg.arch, cfg.densenet_compression)
+      except ValueError as e:
+        raise errors.UsageError(f"--densenet_compression={cfg.densenet_compression:g} applies to a "
+                                f"densenet-D-K --arch without a -c suffix: {e}") from None
 
   def load_data(self, cfg):
     from ban_tf import data  # pylint: disable=g-import-not-at-top
@@ -44,6 +53,7 @@ class ImageClassification(base.Task):
     info = dataset.info
     return base.DataSpec(
         name=info.name, input_shape=tuple(info.image_shape), input_dtype="float32", input_high=255,
+        input_name="pixels", serving_shape=tuple(info.image_shape),
         num_outputs=info.num_classes, output_shape=(info.num_classes,), class_names=tuple(info.class_names),
         unit="examples", num_train=info.num_train, num_val=info.num_val, num_test=info.num_test)
 
@@ -52,6 +62,9 @@ class ImageClassification(base.Task):
     info = dataset.info
     return models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
                               dropout=dropout, name=name)
+
+  def device_augment(self, cfg):
+    return cfg.device_augment
 
   def make_optimizer(self, cfg, steps_per_epoch):
     """SGD (Nesterov) with the step schedule: x lr_decay at each milestone fraction of the epochs."""

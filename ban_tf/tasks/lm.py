@@ -8,7 +8,7 @@ paper's Table 6. SavedModels take int32 token ids and carry vocab.txt beside the
 Learning-rate schedule (paper section 4.2): plain SGD from `--lr`, multiplied by
 `--lr_plateau_decay` at the start of an epoch whenever the validation perplexity of
 the previous epoch did not improve on the best so far by more than
-`--lr_plateau_min_delta` (LSTM: lr 1, x0.25, delta 0; CNN-LSTM: lr 2, x0.5, delta 0.5);
+`--lr_plateau_min_delta` (Table 6 LSTM: x0.25, delta 0; CNN-LSTM: x0.5, delta 0.5);
 see schedules.plateau_lr. The rate is a pure function of the validation
 perplexities in history.json, so a resumed generation replays it exactly.
 """
@@ -72,8 +72,10 @@ class LanguageModel(base.Task):
          "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
     need(not cfg.train_examples and not cfg.val_examples,
          "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
-    need(not (cfg.feature_weight or cfg.share_stem_head or cfg.student_width_ratio != 1),
-         "--feature_weight, --share_stem_head and --student_width_ratio are image-only: drop them with --task=lm")
+    need(not (cfg.feature_weight or cfg.share_stem_head or cfg.student_width_ratio != 1
+              or cfg.densenet_compression != 0.5),
+         "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
+         "drop them with --task=lm")
 
   def load_data(self, cfg):
     from ban_tf import text_data  # pylint: disable=g-import-not-at-top
@@ -85,6 +87,7 @@ class LanguageModel(base.Task):
     vocab = "".join(w + "\n" for w in info.vocab)
     return base.DataSpec(
         name=info.name, input_shape=(info.bptt,), input_dtype="int32", input_high=len(info.vocab),
+        input_name="tokens", serving_shape=(None,),
         num_outputs=len(info.vocab), output_shape=(None, len(info.vocab)), output_unit="words", assets=((VOCAB_FILE, vocab),),
         unit="tokens", num_train=info.num_train, num_val=info.num_val, num_test=info.num_test)
 
