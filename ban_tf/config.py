@@ -50,6 +50,7 @@ class Config:
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
   student_width_ratio: float = 1.0  # -match- students: widths = ratio x teacher's blocks
   share_stem_head: bool = False  # copy + freeze the teacher's "stem" and "logits" (Table 5)
+  densenet_compression: float = 0.5  # transition compression of a DenseNet --arch (Table 4)
   dropout: float = 0.0
   # Generations and objective.
   gens: int = 3
@@ -123,10 +124,11 @@ class Config:
 
   def arch_for(self, gen: int) -> str:
     """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
-    if gen == 0:
-      return self.teacher_arch or self.arch
     from ban_tf import models  # pylint: disable=g-import-not-at-top
-    return models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    if gen == 0 and self.teacher_arch:
+      return self.teacher_arch
+    arch = self.arch if gen == 0 else models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    return models.with_compression(arch, self.densenet_compression)
 
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
@@ -241,8 +243,10 @@ class Config:
                 or self.train_split != "train" or self.test_split != "test"),
            "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
            "drop them with --task=lm")
-      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1),
-           "--feature_weight, --share_stem_head and --student_width_ratio are image-only: drop them with --task=lm")
+      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1
+                or self.densenet_compression != 0.5),
+           "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
+           "drop them with --task=lm")
     from ban_tf import models  # local import: models pulls in keras
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
     if self.task == "lm":
@@ -254,6 +258,14 @@ class Config:
            "use --arch=wrn-match-U or prebn-match-U")
       need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
            f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
+      need(0 < self.densenet_compression <= 1,
+           f"--densenet_compression={self.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)")
+      if self.densenet_compression != 0.5:
+        try:
+          models.with_compression(self.arch, self.densenet_compression)
+        except ValueError as e:
+          raise errors.UsageError(f"--densenet_compression={self.densenet_compression:g} applies to a "
+                                  f"densenet-D-K --arch without a -c suffix: {e}") from None
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):
       if arch is not None:
         try:

@@ -52,6 +52,24 @@ def parse_arch(arch: str) -> dict:
   raise ValueError(f"Bad arch {arch!r}: unknown language model. Accepted forms: {ARCH_HELP}.")
 
 
+def param_count(arch: str, vocab_size: int, num_chars: int = 51) -> int:
+  """Trainable parameters of `build_model(arch, vocab)` in pure Python (tested equal).
+
+  `num_chars` (cnn-lstm only): characters of the vocabulary + 3 (padding, begin, end of
+  word); PTB's 10k words use about 48.
+  """
+  spec = parse_arch(arch)
+  h = spec["units"]
+  if spec["family"] == "lstm":
+    return vocab_size * h + vocab_size + spec["layers"] * 4 * (2 * h * h + h)
+  f = sum(spec["filters"])
+  n = num_chars * spec["char_dim"]
+  n += sum(w * spec["char_dim"] * k + k for w, k in zip(spec["widths"], spec["filters"]))
+  n += spec["highway"] * 2 * (f * f + f)
+  n += 4 * (f * h + h * h + h) + (spec["layers"] - 1) * 4 * (2 * h * h + h)
+  return n + h * vocab_size + vocab_size
+
+
 def _uniform():
   return keras.initializers.RandomUniform(-_INIT_SCALE, _INIT_SCALE)
 

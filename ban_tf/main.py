@@ -53,6 +53,9 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_bool("share_stem_head", False,
                     "[model] Copy the teacher's first conv and classifier into each student and freeze them "
                     "(Table 5; reads gen_{k-1}/model.keras).")
+  flags.DEFINE_float("densenet_compression", 0.5,
+                     "[model] Transition compression of a DenseNet --arch (students; the teacher too "
+                     "without --teacher_arch): channels x THETA (DenseNet-BC: 0.5; Table 4: 0.25, 0.375, 0.75).")
   flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
                      "lm: on every non-recurrent connection.")
   # Distillation.
@@ -155,6 +158,7 @@ def config_from_flags(fv):
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
       val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
       student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
+      densenet_compression=fv.densenet_compression,
       feature_weight=fv.feature_weight, feature_projection=fv.feature_projection,
       seeds=fv.seeds, baseline=fv.baseline, dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
       kd_weight=fv.kd_weight, label_weight=fv.label_weight,

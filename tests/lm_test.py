@@ -138,6 +138,17 @@ def test_lstm_params_tied(layers, units, vocab):
   assert tuple(out.shape) == (3, 7, vocab) and out.dtype == "float32"
 
 
+
+@pytest.mark.parametrize("arch", ["lstm-1-16", "lstm-2-8", "cnn-lstm-small"])
+def test_param_count_formula_equals_the_keras_build(arch):
+  vocab = ("<unk>", "<eos>") + tuple(f"w{i}{'x' * (i % 5)}" for i in range(40))
+  model = lm_models.build_model(arch, vocab)
+  _, num_chars = lm_models.spellings(vocab)
+  trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+  assert lm_models.param_count(arch, len(vocab), num_chars) == trainable
+  assert lm_models.param_count("lstm-2-1500", 10000) == 51_022_000  # Table 6's LSTM (paper: 52M)
+
+
 def test_cnn_lstm_small_matches_kim():
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}" for i in range(40))
   model = lm_models.build_model("cnn-lstm-small", vocab)
