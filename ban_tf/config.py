@@ -20,7 +20,7 @@ _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
     "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "seeds", "strategy",
+    "steps_per_execution", "seeds", "strategy", "device_augment",
 })
 STRATEGIES = ("auto", "multi_worker")
 
@@ -42,6 +42,9 @@ class Config:
   image_key: Optional[str] = None  # tfds feature names (default image, label)
   label_key: Optional[str] = None
   augment: str = "auto"
+  # Augment in the compiled train step instead of per example on the host (bit-identical
+  # batches either way, so it may differ on resume; docs/performance.md for the default).
+  device_augment: bool = True
   ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
   vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
   bptt: int = 35  # lm: unrolled steps per window
@@ -146,6 +149,11 @@ class Config:
     if self.augment != "auto":
       return self.augment
     return "crop" if not self.image_folder and self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+
+  @property
+  def resolved_device_augment(self) -> bool:
+    """Augmentation in the train step: image tasks only (text has none)."""
+    return self.device_augment and self.task == "image"
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"

@@ -13,9 +13,16 @@ is only ever evaluated, at the end of a generation.
 Training data is a function of (seed, epoch) only: each epoch has its own shuffle
 seed and per-example stateless augmentation seeds, so a run resumed at epoch e sees
 exactly the batches an uninterrupted run would have seen.
+
+Augmentation runs either on the host, per example in tf.data (`augment_image`), or
+in the compiled train step (`augment_batch`, `device_augment=True`): the host then
+only reads uint8 pixels, shuffles and batches, and sends each batch with the global
+index of its examples. Both draw the same crop offsets and flips from the same
+(seed, example index) and give bit-identical float32 images (tests/data_test.py).
 """
 
 import dataclasses
+import functools
 import os
 import socket
 
@@ -118,8 +125,18 @@ class Dataset:
           f"--batch_size={batch_size} exceeds the {self.info.num_train} training examples: use a smaller batch or more examples")
     return steps
 
-  def train(self, batch_size, *, seed, augment, first_epoch=0, epochs=1):
+  def train(self, batch_size, *, seed, augment, first_epoch=0, epochs=1, device_augment=False):
     """Batches for epochs [first_epoch, epochs), drop_remainder, augmented.
+
+    Args:
+      batch_size: global batch size.
+      seed: the run's seed; with the epoch it fixes the order and the augmentation.
+      augment: none | crop | flip | flip_crop.
+      first_epoch, epochs: the epochs [first_epoch, epochs) to produce.
+      device_augment: if False, elements are (float32 images [B, H, W, C] augmented
+        on the host, int32 labels [B]); if True, (uint8 images [B, H, W, C] as
+        stored, int32 labels [B], int64 global example indices [B]), to be passed
+        through `augment_batch(images, indices, seed, augment)` inside the step.
 
     Returns (dataset, steps_per_epoch).
     """
@@ -137,16 +154,27 @@ class Dataset:
     for epoch in range(first_epoch + 1, epochs):
       ds = ds.concatenate(shuffled(epoch))
     seed = int(seed)
+    ds = ds.enumerate(start=first_epoch * per_epoch)  # i = global example index
+    if device_augment:
+      def split(i, example):
+        return example[0], tf.cast(example[1], tf.int32), i
+      ds = ds.batch(batch_size, drop_remainder=True).map(split, num_parallel_calls=AUTOTUNE,
+                                                         deterministic=True)
+      return _distributable(ds.prefetch(AUTOTUNE)), steps
 
     def aug(i, example):  # i = global example index, so augmentation depends on (seed, epoch, slot)
       image, label = example
       image = augment_image(image, tf.stack([tf.constant(seed, tf.int64), i]), augment, (h, w))
       return image, tf.cast(label, tf.int32)
 
-    ds = ds.enumerate(start=first_epoch * per_epoch).map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _distributable(ds.prefetch(AUTOTUNE)), steps
+
+  def train_augmenter(self, seed, augment):
+    """The in-step half of `train(device_augment=True)`: (uint8 images, indices) -> float32."""
+    return functools.partial(augment_batch, seed=int(seed), mode=augment)
 
   def val(self, batch_size):
     if not self.info.num_val:
@@ -174,6 +202,111 @@ def augment_image(image, seed, mode, size, pad=4):
   if mode in ("flip", "flip_crop"):
     image = tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 7919])
   return image
+
+
+# Philox-4x32-10 (Salmon et al. 2011), the generator behind TensorFlow's stateless
+# random ops on CPU and GPU. tf.image.stateless_random_crop/flip take one seed per
+# call and tf.vectorized_map falls back to a sequential loop for them (pfor.py), so
+# `augment_batch` evaluates the same generator for a whole batch of seeds with
+# element-wise int64 ops: every value stays below 2**50, so nothing overflows, and
+# the draws are bit-identical to TF's (tests/data_test.py checks them against
+# tf.random.stateless_uniform). Our own code because the equivalence with the host
+# path (and so resume exactness across the two paths) needs the exact bits.
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_SEED_KEY = (0x3EC8F720, 0x02461E29)  # TF's key for turning a seed into (key, counter)
+_FLIP_SEED_OFFSET = 7919  # augment_image's flip seed is seed + [0, 7919]
+
+
+def _shr(x, n):
+  return tf.bitwise.right_shift(x, tf.constant(n, tf.int64))
+
+
+def _low32(x):
+  return tf.bitwise.bitwise_and(x, tf.constant(_MASK32, tf.int64))
+
+
+def _mulhilo(a, b):
+  """(high, low) 32-bit halves of a * b; a: a Python uint32, b: int64 in [0, 2**32)."""
+  a_hi, a_lo = a >> 16, a & 0xFFFF
+  b_hi, b_lo = _shr(b, 16), tf.bitwise.bitwise_and(b, tf.constant(0xFFFF, tf.int64))
+  low = tf.bitwise.left_shift(a_hi * b_lo + a_lo * b_hi, tf.constant(16, tf.int64)) + a_lo * b_lo
+  return _low32(a_hi * b_hi + _shr(low, 32)), _low32(low)
+
+
+def _philox(counter, key):
+  """One Philox-4x32-10 block: 4 counter words and 2 key words (int64 tensors < 2**32)."""
+  c0, c1, c2, c3 = counter
+  k0, k1 = key
+  xor = tf.bitwise.bitwise_xor
+  for r in range(10):
+    hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+    hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+    c0, c1, c2, c3 = xor(xor(hi1, c1), k0), lo1, xor(xor(hi0, c3), k1), lo0
+    if r < 9:
+      k0, k1 = _low32(k0 + _PHILOX_W[0]), _low32(k1 + _PHILOX_W[1])
+  return c0, c1, c2, c3
+
+
+def _stateless_bits(seed0, seed1):
+  """The first 4 uint32 (as int64 [N]) that a TF stateless op seeded [seed0, seed1] draws.
+
+  seed0: a Python int; seed1: int64 [N]. Mirrors StatelessRandomGetKeyCounter
+  (the seed is scrambled by one Philox block into a key and a counter).
+  """
+  s0 = tf.fill(tf.shape(seed1), tf.constant(seed0, tf.int64))
+  counter = (_low32(s0), _low32(_shr(s0, 32)), _low32(seed1), _low32(_shr(seed1, 32)))
+  mix = _philox(counter, (tf.fill(tf.shape(seed1), tf.constant(_SEED_KEY[0], tf.int64)),
+                          tf.fill(tf.shape(seed1), tf.constant(_SEED_KEY[1], tf.int64))))
+  zero = tf.zeros_like(seed1)
+  return _philox((zero, zero, mix[2], mix[3]), (mix[0], mix[1]))
+
+
+def _reflect(q, pad, size):
+  """Index into the unpadded axis of a REFLECT-padded index q in [0, size + 2 * pad)."""
+  r = tf.abs(q - pad)
+  return (size - 1) - tf.abs((size - 1) - r)
+
+
+def augment_batch(images, indices, seed, mode, pad=4):
+  """`augment_image` for a whole batch, vectorised: what the train step runs on device.
+
+  Args:
+    images: uint8 (or any real dtype) [B, H, W, C], as stored.
+    indices: int64 [B], each example's global index (the host path's `i`).
+    seed: the run's seed (a Python int), as passed to `Dataset.train`.
+    mode: none | crop | flip | flip_crop.
+    pad: reflection padding of the crop, as in `augment_image`.
+
+  Returns:
+    float32 [B, H, W, C], bit-identical to `augment_image` on each example.
+  """
+  images = tf.cast(images, tf.float32)
+  if mode not in ("crop", "flip", "flip_crop"):
+    return images
+  h, w = images.shape[1], images.shape[2]
+  indices = tf.cast(indices, tf.int64)
+  rows = tf.range(h, dtype=tf.int64)[None, :]
+  cols = tf.range(w, dtype=tf.int64)[None, :]
+  if mode in ("crop", "flip_crop"):
+    # stateless_random_crop: uniform int32 in [0, 2**31 - 1) per axis, mod (2 * pad + 1).
+    bits = _stateless_bits(int(seed), indices)
+    oy = tf.math.floormod(tf.math.floormod(bits[0], 2 ** 31 - 1), 2 * pad + 1)
+    ox = tf.math.floormod(tf.math.floormod(bits[1], 2 ** 31 - 1), 2 * pad + 1)
+    rows = _reflect(oy[:, None] + rows, pad, h)
+    cols = _reflect(ox[:, None] + cols, pad, w)
+  else:
+    rows = tf.broadcast_to(rows, [tf.shape(indices)[0], h])
+    cols = tf.broadcast_to(cols, [tf.shape(indices)[0], w])
+  if mode in ("flip", "flip_crop"):
+    # stateless_random_flip_left_right: flips when its float32 uniform u < 0.5, i.e.
+    # when bit 22 (the top mantissa bit) of the first draw is 0.
+    u_bits = _stateless_bits(int(seed), indices + _FLIP_SEED_OFFSET)[0]
+    flip = tf.equal(tf.bitwise.bitwise_and(u_bits, tf.constant(1 << 22, tf.int64)), 0)
+    cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
+  images = tf.gather(images, rows, axis=1, batch_dims=1)
+  return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
 def _distributable(ds):

@@ -74,11 +74,15 @@ class Distiller(keras.Model):
     feature_projection: None, or the teacher's feature width: adds a learned Dense
       projection from the student's features to it.
     clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
+    augment: None, or a callable (images, example indices) -> float32 images run on
+      each training batch inside the compiled step (data.augment_batch); training
+      elements are then (images, labels, example indices), as
+      data.Dataset.train(device_augment=True) makes them.
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
                label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
-               feature_projection=None, clip_norm=0.0, **kwargs):
+               feature_projection=None, clip_norm=0.0, augment=None, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
@@ -104,6 +108,7 @@ class Distiller(keras.Model):
     self.weight_decay = float(weight_decay)
     self.seed = int(seed)
     self.clip_norm = float(clip_norm)
+    self.augment = augment
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.kd_tracker = keras.metrics.Mean(name="kd_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")
@@ -184,6 +189,8 @@ class Distiller(keras.Model):
     return list(self.student.trainable_variables) + list(extra)
 
   def call(self, x, training=False):
+    if "int" in keras.backend.standardize_dtype(x.dtype):  # uint8 pixels (device_augment)
+      x = keras.ops.cast(x, "float32")
     return self.student(x, training=training)
 
   def teacher_logits(self, x):
@@ -240,6 +247,8 @@ class Distiller(keras.Model):
   def train_step(self, data):
     x, y_given = data[0], data[1]
     y = self._class_ids(y_given)
+    if self.augment is not None:  # on-device augmentation of the uint8 batch
+      x = self.augment(x, data[2])
     t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
     with tf.GradientTape() as tape:
       if self.feature_weight:

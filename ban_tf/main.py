@@ -38,6 +38,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_string("image_key", None, "[data] tfds feature holding the image (default image).")
   flags.DEFINE_string("label_key", None, "[data] tfds feature holding the class label (default label).")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.DEFINE_bool("device_augment", True, "[data] Augment inside the compiled train step (the host only "
+                    "reads, shuffles and batches uint8); false: per example in tf.data. Same batches either way.")
   flags.DEFINE_string("ptb_dir", None, "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
   flags.DEFINE_integer("vocab_size", 0, "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
   flags.DEFINE_integer("bptt", 35, "[data] lm: unrolled steps per training window.")
@@ -73,7 +75,8 @@ def define_flags(fv=FLAGS):
   # Optimisation.
   flags.DEFINE_integer("epochs", 200, "[optim] Epochs per generation.")
   flags.DEFINE_integer("batch_size", 128, "[optim] Global batch size (split over replicas).")
-  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate.")
+  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate (lm: of the per-token mean loss, so a recipe on "
+                     "the loss summed over the unrolled steps needs its lr x --bptt; docs/lm.md).")
   flags.DEFINE_float("momentum", 0.9, "[optim] SGD momentum.")
   flags.DEFINE_bool("nesterov", True, "[optim] Nesterov momentum.")
   flags.DEFINE_float("weight_decay", 5e-4, "[optim] Coupled L2 weight decay.")
@@ -81,7 +84,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
   flags.DEFINE_float("lr_plateau_decay", 0.25, "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.DEFINE_float("lr_plateau_min_delta", 0.0, "[optim] lm: improvement in val perplexity that counts.")
-  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off).")
+  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
+                     "summed-loss recipe's clip / --bptt).")
   # Execution.
   flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
   flags.DEFINE_integer("seeds", 1, "[run] Repeat the run with base seeds seed, seed+100, ... into "
@@ -156,7 +160,8 @@ def config_from_flags(fv):
       lr_plateau_decay=fv.lr_plateau_decay, lr_plateau_min_delta=fv.lr_plateau_min_delta,
       clip_norm=fv.clip_norm,
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
-      val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
+      val_examples=fv.val_examples, augment=fv.augment,
+      device_augment=fv.device_augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
       student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
       densenet_compression=fv.densenet_compression,
       feature_weight=fv.feature_weight, feature_projection=fv.feature_projection,
