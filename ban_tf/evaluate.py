@@ -67,6 +67,8 @@ def evaluate_run(run_dir, split="test", data_dir=None, batch_size=None):
   dataset = data.Dataset.from_config(cfg, data_dir)
   batch_size = batch_size or cfg.get("batch_size", 128)
   ds = dataset.test(batch_size) if split == "test" else dataset.val(batch_size)
+  if ds is None:  # an image folder without DIR/val
+    raise errors.UsageError(f"{run_dir} was trained without a validation split: use --split=test")
   out = {"split": split, "dataset": cfg["dataset"], "seed": cfg.get("seed"), "generations": [], "ensembles": []}
   for gen, path in _numbered(run_dir, "gen"):
     meta_path = os.path.join(os.path.dirname(path), "metrics.json")

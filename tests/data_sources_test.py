@@ -175,6 +175,9 @@ def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path):
   stored = json.load(open(os.path.join(run_dir, "results.json")))
   for got, want in zip(again["generations"], stored["generations"]):
     assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-6)
+  os.rename(os.path.join(root, "val"), os.path.join(str(tmp_path), "val_moved"))
+  with pytest.raises(errors.UsageError, match="without a validation split"):
+    evaluate.evaluate_run(run_dir, "val")
 
 
 def test_bad_data_flags_are_one_line_usage_errors():
@@ -200,3 +203,40 @@ def test_run_dirs_from_before_the_data_flags_still_resume():
                       "label_key")}
   assert cfg.experiment_diff(old) == []
   assert config_lib.Config(val_split="validation").experiment_diff(old) == ["val_split"]
+
+
+def test_user_built_tfds_set_with_other_feature_names(tmp_path):
+  """A tfds builder without supervised keys, image under 'picture', label under 'category'."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class ByoPictures(tfds.core.GeneratorBasedBuilder):  # registered as "byo_pictures"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+          "picture": tfds.features.Image(shape=(None, None, 3)),
+          "category": tfds.features.ClassLabel(names=["a", "b"]), "id": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(12, 0), "validation": self._generate_examples(4, 1),
+              "test": self._generate_examples(6, 2)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.RandomState(seed)
+      for i in range(n):
+        size = (6 + i % 3, 7)  # varying sizes
+        yield f"{seed}-{i}", {"picture": rng.randint(0, 256, size + (3,)).astype(np.uint8),
+                              "category": i % 2, "id": str(i)}
+
+  ByoPictures(data_dir=str(tmp_path)).download_and_prepare()
+  with pytest.raises(errors.DataError, match=r"no 'image' feature \(its features: category, id, picture\)"):
+    data.Dataset("byo_pictures", str(tmp_path))
+  with pytest.raises(errors.DataError, match=r"varying size .*--image_size=H,W"):
+    data.Dataset("byo_pictures", str(tmp_path), image_key="picture", label_key="category")
+  ds = data.Dataset("byo_pictures", str(tmp_path), image_key="picture", label_key="category",
+                    val_split="validation", image_size=(6, 6))
+  info = ds.info
+  assert (info.num_train, info.num_val, info.num_test, info.image_shape, info.class_names) == (
+      12, 4, 6, (6, 6, 3), ("a", "b"))
+  x, y = _all(ds.test(4))
+  assert x.shape == (6, 6, 6, 3) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
