@@ -114,3 +114,22 @@ def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
     layer = keras.layers.TFSMLayer(str(tmp_path / name), call_endpoint="serving_default")
     model = distiller.Distiller(_net(6), layer)
     np.testing.assert_allclose(model.teacher_logits(tf.constant(x)).numpy(), want, atol=1e-5)
+
+
+def test_compiled_metrics_and_one_hot_labels_on_two_replicas():
+  """1 vs 2 replicas: the same student weights and the same logged extra metric."""
+  x, y = _data()
+  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+  runs = []
+  for strategy in (tf.distribute.get_strategy(), two):
+    with strategy.scope():
+      model = distiller.Distiller(_net(3), _net(9), loss="ban_l", label_weight=0.5)
+      model.compile(optimizer=keras.optimizers.SGD(0.1),
+                    metrics=[keras.metrics.CategoricalAccuracy(name="acc_one_hot")])
+    ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 4))).batch(8)
+    hist = model.fit(ds, epochs=2, verbose=0).history
+    runs.append((model.student.get_weights(), hist["acc_one_hot"], hist["accuracy"]))
+  for a, b in zip(runs[0][0], runs[1][0]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(runs[0][1], runs[1][1])
+  np.testing.assert_allclose(runs[1][1], runs[1][2])  # categorical accuracy on one-hot == ours
