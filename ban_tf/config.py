@@ -43,6 +43,14 @@ class Config:
   data_dir: Optional[str] = None
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
+  image_folder: Optional[str] = None  # DIR/{train,test[,val]}/<class>/<image> instead of tfds
+  train_split: str = "train"  # tfds split names; slices such as train[:90%] work
+  val_split: Optional[str] = None  # a named validation split (instead of --val_examples)
+  test_split: str = "test"
+  # (H, W) to resize every image to; () = the data set's own (fixed) size.
+  image_size: tuple = dataclasses.field(default=(), metadata={"item": int})
+  image_key: Optional[str] = None  # tfds feature names (default image, label)
+  label_key: Optional[str] = None
   augment: str = "auto"
   # Augment in the compiled train step instead of per example on the host (bit-identical
   # batches either way, so it may differ on resume; docs/performance.md for the default).
@@ -105,10 +113,12 @@ class Config:
     for f in dataclasses.fields(cls):
       value = fv[f.name].value
       if isinstance(f.default, tuple):  # list flags: comma-separated numbers
+        item = f.metadata.get("item", float)
         try:
-          value = tuple(float(v) for v in value)
+          value = tuple(item(v) for v in value)
         except ValueError:
-          raise errors.UsageError(f"--{f.name}={','.join(value)}: use comma-separated numbers") from None
+          raise errors.UsageError(f"--{f.name}={','.join(value)}: use comma-separated "
+                                  f"{'integers' if item is int else 'numbers'}") from None
       kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -165,10 +175,17 @@ class Config:
     return [self.seed + 100 * i for i in range(self.seeds)]
 
   @property
+  def data_name(self) -> str:
+    """The tfds name, or the image folder's name."""
+    if self.image_folder:
+      return os.path.basename(os.path.normpath(self.image_folder))
+    return self.dataset
+
+  @property
   def resolved_augment(self) -> str:
     if self.augment != "auto":
       return self.augment
-    return "crop" if self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+    return "crop" if not self.image_folder and self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
 
   @property
   def resolved_device_augment(self) -> bool:
@@ -177,11 +194,12 @@ class Config:
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
-    return os.path.join("runs", f"{self.dataset.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
+    return os.path.join("runs", f"{self.data_name.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["lr_milestones"] = list(self.lr_milestones)
+    d["image_size"] = list(self.image_size)
     d["resolved"] = {
         "loss": self.resolved_loss, "temperature": self.temperature, "kd_weight": self.resolved_kd_weight,
         "label_weight": self.resolved_label_weight, "feature_weight": self.feature_weight,
@@ -195,6 +213,9 @@ class Config:
   def experiment_diff(self, stored: dict) -> list:
     """Fields that differ from a stored config.json and change the experiment."""
     mine = self.to_dict()
+    # A field missing from an older config.json did not exist then: the run used
+    # what is now its default.
+    stored = dict(Config().to_dict(), **stored)
     keys = (set(mine) | set(stored)) - NON_EXPERIMENT_FIELDS
     return sorted(k for k in keys if mine.get(k) != stored.get(k))
 
@@ -223,6 +244,15 @@ class Config:
     need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1)")
     need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
     need(self.val_examples >= 0, f"--val_examples={self.val_examples}: must be >= 0")
+    need(len(self.image_size) in (0, 2) and all(int(v) >= 1 for v in self.image_size),
+         f"--image_size={','.join(map(str, self.image_size))}: use two positive integers H,W (e.g. 32,32)")
+    need(not (self.val_split and self.val_examples),
+         f"--val_split={self.val_split} and --val_examples={self.val_examples} both name a validation split: drop one")
+    need(bool(self.train_split) and bool(self.test_split), "--train_split and --test_split must not be empty")
+    need(not self.image_folder or not (self.val_split or self.image_key or self.label_key
+                                       or self.train_split != "train" or self.test_split != "test"),
+         "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
+         "--image_key/--label_key")
     need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
          f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")

@@ -121,7 +121,56 @@ class Distiller(keras.Model):
   def metrics(self):
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
     ms += [self.feature_tracker] if self.feature_weight else []
-    return ms + ([self.agree_tracker] if self.teacher is not None else [])
+    ms += [self.agree_tracker] if self.teacher is not None else []
+    # compile(metrics=[...]): extra metrics on (labels as given, student logits).
+    return ms + ([self._compile_metrics] if self._compile_metrics is not None else [])
+
+  # ---- library use: compile, labels, save ---------------------------------------
+  def compile(self, optimizer="rmsprop", loss=None, *args, metrics=None, weighted_metrics=None, **kwargs):
+    """keras.Model.compile, minus the loss (the objective is the Distiller's own).
+
+    `metrics` are extra metrics, updated with the labels as given and the student's
+    logits (use their from_logits form where one exists) in fit and evaluate, and
+    logged beside the Distiller's own. Raises ValueError for `loss`, `loss_weights`
+    or `weighted_metrics`.
+    """
+    if loss is not None or kwargs.get("loss_weights") is not None or weighted_metrics is not None:
+      raise ValueError(
+          "Distiller.compile: loss, loss_weights and weighted_metrics are not used: the objective is "
+          "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
+          "pass only optimizer=, metrics= and execution options")
+    super().compile(optimizer, *args, metrics=metrics, **kwargs)
+
+  def save(self, *args, **kwargs):  # pylint: disable=unused-argument
+    """Refused: a Distiller is a training harness (student + frozen teacher)."""
+    raise NotImplementedError(
+        "Distiller.save: save or export the student instead, e.g. distiller.student.save('student.keras') "
+        "or ban_tf.export.export_saved_model(distiller.student, 'saved_model', input_shape)")
+
+  def _class_ids(self, y):
+    """Sparse class ids from sparse ([N], [N, 1], [N, T]) or one-hot ([N, C]) labels.
+
+    One-hot rows are turned into their argmax; soft labels (rows that are not one-hot)
+    fail with an InvalidArgumentError saying so, rather than being silently rounded.
+    """
+    y = tf.convert_to_tensor(y)
+    try:  # a functional or built Sequential student: compare with its logits' shape
+      out = self.student.outputs[0].shape
+      one_hot = y.shape.rank == len(out) and y.shape[-1] == out[-1] and out[-1] != 1
+    except (AttributeError, ValueError, TypeError):  # a subclassed student: float rows are one-hot
+      one_hot = y.dtype.is_floating and (y.shape.rank or 0) >= 2 and y.shape[-1] not in (None, 1)
+    if one_hot:
+      y = tf.cast(y, tf.float32)
+      tf.debugging.assert_equal(
+          tf.reduce_all((tf.reduce_max(y, -1) == 1.0) & (tf.reduce_sum(y, -1) == 1.0)), True,
+          message="Distiller: labels with one column per class must be one-hot (soft labels are not "
+                  "supported): pass class ids or one-hot rows")
+      return tf.argmax(y, axis=-1, output_type=tf.int32)
+    return y
+
+  def _update_compiled_metrics(self, y, logits):
+    if self._compile_metrics is not None:
+      self._compile_metrics.update_state(y, logits)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy
@@ -151,9 +200,9 @@ class Distiller(keras.Model):
     """(logits, features or None). Inference mode, never differentiated."""
     out = self.teacher(x, training=False)
     feats = None
-    if isinstance(out, dict):
+    if isinstance(out, dict):  # a TFSMLayer: {"logits", "features"}, or one output of any name
       feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
-      out = out["logits"]
+      out = out["logits"] if "logits" in out or len(out) != 1 else next(iter(out.values()))
     return tf.stop_gradient(tf.cast(out, tf.float32)), feats
 
   def feature_term(self, s_feats, t_feats):
@@ -196,7 +245,8 @@ class Distiller(keras.Model):
     return 0.5 * self.weight_decay * sq
 
   def train_step(self, data):
-    x, y = data[0], data[1]
+    x, y_given = data[0], data[1]
+    y = self._class_ids(y_given)
     if self.augment is not None:  # on-device augmentation of the uint8 batch
       x = self.augment(x, data[2])
     t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
@@ -231,17 +281,22 @@ class Distiller(keras.Model):
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
       self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
-    return self._step_logs({m.name: m.result() for m in self.metrics})
+    self._update_compiled_metrics(y_given, logits)
+    return self._step_logs(self.get_metrics_result())
 
   def test_step(self, data):
-    x, y = data[0], data[1]
+    x, y_given = data[0], data[1]
+    y = self._class_ids(y_given)
     logits = tf.cast(self.student(x, training=False), tf.float32)
+    self._update_compiled_metrics(y_given, logits)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
     ce = losses.label_ce(y, _tokens(logits))
     self.label_tracker.update_state(ce)  # a token mean for language models
     self.acc_tracker.update_state(y, _tokens(logits))
     # Derived metrics (a language model's perplexity) are the task's (tasks/).
     out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
+    if self._compile_metrics is not None:
+      out = dict(self._compile_metrics.result(), **out)
     return self._step_logs(out)
 
 

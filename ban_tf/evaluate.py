@@ -110,7 +110,8 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   batch_size = batch_size or cfg.batch_size
   pipelines = {s: getattr(dataset, s)(batch_size) for s in (SPLITS if split is None else (split,))}
   if split == "val" and pipelines["val"] is None:
-    raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0): use --split=test")
+    raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0, no "
+                            "--val_split or val/ folder): use --split=test")
   pipelines = {s: ds for s, ds in pipelines.items() if ds is not None}
 
   def evaluated(path, probabilities):
@@ -126,7 +127,7 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     meta_path = os.path.join(os.path.dirname(path), "metrics.json")
     return export.read_json(meta_path) if os.path.exists(meta_path) else {}
 
-  out = {"task": task.name, "splits": list(pipelines), "split": split, "dataset": cfg.dataset, "seed": cfg.seed,
+  out = {"task": task.name, "splits": list(pipelines), "split": split, "dataset": cfg.data_name, "seed": cfg.seed,
          "generations": [], "ensembles": []}
   for gen, path in _numbered(run_dir, "gen"):
     m = meta(path)

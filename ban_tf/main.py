@@ -33,6 +33,15 @@ def define_flags(fv=FLAGS):
   flags.field("data_dir", "[data] TFDS data directory (a prepared one works offline).")
   flags.field("train_examples", "[data] Use only the first N training examples (0 = all).")
   flags.field("val_examples", "[data] Hold out the last N training examples as validation.")
+  flags.field("image_folder", "[data] Your own images instead of --dataset: DIR/train/<class>/*, "
+              "DIR/test/<class>/*, optional DIR/val/<class>/* (png, jpeg, bmp, gif).")
+  flags.field("train_split", "[data] tfds split to train on; slices work (train[:90%]).")
+  flags.field("val_split", "[data] tfds split to validate on (e.g. validation, train[90%:]); "
+              "instead of --val_examples.")
+  flags.field("test_split", "[data] tfds split to test on.")
+  flags.field("image_size", "[data] H,W: resize every image (needed when sizes vary).")
+  flags.field("image_key", "[data] tfds feature holding the image (default image).")
+  flags.field("label_key", "[data] tfds feature holding the class label (default label).")
   flags.field("augment", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
   flags.field("device_augment", "[data] Augment inside the compiled train step (the host only "
               "reads, shuffles and batches uint8); false: per example in tf.data. Same batches either way.")

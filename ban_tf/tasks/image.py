@@ -46,8 +46,7 @@ class ImageClassification(base.Task):
 
   def load_data(self, cfg):
     from ban_tf import data  # pylint: disable=g-import-not-at-top
-    return data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                        val_examples=cfg.val_examples)
+    return data.Dataset.from_config(cfg)
 
   def spec(self, dataset):
     info = dataset.info

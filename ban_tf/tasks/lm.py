@@ -72,6 +72,10 @@ class LanguageModel(base.Task):
          "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
     need(not cfg.train_examples and not cfg.val_examples,
          "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
+    need(not (cfg.image_folder or cfg.image_size or cfg.image_key or cfg.label_key or cfg.val_split
+              or cfg.train_split != "train" or cfg.test_split != "test"),
+         "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
+         "drop them with --task=lm")
     need(not (cfg.feature_weight or cfg.share_stem_head or cfg.student_width_ratio != 1
               or cfg.densenet_compression != 0.5),
          "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
