@@ -108,7 +108,7 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   task = tasks.get(cfg.task)
   dataset = task.load_data(cfg)
   batch_size = batch_size or cfg.batch_size
-  pipelines = {s: getattr(dataset, s)(batch_size) for s in (SPLITS if split is None else (split,))}
+  pipelines = {s: getattr(dataset, s)(batch_size) for s in (("val", "test") if split is None else (split,))}
   if split == "val" and pipelines["val"] is None:
     raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0, no "
                             "--val_split or val/ folder): use --split=test")
