@@ -48,7 +48,7 @@ class Config:
   val_split: Optional[str] = None  # a named validation split (instead of --val_examples)
   test_split: str = "test"
   # (H, W) to resize every image to; () = the data set's own (fixed) size.
-  image_size: tuple = dataclasses.field(default=(), metadata={"item": int})
+  image_size: tuple = dataclasses.field(default=(), metadata={"item": int, "hint": "two integers H,W (e.g. 32,32)"})
   image_key: Optional[str] = None  # tfds feature names (default image, label)
   label_key: Optional[str] = None
   augment: str = "auto"
@@ -81,7 +81,8 @@ class Config:
   momentum: float = 0.9
   nesterov: bool = True
   weight_decay: float = 5e-4
-  lr_milestones: tuple = (0.3, 0.6, 0.8)
+  lr_milestones: tuple = dataclasses.field(default=(0.3, 0.6, 0.8),
+                                           metadata={"hint": "comma-separated fractions of the epochs"})
   lr_decay: float = 0.2
   # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
   lr_plateau_decay: float = 0.25
@@ -117,8 +118,8 @@ class Config:
         try:
           value = tuple(item(v) for v in value)
         except ValueError:
-          raise errors.UsageError(f"--{f.name}={','.join(value)}: use comma-separated "
-                                  f"{'integers' if item is int else 'numbers'}") from None
+          raise errors.UsageError(f"--{f.name}={','.join(value)}: use "
+                                  f"{f.metadata.get('hint', 'comma-separated numbers')}") from None
       kwargs[f.name] = value
     return cls(**kwargs)
 

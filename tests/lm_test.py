@@ -334,9 +334,9 @@ def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, reci
   assert (norm > clip) == (clip_scale < 1)  # the preset's clip does not fire here; the small one does
   factor = min(1.0, clip / norm)
   want = [w - recipe_lr * factor * g for w, g in zip(before, g_theirs)]
-  # ban_tf's step under the preset: the Distiller (per-token mean, global clip) and lm.make_optimizer.
+  # ban_tf's step under the preset: the Distiller (per-token mean, global clip) and the LM task's optimizer.
   model = distiller_lib.Distiller(student, clip_norm=cfg.clip_norm * clip_scale, weight_decay=cfg.weight_decay)
-  model.compile(optimizer=lm.make_optimizer(cfg))
+  model.compile(optimizer=tasks.get("lm").make_optimizer(cfg, steps_per_epoch=1))
   model.train_on_batch(x, y)
   for w, v in zip(want, student.trainable_variables):
     np.testing.assert_allclose(v.numpy(), w, rtol=1e-4, atol=1e-6)
