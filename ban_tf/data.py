@@ -118,16 +118,32 @@ class Dataset:
     return _distributable(ds.prefetch(AUTOTUNE)), steps
 
   def val(self, batch_size):
+    """Held-out batches (images, labels, weights); see `_eval`. None without a hold-out."""
     if not self.info.num_val:
       return None
-    return self._eval(self._train_src.skip(self._val_start), batch_size)
+    return self._eval(self._train_src.skip(self._val_start), self.info.num_val, batch_size)
 
   def test(self, batch_size):
-    return self._eval(self._test_src, batch_size)
+    """Test batches (images, labels, weights); see `_eval`."""
+    return self._eval(self._test_src, self.info.num_test, batch_size)
 
-  def _eval(self, src, batch_size):
-    ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32))).cache()
-    ds = ds.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE)
+  def _eval(self, src, n, batch_size):
+    """Every one of the `n` examples once, in order, as (images, labels, weights).
+
+    weights is 1.0 for an example and 0.0 for padding: the last batch is padded with
+    black, label-0 images to a full `batch_size`, so that under tf.distribute every
+    replica gets a share of every batch (an empty per-replica batch crashes oneDNN's
+    convolutions). Metrics weight by it (Distiller.test_step, evaluate.accuracy), so
+    the padding changes no number.
+    """
+    ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32), tf.constant(1.0)))
+    pad = -n % batch_size
+    if pad:
+      blank = (tf.zeros(self.info.image_shape, src.element_spec[0].dtype), tf.constant(0, tf.int32),
+               tf.constant(0.0))
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+    ds = ds.cache().batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32), y, w),
+                                          num_parallel_calls=AUTOTUNE)
     return _distributable(ds.prefetch(AUTOTUNE))
 
   def test_labels(self):

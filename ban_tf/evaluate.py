@@ -31,12 +31,17 @@ def load(path):
 
 
 def accuracy(model, dataset):
-  """Top-1 accuracy of a loaded SavedModel over a (images, labels) dataset."""
+  """Top-1 accuracy of a loaded SavedModel over (images, labels[, weights]) batches.
+
+  Examples of weight 0 are padding (data.Dataset pads the last batch) and are not counted.
+  """
   correct = total = 0
-  for x, y in dataset:
+  for batch in dataset:
+    x, y = batch[0], batch[1].numpy()
+    real = batch[2].numpy() > 0 if len(batch) > 2 else np.ones(y.shape, bool)
     pred = np.argmax(getattr(model, export.SERVE)(x).numpy(), axis=-1)
-    correct += int(np.sum(pred == y.numpy()))
-    total += int(y.shape[0])
+    correct += int(np.sum((pred == y) & real))
+    total += int(np.sum(real))
   return correct / total
 
 

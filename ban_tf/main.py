@@ -80,6 +80,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_string("strategy", "auto", "[run] auto (one device, --num_cpu_devices or all GPUs) or "
                       "multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG; --run_dir on shared storage).")
   flags.DEFINE_bool("deterministic", False, "[run] Enable TF op determinism (slower; identical reruns).")
+  flags.DEFINE_bool("sync_batchnorm", False, "[run] BatchNorm on the global batch's statistics across replicas "
+                    "(default: per-replica batch statistics, moving statistics averaged every step).")
   flags.DEFINE_bool("overwrite", False, "[run] Delete an existing --run_dir and start over.")
   flags.DEFINE_integer("steps_per_execution", 1, "[run] Train steps per compiled call.")
   flags.DEFINE_bool("jit_compile", False, "[run] Compile the train step with XLA.")
@@ -147,6 +149,7 @@ def config_from_flags(fv):
       batch_size=fv.batch_size, lr=fv.lr, momentum=fv.momentum, nesterov=fv.nesterov,
       weight_decay=fv.weight_decay, lr_milestones=milestones, lr_decay=fv.lr_decay, seed=fv.seed,
       run_dir=fv.run_dir, num_cpu_devices=fv.num_cpu_devices, strategy=fv.strategy, deterministic=fv.deterministic,
+      sync_batchnorm=fv.sync_batchnorm,
       overwrite=fv.overwrite, steps_per_execution=fv.steps_per_execution,
       jit_compile=fv.jit_compile, mixed_precision=fv.mixed_precision, verbose=fv.verbose)
 

@@ -252,6 +252,22 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return tf.cast(y, self.compute_dtype)
 
 
+def synchronize_batchnorm(model: keras.Model) -> int:
+  """Switches every BatchNormalization layer of `model` to synchronized batch statistics.
+
+  In training, each layer then normalises with the mean and variance of the global
+  batch (all-reduced over tf.distribute replicas: Keras `synchronized=True`, the
+  torch SyncBatchNorm behaviour), so its moving statistics are the same on every
+  replica. Costs three small all-reduces per layer and step; no effect on one
+  device or in inference. Saved in model.keras (the layer config). Returns the
+  number of layers switched.
+  """
+  layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  for layer in layers:
+    layer.synchronized = True
+  return len(layers)
+
+
 def _bn_relu(x, name):
   # Momentum 0.9 / eps 1e-5 follow the PyTorch defaults that the reference numbers used.
   x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
