@@ -30,6 +30,15 @@ over the global batch, never summed over a sequence (HF transformers #1181), and
 the teacher is applied at every unrolled position. `clip_norm` clips the norm of
 the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
 `global_clipnorm` would clip each replica's partial gradient before the sum.
+
+Evaluation (test_step) updates keras metrics (cross-entropy, accuracy and, for
+sequences, `Perplexity`), weighted by the optional third input element (0 marks the
+padding data.py adds to a last batch). Keras sums their totals and counts over
+replicas when a step returns exactly `self.metrics`, so evaluate() and fit's
+validation report the numbers of every example, as on one device, for any split.
+BatchNorm moving statistics are averaged over replicas after every train step
+(`_average_statistics`), so one set exists; models.synchronize_batchnorm
+(--sync_batchnorm) makes the batch statistics global instead.
 """
 
 import keras
@@ -262,9 +271,9 @@ class Distiller(keras.Model):
     weights = data[2] if len(data) > 2 else None  # 0 = padding
     logits = _tokens(tf.cast(self.student(x, training=False), tf.float32))
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
-    if weights is not None:  # one weight per example -> one per token
-      weights = tf.reshape(tf.cast(weights, tf.float32), [tf.shape(x)[0], -1])
-      weights = tf.reshape(tf.broadcast_to(weights, [tf.shape(x)[0], tf.shape(y)[0] // tf.shape(x)[0]]), [-1])
+    if weights is not None:  # one weight per example [B] -> one per token [B * T]
+      weights = tf.reshape(tf.cast(weights, tf.float32), [-1])
+      weights = tf.repeat(weights, tf.shape(y)[0] // tf.maximum(tf.shape(weights)[0], 1))
     ce = losses.label_ce(y, logits)
     self.label_tracker.update_state(ce, sample_weight=weights)  # a token mean for language models
     self.acc_tracker.update_state(y, logits, sample_weight=weights)

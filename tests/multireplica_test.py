@@ -111,6 +111,8 @@ def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
   keras.utils.set_random_seed(4)
   with strategy.scope():
     student = lm_models.build_model("lstm-1-8", vocab)
+    for v in student.trainable_variables:  # confident: each replica's rows get their own CE
+      v.assign(v * 60.0)
     model = distiller_lib.Distiller(student)
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # fit below leaves the weights as they are
   ce = np.concatenate([_np_ce(student.predict(x, verbose=0).reshape(-1, vocab), y.reshape(-1))
@@ -123,6 +125,14 @@ def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
   assert set(got) == {"label_loss", "accuracy", "perplexity"}
   np.testing.assert_allclose(got["label_loss"], ce.mean(), rtol=1e-5)
   np.testing.assert_allclose(got["perplexity"], math.exp(got["label_loss"]), rtol=1e-6)
+  # Per-row weights apply to every token of the row: zero-weight rows count for nothing.
+  w = np.r_[np.ones(rows // 2), np.zeros(rows - rows // 2)].astype(np.float32)
+  weighted = tf.data.Dataset.from_tensor_slices(
+      tuple(np.stack(a) for a in zip(*[(x, y) for x, y in wins[:2]]))).map(lambda x, y: (x, y, w))
+  half = np.concatenate([_np_ce(student.predict(x[:rows // 2], verbose=0).reshape(-1, vocab),
+                                y[:rows // 2].reshape(-1)) for x, y in wins[:2]])
+  got_w = model.evaluate(weighted, verbose=0, return_dict=True)
+  np.testing.assert_allclose(got_w["label_loss"], half.mean(), rtol=1e-5)
   # What the plateau schedule and history.json read: fit's validation logs.
   train = tf.data.Dataset.from_tensors(wins[0])
   hist = model.fit(train, validation_data=ds, epochs=1, verbose=0).history
@@ -222,7 +232,7 @@ def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
 
 # ---- kill and resume: bit-identical weights and metrics ----------------------------------------------
 RESUME_ARGS = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=192",
-               "--val_examples=50", "--batch_size=24", "--epochs=2", "--gens=0", "--deterministic",
+               "--val_examples=48", "--batch_size=24", "--epochs=2", "--gens=0", "--deterministic",
                "--verbose=0", "--num_cpu_devices=2"]
 
 
