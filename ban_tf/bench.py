@@ -3,6 +3,7 @@
   python -m ban_tf.bench --arch=preact-resnet-20 --batch_size=128 --steps=30
   python -m ban_tf.bench --dataset=fashion_mnist --data_dir=../shared/tensorflow_datasets
   python -m ban_tf.bench --dataset=cifar10 --mock_data --train_examples=50000  # tfds mock pixels
+  python -m ban_tf.bench --whole_run --flagfile=flags/smoke.flags --data_dir=../shared/tensorflow_datasets
 
 It measures, in one process and with the training binary's own flags (so
 `--jit_compile`, `--steps_per_execution`, `--mixed_precision`, `--weight_decay`
@@ -12,8 +13,16 @@ It measures, in one process and with the training binary's own flags (so
   (b) distill: the same Distiller taught by a SavedModel of the same
       architecture, exported to a temporary directory and loaded from disk with
       `export.load_teacher` (a TFSMLayer called inside the compiled step);
-  (c) input: `data.Dataset.train` alone (decode, per-epoch shuffle, augmentation,
-      batching), whole epochs, on the real data set.
+  (c) input: `data.Dataset.train` alone (decode, per-epoch shuffle, batching, and
+      per-example augmentation unless it runs in the step), whole epochs, on the
+      real data set, both ways: `input_host_aug_img_s` (augmenting on the host) and
+      `input_device_aug_img_s` (uint8 only: the host pipeline's ceiling when the
+      step augments); `input_img_s` is the one `--device_augment` selects;
+  (d) augment: `data.augment_batch` alone, compiled, on one batch: what
+      `--device_augment` adds to every step.
+
+With `--device_augment` (the default) (a) and (b) include the in-step augmentation
+of a uint8 batch, as in training.
 
 (a) and (b) run on one fixed batch held in memory, so they time the model only.
 Each figure is the median of `--reps` repetitions taken after `--warmup`
@@ -21,9 +30,17 @@ executions; (a) and (b) repetitions alternate, so a change in machine load hits
 both. The last line is machine-readable:
 
   supervised_img_s=... distill_img_s=... input_img_s=... ratio=... peak_rss_mb=...
+  input_host_aug_img_s=... input_device_aug_img_s=... augment_img_s=...
 
 `ratio` is the distillation step time over the supervised step time (FLOPs
-alone give about 4/3). `input_img_s` is `nan` for `--dataset=synthetic`.
+alone give about 4/3). The input figures are `nan` for `--dataset=synthetic`.
+
+`--whole_run` instead runs the training binary itself (its flags, a temporary
+run directory) and splits the wall time into phases (`whole_run`), ending with
+
+  train_share=... total_s=... startup_s=... data_open_s=... pipeline_s=... teacher_load_s=...
+  train_s=... eval_s=... checkpoint_tb_s=... export_s=... ensemble_s=... report_s=...
+  other_s=... train_img_s=...
 """
 
 import contextlib
@@ -43,6 +60,11 @@ import ban_tf
 FLAGS = flags.FLAGS
 
 
+# The machine-readable last line of the step benchmark, in order.
+RESULT_KEYS = ("supervised_img_s", "distill_img_s", "input_img_s", "ratio", "peak_rss_mb",
+               "input_host_aug_img_s", "input_device_aug_img_s", "augment_img_s")
+
+
 def define_flags(fv=FLAGS):
   """The training binary's flags plus the benchmark's own."""
   from ban_tf import main  # pylint: disable=g-import-not-at-top
@@ -60,6 +82,8 @@ def define_flags(fv=FLAGS):
   d.DEFINE_integer("inter_op_threads", 0, "[bench] tf.config.threading inter-op threads (0 = TF default).")
   d.DEFINE_integer("intra_op_threads", 0, "[bench] tf.config.threading intra-op threads (0 = TF default).")
   d.DEFINE_bool("keras_baseline", True, "[bench] Also time a plain Keras compile()/fit step of the student.")
+  d.DEFINE_bool("whole_run", False, "[bench] Time a whole real run (the training binary's flags, in a "
+                "temporary --run_dir) and split its wall time into phases, instead of the step benchmark.")
 
 
 def peak_rss_mb():
@@ -85,18 +109,22 @@ def describe_device():
           f"intra_op_threads={show(intra)} onednn={ban_tf.onednn_enabled()} tf={tf.__version__}")
 
 
-def _fixed_batch_iterator(model, x, y):
+def _fixed_batch_iterator(model, batch):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+  ds = tf.data.Dataset.from_tensors(tuple(batch)).repeat()
   return iter(model.distribute_strategy.experimental_distribute_dataset(ds))
 
 
 class StepTimer:
-  """Runs a compiled Keras train function on one fixed in-memory batch."""
+  """Runs a compiled Keras train function on one fixed in-memory batch.
 
-  def __init__(self, model, x, y):
+  `batch` is (images, labels), or (uint8 images, labels, example indices) for a
+  model that augments inside its step.
+  """
+
+  def __init__(self, model, batch):
     self.model = model
-    self.iterator = _fixed_batch_iterator(model, x, y)
+    self.iterator = _fixed_batch_iterator(model, batch)
     model.make_train_function()
     self.spe = model.steps_per_execution
 
@@ -111,7 +139,7 @@ class StepTimer:
     return executions * self.spe, time.perf_counter() - t0
 
 
-def _build_distiller(cfg, info, teacher, steps_per_epoch, seed):
+def _build_distiller(cfg, info, teacher, steps_per_epoch, seed, augment=None):
   from ban_tf import distiller  # pylint: disable=g-import-not-at-top
   from ban_tf import models  # pylint: disable=g-import-not-at-top
   from ban_tf import train  # pylint: disable=g-import-not-at-top
@@ -124,7 +152,7 @@ def _build_distiller(cfg, info, teacher, steps_per_epoch, seed):
   model = distiller.Distiller(
       student, teacher, loss=objective.get("loss", "ban"), temperature=objective.get("temperature", 1.0),
       kd_weight=objective.get("kd_weight", 1.0), label_weight=objective.get("label_weight", 0.0),
-      weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm)
+      weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm, augment=augment)
   optimizer = train.make_optimizer(cfg, steps_per_epoch)
   model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                 jit_compile=cfg.jit_compile)
@@ -161,19 +189,23 @@ def _median_rate(samples, batch_size):
   return batch_size / per_step
 
 
-def time_input(dataset, cfg, reps, input_batches):
+def time_input(dataset, cfg, reps, input_batches, device_augment=False):
   """Median images/s of `dataset.train` over `reps` repetitions (after one warm-up epoch).
 
+  With `device_augment` the pipeline only reads, shuffles and batches uint8 (its
+  augmentation runs in the train step); otherwise it augments every example.
   Returns (images/s, construction seconds for cfg.epochs epochs, steps per epoch).
   """
+  kw = {"device_augment": True} if device_augment else {}
   t0 = time.perf_counter()
   ds, steps = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment,
-                            epochs=cfg.epochs)
+                            epochs=cfg.epochs, **kw)
   build_s = time.perf_counter() - t0
   per_rep = input_batches or steps
   needed = 1 + -(-reps * per_rep // steps)  # warm-up epoch + the timed batches
   if needed > cfg.epochs:
-    ds, _ = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, epochs=needed)
+    ds, _ = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, epochs=needed,
+                          **kw)
   it = iter(ds)
   for _ in range(steps):  # warm-up: one epoch fills the cache
     next(it)
@@ -184,6 +216,23 @@ def time_input(dataset, cfg, reps, input_batches):
       next(it)
     samples.append((per_rep, time.perf_counter() - t0))
   return _median_rate(samples, cfg.batch_size), build_s, steps
+
+
+def time_augment(images, indices, seed, mode, reps, steps):
+  """Median images/s of `data.augment_batch` alone, compiled, on one batch (in-step cost)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  fn = tf.function(lambda x, i: tf.reduce_sum(data.augment_batch(x, i, seed, mode)))
+  images, indices = tf.constant(images), tf.constant(indices)
+  float(fn(images, indices))  # trace
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = fn(images, indices)
+    float(out)
+    samples.append((steps, time.perf_counter() - t0))
+  return _median_rate(samples, int(images.shape[0]))
 
 
 def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=(32, 32, 3),
@@ -211,7 +260,8 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
   say(f"arch={cfg.arch} batch_size={cfg.batch_size} steps={steps} reps={reps} warmup={warmup} "
       f"steps_per_execution={cfg.steps_per_execution} jit_compile={cfg.jit_compile} "
       f"mixed_precision={cfg.mixed_precision} replicas={strategy.num_replicas_in_sync} "
-      f"weight_decay={cfg.weight_decay} loss={cfg.resolved_loss}")
+      f"weight_decay={cfg.weight_decay} loss={cfg.resolved_loss} augment={cfg.resolved_augment} "
+      f"device_augment={cfg.resolved_device_augment}")
 
   dataset = None
   mock = tfds_mock(num_examples=cfg.train_examples or 50000) if mock_data else contextlib.nullcontext()
@@ -220,15 +270,21 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
     if cfg.dataset == "synthetic":
       info = _SyntheticInfo(image_shape, num_classes)
       rng = np.random.default_rng(cfg.seed)
-      x = rng.uniform(0, 255, (cfg.batch_size,) + info.image_shape).astype(np.float32)
+      x = rng.integers(0, 256, (cfg.batch_size,) + info.image_shape).astype(np.uint8)
       y = rng.integers(0, num_classes, (cfg.batch_size,)).astype(np.int32)
+      idx = np.arange(cfg.batch_size, dtype=np.int64)
       steps_per_epoch = 50000 // cfg.batch_size
     else:
-      dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                             val_examples=cfg.val_examples)
+      dataset = data.Dataset.from_config(cfg)
       info = dataset.info
-      ds, steps_per_epoch = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment)
-      x, y = next(iter(ds))
+      ds, steps_per_epoch = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment,
+                                          device_augment=True)
+      x, y, idx = (t.numpy() for t in next(iter(ds)))
+    on_device = cfg.resolved_device_augment
+    # The timed steps see what training sees: uint8 pixels augmented in the step, or
+    # the host's augmented float32 pixels.
+    batch = (x, y, idx) if on_device else (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y)
+    augment = (lambda im, i: data.augment_batch(im, i, cfg.seed, cfg.resolved_augment)) if on_device else None
     say(f"data={info.name}{' (tfds mock)' if mock_data else ''} image_shape={info.image_shape} "
         f"classes={info.num_classes}")
 
@@ -239,12 +295,12 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
       export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), info.image_shape)
       teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=info.num_classes)
       with strategy.scope():
-        supervised = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed)
-        distill = _build_distiller(cfg, info, teacher, steps_per_epoch, cfg.seed + 1)
+        supervised = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed, augment)
+        distill = _build_distiller(cfg, info, teacher, steps_per_epoch, cfg.seed + 1, augment)
         baseline = _build_keras_baseline(cfg, info, steps_per_epoch) if keras_baseline else None
-      timers = {"supervised": StepTimer(supervised, x, y), "distill": StepTimer(distill, x, y)}
-      if baseline is not None:
-        timers["keras_fit"] = StepTimer(baseline, x, y)
+      timers = {"supervised": StepTimer(supervised, batch), "distill": StepTimer(distill, batch)}
+      if baseline is not None:  # Keras' own step: host-augmented float32 pixels
+        timers["keras_fit"] = StepTimer(baseline, (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y))
       for name, timer in timers.items():
         t0 = time.perf_counter()
         timer.run(warmup * timer.spe)
@@ -264,19 +320,159 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
 
     results["ratio"] = results["supervised_img_s"] / results["distill_img_s"]
     say(f"distill/supervised step time: {results['ratio']:.3f} (FLOPs alone: ~1.33)")
+    results["augment_img_s"] = time_augment(x, idx, cfg.seed, cfg.resolved_augment, reps, steps)
+    say(f"   augment: {results['augment_img_s']:8.1f} img/s  (data.augment_batch alone, compiled: the "
+        f"in-step cost of --device_augment, {cfg.resolved_augment})")
     if dataset is not None:
-      rate, build_s, spe = time_input(dataset, cfg, reps, input_batches)
-      results["input_img_s"] = rate
-      say(f"     input: {rate:8.1f} img/s  ({rate / results['supervised_img_s']:.1f}x the supervised "
-          f"step, {rate / results['distill_img_s']:.1f}x the distill step); pipeline of "
-          f"{cfg.epochs} epochs x {spe} steps built in {build_s:.2f}s")
+      for where in ("device", "host"):
+        rate, build_s, spe = time_input(dataset, cfg, reps, input_batches, device_augment=where == "device")
+        results[f"input_{where}_aug_img_s"] = rate
+        say(f"{'input, ' + where + ' aug':>19}: {rate:8.1f} img/s  ({rate / results['supervised_img_s']:.1f}x "
+            f"the supervised step, {rate / results['distill_img_s']:.1f}x the distill step); pipeline of "
+            f"{cfg.epochs} epochs x {spe} steps built in {build_s:.2f}s")
+      results["input_img_s"] = results["input_device_aug_img_s" if on_device else "input_host_aug_img_s"]
     else:
-      results["input_img_s"] = float("nan")
+      results["input_img_s"] = results["input_device_aug_img_s"] = results["input_host_aug_img_s"] = float("nan")
       say("     input: not measured (--dataset=synthetic)")
   results["peak_rss_mb"] = peak_rss_mb()
-  say(" ".join(f"{k}={results[k]:.{3 if k == 'ratio' else 1}f}"
-               for k in ("supervised_img_s", "distill_img_s", "input_img_s", "ratio", "peak_rss_mb")))
+  say(" ".join(f"{k}={results[k]:.{3 if k == 'ratio' else 1}f}" for k in RESULT_KEYS))
   return results
+
+
+def process_age_s():
+  """Seconds since this process started (Linux /proc; 0.0 where unavailable)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+  except (OSError, ValueError, IndexError):
+    return 0.0
+
+
+class PhaseClock:
+  """Exclusive wall time per phase: time spent in a nested phase counts only there.
+
+  `wrap(owner, attr, phase)` returns a mock.patch.object context that times every
+  call of owner.attr as `phase`.
+  """
+
+  def __init__(self):
+    self.seconds = {}
+    self.calls = {}
+    self._stack = []  # [phase, start of its current exclusive stretch]
+
+  @contextlib.contextmanager
+  def phase(self, name):
+    now = time.perf_counter()
+    if self._stack:
+      outer = self._stack[-1]
+      self.seconds[outer[0]] = self.seconds.get(outer[0], 0.0) + now - outer[1]
+    self._stack.append([name, now])
+    try:
+      yield
+    finally:
+      end = time.perf_counter()
+      inner = self._stack.pop()
+      self.seconds[name] = self.seconds.get(name, 0.0) + end - inner[1]
+      self.calls[name] = self.calls.get(name, 0) + 1
+      if self._stack:
+        self._stack[-1][1] = end
+
+  @contextlib.contextmanager
+  def wrap(self, owner, attr, name, before=None):
+    """Times every call of owner.attr as `name` (calling `before(*args)` first) meanwhile."""
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    original = getattr(owner, attr)
+
+    def timed(*args, **kwargs):
+      if before is not None:
+        before(*args)
+      with self.phase(name):
+        return original(*args, **kwargs)
+    with mock.patch.object(owner, attr, timed):
+      yield
+
+
+# Phases of --whole_run, in report order; "other" is what none of them covers (strategy
+# and model construction, run-directory bookkeeping, results tables).
+WHOLE_RUN_PHASES = ("startup", "data_open", "pipeline", "teacher_load", "train", "eval",
+                    "checkpoint_tb", "export", "ensemble", "report", "other")
+
+
+def whole_run(cfg, out=sys.stdout):
+  """Runs `main.run(cfg)` in a temporary run directory and splits its wall time.
+
+  Phases: startup (process start to here: interpreter, TensorFlow and Keras
+  imports), data_open (tfds builder, split counts, channel statistics), pipeline
+  (building the epoch pipelines), teacher_load (SavedModel fingerprint check and
+  TFSMLayer), train (Keras fit minus what is below: the training steps, including
+  tracing, and the input waits), eval (validation each epoch, final test/val),
+  checkpoint_tb (history.json, TensorBoard scalars and the epoch checkpoint),
+  export (SavedModel with fingerprint, model.keras), ensemble (BANE evaluation),
+  report (report.png, hparams), other. Returns the figures as a dict and ends with
+  one machine-readable line.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  from ban_tf import distiller  # pylint: disable=g-import-not-at-top
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import generations  # pylint: disable=g-import-not-at-top
+  from ban_tf import main  # pylint: disable=g-import-not-at-top
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+  from ban_tf import train  # pylint: disable=g-import-not-at-top
+
+  startup = process_age_s()
+  t0 = time.perf_counter()
+  clock = PhaseClock()
+  images = {"n": 0}
+
+  def count_epoch(callback, *unused):  # one trained epoch: steps x global batch images
+    images["n"] += int(callback.params.get("steps") or 0) * cfg.batch_size
+
+  tmp = tempfile.mkdtemp(prefix="ban_whole_run_")
+  cfg = dataclasses.replace(cfg, run_dir=os.path.join(tmp, "run"), overwrite=True)
+  logging.set_verbosity(logging.WARNING)
+  patches = [
+      clock.wrap(data.Dataset, "__init__", "data_open"),
+      clock.wrap(data.Dataset, "train", "pipeline"),
+      clock.wrap(export, "load_teacher", "teacher_load"),
+      clock.wrap(distiller.Distiller, "fit", "train"),
+      clock.wrap(distiller.Distiller, "evaluate", "eval"),
+      clock.wrap(train._EpochState, "on_epoch_end", "checkpoint_tb", before=count_epoch),  # pylint: disable=protected-access
+      clock.wrap(export, "export_saved_model", "export"),
+      clock.wrap(export, "save_keras", "export"),
+      clock.wrap(generations, "evaluate_ensemble", "ensemble"),
+      clock.wrap(report, "write_report", "report"),
+  ]
+  try:
+    with contextlib.ExitStack() as stack:
+      for p in patches:
+        stack.enter_context(p)
+      with contextlib.redirect_stdout(sys.stderr):  # the results table is not the report
+        main.run(cfg)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  run_s = time.perf_counter() - t0
+  s = {k: clock.seconds.get(k, 0.0) for k in WHOLE_RUN_PHASES}
+  s["startup"] = startup
+  s["other"] = max(0.0, run_s - sum(v for k, v in s.items() if k not in ("startup", "other")))
+  total = startup + run_s
+  res = {f"{k}_s": v for k, v in s.items()}
+  res["total_s"] = total
+  res["train_share"] = s["train"] / total
+  res["train_img_s"] = images["n"] / s["train"] if s["train"] else float("nan")
+  print(f"whole run: {cfg.dataset} {cfg.arch} gens={cfg.gens} epochs={cfg.epochs} batch={cfg.batch_size} "
+        f"device_augment={cfg.resolved_device_augment}; {images['n']} training images", file=out)
+  for k in WHOLE_RUN_PHASES:
+    print(f"{k:>14}: {s[k]:7.2f} s  {100 * s[k] / total:5.1f}%", file=out)
+  print(f"{'total':>14}: {total:7.2f} s", file=out)
+  print(" ".join([f"train_share={res['train_share']:.3f}", f"total_s={total:.2f}"]
+                 + [f"{k}_s={s[k]:.2f}" for k in WHOLE_RUN_PHASES]
+                 + [f"train_img_s={res['train_img_s']:.1f}"]), file=out, flush=True)
+  return res
 
 
 @contextlib.contextmanager
@@ -306,6 +502,9 @@ def main(argv):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
+    if FLAGS.whole_run:
+      whole_run(cfg)
+      return
     run(cfg, FLAGS.steps, FLAGS.reps, FLAGS.warmup, FLAGS.input_batches, FLAGS.mock_data, shape,
         FLAGS.num_classes, FLAGS.keras_baseline)
   except errors.UsageError as e:

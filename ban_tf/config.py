@@ -20,7 +20,7 @@ _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 # Fields that do not change what is trained: they may differ when a run resumes.
 NON_EXPERIMENT_FIELDS = frozenset({
     "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "seeds", "strategy",
+    "steps_per_execution", "seeds", "strategy", "device_augment",
 })
 STRATEGIES = ("auto", "multi_worker")
 
@@ -34,7 +34,17 @@ class Config:
   data_dir: Optional[str] = None
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
+  image_folder: Optional[str] = None  # DIR/{train,test[,val]}/<class>/<image> instead of tfds
+  train_split: str = "train"  # tfds split names; slices such as train[:90%] work
+  val_split: Optional[str] = None  # a named validation split (instead of --val_examples)
+  test_split: str = "test"
+  image_size: tuple = ()  # (H, W) to resize every image to; () = the data set's own (fixed) size
+  image_key: Optional[str] = None  # tfds feature names (default image, label)
+  label_key: Optional[str] = None
   augment: str = "auto"
+  # Augment in the compiled train step instead of per example on the host (bit-identical
+  # batches either way, so it may differ on resume; docs/performance.md for the default).
+  device_augment: bool = True
   ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
   vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
   bptt: int = 35  # lm: unrolled steps per window
@@ -43,6 +53,7 @@ class Config:
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
   student_width_ratio: float = 1.0  # -match- students: widths = ratio x teacher's blocks
   share_stem_head: bool = False  # copy + freeze the teacher's "stem" and "logits" (Table 5)
+  densenet_compression: float = 0.5  # transition compression of a DenseNet --arch (Table 4)
   dropout: float = 0.0
   # Generations and objective.
   gens: int = 3
@@ -120,28 +131,42 @@ class Config:
 
   def arch_for(self, gen: int) -> str:
     """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
-    if gen == 0:
-      return self.teacher_arch or self.arch
     from ban_tf import models  # pylint: disable=g-import-not-at-top
-    return models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    if gen == 0 and self.teacher_arch:
+      return self.teacher_arch
+    arch = self.arch if gen == 0 else models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    return models.with_compression(arch, self.densenet_compression)
 
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
     return [self.seed + 100 * i for i in range(self.seeds)]
 
   @property
+  def data_name(self) -> str:
+    """The tfds name, or the image folder's name."""
+    if self.image_folder:
+      return os.path.basename(os.path.normpath(self.image_folder))
+    return self.dataset
+
+  @property
   def resolved_augment(self) -> str:
     if self.augment != "auto":
       return self.augment
-    return "crop" if self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+    return "crop" if not self.image_folder and self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+
+  @property
+  def resolved_device_augment(self) -> bool:
+    """Augmentation in the train step: image tasks only (text has none)."""
+    return self.device_augment and self.task == "image"
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
-    return os.path.join("runs", f"{self.dataset.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
+    return os.path.join("runs", f"{self.data_name.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["lr_milestones"] = list(self.lr_milestones)
+    d["image_size"] = list(self.image_size)
     d["resolved"] = dict(self.objective(), augment=self.resolved_augment)
     return d
 
@@ -151,6 +176,9 @@ class Config:
   def experiment_diff(self, stored: dict) -> list:
     """Fields that differ from a stored config.json and change the experiment."""
     mine = self.to_dict()
+    # A field missing from an older config.json did not exist then: the run used
+    # what is now its default.
+    stored = dict(Config().to_dict(), **stored)
     keys = (set(mine) | set(stored)) - NON_EXPERIMENT_FIELDS
     return sorted(k for k in keys if mine.get(k) != stored.get(k))
 
@@ -179,6 +207,15 @@ class Config:
     need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1)")
     need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
     need(self.val_examples >= 0, f"--val_examples={self.val_examples}: must be >= 0")
+    need(len(self.image_size) in (0, 2) and all(int(v) >= 1 for v in self.image_size),
+         f"--image_size={','.join(map(str, self.image_size))}: use two positive integers H,W (e.g. 32,32)")
+    need(not (self.val_split and self.val_examples),
+         f"--val_split={self.val_split} and --val_examples={self.val_examples} both name a validation split: drop one")
+    need(bool(self.train_split) and bool(self.test_split), "--train_split and --test_split must not be empty")
+    need(not self.image_folder or not (self.val_split or self.image_key or self.label_key
+                                       or self.train_split != "train" or self.test_split != "test"),
+         "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
+         "--image_key/--label_key")
     need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
          f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
@@ -214,8 +251,14 @@ class Config:
            "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
       need(not self.train_examples and not self.val_examples,
            "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
-      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1),
-           "--feature_weight, --share_stem_head and --student_width_ratio are image-only: drop them with --task=lm")
+      need(not (self.image_folder or self.image_size or self.image_key or self.label_key or self.val_split
+                or self.train_split != "train" or self.test_split != "test"),
+           "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
+           "drop them with --task=lm")
+      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1
+                or self.densenet_compression != 0.5),
+           "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
+           "drop them with --task=lm")
     from ban_tf import models  # local import: models pulls in keras
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
     if self.task == "lm":
@@ -227,6 +270,14 @@ class Config:
            "use --arch=wrn-match-U or prebn-match-U")
       need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
            f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
+      need(0 < self.densenet_compression <= 1,
+           f"--densenet_compression={self.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)")
+      if self.densenet_compression != 0.5:
+        try:
+          models.with_compression(self.arch, self.densenet_compression)
+        except ValueError as e:
+          raise errors.UsageError(f"--densenet_compression={self.densenet_compression:g} applies to a "
+                                  f"densenet-D-K --arch without a -c suffix: {e}") from None
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):
       if arch is not None:
         try:

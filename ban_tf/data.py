@@ -1,15 +1,28 @@
-"""tf.data input pipelines for any tfds image-classification data set.
+"""tf.data input pipelines for image classification: tfds data sets or image folders.
 
-Splits: the first `num_train` examples of tfds' `train` split train the model, the
-last `num_val` are held out as a validation split (used for any selection), and
-tfds' `test` split is only ever evaluated, at the end of a generation.
+Sources: a tfds data set by name (any split names and slices, e.g. `train[:90%]`;
+any image/label feature names), or a folder DIR/{train,test[,val]}/<class>/<image>
+(decoded with tf.io.decode_image, files in sorted order).
+Images of varying size are resized to one size (`image_size`).
+
+Splits: the first `num_train` examples of the train split train the model; the
+validation split is a named one (`val_split`, DIR/val) or the last `num_val`
+training examples (`val_examples`), and is used for any selection; the test split
+is only ever evaluated, at the end of a generation.
 
 Training data is a function of (seed, epoch) only: each epoch has its own shuffle
 seed and per-example stateless augmentation seeds, so a run resumed at epoch e sees
 exactly the batches an uninterrupted run would have seen.
+
+Augmentation runs either on the host, per example in tf.data (`augment_image`), or
+in the compiled train step (`augment_batch`, `device_augment=True`): the host then
+only reads uint8 pixels, shuffles and batches, and sends each batch with the global
+index of its examples. Both draw the same crop offsets and flips from the same
+(seed, example index) and give bit-identical float32 images (tests/data_test.py).
 """
 
 import dataclasses
+import functools
 import os
 import socket
 
@@ -42,41 +55,66 @@ class DataInfo:
 
 
 class Dataset:
-  """One tfds data set with its splits, statistics and pipelines."""
+  """One image-classification data set with its splits, statistics and pipelines.
 
-  def __init__(self, name, data_dir=None, *, train_examples=0, val_examples=0):
-    self._builder = _builder(name, data_dir)
-    features = self._builder.info.features
-    if "image" not in features or "label" not in features:
-      raise errors.DataError(
-          f"dataset {name!r} has no 'image'/'label' features: use an image-classification data set")
-    image_shape = tuple(features["image"].shape)
-    if None in image_shape:
-      raise errors.DataError(
-          f"dataset {name!r} has images of varying size {image_shape}: only fixed-size images are supported")
-    splits = self._builder.info.splits
-    if splits and "test" not in splits:
-      raise errors.DataError(f"dataset {name!r} has no 'test' split (it has {', '.join(splits)})")
-    self._train_src = self._split("train")
-    self._test_src = self._split("test")
+  Args:
+    name: a tfds data set name (ignored with `image_folder`).
+    data_dir: the TFDS data directory (None: tfds' default).
+    train_examples: use only the first N training examples (0 = all).
+    val_examples: hold out the last N training examples as validation.
+    image_folder: a directory DIR with train/<class>/*, test/<class>/* and optionally
+      val/<class>/* images (bmp, gif, jpeg, png); class names are the folder names.
+    train_split, val_split, test_split: tfds split names, slices allowed
+      ("train[:90%]", "validation"); val_split None: no named validation split.
+    image_size: (H, W) to resize every image to (bilinear, rounded back to uint8
+      pixels); () keeps the data set's own size, which must then be fixed.
+    image_key, label_key: the tfds features holding the image and the class label
+      (default "image" and "label").
+
+  Raises:
+    errors.DataError / errors.UsageError: one line naming the fix.
+  """
+
+  def __init__(self, name, data_dir=None, *, train_examples=0, val_examples=0, image_folder=None,
+               train_split="train", val_split=None, test_split="test", image_size=(),
+               image_key=None, label_key=None):
+    if image_folder:
+      source = _folder_source(image_folder, tuple(image_size))
+    else:
+      source = _tfds_source(name, data_dir, train_split, val_split, test_split, tuple(image_size),
+                            image_key, label_key)
+    name, image_shape = source["name"], source["image_shape"]
+    self._train_src = source["train"]
+    self._test_src = source["test"]
+    self._val_src = source["val"]
     total = _count(self._train_src)
+    if self._val_src is not None and val_examples:
+      raise errors.UsageError(
+          f"--val_examples={val_examples} and a validation split ({source['val_name']}) are both given: "
+          "drop one of them")
     if val_examples >= total:
       raise errors.UsageError(
           f"--val_examples={val_examples} leaves no training data ({name} has {total}): use fewer")
     available = total - val_examples
     num_train = min(train_examples, available) if train_examples else available
-    num_classes = features["label"].num_classes
-    names = tuple(features["label"].names) if hasattr(features["label"], "names") else ()
+    if val_examples:
+      self._val_src = self._train_src.skip(total - val_examples)
+    num_val = _count(self._val_src) if self._val_src is not None else 0
     mean, std = _channel_stats(self._train_src.take(min(num_train, _STATS_EXAMPLES)), image_shape[-1])
     self.info = DataInfo(
-        name=name, num_classes=num_classes, image_shape=image_shape, class_names=names,
-        num_train=num_train, num_val=val_examples, num_test=_count(self._test_src),
-        mean=mean, std=std)
-    self._val_start = total - val_examples
+        name=name, num_classes=source["num_classes"], image_shape=image_shape,
+        class_names=source["class_names"], num_train=num_train, num_val=num_val,
+        num_test=_count(self._test_src), mean=mean, std=std)
 
-  def _split(self, split):
-    ds = self._builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-    return ds
+  @classmethod
+  def from_config(cls, cfg, data_dir=None):
+    """The data set a Config (or a run's config.json as a dict) names."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return cls(get("dataset"), data_dir or get("data_dir"), train_examples=get("train_examples", 0),
+               val_examples=get("val_examples", 0), image_folder=get("image_folder"),
+               train_split=get("train_split") or "train", val_split=get("val_split"),
+               test_split=get("test_split") or "test", image_size=tuple(get("image_size") or ()),
+               image_key=get("image_key"), label_key=get("label_key"))
 
   # ---- pipelines --------------------------------------------------------------
   def steps_per_epoch(self, batch_size):
@@ -87,8 +125,18 @@ class Dataset:
           f"--batch_size={batch_size} exceeds the {self.info.num_train} training examples: use a smaller batch or more examples")
     return steps
 
-  def train(self, batch_size, *, seed, augment, first_epoch=0, epochs=1):
+  def train(self, batch_size, *, seed, augment, first_epoch=0, epochs=1, device_augment=False):
     """Batches for epochs [first_epoch, epochs), drop_remainder, augmented.
+
+    Args:
+      batch_size: global batch size.
+      seed: the run's seed; with the epoch it fixes the order and the augmentation.
+      augment: none | crop | flip | flip_crop.
+      first_epoch, epochs: the epochs [first_epoch, epochs) to produce.
+      device_augment: if False, elements are (float32 images [B, H, W, C] augmented
+        on the host, int32 labels [B]); if True, (uint8 images [B, H, W, C] as
+        stored, int32 labels [B], int64 global example indices [B]), to be passed
+        through `augment_batch(images, indices, seed, augment)` inside the step.
 
     Returns (dataset, steps_per_epoch).
     """
@@ -106,22 +154,33 @@ class Dataset:
     for epoch in range(first_epoch + 1, epochs):
       ds = ds.concatenate(shuffled(epoch))
     seed = int(seed)
+    ds = ds.enumerate(start=first_epoch * per_epoch)  # i = global example index
+    if device_augment:
+      def split(i, example):
+        return example[0], tf.cast(example[1], tf.int32), i
+      ds = ds.batch(batch_size, drop_remainder=True).map(split, num_parallel_calls=AUTOTUNE,
+                                                         deterministic=True)
+      return _distributable(ds.prefetch(AUTOTUNE)), steps
 
     def aug(i, example):  # i = global example index, so augmentation depends on (seed, epoch, slot)
       image, label = example
       image = augment_image(image, tf.stack([tf.constant(seed, tf.int64), i]), augment, (h, w))
       return image, tf.cast(label, tf.int32)
 
-    ds = ds.enumerate(start=first_epoch * per_epoch).map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _distributable(ds.prefetch(AUTOTUNE)), steps
+
+  def train_augmenter(self, seed, augment):
+    """The in-step half of `train(device_augment=True)`: (uint8 images, indices) -> float32."""
+    return functools.partial(augment_batch, seed=int(seed), mode=augment)
 
   def val(self, batch_size):
     """Held-out batches (images, labels, weights); see `_eval`. None without a hold-out."""
     if not self.info.num_val:
       return None
-    return self._eval(self._train_src.skip(self._val_start), self.info.num_val, batch_size)
+    return self._eval(self._val_src, self.info.num_val, batch_size)
 
   def test(self, batch_size):
     """Test batches (images, labels, weights); see `_eval`."""
@@ -161,6 +220,111 @@ def augment_image(image, seed, mode, size, pad=4):
   return image
 
 
+# Philox-4x32-10 (Salmon et al. 2011), the generator behind TensorFlow's stateless
+# random ops on CPU and GPU. tf.image.stateless_random_crop/flip take one seed per
+# call and tf.vectorized_map falls back to a sequential loop for them (pfor.py), so
+# `augment_batch` evaluates the same generator for a whole batch of seeds with
+# element-wise int64 ops: every value stays below 2**50, so nothing overflows, and
+# the draws are bit-identical to TF's (tests/data_test.py checks them against
+# tf.random.stateless_uniform). Our own code because the equivalence with the host
+# path (and so resume exactness across the two paths) needs the exact bits.
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_SEED_KEY = (0x3EC8F720, 0x02461E29)  # TF's key for turning a seed into (key, counter)
+_FLIP_SEED_OFFSET = 7919  # augment_image's flip seed is seed + [0, 7919]
+
+
+def _shr(x, n):
+  return tf.bitwise.right_shift(x, tf.constant(n, tf.int64))
+
+
+def _low32(x):
+  return tf.bitwise.bitwise_and(x, tf.constant(_MASK32, tf.int64))
+
+
+def _mulhilo(a, b):
+  """(high, low) 32-bit halves of a * b; a: a Python uint32, b: int64 in [0, 2**32)."""
+  a_hi, a_lo = a >> 16, a & 0xFFFF
+  b_hi, b_lo = _shr(b, 16), tf.bitwise.bitwise_and(b, tf.constant(0xFFFF, tf.int64))
+  low = tf.bitwise.left_shift(a_hi * b_lo + a_lo * b_hi, tf.constant(16, tf.int64)) + a_lo * b_lo
+  return _low32(a_hi * b_hi + _shr(low, 32)), _low32(low)
+
+
+def _philox(counter, key):
+  """One Philox-4x32-10 block: 4 counter words and 2 key words (int64 tensors < 2**32)."""
+  c0, c1, c2, c3 = counter
+  k0, k1 = key
+  xor = tf.bitwise.bitwise_xor
+  for r in range(10):
+    hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+    hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+    c0, c1, c2, c3 = xor(xor(hi1, c1), k0), lo1, xor(xor(hi0, c3), k1), lo0
+    if r < 9:
+      k0, k1 = _low32(k0 + _PHILOX_W[0]), _low32(k1 + _PHILOX_W[1])
+  return c0, c1, c2, c3
+
+
+def _stateless_bits(seed0, seed1):
+  """The first 4 uint32 (as int64 [N]) that a TF stateless op seeded [seed0, seed1] draws.
+
+  seed0: a Python int; seed1: int64 [N]. Mirrors StatelessRandomGetKeyCounter
+  (the seed is scrambled by one Philox block into a key and a counter).
+  """
+  s0 = tf.fill(tf.shape(seed1), tf.constant(seed0, tf.int64))
+  counter = (_low32(s0), _low32(_shr(s0, 32)), _low32(seed1), _low32(_shr(seed1, 32)))
+  mix = _philox(counter, (tf.fill(tf.shape(seed1), tf.constant(_SEED_KEY[0], tf.int64)),
+                          tf.fill(tf.shape(seed1), tf.constant(_SEED_KEY[1], tf.int64))))
+  zero = tf.zeros_like(seed1)
+  return _philox((zero, zero, mix[2], mix[3]), (mix[0], mix[1]))
+
+
+def _reflect(q, pad, size):
+  """Index into the unpadded axis of a REFLECT-padded index q in [0, size + 2 * pad)."""
+  r = tf.abs(q - pad)
+  return (size - 1) - tf.abs((size - 1) - r)
+
+
+def augment_batch(images, indices, seed, mode, pad=4):
+  """`augment_image` for a whole batch, vectorised: what the train step runs on device.
+
+  Args:
+    images: uint8 (or any real dtype) [B, H, W, C], as stored.
+    indices: int64 [B], each example's global index (the host path's `i`).
+    seed: the run's seed (a Python int), as passed to `Dataset.train`.
+    mode: none | crop | flip | flip_crop.
+    pad: reflection padding of the crop, as in `augment_image`.
+
+  Returns:
+    float32 [B, H, W, C], bit-identical to `augment_image` on each example.
+  """
+  images = tf.cast(images, tf.float32)
+  if mode not in ("crop", "flip", "flip_crop"):
+    return images
+  h, w = images.shape[1], images.shape[2]
+  indices = tf.cast(indices, tf.int64)
+  rows = tf.range(h, dtype=tf.int64)[None, :]
+  cols = tf.range(w, dtype=tf.int64)[None, :]
+  if mode in ("crop", "flip_crop"):
+    # stateless_random_crop: uniform int32 in [0, 2**31 - 1) per axis, mod (2 * pad + 1).
+    bits = _stateless_bits(int(seed), indices)
+    oy = tf.math.floormod(tf.math.floormod(bits[0], 2 ** 31 - 1), 2 * pad + 1)
+    ox = tf.math.floormod(tf.math.floormod(bits[1], 2 ** 31 - 1), 2 * pad + 1)
+    rows = _reflect(oy[:, None] + rows, pad, h)
+    cols = _reflect(ox[:, None] + cols, pad, w)
+  else:
+    rows = tf.broadcast_to(rows, [tf.shape(indices)[0], h])
+    cols = tf.broadcast_to(cols, [tf.shape(indices)[0], w])
+  if mode in ("flip", "flip_crop"):
+    # stateless_random_flip_left_right: flips when its float32 uniform u < 0.5, i.e.
+    # when bit 22 (the top mantissa bit) of the first draw is 0.
+    u_bits = _stateless_bits(int(seed), indices + _FLIP_SEED_OFFSET)[0]
+    flip = tf.equal(tf.bitwise.bitwise_and(u_bits, tf.constant(1 << 22, tf.int64)), 0)
+    cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
+  images = tf.gather(images, rows, axis=1, batch_dims=1)
+  return tf.gather(images, cols, axis=2, batch_dims=1)
+
+
 def _distributable(ds):
   """Multi-worker input: every worker builds the same pipeline and keeps its share of
   the batches (DATA sharding); tfds' single-file splits cannot be sharded by FILE."""
@@ -171,6 +335,136 @@ def _distributable(ds):
 
 def _to_float(images, labels):
   return tf.cast(images, tf.float32), labels
+
+
+# ---- sources: (uint8 image [H, W, C], int label) datasets in a fixed order -----
+IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what tf.io.decode_image reads
+FOLDER_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+def _resizer(size):
+  """Resizes uint8 images to `size` (bilinear), rounding back to uint8 pixels."""
+  def resize(image, label):
+    image = tf.image.resize(image, size, method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+  return resize
+
+
+def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size, image_key, label_key):
+  builder = _builder(name, data_dir)
+  features = builder.info.features
+  have = ", ".join(sorted(features.keys()))
+  image_key = image_key or "image"
+  label_key = label_key or "label"
+  for flag, key, kind in (("--image_key", image_key, "image"), ("--label_key", label_key, "class label")):
+    if key not in features:
+      raise errors.DataError(
+          f"dataset {name!r} has no {key!r} feature (its features: {have}): pass {flag}=<its {kind} feature>")
+  if not isinstance(features[image_key], tfds.features.Image):
+    raise errors.DataError(f"dataset {name!r}: feature {image_key!r} is not an image (its features: {have}): "
+                           "pass --image_key=<its image feature>")
+  if not isinstance(features[label_key], tfds.features.ClassLabel):
+    raise errors.DataError(f"dataset {name!r}: feature {label_key!r} is not a class label (its features: "
+                           f"{have}): pass --label_key=<its class-label feature>")
+  shape = tuple(features[image_key].shape)
+  if None in shape[:2] and not image_size:
+    raise errors.DataError(
+        f"dataset {name!r} has images of varying size {shape}: pass --image_size=H,W to resize them")
+  if shape[-1] is None:
+    raise errors.DataError(f"dataset {name!r} has images with a varying number of channels: unsupported")
+  resize = _resizer(image_size) if image_size and tuple(image_size) != shape[:2] else None
+
+  def split(flag, spec):
+    try:
+      ds = builder.as_dataset(split=spec, shuffle_files=False)
+    except Exception as e:  # pylint: disable=broad-except  (tfds raises several kinds)
+      raise errors.DataError(
+          f"{flag}={spec!r}: not a split of {name!r} ({_short(e)}); its splits: "
+          f"{', '.join(builder.info.splits) or 'none'} (slices like train[:90%] work)") from None
+    ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True) if resize else ds
+
+  label = features[label_key]
+  return {
+      "name": name, "train": split("--train_split", train_split), "test": split("--test_split", test_split),
+      "val": split("--val_split", val_split) if val_split else None, "val_name": f"--val_split={val_split}",
+      "num_classes": label.num_classes, "class_names": tuple(label.names),
+      "image_shape": tuple(image_size) + shape[-1:] if image_size else shape,
+  }
+
+
+def _folder_files(directory):
+  """{class name: sorted image paths} of DIR/<class>/*."""
+  classes = sorted(d for d in os.listdir(directory)
+                   if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+  return {c: sorted(os.path.join(directory, c, f) for f in os.listdir(os.path.join(directory, c))
+                    if f.lower().endswith(IMAGE_FORMATS)) for c in classes}
+
+
+def _folder_source(root, image_size):
+  """DIR/{train,test[,val]}/<class>/<image>; classes from train/'s folder names."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  fix = "lay it out as DIR/train/<class>/*.png and DIR/test/<class>/*.png (optional DIR/val/<class>/*)"
+  if not os.path.isdir(root):
+    raise errors.DataError(f"--image_folder={root} does not exist: {fix}")
+  files = {}
+  for split in ("train", "val", "test"):
+    path = os.path.join(root, split)
+    if os.path.isdir(path):
+      files[split] = _folder_files(path)
+  for split in ("train", "test"):
+    if split not in files or not any(files[split].values()):
+      raise errors.DataError(f"--image_folder={root} has no images in {split}/<class>/: {fix}")
+  class_names = tuple(files["train"])
+  for split, per_class in files.items():
+    extra = sorted(set(per_class) - set(class_names))
+    if extra:
+      raise errors.DataError(f"--image_folder: {split}/ has classes {extra} that train/ does not: "
+                             "give every class training images, or remove them")
+  # Image headers only (no pixels): the common size and the colour mode.
+  sizes, grey = set(), True
+  for per_class in files.values():
+    for paths in per_class.values():
+      for path in paths:
+        try:
+          with Image.open(path) as im:
+            sizes.add((im.height, im.width))
+            grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
+        except (OSError, ValueError) as e:
+          raise errors.DataError(f"{path}: not a readable image ({type(e).__name__}): remove or replace it") from None
+  if not image_size:
+    if len(sizes) > 1:
+      raise errors.DataError(
+          f"--image_folder={root} has images of {len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): "
+          "pass --image_size=H,W to resize them")
+    image_size = next(iter(sizes))
+  channels = 1 if grey else 3
+
+  resize = _resizer(tuple(image_size)) if sizes != {tuple(image_size)} else None
+
+  def split_ds(split):
+    if split not in files:
+      return None
+    # Files in sorted order (classes, then names), never shuffled here: the order is
+    # fixed, and Dataset.train shuffles it per (seed, epoch).
+    paths = [p for c in class_names for p in files[split].get(c, [])]
+    labels = [i for i, c in enumerate(class_names) for _ in files[split].get(c, [])]
+
+    def decode(path, label):
+      image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+      return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if resize:
+      ds = ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True)
+    shape = tuple(image_size) + (channels,)
+    return ds.map(lambda x, y: (tf.ensure_shape(x, shape), y))
+
+  return {"name": os.path.basename(os.path.normpath(root)), "train": split_ds("train"),
+          "test": split_ds("test"), "val": split_ds("val"), "val_name": os.path.join(root, "val"),
+          "num_classes": len(class_names), "class_names": class_names,
+          "image_shape": tuple(image_size) + (channels,)}
 
 
 def _online():

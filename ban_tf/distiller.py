@@ -83,11 +83,15 @@ class Distiller(keras.Model):
     feature_projection: None, or the teacher's feature width: adds a learned Dense
       projection from the student's features to it.
     clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
+    augment: None, or a callable (images, example indices) -> float32 images run on
+      each training batch inside the compiled step (data.augment_batch); training
+      elements are then (images, labels, example indices), as
+      data.Dataset.train(device_augment=True) makes them.
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
                label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
-               feature_projection=None, clip_norm=0.0, **kwargs):
+               feature_projection=None, clip_norm=0.0, augment=None, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
@@ -113,6 +117,7 @@ class Distiller(keras.Model):
     self.weight_decay = float(weight_decay)
     self.seed = int(seed)
     self.clip_norm = float(clip_norm)
+    self.augment = augment
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.kd_tracker = keras.metrics.Mean(name="kd_loss")
     self.label_tracker = keras.metrics.Mean(name="label_loss")
@@ -132,11 +137,61 @@ class Distiller(keras.Model):
     # replicas) only when a step returns exactly their names; otherwise it averages
     # the replicas' step outputs, which is wrong for uneven splits. So the list
     # depends on the mode: evaluation has its own, smaller set (see `evaluate`).
+    compiled = [self._compile_metrics] if self._compile_metrics is not None else []
     if self._evaluating:
-      return [self.label_tracker, self.acc_tracker] + ([self.ppl_tracker] if self.sequence else [])
+      return [self.label_tracker, self.acc_tracker] + ([self.ppl_tracker] if self.sequence else []) + compiled
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
     ms += [self.feature_tracker] if self.feature_weight else []
-    return ms + ([self.agree_tracker] if self.teacher is not None else [])
+    ms += [self.agree_tracker] if self.teacher is not None else []
+    # compile(metrics=[...]): extra metrics on (labels as given, student logits).
+    return ms + compiled
+
+  # ---- library use: compile, labels, save ---------------------------------------
+  def compile(self, optimizer="rmsprop", loss=None, *args, metrics=None, weighted_metrics=None, **kwargs):
+    """keras.Model.compile, minus the loss (the objective is the Distiller's own).
+
+    `metrics` are extra metrics, updated with the labels as given and the student's
+    logits (use their from_logits form where one exists) in fit and evaluate, and
+    logged beside the Distiller's own. Raises ValueError for `loss`, `loss_weights`
+    or `weighted_metrics`.
+    """
+    if loss is not None or kwargs.get("loss_weights") is not None or weighted_metrics is not None:
+      raise ValueError(
+          "Distiller.compile: loss, loss_weights and weighted_metrics are not used: the objective is "
+          "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
+          "pass only optimizer=, metrics= and execution options")
+    super().compile(optimizer, *args, metrics=metrics, **kwargs)
+
+  def save(self, *args, **kwargs):  # pylint: disable=unused-argument
+    """Refused: a Distiller is a training harness (student + frozen teacher)."""
+    raise NotImplementedError(
+        "Distiller.save: save or export the student instead, e.g. distiller.student.save('student.keras') "
+        "or ban_tf.export.export_saved_model(distiller.student, 'saved_model', input_shape)")
+
+  def _class_ids(self, y):
+    """Sparse class ids from sparse ([N], [N, 1], [N, T]) or one-hot ([N, C]) labels.
+
+    One-hot rows are turned into their argmax; soft labels (rows that are not one-hot)
+    fail with an InvalidArgumentError saying so, rather than being silently rounded.
+    """
+    y = tf.convert_to_tensor(y)
+    try:  # a functional or built Sequential student: compare with its logits' shape
+      out = self.student.outputs[0].shape
+      one_hot = y.shape.rank == len(out) and y.shape[-1] == out[-1] and out[-1] != 1
+    except (AttributeError, ValueError, TypeError):  # a subclassed student: float rows are one-hot
+      one_hot = y.dtype.is_floating and (y.shape.rank or 0) >= 2 and y.shape[-1] not in (None, 1)
+    if one_hot:
+      y = tf.cast(y, tf.float32)
+      tf.debugging.assert_equal(
+          tf.reduce_all((tf.reduce_max(y, -1) == 1.0) & (tf.reduce_sum(y, -1) == 1.0)), True,
+          message="Distiller: labels with one column per class must be one-hot (soft labels are not "
+                  "supported): pass class ids or one-hot rows")
+      return tf.argmax(y, axis=-1, output_type=tf.int32)
+    return y
+
+  def _update_compiled_metrics(self, y, logits, sample_weight=None):
+    if self._compile_metrics is not None:
+      self._compile_metrics.update_state(y, logits, sample_weight=sample_weight)
 
   def evaluate(self, *args, **kwargs):
     """keras.Model.evaluate with the evaluation metrics (fit's validation calls it too).
@@ -177,6 +232,8 @@ class Distiller(keras.Model):
     return list(self.student.trainable_variables) + list(extra)
 
   def call(self, x, training=False):
+    if "int" in keras.backend.standardize_dtype(x.dtype):  # uint8 pixels (device_augment)
+      x = keras.ops.cast(x, "float32")
     return self.student(x, training=training)
 
   def teacher_logits(self, x):
@@ -186,9 +243,9 @@ class Distiller(keras.Model):
     """(logits, features or None). Inference mode, never differentiated."""
     out = self.teacher(x, training=False)
     feats = None
-    if isinstance(out, dict):
+    if isinstance(out, dict):  # a TFSMLayer: {"logits", "features"}, or one output of any name
       feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
-      out = out["logits"]
+      out = out["logits"] if "logits" in out or len(out) != 1 else next(iter(out.values()))
     return tf.stop_gradient(tf.cast(out, tf.float32)), feats
 
   def feature_term(self, s_feats, t_feats):
@@ -231,7 +288,10 @@ class Distiller(keras.Model):
     return 0.5 * self.weight_decay * sq
 
   def train_step(self, data):
-    x, y = data[0], data[1]
+    x, y_given = data[0], data[1]
+    y = self._class_ids(y_given)
+    if self.augment is not None:  # on-device augmentation of the uint8 batch
+      x = self.augment(x, data[2])
     t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
     with tf.GradientTape() as tape:
       if self.feature_weight:
@@ -264,13 +324,17 @@ class Distiller(keras.Model):
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
       self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
-    return self._step_logs({m.name: m.result() for m in self.metrics})
+    self._update_compiled_metrics(y_given, logits)
+    return self._step_logs(self.get_metrics_result())
 
   def test_step(self, data):
-    x, y = data[0], data[1]
-    weights = data[2] if len(data) > 2 else None  # 0 = padding
-    logits = _tokens(tf.cast(self.student(x, training=False), tf.float32))
+    x, y_given = data[0], data[1]
+    weights = data[2] if len(data) > 2 else None  # per example; 0 = padding
+    y = self._class_ids(y_given)
+    logits = tf.cast(self.student(x, training=False), tf.float32)
+    self._update_compiled_metrics(y_given, logits, weights)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
+    logits = _tokens(logits)
     if weights is not None:  # one weight per example [B] -> one per token [B * T]
       weights = tf.reshape(tf.cast(weights, tf.float32), [-1])
       weights = tf.repeat(weights, tf.shape(y)[0] // tf.maximum(tf.shape(weights)[0], 1))
@@ -279,7 +343,7 @@ class Distiller(keras.Model):
     self.acc_tracker.update_state(y, logits, sample_weight=weights)
     if self.sequence:
       self.ppl_tracker.update_state(ce, sample_weight=weights)
-    return self._step_logs({m.name: m.result() for m in self.metrics})
+    return self._step_logs(self.get_metrics_result())
 
   def _average_statistics(self):
     # BatchNorm moving statistics are updated from each replica's own part of the

@@ -16,8 +16,13 @@ import tensorflow as tf
 
 from ban_tf import errors
 from ban_tf import faults
+from ban_tf import models
 
-SERVE = "serve"  # raw pixels -> logits (every SavedModel)
+SERVE = "serve"  # raw pixels -> logits tensor (every SavedModel; what ban_tf reads)
+INPUT_PIXELS = "pixels"  # the serving input of every image SavedModel, ensembles included
+INPUT_TOKENS = "tokens"  # ... and of every language model's
+LOGITS = "logits"  # serving_default's output key of a generation
+PROBABILITIES = "probabilities"  # ... and of a BANE ensemble (mean softmax)
 FEATURES = "features"  # raw pixels -> pooled penultimate activations (models with a "features" layer)
 BOTH = "logits_and_features"  # raw pixels -> {"logits", "features"}: the activation-matching teacher
 FINGERPRINT_FILE = "fingerprint.npz"
@@ -104,40 +109,55 @@ def _has_features(model):
   return any(layer.name == "features" for layer in model.layers)
 
 
-def _write_archive(model, path):
-  """SavedModel with `serve` (logits, as model.export writes it) and, when the model
-  has a "features" layer, `features` and `logits_and_features` endpoints."""
-  if not _has_features(model):
-    model.export(path, format="tf_saved_model", verbose=False)
-    return
-  spec = [tf.TensorSpec(model.inputs[0].shape, tf.float32, name="pixels")]
-  both = keras.Model(model.inputs, {"logits": model.outputs[0],
-                                    "features": model.get_layer("features").output})
+def _input_spec(model, input_shape):
+  """The serving input: `pixels` float32 [N, H, W, C] with H, W, C fixed to the data
+  set's image size, or, for a language model, `tokens` int32 [N, T] (any T)."""
+  if "int" in str(model.inputs[0].dtype):
+    return tf.TensorSpec(model.inputs[0].shape, tf.int32, name=INPUT_TOKENS)
+  shape = tuple(input_shape or model.inputs[0].shape[1:])
+  return tf.TensorSpec((None,) + shape, tf.float32, name=INPUT_PIXELS)
+
+
+def _write_archive(model, path, input_shape=None, output_name=LOGITS):
+  """SavedModel with `serving_default` (input `pixels` or `tokens`, output {output_name}),
+  `serve` (the same, returning the bare tensor, as ban_tf has always read it) and, when
+  the model has a "features" layer, `features` and `logits_and_features` endpoints."""
+  spec = [_input_spec(model, input_shape)]
   archive = keras.export.ExportArchive()
   archive.track(model)
+  # Registered first and under this name: what TF Serving, TFLite and saved_model_cli use.
+  archive.add_endpoint(
+      "serving_default", lambda x: {output_name: tf.cast(model(x, training=False), tf.float32)},
+      input_signature=spec)
   archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=spec)
-  archive.add_endpoint(
-      FEATURES, lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
-      input_signature=spec)
-  archive.add_endpoint(
-      BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
-      input_signature=spec)
+  if _has_features(model):
+    both = keras.Model(model.inputs, {"logits": model.outputs[0],
+                                      "features": model.get_layer("features").output})
+    archive.add_endpoint(
+        FEATURES, lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
+        input_signature=spec)
+    archive.add_endpoint(
+        BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
+        input_signature=spec)
   archive.write_out(path, verbose=False)
 
 
-def export_saved_model(model, path, input_shape=None, class_names=()):
+def export_saved_model(model, path, input_shape=None, class_names=(), output_name=LOGITS):
   """Exports to a temporary directory, fingerprints, renames into place.
 
-  The SavedModel's `serve` endpoint maps float32 raw pixels [N, H, W, C] (or, for a
-  language model, int32 token ids [N, T]) to the model's output; image models with a
-  "features" layer also serve `features` (pooled penultimate activations, float32)
-  and `logits_and_features` (a dict of both). `class_names`, when given, go to
-  labels.txt beside it, so the model can be used (ban_tf.evaluate --images) without
-  the data set. Returns the fingerprint outputs of `serve`.
+  Signatures (every endpoint takes the same input): `serving_default` maps float32
+  raw pixels `pixels` [N, H, W, C], H, W and C fixed to `input_shape` (or, for a
+  language model, int32 token ids `tokens` [N, T]) to {output_name: float32 [N, K]}
+  (`logits`; `probabilities` for ensembles). `serve` returns the same tensor bare.
+  Image models with a "features" layer also serve `features` (pooled penultimate
+  activations, float32) and `logits_and_features` (a dict of both). `class_names`,
+  when given, go to labels.txt beside it, so the model can be used
+  (ban_tf.evaluate --images) without the data set. Returns the fingerprint outputs
+  of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
-  _write_archive(model, tmp)
+  _write_archive(model, tmp, input_shape, output_name)
   shape = input_shape or tuple(model.inputs[0].shape[1:])
   tokens = "int" in str(model.inputs[0].dtype)  # token ids < vocabulary size
   x = fingerprint_inputs(shape, num_tokens=model.outputs[0].shape[-1] if tokens else None)
@@ -152,9 +172,13 @@ def export_saved_model(model, path, input_shape=None, class_names=()):
 
 
 def save_keras(model, path):
+  """Saves `model` as a .keras file (atomically) that plain Keras loads: image models
+  are saved with stock BatchNormalization layers (models.to_stock)."""
   tmp = _tmp_path(path)
   if not tmp.endswith(".keras"):
     tmp += ".keras"
+  if models.has_fused_layers(model):
+    model = models.to_stock(model)
   model.save(tmp)
   os.replace(tmp, path)
 

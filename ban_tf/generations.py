@@ -66,7 +66,8 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   if cfg.task == "lm":
     with strategy.scope():
       result = dict(name=f"BANE-{k}", members=gens, **lm.evaluate_ensemble(model, dataset, cfg.batch_size))
-    export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape)
+    export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape,
+                              output_name=export.PROBABILITIES)
     lm.write_vocab(dataset.info.vocab, out)
     export.write_json(result, os.path.join(out, "metrics.json"))
     export.touch_done(out)
@@ -83,7 +84,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     vres = scorer.evaluate(val, verbose=0, return_dict=True)
     result["val_accuracy"] = float(vres["accuracy"])
   export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape,
-                            class_names=dataset.info.class_names)
+                            class_names=dataset.info.class_names, output_name=export.PROBABILITIES)
   export.write_json(result, os.path.join(out, "metrics.json"))
   export.touch_done(out)
   logging.info("BANE-%d (generations %s): test accuracy %.4f", k, gens, result["test_accuracy"])

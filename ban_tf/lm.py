@@ -6,7 +6,7 @@ Distiller, checkpoints, export, resume) is shared with image classification.
 Learning-rate schedule (paper section 4.2): plain SGD from `--lr`, multiplied by
 `--lr_plateau_decay` at the start of an epoch whenever the validation perplexity of
 the previous epoch did not improve on the best so far by more than
-`--lr_plateau_min_delta` (LSTM: lr 1, x0.25, delta 0; CNN-LSTM: lr 2, x0.5, delta 0.5).
+`--lr_plateau_min_delta` (Table 6 LSTM: x0.25, delta 0; CNN-LSTM: x0.5, delta 0.5).
 The rate is a pure function of the validation perplexities in history.json, so a
 resumed generation replays it exactly.
 """

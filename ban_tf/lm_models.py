@@ -4,7 +4,7 @@
 [N, T] to float32 next-token logits [N, T, V]. Windows are stateless: every call
 starts from a zero LSTM state (docs/lm.md explains the choice).
 
-* ``lstm-L-H`` (Zaremba et al. 2014, as in the paper's Table 6 with L=1, H=1500): an
+* ``lstm-L-H`` (Zaremba et al. 2014; the paper's Table 6 LSTM is lstm-2-1500, 51.0M): an
   H-dimensional word embedding, L LSTM layers of H units, dropout on every
   non-recurrent connection (embedding output, between layers, before the softmax),
   and the output softmax tied to the embedding (Press & Wolf; Inan et al.), so the
@@ -50,6 +50,24 @@ def parse_arch(arch: str) -> dict:
     size = "small" if a.endswith("small") else "large"
     return dict(CNN_LSTM[size], family="cnn_lstm", size=size, name=f"cnn_lstm_{size}")
   raise ValueError(f"Bad arch {arch!r}: unknown language model. Accepted forms: {ARCH_HELP}.")
+
+
+def param_count(arch: str, vocab_size: int, num_chars: int = 51) -> int:
+  """Trainable parameters of `build_model(arch, vocab)` in pure Python (tested equal).
+
+  `num_chars` (cnn-lstm only): characters of the vocabulary + 3 (padding, begin, end of
+  word); PTB's 10k words use about 48.
+  """
+  spec = parse_arch(arch)
+  h = spec["units"]
+  if spec["family"] == "lstm":
+    return vocab_size * h + vocab_size + spec["layers"] * 4 * (2 * h * h + h)
+  f = sum(spec["filters"])
+  n = num_chars * spec["char_dim"]
+  n += sum(w * spec["char_dim"] * k + k for w, k in zip(spec["widths"], spec["filters"]))
+  n += spec["highway"] * 2 * (f * f + f)
+  n += 4 * (f * h + h * h + h) + (spec["layers"] - 1) * 4 * (2 * h * h + h)
+  return n + h * vocab_size + vocab_size
 
 
 def _uniform():

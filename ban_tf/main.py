@@ -28,7 +28,18 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
   flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
   flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
+  flags.DEFINE_string("image_folder", None, "[data] Your own images instead of --dataset: DIR/train/<class>/*, "
+                      "DIR/test/<class>/*, optional DIR/val/<class>/* (png, jpeg, bmp, gif).")
+  flags.DEFINE_string("train_split", "train", "[data] tfds split to train on; slices work (train[:90%]).")
+  flags.DEFINE_string("val_split", None, "[data] tfds split to validate on (e.g. validation, train[90%:]); "
+                      "instead of --val_examples.")
+  flags.DEFINE_string("test_split", "test", "[data] tfds split to test on.")
+  flags.DEFINE_list("image_size", [], "[data] H,W: resize every image (needed when sizes vary).")
+  flags.DEFINE_string("image_key", None, "[data] tfds feature holding the image (default image).")
+  flags.DEFINE_string("label_key", None, "[data] tfds feature holding the class label (default label).")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.DEFINE_bool("device_augment", True, "[data] Augment inside the compiled train step (the host only "
+                    "reads, shuffles and batches uint8); false: per example in tf.data. Same batches either way.")
   flags.DEFINE_string("ptb_dir", None, "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
   flags.DEFINE_integer("vocab_size", 0, "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
   flags.DEFINE_integer("bptt", 35, "[data] lm: unrolled steps per training window.")
@@ -44,6 +55,9 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_bool("share_stem_head", False,
                     "[model] Copy the teacher's first conv and classifier into each student and freeze them "
                     "(Table 5; reads gen_{k-1}/model.keras).")
+  flags.DEFINE_float("densenet_compression", 0.5,
+                     "[model] Transition compression of a DenseNet --arch (students; the teacher too "
+                     "without --teacher_arch): channels x THETA (DenseNet-BC: 0.5; Table 4: 0.25, 0.375, 0.75).")
   flags.DEFINE_float("dropout", 0.0, "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
                      "lm: on every non-recurrent connection.")
   # Distillation.
@@ -61,7 +75,8 @@ def define_flags(fv=FLAGS):
   # Optimisation.
   flags.DEFINE_integer("epochs", 200, "[optim] Epochs per generation.")
   flags.DEFINE_integer("batch_size", 128, "[optim] Global batch size (split over replicas).")
-  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate.")
+  flags.DEFINE_float("lr", 0.1, "[optim] Initial learning rate (lm: of the per-token mean loss, so a recipe on "
+                     "the loss summed over the unrolled steps needs its lr x --bptt; docs/lm.md).")
   flags.DEFINE_float("momentum", 0.9, "[optim] SGD momentum.")
   flags.DEFINE_bool("nesterov", True, "[optim] Nesterov momentum.")
   flags.DEFINE_float("weight_decay", 5e-4, "[optim] Coupled L2 weight decay.")
@@ -69,7 +84,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_float("lr_decay", 0.2, "[optim] LR multiplier at each milestone.")
   flags.DEFINE_float("lr_plateau_decay", 0.25, "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.DEFINE_float("lr_plateau_min_delta", 0.0, "[optim] lm: improvement in val perplexity that counts.")
-  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off).")
+  flags.DEFINE_float("clip_norm", 0.0, "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
+                     "summed-loss recipe's clip / --bptt).")
   # Execution.
   flags.DEFINE_integer("seed", 0, "[run] Base seed; generation k uses seed + k.")
   flags.DEFINE_integer("seeds", 1, "[run] Repeat the run with base seeds seed, seed+100, ... into "
@@ -135,13 +151,21 @@ def config_from_flags(fv):
     milestones = tuple(float(m) for m in fv.lr_milestones)
   except ValueError:
     raise errors.UsageError(f"--lr_milestones={','.join(fv.lr_milestones)}: use comma-separated fractions") from None
+  try:
+    image_size = tuple(int(v) for v in fv.image_size)
+  except ValueError:
+    raise errors.UsageError(f"--image_size={','.join(fv.image_size)}: use two integers H,W (e.g. 32,32)") from None
   return config_lib.Config(
+      image_folder=fv.image_folder, train_split=fv.train_split, val_split=fv.val_split,
+      test_split=fv.test_split, image_size=image_size, image_key=fv.image_key, label_key=fv.label_key,
       task=fv.task, ptb_dir=fv.ptb_dir, vocab_size=fv.vocab_size, bptt=fv.bptt,
       lr_plateau_decay=fv.lr_plateau_decay, lr_plateau_min_delta=fv.lr_plateau_min_delta,
       clip_norm=fv.clip_norm,
       dataset=fv.dataset, data_dir=fv.data_dir, train_examples=fv.train_examples,
-      val_examples=fv.val_examples, augment=fv.augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
+      val_examples=fv.val_examples, augment=fv.augment,
+      device_augment=fv.device_augment, arch=fv.arch, teacher_arch=fv.teacher_arch,
       student_width_ratio=fv.student_width_ratio, share_stem_head=fv.share_stem_head,
+      densenet_compression=fv.densenet_compression,
       feature_weight=fv.feature_weight, feature_projection=fv.feature_projection,
       seeds=fv.seeds, baseline=fv.baseline, dropout=fv.dropout, gens=fv.gens, loss=fv.loss, temperature=fv.temperature,
       kd_weight=fv.kd_weight, label_weight=fv.label_weight,
@@ -213,8 +237,7 @@ def run(cfg):
     dataset = text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
                                     vocab_size=cfg.vocab_size, bptt=cfg.bptt)
   else:
-    dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                           val_examples=cfg.val_examples)
+    dataset = data.Dataset.from_config(cfg)
   dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
   logging.info("config: %s", cfg.to_json())

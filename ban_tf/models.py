@@ -22,21 +22,23 @@ Convolutions are bias-free and initialised He-normal with ``fan_out`` (untruncat
 the reference WRN/DenseNet PyTorch code. Initializers draw their seeds from Keras' global
 seed state, so ``keras.utils.set_random_seed(s)`` before a build makes it reproducible.
 
-DenseNet depth reading. The paper names DenseNet-BC nets depth-growth (112-33, 90-60, 80-80,
-80-120) but (D - 4) / 6 is not an integer for 90 and 80. We read D as
-``stem conv + 2 * (dense layers) + 2 transitions + classifier``, i.e. the net has
-``L = (D - 4) // 2`` bottleneck layers (each a 1x1 + 3x3 conv) spread as evenly as possible
-over the 3 dense blocks, the extra layers going to the later blocks: 112 -> 18/18/18,
-90 -> 14/14/15, 80 -> 12/13/13. Trainable parameters (see `count_params`) with 10 / 100
-classes versus Table 1: 112-33 6.89M / 6.99M (6.3M, +9% / +11%), 90-60 15.55M / 15.69M
-(16.1M, -3%), 80-80 22.75M / 22.91M (22.4M, +2%), 80-120 51.09M / 51.33M (50.4M, +1-2%).
-Flooring (D - 4) / 6 per block gives -6% on the last three, rounding up +5..7%; no integer
-reading brings 112-33 closer than +9% (17 layers per block would give 6.27M, but that is
-depth 106). The paper's 6.3M vs. its own "6.5M" in §5.2 suggests that number is loose.
+DenseNet depth reading (`densenet_layers`). DenseNet-BC-D-K has (D - 4) // 6 bottleneck
+layers (each a 1x1 + 3x3 conv) in each of its 3 dense blocks, growth K, compression 0.5, as
+in the DenseNet-BC reference code, which floors the same way when D is not 6n+4: 112 -> 18,
+106 -> 17, 90 -> 14, 80 -> 12 per block. The paper's own counts pin this reading: Table 4's
+half-depth student of DenseNet-90-60 is exactly 21.2M as a 7/7/7 growth-120 net, and Table 5's
+WRN students, whose widths follow the teacher's blocks, land within 1%. Its "112-33" at 6.3M
+is DenseNet-BC-106-33 (6.27M), the coupled-ensemble building block: the presets build that.
+Explicit layers `densenet-L1-L2-L3-K` keep any other reading reachable (the previous one,
+(D - 4) // 2 layers spread over the blocks, was densenet-14-14-15-60 for 90-60). A
+`-cTHETA` suffix sets the transitions' compression (default 0.5; `--densenet_compression`).
+Parameter counts: `param_count` (pure Python, equal to `count_params` of the built model);
+docs/presets.md compares every preset with the paper.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -46,14 +48,17 @@ import tensorflow as tf
 
 ARCH_HELP = (
     "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
-    "e.g. densenet-90-60), preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
+    "(D-4)//6 layers per block, e.g. densenet-90-60) or densenet-L1-L2-L3-K (layers per block), "
+    "either with an optional -cTHETA compression (e.g. densenet-90-60-c0.25), "
+    "preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
     "and explicit widths wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (U units per stage, "
     "stem S, stage widths W, optional final 1x1 conv to F channels), or the teacher-matched "
     "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch)"
 )
 
 _WRN_RE = re.compile(r"^wrn-(\d+)-(\d+)$")
-_DENSENET_RE = re.compile(r"^densenet-(\d+)-(\d+)$")
+_DENSENET_RE = re.compile(r"^densenet-(\d+)-(\d+)(?:-(\d+)-(\d+))?(?:-c(\d*\.?\d+))?$")
+DENSENET_COMPRESSION = 0.5
 _PREACT_RE = re.compile(r"^preact-resnet-(\d+)$")
 _WIDTHS_RE = re.compile(r"^(wrnw|prebw)-(\d+)-(\d+)-(\d+)-(\d+)-(\d+)(?:-(\d+))?$")
 _MATCH_RE = re.compile(r"^(wrn|prebn)-match-(\d+)$")
@@ -75,7 +80,7 @@ def parse_arch(arch: str) -> dict:
     "wrn_widths" or "preact_bottleneck") and "name" (the default model name, e.g.
     "wrn_28_10"), plus per family:
     wrn: "depth", "widen", "blocks_per_stage";
-    densenet: "depth", "growth", "layers_per_block" (tuple of 3);
+    densenet: "depth", "growth", "layers_per_block" (tuple of 3), "compression";
     preact_resnet: "depth", "blocks_per_stage";
     wrn_widths / preact_bottleneck: "units" (per stage), "stem", "widths" (3),
     "out" (width of the final 1x1 conv, or None).
@@ -97,15 +102,7 @@ def parse_arch(arch: str) -> dict:
     return {"family": "wrn", "name": a.replace("-", "_"), "depth": depth, "widen": widen,
             "blocks_per_stage": (depth - 4) // 6}
   if m := _DENSENET_RE.match(a):
-    depth, growth = int(m[1]), int(m[2])
-    if depth < 10 or (depth - 4) % 2:
-      raise _bad(arch, f"densenet depth must be even and >= 10 (depth = 4 + 2 * layers), got {depth}")
-    if growth < 1:
-      raise _bad(arch, f"densenet growth rate must be >= 1, got {growth}")
-    q, r = divmod((depth - 4) // 2, 3)
-    layers = tuple(q + (1 if i >= 3 - r else 0) for i in range(3))
-    return {"family": "densenet", "name": a.replace("-", "_"), "depth": depth, "growth": growth,
-            "layers_per_block": layers}
+    return _parse_densenet(arch, a, m)
   if m := _PREACT_RE.match(a):
     depth = int(m[1])
     if depth < 8 or (depth - 2) % 6:
@@ -129,12 +126,65 @@ def parse_arch(arch: str) -> dict:
   raise _bad(arch, "unknown or malformed architecture name")
 
 
+def densenet_layers(depth: int) -> tuple:
+  """Bottleneck layers per dense block of DenseNet-BC-`depth`: (D - 4) // 6 in each of 3.
+
+  Floors as the DenseNet-BC reference code does when D is not 6n+4 (90 -> 14, 80 -> 12).
+  """
+  return ((depth - 4) // 6,) * 3
+
+
+def _parse_densenet(arch: str, a: str, m) -> dict:
+  """`densenet-D-K[-cTHETA]` or `densenet-L1-L2-L3-K[-cTHETA]` (see the module doc)."""
+  if m[3] is None:
+    depth, growth = int(m[1]), int(m[2])
+    if depth < 10 or (depth - 4) % 2:
+      raise _bad(arch, f"densenet depth must be even and >= 10 ((depth - 4) // 6 layers per block), got {depth}")
+    layers = densenet_layers(depth)
+  else:
+    layers, growth = (int(m[1]), int(m[2]), int(m[3])), int(m[4])
+    if min(layers) < 1:
+      raise _bad(arch, f"densenet blocks need >= 1 layer each, got {layers}")
+    depth = 4 + 2 * sum(layers)
+  if growth < 1:
+    raise _bad(arch, f"densenet growth rate must be >= 1, got {growth}")
+  compression = float(m[5]) if m[5] else DENSENET_COMPRESSION
+  if not 0 < compression <= 1:
+    raise _bad(arch, f"densenet compression must be in (0, 1], got {m[5]}")
+  return {"family": "densenet", "name": a.replace("-", "_").replace(".", "p"), "depth": depth,
+          "growth": growth, "layers_per_block": layers, "compression": compression}
+
+
+def with_compression(arch: str, compression: float) -> str:
+  """`arch` with the DenseNet transition compression `compression` (--densenet_compression).
+
+  The default 0.5 returns `arch` unchanged; any other value appends `-cTHETA` to a
+  DenseNet name.
+
+  Raises:
+    ValueError: another compression for a non-DenseNet, or for a name that has one.
+  """
+  if compression == DENSENET_COMPRESSION:
+    return arch
+  spec = parse_arch(arch)
+  if spec["family"] != "densenet":
+    raise ValueError(f"a compression of {compression} needs a DenseNet, got {arch!r}")
+  if _DENSENET_RE.match(arch.strip().lower())[5]:
+    raise ValueError(f"{arch!r} already names its compression")
+  return f"{arch}-c" + f"{compression:.6f}".rstrip("0").rstrip(".")
+
+
+def _transition_width(channels: int, compression: float) -> int:
+  # floor(theta * c), as the DenseNet-BC reference code; at least one channel.
+  return max(1, int(math.floor(compression * channels)))
+
+
 def densenet_widths(arch: str) -> dict:
   """Channel counts of a DenseNet-BC: stem, per-block outputs after the transition
-  (the last block compressed by the same factor 0.5, as if a transition followed),
+  (the last block compressed by the same factor, as if a transition followed),
   and the pooled feature width.
 
-  E.g. densenet-90-60: stem 120, blocks (480, 660, 780), features 1560.
+  E.g. densenet-90-60 (14/14/14): stem 120, blocks (480, 660, 750), features 1500.
   """
   spec = parse_arch(arch)
   if spec["family"] != "densenet":
@@ -144,9 +194,9 @@ def densenet_widths(arch: str) -> dict:
   stem, blocks = c, []
   for n_layers in spec["layers_per_block"]:
     c += n_layers * g
-    blocks.append(c // 2)
+    blocks.append(_transition_width(c, spec["compression"]))
     features = c
-    c //= 2
+    c = blocks[-1]
   return {"stem": stem, "blocks": tuple(blocks), "features": features}
 
 
@@ -192,6 +242,68 @@ def count_params(model: keras.Model) -> int:
   paper's tables) count parameters. `model.count_params()` gives the total incl. those.
   """
   return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+def param_count(arch: str, num_classes: int, channels: int = 3) -> int:
+  """Trainable parameters of `build_model(arch, num_classes, (H, W, channels))`, in pure Python.
+
+  Equal to `count_params` of the built model (tested on small nets of every family), so
+  full-size counts (docs/presets.md, tests) need no Keras build. -match- names must be
+  resolved first (`resolve_arch`).
+  """
+  spec = parse_arch(arch)
+  family = spec["family"]
+  if family == "tiny":
+    c, n = 16, 9 * channels * 8 + 2 * 8 + 9 * 8 * 16  # its second BN is the final one
+  elif family == "densenet":
+    c, n = _densenet_params(spec, channels)
+  else:
+    if family == "wrn":
+      k = spec["widen"]
+      spec = dict(spec, family="wrn_widths", stem=16, widths=(16 * k, 32 * k, 64 * k),
+                  units=spec["blocks_per_stage"], out=None)
+    elif family == "preact_resnet":
+      spec = dict(spec, family="wrn_widths", stem=16, widths=(16, 32, 64),
+                  units=spec["blocks_per_stage"], out=None)
+    c, n = _widths_resnet_params(spec, channels)
+  return n + 2 * c + c * num_classes + num_classes  # final BN, then the classifier
+
+
+def _densenet_params(spec, channels):
+  """(feature width, parameters before the final BN) of a DenseNet-BC."""
+  g = spec["growth"]
+  c = 2 * g
+  n = 9 * channels * c
+  for b, n_layers in enumerate(spec["layers_per_block"]):
+    for _ in range(n_layers):
+      n += 2 * c + c * 4 * g + 2 * 4 * g + 9 * 4 * g * g  # BN, 1x1 conv, BN, 3x3 conv
+      c += g
+    if b < len(spec["layers_per_block"]) - 1:
+      out = _transition_width(c, spec["compression"])
+      n += 2 * c + c * out  # BN, 1x1 conv
+      c = out
+  return c, n
+
+
+def _widths_resnet_params(spec, channels):
+  """(feature width, parameters before the final BN) of an explicit-width pre-act ResNet."""
+  c = spec["stem"]
+  n = 9 * channels * c
+  for s, w in enumerate(spec["widths"]):
+    for b in range(spec["units"]):
+      n += 2 * c  # pre-activation BN
+      if (s > 0 and b == 0) or c != w:
+        n += c * w  # 1x1 projection shortcut
+      if spec["family"] == "preact_bottleneck":
+        q = w // 4
+        n += c * q + 2 * q + 9 * q * q + 2 * q + q * w
+      else:
+        n += 9 * c * w + 2 * w + 9 * w * w
+      c = w
+  if spec["out"]:
+    n += 2 * c + c * spec["out"]
+    c = spec["out"]
+  return c, n
 
 
 def _conv_init():
@@ -268,6 +380,37 @@ def synchronize_batchnorm(model: keras.Model) -> int:
   return len(layers)
 
 
+def has_fused_layers(model: keras.Model) -> bool:
+  """Whether `model` (or a model nested in it) holds a FusedBatchNormalization."""
+  return any(isinstance(layer, FusedBatchNormalization) or
+             (isinstance(layer, keras.Model) and has_fused_layers(layer)) for layer in model.layers)
+
+
+def to_stock(model: keras.Model) -> keras.Model:
+  """The same model with stock Keras layers only: what `model.keras` files hold.
+
+  Every `FusedBatchNormalization` (nested models included) becomes a
+  `keras.layers.BatchNormalization` with the same configuration and weights (the
+  same math in inference and training: see the class), so the file loads in plain
+  Keras without importing ban_tf. Other layers are cloned from their configs.
+  Training keeps the fused layer; only saved files get the stock one.
+
+  Args:
+    model: a functional keras.Model (built).
+
+  Returns:
+    A new functional keras.Model with equal weights, names and outputs.
+  """
+  def clone(layer):
+    if isinstance(layer, FusedBatchNormalization):
+      return keras.layers.BatchNormalization.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+  stock = keras.models.clone_model(model, clone_function=clone, recursive=True)
+  stock.set_weights(model.get_weights())
+  return stock
+
+
 def _bn_relu(x, name):
   # Momentum 0.9 / eps 1e-5 follow the PyTorch defaults that the reference numbers used.
   x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
@@ -317,8 +460,8 @@ def _widths_resnet(x, spec, dropout):
   return _bn_relu(x, "final")
 
 
-def _densenet_bc(x, layers_per_block, growth, dropout):
-  """DenseNet-BC body: bottleneck layers, compression 0.5. Returns pre-pool activations."""
+def _densenet_bc(x, layers_per_block, growth, dropout, compression=DENSENET_COMPRESSION):
+  """DenseNet-BC body: bottleneck layers, transitions to floor(compression x channels). Returns pre-pool."""
   x = _conv(x, 2 * growth, 3, "stem")
   for blk, n_layers in enumerate(layers_per_block):
     for i in range(n_layers):
@@ -335,7 +478,7 @@ def _densenet_bc(x, layers_per_block, growth, dropout):
     if blk < len(layers_per_block) - 1:
       p = f"t{blk + 1}"
       y = _bn_relu(x, p)
-      y = _conv(y, x.shape[-1] // 2, 1, f"{p}_conv")
+      y = _conv(y, _transition_width(x.shape[-1], compression), 1, f"{p}_conv")
       x = keras.layers.AveragePooling2D(2, name=f"{p}_pool")(y)
   return _bn_relu(x, "final")
 
@@ -398,7 +541,7 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], 
   elif family == "preact_resnet":
     x = _preact_resnet(x, spec["blocks_per_stage"], (16, 16, 32, 64), dropout)
   elif family == "densenet":
-    x = _densenet_bc(x, spec["layers_per_block"], spec["growth"], dropout)
+    x = _densenet_bc(x, spec["layers_per_block"], spec["growth"], dropout, spec["compression"])
   elif family in ("wrn_widths", "preact_bottleneck"):
     x = _widths_resnet(x, spec, dropout)
   else:

@@ -206,7 +206,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
         kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
         weight_decay=cfg.weight_decay, seed=seed,
         feature_weight=cfg.feature_weight if teacher is not None else 0.0,
-        feature_projection=projection, clip_norm=cfg.clip_norm)
+        feature_projection=projection, clip_norm=cfg.clip_norm,
+        augment=dataset.train_augmenter(seed, cfg.resolved_augment) if cfg.resolved_device_augment else None)
     optimizer = make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
@@ -226,8 +227,9 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
       history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
     logging.info("gen %d: resuming from epoch %d (%s)", gen, initial_epoch, latest)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
+  on_device = {"device_augment": True} if cfg.resolved_device_augment else {}  # text: host only
   train_ds, _ = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
-                              first_epoch=initial_epoch, epochs=cfg.epochs)
+                              first_epoch=initial_epoch, epochs=cfg.epochs, **on_device)
   writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
   state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
   callbacks = [state]

@@ -34,6 +34,105 @@ def test_export_reload_identical_logits(tmp_path):
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]  # no temporary left behind
 
 
+def _signature(path):
+  """({input name: shape}, {output name: shape}) of a SavedModel's serving_default."""
+  fn = tf.saved_model.load(path).signatures["serving_default"]
+  inputs = {k: v.shape.as_list() for k, v in fn.structured_input_signature[1].items()}
+  outputs = {k: v.shape.as_list() for k, v in fn.structured_outputs.items()}
+  return inputs, outputs
+
+
+@pytest.mark.parametrize("arch", ["tiny", "wrn-10-1"])  # without and with a "features" layer use
+def test_serving_signature_names_and_fixed_size(tmp_path, arch):
+  keras.utils.set_random_seed(0)
+  model = models.build_model(arch, 5, SHAPE)
+  path = str(tmp_path / "saved_model")
+  export.export_saved_model(model, path, SHAPE)
+  assert _signature(path) == ({"pixels": [None, *SHAPE]}, {"logits": [None, 5]})
+  loaded = tf.saved_model.load(path)
+  x = np.random.RandomState(1).uniform(0, 255, (2,) + SHAPE).astype(np.float32)
+  np.testing.assert_allclose(loaded.signatures["serving_default"](pixels=tf.constant(x))["logits"],
+                             model(x, training=False), atol=1e-5)
+  for name in ("serve", "features", "logits_and_features"):  # every endpoint: the same fixed input
+    assert list(loaded.signatures[name].structured_input_signature[1]) == ["pixels"]
+    assert loaded.signatures[name].structured_input_signature[1]["pixels"].shape.as_list() == [None, *SHAPE]
+  with pytest.raises((ValueError, TypeError)):
+    loaded.serve(tf.zeros((1, 16, 16, 3)))  # H and W are part of the signature
+
+
+def test_tflite_conversion_keeps_the_fixed_size_and_names(tmp_path):
+  model = tiny(9, "lite")
+  path = str(tmp_path / "saved_model")
+  export.export_saved_model(model, path, SHAPE)
+  interpreter = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(path).convert())
+  assert list(interpreter.get_input_details()[0]["shape"]) == [1, *SHAPE]  # not [1, 1, 1, 1]
+  assert interpreter.get_signature_list()["serving_default"] == {"inputs": ["pixels"], "outputs": ["logits"]}
+  x = np.random.RandomState(2).uniform(0, 255, (1,) + SHAPE).astype(np.float32)
+  got = interpreter.get_signature_runner("serving_default")(pixels=x)["logits"]
+  np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_saved_model_of_an_older_ban_tf_still_verifies_and_teaches(tmp_path):
+  """Run directories written before the named signatures: `serve` only, any H and W."""
+  model = tiny(7, "old")
+  path = str(tmp_path / "saved_model")
+  model.export(path, format="tf_saved_model", verbose=False)  # how older ban_tf wrote it
+  x = export.fingerprint_inputs(SHAPE)
+  np.savez(os.path.join(path, export.FINGERPRINT_FILE), inputs=x, outputs=model(x).numpy())
+  np.testing.assert_allclose(export.verify_saved_model(path), model(x).numpy(), atol=1e-5)
+  layer = export.load_teacher(path, expected_classes=5)
+  np.testing.assert_allclose(layer(tf.constant(x)).numpy(), model(x).numpy(), atol=1e-5)
+
+
+_PLAIN_KERAS = """
+import importlib.abc, json, sys
+class NoBanTf(importlib.abc.MetaPathFinder):  # ban_tf must not be needed, even if installed
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] == "ban_tf":
+      raise ImportError("ban_tf is blocked in this process")
+sys.meta_path.insert(0, NoBanTf())
+import keras, numpy as np, tensorflow as tf
+model = keras.saving.load_model(sys.argv[1])
+x = np.load(sys.argv[3])
+serving = tf.saved_model.load(sys.argv[2]).signatures["serving_default"]
+print(json.dumps({
+    "keras": model.predict(x, verbose=0).tolist(),
+    "saved_model": serving(pixels=tf.constant(x))["logits"].numpy().tolist(),
+    "layers": sorted({type(l).__name__ for l in model.layers}),
+    "ban_tf_imported": any(m.split(".")[0] == "ban_tf" for m in sys.modules)}))
+"""
+
+
+def test_model_keras_loads_in_plain_keras_without_ban_tf(tmp_path):
+  """model.keras: stock layers, loadable in a fresh Python that never imports ban_tf,
+  and equal to the SavedModel's outputs (with non-trivial BatchNorm statistics)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(3)
+  model = models.build_model("preact-resnet-8", 5, SHAPE, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
+  rng = np.random.RandomState(8)
+  model.set_weights([w + rng.uniform(0.1, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
+  assert models.has_fused_layers(model)
+  export.export_saved_model(model, str(tmp_path / "saved_model"), SHAPE)
+  export.save_keras(model, str(tmp_path / "model.keras"))
+  assert models.has_fused_layers(model)  # the model being trained keeps the fused kernel
+  x = rng.uniform(0, 255, (4,) + SHAPE).astype(np.float32)
+  np.save(tmp_path / "x.npy", x)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run(
+      [sys.executable, "-c", _PLAIN_KERAS, "model.keras", "saved_model", "x.npy"], cwd=tmp_path,
+      env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert not got["ban_tf_imported"]
+  assert "BatchNormalization" in got["layers"] and "FusedBatchNormalization" not in got["layers"]
+  want = model(x, training=False).numpy()
+  np.testing.assert_allclose(got["keras"], want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got["saved_model"], want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got["keras"], got["saved_model"], rtol=1e-4, atol=1e-4)
+
+
 def test_keras_file_round_trip(tmp_path):
   model = tiny(1, "k")
   path = str(tmp_path / "model.keras")
@@ -95,9 +194,13 @@ def test_ensemble_is_mean_of_member_probabilities(tmp_path):
   # Averaging probabilities is not averaging logits.
   assert not np.allclose(got, tf.nn.softmax(np.mean([m(x).numpy() for m in members], 0)).numpy(), atol=1e-4)
   path = str(tmp_path / "ens")
-  export.export_saved_model(ens, path, SHAPE)
+  export.export_saved_model(ens, path, SHAPE, output_name=export.PROBABILITIES)
   loaded = tf.saved_model.load(path)
   np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), want, atol=1e-5)
+  # The same input name as a generation's; the output is named for what it is.
+  assert _signature(path) == ({"pixels": [None, *SHAPE]}, {"probabilities": [None, 5]})
+  out = loaded.signatures["serving_default"](pixels=tf.constant(x))
+  np.testing.assert_allclose(out["probabilities"].numpy(), want, atol=1e-5)
 
 
 def test_ensemble_members():

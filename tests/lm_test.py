@@ -121,6 +121,17 @@ def test_lstm_params_tied(layers, units, vocab):
   assert tuple(out.shape) == (3, 7, vocab) and out.dtype == "float32"
 
 
+
+@pytest.mark.parametrize("arch", ["lstm-1-16", "lstm-2-8", "cnn-lstm-small"])
+def test_param_count_formula_equals_the_keras_build(arch):
+  vocab = ("<unk>", "<eos>") + tuple(f"w{i}{'x' * (i % 5)}" for i in range(40))
+  model = lm_models.build_model(arch, vocab)
+  _, num_chars = lm_models.spellings(vocab)
+  trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+  assert lm_models.param_count(arch, len(vocab), num_chars) == trainable
+  assert lm_models.param_count("lstm-2-1500", 10000) == 51_022_000  # Table 6's LSTM (paper: 52M)
+
+
 def test_cnn_lstm_small_matches_kim():
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}" for i in range(40))
   model = lm_models.build_model("cnn-lstm-small", vocab)
@@ -224,18 +235,92 @@ def test_export_round_trip_ids_to_logits(tmp_path, arch):
     export.load_teacher(path, expected_classes=7)
 
 
-# ---- flags ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,arch,batch", [("table6_lstm", "lstm-1-1500", 32), ("table6_cnn-lstm", "cnn-lstm", 20)])
-def test_paper_flagfiles(name, arch, batch):
-  path = os.path.join(REPO, "flags", "paper", f"{name}.flags")
-  assert open(path).readline().startswith("# Paper Table 6")
+# ---- flags and the Table 6 presets ---------------------------------------------------------------
+# (preset, arch, batch, the quoted recipe's lr and clip on the loss summed over the unrolled steps)
+_TABLE6 = [("table6_lstm", "lstm-2-1500", 32, 1.0, 10.0), ("table6_cnn-lstm", "cnn-lstm", 20, 2.0, 5.0)]
+_PTB_WORDS = "the a of to in and n't 's is was stock market share year company said".split()
+
+
+def _ptb_corpus(directory):
+  """A small corpus in PTB format: one sentence per line, space separated, leading space, <unk>."""
+  rng = np.random.RandomState(7)
+  for name, lines in (("train", 420), ("valid", 60), ("test", 60)):
+    with open(os.path.join(directory, f"ptb.{name}.txt"), "w") as f:
+      for _ in range(lines):
+        words = [str(w) for w in rng.choice(_PTB_WORDS + ["<unk>", "N"], rng.randint(4, 12))]
+        f.write(" " + " ".join(words) + " \n")
+
+
+def _preset_config(name, *extra):
   fv = flags.FlagValues()
   main.define_flags(fv)
-  fv(["prog", f"--flagfile={path}", "--ptb_dir=/data/ptb"])
+  fv(["prog", f"--flagfile={os.path.join(REPO, 'flags', 'paper', name + '.flags')}", *extra])
   cfg = main.config_from_flags(fv)
   cfg.validate()
+  return cfg
+
+
+@pytest.mark.parametrize("name,arch,batch,recipe_lr,recipe_clip", _TABLE6)
+def test_paper_flagfiles(name, arch, batch, recipe_lr, recipe_clip):
+  path = os.path.join(REPO, "flags", "paper", f"{name}.flags")
+  assert open(path).readline().startswith("# Paper Table 6")
+  cfg = _preset_config(name, "--ptb_dir=/data/ptb")
   assert (cfg.task, cfg.arch, cfg.batch_size, cfg.epochs, cfg.bptt) == ("lm", arch, batch, 40, 35)
-  assert cfg.resolved_loss == "ban_l" and cfg.resolved_label_weight == 1.0 and cfg.momentum == 0
+  assert cfg.resolved_loss == "ban_l" and cfg.resolved_label_weight == 1.0
+  assert cfg.momentum == 0 and cfg.weight_decay == 0  # plain SGD: lr and loss scale are interchangeable
+  # Per-token mean = (per-sequence sum) / bptt: the recipe's rate x bptt, its clip / bptt.
+  assert cfg.lr == recipe_lr * cfg.bptt
+  np.testing.assert_allclose(cfg.clip_norm * cfg.bptt, recipe_clip, rtol=1e-15)
+
+
+def _recipe_loss(model, x, y):
+  """Zaremba et al.'s LM loss: cross-entropy summed over the unrolled steps, averaged over the batch."""
+  ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, model(x, training=False))  # [B, T]
+  return tf.reduce_mean(tf.reduce_sum(ce, axis=1))
+
+
+@pytest.mark.parametrize("name,arch,batch,recipe_lr,recipe_clip", _TABLE6)
+@pytest.mark.parametrize("clip_scale", [1.0, 1e-3])  # the preset's own clip; one small enough to fire
+def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, recipe_lr, recipe_clip, clip_scale):
+  """One SGD step under the preset (per-token mean) equals one step of the quoted recipe (sum over steps).
+
+  The data are the preset's own windows of a small PTB-format corpus read by the PTB reader; the model
+  is a small stand-in for the preset's (the equivalence is about the loss reduction, not the model).
+  """
+  _ptb_corpus(str(tmp_path))
+  cfg = _preset_config(name, f"--ptb_dir={tmp_path}")
+  data = text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, vocab_size=cfg.vocab_size, bptt=cfg.bptt)
+  assert data.info.vocab[:2] == ("<unk>", "<eos>") and len(data.info.vocab) == len(_PTB_WORDS) + 3  # + N
+  pipe, steps = data.train(cfg.batch_size, seed=0)
+  assert steps == (data.info.num_train // cfg.batch_size - 1) // cfg.bptt
+  x, y = next(iter(pipe))
+  assert x.shape == y.shape == (cfg.batch_size, cfg.bptt) and x.dtype == tf.int32
+  vocab = data.info.num_classes
+  keras.utils.set_random_seed(3)
+  student = lm_models.build_model("lstm-2-8", vocab)
+  before = [v.numpy() for v in student.trainable_variables]
+  # The recipe's gradient is exactly bptt x ours.
+  with tf.GradientTape(persistent=True) as tape:
+    ours = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, student(x, training=False)))
+    theirs = _recipe_loss(student, x, y)
+  g_ours = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(ours, student.trainable_variables)]
+  g_theirs = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(theirs, student.trainable_variables)]
+  for a, b in zip(g_ours, g_theirs):
+    np.testing.assert_allclose(cfg.bptt * a, b, rtol=2e-5, atol=1e-7)
+  # The quoted recipe's step, in NumPy: w - lr * clip(g_sum, clip_norm).
+  clip = recipe_clip * clip_scale
+  norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in g_theirs))
+  assert (norm > clip) == (clip_scale < 1)  # the preset's clip does not fire here; the small one does
+  factor = min(1.0, clip / norm)
+  want = [w - recipe_lr * factor * g for w, g in zip(before, g_theirs)]
+  # ban_tf's step under the preset: the Distiller (per-token mean, global clip) and lm.make_optimizer.
+  model = distiller_lib.Distiller(student, clip_norm=cfg.clip_norm * clip_scale, weight_decay=cfg.weight_decay)
+  model.compile(optimizer=lm.make_optimizer(cfg))
+  model.train_on_batch(x, y)
+  for w, v in zip(want, student.trainable_variables):
+    np.testing.assert_allclose(v.numpy(), w, rtol=1e-4, atol=1e-6)
+  moved = max(float(np.abs(v.numpy() - b).max()) for v, b in zip(student.trainable_variables, before))
+  assert moved > 1e-3  # a real step, not a no-op
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -26,15 +26,25 @@ def test_parse_arch_accepts(arch, family):
 def test_parse_arch_fields():
   assert models.parse_arch("wrn-28-10")["blocks_per_stage"] == 4
   assert models.parse_arch("preact-resnet-20")["blocks_per_stage"] == 3
+  # DenseNet-BC: (D - 4) // 6 layers per block, floored as the reference code does.
   assert models.parse_arch("densenet-112-33")["layers_per_block"] == (18, 18, 18)
-  assert models.parse_arch("densenet-90-60")["layers_per_block"] == (14, 14, 15)
-  assert models.parse_arch("densenet-80-80")["layers_per_block"] == (12, 13, 13)
+  assert models.parse_arch("densenet-106-33")["layers_per_block"] == (17, 17, 17)
+  assert models.parse_arch("densenet-90-60")["layers_per_block"] == (14, 14, 14)
+  assert models.parse_arch("densenet-80-80")["layers_per_block"] == (12, 12, 12)
+  assert models.parse_arch("densenet-90-60")["compression"] == 0.5
+  # The previous reading stays reachable as explicit layers per block.
+  old = models.parse_arch("densenet-14-14-15-60")
+  assert (old["layers_per_block"], old["growth"], old["depth"]) == ((14, 14, 15), 60, 90)
+  c = models.parse_arch("DenseNet-90-60-c0.375")
+  assert (c["layers_per_block"], c["compression"], c["name"]) == ((14, 14, 14), 0.375, "densenet_90_60_c0p375")
   assert models.parse_arch("wrn-28-1")["name"] == "wrn_28_1"
 
 
 @pytest.mark.parametrize("arch,fragment", [
     ("resnet-50", "unknown"), ("wrn-27-1", "6n+4"), ("wrn-28", "unknown"), ("wrn-28-0", ">= 1"),
-    ("densenet-81-12", "even"), ("preact-resnet-21", "6n+2"), ("", "unknown"),
+    ("densenet-81-12", "even"), ("densenet-90-60-c0", "(0, 1]"), ("densenet-90-60-c1.5", "(0, 1]"),
+    ("densenet-0-2-2-12", ">= 1 layer"), ("densenet-90-60-0.5", "unknown"),
+    ("preact-resnet-21", "6n+2"), ("", "unknown"),
     ("tiny-1", "unknown"),
 ])
 def test_parse_arch_rejects(arch, fragment):
@@ -105,15 +115,67 @@ def test_bad_build_args():
     ("wrn-28-1", 0.38e6, 0.05), ("wrn-28-2", 1.48e6, 0.05), ("preact-resnet-20", 0.27e6, 0.05),
     pytest.param("wrn-28-5", 9.16e6, 0.05, marks=_SLOW),
     pytest.param("wrn-28-10", 36.5e6, 0.05, marks=_SLOW),
-    ("densenet-112-33", 6.3e6, 0.12),
-    pytest.param("densenet-90-60", 16.1e6, 0.12, marks=_SLOW),
-    pytest.param("densenet-80-80", 22.4e6, 0.12, marks=_SLOW),
-    pytest.param("densenet-80-120", 50.4e6, 0.12, marks=_SLOW),
+    ("densenet-106-33", 6.3e6, 0.02),  # the paper's "112-33"
+    pytest.param("densenet-90-60", 16.1e6, 0.07, marks=_SLOW),
+    pytest.param("densenet-80-80", 22.4e6, 0.07, marks=_SLOW),
+    pytest.param("densenet-80-120", 50.4e6, 0.07, marks=_SLOW),
 ])
 def test_param_counts_match_paper(arch, paper, tol):
   for num_classes in (10, 100):
     n = models.count_params(models.build_model(arch, num_classes, (32, 32, 3)))
     assert abs(n / paper - 1) < tol, (arch, num_classes, n)
+    assert n == models.param_count(arch, num_classes)
+
+
+@pytest.mark.parametrize("arch", [
+    "tiny", "wrn-10-2", "preact-resnet-8", "densenet-10-4", "densenet-22-3", "densenet-16-6-c0.75",
+    "densenet-1-2-3-5-c0.3", "wrnw-2-6-8-12-16-20", "wrnw-1-4-4-4-4", "prebw-1-6-8-12-16",
+    "prebw-2-6-8-12-16-24"])
+def test_param_count_formula_equals_the_keras_build(arch):
+  for num_classes, channels in ((7, 3), (3, 1)):
+    model = models.build_model(arch, num_classes, (8, 8, channels))
+    assert models.param_count(arch, num_classes, channels) == models.count_params(model), (num_classes, channels)
+
+
+# Trainable parameters (pure-Python formula, equal to the Keras build) pinned per arch and
+# number of classes. The paper's counts and our differences: docs/presets.md.
+_PINNED = {
+    ("densenet-106-33", 10): 6_270_851, ("densenet-106-33", 100): 6_360_761,
+    ("densenet-112-33", 100): 6_987_916,
+    ("densenet-90-60", 10): 15_054_010, ("densenet-90-60", 100): 15_189_100,
+    ("densenet-14-14-15-60", 100): 15_688_300,  # the previous reading of 90-60
+    ("densenet-80-80", 100): 21_104_180, ("densenet-80-120", 100): 47_277_820,
+    # Table 4 students of DenseNet-90-60.
+    ("densenet-46-120", 100): 21_213_220, ("densenet-172-30", 100): 12_232_300,
+    ("densenet-256-20", 100): 11_290_820, ("densenet-340-15", 100): 10_850_183,
+    ("densenet-90-60-c0.25", 100): 12_204_400, ("densenet-90-60-c0.375", 100): 13_603_000,
+    ("densenet-90-60-c0.75", 100): 18_967_000,
+}
+
+
+@pytest.mark.parametrize("arch,num_classes", sorted(_PINNED))
+def test_pinned_param_counts(arch, num_classes):
+  assert models.param_count(arch, num_classes) == _PINNED[arch, num_classes]
+
+
+def test_table4_half_depth_student_is_the_papers_count():
+  # 7/7/7 layers at growth 120: Table 4's 0.5x-depth student of DenseNet-90-60 (21.2M).
+  assert round(models.param_count("densenet-46-120", 100) / 1e5) == 212
+
+
+def test_compression_and_widths():
+  w = models.densenet_widths("densenet-90-60")
+  assert w == {"stem": 120, "blocks": (480, 660, 750), "features": 1500}
+  w = models.densenet_widths("densenet-90-60-c0.25")  # floor(0.25 * c) after each block
+  assert w == {"stem": 120, "blocks": (240, 270, 277), "features": 1110}
+  model = models.build_model("densenet-10-4-c0.75", 5, (8, 8, 3))
+  assert model.get_layer("t1_conv").kernel.shape[-1] == 9  # floor(0.75 * (8 + 4))
+  assert models.with_compression("densenet-90-60", 0.5) == "densenet-90-60"
+  assert models.with_compression("densenet-90-60", 0.375) == "densenet-90-60-c0.375"
+  with pytest.raises(ValueError, match="needs a DenseNet"):
+    models.with_compression("wrn-28-1", 0.25)
+  with pytest.raises(ValueError, match="already names"):
+    models.with_compression("densenet-90-60-c0.75", 0.25)
 
 
 def test_same_seed_same_weights():
@@ -228,3 +290,20 @@ def test_fused_batch_norm_mixed_precision_and_serialisation(tmp_path):
   assert isinstance(again.get_layer("s1b1_1_bn"), models.FusedBatchNormalization)
   x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
   np.testing.assert_allclose(again(x, training=False), model(x, training=False), atol=1e-5)
+
+
+def test_to_stock_same_model_with_keras_batch_norm():
+  """What model.keras holds: stock BatchNormalization, same weights, names, frozen layers
+  and outputs (inference and training mode); the original keeps its fused layers."""
+  keras.utils.set_random_seed(4)
+  model = models.build_model("preact-resnet-8", 10, (16, 16, 3), mean=(1.0, 2.0, 3.0), std=(9.0, 8.0, 7.0))
+  model.get_layer("stem").trainable = False
+  stock = models.to_stock(model)
+  assert models.has_fused_layers(model) and not models.has_fused_layers(stock)
+  assert [l.name for l in stock.layers] == [l.name for l in model.layers]
+  assert type(stock.get_layer("s1b1_1_bn")) is keras.layers.BatchNormalization
+  assert not stock.get_layer("stem").trainable
+  assert models.count_params(stock) == models.count_params(model)
+  x = np.random.default_rng(5).uniform(0, 255, (3, 16, 16, 3)).astype("float32")
+  for training in (False, True):
+    np.testing.assert_allclose(stock(x, training=training), model(x, training=training), atol=1e-4)

@@ -266,3 +266,19 @@ def test_two_replica_run_interrupted_and_resumed_is_bit_identical(tmp_path):
   assert m1["weights_sha256"] == m2["weights_sha256"]
   assert m1 == m2  # test/val accuracy and loss, bit for bit
   assert h1 == h2
+
+
+# ---- data.py: the padded evaluation pipeline ---------------------------------------------------------
+@pytest.mark.parametrize("n,batch", [(13, 6), (12, 6), (4, 6)])
+def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", val_examples=n,
+                    test_split="test[:10]")
+  batches = [[t.numpy() for t in b] for b in ds.val(batch)]
+  assert all(len(b) == 3 and b[0].shape[0] == batch for b in batches)  # every batch full
+  assert len(batches) == -(-n // batch)  # no extra batch
+  w = np.concatenate([b[2] for b in batches])
+  np.testing.assert_array_equal(w, np.r_[np.ones(n), np.zeros(len(w) - n)])  # real examples first, in order
+  ref = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", test_split="test[:10]")
+  tail = np.stack([x for x, _ in ref._train_src.skip(40 - n)])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)

@@ -26,10 +26,10 @@ _HAS_DATA = os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist"))
 
 def test_densenet_widths_and_match_resolution():
   w = models.densenet_widths("densenet-90-60")
-  # stem 2k; blocks 14/14/15 layers of growth 60, each compressed by 0.5.
-  assert w == {"stem": 120, "blocks": (480, 660, 780), "features": 1560}
-  assert models.resolve_arch("wrn-match-4", "densenet-90-60", 0.5) == "wrnw-4-120-240-330-390-1560"
-  assert models.resolve_arch("prebn-match-14", "densenet-90-60", 1) == "prebw-14-120-480-660-780-1560"
+  # stem 2k; blocks 14/14/14 layers of growth 60, each compressed by 0.5.
+  assert w == {"stem": 120, "blocks": (480, 660, 750), "features": 1500}
+  assert models.resolve_arch("wrn-match-4", "densenet-90-60", 0.5) == "wrnw-4-120-240-330-375-1500"
+  assert models.resolve_arch("prebn-match-14", "densenet-90-60", 1) == "prebw-14-120-480-660-750-1500"
   assert models.resolve_arch("wrn-28-10", None, 1) == "wrn-28-10"
   with pytest.raises(ValueError, match="DenseNet"):
     models.resolve_arch("wrn-match-1", "wrn-28-10", 1)
@@ -72,7 +72,7 @@ def test_config_rules():
       config_lib.Config(**kw).validate()
   cfg = config_lib.Config(arch="wrn-match-2", teacher_arch="densenet-90-60", seeds=3)
   cfg.validate()
-  assert cfg.arch_for(0) == "densenet-90-60" and cfg.arch_for(2) == "wrnw-2-120-480-660-780-1560"
+  assert cfg.arch_for(0) == "densenet-90-60" and cfg.arch_for(2) == "wrnw-2-120-480-660-750-1500"
   assert cfg.seed_list() == [0, 100, 200]
 
 

@@ -1,0 +1,95 @@
+"""Prints the markdown table of every paper preset: its model's parameters against the paper's.
+
+  python tools/paper_presets.py > /tmp/presets.md   # the table of docs/presets.md
+
+One row per flags/paper/*.flags: the file, the architecture (teacher -> student when they
+differ), the trainable parameters of the student it builds (models.param_count /
+lm_models.param_count, pure Python, equal to the built Keras model's), the paper's count
+for that row, the difference in %, and the paper's result (the file's first line).
+Language models are counted with PTB's 10,000-word vocabulary.
+"""
+
+import glob
+import os
+import sys
+
+from absl import flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from ban_tf import lm_models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import main  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PRESET_DIR = os.path.join(REPO, "flags", "paper")
+PTB_VOCAB = 10000
+_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+# The paper's parameter count of the model each row's student is (paper.md, section 5).
+# Tables 2 and 3 print no counts: their DenseNets and WRNs are Table 1's.
+_TABLE1 = {"wrn-28-1": 0.38e6, "wrn-28-2": 1.48e6, "wrn-28-5": 9.16e6, "wrn-28-10": 36e6,
+           "densenet-112-33": 6.3e6, "densenet-90-60": 16.1e6, "densenet-80-80": 22.4e6,
+           "densenet-80-120": 50.4e6}
+_TABLE4 = {"0.5x-depth": 21.2e6, "2x-depth": 13.7e6, "3x-depth": 12.9e6, "4x-depth": 12.6e6,
+           "0.5x-compression": 5.1e6, "0.75x-compression": 10.1e6, "1.5x-compression": 80.5e6}
+_TABLE5 = {"pre-resnet-14-0.5": 7.3e6, "pre-resnet-14-1": 17.7e6, "wide-resnet-1-1": 20.9e6,
+           "match-wide-resnet-2-1": 43.1e6, "wide-resnet-4-0.5": 24.3e6, "wide-resnet-4-1": 87.3e6}
+_TABLE6 = {"lstm": 52e6, "cnn-lstm": 19e6}
+
+
+def paper_params(name):
+  """The paper's parameter count for preset `name` (file name without .flags)."""
+  table, row = name.split("_", 1)
+  if table in ("table1", "table2"):
+    return _TABLE1[row.split("_")[0]]
+  if table == "table3":
+    wrn, student = row.split("_")
+    return _TABLE1["densenet-90-60"] if student == "dense-90-60" else _TABLE1[wrn]
+  return {"table4": _TABLE4, "table5": _TABLE5, "table6": _TABLE6}[table][row]
+
+
+def preset_config(path):
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  fv(["prog", f"--flagfile={path}", "--ptb_dir=/ptb"])
+  return main.config_from_flags(fv)
+
+
+def rows():
+  """One dict per preset: file, teacher, student, params, paper_params, diff, result."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(PRESET_DIR, "*.flags"))):
+    name = os.path.basename(path)[:-len(".flags")]
+    cfg = preset_config(path)
+    teacher, student = cfg.arch_for(0), cfg.arch_for(1)
+    if cfg.task == "lm":
+      params = lm_models.param_count(student, PTB_VOCAB)
+    else:
+      params = models.param_count(student, _CLASSES[cfg.dataset])
+    paper = paper_params(name)
+    with open(path) as f:
+      first = f.readline().strip()
+    result = first.split(": ", 1)[1] if ": " in first else first
+    out.append({"file": name + ".flags", "teacher": teacher, "student": student, "params": params,
+                "paper_params": paper, "diff": 100.0 * (params / paper - 1), "result": result})
+  return out
+
+
+def _millions(n):
+  return f"{n / 1e6:.2f}M"
+
+
+def presets_table():
+  lines = ["| File | Arch (teacher -> student) | Parameters | Paper's | Diff | Paper's result |",
+           "|---|---|---|---|---|---|"]
+  for r in rows():
+    arch = r["student"] if r["teacher"] == r["student"] else f"{r['teacher']} -> {r['student']}"
+    cells = [f"`{r['file']}`", f"`{arch}`", _millions(r["params"]), f"{r['paper_params'] / 1e6:g}M",
+             f"{r['diff']:+.1f}%", r["result"].replace("|", "\\|")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  sys.stdout.write(presets_table())
