@@ -339,7 +339,7 @@ def _to_float(images, labels):
 
 # ---- sources: (uint8 image [H, W, C], int label) datasets in a fixed order -----
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what tf.io.decode_image reads
-FOLDER_SPLITS = {"train": "train", "val": "val", "test": "test"}
+_FOLDER_ORDER_SEED = 20180512  # the fixed order of an image folder's training files
 
 
 def _resizer(size):
@@ -445,10 +445,15 @@ def _folder_source(root, image_size):
   def split_ds(split):
     if split not in files:
       return None
-    # Files in sorted order (classes, then names), never shuffled here: the order is
-    # fixed, and Dataset.train shuffles it per (seed, epoch).
+    # Files in sorted order (classes, then names). The training files are then put in
+    # one fixed pseudo-random order (the same for every run and seed), so that the
+    # first --train_examples, the last --val_examples and the statistics' sample mix
+    # the classes as a tfds split does; Dataset.train shuffles per (seed, epoch).
     paths = [p for c in class_names for p in files[split].get(c, [])]
     labels = [i for i, c in enumerate(class_names) for _ in files[split].get(c, [])]
+    if split == "train":
+      order = np.random.RandomState(_FOLDER_ORDER_SEED).permutation(len(paths))
+      paths, labels = [paths[i] for i in order], [labels[i] for i in order]
 
     def decode(path, label):
       image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
