@@ -96,6 +96,10 @@ class Config:
   num_cpu_devices: int = 0
   strategy: str = "auto"  # auto: one device, N logical CPUs or all GPUs; multi_worker: TF_CONFIG
   deterministic: bool = False
+  # BatchNorm under several replicas: False = per-replica batch statistics, moving
+  # statistics averaged over replicas after every step; True = batch statistics of
+  # the global batch (Keras synchronized=True, torch SyncBatchNorm).
+  sync_batchnorm: bool = False
   overwrite: bool = False
   steps_per_execution: int = 1
   jit_compile: bool = False

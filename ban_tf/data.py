@@ -177,16 +177,32 @@ class Dataset:
     return functools.partial(augment_batch, seed=int(seed), mode=augment)
 
   def val(self, batch_size):
+    """Held-out batches (images, labels, weights); see `_eval`. None without a hold-out."""
     if not self.info.num_val:
       return None
-    return self._eval(self._val_src, batch_size)
+    return self._eval(self._val_src, self.info.num_val, batch_size)
 
   def test(self, batch_size):
-    return self._eval(self._test_src, batch_size)
+    """Test batches (images, labels, weights); see `_eval`."""
+    return self._eval(self._test_src, self.info.num_test, batch_size)
 
-  def _eval(self, src, batch_size):
-    ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32))).cache()
-    ds = ds.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE)
+  def _eval(self, src, n, batch_size):
+    """Every one of the `n` examples once, in order, as (images, labels, weights).
+
+    weights is 1.0 for an example and 0.0 for padding: the last batch is padded with
+    black, label-0 images to a full `batch_size`, so that under tf.distribute every
+    replica gets a share of every batch (an empty per-replica batch crashes oneDNN's
+    convolutions). Metrics weight by it (Distiller.test_step, evaluate.accuracy), so
+    the padding changes no number.
+    """
+    ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32), tf.constant(1.0)))
+    pad = -n % batch_size
+    if pad:
+      blank = (tf.zeros(self.info.image_shape, src.element_spec[0].dtype), tf.constant(0, tf.int32),
+               tf.constant(0.0))
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+    ds = ds.cache().batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32), y, w),
+                                          num_parallel_calls=AUTOTUNE)
     return _distributable(ds.prefetch(AUTOTUNE))
 
   def test_labels(self):
@@ -323,7 +339,7 @@ def _to_float(images, labels):
 
 # ---- sources: (uint8 image [H, W, C], int label) datasets in a fixed order -----
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what tf.io.decode_image reads
-FOLDER_SPLITS = {"train": "train", "val": "val", "test": "test"}
+_FOLDER_ORDER_SEED = 20180512  # the fixed order of an image folder's training files
 
 
 def _resizer(size):
@@ -429,10 +445,15 @@ def _folder_source(root, image_size):
   def split_ds(split):
     if split not in files:
       return None
-    # Files in sorted order (classes, then names), never shuffled here: the order is
-    # fixed, and Dataset.train shuffles it per (seed, epoch).
+    # Files in sorted order (classes, then names). The training files are then put in
+    # one fixed pseudo-random order (the same for every run and seed), so that the
+    # first --train_examples, the last --val_examples and the statistics' sample mix
+    # the classes as a tfds split does; Dataset.train shuffles per (seed, epoch).
     paths = [p for c in class_names for p in files[split].get(c, [])]
     labels = [i for i, c in enumerate(class_names) for _ in files[split].get(c, [])]
+    if split == "train":
+      order = np.random.RandomState(_FOLDER_ORDER_SEED).permutation(len(paths))
+      paths, labels = [paths[i] for i in order], [labels[i] for i in order]
 
     def decode(path, label):
       image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)

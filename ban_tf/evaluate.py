@@ -36,33 +36,38 @@ def load(path):
 
 
 def score(model, dataset, probabilities=False):
-  """Mean cross-entropy and top-1 accuracy of a loaded SavedModel over (inputs, labels) batches.
+  """Mean cross-entropy and top-1 accuracy of a loaded SavedModel over (inputs, labels[, weights]) batches.
 
   Every label counts once: an example of a classifier ([N, C] outputs), or a token
-  of a language model ([N, T, V] outputs, [N, T] labels). `probabilities`: the
-  model serves probabilities (BANE ensembles, by the disk contract), not logits.
+  of a language model ([N, T, V] outputs, [N, T] labels). Examples of weight 0 are
+  padding (data.Dataset pads the last batch) and are not counted; a weight applies
+  to every token of its row. `probabilities`: the model serves probabilities (BANE
+  ensembles, by the disk contract), not logits.
 
   Returns:
     {"loss": nats per label, "accuracy": fraction, "count": labels scored}.
   """
   ce = correct = count = 0.0
-  for x, y in dataset:
+  for batch in dataset:
+    x, y = batch[0], batch[1].numpy()
+    w = batch[2].numpy().astype(np.float64) if len(batch) > 2 else np.ones(y.shape[:1])
+    w = np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - 1)), y.shape).reshape(-1)
     out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
     out = out.reshape(-1, out.shape[-1])
-    y = y.numpy().reshape(-1)
+    y = y.reshape(-1)
     if probabilities:
       log_p = np.log(np.maximum(out, 1e-30))
     else:
       m = out.max(-1, keepdims=True)
       log_p = out - m - np.log(np.exp(out - m).sum(-1, keepdims=True))
-    ce -= float(np.take_along_axis(log_p, y[:, None], -1).sum())
-    correct += float(np.sum(np.argmax(out, -1) == y))
-    count += y.size
+    ce -= float(np.sum(w * np.take_along_axis(log_p, y[:, None], -1)[:, 0]))
+    correct += float(np.sum(w * (np.argmax(out, -1) == y)))
+    count += float(w.sum())
   return {"loss": ce / count, "accuracy": correct / count, "count": int(count)}
 
 
 def accuracy(model, dataset):
-  """Top-1 accuracy of a loaded SavedModel over a (inputs, labels) dataset."""
+  """Top-1 accuracy of a loaded SavedModel over (inputs, labels[, weights]) batches."""
   return score(model, dataset)["accuracy"]
 
 

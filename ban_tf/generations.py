@@ -51,21 +51,6 @@ def build_ensemble(members, name="ensemble"):
   return keras.Model(inputs, mean, name=name)
 
 
-def _safe_log(p):
-  return keras.ops.log(keras.ops.maximum(p, 1e-30))
-
-
-def ensemble_scorer(ensemble):
-  """A Distiller scoring an ensemble like a member: its logits are the log of the
-  mean probabilities (softmax(log p) = p), so loss and accuracy are the mean
-  probabilities' cross-entropy and top-1, per example or per token alike."""
-  inputs = keras.Input(shape=ensemble.inputs[0].shape[1:], dtype=ensemble.inputs[0].dtype)
-  log_probs = keras.layers.Activation(_safe_log, dtype="float32", name="log_probs")(ensemble(inputs))
-  scorer = distiller_lib.Distiller(keras.Model(inputs, log_probs))
-  scorer.compile()
-  return scorer
-
-
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   task = tasks.get(cfg.task)
@@ -82,7 +67,8 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
                                        custom_objects={"StepDecay": train.StepDecay}, compile=False)
                for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
-    scorer = ensemble_scorer(model)
+    # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
+    scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity)
   result = dict(name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size))
   train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES)
   export.write_json(result, os.path.join(out, "metrics.json"))

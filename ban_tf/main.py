@@ -96,6 +96,8 @@ def define_flags(fv=FLAGS):
   flags.field("strategy", "[run] auto (one device, --num_cpu_devices or all GPUs) or "
               "multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG; --run_dir on shared storage).")
   flags.field("deterministic", "[run] Enable TF op determinism (slower; identical reruns).")
+  flags.field("sync_batchnorm", "[run] BatchNorm on the global batch's statistics across replicas "
+              "(default: per-replica batch statistics, moving statistics averaged every step).")
   flags.field("overwrite", "[run] Delete an existing --run_dir and start over.")
   flags.field("steps_per_execution", "[run] Train steps per compiled call.")
   flags.field("jit_compile", "[run] Compile the train step with XLA.")

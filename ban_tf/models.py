@@ -121,6 +121,22 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return tf.cast(y, self.compute_dtype)
 
 
+def synchronize_batchnorm(model: keras.Model) -> int:
+  """Switches every BatchNormalization layer of `model` to synchronized batch statistics.
+
+  In training, each layer then normalises with the mean and variance of the global
+  batch (all-reduced over tf.distribute replicas: Keras `synchronized=True`, the
+  torch SyncBatchNorm behaviour), so its moving statistics are the same on every
+  replica. Costs three small all-reduces per layer and step; no effect on one
+  device or in inference. Saved in model.keras (the layer config). Returns the
+  number of layers switched.
+  """
+  layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  for layer in layers:
+    layer.synchronized = True
+  return len(layers)
+
+
 def has_fused_layers(model: keras.Model) -> bool:
   """Whether `model` (or a model nested in it) holds a FusedBatchNormalization."""
   return any(isinstance(layer, FusedBatchNormalization) or

@@ -31,6 +31,7 @@ from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
 from ban_tf import losses
+from ban_tf import models
 from ban_tf import tasks
 from ban_tf.schedules import StepDecay  # pylint: disable=unused-import  (custom object of old checkpoints)
 
@@ -169,7 +170,6 @@ def _teacher_keras_path(teacher_path):
 
 
 def _share_stem_head(student, teacher_path):
-  from ban_tf import models  # pylint: disable=g-import-not-at-top  (image models only)
   path = _teacher_keras_path(teacher_path)
   if not os.path.exists(path):
     raise errors.TeacherError(f"--share_stem_head needs the teacher's {path}: retrain that generation "
@@ -203,6 +203,8 @@ def _build(cfg, task, gen, strategy, dataset, steps):
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
     student = task.build_model(gen.arch, dataset, dropout=cfg.dropout, name=name)
+    if cfg.sync_batchnorm:  # any BatchNormalization layers (none in the language models)
+      models.synchronize_batchnorm(student)
     projection = None
     if teacher is not None:
       if obj.feature_weight > 0:
@@ -220,7 +222,7 @@ def _build(cfg, task, gen, strategy, dataset, steps):
         label_weight=obj.label_weight, weight_decay=cfg.weight_decay, seed=gen.seed,
         feature_weight=obj.feature_weight if teacher is not None else 0.0,
         feature_projection=projection, clip_norm=cfg.clip_norm,
-        augment=task.train_augmenter(cfg, dataset, gen.seed))
+        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity)
     optimizer = task.make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from ban_tf import distiller
 from ban_tf import export
 from tests.conftest import REPO
+from tests.conftest import strategy_for
 
 
 def readme_example():
@@ -119,7 +120,7 @@ def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
 def test_compiled_metrics_and_one_hot_labels_on_two_replicas():
   """1 vs 2 replicas: the same student weights and the same logged extra metric."""
   x, y = _data()
-  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+  two = strategy_for(2)
   runs = []
   for strategy in (tf.distribute.get_strategy(), two):
     with strategy.scope():

@@ -65,12 +65,15 @@ class Task:
     headline: the metric results tables, seed summaries and report plots lead
       with (lower is better).
     extra_columns: further results-table columns (shown when some row has them).
+    perplexity: whether evaluation reports `perplexity` (val_perplexity in
+      history.json), exp of the mean cross-entropy.
     result_keys: metrics.json fields that results.json keeps per row, beyond the
       generic ones (gen, role, arch, params, epochs, seconds, seed, objective, teacher).
   """
   name = ""
   headline: results.Metric = None
   curve_label = ""  # y axis of `curve` in report plots
+  perplexity = False  # evaluation also reports perplexity (Distiller(perplexity=True))
   extra_columns = ()
   result_keys = ()
 

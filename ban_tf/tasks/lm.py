@@ -36,20 +36,6 @@ def read_vocab(directory):
     return tuple(line.rstrip("\n") for line in f)
 
 
-def _perplexity_logs():
-  import keras  # pylint: disable=g-import-not-at-top
-
-  class PerplexityLogs(keras.callbacks.Callback):
-    """Adds val_perplexity = exp(val_label_loss) to each epoch's logs (history.json,
-    TensorBoard val/perplexity, and the plateau schedule's input)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-      if logs is not None and "val_label_loss" in logs:
-        logs["val_perplexity"] = perplexity(float(logs["val_label_loss"]))
-
-  return PerplexityLogs()
-
-
 class LanguageModel(base.Task):
   """--task=lm."""
   name = "lm"
@@ -57,6 +43,7 @@ class LanguageModel(base.Task):
   extra_columns = (VAL_PERPLEXITY,)
   result_keys = ("test_accuracy", "test_error", "val_accuracy", "val_perplexity", "test_perplexity")
   curve_label = "validation perplexity"
+  perplexity = True
 
   def parse_arch(self, arch):
     return archs.parse_lm_arch(arch)
@@ -108,8 +95,7 @@ class LanguageModel(base.Task):
 
   def callbacks(self, cfg, history, optimizer):
     from ban_tf import schedules  # pylint: disable=g-import-not-at-top
-    return [_perplexity_logs(),
-            schedules.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer)]
+    return [schedules.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer)]
 
   def summarize(self, result):
     return {f"{split}_perplexity": perplexity(result[f"{split}_loss"])
