@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -207,8 +208,9 @@ def _mock_fashion_mnist(num_examples):
     yield
 
 
-@pytest.mark.parametrize("replicas,val_examples,gens", [(1, 37, 0), (2, 37, 2), (3, 36, 0)])
-def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
+@pytest.mark.parametrize("replicas,val_examples,gens,sync", [
+    (1, 37, 0, False), (2, 37, 2, False), (3, 36, 0, True)])
+def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens, sync):
   """Mock fashion_mnist (100 examples per split), batch 12: the last test batch holds
   4 examples (3 replicas: 4, 0, 0), the last val batch 1 (37) or 12 (36): a replica's
   share is empty, and the issue's command (2 replicas, 2 generations) crashed."""
@@ -216,7 +218,7 @@ def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
   run_dir = str(tmp_path / "run")
   cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=val_examples,
                       batch_size=12, epochs=1, gens=gens, num_cpu_devices=replicas, run_dir=run_dir,
-                      lr=0.05, verbose="0")
+                      lr=0.05, verbose="0", sync_batchnorm=sync)
   with _mock_fashion_mnist(100):
     main.run(cfg)
     evaluated = {s: evaluate.evaluate_run(run_dir, s) for s in ("test", "val")}
@@ -228,6 +230,10 @@ def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
   for g in results["generations"]:
     hist = export.read_json(os.path.join(run_dir, f"gen_{g['gen']}", "history.json"))
     np.testing.assert_allclose(hist[-1]["val_accuracy"], g["val_accuracy"], atol=1e-6)
+  with zipfile.ZipFile(os.path.join(run_dir, "gen_0", "model.keras")) as z:  # --sync_batchnorm took effect
+    layers = json.loads(z.read("config.json"))["config"]["layers"]
+  bns = [l["config"]["synchronized"] for l in layers if l["class_name"] == "BatchNormalization"]
+  assert bns and set(bns) == {sync}
 
 
 # ---- kill and resume: bit-identical weights and metrics ----------------------------------------------
