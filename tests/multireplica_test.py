@@ -288,3 +288,32 @@ def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
   ref = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", test_split="test[:10]")
   tail = np.stack([x for x, _ in ref._train_src.skip(40 - n)])  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)
+
+
+# ---- language models end to end: results.json == history.json == NumPy on the saved models ------------
+def test_lm_run_on_three_replicas_reports_its_saved_models(tmp_path):
+  from ban_tf import config, export, main, text_data  # pylint: disable=g-import-not-at-top
+  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+  lm_ref._corpus(str(tmp_path))  # pylint: disable=protected-access
+  run_dir = str(tmp_path / "run")
+  batch, bptt = 6, 7  # 2 rows per replica; the last eval window is shorter
+  cfg = config.Config(task="lm", dataset="ptb", ptb_dir=str(tmp_path), arch="lstm-1-16", gens=2, epochs=1,
+                      batch_size=batch, bptt=bptt, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
+                      clip_norm=5.0, loss="ban_l", run_dir=run_dir, verbose="0", num_cpu_devices=3)
+  main.run(cfg)
+  ids = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=bptt).ids
+  results = export.read_json(os.path.join(run_dir, "results.json"))
+  models_ = []
+  for g in results["generations"]:
+    gdir = os.path.join(run_dir, f"gen_{g['gen']}")
+    models_.append(keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False))
+    for split in ("val", "test"):
+      want = lm_ref._numpy_perplexity([models_[-1]], ids[split], batch, bptt)  # pylint: disable=protected-access
+      np.testing.assert_allclose(g[f"{split}_perplexity"], want, rtol=1e-5)
+    for h in export.read_json(os.path.join(gdir, "history.json")):
+      np.testing.assert_allclose(h["val_perplexity"], math.exp(h["val_label_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(h["val_perplexity"], g["val_perplexity"], rtol=1e-5)  # final epoch = exported
+  ens = results["ensembles"][0]
+  for split in ("val", "test"):
+    want = lm_ref._numpy_perplexity(models_[1:], ids[split], batch, bptt)  # pylint: disable=protected-access
+    np.testing.assert_allclose(ens[f"{split}_perplexity"], want, rtol=1e-5)
