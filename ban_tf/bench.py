@@ -277,8 +277,7 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
       idx = np.arange(cfg.batch_size, dtype=np.int64)
       steps_per_epoch = 50000 // cfg.batch_size
     else:
-      dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                             val_examples=cfg.val_examples)
+      dataset = data.Dataset.from_config(cfg)
       info = dataset.info
       ds, steps_per_epoch = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment,
                                           device_augment=True)

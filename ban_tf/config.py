@@ -34,6 +34,13 @@ class Config:
   data_dir: Optional[str] = None
   train_examples: int = 0  # 0 = all (minus the validation hold-out)
   val_examples: int = 0
+  image_folder: Optional[str] = None  # DIR/{train,test[,val]}/<class>/<image> instead of tfds
+  train_split: str = "train"  # tfds split names; slices such as train[:90%] work
+  val_split: Optional[str] = None  # a named validation split (instead of --val_examples)
+  test_split: str = "test"
+  image_size: tuple = ()  # (H, W) to resize every image to; () = the data set's own (fixed) size
+  image_key: Optional[str] = None  # tfds feature names (default image, label)
+  label_key: Optional[str] = None
   augment: str = "auto"
   # Augment in the compiled train step instead of per example on the host (bit-identical
   # batches either way, so it may differ on resume; docs/performance.md for the default).
@@ -78,6 +85,10 @@ class Config:
   num_cpu_devices: int = 0
   strategy: str = "auto"  # auto: one device, N logical CPUs or all GPUs; multi_worker: TF_CONFIG
   deterministic: bool = False
+  # BatchNorm under several replicas: False = per-replica batch statistics, moving
+  # statistics averaged over replicas after every step; True = batch statistics of
+  # the global batch (Keras synchronized=True, torch SyncBatchNorm).
+  sync_batchnorm: bool = False
   overwrite: bool = False
   steps_per_execution: int = 1
   jit_compile: bool = False
@@ -131,10 +142,17 @@ class Config:
     return [self.seed + 100 * i for i in range(self.seeds)]
 
   @property
+  def data_name(self) -> str:
+    """The tfds name, or the image folder's name."""
+    if self.image_folder:
+      return os.path.basename(os.path.normpath(self.image_folder))
+    return self.dataset
+
+  @property
   def resolved_augment(self) -> str:
     if self.augment != "auto":
       return self.augment
-    return "crop" if self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+    return "crop" if not self.image_folder and self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
 
   @property
   def resolved_device_augment(self) -> bool:
@@ -143,11 +161,12 @@ class Config:
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
-    return os.path.join("runs", f"{self.dataset.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
+    return os.path.join("runs", f"{self.data_name.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["lr_milestones"] = list(self.lr_milestones)
+    d["image_size"] = list(self.image_size)
     d["resolved"] = dict(self.objective(), augment=self.resolved_augment)
     return d
 
@@ -157,6 +176,9 @@ class Config:
   def experiment_diff(self, stored: dict) -> list:
     """Fields that differ from a stored config.json and change the experiment."""
     mine = self.to_dict()
+    # A field missing from an older config.json did not exist then: the run used
+    # what is now its default.
+    stored = dict(Config().to_dict(), **stored)
     keys = (set(mine) | set(stored)) - NON_EXPERIMENT_FIELDS
     return sorted(k for k in keys if mine.get(k) != stored.get(k))
 
@@ -185,6 +207,15 @@ class Config:
     need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1)")
     need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
     need(self.val_examples >= 0, f"--val_examples={self.val_examples}: must be >= 0")
+    need(len(self.image_size) in (0, 2) and all(int(v) >= 1 for v in self.image_size),
+         f"--image_size={','.join(map(str, self.image_size))}: use two positive integers H,W (e.g. 32,32)")
+    need(not (self.val_split and self.val_examples),
+         f"--val_split={self.val_split} and --val_examples={self.val_examples} both name a validation split: drop one")
+    need(bool(self.train_split) and bool(self.test_split), "--train_split and --test_split must not be empty")
+    need(not self.image_folder or not (self.val_split or self.image_key or self.label_key
+                                       or self.train_split != "train" or self.test_split != "test"),
+         "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
+         "--image_key/--label_key")
     need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
          f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
@@ -220,6 +251,10 @@ class Config:
            "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
       need(not self.train_examples and not self.val_examples,
            "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
+      need(not (self.image_folder or self.image_size or self.image_key or self.label_key or self.val_split
+                or self.train_split != "train" or self.test_split != "test"),
+           "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
+           "drop them with --task=lm")
       need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1
                 or self.densenet_compression != 0.5),
            "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "

@@ -1,8 +1,14 @@
-"""tf.data input pipelines for any tfds image-classification data set.
+"""tf.data input pipelines for image classification: tfds data sets or image folders.
 
-Splits: the first `num_train` examples of tfds' `train` split train the model, the
-last `num_val` are held out as a validation split (used for any selection), and
-tfds' `test` split is only ever evaluated, at the end of a generation.
+Sources: a tfds data set by name (any split names and slices, e.g. `train[:90%]`;
+any image/label feature names), or a folder DIR/{train,test[,val]}/<class>/<image>
+(decoded with tf.io.decode_image, files in sorted order).
+Images of varying size are resized to one size (`image_size`).
+
+Splits: the first `num_train` examples of the train split train the model; the
+validation split is a named one (`val_split`, DIR/val) or the last `num_val`
+training examples (`val_examples`), and is used for any selection; the test split
+is only ever evaluated, at the end of a generation.
 
 Training data is a function of (seed, epoch) only: each epoch has its own shuffle
 seed and per-example stateless augmentation seeds, so a run resumed at epoch e sees
@@ -49,41 +55,66 @@ class DataInfo:
 
 
 class Dataset:
-  """One tfds data set with its splits, statistics and pipelines."""
+  """One image-classification data set with its splits, statistics and pipelines.
 
-  def __init__(self, name, data_dir=None, *, train_examples=0, val_examples=0):
-    self._builder = _builder(name, data_dir)
-    features = self._builder.info.features
-    if "image" not in features or "label" not in features:
-      raise errors.DataError(
-          f"dataset {name!r} has no 'image'/'label' features: use an image-classification data set")
-    image_shape = tuple(features["image"].shape)
-    if None in image_shape:
-      raise errors.DataError(
-          f"dataset {name!r} has images of varying size {image_shape}: only fixed-size images are supported")
-    splits = self._builder.info.splits
-    if splits and "test" not in splits:
-      raise errors.DataError(f"dataset {name!r} has no 'test' split (it has {', '.join(splits)})")
-    self._train_src = self._split("train")
-    self._test_src = self._split("test")
+  Args:
+    name: a tfds data set name (ignored with `image_folder`).
+    data_dir: the TFDS data directory (None: tfds' default).
+    train_examples: use only the first N training examples (0 = all).
+    val_examples: hold out the last N training examples as validation.
+    image_folder: a directory DIR with train/<class>/*, test/<class>/* and optionally
+      val/<class>/* images (bmp, gif, jpeg, png); class names are the folder names.
+    train_split, val_split, test_split: tfds split names, slices allowed
+      ("train[:90%]", "validation"); val_split None: no named validation split.
+    image_size: (H, W) to resize every image to (bilinear, rounded back to uint8
+      pixels); () keeps the data set's own size, which must then be fixed.
+    image_key, label_key: the tfds features holding the image and the class label
+      (default "image" and "label").
+
+  Raises:
+    errors.DataError / errors.UsageError: one line naming the fix.
+  """
+
+  def __init__(self, name, data_dir=None, *, train_examples=0, val_examples=0, image_folder=None,
+               train_split="train", val_split=None, test_split="test", image_size=(),
+               image_key=None, label_key=None):
+    if image_folder:
+      source = _folder_source(image_folder, tuple(image_size))
+    else:
+      source = _tfds_source(name, data_dir, train_split, val_split, test_split, tuple(image_size),
+                            image_key, label_key)
+    name, image_shape = source["name"], source["image_shape"]
+    self._train_src = source["train"]
+    self._test_src = source["test"]
+    self._val_src = source["val"]
     total = _count(self._train_src)
+    if self._val_src is not None and val_examples:
+      raise errors.UsageError(
+          f"--val_examples={val_examples} and a validation split ({source['val_name']}) are both given: "
+          "drop one of them")
     if val_examples >= total:
       raise errors.UsageError(
           f"--val_examples={val_examples} leaves no training data ({name} has {total}): use fewer")
     available = total - val_examples
     num_train = min(train_examples, available) if train_examples else available
-    num_classes = features["label"].num_classes
-    names = tuple(features["label"].names) if hasattr(features["label"], "names") else ()
+    if val_examples:
+      self._val_src = self._train_src.skip(total - val_examples)
+    num_val = _count(self._val_src) if self._val_src is not None else 0
     mean, std = _channel_stats(self._train_src.take(min(num_train, _STATS_EXAMPLES)), image_shape[-1])
     self.info = DataInfo(
-        name=name, num_classes=num_classes, image_shape=image_shape, class_names=names,
-        num_train=num_train, num_val=val_examples, num_test=_count(self._test_src),
-        mean=mean, std=std)
-    self._val_start = total - val_examples
+        name=name, num_classes=source["num_classes"], image_shape=image_shape,
+        class_names=source["class_names"], num_train=num_train, num_val=num_val,
+        num_test=_count(self._test_src), mean=mean, std=std)
 
-  def _split(self, split):
-    ds = self._builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-    return ds
+  @classmethod
+  def from_config(cls, cfg, data_dir=None):
+    """The data set a Config (or a run's config.json as a dict) names."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return cls(get("dataset"), data_dir or get("data_dir"), train_examples=get("train_examples", 0),
+               val_examples=get("val_examples", 0), image_folder=get("image_folder"),
+               train_split=get("train_split") or "train", val_split=get("val_split"),
+               test_split=get("test_split") or "test", image_size=tuple(get("image_size") or ()),
+               image_key=get("image_key"), label_key=get("label_key"))
 
   # ---- pipelines --------------------------------------------------------------
   def steps_per_epoch(self, batch_size):
@@ -146,16 +177,32 @@ class Dataset:
     return functools.partial(augment_batch, seed=int(seed), mode=augment)
 
   def val(self, batch_size):
+    """Held-out batches (images, labels, weights); see `_eval`. None without a hold-out."""
     if not self.info.num_val:
       return None
-    return self._eval(self._train_src.skip(self._val_start), batch_size)
+    return self._eval(self._val_src, self.info.num_val, batch_size)
 
   def test(self, batch_size):
-    return self._eval(self._test_src, batch_size)
+    """Test batches (images, labels, weights); see `_eval`."""
+    return self._eval(self._test_src, self.info.num_test, batch_size)
 
-  def _eval(self, src, batch_size):
-    ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32))).cache()
-    ds = ds.batch(batch_size).map(_to_float, num_parallel_calls=AUTOTUNE)
+  def _eval(self, src, n, batch_size):
+    """Every one of the `n` examples once, in order, as (images, labels, weights).
+
+    weights is 1.0 for an example and 0.0 for padding: the last batch is padded with
+    black, label-0 images to a full `batch_size`, so that under tf.distribute every
+    replica gets a share of every batch (an empty per-replica batch crashes oneDNN's
+    convolutions). Metrics weight by it (Distiller.test_step, evaluate.accuracy), so
+    the padding changes no number.
+    """
+    ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32), tf.constant(1.0)))
+    pad = -n % batch_size
+    if pad:
+      blank = (tf.zeros(self.info.image_shape, src.element_spec[0].dtype), tf.constant(0, tf.int32),
+               tf.constant(0.0))
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+    ds = ds.cache().batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32), y, w),
+                                          num_parallel_calls=AUTOTUNE)
     return _distributable(ds.prefetch(AUTOTUNE))
 
   def test_labels(self):
@@ -278,6 +325,141 @@ def _distributable(ds):
 
 def _to_float(images, labels):
   return tf.cast(images, tf.float32), labels
+
+
+# ---- sources: (uint8 image [H, W, C], int label) datasets in a fixed order -----
+IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what tf.io.decode_image reads
+_FOLDER_ORDER_SEED = 20180512  # the fixed order of an image folder's training files
+
+
+def _resizer(size):
+  """Resizes uint8 images to `size` (bilinear), rounding back to uint8 pixels."""
+  def resize(image, label):
+    image = tf.image.resize(image, size, method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+  return resize
+
+
+def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size, image_key, label_key):
+  builder = _builder(name, data_dir)
+  features = builder.info.features
+  have = ", ".join(sorted(features.keys()))
+  image_key = image_key or "image"
+  label_key = label_key or "label"
+  for flag, key, kind in (("--image_key", image_key, "image"), ("--label_key", label_key, "class label")):
+    if key not in features:
+      raise errors.DataError(
+          f"dataset {name!r} has no {key!r} feature (its features: {have}): pass {flag}=<its {kind} feature>")
+  if not isinstance(features[image_key], tfds.features.Image):
+    raise errors.DataError(f"dataset {name!r}: feature {image_key!r} is not an image (its features: {have}): "
+                           "pass --image_key=<its image feature>")
+  if not isinstance(features[label_key], tfds.features.ClassLabel):
+    raise errors.DataError(f"dataset {name!r}: feature {label_key!r} is not a class label (its features: "
+                           f"{have}): pass --label_key=<its class-label feature>")
+  shape = tuple(features[image_key].shape)
+  if None in shape[:2] and not image_size:
+    raise errors.DataError(
+        f"dataset {name!r} has images of varying size {shape}: pass --image_size=H,W to resize them")
+  if shape[-1] is None:
+    raise errors.DataError(f"dataset {name!r} has images with a varying number of channels: unsupported")
+  resize = _resizer(image_size) if image_size and tuple(image_size) != shape[:2] else None
+
+  def split(flag, spec):
+    try:
+      ds = builder.as_dataset(split=spec, shuffle_files=False)
+    except Exception as e:  # pylint: disable=broad-except  (tfds raises several kinds)
+      raise errors.DataError(
+          f"{flag}={spec!r}: not a split of {name!r} ({_short(e)}); its splits: "
+          f"{', '.join(builder.info.splits) or 'none'} (slices like train[:90%] work)") from None
+    ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True) if resize else ds
+
+  label = features[label_key]
+  return {
+      "name": name, "train": split("--train_split", train_split), "test": split("--test_split", test_split),
+      "val": split("--val_split", val_split) if val_split else None, "val_name": f"--val_split={val_split}",
+      "num_classes": label.num_classes, "class_names": tuple(label.names),
+      "image_shape": tuple(image_size) + shape[-1:] if image_size else shape,
+  }
+
+
+def _folder_files(directory):
+  """{class name: sorted image paths} of DIR/<class>/*."""
+  classes = sorted(d for d in os.listdir(directory)
+                   if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+  return {c: sorted(os.path.join(directory, c, f) for f in os.listdir(os.path.join(directory, c))
+                    if f.lower().endswith(IMAGE_FORMATS)) for c in classes}
+
+
+def _folder_source(root, image_size):
+  """DIR/{train,test[,val]}/<class>/<image>; classes from train/'s folder names."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  fix = "lay it out as DIR/train/<class>/*.png and DIR/test/<class>/*.png (optional DIR/val/<class>/*)"
+  if not os.path.isdir(root):
+    raise errors.DataError(f"--image_folder={root} does not exist: {fix}")
+  files = {}
+  for split in ("train", "val", "test"):
+    path = os.path.join(root, split)
+    if os.path.isdir(path):
+      files[split] = _folder_files(path)
+  for split in ("train", "test"):
+    if split not in files or not any(files[split].values()):
+      raise errors.DataError(f"--image_folder={root} has no images in {split}/<class>/: {fix}")
+  class_names = tuple(files["train"])
+  for split, per_class in files.items():
+    extra = sorted(set(per_class) - set(class_names))
+    if extra:
+      raise errors.DataError(f"--image_folder: {split}/ has classes {extra} that train/ does not: "
+                             "give every class training images, or remove them")
+  # Image headers only (no pixels): the common size and the colour mode.
+  sizes, grey = set(), True
+  for per_class in files.values():
+    for paths in per_class.values():
+      for path in paths:
+        try:
+          with Image.open(path) as im:
+            sizes.add((im.height, im.width))
+            grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
+        except (OSError, ValueError) as e:
+          raise errors.DataError(f"{path}: not a readable image ({type(e).__name__}): remove or replace it") from None
+  if not image_size:
+    if len(sizes) > 1:
+      raise errors.DataError(
+          f"--image_folder={root} has images of {len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): "
+          "pass --image_size=H,W to resize them")
+    image_size = next(iter(sizes))
+  channels = 1 if grey else 3
+
+  resize = _resizer(tuple(image_size)) if sizes != {tuple(image_size)} else None
+
+  def split_ds(split):
+    if split not in files:
+      return None
+    # Files in sorted order (classes, then names). The training files are then put in
+    # one fixed pseudo-random order (the same for every run and seed), so that the
+    # first --train_examples, the last --val_examples and the statistics' sample mix
+    # the classes as a tfds split does; Dataset.train shuffles per (seed, epoch).
+    paths = [p for c in class_names for p in files[split].get(c, [])]
+    labels = [i for i, c in enumerate(class_names) for _ in files[split].get(c, [])]
+    if split == "train":
+      order = np.random.RandomState(_FOLDER_ORDER_SEED).permutation(len(paths))
+      paths, labels = [paths[i] for i in order], [labels[i] for i in order]
+
+    def decode(path, label):
+      image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+      return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if resize:
+      ds = ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True)
+    shape = tuple(image_size) + (channels,)
+    return ds.map(lambda x, y: (tf.ensure_shape(x, shape), y))
+
+  return {"name": os.path.basename(os.path.normpath(root)), "train": split_ds("train"),
+          "test": split_ds("test"), "val": split_ds("val"), "val_name": os.path.join(root, "val"),
+          "num_classes": len(class_names), "class_names": class_names,
+          "image_shape": tuple(image_size) + (channels,)}
 
 
 def _online():

@@ -30,6 +30,15 @@ over the global batch, never summed over a sequence (HF transformers #1181), and
 the teacher is applied at every unrolled position. `clip_norm` clips the norm of
 the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
 `global_clipnorm` would clip each replica's partial gradient before the sum.
+
+Evaluation (test_step) updates keras metrics (cross-entropy, accuracy and, for
+sequences, `Perplexity`), weighted by the optional third input element (0 marks the
+padding data.py adds to a last batch). Keras sums their totals and counts over
+replicas when a step returns exactly `self.metrics`, so evaluate() and fit's
+validation report the numbers of every example, as on one device, for any split.
+BatchNorm moving statistics are averaged over replicas after every train step
+(`_average_statistics`), so one set exists; models.synchronize_batchnorm
+(--sync_batchnorm) makes the batch statistics global instead.
 """
 
 import keras
@@ -116,21 +125,104 @@ class Distiller(keras.Model):
     self.acc_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     self.agree_tracker = keras.metrics.Mean(name="teacher_agreement")
     self.feature_tracker = keras.metrics.Mean(name="feature_loss")
+    self.ppl_tracker = Perplexity(name="perplexity")
+    outputs = getattr(student, "outputs", None)
+    # Language models: logits [B, T, V], scored per token, with a perplexity.
+    self.sequence = bool(outputs) and len(outputs[0].shape) == 3
+    self._evaluating = False
 
   @property
   def metrics(self):
+    # Keras reads the epoch's numbers from these metrics (variables summed over
+    # replicas) only when a step returns exactly their names; otherwise it averages
+    # the replicas' step outputs, which is wrong for uneven splits. So the list
+    # depends on the mode: evaluation has its own, smaller set (see `evaluate`).
+    compiled = [self._compile_metrics] if self._compile_metrics is not None else []
+    if self._evaluating:
+      return [self.label_tracker, self.acc_tracker] + ([self.ppl_tracker] if self.sequence else []) + compiled
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
     ms += [self.feature_tracker] if self.feature_weight else []
-    return ms + ([self.agree_tracker] if self.teacher is not None else [])
+    ms += [self.agree_tracker] if self.teacher is not None else []
+    # compile(metrics=[...]): extra metrics on (labels as given, student logits).
+    return ms + compiled
+
+  # ---- library use: compile, labels, save ---------------------------------------
+  def compile(self, optimizer="rmsprop", loss=None, *args, metrics=None, weighted_metrics=None, **kwargs):
+    """keras.Model.compile, minus the loss (the objective is the Distiller's own).
+
+    `metrics` are extra metrics, updated with the labels as given and the student's
+    logits (use their from_logits form where one exists) in fit and evaluate, and
+    logged beside the Distiller's own. Raises ValueError for `loss`, `loss_weights`
+    or `weighted_metrics`.
+    """
+    if loss is not None or kwargs.get("loss_weights") is not None or weighted_metrics is not None:
+      raise ValueError(
+          "Distiller.compile: loss, loss_weights and weighted_metrics are not used: the objective is "
+          "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
+          "pass only optimizer=, metrics= and execution options")
+    super().compile(optimizer, *args, metrics=metrics, **kwargs)
+
+  def save(self, *args, **kwargs):  # pylint: disable=unused-argument
+    """Refused: a Distiller is a training harness (student + frozen teacher)."""
+    raise NotImplementedError(
+        "Distiller.save: save or export the student instead, e.g. distiller.student.save('student.keras') "
+        "or ban_tf.export.export_saved_model(distiller.student, 'saved_model', input_shape)")
+
+  def _class_ids(self, y):
+    """Sparse class ids from sparse ([N], [N, 1], [N, T]) or one-hot ([N, C]) labels.
+
+    One-hot rows are turned into their argmax; soft labels (rows that are not one-hot)
+    fail with an InvalidArgumentError saying so, rather than being silently rounded.
+    """
+    y = tf.convert_to_tensor(y)
+    try:  # a functional or built Sequential student: compare with its logits' shape
+      out = self.student.outputs[0].shape
+      one_hot = y.shape.rank == len(out) and y.shape[-1] == out[-1] and out[-1] != 1
+    except (AttributeError, ValueError, TypeError):  # a subclassed student: float rows are one-hot
+      one_hot = y.dtype.is_floating and (y.shape.rank or 0) >= 2 and y.shape[-1] not in (None, 1)
+    if one_hot:
+      y = tf.cast(y, tf.float32)
+      tf.debugging.assert_equal(
+          tf.reduce_all((tf.reduce_max(y, -1) == 1.0) & (tf.reduce_sum(y, -1) == 1.0)), True,
+          message="Distiller: labels with one column per class must be one-hot (soft labels are not "
+                  "supported): pass class ids or one-hot rows")
+      return tf.argmax(y, axis=-1, output_type=tf.int32)
+    return y
+
+  def _update_compiled_metrics(self, y, logits, sample_weight=None):
+    if self._compile_metrics is not None:
+      self._compile_metrics.update_state(y, logits, sample_weight=sample_weight)
+
+  def evaluate(self, *args, **kwargs):
+    """keras.Model.evaluate with the evaluation metrics (fit's validation calls it too).
+
+    Inputs may carry a third element, per-example weights: 0 marks padding, which
+    data.py adds to the last batch so that every replica gets examples.
+    """
+    self._evaluating = True
+    try:
+      return super().evaluate(*args, **kwargs)
+    finally:
+      self._evaluating = False
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy
-    # scope by eagerly reducing the first input batch across replicas, which fails
-    # under MultiWorkerMirroredStrategy (PerReplica inputs cannot be converted).
-    # Nothing here needs that build: student, teacher, trackers and optimizer exist
-    # before fit, and the step builds the rest when it is traced.
+    # scope from the first input batch, which it gets by reducing the replicas' shares
+    # with MEAN: that fails under MultiWorkerMirroredStrategy (PerReplica inputs
+    # cannot be converted), and under MirroredStrategy when the shares differ in size
+    # (a first batch smaller than the global batch). Nothing here needs that build
+    # under MWMS (student, teacher, trackers and optimizer exist before fit, and the
+    # step builds the rest when it is traced); elsewhere replica 0's share, which is
+    # never empty, has the structure and dtypes the build needs.
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       return
+    if iterator is not None and self._distribute_strategy is not None:
+      for _, _, it in iterator:
+        local = self.distribute_strategy.experimental_local_results
+        data_batch = keras.tree.map_structure(
+            lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+        break
+      iterator = None
     super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
   @property
@@ -151,9 +243,9 @@ class Distiller(keras.Model):
     """(logits, features or None). Inference mode, never differentiated."""
     out = self.teacher(x, training=False)
     feats = None
-    if isinstance(out, dict):
+    if isinstance(out, dict):  # a TFSMLayer: {"logits", "features"}, or one output of any name
       feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
-      out = out["logits"]
+      out = out["logits"] if "logits" in out or len(out) != 1 else next(iter(out.values()))
     return tf.stop_gradient(tf.cast(out, tf.float32)), feats
 
   def feature_term(self, s_feats, t_feats):
@@ -196,7 +288,8 @@ class Distiller(keras.Model):
     return 0.5 * self.weight_decay * sq
 
   def train_step(self, data):
-    x, y = data[0], data[1]
+    x, y_given = data[0], data[1]
+    y = self._class_ids(y_given)
     if self.augment is not None:  # on-device augmentation of the uint8 batch
       x = self.augment(x, data[2])
     t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
@@ -219,7 +312,7 @@ class Distiller(keras.Model):
     if self.clip_norm > 0:
       grads = _clip_global_norm(grads, self.clip_norm)
     self.optimizer.apply_gradients(zip(grads, variables))
-    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if _num_replicas() > 1:
       self._average_statistics()
     # Logged values are global (summed over replicas), i.e. the true loss.
     self.loss_tracker.update_state(_global_sum(objective) + l2)
@@ -231,28 +324,37 @@ class Distiller(keras.Model):
     self.acc_tracker.update_state(y, logits)
     if t_logits is not None:
       self.agree_tracker.update_state(losses.agreement(_tokens(t_logits), _tokens(logits)))
-    return self._step_logs({m.name: m.result() for m in self.metrics})
+    self._update_compiled_metrics(y_given, logits)
+    return self._step_logs(self.get_metrics_result())
 
   def test_step(self, data):
-    x, y = data[0], data[1]
+    x, y_given = data[0], data[1]
+    weights = data[2] if len(data) > 2 else None  # per example; 0 = padding
+    y = self._class_ids(y_given)
     logits = tf.cast(self.student(x, training=False), tf.float32)
+    self._update_compiled_metrics(y_given, logits, weights)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
-    ce = losses.label_ce(y, _tokens(logits))
-    self.label_tracker.update_state(ce)  # a token mean for language models
-    self.acc_tracker.update_state(y, _tokens(logits))
-    out = {"label_loss": self.label_tracker.result(), "accuracy": self.acc_tracker.result()}
-    if len(logits.shape) == 3:  # language model: per-token perplexity
-      out["perplexity"] = tf.exp(self.label_tracker.result())
-    return self._step_logs(out)
-
+    logits = _tokens(logits)
+    if weights is not None:  # one weight per example [B] -> one per token [B * T]
+      weights = tf.reshape(tf.cast(weights, tf.float32), [-1])
+      weights = tf.repeat(weights, tf.shape(y)[0] // tf.maximum(tf.shape(weights)[0], 1))
+    ce = losses.label_ce(y, logits)
+    self.label_tracker.update_state(ce, sample_weight=weights)  # a token mean for language models
+    self.acc_tracker.update_state(y, logits, sample_weight=weights)
+    if self.sequence:
+      self.ppl_tracker.update_state(ce, sample_weight=weights)
+    return self._step_logs(self.get_metrics_result())
 
   def _average_statistics(self):
-    # BatchNorm moving statistics are updated from each worker's own part of the
-    # batch, so under MultiWorkerMirroredStrategy they drift apart between workers.
-    # Averaging them after every step keeps every worker's model identical; the
-    # moving mean is then exactly that of the global batch means (the moving
-    # variance averages the per-worker variances). One small batched all-reduce.
-    stats = [v for v in self.student.non_trainable_variables if v.dtype == "float32"]
+    # BatchNorm moving statistics are updated from each replica's own part of the
+    # batch, so they drift apart between replicas (MirroredStrategy keeps one copy
+    # per device; the SavedModel, model.keras and the checkpoint would save replica
+    # 0's while evaluation used each replica's own). Averaging them after every step
+    # keeps one set: the moving mean is then exactly that of the global batch means
+    # (equal per-replica batches); the moving variance averages the per-replica
+    # variances. One small batched all-reduce. With --sync_batchnorm the statistics
+    # are already equal; averaging equal values keeps them equal up to rounding.
+    stats = moving_statistics(self.student)
     if stats:
       ctx = tf.distribute.get_replica_context()
       means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in stats])
@@ -265,6 +367,50 @@ class Distiller(keras.Model):
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       return {k: tf.reshape(v, [1]) for k, v in logs.items()}
     return logs
+
+
+class Perplexity(keras.metrics.Mean):
+  """exp(mean cross-entropy): the perplexity of everything seen, not a mean of perplexities.
+
+  A keras Mean (total and count summed over replicas), so a multi-replica result is
+  exp of the global token mean, as on one device.
+  """
+
+  def result(self):
+    return tf.exp(super().result())
+
+
+def probability_scorer(model):
+  """A compiled Distiller whose `evaluate` scores `model`, which outputs probabilities.
+
+  For ensembles (mean of the members' softmax): log p is a valid logit vector
+  (softmax(log p) = p), so the test step's cross-entropy, accuracy (and perplexity)
+  are those of the probabilities, weighted and summed over replicas as for a member.
+  Build it in the strategy scope the model was built in.
+  """
+  inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
+  log_probs = keras.layers.Activation(_safe_log, dtype="float32", name="log_probs")(model(inputs))
+  scorer = Distiller(keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"))
+  scorer.compile()
+  return scorer
+
+
+def _safe_log(p):
+  return keras.ops.log(keras.ops.maximum(p, 1e-30))
+
+
+def moving_statistics(model):
+  """The BatchNorm moving means and variances of `model` and its nested layers."""
+  out, seen, todo = [], set(), [model]
+  while todo:
+    layer = todo.pop(0)
+    if id(layer) in seen:
+      continue
+    seen.add(id(layer))
+    if isinstance(layer, keras.layers.BatchNormalization) and layer.built:
+      out += [layer.moving_mean, layer.moving_variance]
+    todo += list(getattr(layer, "layers", []))
+  return out
 
 
 def _tokens(logits):

@@ -31,12 +31,17 @@ def load(path):
 
 
 def accuracy(model, dataset):
-  """Top-1 accuracy of a loaded SavedModel over a (images, labels) dataset."""
+  """Top-1 accuracy of a loaded SavedModel over (images, labels[, weights]) batches.
+
+  Examples of weight 0 are padding (data.Dataset pads the last batch) and are not counted.
+  """
   correct = total = 0
-  for x, y in dataset:
+  for batch in dataset:
+    x, y = batch[0], batch[1].numpy()
+    real = batch[2].numpy() > 0 if len(batch) > 2 else np.ones(y.shape, bool)
     pred = np.argmax(getattr(model, export.SERVE)(x).numpy(), axis=-1)
-    correct += int(np.sum(pred == y.numpy()))
-    total += int(y.shape[0])
+    correct += int(np.sum((pred == y) & real))
+    total += int(np.sum(real))
   return correct / total
 
 
@@ -62,12 +67,13 @@ def evaluate_run(run_dir, split="test", data_dir=None, batch_size=None):
   if not os.path.exists(cfg_path):
     raise errors.UsageError(f"{run_dir} has no config.json: pass a run directory written by ban_tf.main")
   cfg = export.read_json(cfg_path)
-  if split == "val" and not cfg.get("val_examples"):
+  if split == "val" and not (cfg.get("val_examples") or cfg.get("val_split") or cfg.get("image_folder")):
     raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0): use --split=test")
-  dataset = data.Dataset(cfg["dataset"], data_dir or cfg.get("data_dir"),
-                         train_examples=cfg.get("train_examples", 0), val_examples=cfg.get("val_examples", 0))
+  dataset = data.Dataset.from_config(cfg, data_dir)
   batch_size = batch_size or cfg.get("batch_size", 128)
   ds = dataset.test(batch_size) if split == "test" else dataset.val(batch_size)
+  if ds is None:  # an image folder without DIR/val
+    raise errors.UsageError(f"{run_dir} was trained without a validation split: use --split=test")
   out = {"split": split, "dataset": cfg["dataset"], "seed": cfg.get("seed"), "generations": [], "ensembles": []}
   for gen, path in _numbered(run_dir, "gen"):
     meta_path = os.path.join(os.path.dirname(path), "metrics.json")

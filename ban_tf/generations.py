@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from ban_tf import cluster
+from ban_tf import distiller as distiller_lib
 from ban_tf import export
 from ban_tf import faults
 from ban_tf import lm
@@ -72,12 +73,15 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     export.touch_done(out)
     logging.info("BANE-%d (generations %s): test perplexity %.2f", k, gens, result["test_perplexity"])
     return result
-  res = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
+  # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
+  with contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope():
+    scorer = distiller_lib.probability_scorer(model)
+  res = scorer.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
   result = {"name": f"BANE-{k}", "members": gens, "test_accuracy": float(res["accuracy"]),
-            "test_error": 1.0 - float(res["accuracy"]), "test_loss": float(res["loss"])}
+            "test_error": 1.0 - float(res["accuracy"]), "test_loss": float(res["label_loss"])}
   val = dataset.val(cfg.batch_size)
   if val is not None:
-    vres = model.evaluate(val, verbose=0, return_dict=True)
+    vres = scorer.evaluate(val, verbose=0, return_dict=True)
     result["val_accuracy"] = float(vres["accuracy"])
   export.export_saved_model(model, os.path.join(out, "saved_model"), dataset.info.image_shape,
                             class_names=dataset.info.class_names, output_name=export.PROBABILITIES)

@@ -28,6 +28,15 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_string("data_dir", None, "[data] TFDS data directory (a prepared one works offline).")
   flags.DEFINE_integer("train_examples", 0, "[data] Use only the first N training examples (0 = all).")
   flags.DEFINE_integer("val_examples", 0, "[data] Hold out the last N training examples as validation.")
+  flags.DEFINE_string("image_folder", None, "[data] Your own images instead of --dataset: DIR/train/<class>/*, "
+                      "DIR/test/<class>/*, optional DIR/val/<class>/* (png, jpeg, bmp, gif).")
+  flags.DEFINE_string("train_split", "train", "[data] tfds split to train on; slices work (train[:90%]).")
+  flags.DEFINE_string("val_split", None, "[data] tfds split to validate on (e.g. validation, train[90%:]); "
+                      "instead of --val_examples.")
+  flags.DEFINE_string("test_split", "test", "[data] tfds split to test on.")
+  flags.DEFINE_list("image_size", [], "[data] H,W: resize every image (needed when sizes vary).")
+  flags.DEFINE_string("image_key", None, "[data] tfds feature holding the image (default image).")
+  flags.DEFINE_string("label_key", None, "[data] tfds feature holding the class label (default label).")
   flags.DEFINE_string("augment", "auto", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
   flags.DEFINE_bool("device_augment", True, "[data] Augment inside the compiled train step (the host only "
                     "reads, shuffles and batches uint8); false: per example in tf.data. Same batches either way.")
@@ -87,6 +96,8 @@ def define_flags(fv=FLAGS):
   flags.DEFINE_string("strategy", "auto", "[run] auto (one device, --num_cpu_devices or all GPUs) or "
                       "multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG; --run_dir on shared storage).")
   flags.DEFINE_bool("deterministic", False, "[run] Enable TF op determinism (slower; identical reruns).")
+  flags.DEFINE_bool("sync_batchnorm", False, "[run] BatchNorm on the global batch's statistics across replicas "
+                    "(default: per-replica batch statistics, moving statistics averaged every step).")
   flags.DEFINE_bool("overwrite", False, "[run] Delete an existing --run_dir and start over.")
   flags.DEFINE_integer("steps_per_execution", 1, "[run] Train steps per compiled call.")
   flags.DEFINE_bool("jit_compile", False, "[run] Compile the train step with XLA.")
@@ -140,7 +151,13 @@ def config_from_flags(fv):
     milestones = tuple(float(m) for m in fv.lr_milestones)
   except ValueError:
     raise errors.UsageError(f"--lr_milestones={','.join(fv.lr_milestones)}: use comma-separated fractions") from None
+  try:
+    image_size = tuple(int(v) for v in fv.image_size)
+  except ValueError:
+    raise errors.UsageError(f"--image_size={','.join(fv.image_size)}: use two integers H,W (e.g. 32,32)") from None
   return config_lib.Config(
+      image_folder=fv.image_folder, train_split=fv.train_split, val_split=fv.val_split,
+      test_split=fv.test_split, image_size=image_size, image_key=fv.image_key, label_key=fv.label_key,
       task=fv.task, ptb_dir=fv.ptb_dir, vocab_size=fv.vocab_size, bptt=fv.bptt,
       lr_plateau_decay=fv.lr_plateau_decay, lr_plateau_min_delta=fv.lr_plateau_min_delta,
       clip_norm=fv.clip_norm,
@@ -156,6 +173,7 @@ def config_from_flags(fv):
       batch_size=fv.batch_size, lr=fv.lr, momentum=fv.momentum, nesterov=fv.nesterov,
       weight_decay=fv.weight_decay, lr_milestones=milestones, lr_decay=fv.lr_decay, seed=fv.seed,
       run_dir=fv.run_dir, num_cpu_devices=fv.num_cpu_devices, strategy=fv.strategy, deterministic=fv.deterministic,
+      sync_batchnorm=fv.sync_batchnorm,
       overwrite=fv.overwrite, steps_per_execution=fv.steps_per_execution,
       jit_compile=fv.jit_compile, mixed_precision=fv.mixed_precision, verbose=fv.verbose)
 
@@ -219,8 +237,7 @@ def run(cfg):
     dataset = text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
                                     vocab_size=cfg.vocab_size, bptt=cfg.bptt)
   else:
-    dataset = data.Dataset(cfg.dataset, cfg.data_dir, train_examples=cfg.train_examples,
-                           val_examples=cfg.val_examples)
+    dataset = data.Dataset.from_config(cfg)
   dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
   logging.info("config: %s", cfg.to_json())

@@ -49,7 +49,8 @@ import tensorflow as tf
 ARCH_HELP = (
     "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
     "(D-4)//6 layers per block, e.g. densenet-90-60) or densenet-L1-L2-L3-K (layers per block), "
-    "either with an optional -cTHETA compression (e.g. densenet-90-60-c0.25), preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
+    "either with an optional -cTHETA compression (e.g. densenet-90-60-c0.25), "
+    "preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
     "and explicit widths wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (U units per stage, "
     "stem S, stage widths W, optional final 1x1 conv to F channels), or the teacher-matched "
     "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch)"
@@ -167,10 +168,10 @@ def with_compression(arch: str, compression: float) -> str:
     return arch
   spec = parse_arch(arch)
   if spec["family"] != "densenet":
-    raise ValueError(f"a compression of {compression:g} needs a DenseNet, got {arch!r}")
+    raise ValueError(f"a compression of {compression} needs a DenseNet, got {arch!r}")
   if _DENSENET_RE.match(arch.strip().lower())[5]:
     raise ValueError(f"{arch!r} already names its compression")
-  return f"{arch}-c{compression:g}"
+  return f"{arch}-c" + f"{compression:.6f}".rstrip("0").rstrip(".")
 
 
 def _transition_width(channels: int, compression: float) -> int:
@@ -361,6 +362,22 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
           variance=tf.cast(self.moving_variance, "float32"), epsilon=self.epsilon,
           data_format="NHWC", is_training=False)[0]
     return tf.cast(y, self.compute_dtype)
+
+
+def synchronize_batchnorm(model: keras.Model) -> int:
+  """Switches every BatchNormalization layer of `model` to synchronized batch statistics.
+
+  In training, each layer then normalises with the mean and variance of the global
+  batch (all-reduced over tf.distribute replicas: Keras `synchronized=True`, the
+  torch SyncBatchNorm behaviour), so its moving statistics are the same on every
+  replica. Costs three small all-reduces per layer and step; no effect on one
+  device or in inference. Saved in model.keras (the layer config). Returns the
+  number of layers switched.
+  """
+  layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  for layer in layers:
+    layer.synchronized = True
+  return len(layers)
 
 
 def has_fused_layers(model: keras.Model) -> bool:

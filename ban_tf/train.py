@@ -187,6 +187,8 @@ def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, ba
     else:
       student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
                                    std=info.std, dropout=cfg.dropout, name=name)
+      if cfg.sync_batchnorm:
+        models.synchronize_batchnorm(student)
     projection = None
     if teacher is not None:
       if cfg.feature_weight > 0:

@@ -1,4 +1,4 @@
-"""Test setup: two logical CPU devices (for 1- vs 2-replica tests), quiet TF logs.
+"""Test setup: three logical CPU devices (1- vs 2- vs 3-replica tests), one shared strategy each, quiet TF logs.
 
 Runs before any test module imports TensorFlow, so the logical device
 configuration can still be applied.
@@ -11,11 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ban_tf  # pylint: disable=g-import-not-at-top,unused-import  # sets oneDNN on before TF loads
+import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+NUM_CPUS = 3
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    _cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(NUM_CPUS)])
 tf.get_logger().setLevel("ERROR")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,3 +26,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SOURCE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SHARED_TFDS = os.environ.get("BAN_TF_SHARED_TFDS") or os.path.join(
     os.path.dirname(_SOURCE), "shared", "tensorflow_datasets")
+
+_STRATEGIES = {}
+
+
+def strategy_for(replicas):
+  """The process's one strategy over `replicas` logical CPUs (1: the default strategy).
+
+  Cached: every test of the process shares it. ReductionToOneDevice, as
+  main.make_strategy does for logical CPUs: collective ops cache shapes by
+  (group key, instance key), and every new MirroredStrategy starts from the same
+  keys, so a second one all-reducing other shapes would abort with "Shape mismatch".
+  """
+  if replicas == 1:
+    return tf.distribute.get_strategy()
+  if replicas not in _STRATEGIES:
+    _STRATEGIES[replicas] = tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(replicas)], cross_device_ops=tf.distribute.ReductionToOneDevice())
+  assert _STRATEGIES[replicas].num_replicas_in_sync == replicas
+  return _STRATEGIES[replicas]
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}replica")
+def strategy(request):
+  """Parametrises a test over 1, 2 and 3 replicas (`strategy.num_replicas_in_sync`)."""
+  return strategy_for(request.param)

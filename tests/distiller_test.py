@@ -11,6 +11,7 @@ from ban_tf import distiller as distiller_lib
 from ban_tf import export
 from ban_tf import models
 from tests import losses_test as ref
+from tests.conftest import strategy_for
 
 NUM_CLASSES = 10
 SHAPE = (8, 8, 3)
@@ -58,10 +59,7 @@ def one_step(strategy, teacher_dir, *, loss, temperature=1.0, kd_weight=1.0, lab
 
 
 def mirrored2():
-  # As main.make_strategy does for logical CPUs: no collective ops, whose keys can
-  # clash between several MirroredStrategy objects in one process.
-  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
-                                        cross_device_ops=tf.distribute.ReductionToOneDevice())
+  return strategy_for(2)
 
 
 def numpy_objective(teacher_dir, *, loss, temperature, kd_weight, label_weight):

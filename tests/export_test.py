@@ -60,6 +60,18 @@ def test_serving_signature_names_and_fixed_size(tmp_path, arch):
     loaded.serve(tf.zeros((1, 16, 16, 3)))  # H and W are part of the signature
 
 
+def test_tflite_conversion_keeps_the_fixed_size_and_names(tmp_path):
+  model = tiny(9, "lite")
+  path = str(tmp_path / "saved_model")
+  export.export_saved_model(model, path, SHAPE)
+  interpreter = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(path).convert())
+  assert list(interpreter.get_input_details()[0]["shape"]) == [1, *SHAPE]  # not [1, 1, 1, 1]
+  assert interpreter.get_signature_list()["serving_default"] == {"inputs": ["pixels"], "outputs": ["logits"]}
+  x = np.random.RandomState(2).uniform(0, 255, (1,) + SHAPE).astype(np.float32)
+  got = interpreter.get_signature_runner("serving_default")(pixels=x)["logits"]
+  np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_saved_model_of_an_older_ban_tf_still_verifies_and_teaches(tmp_path):
   """Run directories written before the named signatures: `serve` only, any H and W."""
   model = tiny(7, "old")

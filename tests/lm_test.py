@@ -21,6 +21,7 @@ from ban_tf import main
 from ban_tf import text_data
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
+from tests.conftest import strategy_for
 
 
 def _write(path, text):
@@ -33,26 +34,8 @@ def _log_softmax(z):
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-_MIRRORED = []
-
-
 def _strategy(replicas):
-  """This module's MirroredStrategy, with its own collective group key.
-
-  TF caches a collective's shape by (group key, instance key), and every new
-  MirroredStrategy starts from the same keys: strategies of other test modules in
-  the same process, all-reducing other shapes, would abort with "Shape mismatch".
-  """
-  if replicas == 1:
-    return tf.distribute.get_strategy()
-  if not _MIRRORED:
-    cls = tf.distribute.MirroredStrategy
-    base, cls._collective_key_base = cls._collective_key_base, 4096  # "only set this in tests" (TF)
-    try:
-      _MIRRORED.append(cls(["/cpu:0", "/cpu:1"]))
-    finally:
-      cls._collective_key_base = base
-  return _MIRRORED[0]
+  return strategy_for(replicas)
 
 
 # ---- reader and vocabulary ----------------------------------------------------------------

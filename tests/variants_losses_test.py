@@ -11,6 +11,7 @@ import tensorflow as tf
 from ban_tf import config as config_lib
 from ban_tf import distiller as distiller_lib
 from ban_tf import losses
+from tests.conftest import strategy_for
 
 C = 10
 
@@ -103,11 +104,7 @@ def test_two_replica_update_equals_one_replica(kw):
   keras.utils.set_random_seed(6)  # same projection initialisation in both runs
   one, loss1 = _one_step(tf.distribute.get_strategy(), init, teacher_init, (x, y), **kw)
   keras.utils.set_random_seed(6)
-  # Reduction without collective ops: several MirroredStrategy objects in one process
-  # reuse collective instance keys, and a key first seen with another gradient size
-  # (an earlier test) aborts. The SUM semantics are the same.
-  mirrored = tf.distribute.MirroredStrategy(
-      ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+  mirrored = strategy_for(2)
   assert mirrored.num_replicas_in_sync == 2
   two, loss2 = _one_step(mirrored, init, teacher_init, (x, y), **kw)
   moved = max(float(np.abs(a - b).max()) for a, b in zip(one, init))

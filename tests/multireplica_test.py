@@ -1,0 +1,319 @@
+"""Multi-replica runs report what they export (issue 12).
+
+Over 1, 2 and 3 logical CPU replicas (tests/conftest.py) and split sizes that do
+and do not divide the batch and the replica count:
+* evaluation metrics are global: the accuracy, cross-entropy and perplexity of
+  every example, as on one device (not a mean of the replicas' means);
+* a replica's empty share of a last batch crashes nothing (data.py pads it with
+  zero-weight examples, which change no number);
+* BatchNorm keeps one set of statistics (averaged over replicas every step, or
+  synchronised batch statistics with --sync_batchnorm);
+* results.json, history.json and the exported SavedModels agree (ban_tf.evaluate),
+  and a --deterministic two-replica run killed and resumed is bit-identical.
+"""
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ban_tf import distiller as distiller_lib
+from ban_tf import models
+from tests.conftest import REPO, SHARED_TFDS, strategy_for
+
+C = 10
+REPLICAS = [1, 2, 3]
+
+
+def _ds(*arrays, batch):
+  return tf.data.Dataset.from_tensor_slices(tuple(arrays)).batch(batch)
+
+
+def _np_ce(logits, y):
+  z = logits.astype(np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  return -np.take_along_axis(logp, y[:, None], -1)[:, 0]
+
+
+def _identity_scorer(strategy):
+  """A Distiller whose student's logits are its inputs: predictions are chosen by the test."""
+  with strategy.scope():
+    x = keras.Input((C,))
+    student = keras.Model(x, keras.layers.Activation("linear", name="logits")(x))
+    model = distiller_lib.Distiller(student)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+  return model
+
+
+# ---- fault 1: evaluation averaged the replicas' means ---------------------------------------------
+def test_issue_example_33_of_65(strategy):
+  """65 examples at batch 64: 0..31 and 64 right, 32..63 wrong.
+
+  On two replicas replica 0 gets the 33 right ones and replica 1 the 32 wrong ones;
+  a mean of their accuracies is 0.5000, the truth 33/65 = 0.507692.
+  """
+  y = np.zeros(65, np.int32)
+  pred = np.zeros(65, np.int64)
+  pred[32:64] = 1
+  logits = (5.0 * np.eye(C)[pred]).astype(np.float32)
+  model = _identity_scorer(strategy)
+  got = model.evaluate(_ds(logits, y, batch=64), verbose=0, return_dict=True)
+  assert set(got) == {"label_loss", "accuracy"}
+  np.testing.assert_allclose(got["accuracy"], 33 / 65, rtol=1e-6)  # 0.507692
+  np.testing.assert_allclose(got["label_loss"], _np_ce(logits, y).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [48, 53, 7])  # divides batch and replicas; neither; < batch (3: [4, 3, 0])
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_eval_metrics_are_global_for_any_split(strategy, n, padded):
+  batch = 12
+  rng = np.random.RandomState(n)
+  logits = rng.normal(0, 2, (n, C)).astype(np.float32)
+  y = rng.randint(0, C, n).astype(np.int32)
+  want_acc = float(np.mean(logits.argmax(-1) == y))
+  want_ce = _np_ce(logits, y).mean()
+  if padded:  # as data.py does: a full last batch, the padding weighted 0
+    pad = -n % batch
+    w = np.r_[np.ones(n), np.zeros(pad)].astype(np.float32)
+    logits = np.r_[logits, 100 * np.ones((pad, C), np.float32)]  # wrong and huge CE if counted
+    y = np.r_[y, np.full(pad, 3, np.int32)]
+    ds = _ds(logits, y, w, batch=batch)
+  else:
+    ds = _ds(logits, y, batch=batch)
+  got = _identity_scorer(strategy).evaluate(ds, verbose=0, return_dict=True)
+  np.testing.assert_allclose(got["accuracy"], want_acc, rtol=1e-6)
+  np.testing.assert_allclose(got["label_loss"], want_ce, rtol=1e-5)
+
+
+# ---- language models: val_perplexity = exp(global token-mean CE) ------------------------------------
+def _lm_windows(rows, length, bptt, vocab, seed):
+  """Zaremba windows as text_data makes them: [rows, T], the last one shorter."""
+  ids = np.random.RandomState(seed).randint(0, vocab, (rows, length)).astype(np.int32)
+  out = []
+  for s in range(0, length - 1, bptt):
+    t = min(bptt, length - 1 - s)
+    out.append((ids[:, s:s + t], ids[:, s + 1:s + 1 + t]))
+  return out
+
+
+def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
+  from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+  vocab, rows, length, bptt = 13, 6, 13, 5  # windows of 5, 5 and 2 tokens
+  wins = _lm_windows(rows, length, bptt, vocab, seed=3)
+  keras.utils.set_random_seed(4)
+  with strategy.scope():
+    student = lm_models.build_model("lstm-1-8", vocab)
+    for v in student.trainable_variables:  # confident: each replica's rows get their own CE
+      v.assign(v * 60.0)
+    model = distiller_lib.Distiller(student)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # fit below leaves the weights as they are
+  ce = np.concatenate([_np_ce(student.predict(x, verbose=0).reshape(-1, vocab), y.reshape(-1))
+                       for x, y in wins])
+  ds = None
+  for x, y in wins:
+    d = tf.data.Dataset.from_tensors((x, y))
+    ds = d if ds is None else ds.concatenate(d)
+  got = model.evaluate(ds, verbose=0, return_dict=True)
+  assert set(got) == {"label_loss", "accuracy", "perplexity"}
+  np.testing.assert_allclose(got["label_loss"], ce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["perplexity"], math.exp(got["label_loss"]), rtol=1e-6)
+  # Per-row weights apply to every token of the row: zero-weight rows count for nothing.
+  w = np.r_[np.ones(rows // 2), np.zeros(rows - rows // 2)].astype(np.float32)
+  weighted = tf.data.Dataset.from_tensor_slices(
+      tuple(np.stack(a) for a in zip(*[(x, y) for x, y in wins[:2]]))).map(lambda x, y: (x, y, w))
+  half = np.concatenate([_np_ce(student.predict(x[:rows // 2], verbose=0).reshape(-1, vocab),
+                                y[:rows // 2].reshape(-1)) for x, y in wins[:2]])
+  got_w = model.evaluate(weighted, verbose=0, return_dict=True)
+  np.testing.assert_allclose(got_w["label_loss"], half.mean(), rtol=1e-5)
+  # What the plateau schedule and history.json read: fit's validation logs.
+  train = tf.data.Dataset.from_tensors(wins[0])
+  hist = model.fit(train, validation_data=ds, epochs=1, verbose=0).history
+  np.testing.assert_allclose(hist["val_perplexity"][-1], math.exp(hist["val_label_loss"][-1]), rtol=1e-6)
+  np.testing.assert_allclose(hist["val_label_loss"][-1], ce.mean(), rtol=1e-5)
+  assert "perplexity" not in hist  # training logs keep their own metrics
+
+
+# ---- fault 3: per-replica BatchNorm statistics -------------------------------------------------------
+def _bn_step(strategy, sync, x, y, lr=0.0):
+  """One training step of a tiny BN net on the global batch (x, y); returns the student."""
+  keras.utils.set_random_seed(11)
+  with strategy.scope():
+    student = models.build_model("tiny", C, x.shape[1:], name="bn_student")
+    if sync:
+      assert models.synchronize_batchnorm(student) > 0
+    model = distiller_lib.Distiller(student)
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+  model.fit(_ds(x, y, batch=len(x)), epochs=1, verbose=0, shuffle=False)
+  return student
+
+
+def _local_values(strategy, v):
+  return [t.numpy() for t in strategy.experimental_local_results(v.value)]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["averaged", "sync_batchnorm"])
+def test_batchnorm_statistics_are_one_set(strategy, sync):
+  rng = np.random.RandomState(0)
+  x = rng.uniform(0, 255, (12, 8, 8, 3)).astype(np.float32)
+  x[6:] *= 0.25  # replicas see different statistics
+  y = rng.randint(0, C, 12).astype(np.int32)
+  one = _bn_step(strategy_for(1), False, x, y)
+  many = _bn_step(strategy, sync, x, y)
+  stats = distiller_lib.moving_statistics(many)
+  assert stats and len(stats) == len(distiller_lib.moving_statistics(one))
+  for i, (v, ref) in enumerate(zip(stats, distiller_lib.moving_statistics(one))):
+    local = _local_values(strategy, v)
+    for other in local[1:]:
+      np.testing.assert_array_equal(other, local[0])  # one set, on every replica
+    if i == 0 or sync:
+      # Synchronised batch statistics are those of the global batch, as on one
+      # device. Averaged: the first layer's moving mean is that of the global batch
+      # mean (later layers see inputs normalised with per-replica statistics).
+      np.testing.assert_allclose(local[0], ref.numpy(), rtol=1e-4, atol=1e-5, err_msg=v.path)
+  if not sync and strategy.num_replicas_in_sync > 1:  # averaged per-replica variances differ
+    var = [v for v in stats if "moving_variance" in v.path][0]
+    ref = [v for v in distiller_lib.moving_statistics(one) if "moving_variance" in v.path][0]
+    assert not np.allclose(var.numpy(), ref.numpy(), rtol=1e-3)
+
+
+def test_sync_batchnorm_trains_like_one_device():
+  """Synchronised BN: a 3-replica step equals the one-device step on the global batch."""
+  rng = np.random.RandomState(1)
+  x = rng.uniform(0, 255, (12, 8, 8, 3)).astype(np.float32)
+  x[4:8] *= 0.3
+  y = rng.randint(0, C, 12).astype(np.int32)
+  one = _bn_step(strategy_for(1), False, x, y, lr=0.1)
+  three = _bn_step(strategy_for(3), True, x, y, lr=0.1)
+  for a, b in zip(one.get_weights(), three.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  plain = _bn_step(strategy_for(3), False, x, y, lr=0.1)
+  assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-5)
+             for a, b in zip(one.trainable_weights, plain.trainable_weights))  # the test can fail
+
+
+# ---- end to end: no crash, evaluate == results.json == history.json ---------------------------------
+@contextlib.contextmanager
+def _mock_fashion_mnist(num_examples):
+  from ban_tf import bench  # pylint: disable=g-import-not-at-top
+  with bench.tfds_mock(num_examples):
+    yield
+
+
+@pytest.mark.parametrize("replicas,val_examples,gens,sync", [
+    (1, 37, 0, False), (2, 37, 2, False), (3, 36, 0, True)])
+def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens, sync):
+  """Mock fashion_mnist (100 examples per split), batch 12: the last test batch holds
+  4 examples (3 replicas: 4, 0, 0), the last val batch 1 (37) or 12 (36): a replica's
+  share is empty, and the issue's command (2 replicas, 2 generations) crashed."""
+  from ban_tf import config, evaluate, export, main  # pylint: disable=g-import-not-at-top
+  run_dir = str(tmp_path / "run")
+  cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=val_examples,
+                      batch_size=12, epochs=1, gens=gens, num_cpu_devices=replicas, run_dir=run_dir,
+                      lr=0.05, verbose="0", sync_batchnorm=sync)
+  with _mock_fashion_mnist(100):
+    main.run(cfg)
+    evaluated = {s: evaluate.evaluate_run(run_dir, s) for s in ("test", "val")}
+  results = export.read_json(os.path.join(run_dir, "results.json"))
+  assert len(results["generations"]) == gens + 1 and len(results["ensembles"]) == max(gens - 1, 0)
+  for split, ev in evaluated.items():
+    assert len(ev["generations"]) == gens + 1
+    assert evaluate.max_difference(ev, results) <= 1e-6, (split, ev, results)
+  for g in results["generations"]:
+    hist = export.read_json(os.path.join(run_dir, f"gen_{g['gen']}", "history.json"))
+    np.testing.assert_allclose(hist[-1]["val_accuracy"], g["val_accuracy"], atol=1e-6)
+  with zipfile.ZipFile(os.path.join(run_dir, "gen_0", "model.keras")) as z:  # --sync_batchnorm took effect
+    layers = json.loads(z.read("config.json"))["config"]["layers"]
+  bns = [l["config"]["synchronized"] for l in layers if l["class_name"] == "BatchNormalization"]
+  assert bns and set(bns) == {sync}
+
+
+# ---- kill and resume: bit-identical weights and metrics ----------------------------------------------
+RESUME_ARGS = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=192",
+               "--val_examples=48", "--batch_size=24", "--epochs=2", "--gens=0", "--deterministic",
+               "--verbose=0", "--num_cpu_devices=2"]
+
+
+def _run_binary(run_dir, fault=None):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("BAN_TF_FAULT", None)
+  if fault:
+    env["BAN_TF_FAULT"] = fault
+  return subprocess.run([sys.executable, "-m", "ban_tf.main", *RESUME_ARGS, f"--run_dir={run_dir}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(run_dir):
+  with open(os.path.join(run_dir, "gen_0", "metrics.json")) as f:
+    m = json.load(f)
+  hist = json.load(open(os.path.join(run_dir, "gen_0", "history.json")))
+  drop = ("seconds", "teacher")
+  return ({k: v for k, v in m.items() if k not in drop and k != "final_train"},
+          [{k: v for k, v in h.items() if k not in drop} for h in hist])
+
+
+def test_two_replica_run_interrupted_and_resumed_is_bit_identical(tmp_path):
+  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+  proc = _run_binary(whole)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_binary(broken, "enospc@gen_0/epoch_2")  # dies after epoch 1's checkpoint
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  proc = _run_binary(broken)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (m1, h1), (m2, h2) = _metrics(whole), _metrics(broken)
+  assert m1["weights_sha256"] == m2["weights_sha256"]
+  assert m1 == m2  # test/val accuracy and loss, bit for bit
+  assert h1 == h2
+
+
+# ---- data.py: the padded evaluation pipeline ---------------------------------------------------------
+@pytest.mark.parametrize("n,batch", [(13, 6), (12, 6), (4, 6)])
+def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", val_examples=n,
+                    test_split="test[:10]")
+  batches = [[t.numpy() for t in b] for b in ds.val(batch)]
+  assert all(len(b) == 3 and b[0].shape[0] == batch for b in batches)  # every batch full
+  assert len(batches) == -(-n // batch)  # no extra batch
+  w = np.concatenate([b[2] for b in batches])
+  np.testing.assert_array_equal(w, np.r_[np.ones(n), np.zeros(len(w) - n)])  # real examples first, in order
+  ref = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", test_split="test[:10]")
+  tail = np.stack([x for x, _ in ref._train_src.skip(40 - n)])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)
+
+
+# ---- language models end to end: results.json == history.json == NumPy on the saved models ------------
+def test_lm_run_on_three_replicas_reports_its_saved_models(tmp_path):
+  from ban_tf import config, export, main, text_data  # pylint: disable=g-import-not-at-top
+  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+  lm_ref._corpus(str(tmp_path))  # pylint: disable=protected-access
+  run_dir = str(tmp_path / "run")
+  batch, bptt = 6, 7  # 2 rows per replica; the last eval window is shorter
+  cfg = config.Config(task="lm", dataset="ptb", ptb_dir=str(tmp_path), arch="lstm-1-16", gens=2, epochs=1,
+                      batch_size=batch, bptt=bptt, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
+                      clip_norm=5.0, loss="ban_l", run_dir=run_dir, verbose="0", num_cpu_devices=3)
+  main.run(cfg)
+  ids = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=bptt).ids
+  results = export.read_json(os.path.join(run_dir, "results.json"))
+  models_ = []
+  for g in results["generations"]:
+    gdir = os.path.join(run_dir, f"gen_{g['gen']}")
+    models_.append(keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False))
+    for split in ("val", "test"):
+      want = lm_ref._numpy_perplexity([models_[-1]], ids[split], batch, bptt)  # pylint: disable=protected-access
+      np.testing.assert_allclose(g[f"{split}_perplexity"], want, rtol=1e-5)
+    for h in export.read_json(os.path.join(gdir, "history.json")):
+      np.testing.assert_allclose(h["val_perplexity"], math.exp(h["val_label_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(h["val_perplexity"], g["val_perplexity"], rtol=1e-5)  # final epoch = exported
+  ens = results["ensembles"][0]
+  for split in ("val", "test"):
+    want = lm_ref._numpy_perplexity(models_[1:], ids[split], batch, bptt)  # pylint: disable=protected-access
+    np.testing.assert_allclose(ens[f"{split}_perplexity"], want, rtol=1e-5)
