@@ -453,7 +453,8 @@ def whole_run(cfg, out=sys.stdout):
   TFSMLayer), train (Keras fit minus what is below: the training steps, including
   tracing, and the input waits), eval (validation each epoch, final test/val),
   checkpoint_tb (history.json, TensorBoard scalars and the epoch checkpoint),
-  export (SavedModel with fingerprint, model.keras), ensemble (BANE evaluation),
+  export (SavedModel with fingerprint, model.keras), ensemble (BANE loading and
+  building, and its evaluation unless that goes through Distiller.evaluate: then eval),
   report (report.png, hparams), other. Returns the figures as a dict and ends with
   one machine-readable line.
   """
