@@ -1,6 +1,6 @@
 """What the binary prints and logs (issue 15): learning rates, TensorBoard points, Ctrl-C/SIGTERM, console.
 
-In-process runs use errors_test's helper (main.main with its own FlagValues); one
+In-process runs call main.main with their own FlagValues (as errors_test does); one
 subprocess test runs the real binary for what only a fresh process shows (TensorFlow's
 start-up noise, SIGTERM's exit status).
 """
@@ -17,9 +17,29 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 
 from ban_tf import console
 from ban_tf import export
+from absl import flags
+
+from ban_tf import main
 from tests.conftest import REPO
-from tests.errors_test import BASE
-from tests.errors_test import _main
+from tests.conftest import SHARED_TFDS
+
+BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
+        "--batch_size=32", "--epochs=1", "--gens=0", "--verbose=0"]
+
+
+def _main(monkeypatch, capsys, argv):
+  """Runs the binary's main() in-process; returns (exit code, stderr)."""
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  fv(["ban_tf"] + argv)
+  monkeypatch.setattr(main, "FLAGS", fv)
+  capsys.readouterr()
+  try:
+    main.main(["ban_tf"])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  return code, capsys.readouterr().err
 
 
 def _scalars(logdir):
@@ -126,3 +146,23 @@ def test_binary_console_is_quiet_fits_a_screen_and_sigterm_exits_143(tmp_path):
   log = open(os.path.join(run_dir, console.LOG_FILE)).read()
   assert "config: {" in log and "gen 0 (teacher) done" in log  # everything the console left out
   assert "(printed while TensorFlow was imported)" in log
+
+
+def test_quick_start_flags_are_the_papers_and_have_their_own_run_dir():
+  """README's quick start (flags/cifar10.flags): WRN dropout 0.3 as in the paper, and a run directory
+  that the bare --dataset=cifar10 command (dropout 0) does not share (it would refuse the other)."""
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  fv(["ban_tf", f"--flagfile={os.path.join(REPO, 'flags', 'cifar10.flags')}"])
+  cfg = main.config_from_flags(fv)
+  assert (cfg.arch, cfg.dropout, cfg.epochs, cfg.lr, cfg.weight_decay) == ("wrn-28-1", 0.3, 200, 0.1, 5e-4)
+  bare = main.config_from_flags(_parsed(["--dataset=cifar10", "--gens=3"]))
+  assert bare.dropout == 0 and cfg.run_dir != bare.default_run_dir()
+  assert "--flagfile=flags/cifar10.flags" in open(os.path.join(REPO, "README.md")).read()
+
+
+def _parsed(argv):
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  fv(["ban_tf"] + argv)
+  return fv
