@@ -167,7 +167,8 @@ def plot(runs, path):
   if labels:
     ax_curve.legend(fontsize=8)
   cfg = runs[0].config
-  fig.suptitle(f"{cfg.get('dataset', '?')}: {cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
+  teacher = os.path.basename(os.path.normpath(cfg["teacher"])) if cfg.get("teacher") else None
+  fig.suptitle(f"{cfg.get('dataset', '?')}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
                f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
                f"(T={cfg.get('temperature', '?')})" + (f", {n_runs} runs" if n_runs > 1 else
                                                        f", seed {cfg.get('seed', '?')}"))

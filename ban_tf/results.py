@@ -159,7 +159,7 @@ def aggregate_table(agg: list, metric: Metric) -> str:
 def title(cfg, metric: Metric, seeds=None) -> str:
   """The heading of a results.md, from a config.Config."""
   what = metric.text or metric.key.replace("_", " ")
-  head = (f"# {cfg.data_name}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
+  head = (f"# {cfg.data_name}: {cfg.teacher_label} teacher -> {cfg.arch_for(1)} students, objective "
           f"{cfg.resolved_loss} (T={cfg.temperature})")
   if seeds:
     return (f"{head}, seeds {', '.join(map(str, seeds))}\n\nFinal-epoch {what}, mean ± std (ddof=1) over "
