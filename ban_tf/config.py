@@ -93,6 +93,7 @@ class Config:
   # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
   lr_plateau_decay: float = 0.25
   lr_plateau_min_delta: float = 0.0
+  lr_plateau_reference: str = "best"  # lm: compare with the best epoch so far, or with the previous one
   clip_norm: float = 0.0  # global gradient-norm clipping (0 = off)
   # Execution.
   seed: int = 0

@@ -91,6 +91,9 @@ def define_flags(fv=FLAGS):
   flags.field("lr_decay", "[optim] LR multiplier at each milestone.")
   flags.field("lr_plateau_decay", "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.field("lr_plateau_min_delta", "[optim] lm: improvement in val perplexity that counts.")
+  flags.field("lr_plateau_reference", "[optim] lm: best (decay unless val perplexity beats the best epoch so far "
+              "by more than the delta) or previous (decay when it fell by less than the delta since the "
+              "previous epoch).")
   flags.field("clip_norm", "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
               "summed-loss recipe's clip / --bptt).")
   # Execution.
