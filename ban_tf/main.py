@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import sys
+import typing
 
 from absl import app
 from absl import flags
@@ -62,6 +63,12 @@ def define_flags(fv=FLAGS):
               "without --teacher_arch): channels x THETA (DenseNet-BC: 0.5; Table 4: 0.25, 0.375, 0.75).")
   flags.field("dropout", "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
               "lm: on every non-recurrent connection.")
+  flags.field("teacher_dropout", "[model] Generation 0's dropout (default: --dropout), e.g. a WRN teacher at 0.3 "
+              "with a DenseNet student at 0 (Table 3).")
+  flags.field("teacher", "[model] Use PATH as generation 0 instead of training one: a run's gen_k/ directory, a "
+              "SavedModel (serving_default: float32 pixels [N,H,W,C] in [0,255] -> logits) or a .keras file.")
+  flags.field("teacher_outputs", "[model] What --teacher outputs: logits, or probabilities (softmax; used as "
+              "log-probabilities, which give the same softmax at every temperature).")
   # Distillation.
   flags.field("gens", "[distill] Number of born-again generations after the teacher.")
   flags.field("loss", "[distill] Student objective: ban|ban_l|kd|cwtm|dkpp.")
@@ -84,10 +91,15 @@ def define_flags(fv=FLAGS):
   flags.field("lr_decay", "[optim] LR multiplier at each milestone.")
   flags.field("lr_plateau_decay", "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.field("lr_plateau_min_delta", "[optim] lm: improvement in val perplexity that counts.")
+  flags.field("lr_plateau_reference", "[optim] lm: best (decay unless val perplexity beats the best epoch so far "
+              "by more than the delta) or previous (decay when it fell by less than the delta since the "
+              "previous epoch).")
   flags.field("clip_norm", "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
               "summed-loss recipe's clip / --bptt).")
   # Execution.
   flags.field("seed", "[run] Base seed; generation k uses seed + k.")
+  flags.field("student_seed", "[run] BAN-1's seed (BAN-k: + k - 1; default seed + 1): students of one "
+              "--teacher with different seeds (Table 2's BAN and BAN-1).")
   flags.field("seeds", "[run] Repeat the run with base seeds seed, seed+100, ... into "
               "run_dir/seed_S/ and report mean +- std.")
   flags.field("baseline", "[run] Also train a label-only baseline (student arch and seed).")
@@ -146,6 +158,8 @@ class _Definer:
     from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
     f = {f.name: f for f in dataclasses.fields(config_lib.Config)}[name]
     default, kind = f.default, f.type
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]: an X flag whose default is None
+      kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if isinstance(default, tuple):
       return self.DEFINE_list(name, [str(v) for v in default], help_text)
     define = {bool: self.DEFINE_bool, int: self.DEFINE_integer, float: self.DEFINE_float}.get(

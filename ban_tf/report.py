@@ -187,7 +187,8 @@ def plot(runs, path, legends=None):
   sizes = f" ({data['train']}/{data['val']}/{data['test']} train/val/test {data['unit']})" if data else ""
   seeds = ("seeds " + ",".join(str(r.config.get("seed", "?")) for r in runs) if n_runs > 1 else
            f"seed {cfg.get('seed', '?')}")
-  fig.suptitle(f"{cfg.get('dataset', '?')}{sizes}: {cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
+  teacher = os.path.basename(os.path.normpath(cfg["teacher"])) if cfg.get("teacher") else None
+  fig.suptitle(f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
                f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
                f"(T={cfg.get('temperature', '?')}), {cfg.get('epochs', '?')} epochs, {seeds}")
   fig.tight_layout()

@@ -179,7 +179,7 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
     A title line, a line with the data, epochs and seeds, and the table's legend.
   """
   what = metric.text or metric.key.replace("_", " ")
-  head = (f"# {cfg.data_name}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
+  head = (f"# {cfg.data_name}: {cfg.teacher_label} teacher -> {cfg.arch_for(1)} students, objective "
           f"{cfg.resolved_loss} (T={cfg.temperature})")
   sizes = (f", {data['train']} train / {data['val']} val / {data['test']} test {data['unit']}"
            if data else "")

@@ -47,12 +47,14 @@ class GenerationSpec:
       on labels only, no teacher, nothing shared).
     role: "teacher", "BAN-k" or "baseline" (logs and metrics.json).
     arch: resolved architecture name.
-    seed: generation k uses cfg.seed + k (the baseline: cfg.seed + 1).
+    seed: cfg.seed_for(gen): seed + k, or --student_seed + k - 1 for students (the
+      baseline: BAN-1's seed).
     objective: the resolved losses.Objective (labels only for the teacher and baseline).
     teacher_path: the previous generation's SavedModel, or None.
     out_dir: where this generation writes (gen_k/, baseline/).
     read_dir: where it resumes from: out_dir, except on a multi-worker non-chief,
       which writes privately and resumes from the chief's directory.
+    dropout: cfg.dropout_for(gen): --teacher_dropout for generation 0 when given.
   """
   gen: Union[int, str]
   role: str
@@ -62,19 +64,20 @@ class GenerationSpec:
   teacher_path: Optional[str]
   out_dir: str
   read_dir: str
+  dropout: float = 0.0
 
   @classmethod
   def generation(cls, cfg, gen, out_dir, teacher_path=None, read_dir=None):
     objective = cfg.objective() if gen > 0 else losses.Objective.labels_only()
     return cls(gen=gen, role="teacher" if gen == 0 else f"BAN-{gen}", arch=cfg.arch_for(gen),
-               seed=cfg.seed + gen, objective=objective, teacher_path=teacher_path if gen > 0 else None,
-               out_dir=out_dir, read_dir=read_dir or out_dir)
+               seed=cfg.seed_for(gen), objective=objective, teacher_path=teacher_path if gen > 0 else None,
+               out_dir=out_dir, read_dir=read_dir or out_dir, dropout=cfg.dropout_for(gen))
 
   @classmethod
   def baseline(cls, cfg, out_dir, read_dir=None):
-    return cls(gen="baseline", role="baseline", arch=cfg.arch_for(1), seed=cfg.seed + 1,
+    return cls(gen="baseline", role="baseline", arch=cfg.arch_for(1), seed=cfg.seed_for("baseline"),
                objective=losses.Objective.labels_only(), teacher_path=None, out_dir=out_dir,
-               read_dir=read_dir or out_dir)
+               read_dir=read_dir or out_dir, dropout=cfg.dropout_for(1))
 
   @property
   def index(self) -> int:
@@ -283,7 +286,7 @@ def _build(cfg, task, gen, strategy, dataset, steps):
                                   with_features=obj.feature_weight > 0)
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
-    student = task.build_model(gen.arch, dataset, dropout=cfg.dropout, name=name)
+    student = task.build_model(gen.arch, dataset, dropout=gen.dropout, name=name)
     if cfg.sync_batchnorm:  # any BatchNormalization layers (none in the language models)
       models.synchronize_batchnorm(student)
     projection = None
