@@ -141,35 +141,34 @@ class StepTimer:
     return executions * self.spe, time.perf_counter() - t0
 
 
-def _build_distiller(cfg, info, teacher, steps_per_epoch, seed, augment=None):
+def _build_distiller(cfg, dataset, teacher, steps_per_epoch, seed, augment=None):
   from ban_tf import distiller  # pylint: disable=g-import-not-at-top
-  from ban_tf import models  # pylint: disable=g-import-not-at-top
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  from ban_tf import losses  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+  task = tasks.get(cfg.task)
   keras.utils.set_random_seed(seed)
-  student = models.build_model(cfg.arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
-                               dropout=cfg.dropout, name=f"student{seed}")
-  objective = cfg.objective() if teacher is not None else {}
+  student = task.build_model(cfg.arch, dataset, dropout=cfg.dropout, name=f"student{seed}")
+  objective = cfg.objective() if teacher is not None else losses.Objective.labels_only()
   # Logit objectives only: feature matching / shared stems are not what this bench times.
   model = distiller.Distiller(
-      student, teacher, loss=objective.get("loss", "ban"), temperature=objective.get("temperature", 1.0),
-      kd_weight=objective.get("kd_weight", 1.0), label_weight=objective.get("label_weight", 0.0),
+      student, teacher, loss=objective.loss, temperature=objective.temperature,
+      kd_weight=objective.kd_weight, label_weight=objective.label_weight,
       weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm, augment=augment)
-  optimizer = train.make_optimizer(cfg, steps_per_epoch)
+  optimizer = task.make_optimizer(cfg, steps_per_epoch)
   model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                 jit_compile=cfg.jit_compile)
   return model
 
 
-def _build_keras_baseline(cfg, info, steps_per_epoch):
+def _build_keras_baseline(cfg, dataset, steps_per_epoch):
   """The student under plain `compile(loss=...)`: Keras' own train_step."""
-  from ban_tf import models  # pylint: disable=g-import-not-at-top
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+  task = tasks.get(cfg.task)
   keras.utils.set_random_seed(cfg.seed)
-  student = models.build_model(cfg.arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
-                               dropout=cfg.dropout, name="keras_baseline")
-  student.compile(optimizer=train.make_optimizer(cfg, steps_per_epoch),
+  student = task.build_model(cfg.arch, dataset, dropout=cfg.dropout, name="keras_baseline")
+  student.compile(optimizer=task.make_optimizer(cfg, steps_per_epoch),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile)
   return student
@@ -182,7 +181,17 @@ class _SyntheticInfo:
     self.mean = None
     self.std = None
     self.num_train = 50000
+    self.num_val = 0
+    self.num_test = 0
+    self.class_names = ()
     self.name = "synthetic"
+
+
+class _Synthetic:
+  """--dataset=synthetic: random pixels (an image data set's `info`, no pipelines)."""
+
+  def __init__(self, shape, num_classes):
+    self.info = _SyntheticInfo(shape, num_classes)
 
 
 def _median_rate(samples, batch_size):
@@ -247,6 +256,7 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
   from ban_tf import data  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   from ban_tf import main  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
   def say(*a):
     print(*a, file=out, flush=True)
@@ -270,14 +280,15 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
   results = {}
   with mock:
     if cfg.dataset == "synthetic":
-      info = _SyntheticInfo(image_shape, num_classes)
+      source = _Synthetic(image_shape, num_classes)
+      info = source.info
       rng = np.random.default_rng(cfg.seed)
       x = rng.integers(0, 256, (cfg.batch_size,) + info.image_shape).astype(np.uint8)
       y = rng.integers(0, num_classes, (cfg.batch_size,)).astype(np.int32)
       idx = np.arange(cfg.batch_size, dtype=np.int64)
       steps_per_epoch = 50000 // cfg.batch_size
     else:
-      dataset = data.Dataset.from_config(cfg)
+      dataset = source = data.Dataset.from_config(cfg)
       info = dataset.info
       ds, steps_per_epoch = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment,
                                           device_augment=True)
@@ -293,13 +304,14 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
     tmp = tempfile.mkdtemp(prefix="ban_bench_")
     try:
       with strategy.scope():
-        teacher_model = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed + 100).student
-      export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), info.image_shape)
-      teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=info.num_classes)
+        teacher_model = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed + 100).student
+      spec = tasks.get(cfg.task).spec(source)
+      export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), spec.input_shape, spec=spec)
+      teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=spec.num_outputs)
       with strategy.scope():
-        supervised = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed, augment)
-        distill = _build_distiller(cfg, info, teacher, steps_per_epoch, cfg.seed + 1, augment)
-        baseline = _build_keras_baseline(cfg, info, steps_per_epoch) if keras_baseline else None
+        supervised = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed, augment)
+        distill = _build_distiller(cfg, source, teacher, steps_per_epoch, cfg.seed + 1, augment)
+        baseline = _build_keras_baseline(cfg, source, steps_per_epoch) if keras_baseline else None
       timers = {"supervised": StepTimer(supervised, batch), "distill": StepTimer(distill, batch)}
       if baseline is not None:  # Keras' own step: host-augmented float32 pixels
         timers["keras_fit"] = StepTimer(baseline, (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y))
@@ -473,7 +485,7 @@ def whole_run(cfg, out=sys.stdout):
       clock.wrap(export, "load_teacher", "teacher_load"),
       clock.wrap(distiller.Distiller, "fit", "train"),
       clock.wrap(distiller.Distiller, "evaluate", "eval"),
-      clock.wrap(train._EpochState, "on_epoch_end", "checkpoint_tb", before=count_epoch),  # pylint: disable=protected-access
+      clock.wrap(train.EpochState, "on_epoch_end", "checkpoint_tb", before=count_epoch),
       clock.wrap(export, "export_saved_model", "export"),
       clock.wrap(export, "save_keras", "export"),
       clock.wrap(generations, "evaluate_ensemble", "ensemble"),

@@ -1,7 +1,14 @@
 """The resolved experiment: a frozen Config built once from flags, validated, saved.
 
 Library code takes a Config (or plain arguments), never absl FLAGS, so tests build
-one directly with `Config(...)`.
+one directly with `Config(...)`. The dataclass fields are the one source of the
+flags' names, types and defaults: main.define_flags defines one flag per field
+(tests/config_test.py checks it), `Config.from_flags` reads them back, and
+`Config.from_dict` reads a run directory's config.json.
+
+Validation imports no TensorFlow or Keras (architecture names are parsed by
+archs.py), so a bad flag fails at once; what only one task checks lives in that
+task's `validate` (tasks/).
 """
 
 import dataclasses
@@ -9,10 +16,12 @@ import json
 import os
 from typing import Optional
 
+from ban_tf import archs
 from ban_tf import errors
+from ban_tf import tasks
 
 LOSSES = ("ban", "ban_l", "kd", "cwtm", "dkpp")
-TASKS = ("image", "lm")
+TASKS = tuple(tasks.TASKS)
 AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
 # Data sets whose labels change under a horizontal flip (digits, text).
 _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
@@ -38,7 +47,8 @@ class Config:
   train_split: str = "train"  # tfds split names; slices such as train[:90%] work
   val_split: Optional[str] = None  # a named validation split (instead of --val_examples)
   test_split: str = "test"
-  image_size: tuple = ()  # (H, W) to resize every image to; () = the data set's own (fixed) size
+  # (H, W) to resize every image to; () = the data set's own (fixed) size.
+  image_size: tuple = dataclasses.field(default=(), metadata={"item": int, "hint": "two integers H,W (e.g. 32,32)"})
   image_key: Optional[str] = None  # tfds feature names (default image, label)
   label_key: Optional[str] = None
   augment: str = "auto"
@@ -71,7 +81,8 @@ class Config:
   momentum: float = 0.9
   nesterov: bool = True
   weight_decay: float = 5e-4
-  lr_milestones: tuple = (0.3, 0.6, 0.8)
+  lr_milestones: tuple = dataclasses.field(default=(0.3, 0.6, 0.8),
+                                           metadata={"hint": "comma-separated fractions of the epochs"})
   lr_decay: float = 0.2
   # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
   lr_plateau_decay: float = 0.25
@@ -95,6 +106,38 @@ class Config:
   mixed_precision: str = "none"
   verbose: str = "auto"
 
+  # ---- construction -----------------------------------------------------------
+  @classmethod
+  def from_flags(cls, fv) -> "Config":
+    """The Config of parsed absl flags `fv` (main.define_flags: one flag per field).
+
+    Raises:
+      errors.UsageError: a list flag (--lr_milestones) that does not parse.
+    """
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+      value = fv[f.name].value
+      if isinstance(f.default, tuple):  # list flags: comma-separated numbers
+        item = f.metadata.get("item", float)
+        try:
+          value = tuple(item(v) for v in value)
+        except ValueError:
+          raise errors.UsageError(f"--{f.name}={','.join(value)}: use "
+                                  f"{f.metadata.get('hint', 'comma-separated numbers')}") from None
+      kwargs[f.name] = value
+    return cls(**kwargs)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Config":
+    """The Config stored in a config.json; unknown keys (e.g. `resolved`) are dropped,
+    missing ones (run directories written before a field existed) take the default."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    for k, v in kwargs.items():
+      if isinstance(names[k].default, tuple) and isinstance(v, list):
+        kwargs[k] = tuple(v)
+    return cls(**kwargs)
+
   # ---- derived values -------------------------------------------------------
   @property
   def resolved_loss(self) -> str:
@@ -117,25 +160,20 @@ class Config:
   def resolved_kd_weight(self) -> float:
     return 0.0 if self.resolved_loss == "cwtm" else self.kd_weight
 
-  def objective(self) -> dict:
-    """What a student generation optimises (written to every metrics.json)."""
-    return {
-        "loss": self.resolved_loss,
-        "temperature": self.temperature,
-        "kd_weight": self.resolved_kd_weight,
-        "label_weight": self.resolved_label_weight,
-        "feature_weight": self.feature_weight,
-        "feature_projection": self.feature_projection,
-        "share_stem_head": self.share_stem_head,
-    }
+  def objective(self):
+    """What a student generation optimises: the one resolved losses.Objective."""
+    from ban_tf import losses  # pylint: disable=g-import-not-at-top  (TensorFlow; not needed to validate)
+    return losses.Objective(
+        loss=self.resolved_loss, temperature=self.temperature, kd_weight=self.resolved_kd_weight,
+        label_weight=self.resolved_label_weight, feature_weight=self.feature_weight,
+        feature_projection=self.feature_projection, share_stem_head=self.share_stem_head)
 
   def arch_for(self, gen: int) -> str:
     """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
-    from ban_tf import models  # pylint: disable=g-import-not-at-top
     if gen == 0 and self.teacher_arch:
       return self.teacher_arch
-    arch = self.arch if gen == 0 else models.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
-    return models.with_compression(arch, self.densenet_compression)
+    arch = self.arch if gen == 0 else archs.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    return archs.with_compression(arch, self.densenet_compression)
 
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
@@ -156,8 +194,8 @@ class Config:
 
   @property
   def resolved_device_augment(self) -> bool:
-    """Augmentation in the train step: image tasks only (text has none)."""
-    return self.device_augment and self.task == "image"
+    """Augmentation in the train step: --device_augment where the task has it (images; text has none)."""
+    return tasks.get(self.task).device_augment(self)
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
@@ -167,7 +205,11 @@ class Config:
     d = dataclasses.asdict(self)
     d["lr_milestones"] = list(self.lr_milestones)
     d["image_size"] = list(self.image_size)
-    d["resolved"] = dict(self.objective(), augment=self.resolved_augment)
+    d["resolved"] = {
+        "loss": self.resolved_loss, "temperature": self.temperature, "kd_weight": self.resolved_kd_weight,
+        "label_weight": self.resolved_label_weight, "feature_weight": self.feature_weight,
+        "feature_projection": self.feature_projection, "share_stem_head": self.share_stem_head,
+        "augment": self.resolved_augment}
     return d
 
   def to_json(self) -> str:
@@ -241,46 +283,11 @@ class Config:
     need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")
     need(not (self.clip_norm and self.mixed_precision == "fp16"),
          "--clip_norm does not support --mixed_precision=fp16 (loss-scaled gradients): use bf16 or none")
-    if self.task == "lm":
-      need(self.bptt >= 1, f"--bptt={self.bptt}: must be >= 1")
-      need(self.vocab_size == 0 or self.vocab_size >= 2,
-           f"--vocab_size={self.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)")
-      need(0 < self.lr_plateau_decay <= 1, f"--lr_plateau_decay={self.lr_plateau_decay}: must be in (0, 1]")
-      need(self.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={self.lr_plateau_min_delta}: must be >= 0")
-      need(self.dataset != "ptb" or self.ptb_dir,
-           "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
-      need(not self.train_examples and not self.val_examples,
-           "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
-      need(not (self.image_folder or self.image_size or self.image_key or self.label_key or self.val_split
-                or self.train_split != "train" or self.test_split != "test"),
-           "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
-           "drop them with --task=lm")
-      need(not (self.feature_weight or self.share_stem_head or self.student_width_ratio != 1
-                or self.densenet_compression != 0.5),
-           "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
-           "drop them with --task=lm")
-    from ban_tf import models  # local import: models pulls in keras
-    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
-    if self.task == "lm":
-      parse = lm_models.parse_arch
-    else:
-      parse = models.parse_arch
-      need(self.student_width_ratio == 1 or models.is_match_arch(self.arch),
-           f"--student_width_ratio={self.student_width_ratio} only applies to teacher-matched students: "
-           "use --arch=wrn-match-U or prebn-match-U")
-      need(not models.is_match_arch(self.teacher_arch or self.arch) or self.teacher_arch,
-           f"--arch={self.arch}: a -match- student needs a DenseNet --teacher_arch")
-      need(0 < self.densenet_compression <= 1,
-           f"--densenet_compression={self.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)")
-      if self.densenet_compression != 0.5:
-        try:
-          models.with_compression(self.arch, self.densenet_compression)
-        except ValueError as e:
-          raise errors.UsageError(f"--densenet_compression={self.densenet_compression:g} applies to a "
-                                  f"densenet-D-K --arch without a -c suffix: {e}") from None
+    task = tasks.get(self.task)
+    task.validate(self)
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):
       if arch is not None:
         try:
-          parse(self.arch_for(gen))
+          task.parse_arch(self.arch_for(gen))
         except ValueError as e:
           raise errors.UsageError(f"{flag}={arch!r}: {e}") from None

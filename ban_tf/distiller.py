@@ -31,8 +31,8 @@ the teacher is applied at every unrolled position. `clip_norm` clips the norm of
 the global (all-replica) gradient, which needs one extra all-reduce: Keras' own
 `global_clipnorm` would clip each replica's partial gradient before the sum.
 
-Evaluation (test_step) updates keras metrics (cross-entropy, accuracy and, for
-sequences, `Perplexity`), weighted by the optional third input element (0 marks the
+Evaluation (test_step) updates keras metrics (cross-entropy, accuracy and, with
+`perplexity=True` (language models: the task says so), `Perplexity`), weighted by the optional third input element (0 marks the
 padding data.py adds to a last batch). Keras sums their totals and counts over
 replicas when a step returns exactly `self.metrics`, so evaluate() and fit's
 validation report the numbers of every example, as on one device, for any split.
@@ -87,11 +87,14 @@ class Distiller(keras.Model):
       each training batch inside the compiled step (data.augment_batch); training
       elements are then (images, labels, example indices), as
       data.Dataset.train(device_augment=True) makes them.
+    perplexity: also report `perplexity` (exp of the mean cross-entropy) in
+      evaluation: a language model's metric (tasks/lm.py sets it). Logits of any
+      rank are scored per row of the last axis (per example, or per token) either way.
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
                label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
-               feature_projection=None, clip_norm=0.0, augment=None, **kwargs):
+               feature_projection=None, clip_norm=0.0, augment=None, perplexity=False, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
@@ -126,9 +129,7 @@ class Distiller(keras.Model):
     self.agree_tracker = keras.metrics.Mean(name="teacher_agreement")
     self.feature_tracker = keras.metrics.Mean(name="feature_loss")
     self.ppl_tracker = Perplexity(name="perplexity")
-    outputs = getattr(student, "outputs", None)
-    # Language models: logits [B, T, V], scored per token, with a perplexity.
-    self.sequence = bool(outputs) and len(outputs[0].shape) == 3
+    self.perplexity = bool(perplexity)
     self._evaluating = False
 
   @property
@@ -139,7 +140,7 @@ class Distiller(keras.Model):
     # depends on the mode: evaluation has its own, smaller set (see `evaluate`).
     compiled = [self._compile_metrics] if self._compile_metrics is not None else []
     if self._evaluating:
-      return [self.label_tracker, self.acc_tracker] + ([self.ppl_tracker] if self.sequence else []) + compiled
+      return [self.label_tracker, self.acc_tracker] + ([self.ppl_tracker] if self.perplexity else []) + compiled
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
     ms += [self.feature_tracker] if self.feature_weight else []
     ms += [self.agree_tracker] if self.teacher is not None else []
@@ -341,7 +342,7 @@ class Distiller(keras.Model):
     ce = losses.label_ce(y, logits)
     self.label_tracker.update_state(ce, sample_weight=weights)  # a token mean for language models
     self.acc_tracker.update_state(y, logits, sample_weight=weights)
-    if self.sequence:
+    if self.perplexity:
       self.ppl_tracker.update_state(ce, sample_weight=weights)
     return self._step_logs(self.get_metrics_result())
 
@@ -380,7 +381,7 @@ class Perplexity(keras.metrics.Mean):
     return tf.exp(super().result())
 
 
-def probability_scorer(model):
+def probability_scorer(model, perplexity=False):
   """A compiled Distiller whose `evaluate` scores `model`, which outputs probabilities.
 
   For ensembles (mean of the members' softmax): log p is a valid logit vector
@@ -390,7 +391,7 @@ def probability_scorer(model):
   """
   inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
   log_probs = keras.layers.Activation(_safe_log, dtype="float32", name="log_probs")(model(inputs))
-  scorer = Distiller(keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"))
+  scorer = Distiller(keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"), perplexity=perplexity)
   scorer.compile()
   return scorer
 
@@ -414,10 +415,8 @@ def moving_statistics(model):
 
 
 def _tokens(logits):
-  """[B, T, V] sequence logits -> [B*T, V]; [B, C] logits unchanged."""
-  if len(logits.shape) == 2:
-    return logits
-  return tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+  """Logits [..., V] as rows [N, V]: [B, C] unchanged, [B, T, V] -> [B*T, V] (any rank alike)."""
+  return tf.reshape(logits, [-1, logits.shape[-1] or tf.shape(logits)[-1]])
 
 
 def _clip_global_norm(grads, clip_norm):

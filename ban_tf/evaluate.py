@@ -3,12 +3,17 @@
   python -m ban_tf.evaluate --run_dir=runs/x [--split=test|val] [--data_dir=...]
   python -m ban_tf.evaluate --saved_model=runs/x/gen_1/saved_model --images=a.png,b.jpg --top_k=3
 
+A run of any task: its config.json names the task (tasks/) and the data; the
+table printed is the run's results table (test and val error, or val and test
+perplexity for a language model), recomputed from the SavedModels.
+
 Models are loaded with tf.saved_model.load and called through their `serve`
-endpoint (float32 raw pixels [N, H, W, C] -> logits, or mean probabilities for
-BANE ensembles): no Keras model code, Distiller or custom objects are involved,
+endpoint (float32 raw pixels [N, H, W, C] or int32 token ids [N, T] -> logits,
+or mean probabilities for BANE ensembles): no Keras model code, Distiller or custom objects are involved,
 so the numbers printed here check what was exported, not what was in memory.
 """
 
+import dataclasses
 import glob
 import os
 import re
@@ -30,19 +35,40 @@ def load(path):
   return tf.saved_model.load(path)
 
 
-def accuracy(model, dataset):
-  """Top-1 accuracy of a loaded SavedModel over (images, labels[, weights]) batches.
+def score(model, dataset, probabilities=False):
+  """Mean cross-entropy and top-1 accuracy of a loaded SavedModel over (inputs, labels[, weights]) batches.
 
-  Examples of weight 0 are padding (data.Dataset pads the last batch) and are not counted.
+  Every label counts once: an example of a classifier ([N, C] outputs), or a token
+  of a language model ([N, T, V] outputs, [N, T] labels). Examples of weight 0 are
+  padding (data.Dataset pads the last batch) and are not counted; a weight applies
+  to every token of its row. `probabilities`: the model serves probabilities (BANE
+  ensembles, by the disk contract), not logits.
+
+  Returns:
+    {"loss": nats per label, "accuracy": fraction, "count": labels scored}.
   """
-  correct = total = 0
+  ce = correct = count = 0.0
   for batch in dataset:
     x, y = batch[0], batch[1].numpy()
-    real = batch[2].numpy() > 0 if len(batch) > 2 else np.ones(y.shape, bool)
-    pred = np.argmax(getattr(model, export.SERVE)(x).numpy(), axis=-1)
-    correct += int(np.sum((pred == y) & real))
-    total += int(np.sum(real))
-  return correct / total
+    w = batch[2].numpy().astype(np.float64) if len(batch) > 2 else np.ones(y.shape[:1])
+    w = np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - 1)), y.shape).reshape(-1)
+    out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
+    out = out.reshape(-1, out.shape[-1])
+    y = y.reshape(-1)
+    if probabilities:
+      log_p = np.log(np.maximum(out, 1e-30))
+    else:
+      m = out.max(-1, keepdims=True)
+      log_p = out - m - np.log(np.exp(out - m).sum(-1, keepdims=True))
+    ce -= float(np.sum(w * np.take_along_axis(log_p, y[:, None], -1)[:, 0]))
+    correct += float(np.sum(w * (np.argmax(out, -1) == y)))
+    count += float(w.sum())
+  return {"loss": ce / count, "accuracy": correct / count, "count": int(count)}
+
+
+def accuracy(model, dataset):
+  """Top-1 accuracy of a loaded SavedModel over (inputs, labels[, weights]) batches."""
+  return score(model, dataset)["accuracy"]
 
 
 def _numbered(run_dir, prefix):
@@ -54,66 +80,114 @@ def _numbered(run_dir, prefix):
   return sorted(found)
 
 
-def evaluate_run(run_dir, split="test", data_dir=None, batch_size=None):
-  """Evaluates every gen_k/ and ensemble_k/ SavedModel of a run on `split`.
+def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
+  """Evaluates every gen_k/ and ensemble_k/ SavedModel of a run.
 
-  Returns a dict shaped like results.json: generations and ensembles, each with
-  `{split}_accuracy` and `{split}_error` (plus gen/arch/params/name/members).
+  Args:
+    run_dir: a run directory written by ban_tf.main (its config.json names the
+      task and the data).
+    split: "test" or "val"; None: both (val only where the run has one).
+    data_dir: overrides the run's --data_dir (the data moved).
+    batch_size: evaluation batch size (default: the run's; a language model's
+      evaluation layout depends on it, so keep it to match results.json).
+
+  Returns:
+    A dict shaped like results.json: "generations" and "ensembles", each with
+    {split}_loss, {split}_accuracy, {split}_error and the task's derived fields
+    (perplexities), plus gen/arch/params or name/members; "splits" and "task".
+
+  Raises:
+    errors.UsageError: not a run directory, no such split, nothing exported.
   """
-  from ban_tf import data  # pylint: disable=g-import-not-at-top  (tfds is only needed here)
-  if split not in SPLITS:
+  from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  if split is not None and split not in SPLITS:
     raise errors.UsageError(f"--split={split!r}: use test or val")
   cfg_path = os.path.join(run_dir, "config.json")
   if not os.path.exists(cfg_path):
     raise errors.UsageError(f"{run_dir} has no config.json: pass a run directory written by ban_tf.main")
-  cfg = export.read_json(cfg_path)
-  if split == "val" and not (cfg.get("val_examples") or cfg.get("val_split") or cfg.get("image_folder")):
-    raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0): use --split=test")
-  dataset = data.Dataset.from_config(cfg, data_dir)
-  batch_size = batch_size or cfg.get("batch_size", 128)
-  ds = dataset.test(batch_size) if split == "test" else dataset.val(batch_size)
-  if ds is None:  # an image folder without DIR/val
-    raise errors.UsageError(f"{run_dir} was trained without a validation split: use --split=test")
-  out = {"split": split, "dataset": cfg["dataset"], "seed": cfg.get("seed"), "generations": [], "ensembles": []}
+  stored = export.read_json(cfg_path)
+  cfg = config_lib.Config.from_dict(stored)
+  if data_dir:
+    cfg = dataclasses.replace(cfg, data_dir=data_dir)
+  task = tasks.get(cfg.task)
+  dataset = task.load_data(cfg)
+  batch_size = batch_size or cfg.batch_size
+  pipelines = {s: getattr(dataset, s)(batch_size) for s in (("val", "test") if split is None else (split,))}
+  if split == "val" and pipelines["val"] is None:
+    raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0, no "
+                            "--val_split or val/ folder): use --split=test")
+  pipelines = {s: ds for s, ds in pipelines.items() if ds is not None}
+
+  def evaluated(path, probabilities):
+    loaded = load(path)
+    entry = {}
+    for s, ds in pipelines.items():
+      res = score(loaded, ds, probabilities)
+      entry.update({f"{s}_loss": res["loss"], f"{s}_accuracy": res["accuracy"], f"{s}_error": 1.0 - res["accuracy"]})
+    entry.update(task.summarize(entry))
+    return entry
+
+  def meta(path):
+    meta_path = os.path.join(os.path.dirname(path), "metrics.json")
+    return export.read_json(meta_path) if os.path.exists(meta_path) else {}
+
+  out = {"task": task.name, "splits": list(pipelines), "split": split, "dataset": cfg.data_name, "seed": cfg.seed,
+         "generations": [], "ensembles": []}
   for gen, path in _numbered(run_dir, "gen"):
-    meta_path = os.path.join(os.path.dirname(path), "metrics.json")
-    meta = export.read_json(meta_path) if os.path.exists(meta_path) else {}
-    acc = accuracy(load(path), ds)
-    out["generations"].append({"gen": gen, "arch": meta.get("arch", "?"), "params": meta.get("params", 0),
-                               f"{split}_accuracy": acc, f"{split}_error": 1.0 - acc})
+    m = meta(path)
+    out["generations"].append({"gen": gen, "arch": m.get("arch", "?"), "params": m.get("params", 0),
+                               **evaluated(path, probabilities=False)})
   for k, path in _numbered(run_dir, "ensemble"):
-    meta_path = os.path.join(os.path.dirname(path), "metrics.json")
-    meta = export.read_json(meta_path) if os.path.exists(meta_path) else {}
-    acc = accuracy(load(path), ds)
-    out["ensembles"].append({"name": meta.get("name", f"BANE-{k}"), "members": meta.get("members", []),
-                             f"{split}_accuracy": acc, f"{split}_error": 1.0 - acc})
+    m = meta(path)  # ensembles serve mean probabilities (generations.build_ensemble)
+    out["ensembles"].append({"name": m.get("name", f"BANE-{k}"), "members": m.get("members", []),
+                             **evaluated(path, probabilities=True)})
   if not out["generations"]:
     raise errors.UsageError(f"{run_dir} holds no exported generation (gen_k/saved_model): is the run finished?")
   return out
 
 
 def table(evaluated):
-  """The results table (generations.results_table) of an evaluate_run result."""
-  from ban_tf import generations  # pylint: disable=g-import-not-at-top  (only for its table)
-  split = evaluated["split"]
-  def row(entry):  # the evaluated split goes in the table's main column, and only there
-    return {k: v for k, v in entry.items() if not k.startswith(split)} | {"test_error": entry[f"{split}_error"]}
-  as_results = {"generations": [row(g) for g in evaluated["generations"]],
-                "ensembles": [row(e) for e in evaluated["ensembles"]]}
-  text = generations.results_table(as_results)
-  return text if split == "test" else text.replace("Test error", "Val error")
+  """The run's results table (results.table, the task's columns) of an evaluate_run result."""
+  from ban_tf import results  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.get(evaluated.get("task", "image"))
+  if evaluated["splits"] != ["val"]:
+    return results.table(evaluated, task.headline, task.extra_columns)
+  # Only the val split: it goes in the table's main column, and only there.
+  def as_test(entry):
+    return {k: v for k, v in entry.items() if not k.startswith("val_")} | {
+        "test_" + k[4:]: v for k, v in entry.items() if k.startswith("val_")}
+  as_results = {"generations": [as_test(g) for g in evaluated["generations"]],
+                "ensembles": [as_test(e) for e in evaluated["ensembles"]]}
+  return results.table(as_results, task.headline).replace("Test ", "Val ")
+
+
+def differences(evaluated, results):
+  """{field: largest |difference| to results.json} over the models both hold.
+
+  Fields: {split}_accuracy and the task's headline and extra metrics (e.g.
+  test_perplexity) of the evaluated splits.
+  """
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.get(evaluated.get("task", "image"))
+  fields = [f"{s}_accuracy" for s in evaluated["splits"]]
+  fields += [m.key for m in (task.headline,) + tuple(task.extra_columns)
+             if m.key.split("_")[0] in evaluated["splits"] and m.derive is None]
+  stored = {("g", g["gen"]): g for g in results["generations"]}
+  stored.update({("e", e["name"]): e for e in results["ensembles"]})
+  diffs = {}
+  for key, e in [(("g", g["gen"]), g) for g in evaluated["generations"]] + \
+                [(("e", x["name"]), x) for x in evaluated["ensembles"]]:
+    for f in fields:
+      if key in stored and f in stored[key] and f in e:
+        diffs[f] = max(diffs.get(f, 0.0), abs(stored[key][f] - e[f]))
+  return diffs
 
 
 def max_difference(evaluated, results):
   """Largest |accuracy difference| to results.json, over the models both hold."""
-  split = evaluated["split"]
-  stored = {("g", g["gen"]): g for g in results["generations"]}
-  stored.update({("e", e["name"]): e for e in results["ensembles"]})
-  diffs = []
-  for key, e in [(("g", g["gen"]), g) for g in evaluated["generations"]] + \
-                [(("e", x["name"]), x) for x in evaluated["ensembles"]]:
-    if key in stored and f"{split}_accuracy" in stored[key]:
-      diffs.append(abs(stored[key][f"{split}_accuracy"] - e[f"{split}_accuracy"]))
+  diffs = [v for k, v in differences(evaluated, results).items() if k.endswith("_accuracy")]
   return max(diffs) if diffs else None
 
 
@@ -200,15 +274,19 @@ def main(argv, fv):
     for path, top in classify(fv.saved_model, fv.images, fv.top_k):
       print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
     return
-  evaluated = evaluate_run(fv.run_dir, fv.split, fv.data_dir, fv.batch_size)
-  print(f"{fv.run_dir}: {evaluated['split']} split, {len(evaluated['generations'])} generations and "
-        f"{len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n")
+  evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
+  print(f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), {len(evaluated['generations'])} generations "
+        f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n")
   print(table(evaluated))
   results_path = os.path.join(fv.run_dir, "results.json")
   if os.path.exists(results_path):
-    diff = max_difference(evaluated, export.read_json(results_path))
-    if diff is not None:
-      print(f"max |accuracy difference| vs results.json: {diff:.2e}")
+    diffs = differences(evaluated, export.read_json(results_path))
+    accs = [v for k, v in diffs.items() if k.endswith("_accuracy")]
+    if accs:
+      print(f"max |accuracy difference| vs results.json: {max(accs):.2e}")
+    for k, v in diffs.items():
+      if not k.endswith("_accuracy"):
+        print(f"max |{k} difference| vs results.json: {v:.2e}")
   if fv.output_json:
     export.write_json(evaluated, fv.output_json)
 
@@ -219,7 +297,7 @@ if __name__ == "__main__":
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string("run_dir", None, "Run directory whose gen_k/ and ensemble_k/ SavedModels to re-evaluate.")
-  flags.DEFINE_enum("split", "test", SPLITS, "Split to evaluate on (val: the run's held-out examples).")
+  flags.DEFINE_enum("split", None, SPLITS, "Split to evaluate on (default: val, where the run has one, and test).")
   flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's config.json).")
   flags.DEFINE_integer("batch_size", 0, "Evaluation batch size (default: the run's).")
   flags.DEFINE_string("output_json", None, "Also write the numbers as JSON here.")

@@ -110,40 +110,41 @@ def _has_features(model):
   return any(layer.name == "features" for layer in model.layers)
 
 
-def _input_spec(model, input_shape):
-  """The serving input: `pixels` float32 [N, H, W, C] with H, W, C fixed to the data
-  set's image size, or, for a language model, `tokens` int32 [N, T] (any T)."""
-  if "int" in str(model.inputs[0].dtype):
-    return tf.TensorSpec(model.inputs[0].shape, tf.int32, name=INPUT_TOKENS)
+def _input_spec(model, input_shape, spec=None):
+  """The serving input, as the task's DataSpec describes it: `pixels` float32
+  [N, H, W, C] with H, W, C fixed to the data set's image size, or, for a language
+  model, `tokens` int32 [N, T] (any T). Without a spec: raw pixels of `input_shape`."""
+  if spec is not None:
+    return tf.TensorSpec((None,) + tuple(spec.serving_shape), spec.input_dtype, name=spec.input_name)
   shape = tuple(input_shape or model.inputs[0].shape[1:])
   return tf.TensorSpec((None,) + shape, tf.float32, name=INPUT_PIXELS)
 
 
-def _write_archive(model, path, input_shape=None, output_name=LOGITS):
+def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None):
   """SavedModel with `serving_default` (input `pixels` or `tokens`, output {output_name}),
   `serve` (the same, returning the bare tensor, as ban_tf has always read it) and, when
   the model has a "features" layer, `features` and `logits_and_features` endpoints."""
-  spec = [_input_spec(model, input_shape)]
+  signature = [_input_spec(model, input_shape, spec)]
   archive = keras.export.ExportArchive()
   archive.track(model)
   # Registered first and under this name: what TF Serving, TFLite and saved_model_cli use.
   archive.add_endpoint(
       "serving_default", lambda x: {output_name: tf.cast(model(x, training=False), tf.float32)},
-      input_signature=spec)
-  archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=spec)
+      input_signature=signature)
+  archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=signature)
   if _has_features(model):
     both = keras.Model(model.inputs, {"logits": model.outputs[0],
                                       "features": model.get_layer("features").output})
     archive.add_endpoint(
         FEATURES, lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
-        input_signature=spec)
+        input_signature=signature)
     archive.add_endpoint(
         BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
-        input_signature=spec)
+        input_signature=signature)
   archive.write_out(path, verbose=False)
 
 
-def export_saved_model(model, path, input_shape=None, class_names=(), output_name=LOGITS):
+def export_saved_model(model, path, input_shape=None, class_names=(), output_name=LOGITS, *, spec=None):
   """Exports to a temporary directory, fingerprints, renames into place.
 
   Signatures (every endpoint takes the same input): `serving_default` maps float32
@@ -153,15 +154,17 @@ def export_saved_model(model, path, input_shape=None, class_names=(), output_nam
   Image models with a "features" layer also serve `features` (pooled penultimate
   activations, float32) and `logits_and_features` (a dict of both). `class_names`,
   when given, go to labels.txt beside it, so the model can be used
-  (ban_tf.evaluate --images) without the data set. Returns the fingerprint outputs
-  of `serve`.
+  (ban_tf.evaluate --images) without the data set. `spec` (a tasks.DataSpec) says
+  what the model takes (the serving input, and the fingerprint batch); without it,
+  float32 raw pixels of `input_shape`. Returns the fingerprint outputs of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
-  _write_archive(model, tmp, input_shape, output_name)
-  shape = input_shape or tuple(model.inputs[0].shape[1:])
-  tokens = "int" in str(model.inputs[0].dtype)  # token ids < vocabulary size
-  x = fingerprint_inputs(shape, num_tokens=model.outputs[0].shape[-1] if tokens else None)
+  _write_archive(model, tmp, input_shape, output_name, spec)
+  if spec is not None:
+    x = spec.example_inputs()
+  else:
+    x = fingerprint_inputs(input_shape or tuple(model.inputs[0].shape[1:]))
   y = _call_saved_model(tmp, x)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
   if class_names:
@@ -217,7 +220,7 @@ def teacher_feature_dim(path):
     raise errors.TeacherError(
         f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
         "by an older ban_tf): retrain that generation, or use --feature_weight=0")
-  x = fingerprint_inputs(np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"].shape[1:], n=1)
+  x = np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"][:1]
   return int(getattr(loaded, BOTH)(tf.constant(x))["features"].shape[-1])
 
 

@@ -11,6 +11,8 @@ Faults (docs/reliability.md):
   kill_during_export        SIGKILL after a SavedModel's temporary directory is
                             complete, before it is renamed into place.
   kill_between_generations  SIGKILL right after generation K is DONE.
+  kill_after_checkpoint     SIGKILL right after epoch E's checkpoint is saved
+                            (where: gen_K/epoch_E): a run killed mid-generation.
   nan                       Treat the training loss of epoch E as NaN.
   enospc                    Raise OSError(ENOSPC) where epoch E's checkpoint is saved.
   fill_disk                 Fill the file system of the run directory where epoch E's

@@ -21,35 +21,15 @@ starts from a zero LSTM state (docs/lm.md explains the choice).
 
 from __future__ import annotations
 
-import re
-
 import keras
 import numpy as np
 from keras import ops
 
-ARCH_HELP = "lstm-L-H (e.g. lstm-1-1500), cnn-lstm, cnn-lstm-small, cnn-lstm-large"
-_LSTM_RE = re.compile(r"^lstm-(\d+)-(\d+)$")
+from ban_tf.archs import CNN_LSTM  # pylint: disable=unused-import
+from ban_tf.archs import LM_ARCH_HELP as ARCH_HELP  # pylint: disable=unused-import
+from ban_tf.archs import parse_lm_arch as parse_arch
+
 _INIT_SCALE = 0.05
-CNN_LSTM = {
-    "small": dict(char_dim=15, widths=(1, 2, 3, 4, 5, 6), filters=tuple(25 * w for w in range(1, 7)),
-                  highway=1, layers=2, units=300),
-    "large": dict(char_dim=15, widths=(1, 2, 3, 4, 5, 6, 7),
-                  filters=tuple(min(200, 50 * w) for w in range(1, 8)), highway=2, layers=2, units=650),
-}
-
-
-def parse_arch(arch: str) -> dict:
-  """Validates an LM architecture name; returns its hyperparameters (raises ValueError)."""
-  a = str(arch).strip().lower()
-  if m := _LSTM_RE.match(a):
-    layers, units = int(m[1]), int(m[2])
-    if layers < 1 or units < 1:
-      raise ValueError(f"Bad arch {arch!r}: lstm needs >= 1 layer of >= 1 unit. Accepted forms: {ARCH_HELP}.")
-    return {"family": "lstm", "layers": layers, "units": units, "name": a.replace("-", "_")}
-  if a in ("cnn-lstm", "cnn-lstm-small", "cnn-lstm-large"):
-    size = "small" if a.endswith("small") else "large"
-    return dict(CNN_LSTM[size], family="cnn_lstm", size=size, name=f"cnn_lstm_{size}")
-  raise ValueError(f"Bad arch {arch!r}: unknown language model. Accepted forms: {ARCH_HELP}.")
 
 
 def param_count(arch: str, vocab_size: int, num_chars: int = 51) -> int:

@@ -22,7 +22,40 @@ Notation: student logits z, teacher logits t, temperature T, labels y.
   the scale does not grow with D (activation matching, paper section 4.1).
 """
 
+import dataclasses
+
 import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What one generation optimises, resolved once (config.Config.objective).
+
+  kd_weight * kd (or dkpp) + label_weight * label_ce (+ feature_weight * feature_l2);
+  cwtm: the label term weighted per example by the teacher's confidence. The
+  teacher (generation 0) and the --baseline use `Objective.labels_only()`.
+  `to_dict()` is what metrics.json records.
+  """
+  loss: str = "labels"  # labels | ban | ban_l | kd | cwtm | dkpp
+  temperature: float = 1.0
+  kd_weight: float = 0.0
+  label_weight: float = 1.0
+  feature_weight: float = 0.0
+  feature_projection: bool = False
+  share_stem_head: bool = False
+
+  @classmethod
+  def labels_only(cls) -> "Objective":
+    return cls()
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.loss != "labels"
+
+  def to_dict(self) -> dict:
+    if not self.uses_teacher:  # as metrics.json always recorded it for teachers and baselines
+      return {"loss": "labels", "temperature": 1.0, "kd_weight": 0.0, "label_weight": 1.0}
+    return dataclasses.asdict(self)
 
 
 def label_ce(labels, student_logits):

@@ -7,7 +7,8 @@
 Everything is read from what a run leaves on disk (config.json, results.json,
 gen_k/history.json), so a report can be redone at any time; generations.run calls
 `write_report` when a run finishes. Several runs (seeds) are summarised by the
-mean and the sample standard deviation (ddof=1) of each model's test error.
+mean and the sample standard deviation (ddof=1) of each model's headline metric
+(the task's: test error, or test perplexity; results.py).
 """
 
 import dataclasses
@@ -26,6 +27,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import export  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PNG = "report.png"
 HPARAMS_SUFFIX = ".hparams"  # event files written here; replaced, not appended, on a rerun
@@ -50,6 +53,8 @@ def load_run(path):
   cfg_path = os.path.join(path, "config.json")
   cfg = export.read_json(cfg_path) if os.path.exists(cfg_path) else {}
   results = export.read_json(res_path)
+  if "generations" not in results:
+    raise errors.UsageError(f"{path} holds the summary of several runs, not one run: pass it as --run_dir")
   histories = {}
   for g in results["generations"]:
     hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
@@ -58,11 +63,19 @@ def load_run(path):
   return Run(path, cfg, results, histories)
 
 
+def _is_single_run(path):
+  """A run directory (its results.json has generations), not a --seeds parent's summary."""
+  res_path = os.path.join(path, "results.json")
+  return os.path.exists(res_path) and "generations" in export.read_json(res_path)
+
+
 def find_runs(path):
-  """`path` itself when it is a run directory, else its sub-directories that are."""
-  if os.path.exists(os.path.join(path, "results.json")):
+  """`path` itself when it is a run directory, else its sub-directories that are
+  (the seed_S/ runs of a --seeds parent, or any parent of run directories)."""
+  if _is_single_run(path):
     return [path]
   subs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", "results.json")))
+  subs = [p for p in subs if _is_single_run(p)]
   if not subs:
     raise errors.UsageError(f"{path} holds no results.json, nor do its sub-directories: pass a run directory")
   return subs
@@ -70,113 +83,86 @@ def find_runs(path):
 
 def config_from_dict(d):
   """The Config stored in config.json (unknown keys, e.g. `resolved`, dropped)."""
-  names = {f.name for f in dataclasses.fields(config_lib.Config)}
-  kwargs = {k: v for k, v in d.items() if k in names}
-  if "lr_milestones" in kwargs:
-    kwargs["lr_milestones"] = tuple(kwargs["lr_milestones"])
-  return config_lib.Config(**kwargs)
+  return config_lib.Config.from_dict(d)
 
 
-def model_names(results):
-  """Row names in table order: Teacher, BAN-1..N, BANE-2..N."""
-  names = ["Teacher" if g["gen"] == 0 else f"BAN-{g['gen']}" for g in results["generations"]]
-  return names + [e["name"] for e in results["ensembles"]]
+def task_of(runs):
+  """The task of the runs (config.json's `task`; runs written before --task existed are image runs)."""
+  names = {r.config.get("task", "image") for r in runs}
+  if len(names) > 1:
+    raise errors.UsageError(f"the runs mix tasks ({', '.join(sorted(names))}): report one task at a time")
+  return tasks.get(names.pop())
 
 
-def test_errors(results):
-  """{model name: test error} for one run."""
-  errs = [g["test_error"] for g in results["generations"]] + [e["test_error"] for e in results["ensembles"]]
-  return dict(zip(model_names(results), errs))
+def aggregate(runs, metric=None):
+  """results.aggregate of the runs' `metric` (default: their task's headline)."""
+  metric = metric or task_of(runs).headline
+  return results_lib.aggregate([r.results for r in runs], metric)
 
 
-def aggregate(runs):
-  """{model name: (mean, std, values)} of the test error over runs (std ddof=1; 0 for one run)."""
-  per_run = [test_errors(r.results) for r in runs]
-  names = [n for n in model_names(runs[0].results) if all(n in p for p in per_run)]
-  out = {}
-  for n in names:
-    v = np.array([p[n] for p in per_run], dtype=np.float64)
-    out[n] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, v.tolist())
-  return out
-
-
-def _gen_of(name):
-  """Teacher -> 0, BAN-k -> k, BANE-k -> k."""
-  return 0 if name == "Teacher" else int(name.split("-")[1])
-
-
-def summary_table(runs):
-  """Markdown: mean ± std test error per model over several runs (seeds)."""
-  agg = aggregate(runs)
-  base = agg.get("Teacher", (None,))[0]
-  lines = [f"| Model | Runs | Test error (%) mean ± std | Δ vs teacher | Per run (%) |",
-           "|---|---|---|---|---|"]
-  for name, (mean, std, values) in agg.items():
-    delta = "" if base is None or name == "Teacher" else f"{100 * (mean - base):+.2f}"
-    each = ", ".join(f"{100 * v:.2f}" for v in values)
-    lines.append(f"| {name} | {len(values)} | {100 * mean:.2f} ± {100 * std:.2f} | {delta} | {each} |")
-  return "\n".join(lines) + "\n"
-
-
-def curve(history):
-  """(epochs, error %, source) of one generation: validation error, or train error without a val split."""
-  key = "val_accuracy" if history and all("val_accuracy" in h for h in history) else "accuracy"
-  epochs = np.array([h["epoch"] for h in history])
-  err = np.array([100.0 * (1.0 - h[key]) for h in history])
-  return epochs, err, "val" if key == "val_accuracy" else "train"
+def curve(history, task=None):
+  """(epochs, values, source) of one generation's history for the curves panel (task.curve)."""
+  epochs, values, source = (task or tasks.get("image")).curve(history)
+  return np.asarray(epochs), np.asarray(values, dtype=np.float64), source
 
 
 def plot(runs, path):
   """Writes the two-panel figure; returns the legend labels of the curves panel."""
-  agg = aggregate(runs)
+  task = task_of(runs)
+  metric = task.headline
+  agg = {a["key"]: a for a in aggregate(runs, metric)}
   n_runs = len(runs)
   fig, (ax_err, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.6))
-  # Left: final test error per generation, ensembles BANE-k beside generation k.
-  gens = [n for n in agg if not n.startswith("BANE")]
-  ensembles = [n for n in agg if n.startswith("BANE")]
-  for label, names, style in (("generations (teacher, BAN-k)", gens, dict(color="C0", marker="o")),
-                              ("BANE-k ensembles (BAN-1..k)", ensembles,
-                               dict(color="C1", marker="D", linestyle=""))):
-    if not names:
+  # Left: the headline metric per generation, ensembles BANE-k beside generation k.
+  gens = [k for k in agg if not k.startswith("BANE") and results_lib.gen_of(k) is not None]
+  ensembles = [k for k in agg if k.startswith("BANE")]
+  for label, keys, style in (("generations (teacher, BAN-k)", gens, dict(color="C0", marker="o")),
+                             ("BANE-k ensembles (BAN-1..k)", ensembles,
+                              dict(color="C1", marker="D", linestyle=""))):
+    if not keys:
       continue
-    xs = [_gen_of(n) + (0.12 if n.startswith("BANE") else 0) for n in names]
-    mean = [100 * agg[n][0] for n in names]
-    std = [100 * agg[n][1] for n in names]
+    xs = [results_lib.gen_of(k) + (0.12 if k.startswith("BANE") else 0) for k in keys]
+    mean = [agg[k]["mean"] for k in keys]
+    std = [agg[k]["std"] for k in keys]
     ax_err.errorbar(xs, mean, yerr=std if n_runs > 1 else None, capsize=4,
                     label=label + (f", mean ± std of {n_runs} runs" if n_runs > 1 else ""), **style)
-    for x, n in zip(xs, names):
-      ax_err.annotate(f"{100 * agg[n][0]:.2f}", (x, 100 * agg[n][0]), textcoords="offset points",
+    for x, k in zip(xs, keys):
+      ax_err.annotate(f"{agg[k]['mean']:.2f}", (x, agg[k]["mean"]), textcoords="offset points",
                       xytext=(6, 4), fontsize=8)
       if n_runs > 1:
-        ax_err.scatter([x] * n_runs, [100 * v for v in agg[n][2]], s=10, color="k", alpha=0.4, zorder=3)
+        ax_err.scatter([x] * len(agg[k]["values"]), agg[k]["values"], s=10, color="k", alpha=0.4, zorder=3)
   if "Teacher" in agg:
-    ax_err.axhline(100 * agg["Teacher"][0], color="gray", linestyle="--", linewidth=1, label="teacher")
-  ax_err.set_xticks([_gen_of(n) for n in gens], gens)
-  ax_err.set_ylabel("test error (%)")
-  ax_err.set_title("Final test error per generation")
+    ax_err.axhline(agg["Teacher"]["mean"], color="gray", linestyle="--", linewidth=1, label="teacher")
+  if "Baseline" in agg:
+    ax_err.axhline(agg["Baseline"]["mean"], color="C2", linestyle=":", linewidth=1,
+                   label="baseline (labels only)")
+  ax_err.set_xticks([results_lib.gen_of(k) for k in gens], gens)
+  ax_err.set_ylabel(metric.title)
+  ax_err.set_title(f"Final {metric.text or metric.title} per generation")
   ax_err.grid(alpha=0.3)
   ax_err.legend(fontsize=8)
   # Right: per-epoch curves of all generations overlaid (mean and std band over runs).
   labels = []
-  for i, name in enumerate(gens):
-    gen = _gen_of(name)
-    curves = [curve(r.histories[gen]) for r in runs if r.histories.get(gen)]
+  for i, key in enumerate(gens):
+    gen = results_lib.gen_of(key)
+    curves = [curve(r.histories[gen], task) for r in runs if r.histories.get(gen)]
+    curves = [c for c in curves if len(c[0])]
     if not curves:
       continue
     n = min(len(c[0]) for c in curves)
     epochs = curves[0][0][:n]
-    errs = np.stack([c[1][:n] for c in curves])
+    values = np.stack([c[1][:n] for c in curves])
     source = curves[0][2]
-    label = f"{name} ({'validation' if source == 'val' else 'train: no val split'})"
-    ax_curve.plot(epochs, errs.mean(0), color=f"C{i}", label=label, marker="." if n < 30 else None)
+    label = f"{key} ({'validation' if source == 'val' else 'train: no val split'})"
+    ax_curve.plot(epochs, values.mean(0), color=f"C{i}", label=label, marker="." if n < 30 else None)
     if len(curves) > 1:
-      ax_curve.fill_between(epochs, errs.mean(0) - errs.std(0, ddof=1), errs.mean(0) + errs.std(0, ddof=1),
-                            color=f"C{i}", alpha=0.2)
+      ax_curve.fill_between(epochs, values.mean(0) - values.std(0, ddof=1),
+                            values.mean(0) + values.std(0, ddof=1), color=f"C{i}", alpha=0.2)
     labels.append(label)
   ax_curve.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax_curve.set_xlabel("epoch")
-  ax_curve.set_ylabel("error (%)")
-  ax_curve.set_title("Per-epoch error of every generation" + (f" (mean ± std, {n_runs} runs)" if n_runs > 1 else ""))
+  ax_curve.set_ylabel(task.curve_label)
+  ax_curve.set_title("Per-epoch curves of every generation" + (f" (mean ± std, {n_runs} runs)" if n_runs > 1 else ""))
   ax_curve.grid(alpha=0.3)
   if labels:
     ax_curve.legend(fontsize=8)
@@ -244,11 +230,33 @@ def write_hparams(run):
     writer.close()
 
 
+_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher")
+
+
+def write_results(run_dir, results, cfg):
+  """results.json (the rows' metrics, the task's fields) and results.md of one run."""
+  task = tasks.get(cfg.task)
+  keep = _GENERIC_KEYS + ("name", "members") + tuple(task.result_keys)
+  clean = {
+      "generations": [{k: g[k] for k in keep if k in g} for g in results["generations"]],
+      "ensembles": [{k: e[k] for k in keep if k in e} for e in results["ensembles"]],
+      "baseline": ({k: v for k, v in results["baseline"].items() if k != "final_train"}
+                   if results.get("baseline") else None),
+      "dataset": cfg.dataset,
+      "seed": cfg.seed,
+  }
+  export.write_json(clean, os.path.join(run_dir, "results.json"))
+  text = results_lib.title(cfg, task.headline) + results_lib.table(clean, task.headline, task.extra_columns)
+  export.write_text(text, os.path.join(run_dir, "results.md"))
+  return clean
+
+
 def write_report(run_dirs, out_dir=None, hparams=True):
   """Writes results.md and report.png (and hparams for single runs); returns their paths.
 
   Args:
-    run_dirs: a run directory, a parent of run directories, or a list of them.
+    run_dirs: a run directory, a parent of run directories (e.g. of --seeds), or a
+      list of them.
     out_dir: where several runs' summary goes (default: the parent directory
       given, or the runs' common parent).
     hparams: write TensorBoard hparams summaries into each run directory.
@@ -260,18 +268,19 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     paths = [p for d in run_dirs for p in find_runs(d)]
     default_out = os.path.commonpath([os.path.abspath(p) for p in paths])
   runs = [load_run(p) for p in paths]
+  task = task_of(runs)
   if len(runs) == 1 and out_dir is None:
-    from ban_tf import generations  # pylint: disable=g-import-not-at-top  (it calls this module)
     out_dir = runs[0].path
-    generations.write_results(out_dir, runs[0].results, config_from_dict(runs[0].config))
+    write_results(out_dir, runs[0].results, config_from_dict(runs[0].config))
   else:
     out_dir = out_dir or default_out
     os.makedirs(out_dir, exist_ok=True)
-    cfg = runs[0].config
-    title = (f"# {cfg.get('dataset', '?')}: {len(runs)} runs "
-             f"({', '.join(os.path.basename(os.path.normpath(r.path)) for r in runs)})\n\n"
-             "Final-epoch test error, mean ± sample std (ddof=1) over runs.\n\n")
-    export.write_text(title + summary_table(runs), os.path.join(out_dir, "results.md"))
+    cfg = config_from_dict(runs[0].config)
+    seeds = [r.config.get("seed", "?") for r in runs]
+    names = ", ".join(os.path.basename(os.path.normpath(r.path)) for r in runs)
+    text = (results_lib.title(cfg, task.headline, seeds=seeds) + f"Runs: {names}.\n\n"
+            + results_lib.aggregate_table(aggregate(runs), task.headline))
+    export.write_text(text, os.path.join(out_dir, "results.md"))
   png = os.path.join(out_dir, PNG)
   plot(runs, png)
   if hparams:

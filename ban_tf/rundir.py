@@ -27,11 +27,12 @@ class RunDir:
   killed run never leaves a stuck lock.
   """
 
-  def __init__(self, path, cfg, num_classes=None, read_path=None):
+  def __init__(self, path, cfg, spec=None, read_path=None):
+    """`spec`: the tasks.DataSpec finished generations' outputs must fit (None: not checked)."""
     self.path = path
     self._lock = None
     self.cfg = cfg
-    self.num_classes = num_classes
+    self.spec = spec
     # Where finished generations, teachers and checkpoints are read from: `path`,
     # except on a multi-worker non-chief, which writes a private copy (cluster.py).
     self.read_path = read_path or path
@@ -98,10 +99,12 @@ class RunDir:
         continue
       path = os.path.join(self.gen_dir(gen), "saved_model")
       out = export.verify_saved_model(path)
-      if self.num_classes is not None and (out.ndim != 2 or out.shape[-1] != self.num_classes):
+      if self.spec is not None and not self.spec.matches_outputs(out.shape):
+        want = tuple("T" if d is None else d for d in self.spec.output_shape)
         raise errors.TeacherError(
-            f"{path} outputs shape {tuple(out.shape[1:])} per image but this data set has "
-            f"{self.num_classes} classes: use a teacher trained on the same data set, or --overwrite")
+            f"{path} outputs shape {tuple(out.shape[1:])} per example but this data set has "
+            f"{self.spec.num_outputs} {self.spec.output_unit} (outputs {want}): use a teacher trained on "
+            "the same data set, or --overwrite")
 
   def close(self):
     if self._lock is not None:

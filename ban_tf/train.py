@@ -1,17 +1,25 @@
 """One generation: build a fresh student, fit it (to its teacher), evaluate, export.
 
-`train_generation` is resumable: at the end of every epoch the student, the
+A `GenerationSpec` says which generation to train (role, architecture, seed, the
+resolved objective, the teacher's SavedModel, where to write and resume from);
+`run_generation` trains it in small steps (build, restore, fit, evaluate,
+finish). What differs between tasks (model, optimizer, schedule callbacks,
+derived metrics, assets) is asked of the task object (tasks/).
+
+`run_generation` is resumable: at the end of every epoch the student, the
 optimizer (momentum slots and step counter, hence the learning-rate schedule) and
 the epoch are checkpointed, and the data pipeline is a function of (seed, epoch),
 so a generation interrupted at epoch e continues from e as if never stopped.
 """
 
+import dataclasses
 import hashlib
 import math
 import os
 import shutil
 import sys
 import time
+from typing import Optional, Union
 
 import keras
 import numpy as np
@@ -22,27 +30,54 @@ from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
-from ban_tf import lm
-from ban_tf import lm_models
+from ban_tf import losses
 from ban_tf import models
+from ban_tf import tasks
+from ban_tf.schedules import StepDecay  # pylint: disable=unused-import  (custom object of old checkpoints)
 
 
-@keras.saving.register_keras_serializable(package="ban_tf")
-class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
-  """lr * decay^(number of boundaries passed); boundaries in optimizer steps."""
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+  """One generation to train.
 
-  def __init__(self, lr, boundaries, decay):
-    self.lr = float(lr)
-    self.boundaries = [int(b) for b in boundaries]
-    self.decay = float(decay)
+  Attributes:
+    gen: 0 (the teacher), k (BAN-k), or "baseline" (BAN-1's architecture and seed
+      on labels only, no teacher, nothing shared).
+    role: "teacher", "BAN-k" or "baseline" (logs and metrics.json).
+    arch: resolved architecture name.
+    seed: generation k uses cfg.seed + k (the baseline: cfg.seed + 1).
+    objective: the resolved losses.Objective (labels only for the teacher and baseline).
+    teacher_path: the previous generation's SavedModel, or None.
+    out_dir: where this generation writes (gen_k/, baseline/).
+    read_dir: where it resumes from: out_dir, except on a multi-worker non-chief,
+      which writes privately and resumes from the chief's directory.
+  """
+  gen: Union[int, str]
+  role: str
+  arch: str
+  seed: int
+  objective: losses.Objective
+  teacher_path: Optional[str]
+  out_dir: str
+  read_dir: str
 
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
-    return self.lr * tf.pow(self.decay, passed)
+  @classmethod
+  def generation(cls, cfg, gen, out_dir, teacher_path=None, read_dir=None):
+    objective = cfg.objective() if gen > 0 else losses.Objective.labels_only()
+    return cls(gen=gen, role="teacher" if gen == 0 else f"BAN-{gen}", arch=cfg.arch_for(gen),
+               seed=cfg.seed + gen, objective=objective, teacher_path=teacher_path if gen > 0 else None,
+               out_dir=out_dir, read_dir=read_dir or out_dir)
 
-  def get_config(self):
-    return {"lr": self.lr, "boundaries": self.boundaries, "decay": self.decay}
+  @classmethod
+  def baseline(cls, cfg, out_dir, read_dir=None):
+    return cls(gen="baseline", role="baseline", arch=cfg.arch_for(1), seed=cfg.seed + 1,
+               objective=losses.Objective.labels_only(), teacher_path=None, out_dir=out_dir,
+               read_dir=read_dir or out_dir)
+
+  @property
+  def index(self) -> int:
+    """The generation number the logs and fault hooks use (the baseline counts as 1)."""
+    return 1 if self.gen == "baseline" else self.gen
 
 
 def weights_digest(model):
@@ -54,11 +89,8 @@ def weights_digest(model):
 
 
 def make_optimizer(cfg, steps_per_epoch):
-  if cfg.task == "lm":
-    return lm.make_optimizer(cfg)  # constant rate, driven by lm.PlateauDecay
-  boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
-  schedule = StepDecay(cfg.lr, boundaries, cfg.lr_decay)
-  return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+  """The task's optimizer (and schedule) for `steps_per_epoch` steps per epoch."""
+  return tasks.get(cfg.task).make_optimizer(cfg, steps_per_epoch)
 
 
 def make_checkpoint(student, optimizer, epoch_var, projection=None):
@@ -76,7 +108,7 @@ def make_checkpoint(student, optimizer, epoch_var, projection=None):
                              optimizer=optimizer, epoch=epoch_var, **tracked)
 
 
-class _EpochState(keras.callbacks.Callback):
+class EpochState(keras.callbacks.Callback):
   """Per epoch: NaN guard, checkpoint, history.json and TensorBoard scalars."""
 
   def __init__(self, gen_dir, manager, epoch_var, history, writer, optimizer):
@@ -123,6 +155,7 @@ class _EpochState(keras.callbacks.Callback):
     # CheckpointManager updates its `checkpoint` index only after the new files are
     # complete, and deletes old ones only then: a failed save keeps the last good one.
     self.manager.save(checkpoint_number=epoch + 1)
+    faults.kill_if("kill_after_checkpoint", self._where(epoch))
 
 
 def _verbose(cfg):
@@ -150,136 +183,163 @@ def _share_stem_head(student, teacher_path):
         "teacher's (e.g. wrn-match-U), or drop --share_stem_head") from None
 
 
-def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, baseline=False,
-                     read_dir=None):
-  """Trains generation `gen` into `gen_dir`; returns its metrics dict.
+@dataclasses.dataclass
+class _Built:
+  student: keras.Model
+  model: distiller_lib.Distiller
+  optimizer: keras.optimizers.Optimizer
+  epoch_var: tf.Variable
+  ckpt: tf.train.Checkpoint
 
-  Args:
-    cfg: config.Config.
-    gen: generation index (0 = teacher trained on labels).
-    strategy: the tf.distribute strategy everything is built under.
-    dataset: data.Dataset.
-    gen_dir: the generation's directory (created if needed).
-    teacher_path: the previous generation's SavedModel directory (gen >= 1).
-    baseline: train the same-recipe label-only baseline instead: BAN-1's
-      architecture and seed, labels only, no teacher, nothing shared.
-    read_dir: where to resume from (default gen_dir); a multi-worker non-chief
-      writes gen_dir privately and resumes from the chief's directory.
-  """
-  os.makedirs(gen_dir, exist_ok=True)
-  info = dataset.info
-  arch = cfg.arch_for(1 if baseline else gen)
-  seed = cfg.seed + (1 if baseline else gen)
-  keras.utils.set_random_seed(seed)  # fresh, differently seeded student per generation
-  labels_only = {"loss": "labels", "temperature": 1.0, "kd_weight": 0.0, "label_weight": 1.0}
-  objective = cfg.objective() if gen > 0 and not baseline else labels_only
-  if baseline:
-    teacher_path = None
-  steps = dataset.steps_per_epoch(cfg.batch_size)
+
+def _build(cfg, task, gen, strategy, dataset, steps):
+  """Teacher (from disk), fresh student, Distiller, optimizer and checkpoint."""
+  spec = task.spec(dataset)
+  obj = gen.objective
   teacher = None
-  if teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
-    teacher = export.load_teacher(teacher_path, strategy, expected_classes=info.num_classes,
-                                  with_features=cfg.feature_weight > 0)
+  if gen.teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
+    teacher = export.load_teacher(gen.teacher_path, strategy, expected_classes=spec.num_outputs,
+                                  with_features=obj.feature_weight > 0)
   with strategy.scope():
-    name = f"gen{gen}_" + arch.replace("-", "_")
-    if cfg.task == "lm":
-      student = lm_models.build_model(arch, info.vocab, dropout=cfg.dropout, name=name)
-    else:
-      student = models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean,
-                                   std=info.std, dropout=cfg.dropout, name=name)
-      if cfg.sync_batchnorm:
-        models.synchronize_batchnorm(student)
+    name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
+    student = task.build_model(gen.arch, dataset, dropout=cfg.dropout, name=name)
+    if cfg.sync_batchnorm:  # any BatchNormalization layers (none in the language models)
+      models.synchronize_batchnorm(student)
     projection = None
     if teacher is not None:
-      if cfg.feature_weight > 0:
+      if obj.feature_weight > 0:
         s_dim = student.get_layer("features").output.shape[-1]
-        if cfg.feature_projection:
+        if obj.feature_projection:
           projection = teacher.feature_dim
         elif s_dim != teacher.feature_dim:
           raise errors.TeacherError(
               f"--feature_weight: student features have {s_dim} dims but the teacher's have "
               f"{teacher.feature_dim}: add --feature_projection or use a same-width student")
-      if cfg.share_stem_head:
-        _share_stem_head(student, teacher_path)
+      if obj.share_stem_head:
+        _share_stem_head(student, gen.teacher_path)
     model = distiller_lib.Distiller(
-        student, teacher, loss=objective["loss"], temperature=objective["temperature"],
-        kd_weight=objective["kd_weight"], label_weight=objective["label_weight"],
-        weight_decay=cfg.weight_decay, seed=seed,
-        feature_weight=cfg.feature_weight if teacher is not None else 0.0,
+        student, teacher, loss=obj.loss, temperature=obj.temperature, kd_weight=obj.kd_weight,
+        label_weight=obj.label_weight, weight_decay=cfg.weight_decay, seed=gen.seed,
+        feature_weight=obj.feature_weight if teacher is not None else 0.0,
         feature_projection=projection, clip_norm=cfg.clip_norm,
-        augment=dataset.train_augmenter(seed, cfg.resolved_augment) if cfg.resolved_device_augment else None)
-    optimizer = make_optimizer(cfg, steps)
+        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity)
+    optimizer = task.make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
     optimizer.build(model.train_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     ckpt = make_checkpoint(student, optimizer, epoch_var, projection=model.projection)
-  manager = tf.train.CheckpointManager(ckpt, os.path.join(gen_dir, "ckpt"), max_to_keep=2)
-  read_dir = read_dir or gen_dir
-  latest = tf.train.latest_checkpoint(os.path.join(read_dir, "ckpt"))
-  initial_epoch = 0
+  return _Built(student, model, optimizer, epoch_var, ckpt)
+
+
+def _restore(gen, built):
+  """(first epoch to train, history so far) from the latest checkpoint in gen.read_dir."""
+  latest = tf.train.latest_checkpoint(os.path.join(gen.read_dir, "ckpt"))
+  if not latest:
+    return 0, []
+  built.ckpt.restore(latest).assert_existing_objects_matched()
+  initial_epoch = int(built.epoch_var.numpy())
   history = []
-  if latest:
-    ckpt.restore(latest).assert_existing_objects_matched()
-    initial_epoch = int(epoch_var.numpy())
-    hist_path = os.path.join(read_dir, "history.json")
-    if os.path.exists(hist_path):
-      history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
-    logging.info("gen %d: resuming from epoch %d (%s)", gen, initial_epoch, latest)
+  hist_path = os.path.join(gen.read_dir, "history.json")
+  if os.path.exists(hist_path):
+    history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
+  logging.info("gen %s: resuming from epoch %d (%s)", gen.gen, initial_epoch, latest)
+  return initial_epoch, history
+
+
+def _diverged(gen, state, epoch_var):
+  good = int(epoch_var.numpy())
+  kept = (f"its last good checkpoint (epoch {good}) is kept in {gen.out_dir}/ckpt" if good else
+          "it has no good checkpoint yet")
+  return errors.DivergedError(
+      f"generation {gen.index} diverged (loss={state.diverged}) in epoch {good + 1}: {kept}; "
+      "rerun the same command to retry from it, or start over with a lower --lr "
+      "(--lr changes the experiment: add --overwrite or use a new --run_dir)")
+
+
+def evaluate_splits(model, dataset, batch_size):
+  """{split}_loss and {split}_accuracy of a Distiller on val (when the data set has
+  one) and test: the final-epoch numbers (no selection on test, nor on val)."""
+  out = {}
+  for split in ("val", "test"):
+    ds = getattr(dataset, split)(batch_size)
+    if ds is None:
+      continue
+    res = model.evaluate(ds, verbose=0, return_dict=True)
+    out[f"{split}_loss"] = float(res["label_loss"])
+    out[f"{split}_accuracy"] = float(res["accuracy"])
+  out["test_error"] = 1.0 - out["test_accuracy"]
+  return out
+
+
+def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS):
+  """Adds the task's derived metrics, logs test scalars, exports, writes metrics.json and DONE.
+
+  Shared by generations and BANE ensembles. `model` is what the SavedModel serves
+  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles).
+  """
+  derived = task.summarize(result)
+  result.update(derived)
+  if writer is not None:
+    with writer.as_default(step=step):
+      tf.summary.scalar("test/accuracy", result["test_accuracy"])
+      tf.summary.scalar("test/error", result["test_error"])
+      for key in derived:
+        split, name = key.split("_", 1)
+        tf.summary.scalar(f"{split}/final_{name}", result[key])
+    writer.flush()
+  export.export_saved_model(model, os.path.join(out_dir, "saved_model"), spec.input_shape,
+                            class_names=spec.class_names, output_name=output_name, spec=spec)
+  for name, text in spec.assets:
+    export.write_text(text, os.path.join(out_dir, name))
+
+
+def run_generation(cfg, gen, strategy, dataset):
+  """Trains the generation `gen` (a GenerationSpec) into gen.out_dir; returns its metrics dict."""
+  task = tasks.get(cfg.task)
+  spec = task.spec(dataset)
+  os.makedirs(gen.out_dir, exist_ok=True)
+  keras.utils.set_random_seed(gen.seed)  # fresh, differently seeded student per generation
+  steps = dataset.steps_per_epoch(cfg.batch_size)
+  built = _build(cfg, task, gen, strategy, dataset, steps)
+  manager = tf.train.CheckpointManager(built.ckpt, os.path.join(gen.out_dir, "ckpt"), max_to_keep=2)
+  initial_epoch, history = _restore(gen, built)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
-  on_device = {"device_augment": True} if cfg.resolved_device_augment else {}  # text: host only
-  train_ds, _ = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment,
-                              first_epoch=initial_epoch, epochs=cfg.epochs, **on_device)
-  writer = tf.summary.create_file_writer(os.path.join(gen_dir, "tb"))
-  state = _EpochState(gen_dir, manager, epoch_var, history, writer, optimizer)
-  callbacks = [state]
-  if cfg.task == "lm":
-    callbacks.append(lm.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer))
-  role = "baseline" if baseline else "teacher" if gen == 0 else f"BAN-{gen}"
-  logging.info("gen %d (%s): %s, %d params, objective %s, seed %d, teacher %s", gen, role, arch,
-               student.count_params(), objective, seed, teacher_path)
+  train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
+  writer = tf.summary.create_file_writer(os.path.join(gen.out_dir, "tb"))
+  state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer)
+  # The task's callbacks first: they may add to an epoch's logs before state records them.
+  callbacks = task.callbacks(cfg, history, built.optimizer) + [state]
+  logging.info("gen %s (%s): %s, %d params, objective %s, seed %d, teacher %s", gen.gen, gen.role, gen.arch,
+               built.student.count_params(), gen.objective.to_dict(), gen.seed, gen.teacher_path)
   t0 = time.time()
   if initial_epoch < cfg.epochs:
-    model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-              validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
-              verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
+    built.model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                    validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
+                    verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
-    good = int(epoch_var.numpy())
-    kept = (f"its last good checkpoint (epoch {good}) is kept in {gen_dir}/ckpt" if good else
-            "it has no good checkpoint yet")
-    raise errors.DivergedError(
-        f"generation {gen} diverged (loss={state.diverged}) in epoch {good + 1}: {kept}; "
-        "rerun the same command to retry from it, or start over with a lower --lr "
-        "(--lr changes the experiment: add --overwrite or use a new --run_dir)")
-  # Final-epoch evaluation: no selection on test (nor on val) happens anywhere.
-  test = model.evaluate(dataset.test(cfg.batch_size), verbose=0, return_dict=True)
+    raise _diverged(gen, state, built.epoch_var)
   result = {
-      "gen": "baseline" if baseline else gen, "role": role, "arch": arch,
-      "params": int(student.count_params()),
-      "seed": seed, "objective": objective, "teacher": teacher_path,
+      "gen": gen.gen, "role": gen.role, "arch": gen.arch, "params": int(built.student.count_params()),
+      "seed": gen.seed, "objective": gen.objective.to_dict(), "teacher": gen.teacher_path,
       "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
-      "test_accuracy": float(test["accuracy"]), "test_error": 1.0 - float(test["accuracy"]),
-      "test_loss": float(test["label_loss"]),
-      "weights_sha256": weights_digest(student),
+      "weights_sha256": weights_digest(built.student),
   }
-  if dataset.val(cfg.batch_size) is not None:
-    val = model.evaluate(dataset.val(cfg.batch_size), verbose=0, return_dict=True)
-    result["val_accuracy"] = float(val["accuracy"])
-    result["val_loss"] = float(val["label_loss"])
+  result.update(evaluate_splits(built.model, dataset, cfg.batch_size))
   if state.history:
     result["final_train"] = {k: v for k, v in state.history[-1].items() if not k.startswith("val_")}
-  with writer.as_default(step=cfg.epochs):
-    tf.summary.scalar("test/accuracy", result["test_accuracy"])
-    tf.summary.scalar("test/error", result["test_error"])
-  writer.flush()
-  if cfg.task == "lm":
-    lm.finish_generation(result, gen_dir, info.vocab, writer, cfg.epochs)
-  export.export_saved_model(student, os.path.join(gen_dir, "saved_model"), info.image_shape,
-                            class_names=info.class_names)
-  export.save_keras(student, os.path.join(gen_dir, "model.keras"))
-  export.write_json(result, os.path.join(gen_dir, "metrics.json"))
-  export.touch_done(gen_dir)
-  shutil.rmtree(os.path.join(gen_dir, "ckpt"), ignore_errors=True)
-  logging.info("gen %d (%s) done: test accuracy %.4f (error %.2f%%), weights sha256 %s", gen, role,
-               result["test_accuracy"], 100 * result["test_error"], result["weights_sha256"])
+  finish(task, spec, built.student, gen.out_dir, result, writer, cfg.epochs)
+  export.save_keras(built.student, os.path.join(gen.out_dir, "model.keras"))
+  export.write_json(result, os.path.join(gen.out_dir, "metrics.json"))
+  export.touch_done(gen.out_dir)
+  shutil.rmtree(os.path.join(gen.out_dir, "ckpt"), ignore_errors=True)
+  logging.info("gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s", gen.gen, gen.role,
+               result["test_accuracy"], task.headline.key, result[task.headline.key],
+               result["weights_sha256"])
   return result
+
+
+def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, read_dir=None):
+  """Trains generation `gen` (0 = teacher) into `gen_dir`: run_generation of its spec."""
+  return run_generation(cfg, GenerationSpec.generation(cfg, gen, gen_dir, teacher_path, read_dir),
+                        strategy, dataset)

@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
 
+pytestmark = pytest.mark.slow  # end to end: runs the bench binary (pytest -m "not slow" skips it)
+
 KEYS = ("supervised_img_s", "distill_img_s", "input_img_s", "ratio", "peak_rss_mb",
         "input_host_aug_img_s", "input_device_aug_img_s", "augment_img_s")
 

@@ -207,6 +207,7 @@ def test_changed_experiment_flag_is_refused_unless_overwrite(monkeypatch, capsys
   assert _snapshot(run_copy)["gen_0/DONE"] != before["gen_0/DONE"]
 
 
+@pytest.mark.slow
 def test_second_process_is_refused_and_a_killed_holder_frees_the_lock(monkeypatch, capsys, tmp_path):
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
   run_dir = str(tmp_path / "run")

@@ -9,12 +9,16 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 from ban_tf import config
 from ban_tf import export
-from ban_tf import lm
+from ban_tf import schedules
+from ban_tf.tasks import lm
 from ban_tf import main
 from ban_tf import text_data
+
+pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
 
 _WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
 
@@ -79,7 +83,7 @@ def test_two_generations_and_ensemble(tmp_path):
     history = export.read_json(os.path.join(gdir, "history.json"))
     ppls = [h["val_perplexity"] for h in history]
     for e, h in enumerate(history):  # the plateau schedule, replayed from val perplexity
-      assert h["learning_rate"] == lm.plateau_lr(1.0, ppls[:e], 0.25, 1000.0) == 0.25 ** max(0, e - 1)
+      assert h["learning_rate"] == schedules.plateau_lr(1.0, ppls[:e], 0.25, 1000.0) == 0.25 ** max(0, e - 1)
     if gen > 0:
       assert metrics["objective"]["loss"] == "ban_l" and history[0]["kd_loss"] > 0
       assert "teacher_agreement" in history[0]

@@ -15,7 +15,8 @@ from ban_tf import config
 from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
-from ban_tf import lm
+from ban_tf import schedules
+from ban_tf import tasks
 from ban_tf import lm_models
 from ban_tf import main
 from ban_tf import text_data
@@ -212,11 +213,11 @@ def test_clip_norm_clips_the_global_gradient():
 
 # ---- plateau schedule ---------------------------------------------------------------------------
 def test_plateau_lr():
-  assert lm.plateau_lr(1.0, [], 0.25) == 1.0
+  assert schedules.plateau_lr(1.0, [], 0.25) == 1.0
   # 95 does not improve on 90; 89 does; the second 89 does not.
-  assert lm.plateau_lr(1.0, [100, 90, 95, 89, 89], 0.25) == 0.25 ** 2
+  assert schedules.plateau_lr(1.0, [100, 90, 95, 89, 89], 0.25) == 0.25 ** 2
   # CNN-LSTM: must improve by more than 0.5 (99.6 and 98.6 do not).
-  assert lm.plateau_lr(2.0, [100, 99.6, 99.0, 98.6], 0.5, 0.5) == 0.5
+  assert schedules.plateau_lr(2.0, [100, 99.6, 99.0, 98.6], 0.5, 0.5) == 0.5
 
 
 # ---- export round trip --------------------------------------------------------------------------
@@ -225,7 +226,10 @@ def test_export_round_trip_ids_to_logits(tmp_path, arch):
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}" for i in range(30))
   model = lm_models.build_model(arch, vocab)
   path = str(tmp_path / "saved_model")
-  fingerprint = export.export_saved_model(model, path, (5,))
+  spec = tasks.DataSpec(name="toy", input_shape=(5,), input_dtype="int32", input_high=len(vocab),
+                        input_name="tokens", serving_shape=(None,), num_outputs=len(vocab),
+                        output_shape=(None, len(vocab)), output_unit="words")
+  fingerprint = export.export_saved_model(model, path, (5,), spec=spec)
   data = np.load(os.path.join(path, export.FINGERPRINT_FILE))
   assert data["inputs"].dtype == np.int32 and fingerprint.shape == (4, 5, len(vocab))
   teacher = export.load_teacher(path, expected_classes=len(vocab))
@@ -313,9 +317,9 @@ def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, reci
   assert (norm > clip) == (clip_scale < 1)  # the preset's clip does not fire here; the small one does
   factor = min(1.0, clip / norm)
   want = [w - recipe_lr * factor * g for w, g in zip(before, g_theirs)]
-  # ban_tf's step under the preset: the Distiller (per-token mean, global clip) and lm.make_optimizer.
+  # ban_tf's step under the preset: the Distiller (per-token mean, global clip) and the LM task's optimizer.
   model = distiller_lib.Distiller(student, clip_norm=cfg.clip_norm * clip_scale, weight_decay=cfg.weight_decay)
-  model.compile(optimizer=lm.make_optimizer(cfg))
+  model.compile(optimizer=tasks.get("lm").make_optimizer(cfg, steps_per_epoch=1))
   model.train_on_batch(x, y)
   for w, v in zip(want, student.trainable_variables):
     np.testing.assert_allclose(v.numpy(), w, rtol=1e-4, atol=1e-6)

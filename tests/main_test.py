@@ -31,9 +31,9 @@ def test_defaults_are_the_paper_recipe():
   assert (cfg.dataset, cfg.gens, cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.nesterov,
           cfg.weight_decay, cfg.lr_decay, cfg.lr_milestones) == (
               "cifar10", 3, 200, 128, 0.1, 0.9, True, 5e-4, 0.2, (0.3, 0.6, 0.8))
-  assert {k: cfg.objective()[k] for k in ("loss", "temperature", "kd_weight", "label_weight")} == {
+  assert {k: cfg.objective().to_dict()[k] for k in ("loss", "temperature", "kd_weight", "label_weight")} == {
       "loss": "ban", "temperature": 1.0, "kd_weight": 1.0, "label_weight": 0.0}
-  assert parse("--label_weight=0.5").objective()["loss"] == "ban_l"
+  assert parse("--label_weight=0.5").objective().loss == "ban_l"
   assert cfg.default_run_dir() == os.path.join("runs", "cifar10-wrn-28-1-ban-seed0")
 
 
@@ -80,6 +80,7 @@ def test_binary_exit_code_2_one_line_and_nothing_written(tmp_path):
   assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
   """`--gens=2` through main.run: the whole run-dir contract, teachers read from disk."""
   loaded = []

@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
 
+pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
+
 _DIGEST = re.compile(r"gen (\d+) \(\S+\) done: .* weights sha256 ([0-9a-f]{64})")
 
 

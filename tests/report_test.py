@@ -22,7 +22,7 @@ from ban_tf import report
 from tests.conftest import REPO
 
 
-def _fake_run(path, seed, test_errors, val=True, epochs=3):
+def _fake_run(path, seed, test_errors, val=True, epochs=3, baseline=None):
   """A run dir as ban_tf.main leaves it: teacher, BAN-1, BAN-2 and BANE-2."""
   os.makedirs(path)
   cfg = config_lib.Config(dataset="fashion_mnist", arch="tiny", gens=2, epochs=epochs, seed=seed,
@@ -50,7 +50,10 @@ def _fake_run(path, seed, test_errors, val=True, epochs=3):
   ens = [{"name": "BANE-2", "members": [1, 2], "test_error": test_errors[3], "test_accuracy": 1 - test_errors[3]}]
   os.makedirs(os.path.join(path, "ensemble_2"))
   with open(os.path.join(path, "results.json"), "w") as f:
-    json.dump({"generations": gens, "ensembles": ens, "dataset": "fashion_mnist", "seed": seed}, f)
+    base = None if baseline is None else {"gen": "baseline", "role": "baseline", "arch": "tiny", "params": 1490,
+                                          "test_error": baseline, "test_accuracy": 1 - baseline}
+    json.dump({"generations": gens, "ensembles": ens, "baseline": base, "dataset": "fashion_mnist",
+               "seed": seed}, f)
   return path
 
 
@@ -93,28 +96,30 @@ def test_parent_of_seed_runs_gives_mean_and_std(tmp_path):
   parent = str(tmp_path / "seeds")
   runs = [report.load_run(p) for p in report.find_runs(parent)]
   agg = report.aggregate(runs)
-  assert list(agg) == ["Teacher", "BAN-1", "BAN-2", "BANE-2"]
-  for i, name in enumerate(agg):
-    values = [errs[s][i] for s in sorted(errs)]
-    assert agg[name][0] == pytest.approx(statistics.mean(values))
-    assert agg[name][1] == pytest.approx(statistics.stdev(values))
+  assert [a["key"] for a in agg] == ["Teacher", "BAN-1", "BAN-2", "BANE-2"]
+  for i, a in enumerate(agg):
+    values = [100 * errs[s][i] for s in sorted(errs)]
+    assert a["mean"] == pytest.approx(statistics.mean(values))
+    assert a["std"] == pytest.approx(statistics.stdev(values))
   out = report.write_report(parent, hparams=False)
   assert out["png"] == os.path.join(parent, "report.png")
   _assert_png(out["png"])
   md = open(out["results_md"]).read()
   ban1 = [errs[s][1] for s in sorted(errs)]
-  assert (f"| BAN-1 | 3 | {100 * statistics.mean(ban1):.2f} ± {100 * statistics.stdev(ban1):.2f} |") in md
+  assert (f"| BAN-1 | tiny | 1.5k | {100 * statistics.mean(ban1):.2f} ± {100 * statistics.stdev(ban1):.2f} |") in md
 
 
 def test_cli_with_run_dirs_list(tmp_path):
-  a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16])
-  b = _fake_run(str(tmp_path / "b"), 1, [0.22, 0.2, 0.15, 0.14])
+  a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16], baseline=0.19)
+  b = _fake_run(str(tmp_path / "b"), 1, [0.22, 0.2, 0.15, 0.14], baseline=0.21)
   out_dir = str(tmp_path / "summary")
   proc = subprocess.run([sys.executable, "-m", "ban_tf.report", f"--run_dirs={a},{b}", f"--out_dir={out_dir}",
                          "--nohparams"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   _assert_png(os.path.join(out_dir, "report.png"))
-  assert "| BANE-2 | 2 | 15.00 ± 1.41 |" in proc.stdout
+  assert "| Ens*2 (1,2) | ensemble |  | 15.00 ± 1.41 | -6.00 | 2 | 16.00, 14.00 |" in proc.stdout
+  # The label-only baseline is a row of the summary too (it used to be dropped).
+  assert "| Baseline | tiny | 1.5k | 20.00 ± 1.41 | -1.00 | 2 | 19.00, 21.00 |" in proc.stdout
 
 
 def test_missing_results_is_a_usage_error(tmp_path):

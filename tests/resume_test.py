@@ -113,6 +113,7 @@ def test_checkpoint_restores_optimizer_epoch_schedule_and_dropout_rng(tmp_path):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow
 def test_killed_three_times_then_resumed_equals_uninterrupted(baseline, tmp_path):
   run_dir = str(tmp_path / "run")
   gen0, gen1 = os.path.join(run_dir, "gen_0"), os.path.join(run_dir, "gen_1")

@@ -25,6 +25,8 @@ from ban_tf import main
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
 
+pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
+
 EPOCHS = 2
 GENS = 2
 

@@ -70,7 +70,7 @@ def test_cwtm_loss_and_gradient_golden():
 
 def test_cwtm_config_is_labels_only():
   cfg = config_lib.Config(loss="cwtm", kd_weight=0.7)
-  assert cfg.objective()["kd_weight"] == 0.0 and cfg.objective()["label_weight"] == 1.0
+  assert cfg.objective().kd_weight == 0.0 and cfg.objective().label_weight == 1.0
 
 
 def _one_step(strategy, init, teacher_init, data, **kw):
@@ -183,7 +183,7 @@ def test_dkpp_distiller_loss_golden_and_fresh_per_step():
   kd4 = float(d._terms(None, y, tf.constant(z), tf.constant(t))["kd"])
   assert abs(kd4 - kd3) > 1e-4  # a fresh permutation each step
   assert float(d._terms(None, y, tf.constant(z), tf.constant(t))["label"]) == 0.0  # no labels
-  assert config_lib.Config(loss="dkpp").objective()["label_weight"] == 0.0
+  assert config_lib.Config(loss="dkpp").objective().label_weight == 0.0
 
 
 # ---- activation matching ----------------------------------------------------------

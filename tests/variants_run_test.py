@@ -15,7 +15,8 @@ import pytest
 from ban_tf import config as config_lib
 from ban_tf import errors
 from ban_tf import export
-from ban_tf import generations
+from ban_tf import results
+from ban_tf import tasks
 from ban_tf import main as main_lib
 from ban_tf import models
 from ban_tf import train
@@ -83,14 +84,17 @@ def test_aggregate_mean_std():
     return {"generations": gens, "ensembles": ens,
             "baseline": {"arch": "tiny", "params": 1000, "test_error": errs[3]}}
   per_seed = [res([0.2, 0.1, 0.05, 0.3]), res([0.4, 0.2, 0.15, 0.5])]
-  rows = generations.aggregate([generations.table_rows(r) for r in per_seed])
+  metric = tasks.get("image").headline
+  rows = results.aggregate(per_seed, metric)
   assert [r["name"] for r in rows] == ["Teacher", "BAN-1", "Ens*2 (T,1)", "Baseline"]
-  np.testing.assert_allclose([r["test_error_mean"] for r in rows], [30, 15, 10, 40])
-  np.testing.assert_allclose([r["test_error_std"] for r in rows], np.std([[20, 10, 5, 30], [40, 20, 15, 50]],
-                                                                        axis=0, ddof=1))
-  assert "Ens*2 (T,1) | ensemble |  | 10.00 ± 7.07 | 2" in generations.aggregate_table(rows)
+  assert [r["key"] for r in rows] == ["Teacher", "BAN-1", "BANE-2", "Baseline"]
+  np.testing.assert_allclose([r["mean"] for r in rows], [30, 15, 10, 40])
+  np.testing.assert_allclose([r["std"] for r in rows], np.std([[20, 10, 5, 30], [40, 20, 15, 50]],
+                                                              axis=0, ddof=1))
+  assert "| Ens*2 (T,1) | ensemble |  | 10.00 ± 7.07 | -20.00 | 2 | 5.00, 15.00 |" in results.aggregate_table(rows, metric)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
 def test_cross_arch_shared_features_seeds_baseline(tmp_path, monkeypatch):
   from ban_tf import data  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,167 @@
+"""Results tables: row names, the per-run table, and the one aggregator over runs (seeds).
+
+A leaf module (standard library only): generations.py writes results.md with it,
+report.py and evaluate.py print the same tables from what a run left on disk. What
+a table shows is a task's business (tasks/): it passes its `Metric`s, and nothing
+here knows about images or tokens.
+
+Rows are named as in the paper's Table 2. Every row has a stable *key* (Teacher,
+BAN-k, BANE-k, Baseline), used to match rows across runs and to place them in
+plots, and a *label* shown in tables: the key, except for ensembles, labelled
+Ens*k (members) with T for the teacher, e.g. "Ens*3 (1,2,3)" or "Ens*3 (T,1,2)".
+
+`results` below is the dict written to results.json: {"generations": [metrics of
+gen 0..N], "ensembles": [metrics of BANE-2..N], "baseline": metrics or None}.
+"""
+
+import dataclasses
+import statistics
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """One number per row of a results table.
+
+  Attributes:
+    key: its field in metrics.json / results.json (e.g. "test_error").
+    title: column title, with its unit (e.g. "Test error (%)").
+    percent: shown x100 (fractions such as errors); means, stds and deltas over
+      runs are in the shown unit too.
+    derive: how to read it from an entry that predates the field, or whose field
+      is derived (e.g. val error = 1 - val_accuracy); None: `entry.get(key)`.
+    text: how the metric reads in a sentence ("test error").
+  """
+  key: str
+  title: str
+  percent: bool = False
+  derive: Optional[Callable[[dict], Optional[float]]] = None
+  text: str = ""
+
+  def value(self, entry: dict) -> Optional[float]:
+    """The metric of one row in table units (x100 for percentages), or None."""
+    v = self.derive(entry) if self.derive is not None else entry.get(self.key)
+    if v is None:
+      return None
+    return 100.0 * float(v) if self.percent else float(v)
+
+
+def format_params(n: int) -> str:
+  """1490 -> "1.5k"; 36_500_000 -> "36.50M"."""
+  return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def ensemble_label(members) -> str:
+  """Table 2's column name, Ens*k for k members, then the members (T = teacher)."""
+  return f"Ens*{len(members)} (" + ",".join("T" if m == 0 else str(m) for m in members) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  key: str  # Teacher, BAN-k, BANE-k, Baseline: the same in every run of an experiment
+  label: str  # what tables show
+  arch: str
+  params: str  # formatted, "" for ensembles
+  entry: dict  # the row's metrics.json fields
+
+
+def rows(results: dict) -> list:
+  """The rows of one run in table order: Teacher, BAN-1..N, Ens*2..N, Baseline."""
+  out = []
+  for g in results.get("generations", []):
+    key = "Teacher" if g["gen"] == 0 else f"BAN-{g['gen']}"
+    out.append(Row(key, key, g.get("arch", "?"), format_params(g.get("params", 0)), g))
+  for e in results.get("ensembles", []):
+    key = e.get("name") or f"BANE-{max(e['members'])}"
+    out.append(Row(key, ensemble_label(e.get("members", [])), "ensemble", "", e))
+  b = results.get("baseline")
+  if b:
+    out.append(Row("Baseline", "Baseline", b.get("arch", "?"), format_params(b.get("params", 0)), b))
+  return out
+
+
+def gen_of(key: str) -> Optional[int]:
+  """Teacher -> 0, BAN-k and BANE-k -> k, Baseline -> None (its x position in plots)."""
+  if key == "Teacher":
+    return 0
+  if key.startswith("BAN"):
+    return int(key.split("-")[1])
+  return None
+
+
+def _fmt(v: Optional[float]) -> str:
+  return "" if v is None else f"{v:.2f}"
+
+
+def table(results: dict, headline: Metric, extra=()) -> str:
+  """The per-run markdown table: headline, delta vs the teacher, then `extra` columns.
+
+  Extra columns that no row has are left out.
+  """
+  rs = rows(results)
+  base = headline.value(rs[0].entry) if rs and rs[0].key == "Teacher" else None
+  extra = [m for m in extra if any(m.value(r.entry) is not None for r in rs)]
+  head = ["Model", "Arch", "Params", headline.title, "Δ vs teacher"] + [m.title for m in extra]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rs:
+    v = headline.value(r.entry)
+    delta = "" if base is None or v is None or r.key == "Teacher" else f"{v - base:+.2f}"
+    cells = [r.label, r.arch, r.params, _fmt(v), delta] + [_fmt(m.value(r.entry)) for m in extra]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def aggregate(per_run: list, metric: Metric) -> list:
+  """Mean and sample std (ddof=1; 0 for one run) of `metric` per row over runs.
+
+  Args:
+    per_run: results dicts, one per run (seed); rows are matched by key, in the
+      first run's order, then any row only later runs have.
+    metric: what to aggregate (values in its table units).
+
+  Returns:
+    [{"name": label, "key", "arch", "params", "n", "metric": metric.key,
+      "mean", "std", "values": [per run]}].
+  """
+  order, values, first = [], {}, {}
+  for results in per_run:
+    for r in rows(results):
+      v = metric.value(r.entry)
+      if v is None:
+        continue
+      if r.key not in values:
+        order.append(r.key)
+        values[r.key], first[r.key] = [], r
+      values[r.key].append(v)
+  out = []
+  for key in order:
+    v = values[key]
+    r = first[key]
+    out.append({"name": r.label, "key": key, "arch": r.arch, "params": r.params, "n": len(v),
+                "metric": metric.key, "mean": statistics.fmean(v),
+                "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": list(v)})
+  return out
+
+
+def aggregate_table(agg: list, metric: Metric) -> str:
+  """Markdown of `aggregate`: mean ± std, delta vs the teacher's mean, per-run values."""
+  base = next((a["mean"] for a in agg if a["key"] == "Teacher"), None)
+  lines = [f"| Model | Arch | Params | {metric.title} mean ± std | Δ vs teacher | Runs | Per run |",
+           "|---|---|---|---|---|---|---|"]
+  for a in agg:
+    delta = "" if base is None or a["key"] == "Teacher" else f"{a['mean'] - base:+.2f}"
+    each = ", ".join(_fmt(v) for v in a["values"])
+    lines.append(f"| {a['name']} | {a['arch']} | {a['params']} | {a['mean']:.2f} ± {a['std']:.2f} | "
+                 f"{delta} | {a['n']} | {each} |")
+  return "\n".join(lines) + "\n"
+
+
+def title(cfg, metric: Metric, seeds=None) -> str:
+  """The heading of a results.md, from a config.Config."""
+  what = metric.text or metric.key.replace("_", " ")
+  head = (f"# {cfg.data_name}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
+          f"{cfg.resolved_loss} (T={cfg.temperature})")
+  if seeds:
+    return (f"{head}, seeds {', '.join(map(str, seeds))}\n\nFinal-epoch {what}, mean ± std (ddof=1) over "
+            "runs; per-run tables in their own results.md.\n\n")
+  return f"{head}, seed {cfg.seed}\n\nFinal-epoch {what}; no checkpoint selection.\n\n"

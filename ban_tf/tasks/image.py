@@ -1,0 +1,83 @@
+"""Image classification: tfds images (data.py), CIFAR nets (models.py), step schedule, top-1 error.
+
+Outputs are class logits [N, C]; the headline metric is the final-epoch top-1 test
+error (%), as in the paper's Tables 1-5. SavedModels carry labels.txt (class names).
+"""
+
+from ban_tf import archs
+from ban_tf import errors
+from ban_tf import results
+from ban_tf.tasks import base
+
+
+def _val_error(entry):
+  acc = entry.get("val_accuracy")
+  return None if acc is None else 1.0 - acc
+
+
+TEST_ERROR = results.Metric("test_error", "Test error (%)", percent=True, text="test error")
+VAL_ERROR = results.Metric("val_error", "Val error (%)", percent=True, derive=_val_error, text="val error")
+
+
+class ImageClassification(base.Task):
+  """--task=image."""
+  name = "image"
+  headline = TEST_ERROR
+  extra_columns = (VAL_ERROR,)
+  result_keys = ("test_accuracy", "test_error", "val_accuracy")
+
+  def parse_arch(self, arch):
+    return archs.parse_arch(arch)
+
+  def validate(self, cfg):
+    base.require(cfg.student_width_ratio == 1 or archs.is_match_arch(cfg.arch),
+                 f"--student_width_ratio={cfg.student_width_ratio} only applies to teacher-matched students: "
+                 "use --arch=wrn-match-U or prebn-match-U")
+    base.require(not archs.is_match_arch(cfg.teacher_arch or cfg.arch) or cfg.teacher_arch,
+                 f"--arch={cfg.arch}: a -match- student needs a DenseNet --teacher_arch")
+    base.require(0 < cfg.densenet_compression <= 1,
+                 f"--densenet_compression={cfg.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)")
+    if cfg.densenet_compression != archs.DENSENET_COMPRESSION:
+      try:
+        archs.with_compression(cfg.arch, cfg.densenet_compression)
+      except ValueError as e:
+        raise errors.UsageError(f"--densenet_compression={cfg.densenet_compression:g} applies to a "
+                                f"densenet-D-K --arch without a -c suffix: {e}") from None
+
+  def load_data(self, cfg):
+    from ban_tf import data  # pylint: disable=g-import-not-at-top
+    return data.Dataset.from_config(cfg)
+
+  def spec(self, dataset):
+    info = dataset.info
+    return base.DataSpec(
+        name=info.name, input_shape=tuple(info.image_shape), input_dtype="float32", input_high=255,
+        input_name="pixels", serving_shape=tuple(info.image_shape),
+        num_outputs=info.num_classes, output_shape=(info.num_classes,), class_names=tuple(info.class_names),
+        unit="examples", num_train=info.num_train, num_val=info.num_val, num_test=info.num_test)
+
+  def build_model(self, arch, dataset, *, dropout, name):
+    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    info = dataset.info
+    return models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
+                              dropout=dropout, name=name)
+
+  def device_augment(self, cfg):
+    return cfg.device_augment
+
+  def make_optimizer(self, cfg, steps_per_epoch):
+    """SGD (Nesterov) with the step schedule: x lr_decay at each milestone fraction of the epochs."""
+    import keras  # pylint: disable=g-import-not-at-top
+    from ban_tf import schedules  # pylint: disable=g-import-not-at-top
+    boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
+    schedule = schedules.StepDecay(cfg.lr, boundaries, cfg.lr_decay)
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+  def curve(self, history):
+    """Per-epoch validation error (%), or training error without a val split."""
+    key = "val_accuracy" if history and all("val_accuracy" in h for h in history) else "accuracy"
+    epochs = [h["epoch"] for h in history]
+    err = [100.0 * (1.0 - h[key]) for h in history]
+    return epochs, err, "val" if key == "val_accuracy" else "train"
+
+  curve_label = "error (%)"

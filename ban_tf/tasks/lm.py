@@ -1,0 +1,106 @@
+"""Word-level language modelling: corpora (text_data.py), LSTMs (lm_models.py), plateau schedule, perplexity.
+
+Outputs are next-token logits [N, T, V] and labels [N, T] token ids; the Distiller
+averages every loss term per token (distiller.py). The headline metric is the
+final-epoch test perplexity per token, exp(mean token cross-entropy), as in the
+paper's Table 6. SavedModels take int32 token ids and carry vocab.txt beside them.
+
+Learning-rate schedule (paper section 4.2): plain SGD from `--lr`, multiplied by
+`--lr_plateau_decay` at the start of an epoch whenever the validation perplexity of
+the previous epoch did not improve on the best so far by more than
+`--lr_plateau_min_delta` (Table 6 LSTM: x0.25, delta 0; CNN-LSTM: x0.5, delta 0.5);
+see schedules.plateau_lr. The rate is a pure function of the validation
+perplexities in history.json, so a resumed generation replays it exactly.
+"""
+
+import math
+import os
+
+from ban_tf import archs
+from ban_tf import results
+from ban_tf.tasks import base
+
+VOCAB_FILE = "vocab.txt"
+TEST_PERPLEXITY = results.Metric("test_perplexity", "Test perplexity", text="perplexity (per token)")
+VAL_PERPLEXITY = results.Metric("val_perplexity", "Val perplexity")
+
+
+def perplexity(mean_ce):
+  """exp(mean token cross-entropy), capped to stay finite."""
+  return float(math.exp(min(mean_ce, 700.0)))
+
+
+def read_vocab(directory):
+  """The vocabulary a run wrote beside its SavedModel (gen_k/vocab.txt)."""
+  with open(os.path.join(directory, VOCAB_FILE), encoding="utf-8") as f:
+    return tuple(line.rstrip("\n") for line in f)
+
+
+class LanguageModel(base.Task):
+  """--task=lm."""
+  name = "lm"
+  headline = TEST_PERPLEXITY
+  extra_columns = (VAL_PERPLEXITY,)
+  result_keys = ("test_accuracy", "test_error", "val_accuracy", "val_perplexity", "test_perplexity")
+  curve_label = "validation perplexity"
+  perplexity = True
+
+  def parse_arch(self, arch):
+    return archs.parse_lm_arch(arch)
+
+  def validate(self, cfg):
+    need = base.require
+    need(cfg.bptt >= 1, f"--bptt={cfg.bptt}: must be >= 1")
+    need(cfg.vocab_size == 0 or cfg.vocab_size >= 2,
+         f"--vocab_size={cfg.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)")
+    need(0 < cfg.lr_plateau_decay <= 1, f"--lr_plateau_decay={cfg.lr_plateau_decay}: must be in (0, 1]")
+    need(cfg.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={cfg.lr_plateau_min_delta}: must be >= 0")
+    need(cfg.dataset != "ptb" or cfg.ptb_dir,
+         "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+    need(not cfg.train_examples and not cfg.val_examples,
+         "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
+    need(not (cfg.image_folder or cfg.image_size or cfg.image_key or cfg.label_key or cfg.val_split
+              or cfg.train_split != "train" or cfg.test_split != "test"),
+         "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
+         "drop them with --task=lm")
+    need(not (cfg.feature_weight or cfg.share_stem_head or cfg.student_width_ratio != 1
+              or cfg.densenet_compression != 0.5),
+         "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
+         "drop them with --task=lm")
+
+  def load_data(self, cfg):
+    from ban_tf import text_data  # pylint: disable=g-import-not-at-top
+    return text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
+                                 vocab_size=cfg.vocab_size, bptt=cfg.bptt)
+
+  def spec(self, dataset):
+    info = dataset.info
+    vocab = "".join(w + "\n" for w in info.vocab)
+    return base.DataSpec(
+        name=info.name, input_shape=(info.bptt,), input_dtype="int32", input_high=len(info.vocab),
+        input_name="tokens", serving_shape=(None,),
+        num_outputs=len(info.vocab), output_shape=(None, len(info.vocab)), output_unit="words", assets=((VOCAB_FILE, vocab),),
+        unit="tokens", num_train=info.num_train, num_val=info.num_val, num_test=info.num_test)
+
+  def build_model(self, arch, dataset, *, dropout, name):
+    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    return lm_models.build_model(arch, dataset.info.vocab, dropout=dropout, name=name)
+
+  def make_optimizer(self, cfg, steps_per_epoch):
+    """SGD with a constant rate that `callbacks` drive; gradient clipping is in the Distiller."""
+    del steps_per_epoch
+    import keras  # pylint: disable=g-import-not-at-top
+    return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0)
+
+  def callbacks(self, cfg, history, optimizer):
+    from ban_tf import schedules  # pylint: disable=g-import-not-at-top
+    return [schedules.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer)]
+
+  def summarize(self, result):
+    return {f"{split}_perplexity": perplexity(result[f"{split}_loss"])
+            for split in ("val", "test") if f"{split}_loss" in result}
+
+  def curve(self, history):
+    hist = [h for h in history if "val_perplexity" in h]
+    return [h["epoch"] for h in hist], [h["val_perplexity"] for h in hist], "val"

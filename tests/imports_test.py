@@ -1,0 +1,153 @@
+"""The module graph of ban_tf/: no import cycles, and the seams stay light.
+
+Every import counts, including those inside functions: BUILD's deps mirror them
+and Bazel refuses cycles, and a lazy import that closes a cycle is still one.
+"""
+
+import ast
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+PKG = os.path.join(REPO, "ban_tf")
+
+
+def _modules():
+  out = {}
+  for root, _, files in os.walk(PKG):
+    for f in files:
+      if f.endswith(".py"):
+        rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
+        out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, f)
+  return out
+
+
+def import_graph():
+  """{module: set of ban_tf modules it imports} (ban_tf itself, the package root, left out)."""
+  mods = _modules()
+  graph = {}
+  for name, path in mods.items():
+    deps = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      if isinstance(node, ast.Import):
+        deps.update(a.name for a in node.names if a.name in mods)
+      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        for a in node.names:
+          full = f"{node.module}.{a.name}"
+          deps.add(full if full in mods else node.module)
+    graph[name] = {d for d in deps if d in mods and d not in ("ban_tf", name)}
+  return graph
+
+
+def find_cycle(graph):
+  """One cycle [a, b, ..., a] of `graph`, or None."""
+  state = {}
+
+  def visit(node, stack):
+    state[node] = "open"
+    stack.append(node)
+    for dep in sorted(graph.get(node, ())):
+      if state.get(dep) == "open":
+        return stack[stack.index(dep):] + [dep]
+      if dep not in state:
+        found = visit(dep, stack)
+        if found:
+          return found
+    stack.pop()
+    state[node] = "done"
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node, [])
+      if found:
+        return found
+  return None
+
+
+def test_find_cycle_finds_one():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_in_ban_tf():
+  graph = import_graph()
+  assert {"ban_tf.results", "ban_tf.archs", "ban_tf.tasks", "ban_tf.generations"} <= set(graph)
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_leaf_modules():
+  graph = import_graph()
+  assert graph["ban_tf.results"] == set()  # tables and aggregation: standard library only
+  assert graph["ban_tf.archs"] == set()  # the arch grammar: pure Python
+
+
+def test_validation_imports_no_tensorflow():
+  """Config validation (and the task seam) must not load TensorFlow or Keras: a bad flag fails at once."""
+  code = ("import sys\nfrom ban_tf import config\n"
+          "for task, arch in (('image', 'wrn-27-1'), ('lm', 'lstm-x')):\n"
+          "  try:\n    config.Config(task=task, arch=arch, dataset='tiny_shakespeare').validate()\n"
+          "  except Exception as e:\n    assert type(e).__name__ == 'UsageError', e\n"
+          "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
+          "assert not heavy, heavy[:5]\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _build_libraries():
+  """{target: (srcs, deps)} of BUILD's py_library rules (deps: local ":name" labels only)."""
+  import re  # pylint: disable=g-import-not-at-top
+  text = open(os.path.join(REPO, "BUILD")).read()
+  out = {}
+  for block in re.findall(r"py_library\((.*?)\n\)", text, re.S):
+    name = re.search(r'name = "(\w+)"', block).group(1)
+    srcs = re.search(r"srcs = \[(.*?)\]", block, re.S)
+    deps = re.search(r"deps = \[(.*?)\]", block, re.S)
+    out[name] = (re.findall(r'"([\w/]+\.py)"', srcs.group(1)) if srcs else [],
+                 set(re.findall(r'":(\w+)"', deps.group(1))) if deps else set())
+  return out
+
+
+def test_build_deps_mirror_imports():
+  """Each ban_tf module's BUILD library lists the library of every ban_tf module it imports."""
+  libs = _build_libraries()
+  target_of = {}
+  for target, (srcs, _) in libs.items():
+    for src in srcs:
+      module = src[:-3].replace("/", ".")
+      target_of[module[:-len(".__init__")] if module.endswith(".__init__") else module] = target
+  missing = []
+  for module, deps in import_graph().items():
+    if module not in target_of:
+      if module.startswith("ban_tf.") and module not in ("ban_tf.main", "ban_tf.evaluate", "ban_tf.bench"):
+        missing.append(f"{module}: no py_library")
+      continue
+    target = target_of[module]
+    for dep in deps:
+      if dep in target_of and target_of[dep] != target and target_of[dep] not in libs[target][1]:
+        missing.append(f"{target} ({module}) imports {dep}: add :{target_of[dep]} to its deps")
+  assert not missing, "\n".join(missing)
+
+
+GENERIC = ("generations", "train", "distiller", "export", "rundir", "evaluate", "report", "bench", "results")
+
+
+def test_generic_modules_do_not_branch_on_the_task():
+  """No `== "lm"` / `== "image"` and no guessing from a tensor's rank or dtype string in generic code."""
+  found = []
+  for name in GENERIC:
+    path = os.path.join(PKG, f"{name}.py")
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Compare):
+        for const in [node.left] + list(node.comparators):
+          if isinstance(const, ast.Constant) and const.value in ("lm", "image"):
+            found.append(f"{name}.py:{node.lineno}: compares with {const.value!r}")
+        src = ast.unparse(node)
+        if "len(" in src and ".shape)" in src:
+          found.append(f"{name}.py:{node.lineno}: branches on a tensor's rank: {src}")
+        if "dtype" in src and "str(" in src:
+          found.append(f"{name}.py:{node.lineno}: branches on a dtype: {src}")
+  assert not found, "\n".join(found)
