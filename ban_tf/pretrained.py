@@ -291,6 +291,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   from ban_tf import train  # pylint: disable=g-import-not-at-top
 
@@ -335,7 +336,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   derived = task.summarize(result)
   result.update(derived)
   result["seconds"] = facts.get("seconds", time.time() - t0)
-  writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
+  writer = tf.summary.create_file_writer(  # run_dir/tb/Teacher (results.tensorboard_dir)
+      results_lib.tensorboard_dir(os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)))
   with writer.as_default(step=0):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])

@@ -390,7 +390,7 @@ def run_generation(cfg, gen, strategy, dataset):
   initial_epoch, history = _restore(gen, built)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
   train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
-  tb_dir = os.path.join(gen.out_dir, "tb")
+  tb_dir = results_lib.tensorboard_dir(os.path.dirname(gen.out_dir), results_lib.generation_name(gen.gen))
   tensorboard_from_checkpoint(tb_dir, initial_epoch)  # each (tag, step) once after a resume
   writer = tf.summary.create_file_writer(tb_dir)
   state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer,

@@ -58,7 +58,7 @@ def test_logged_learning_rate_is_the_one_each_epoch_used(monkeypatch, capsys, tm
   gen0 = os.path.join(run_dir, "gen_0")
   history = export.read_json(os.path.join(gen0, "history.json"))
   assert [h["learning_rate"] for h in history] == pytest.approx([0.1, 0.02, 0.0008])
-  scalars = _scalars(os.path.join(gen0, "tb"))
+  scalars = _scalars(os.path.join(run_dir, "tb", "Teacher"))
   assert [v for _, v in scalars["train/learning_rate"]] == pytest.approx([0.1, 0.02, 0.0008])
   # The teacher has no KD term: no all-zero kd_loss line in TensorBoard (history.json keeps it).
   assert "train/kd_loss" not in scalars and "train/label_loss" in scalars
@@ -72,7 +72,7 @@ def test_resumed_run_writes_each_tensorboard_point_once(monkeypatch, capsys, cap
   monkeypatch.setenv("BAN_TF_FAULT", "enospc@gen_0/epoch_2")
   code, _ = _main(monkeypatch, capsys, argv)
   assert code == 2
-  tb = os.path.join(run_dir, "gen_0", "tb")
+  tb = os.path.join(run_dir, "tb", "Teacher")
   assert [s for s, _ in _scalars(tb)["train/loss"]] == [1, 2]  # epoch 2 written, not checkpointed
   monkeypatch.delenv("BAN_TF_FAULT")
   with caplog.at_level(logging.INFO, logger="absl"):
