@@ -138,6 +138,7 @@ class EpochState(keras.callbacks.Callback):
     self.history, self.writer, self.optimizer = history, writer, optimizer
     self.quiet_tags, self.gen, self.epochs = frozenset(quiet_tags), gen, epochs
     self.diverged = None
+    self.console_line = None  # printed by ConsoleLine
     self._t0 = None
     self._epoch = 0
     self._lr = None
@@ -189,8 +190,22 @@ class EpochState(keras.callbacks.Callback):
     self.manager.save(checkpoint_number=epoch + 1)
     faults.kill_if("kill_after_checkpoint", self._where(epoch))
     if console.progress() and self.gen is not None:
-      console.progress().epoch_end(self.gen, epoch, self.epochs, logs, lr)
-    faults.signal_if(self._where(epoch))
+      self.console_line = console.progress().epoch_line(self.gen, epoch, self.epochs, logs, lr)
+
+
+class ConsoleLine(keras.callbacks.Callback):
+  """Prints EpochState's run-level line; placed after Keras' ProgbarLogger, so on a
+  terminal the line follows the finished progress bar instead of landing inside it."""
+
+  def __init__(self, state):
+    super().__init__()
+    self.state = state
+
+  def on_epoch_end(self, epoch, logs=None):
+    line, self.state.console_line = self.state.console_line, None
+    if line and console.progress():
+      console.progress().print(line)
+    faults.signal_if(self.state._where(epoch))  # pylint: disable=protected-access
 
 
 def quiet_tags(objective, has_teacher):
@@ -396,8 +411,11 @@ def run_generation(cfg, gen, strategy, dataset):
   state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer,
                      quiet_tags=quiet_tags(gen.objective, gen.teacher_path is not None), gen=gen,
                      epochs=cfg.epochs)
-  # The task's callbacks first: they may add to an epoch's logs before state records them.
-  callbacks = task.callbacks(cfg, history, built.optimizer) + [state]
+  # The task's callbacks first: they may add to an epoch's logs before state records them;
+  # Keras' progress bar (when shown) before the console line.
+  verbose = _verbose(cfg)
+  callbacks = (task.callbacks(cfg, history, built.optimizer) + [state]
+               + ([keras.callbacks.ProgbarLogger()] if verbose else []) + [ConsoleLine(state)])
   logging.info("gen %s (%s): %s, %d params, objective %s, seed %d, teacher %s", gen.gen, gen.role, gen.arch,
                built.student.count_params(), gen.objective.to_dict(), gen.seed, gen.teacher_path)
   if console.progress():
@@ -406,7 +424,7 @@ def run_generation(cfg, gen, strategy, dataset):
   if initial_epoch < cfg.epochs:
     built.model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                     validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
-                    verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
+                    verbose=verbose, shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
     raise _diverged(gen, state, built.epoch_var)
   result = {

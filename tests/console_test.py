@@ -166,3 +166,11 @@ def _parsed(argv):
   main.define_flags(fv)
   fv(["ban_tf"] + argv)
   return fv
+
+
+def test_bare_verbose_flag_is_accepted():
+  """`--verbose` alone means --verbose=1 (absl string flags otherwise need a value)."""
+  proc = subprocess.run([sys.executable, "-m", "ban_tf.main", "--verbose", "--gens=-1"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error: --gens=-1"), proc.stderr
