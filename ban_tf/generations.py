@@ -51,6 +51,28 @@ def build_ensemble(members, name="ensemble"):
   return keras.Model(inputs, mean, name=name)
 
 
+def build_stateful_ensemble(members, name="ensemble_stateful"):
+  """build_ensemble of stateful members ([x, state_i] -> [logits, state_i]).
+
+  Returns [x, state] -> [mean probabilities, state], the state being the members'
+  states concatenated in member order (each member carries its own).
+  """
+  sizes = [int(m.inputs[1].shape[-1]) for m in members]
+  first = members[0].inputs[0]
+  inputs = keras.Input(shape=first.shape[1:], dtype=first.dtype, name="inputs")
+  state = keras.Input(shape=(sum(sizes),), dtype="float32", name="state")
+  probs, states, offset = [], [], 0
+  for i, (m, size) in enumerate(zip(members, sizes)):
+    part = keras.layers.Lambda(lambda s, a=offset, n=size: s[:, a:a + n], name=f"state_{i}")(state)
+    offset += size
+    logits, out = m([inputs, part])
+    probs.append(keras.layers.Softmax(dtype="float32", name=f"probs_{i}")(logits))
+    states.append(out)
+  mean = probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
+  out = states[0] if len(states) == 1 else keras.layers.Concatenate(dtype="float32", name="states")(states)
+  return keras.Model([inputs, state], [mean, out], name=name)
+
+
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   task = tasks.get(cfg.task)
@@ -67,10 +89,14 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
                                        custom_objects={"StepDecay": train.StepDecay}, compile=False)
                for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
+    stateful = None
+    if task.carries_state(cfg):  # every member carries its own state over the stream
+      stateful = build_stateful_ensemble([task.stateful_model(m) for m in members], name=f"bane_{k}_stateful")
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
-    scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity)
+    scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity, stateful=stateful)
   result = dict(name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size))
-  train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES)
+  train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES,
+               stateful=stateful)
   export.write_json(result, os.path.join(out, "metrics.json"))
   export.touch_done(out)
   logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],
