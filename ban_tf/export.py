@@ -271,6 +271,15 @@ def state_size(path):
   return int(concrete.structured_input_signature[0][1].shape[-1])
 
 
+def stateful_call(layer):
+  """A stateful teacher layer (load_teacher(stateful=True)) as ([tokens, state], training) -> (logits, state)."""
+  def call(inputs, training=False):
+    del training  # a SavedModel endpoint runs in inference mode
+    out = layer.call_endpoint_fn(*inputs)
+    return next(v for k, v in out.items() if k != "state"), out["state"]
+  return call
+
+
 def load_teacher(path, strategy=None, expected_classes=None, with_features=False, stateful=False):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 

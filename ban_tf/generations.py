@@ -1,7 +1,8 @@
 """The born-again sequence: teacher, BAN-1..N (each taught by the previous one's
 SavedModel on disk), BANE ensembles, results.json and results.md.
 
-The loop only: what a generation is (GenerationSpec) and how it trains live in
+With --teacher=PATH, generation 0 is PATH, imported into gen_0/ (pretrained.py)
+instead of trained. The loop only: what a generation is (GenerationSpec) and how it trains live in
 train.py, what differs between tasks in tasks/, the tables in results.py and the
 files a finished run gets (results.md, report.png) in report.py.
 
@@ -22,12 +23,16 @@ import dataclasses
 import os
 
 import keras
+import numpy as np
 from absl import logging
 
 from ban_tf import cluster
+from ban_tf import console
 from ban_tf import distiller as distiller_lib
+from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
+from ban_tf import pretrained
 from ban_tf import report
 from ban_tf import results as results_lib
 from ban_tf import tasks
@@ -73,6 +78,19 @@ def build_stateful_ensemble(members, name="ensemble_stateful"):
   return keras.Model([inputs, state], [mean, out], name=name)
 
 
+def _load_member(gen_dir):
+  """A generation as a keras.Model to logits: its model.keras, or (a --teacher imported
+  from a SavedModel, or one that outputs probabilities) its SavedModel's `serve` endpoint."""
+  path = os.path.join(gen_dir, "model.keras")
+  if os.path.exists(path):
+    return keras.saving.load_model(path, custom_objects={"StepDecay": train.StepDecay}, compile=False)
+  layer = keras.layers.TFSMLayer(os.path.join(gen_dir, "saved_model"), call_endpoint=export.SERVE,
+                                 trainable=False, dtype="float32")
+  x = np.load(os.path.join(gen_dir, "saved_model", export.FINGERPRINT_FILE))["inputs"]
+  inputs = keras.Input(shape=x.shape[1:], dtype=x.dtype.name)
+  return keras.Model(inputs, layer(inputs), name=os.path.basename(gen_dir))
+
+
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   task = tasks.get(cfg.task)
@@ -85,13 +103,16 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   # strategy, no collectives); Keras cannot evaluate a plain model under MWMS.
   scope = contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope()
   with scope:
-    members = [keras.saving.load_model(os.path.join(run.read_gen_dir(g), "model.keras"),
-                                       custom_objects={"StepDecay": train.StepDecay}, compile=False)
-               for g in gens]
+    members = [_load_member(run.read_gen_dir(g)) for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
     stateful = None
     if task.carries_state(cfg):  # every member carries its own state over the stream
-      stateful = build_stateful_ensemble([task.stateful_model(m) for m in members], name=f"bane_{k}_stateful")
+      views = [task.stateful_model(m) for m in members]
+      if any(v is None for v in views):
+        raise errors.TeacherError(
+            f"BANE-{k}: generation {gens[views.index(None)]} has no model.keras to carry the LSTM state with "
+            "(a --teacher imported from a SavedModel): drop --ensemble_include_teacher or use --lm_state=reset")
+      stateful = build_stateful_ensemble(views, name=f"bane_{k}_stateful")
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
     scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity, stateful=stateful)
   result = dict(name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size))
@@ -114,6 +135,12 @@ def run(cfg, strategy, dataset, run):
     if export.is_done(done_dir):
       logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint)", gen)
       metrics = export.read_json(os.path.join(done_dir, "metrics.json"))
+      if console.progress():
+        console.progress().skip(cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped")
+    elif gen == 0 and cfg.teacher:  # a pretrained teacher: imported, checked and measured, not trained
+      metrics = pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
+      if console.progress():
+        console.progress().skip(cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}")
     else:
       spec = train.GenerationSpec.generation(cfg, gen, run.gen_dir(gen), teacher_path, read_dir=done_dir)
       metrics = train.run_generation(cfg, spec, strategy, dataset)
@@ -122,17 +149,19 @@ def run(cfg, strategy, dataset, run):
     if gen >= 2:
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
       cluster.barrier(strategy)
-    report.write_results(run.path, results, cfg)
+    report.write_results(run.path, results, cfg, spec=run.spec)
     faults.kill_if("kill_between_generations", f"gen_{gen}")
   if cfg.baseline:
     bdir, bdone = os.path.join(run.path, "baseline"), os.path.join(run.read_path, "baseline")
     if export.is_done(bdone):
       results["baseline"] = export.read_json(os.path.join(bdone, "metrics.json"))
+      if console.progress():
+        console.progress().skip(cfg.epochs, "baseline: done before, skipped")
     else:
       spec = train.GenerationSpec.baseline(cfg, bdir, read_dir=bdone)
       results["baseline"] = train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)
-    report.write_results(run.path, results, cfg)
+    report.write_results(run.path, results, cfg, spec=run.spec)
   report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results
 
@@ -147,10 +176,14 @@ def run_seeds(cfg, strategy, dataset, top):
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
   per_seed = []
-  for seed in cfg.seed_list():
-    sub = dataclasses.replace(cfg, seed=seed, seeds=1,
+  for i, seed in enumerate(cfg.seed_list()):
+    # --student_seed moves with the base seed, so each seed's students differ too.
+    student_seed = None if cfg.student_seed is None else cfg.student_seed + seed - cfg.seed
+    sub = dataclasses.replace(cfg, seed=seed, seeds=1, student_seed=student_seed,
                               run_dir=os.path.join(top.path, f"seed_{seed}"))
     logging.info("seed %d: %s", seed, sub.run_dir)
+    if console.progress():
+      console.progress().prefix = f"seed {seed} ({i + 1}/{cfg.seeds}) "
     with rundir.RunDir(sub.run_dir, sub, spec=spec) as sub_run:
       per_seed.append(run(sub, strategy, dataset, sub_run))
   summary = {"seeds": cfg.seed_list(), "metric": task.headline.key,

@@ -16,6 +16,7 @@ from absl import logging
 
 from ban_tf import errors
 from ban_tf import export
+from ban_tf import pretrained
 
 LOCK_FILE = ".lock"
 
@@ -98,6 +99,8 @@ class RunDir:
       if not export.is_done(self.gen_dir(gen)):
         continue
       path = os.path.join(self.gen_dir(gen), "saved_model")
+      if gen == 0 and getattr(self.cfg, "teacher", None):  # --teacher: not replaced since it was imported
+        pretrained.check_source(self.cfg, self.gen_dir(0))
       out = export.verify_saved_model(path)
       if self.spec is not None and not self.spec.matches_outputs(out.shape):
         want = tuple("T" if d is None else d for d in self.spec.output_shape)
