@@ -218,6 +218,7 @@ def run(cfg):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
+  from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
@@ -234,6 +235,8 @@ def run(cfg):
   spec = task.spec(dataset)
   dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
+  if cfg.teacher and not pretrained.imported_into(run_dir, cfg.teacher):
+    pretrained.check_teacher(cfg, spec)  # before the run directory records it: a misfit changes nothing
   logging.info("config: %s", cfg.to_json())
   logging.info("strategy: %s with %d replica(s); task %s; data: %s", type(strategy).__name__,
                strategy.num_replicas_in_sync, task.name, spec)
