@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from ban_tf import cluster
+from ban_tf import console
 from ban_tf import distiller as distiller_lib
 from ban_tf import export
 from ban_tf import faults
@@ -102,8 +103,12 @@ def run(cfg, strategy, dataset, run):
     if export.is_done(done_dir):
       logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint)", gen)
       metrics = export.read_json(os.path.join(done_dir, "metrics.json"))
+      if console.progress():
+        console.progress().skip(cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped")
     elif gen == 0 and cfg.teacher:  # a pretrained teacher: imported, checked and measured, not trained
       metrics = pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
+      if console.progress():
+        console.progress().skip(cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}")
     else:
       spec = train.GenerationSpec.generation(cfg, gen, run.gen_dir(gen), teacher_path, read_dir=done_dir)
       metrics = train.run_generation(cfg, spec, strategy, dataset)
@@ -112,17 +117,19 @@ def run(cfg, strategy, dataset, run):
     if gen >= 2:
       results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
       cluster.barrier(strategy)
-    report.write_results(run.path, results, cfg)
+    report.write_results(run.path, results, cfg, spec=run.spec)
     faults.kill_if("kill_between_generations", f"gen_{gen}")
   if cfg.baseline:
     bdir, bdone = os.path.join(run.path, "baseline"), os.path.join(run.read_path, "baseline")
     if export.is_done(bdone):
       results["baseline"] = export.read_json(os.path.join(bdone, "metrics.json"))
+      if console.progress():
+        console.progress().skip(cfg.epochs, "baseline: done before, skipped")
     else:
       spec = train.GenerationSpec.baseline(cfg, bdir, read_dir=bdone)
       results["baseline"] = train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)
-    report.write_results(run.path, results, cfg)
+    report.write_results(run.path, results, cfg, spec=run.spec)
   report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results
 
@@ -137,12 +144,14 @@ def run_seeds(cfg, strategy, dataset, top):
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
   per_seed = []
-  for seed in cfg.seed_list():
+  for i, seed in enumerate(cfg.seed_list()):
     # --student_seed moves with the base seed, so each seed's students differ too.
     student_seed = None if cfg.student_seed is None else cfg.student_seed + seed - cfg.seed
     sub = dataclasses.replace(cfg, seed=seed, seeds=1, student_seed=student_seed,
                               run_dir=os.path.join(top.path, f"seed_{seed}"))
     logging.info("seed %d: %s", seed, sub.run_dir)
+    if console.progress():
+      console.progress().prefix = f"seed {seed} ({i + 1}/{cfg.seeds}) "
     with rundir.RunDir(sub.run_dir, sub, spec=spec) as sub_run:
       per_seed.append(run(sub, strategy, dataset, sub_run))
   summary = {"seeds": cfg.seed_list(), "metric": task.headline.key,

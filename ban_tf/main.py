@@ -114,7 +114,9 @@ def define_flags(fv=FLAGS):
   flags.field("steps_per_execution", "[run] Train steps per compiled call.")
   flags.field("jit_compile", "[run] Compile the train step with XLA.")
   flags.field("mixed_precision", "[run] none|bf16|fp16.")
-  flags.field("verbose", "[run] Keras verbosity: auto|0|1|2.")
+  flags.field("verbose", "[run] Console: auto (progress bar on a terminal, one line per epoch, warnings), "
+              "0 (no bar), 1 or 2 (Keras' verbosity, and every log line, TensorFlow's too; a bare "
+              "--verbose is 1). log.txt in the run directory always has every log line.")
 
 
 GROUPS = (("data", "Data"), ("model", "Models"), ("distill", "Distillation: generations and objective"),
@@ -213,16 +215,22 @@ def run(cfg):
   """Validates, prepares data, trains all generations; returns results. Raises UsageError."""
   # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
+  console.import_tensorflow(cfg.verbose)  # before anything else loads it: its start-up noise goes to log.txt
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with console.quiet_logs(cfg.verbose):
+    return _run(cfg, console, keras, tf)
+
+
+def _run(cfg, console, keras, tf):
+  """run() once TensorFlow is imported and the console quiet."""
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
   from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
-  tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
   strategy = make_strategy(cfg.num_cpu_devices, cfg.strategy)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
   if cfg.deterministic:
@@ -237,16 +245,22 @@ def run(cfg):
   run_dir = cfg.run_dir or cfg.default_run_dir()
   if cfg.teacher and not pretrained.imported_into(run_dir, cfg.teacher):
     pretrained.check_teacher(cfg, spec)  # before the run directory records it: a misfit changes nothing
-  logging.info("config: %s", cfg.to_json())
-  logging.info("strategy: %s with %d replica(s); task %s; data: %s", type(strategy).__name__,
-               strategy.num_replicas_in_sync, task.name, spec)
-  logging.info("tensorflow %s, keras %s, oneDNN CPU kernels: %s (TF_ENABLE_ONEDNN_OPTS)",
-               tf.__version__, keras.__version__, ban_tf.onednn_enabled())
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)
+  generations_per_seed = cfg.gens + 1 + (1 if cfg.baseline else 0)
   try:
-    with rundir.RunDir(write_dir, cfg, spec=spec, read_path=run_dir) as run_handle:
+    with rundir.RunDir(write_dir, cfg, spec=spec, read_path=run_dir) as run_handle, \
+        console.log_file(write_dir) as log_path, \
+        console.run_progress(generations_per_seed * cfg.epochs * cfg.seeds, cfg.gens) as progress:
+      progress.print(console.summary_line(cfg, strategy.num_replicas_in_sync, spec))
+      progress.print(f"run directory {run_dir} (config.json: every flag; {os.path.basename(log_path)}: "
+                     "every log line)")
+      logging.info("config: %s", cfg.to_json())
+      logging.info("strategy: %s with %d replica(s); task %s; data: %s", type(strategy).__name__,
+                   strategy.num_replicas_in_sync, task.name, spec)
+      logging.info("tensorflow %s, keras %s, oneDNN CPU kernels: %s (TF_ENABLE_ONEDNN_OPTS)",
+                   tf.__version__, keras.__version__, ban_tf.onednn_enabled())
       cluster.barrier(strategy)  # the chief has checked, cleaned (--overwrite) and locked run_dir
       try:
         if cfg.seeds > 1:
@@ -266,11 +280,17 @@ def run(cfg):
 
 
 def main(argv):
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
   try:
-    run(config_from_flags(FLAGS))
+    with console.interruptible():
+      run(config_from_flags(FLAGS))
+  except console.Interrupted as e:
+    # Ctrl-C / SIGTERM: the last epoch checkpoint is kept (console.py); no traceback.
+    print(console.interrupted_line(e), file=sys.stderr)
+    sys.exit(e.exit_code)
   except errors.UsageError as e:
     _fail(str(e))
   except errors.DivergedError as e:
@@ -285,6 +305,7 @@ def _fail(msg):
 
 
 def _parse(argv):
+  argv = [a if a != "--verbose" else "--verbose=1" for a in argv]  # a bare --verbose: details back
   if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
     print(grouped_help(FLAGS))
     sys.exit(0)
