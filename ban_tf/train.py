@@ -298,7 +298,7 @@ def _build(cfg, task, gen, strategy, dataset, steps):
   teacher = None
   if gen.teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
     teacher = export.load_teacher(gen.teacher_path, strategy, expected_classes=spec.num_outputs,
-                                  with_features=obj.feature_weight > 0)
+                                  with_features=obj.feature_weight > 0, stateful=task.carries_state(cfg))
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
     student = task.build_model(gen.arch, dataset, dropout=gen.dropout, name=name)
@@ -316,12 +316,22 @@ def _build(cfg, task, gen, strategy, dataset, steps):
               f"{teacher.feature_dim}: add --feature_projection or use a same-width student")
       if obj.share_stem_head:
         _share_stem_head(student, gen.teacher_path)
+    state = None
+    if task.carries_state(cfg):  # the task's stateful view of the student; the teacher's endpoint
+      stateful = task.stateful_model(student)
+      try:
+        state = distiller_lib.CarriedState(
+            stateful, stateful.inputs[1].shape[-1], cfg.batch_size, steps,
+            teacher=teacher.call_endpoint_fn if teacher is not None else None,
+            teacher_state_size=teacher.state_size if teacher is not None else 0)
+      except ValueError as e:
+        raise errors.UsageError(f"--batch_size={cfg.batch_size}: {e}: use a multiple of the replica count") from None
     model = distiller_lib.Distiller(
         student, teacher, loss=obj.loss, temperature=obj.temperature, kd_weight=obj.kd_weight,
         label_weight=obj.label_weight, weight_decay=cfg.weight_decay, seed=gen.seed,
         feature_weight=obj.feature_weight if teacher is not None else 0.0,
         feature_projection=projection, clip_norm=cfg.clip_norm,
-        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity)
+        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity, state=state)
     optimizer = task.make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
@@ -371,12 +381,15 @@ def evaluate_splits(model, dataset, batch_size):
   return out
 
 
-def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS):
+def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS, stateful=None):
   """Adds the task's derived metrics, logs test scalars, exports, writes metrics.json and DONE.
 
   Shared by generations and BANE ensembles. `model` is what the SavedModel serves
-  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles).
+  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles); `stateful`
+  its stateful form (default: the task's, if any), served as `serve_stateful`.
   """
+  if stateful is None:
+    stateful = task.stateful_model(model)
   derived = task.summarize(result)
   result.update(derived)
   if writer is not None:
@@ -388,7 +401,7 @@ def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=
         tf.summary.scalar(f"{split}/final_{name}", result[key])
     writer.flush()
   export.export_saved_model(model, os.path.join(out_dir, "saved_model"), spec.input_shape,
-                            class_names=spec.class_names, output_name=output_name, spec=spec)
+                            class_names=spec.class_names, output_name=output_name, spec=spec, stateful=stateful)
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))
 
