@@ -122,6 +122,9 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   export.touch_done(out)
   logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],
                task.headline.key, result[task.headline.key])
+  if console.progress():
+    console.progress().print(f"{console.progress().prefix}BANE-{k} ({results_lib.ensemble_arch(gens)}): "
+                             f"{train.headline_text(task, result)}")
   return result
 
 

@@ -459,7 +459,7 @@ def run_generation(cfg, gen, strategy, dataset):
                result["weights_sha256"])
   if console.progress():
     console.progress().print(f"{console.progress().prefix}{console.progress().gen_label(gen)} done: "
-                             f"{_headline_text(task, result)}")
+                             f"{headline_text(task, result)}")
   return result
 
 
@@ -480,7 +480,7 @@ def _header(gen, params):
   return f"{gen.arch} ({results_lib.format_params(params)} params), {objective}, {teacher}, seed {gen.seed}"
 
 
-def _headline_text(task, result):
+def headline_text(task, result):
   """'test error 61.74%' (the task's headline metric, and its validation twin when there is one)."""
   parts = []
   for m in (task.headline,) + tuple(task.extra_columns):
