@@ -225,9 +225,11 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
 
   Epoch e's scalars are written before its checkpoint; a run stopped in between
   (disk full, a kill) would write them again when it resumes, leaving two points
-  per (tag, step). TensorBoard only purges such orphans for TF1's session-log
+  per (tag, step); likewise test/*, written after the last epoch but before the
+  generation is DONE. TensorBoard only purges such orphans for TF1's session-log
   events, so the events files are rewritten here (atomically, one file) keeping
-  every record whose step is <= last_epoch. Hparams files (report.py) are left alone.
+  every record whose step is <= last_epoch, test/* left out. Hparams files
+  (report.py) are left alone.
   """
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   files = sorted(f for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))
@@ -238,7 +240,9 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
   for path in files:
     for record in tf.data.TFRecordDataset(path):
       event = event_pb2.Event.FromString(record.numpy())
-      if event.HasField("summary") and event.step > last_epoch:
+      # test/* is written once, after the last epoch (finish): a rerun that gets there writes it again.
+      if event.HasField("summary") and (event.step > last_epoch or
+                                        any(v.tag.startswith("test/") for v in event.summary.value)):
         dropped += 1
       else:
         kept.append(record.numpy())
