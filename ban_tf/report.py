@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: write files only
 
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -59,7 +60,10 @@ def load_run(path):
   for g in results["generations"]:
     hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
     if os.path.exists(hist):
-      histories[g["gen"]] = export.read_json(hist)
+      try:
+        histories[g["gen"]] = export.read_json_checked(hist, "its curve is left out", expect=list)
+      except errors.UsageError as e:
+        logging.warning("%s", e)
   return Run(path, cfg, results, histories)
 
 
@@ -214,11 +218,15 @@ def write_hparams(run):
   epochs = int(run.config.get("epochs", 0))
   name = os.path.basename(os.path.normpath(run.path))  # trial ids stay distinct under a parent logdir
   for g in run.results["generations"]:
+    if g.get("damaged") or "arch" not in g:
+      continue
     writer = fresh_writer(os.path.join(run.path, f"gen_{g['gen']}", "tb"))
     with writer.as_default():
       hp.hparams(_session_hparams(run, g, False), trial_id=f"{name}/gen_{g['gen']}")
     writer.close()
   for e in run.results["ensembles"]:
+    if e.get("damaged") or "test_accuracy" not in e:
+      continue
     k = max(e["members"])
     logdir = os.path.join(run.path, f"ensemble_{k}", "tb")
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
@@ -230,7 +238,8 @@ def write_hparams(run):
     writer.close()
 
 
-_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher")
+_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher",
+                 "damaged")
 
 
 def write_results(run_dir, results, cfg):
