@@ -82,6 +82,8 @@ def define_flags(fv=FLAGS):
   d.DEFINE_integer("inter_op_threads", 0, "[bench] tf.config.threading inter-op threads (0 = TF default).")
   d.DEFINE_integer("intra_op_threads", 0, "[bench] tf.config.threading intra-op threads (0 = TF default).")
   d.DEFINE_bool("keras_baseline", True, "[bench] Also time a plain Keras compile()/fit step of the student.")
+  d.DEFINE_string("compare_precision", "", "[bench] bf16|fp16: also time the supervised and distill steps "
+                  "under that mixed policy (teacher exported under it too), interleaved with the others.")
   d.DEFINE_bool("whole_run", False, "[bench] Time a whole real run (the training binary's flags, in a "
                 "temporary --run_dir) and split its wall time into phases, instead of the step benchmark.")
 
@@ -245,7 +247,7 @@ def time_augment(images, indices, seed, mode, reps, steps):
 
 
 def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=(32, 32, 3),
-        num_classes=10, keras_baseline=True, out=sys.stdout):
+        num_classes=10, keras_baseline=True, compare_precision="", out=sys.stdout):
   """Runs the benchmark; prints a report and returns the figures as a dict."""
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -313,6 +315,27 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
       timers = {"supervised": StepTimer(supervised, batch), "distill": StepTimer(distill, batch)}
       if baseline is not None:  # Keras' own step: host-augmented float32 pixels
         timers["keras_fit"] = StepTimer(baseline, (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y))
+      if compare_precision:  # the same steps under a mixed policy, teacher exported under it
+        policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(
+            "mixed_bfloat16" if compare_precision == "bf16" else "mixed_float16")
+        try:
+          with strategy.scope():
+            low_teacher = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed + 100).student
+          low_teacher.set_weights(teacher_model.get_weights())
+          export.export_saved_model(low_teacher, os.path.join(tmp, "teacher_low"), info.image_shape)
+          low = export.load_teacher(os.path.join(tmp, "teacher_low"), strategy,
+                                    expected_classes=info.num_classes)
+          with strategy.scope():
+            sup_low = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed, augment)
+            dis_low = _build_distiller(cfg, info, low, steps_per_epoch, cfg.seed + 1, augment)
+          timers[f"supervised_{compare_precision}"] = StepTimer(sup_low, batch)
+          timers[f"distill_{compare_precision}"] = StepTimer(dis_low, batch)
+          say(f"teachers compute in {teacher.compute_dtype_found} and {low.compute_dtype_found}")
+          for name in (f"supervised_{compare_precision}", f"distill_{compare_precision}"):
+            timers[name].run(0)  # traced under the policy it was built with
+        finally:
+          keras.mixed_precision.set_global_policy(policy)
       for name, timer in timers.items():
         t0 = time.perf_counter()
         timer.run(warmup * timer.spe)
@@ -325,7 +348,7 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
         rate = _median_rate(s, cfg.batch_size)
         results[f"{name}_img_s"] = rate
         spread = sorted(cfg.batch_size * n / t for n, t in s)
-        say(f"{name:>10}: {rate:8.1f} img/s  {1000 * cfg.batch_size / rate:7.1f} ms/step  "
+        say(f"{name:>15}: {rate:8.1f} img/s  {1000 * cfg.batch_size / rate:7.1f} ms/step  "
             f"(reps min..max {spread[0]:.1f}..{spread[-1]:.1f})")
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -347,7 +370,15 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
       results["input_img_s"] = results["input_device_aug_img_s"] = results["input_host_aug_img_s"] = float("nan")
       say("     input: not measured (--dataset=synthetic)")
   results["peak_rss_mb"] = peak_rss_mb()
-  say(" ".join(f"{k}={results[k]:.{3 if k == 'ratio' else 1}f}" for k in RESULT_KEYS))
+  keys = RESULT_KEYS
+  if compare_precision:
+    for kind in ("supervised", "distill"):
+      results[f"{kind}_{compare_precision}_speedup"] = (
+          results[f"{kind}_{compare_precision}_img_s"] / results[f"{kind}_img_s"])
+      say(f"{kind} step, {compare_precision} vs {cfg.mixed_precision}: "
+          f"{results[f'{kind}_{compare_precision}_speedup']:.3f}x (medians, interleaved)")
+    keys += tuple(f"{k}_{compare_precision}_{s}" for s in ("img_s", "speedup") for k in ("supervised", "distill"))
+  say(" ".join(f"{k}={results[k]:.{3 if k == 'ratio' or k.endswith('speedup') else 1}f}" for k in keys))
   return results
 
 
@@ -422,7 +453,8 @@ def whole_run(cfg, out=sys.stdout):
   TFSMLayer), train (Keras fit minus what is below: the training steps, including
   tracing, and the input waits), eval (validation each epoch, final test/val),
   checkpoint_tb (history.json, TensorBoard scalars and the epoch checkpoint),
-  export (SavedModel with fingerprint, model.keras), ensemble (BANE evaluation),
+  export (SavedModel with fingerprint, model.keras), ensemble (BANE loading and
+  building, and its evaluation unless that goes through Distiller.evaluate: then eval),
   report (report.png, hparams), other. Returns the figures as a dict and ends with
   one machine-readable line.
   """
@@ -517,8 +549,10 @@ def main(argv):
     if FLAGS.whole_run:
       whole_run(cfg)
       return
+    if FLAGS.compare_precision not in ("", "bf16", "fp16"):
+      raise errors.UsageError(f"--compare_precision={FLAGS.compare_precision!r}: use bf16 or fp16 (or leave it empty)")
     run(cfg, FLAGS.steps, FLAGS.reps, FLAGS.warmup, FLAGS.input_batches, FLAGS.mock_data, shape,
-        FLAGS.num_classes, FLAGS.keras_baseline)
+        FLAGS.num_classes, FLAGS.keras_baseline, FLAGS.compare_precision)
   except errors.UsageError as e:
     main_lib._fail(str(e))  # pylint: disable=protected-access
 

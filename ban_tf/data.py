@@ -229,10 +229,11 @@ def augment_image(image, seed, mode, size, pad=4):
 # random ops on CPU and GPU. tf.image.stateless_random_crop/flip take one seed per
 # call and tf.vectorized_map falls back to a sequential loop for them (pfor.py), so
 # `augment_batch` evaluates the same generator for a whole batch of seeds with
-# element-wise int64 ops: every value stays below 2**50, so nothing overflows, and
-# the draws are bit-identical to TF's (tests/data_test.py checks them against
-# tf.random.stateless_uniform). Our own code because the equivalence with the host
-# path (and so resume exactness across the two paths) needs the exact bits.
+# element-wise uint64 ops (a 32 x 32-bit product fits in 64 bits), bit-identical to
+# TF's draws (tests/data_test.py checks them against tf.random.stateless_uniform).
+# Our own code because the equivalence with the host path (and so resume exactness
+# across the two paths) needs the exact bits. About 200 small ops: few, because each
+# one adds to the tracing time of every generation's train step.
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -240,47 +241,37 @@ _SEED_KEY = (0x3EC8F720, 0x02461E29)  # TF's key for turning a seed into (key, c
 _FLIP_SEED_OFFSET = 7919  # augment_image's flip seed is seed + [0, 7919]
 
 
-def _shr(x, n):
-  return tf.bitwise.right_shift(x, tf.constant(n, tf.int64))
-
-
-def _low32(x):
-  return tf.bitwise.bitwise_and(x, tf.constant(_MASK32, tf.int64))
-
-
-def _mulhilo(a, b):
-  """(high, low) 32-bit halves of a * b; a: a Python uint32, b: int64 in [0, 2**32)."""
-  a_hi, a_lo = a >> 16, a & 0xFFFF
-  b_hi, b_lo = _shr(b, 16), tf.bitwise.bitwise_and(b, tf.constant(0xFFFF, tf.int64))
-  low = tf.bitwise.left_shift(a_hi * b_lo + a_lo * b_hi, tf.constant(16, tf.int64)) + a_lo * b_lo
-  return _low32(a_hi * b_hi + _shr(low, 32)), _low32(low)
+def _u64(value):
+  return tf.constant(value, tf.uint64)
 
 
 def _philox(counter, key):
-  """One Philox-4x32-10 block: 4 counter words and 2 key words (int64 tensors < 2**32)."""
+  """One Philox-4x32-10 block: 4 counter words and 2 key words (uint64 tensors < 2**32)."""
   c0, c1, c2, c3 = counter
   k0, k1 = key
-  xor = tf.bitwise.bitwise_xor
+  xor, low = tf.bitwise.bitwise_xor, lambda x: tf.bitwise.bitwise_and(x, _u64(_MASK32))
   for r in range(10):
-    hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
-    hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
-    c0, c1, c2, c3 = xor(xor(hi1, c1), k0), lo1, xor(xor(hi0, c3), k1), lo0
+    p0, p1 = c0 * _u64(_PHILOX_M[0]), c2 * _u64(_PHILOX_M[1])
+    hi0, hi1 = tf.bitwise.right_shift(p0, _u64(32)), tf.bitwise.right_shift(p1, _u64(32))
+    c0, c1, c2, c3 = xor(xor(hi1, c1), k0), low(p1), xor(xor(hi0, c3), k1), low(p0)
     if r < 9:
-      k0, k1 = _low32(k0 + _PHILOX_W[0]), _low32(k1 + _PHILOX_W[1])
+      k0, k1 = low(k0 + _u64(_PHILOX_W[0])), low(k1 + _u64(_PHILOX_W[1]))
   return c0, c1, c2, c3
 
 
 def _stateless_bits(seed0, seed1):
-  """The first 4 uint32 (as int64 [N]) that a TF stateless op seeded [seed0, seed1] draws.
+  """The first 4 uint32 (as uint64 [N]) that a TF stateless op seeded [seed0, seed1] draws.
 
   seed0: a Python int; seed1: int64 [N]. Mirrors StatelessRandomGetKeyCounter
   (the seed is scrambled by one Philox block into a key and a counter).
   """
-  s0 = tf.fill(tf.shape(seed1), tf.constant(seed0, tf.int64))
-  counter = (_low32(s0), _low32(_shr(s0, 32)), _low32(seed1), _low32(_shr(seed1, 32)))
-  mix = _philox(counter, (tf.fill(tf.shape(seed1), tf.constant(_SEED_KEY[0], tf.int64)),
-                          tf.fill(tf.shape(seed1), tf.constant(_SEED_KEY[1], tf.int64))))
-  zero = tf.zeros_like(seed1)
+  s1 = tf.cast(seed1, tf.uint64)  # two's complement, as TF reads an int64 seed
+  s0 = seed0 & 0xFFFFFFFFFFFFFFFF
+  ones = tf.ones_like(s1)
+  counter = (ones * _u64(s0 & _MASK32), ones * _u64(s0 >> 32),
+             tf.bitwise.bitwise_and(s1, _u64(_MASK32)), tf.bitwise.right_shift(s1, _u64(32)))
+  mix = _philox(counter, (ones * _u64(_SEED_KEY[0]), ones * _u64(_SEED_KEY[1])))
+  zero = tf.zeros_like(s1)
   return _philox((zero, zero, mix[2], mix[3]), (mix[0], mix[1]))
 
 
@@ -308,23 +299,22 @@ def augment_batch(images, indices, seed, mode, pad=4):
     return images
   h, w = images.shape[1], images.shape[2]
   indices = tf.cast(indices, tf.int64)
-  rows = tf.range(h, dtype=tf.int64)[None, :]
-  cols = tf.range(w, dtype=tf.int64)[None, :]
+  n = tf.shape(indices)[0]
+  # One generator pass for both draws: the crop's seed [seed, i], the flip's [seed, i + 7919].
+  bits = _stateless_bits(int(seed), tf.concat([indices, indices + _FLIP_SEED_OFFSET], 0))
+  rows = tf.broadcast_to(tf.range(h, dtype=tf.int64)[None, :], [n, h])
+  cols = tf.broadcast_to(tf.range(w, dtype=tf.int64)[None, :], [n, w])
   if mode in ("crop", "flip_crop"):
     # stateless_random_crop: uniform int32 in [0, 2**31 - 1) per axis, mod (2 * pad + 1).
-    bits = _stateless_bits(int(seed), indices)
-    oy = tf.math.floormod(tf.math.floormod(bits[0], 2 ** 31 - 1), 2 * pad + 1)
-    ox = tf.math.floormod(tf.math.floormod(bits[1], 2 ** 31 - 1), 2 * pad + 1)
-    rows = _reflect(oy[:, None] + rows, pad, h)
-    cols = _reflect(ox[:, None] + cols, pad, w)
-  else:
-    rows = tf.broadcast_to(rows, [tf.shape(indices)[0], h])
-    cols = tf.broadcast_to(cols, [tf.shape(indices)[0], w])
+    def offset(word):
+      return tf.cast(tf.math.floormod(tf.math.floormod(word[:n], _u64(2 ** 31 - 1)), _u64(2 * pad + 1)),
+                     tf.int64)
+    rows = _reflect(offset(bits[0])[:, None] + rows, pad, h)
+    cols = _reflect(offset(bits[1])[:, None] + cols, pad, w)
   if mode in ("flip", "flip_crop"):
     # stateless_random_flip_left_right: flips when its float32 uniform u < 0.5, i.e.
     # when bit 22 (the top mantissa bit) of the first draw is 0.
-    u_bits = _stateless_bits(int(seed), indices + _FLIP_SEED_OFFSET)[0]
-    flip = tf.equal(tf.bitwise.bitwise_and(u_bits, tf.constant(1 << 22, tf.int64)), 0)
+    flip = tf.equal(tf.bitwise.bitwise_and(bits[0][n:], _u64(1 << 22)), _u64(0))
     cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
   images = tf.gather(images, rows, axis=1, batch_dims=1)
   return tf.gather(images, cols, axis=2, batch_dims=1)

@@ -233,8 +233,8 @@ class Distiller(keras.Model):
     return list(self.student.trainable_variables) + list(extra)
 
   def call(self, x, training=False):
-    if self.augment is not None:  # training batches are uint8 pixels (device_augment); a no-op on float32
-      x = keras.ops.cast(x, "float32")
+    if self.augment is not None and keras.backend.standardize_dtype(x.dtype) == "uint8":
+      x = keras.ops.cast(x, "float32")  # raw uint8 pixels (device_augment); token ids stay ints
     return self.student(x, training=training)
 
   def teacher_logits(self, x):

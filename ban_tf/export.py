@@ -11,6 +11,7 @@ import os
 import shutil
 
 import keras
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -244,11 +245,43 @@ def teacher_feature_dim(path):
   return int(getattr(loaded, BOTH)(tf.constant(x))["features"].shape[-1])
 
 
+_HEAVY_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")
+
+
+def compute_dtype_of(fn):
+  """The dtype a restored SavedModel function's convolutions and matmuls run in.
+
+  "float32", "bfloat16", "float16", or "unknown" when it has none. A model built
+  under a mixed policy exports a graph that computes in the low precision (with
+  float32 logits); a float32 model exports a float32 graph. `fn`: an endpoint of
+  tf.saved_model.load(...) (e.g. a TFSMLayer's call_endpoint_fn).
+  """
+  concrete = fn if hasattr(fn, "graph") else fn.get_concrete_function()
+  graph_def = concrete.graph.as_graph_def()
+  counts = {}
+  nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+  for node in nodes:
+    if node.op in _HEAVY_OPS and "T" in node.attr:
+      name = tf.as_dtype(node.attr["T"].type).name
+      counts[name] = counts.get(name, 0) + 1
+  return max(counts, key=counts.get) if counts else "unknown"
+
+
 def load_teacher(path, strategy=None, expected_classes=None, with_features=False):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 
   With `with_features` the layer calls the `logits_and_features` endpoint and
   returns {"logits", "features"}; its `feature_dim` attribute gives the width.
+
+  Precision: the layer runs the graph the teacher was exported with, inside the
+  student's compiled (and, with --jit_compile, XLA-compiled) train step. Every
+  generation of a run shares --mixed_precision (an experiment field), so a teacher
+  trained under a mixed policy already computes its convolutions at the student's
+  compute precision, and only its float32 logits leave it: the KD target is
+  computed from them in float32 (distiller.teacher_outputs). `compute_dtype_found`
+  records what the graph computes in; a float32 teacher under a mixed policy is
+  logged as a warning (tests/export_test.py bounds the bf16 teacher's KD target
+  against the float32 teacher's).
   Call this outside any strategy scope: the fingerprint check runs the SavedModel
   eagerly, which fails inside a MirroredStrategy scope (lessons-from-peers.md,
   4.3). The layer itself is created inside `strategy.scope()` so its variables
@@ -269,4 +302,10 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
                                    trainable=False, name="teacher", dtype="float32")
   layer.source_path = os.path.abspath(path)
   layer.feature_dim = feature_dim
+  layer.compute_dtype_found = compute_dtype_of(layer.call_endpoint_fn)
+  student_dtype = keras.mixed_precision.global_policy().compute_dtype
+  if layer.compute_dtype_found == "float32" and student_dtype != "float32":
+    logging.warning("teacher %s computes in float32 while the student computes in %s: it was exported "
+                    "without --mixed_precision; the distillation step is slower than it need be",
+                    path, student_dtype)
   return layer

@@ -73,3 +73,18 @@ def test_whole_run_splits_the_wall_time_into_phases(tmp_path):
   # 2 generations x 2 epochs x 4 steps x 32 images trained.
   assert fields["train_img_s"] == pytest.approx(512 / fields["train_s"], rel=0.02)
   assert not os.path.exists(f"{tmp_path}/ignored")  # a temporary run directory, removed
+
+
+def test_compare_precision_adds_interleaved_mixed_precision_steps():
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "-m", "ban_tf.bench", "--arch=tiny", "--batch_size=16", "--steps=1",
+                         "--reps=1", "--warmup=1", "--dataset=synthetic", "--image_shape=8,8,3",
+                         "--keras_baseline=false", "--compare_precision=bf16"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  fields = {k: float(v) for k, v in (kv.split("=", 1) for kv in proc.stdout.strip().splitlines()[-1].split())}
+  assert tuple(fields)[len(KEYS):] == ("supervised_bf16_img_s", "distill_bf16_img_s", "supervised_bf16_speedup",
+                                       "distill_bf16_speedup")
+  assert fields["supervised_bf16_speedup"] == pytest.approx(
+      fields["supervised_bf16_img_s"] / fields["supervised_img_s"], rel=1e-2)
+  assert "teachers compute in float32 and bfloat16" in proc.stdout

@@ -43,7 +43,7 @@ def test_augment_batch_equals_host_augment_image(mode, seed):
 
 def test_stateless_bits_match_tensorflow():
   seeds = tf.constant([0, 1, 12345, 2 ** 33 + 1], tf.int64)
-  got = np.stack([b.numpy() for b in data._stateless_bits(99, seeds)[:3]], 1)  # pylint: disable=protected-access
+  got = np.stack([b.numpy().astype(np.int64) for b in data._stateless_bits(99, seeds)[:3]], 1)  # pylint: disable=protected-access
   for row, s in zip(got, seeds.numpy()):
     want = tf.random.stateless_uniform([3], seed=tf.constant([99, s], tf.int64), minval=0,
                                        maxval=2 ** 31 - 1, dtype=tf.int32).numpy()

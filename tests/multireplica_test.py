@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -207,8 +208,9 @@ def _mock_fashion_mnist(num_examples):
     yield
 
 
-@pytest.mark.parametrize("replicas,val_examples,gens", [(1, 37, 0), (2, 37, 2), (3, 36, 0)])
-def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
+@pytest.mark.parametrize("replicas,val_examples,gens,sync", [
+    (1, 37, 0, False), (2, 37, 2, False), (3, 36, 0, True)])
+def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens, sync):
   """Mock fashion_mnist (100 examples per split), batch 12: the last test batch holds
   4 examples (3 replicas: 4, 0, 0), the last val batch 1 (37) or 12 (36): a replica's
   share is empty, and the issue's command (2 replicas, 2 generations) crashed."""
@@ -216,7 +218,7 @@ def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
   run_dir = str(tmp_path / "run")
   cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=val_examples,
                       batch_size=12, epochs=1, gens=gens, num_cpu_devices=replicas, run_dir=run_dir,
-                      lr=0.05, verbose="0")
+                      lr=0.05, verbose="0", sync_batchnorm=sync)
   with _mock_fashion_mnist(100):
     main.run(cfg)
     evaluated = {s: evaluate.evaluate_run(run_dir, s) for s in ("test", "val")}
@@ -228,6 +230,10 @@ def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens):
   for g in results["generations"]:
     hist = export.read_json(os.path.join(run_dir, f"gen_{g['gen']}", "history.json"))
     np.testing.assert_allclose(hist[-1]["val_accuracy"], g["val_accuracy"], atol=1e-6)
+  with zipfile.ZipFile(os.path.join(run_dir, "gen_0", "model.keras")) as z:  # --sync_batchnorm took effect
+    layers = json.loads(z.read("config.json"))["config"]["layers"]
+  bns = [l["config"]["synchronized"] for l in layers if l["class_name"] == "BatchNormalization"]
+  assert bns and set(bns) == {sync}
 
 
 # ---- kill and resume: bit-identical weights and metrics ----------------------------------------------
@@ -282,3 +288,32 @@ def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
   ref = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", test_split="test[:10]")
   tail = np.stack([x for x, _ in ref._train_src.skip(40 - n)])  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)
+
+
+# ---- language models end to end: results.json == history.json == NumPy on the saved models ------------
+def test_lm_run_on_three_replicas_reports_its_saved_models(tmp_path):
+  from ban_tf import config, export, main, text_data  # pylint: disable=g-import-not-at-top
+  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+  lm_ref._corpus(str(tmp_path))  # pylint: disable=protected-access
+  run_dir = str(tmp_path / "run")
+  batch, bptt = 6, 7  # 2 rows per replica; the last eval window is shorter
+  cfg = config.Config(task="lm", dataset="ptb", ptb_dir=str(tmp_path), arch="lstm-1-16", gens=2, epochs=1,
+                      batch_size=batch, bptt=bptt, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
+                      clip_norm=5.0, loss="ban_l", run_dir=run_dir, verbose="0", num_cpu_devices=3)
+  main.run(cfg)
+  ids = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=bptt).ids
+  results = export.read_json(os.path.join(run_dir, "results.json"))
+  models_ = []
+  for g in results["generations"]:
+    gdir = os.path.join(run_dir, f"gen_{g['gen']}")
+    models_.append(keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False))
+    for split in ("val", "test"):
+      want = lm_ref._numpy_perplexity([models_[-1]], ids[split], batch, bptt)  # pylint: disable=protected-access
+      np.testing.assert_allclose(g[f"{split}_perplexity"], want, rtol=1e-5)
+    for h in export.read_json(os.path.join(gdir, "history.json")):
+      np.testing.assert_allclose(h["val_perplexity"], math.exp(h["val_label_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(h["val_perplexity"], g["val_perplexity"], rtol=1e-5)  # final epoch = exported
+  ens = results["ensembles"][0]
+  for split in ("val", "test"):
+    want = lm_ref._numpy_perplexity(models_[1:], ids[split], batch, bptt)  # pylint: disable=protected-access
+    np.testing.assert_allclose(ens[f"{split}_perplexity"], want, rtol=1e-5)
