@@ -52,8 +52,8 @@ def load_run(path):
   if not os.path.exists(res_path):
     raise errors.UsageError(f"{path} has no results.json: pass a run directory whose first generation finished")
   cfg_path = os.path.join(path, "config.json")
-  cfg = export.read_json(cfg_path) if os.path.exists(cfg_path) else {}
-  results = export.read_json(res_path)
+  cfg = export.read_json_checked(cfg_path, "restore it") if os.path.exists(cfg_path) else {}
+  results = export.read_json_checked(res_path, "rerun the training command to rebuild it from the generations")
   if "generations" not in results:
     raise errors.UsageError(f"{path} holds the summary of several runs, not one run: pass it as --run_dir")
   histories = {}
@@ -70,7 +70,8 @@ def load_run(path):
 def _is_single_run(path):
   """A run directory (its results.json has generations), not a --seeds parent's summary."""
   res_path = os.path.join(path, "results.json")
-  return os.path.exists(res_path) and "generations" in export.read_json(res_path)
+  return os.path.exists(res_path) and "generations" in export.read_json_checked(
+      res_path, "rerun the training command to rebuild it from the generations")
 
 
 def find_runs(path):

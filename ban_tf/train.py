@@ -183,8 +183,9 @@ def _share_stem_head(student, teacher_path):
   try:
     teacher = keras.saving.load_model(path, custom_objects={"StepDecay": StepDecay}, compile=False)
   except Exception as e:  # pylint: disable=broad-except  (truncated zip, bad config: many kinds)
-    raise errors.TeacherError(f"--share_stem_head: the teacher's {path} cannot be loaded ({type(e).__name__}): "
-                              "restore it, or delete that generation's directory to retrain it, or --overwrite") from None
+    raise errors.TeacherError(
+        f"--share_stem_head: the teacher's {path} cannot be loaded ({type(e).__name__}): restore it, or delete "
+        "that generation's directory to retrain it, or --overwrite") from None
   try:
     models.copy_and_freeze(student, teacher)
   except ValueError as e:
@@ -309,7 +310,8 @@ def _restore(gen, built):
   for prefix, why in skipped:
     logging.warning("gen %s: %s: resuming from the previous checkpoint, %s", gen.gen, why,
                     os.path.basename(latest))
-  if (skipped or bad_index) and gen.read_dir == gen.out_dir:  # repair: drop the damaged files, point the index at `latest`
+  if (skipped or bad_index) and gen.read_dir == gen.out_dir:
+    # Repair: drop the damaged files, point the index at `latest`.
     for prefix, _ in skipped:
       for path in glob.glob(prefix + ".index") + glob.glob(prefix + ".data-*"):
         os.remove(path)
