@@ -18,8 +18,10 @@ from typing import Optional
 
 from ban_tf import archs
 from ban_tf import errors
+from ban_tf import pretrained
 from ban_tf import tasks
 
+TEACHER_OUTPUTS = ("logits", "probabilities")
 LOSSES = ("ban", "ban_l", "kd", "cwtm", "dkpp")
 TASKS = tuple(tasks.TASKS)
 AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
@@ -89,6 +91,10 @@ class Config:
   share_stem_head: bool = False  # copy + freeze the teacher's "stem" and "logits" (Table 5)
   densenet_compression: float = 0.5  # transition compression of a DenseNet --arch (Table 4)
   dropout: float = 0.0
+  teacher_dropout: Optional[float] = None  # generation 0's dropout; None = --dropout
+  # Generation 0 from PATH instead of training it: a run's gen_k/, a SavedModel or a .keras file.
+  teacher: Optional[str] = None
+  teacher_outputs: str = "logits"  # what --teacher outputs: logits | probabilities
   # Generations and objective.
   gens: int = 3
   loss: str = "ban"
@@ -111,9 +117,11 @@ class Config:
   # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
   lr_plateau_decay: float = 0.25
   lr_plateau_min_delta: float = 0.0
+  lr_plateau_reference: str = "best"  # lm: compare with the best epoch so far, or with the previous one
   clip_norm: float = 0.0  # global gradient-norm clipping (0 = off)
   # Execution.
   seed: int = 0
+  student_seed: Optional[int] = None  # BAN-1's seed (BAN-k: + k - 1); None = seed + 1
   seeds: int = 1  # repeat the run with seeds seed, seed+100, ... into run_dir/seed_S/
   baseline: bool = False  # also train a label-only student-arch baseline per seed
   run_dir: Optional[str] = None
@@ -199,6 +207,25 @@ class Config:
     arch = self.arch if gen == 0 else archs.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
     return archs.with_compression(arch, self.densenet_compression)
 
+  def seed_for(self, gen) -> int:
+    """Generation `gen`'s seed: seed + gen, or --student_seed + gen - 1 for students
+    (the baseline, "baseline", uses BAN-1's)."""
+    gen = 1 if gen == "baseline" else gen
+    if gen == 0 or self.student_seed is None:
+      return self.seed + gen
+    return self.student_seed + gen - 1
+
+  def dropout_for(self, gen) -> float:
+    """Generation `gen`'s dropout: --teacher_dropout for generation 0 when given, else --dropout."""
+    return self.teacher_dropout if gen == 0 and self.teacher_dropout is not None else self.dropout
+
+  @property
+  def teacher_label(self) -> str:
+    """Generation 0 in titles: its architecture, or the --teacher file's name."""
+    if self.teacher:
+      return f"{os.path.basename(os.path.normpath(self.teacher))} (pretrained)"
+    return self.arch_for(0)
+
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
     return [self.seed + 100 * i for i in range(self.seeds)]
@@ -280,6 +307,16 @@ class Config:
          "--kd_weight and --label_weight are both 0: the students would learn nothing")
     need(self.augment in AUGMENTS, f"--augment={self.augment!r}: use one of {', '.join(AUGMENTS)}")
     need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1)")
+    need(self.teacher_dropout is None or 0 <= self.teacher_dropout < 1,
+         f"--teacher_dropout={self.teacher_dropout}: must be in [0, 1)")
+    need(self.teacher_outputs in TEACHER_OUTPUTS,
+         f"--teacher_outputs={self.teacher_outputs!r}: use one of {', '.join(TEACHER_OUTPUTS)}")
+    need(not (self.teacher and self.teacher_dropout is not None),
+         "--teacher_dropout sets the dropout of a trained generation 0, and --teacher gives one: drop one")
+    need(self.teacher or self.teacher_outputs == "logits",
+         "--teacher_outputs says what a --teacher=PATH model outputs: add --teacher or drop it")
+    if self.teacher and not pretrained.imported_into(self.run_dir or self.default_run_dir(), self.teacher):
+      pretrained.check_path(self.teacher)
     need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
     need(self.val_examples >= 0, f"--val_examples={self.val_examples}: must be >= 0")
     need(len(self.image_size) in (0, 2) and all(int(v) >= 1 for v in self.image_size),

@@ -371,7 +371,10 @@ def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size,
 
   def split(flag, spec):
     try:
-      ds = builder.as_dataset(split=spec, shuffle_files=False)
+      # try_autocache=False: the pipeline caches explicitly where it wants to; tfds'
+      # own cache of small sets, read partly (take), warns of a truncated cache.
+      ds = builder.as_dataset(split=spec, shuffle_files=False,
+                              read_config=tfds.ReadConfig(try_autocache=False))
     except Exception as e:  # pylint: disable=broad-except  (tfds raises several kinds)
       raise errors.DataError(
           f"{flag}={spec!r}: not a split of {name!r} ({_short(e)}); its splits: "

@@ -14,6 +14,8 @@ Faults (docs/reliability.md):
   kill_after_checkpoint     SIGKILL right after epoch E's checkpoint is saved
                             (where: gen_K/epoch_E): a run killed mid-generation.
   nan                       Treat the training loss of epoch E as NaN.
+  sigint, sigterm           Send this process SIGINT (Ctrl-C) or SIGTERM right after
+                            epoch E's checkpoint is saved and its console line printed.
   enospc                    Raise OSError(ENOSPC) where epoch E's checkpoint is saved.
   fill_disk                 Fill the file system of the run directory where epoch E's
                             checkpoint is saved (refused on file systems over 64 MiB,
@@ -40,6 +42,13 @@ def kill_if(fault, where):
   """SIGKILLs this process (no cleanup, no atexit) if `fault@where` is set."""
   if _active(fault, where):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_if(where):
+  """Sends this process SIGINT (`sigint`) or SIGTERM (`sigterm`) if set for `where`."""
+  for fault, signum in (("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)):
+    if _active(fault, where):
+      os.kill(os.getpid(), signum)
 
 
 def nan_if(where):

@@ -1,7 +1,8 @@
 """The born-again sequence: teacher, BAN-1..N (each taught by the previous one's
 SavedModel on disk), BANE ensembles, results.json and results.md.
 
-The loop only: what a generation is (GenerationSpec) and how it trains live in
+With --teacher=PATH, generation 0 is PATH, imported into gen_0/ (pretrained.py)
+instead of trained. The loop only: what a generation is (GenerationSpec) and how it trains live in
 train.py, what differs between tasks in tasks/, the tables in results.py and the
 files a finished run gets (results.md, report.png) in report.py.
 
@@ -30,14 +31,17 @@ import os
 import re
 
 import keras
+import numpy as np
 from absl import logging
 
 from ban_tf import cluster
+from ban_tf import console
 from ban_tf import distiller as distiller_lib
-from ban_tf import export
 from ban_tf import errors
+from ban_tf import export
 from ban_tf import faults
 from ban_tf import manifest
+from ban_tf import pretrained
 from ban_tf import report
 from ban_tf import results as results_lib
 from ban_tf import tasks
@@ -61,6 +65,27 @@ def build_ensemble(members, name="ensemble"):
   return keras.Model(inputs, mean, name=name)
 
 
+def _load_member(gen_dir):
+  """A generation as a keras.Model to logits: its model.keras, or (a --teacher imported
+  from a SavedModel, or one that outputs probabilities) its SavedModel's `serve` endpoint.
+
+  Raises:
+    errors.TeacherError: (one line) it cannot be loaded (a truncated zip, a bad config, ...).
+  """
+  path = os.path.join(gen_dir, "model.keras")
+  try:
+    if os.path.exists(path):
+      return keras.saving.load_model(path, custom_objects={"StepDecay": train.StepDecay}, compile=False)
+    path = os.path.join(gen_dir, "saved_model")
+    layer = keras.layers.TFSMLayer(path, call_endpoint=export.SERVE, trainable=False, dtype="float32")
+    x = np.load(os.path.join(path, export.FINGERPRINT_FILE))["inputs"]
+  except Exception as e:  # pylint: disable=broad-except  (many kinds)
+    raise errors.TeacherError(f"{path} cannot be loaded ({type(e).__name__}): restore it, or delete its "
+                              "generation directory to retrain it, or --overwrite") from None
+  inputs = keras.Input(shape=x.shape[1:], dtype=x.dtype.name)
+  return keras.Model(inputs, layer(inputs), name=os.path.basename(gen_dir))
+
+
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   task = tasks.get(cfg.task)
@@ -75,7 +100,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   # strategy, no collectives); Keras cannot evaluate a plain model under MWMS.
   scope = contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope()
   with scope:
-    members = [_load_member(os.path.join(run.read_gen_dir(g), "model.keras")) for g in gens]
+    members = [_load_member(run.read_gen_dir(g)) for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
     scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity)
@@ -88,15 +113,6 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],
                task.headline.key, result[task.headline.key])
   return result
-
-
-def _load_member(path):
-  """An ensemble member's model.keras; errors.TeacherError (one line) when it cannot be loaded."""
-  try:
-    return keras.saving.load_model(path, custom_objects={"StepDecay": train.StepDecay}, compile=False)
-  except Exception as e:  # pylint: disable=broad-except  (truncated zip, bad config: many kinds)
-    raise errors.TeacherError(f"{path} cannot be loaded ({type(e).__name__}): restore it, or delete its "
-                              "generation directory to retrain it, or --overwrite") from None
 
 
 def _readable(path):
@@ -165,6 +181,13 @@ def run(cfg, strategy, dataset, run):
     if export.is_done(done_dir):
       logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint and the run's "
                    "manifest)", gen)
+      metrics = export.read_json(os.path.join(done_dir, "metrics.json"))  # checked readable on open
+      if console.progress():
+        console.progress().skip(cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped")
+    elif gen == 0 and cfg.teacher:  # a pretrained teacher: imported, checked and measured, not trained
+      pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
+      if console.progress():
+        console.progress().skip(cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}")
     else:
       if gen > 0:  # the teacher (and, for --share_stem_head, its model.keras) is this run's gen_{gen-1}
         run.check_member(gen - 1, keras=cfg.share_stem_head)
@@ -174,16 +197,19 @@ def run(cfg, strategy, dataset, run):
     if gen >= 2:
       evaluate_ensemble(cfg, strategy, dataset, run, gen)
       cluster.barrier(strategy)
-    report.write_results(run.path, collect_results(run), cfg)
+    report.write_results(run.path, collect_results(run), cfg, spec=run.spec)
     faults.kill_if("kill_between_generations", f"gen_{gen}")
   if cfg.baseline:
     bdir, bdone = os.path.join(run.path, "baseline"), os.path.join(run.read_path, "baseline")
-    if not export.is_done(bdone):
+    if export.is_done(bdone):
+      if console.progress():
+        console.progress().skip(cfg.epochs, "baseline: done before, skipped")
+    else:
       spec = train.GenerationSpec.baseline(cfg, bdir, read_dir=bdone)
       train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)
   results = collect_results(run)
-  report.write_results(run.path, results, cfg)
+  report.write_results(run.path, results, cfg, spec=run.spec)
   report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results
 
@@ -198,10 +224,14 @@ def run_seeds(cfg, strategy, dataset, top):
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
   per_seed = []
-  for seed in cfg.seed_list():
-    sub = dataclasses.replace(cfg, seed=seed, seeds=1,
+  for i, seed in enumerate(cfg.seed_list()):
+    # --student_seed moves with the base seed, so each seed's students differ too.
+    student_seed = None if cfg.student_seed is None else cfg.student_seed + seed - cfg.seed
+    sub = dataclasses.replace(cfg, seed=seed, seeds=1, student_seed=student_seed,
                               run_dir=os.path.join(top.path, f"seed_{seed}"))
     logging.info("seed %d: %s", seed, sub.run_dir)
+    if console.progress():
+      console.progress().prefix = f"seed {seed} ({i + 1}/{cfg.seeds}) "
     with rundir.RunDir(sub.run_dir, sub, spec=spec) as sub_run:
       per_seed.append(run(sub, strategy, dataset, sub_run))
   summary = {"seeds": cfg.seed_list(), "metric": task.headline.key,

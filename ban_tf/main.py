@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import sys
+import typing
 
 from absl import app
 from absl import flags
@@ -62,6 +63,12 @@ def define_flags(fv=FLAGS):
               "without --teacher_arch): channels x THETA (DenseNet-BC: 0.5; Table 4: 0.25, 0.375, 0.75).")
   flags.field("dropout", "[model] Dropout rate inside WRN blocks (the WRN paper uses 0.3); "
               "lm: on every non-recurrent connection.")
+  flags.field("teacher_dropout", "[model] Generation 0's dropout (default: --dropout), e.g. a WRN teacher at 0.3 "
+              "with a DenseNet student at 0 (Table 3).")
+  flags.field("teacher", "[model] Use PATH as generation 0 instead of training one: a run's gen_k/ directory, a "
+              "SavedModel (serving_default: float32 pixels [N,H,W,C] in [0,255] -> logits) or a .keras file.")
+  flags.field("teacher_outputs", "[model] What --teacher outputs: logits, or probabilities (softmax; used as "
+              "log-probabilities, which give the same softmax at every temperature).")
   # Distillation.
   flags.field("gens", "[distill] Number of born-again generations after the teacher.")
   flags.field("loss", "[distill] Student objective: ban|ban_l|kd|cwtm|dkpp.")
@@ -84,10 +91,15 @@ def define_flags(fv=FLAGS):
   flags.field("lr_decay", "[optim] LR multiplier at each milestone.")
   flags.field("lr_plateau_decay", "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.field("lr_plateau_min_delta", "[optim] lm: improvement in val perplexity that counts.")
+  flags.field("lr_plateau_reference", "[optim] lm: best (decay unless val perplexity beats the best epoch so far "
+              "by more than the delta) or previous (decay when it fell by less than the delta since the "
+              "previous epoch).")
   flags.field("clip_norm", "[optim] Clip the global gradient norm to this value (0 = off; lm: a "
               "summed-loss recipe's clip / --bptt).")
   # Execution.
   flags.field("seed", "[run] Base seed; generation k uses seed + k.")
+  flags.field("student_seed", "[run] BAN-1's seed (BAN-k: + k - 1; default seed + 1): students of one "
+              "--teacher with different seeds (Table 2's BAN and BAN-1).")
   flags.field("seeds", "[run] Repeat the run with base seeds seed, seed+100, ... into "
               "run_dir/seed_S/ and report mean +- std.")
   flags.field("baseline", "[run] Also train a label-only baseline (student arch and seed).")
@@ -102,7 +114,9 @@ def define_flags(fv=FLAGS):
   flags.field("steps_per_execution", "[run] Train steps per compiled call.")
   flags.field("jit_compile", "[run] Compile the train step with XLA.")
   flags.field("mixed_precision", "[run] none|bf16|fp16.")
-  flags.field("verbose", "[run] Keras verbosity: auto|0|1|2.")
+  flags.field("verbose", "[run] Console: auto (progress bar on a terminal, one line per epoch, warnings), "
+              "0 (no bar), 1 or 2 (Keras' verbosity, and every log line, TensorFlow's too; a bare "
+              "--verbose is 1). log.txt in the run directory always has every log line.")
 
 
 GROUPS = (("data", "Data"), ("model", "Models"), ("distill", "Distillation: generations and objective"),
@@ -144,6 +158,8 @@ class _Definer:
     from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
     f = {f.name: f for f in dataclasses.fields(config_lib.Config)}[name]
     default, kind = f.default, f.type
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]: an X flag whose default is None
+      kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if isinstance(default, tuple):
       return self.DEFINE_list(name, [str(v) for v in default], help_text)
     define = {bool: self.DEFINE_bool, int: self.DEFINE_integer, float: self.DEFINE_float}.get(
@@ -200,15 +216,21 @@ def run(cfg):
   # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   cfg.check_paths()
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
+  console.import_tensorflow(cfg.verbose)  # before anything else loads it: its start-up noise goes to log.txt
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with console.quiet_logs(cfg.verbose):
+    return _run(cfg, console, keras, tf)
+
+
+def _run(cfg, console, keras, tf):
+  """run() once TensorFlow is imported and the console quiet."""
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
-  tf.get_logger().setLevel("ERROR")  # TF's own savers log every file they write at INFO
   strategy = make_strategy(cfg.num_cpu_devices, cfg.strategy)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
   if cfg.deterministic:
@@ -221,16 +243,22 @@ def run(cfg):
   spec = task.spec(dataset)
   dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
-  logging.info("config: %s", cfg.to_json())
-  logging.info("strategy: %s with %d replica(s); task %s; data: %s", type(strategy).__name__,
-               strategy.num_replicas_in_sync, task.name, spec)
-  logging.info("tensorflow %s, keras %s, oneDNN CPU kernels: %s (TF_ENABLE_ONEDNN_OPTS)",
-               tf.__version__, keras.__version__, ban_tf.onednn_enabled())
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)
+  generations_per_seed = cfg.gens + 1 + (1 if cfg.baseline else 0)
   try:
-    with rundir.RunDir(write_dir, cfg, spec=spec, read_path=run_dir) as run_handle:
+    with rundir.RunDir(write_dir, cfg, spec=spec, read_path=run_dir) as run_handle, \
+        console.log_file(write_dir) as log_path, \
+        console.run_progress(generations_per_seed * cfg.epochs * cfg.seeds, cfg.gens) as progress:
+      progress.print(console.summary_line(cfg, strategy.num_replicas_in_sync, spec))
+      progress.print(f"run directory {run_dir} (config.json: every flag; {os.path.basename(log_path)}: "
+                     "every log line)")
+      logging.info("config: %s", cfg.to_json())
+      logging.info("strategy: %s with %d replica(s); task %s; data: %s", type(strategy).__name__,
+                   strategy.num_replicas_in_sync, task.name, spec)
+      logging.info("tensorflow %s, keras %s, oneDNN CPU kernels: %s (TF_ENABLE_ONEDNN_OPTS)",
+                   tf.__version__, keras.__version__, ban_tf.onednn_enabled())
       cluster.barrier(strategy)  # the chief has checked, cleaned (--overwrite) and locked run_dir
       try:
         if cfg.seeds > 1:
@@ -250,11 +278,17 @@ def run(cfg):
 
 
 def main(argv):
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
   try:
-    run(config_from_flags(FLAGS))
+    with console.interruptible():
+      run(config_from_flags(FLAGS))
+  except console.Interrupted as e:
+    # Ctrl-C / SIGTERM: the last epoch checkpoint is kept (console.py); no traceback.
+    print(console.interrupted_line(e), file=sys.stderr)
+    sys.exit(e.exit_code)
   except errors.UsageError as e:
     _fail(str(e))
   except errors.DivergedError as e:
@@ -269,6 +303,7 @@ def _fail(msg):
 
 
 def _parse(argv):
+  argv = [a if a != "--verbose" else "--verbose=1" for a in argv]  # a bare --verbose: details back
   if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
     print(grouped_help(FLAGS))
     sys.exit(0)

@@ -19,15 +19,13 @@ Entry fields (all optional; a check only compares the fields an entry has):
 Other entries may record anything else a run depends on, e.g. an external teacher
 SavedModel (`record(run_dir, "teacher", source=path, fingerprint_sha256=...)`).
 
-Standard library and NumPy only. Written by one process at a time (the holder of
+Standard library at import time (NumPy when a fingerprint is hashed). Written by one process at a time (the holder of
 the run directory's lock), atomically (temporary file, fsync, rename).
 """
 
 import hashlib
 import json
 import os
-
-import numpy as np
 
 from ban_tf import errors
 
@@ -91,6 +89,7 @@ def fingerprint_digest(saved_model):
   Raises:
     errors.TeacherError: no readable fingerprint.
   """
+  import numpy as np  # pylint: disable=g-import-not-at-top  (pretrained.py imports this module: stdlib only)
   fp = os.path.join(saved_model, FINGERPRINT_FILE)
   try:
     with np.load(fp) as data:

@@ -13,6 +13,8 @@ mean and the sample standard deviation (ddof=1) of each model's headline metric
 
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 import shutil
 
@@ -111,18 +113,23 @@ def curve(history, task=None):
   return np.asarray(epochs), np.asarray(values, dtype=np.float64), source
 
 
-def plot(runs, path):
-  """Writes the two-panel figure; returns the legend labels of the curves panel."""
+def plot(runs, path, legends=None):
+  """Writes the two-panel figure; returns the legend labels of the curves panel.
+
+  `legends`, a dict, receives what the figure shows (for tests): "summary" (the
+  left panel's legend labels), "curves", and "spread_points" (per-run dots).
+  """
   task = task_of(runs)
   metric = task.headline
   agg = {a["key"]: a for a in aggregate(runs, metric)}
   n_runs = len(runs)
   fig, (ax_err, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.6))
+  spread = 0
   # Left: the headline metric per generation, ensembles BANE-k beside generation k.
   gens = [k for k in agg if not k.startswith("BANE") and results_lib.gen_of(k) is not None]
   ensembles = [k for k in agg if k.startswith("BANE")]
-  for label, keys, style in (("generations (teacher, BAN-k)", gens, dict(color="C0", marker="o")),
-                             ("BANE-k ensembles (BAN-1..k)", ensembles,
+  for label, keys, style in (("generations (Teacher, BAN-k)", gens, dict(color="C0", marker="o")),
+                             ("BANE-k ensembles (of BAN-1..k)", ensembles,
                               dict(color="C1", marker="D", linestyle=""))):
     if not keys:
       continue
@@ -136,11 +143,20 @@ def plot(runs, path):
                       xytext=(6, 4), fontsize=8)
       if n_runs > 1:
         ax_err.scatter([x] * len(agg[k]["values"]), agg[k]["values"], s=10, color="k", alpha=0.4, zorder=3)
+        spread += len(agg[k]["values"])
   if "Teacher" in agg:
     ax_err.axhline(agg["Teacher"]["mean"], color="gray", linestyle="--", linewidth=1, label="teacher")
-  if "Baseline" in agg:
-    ax_err.axhline(agg["Baseline"]["mean"], color="C2", linestyle=":", linewidth=1,
-                   label="baseline (labels only)")
+  if "Baseline" in agg:  # BAN-1's architecture and seed on labels only: beside BAN-1
+    b = agg["Baseline"]
+    ax_err.errorbar([0.88], [b["mean"]], yerr=[b["std"]] if n_runs > 1 else None, capsize=4, color="C2",
+                    marker="s", linestyle="", label="Baseline (BAN-1's arch, labels only)"
+                    + (f", mean ± std of {n_runs} runs" if n_runs > 1 else ""))
+    ax_err.axhline(b["mean"], color="C2", linestyle=":", linewidth=1)
+    ax_err.annotate(f"{b['mean']:.2f}", (0.88, b["mean"]), textcoords="offset points", xytext=(-30, 4),
+                    fontsize=8)
+    if n_runs > 1:
+      ax_err.scatter([0.88] * len(b["values"]), b["values"], s=10, color="k", alpha=0.4, zorder=3)
+      spread += len(b["values"])
   ax_err.set_xticks([results_lib.gen_of(k) for k in gens], gens)
   ax_err.set_ylabel(metric.title)
   ax_err.set_title(f"Final {metric.text or metric.title} per generation")
@@ -172,11 +188,18 @@ def plot(runs, path):
   if labels:
     ax_curve.legend(fontsize=8)
   cfg = runs[0].config
-  fig.suptitle(f"{cfg.get('dataset', '?')}: {cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
+  data = runs[0].results.get("data")
+  sizes = f" ({data['train']}/{data['val']}/{data['test']} train/val/test {data['unit']})" if data else ""
+  seeds = ("seeds " + ",".join(str(r.config.get("seed", "?")) for r in runs) if n_runs > 1 else
+           f"seed {cfg.get('seed', '?')}")
+  teacher = os.path.basename(os.path.normpath(cfg["teacher"])) if cfg.get("teacher") else None
+  fig.suptitle(f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
                f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
-               f"(T={cfg.get('temperature', '?')})" + (f", {n_runs} runs" if n_runs > 1 else
-                                                       f", seed {cfg.get('seed', '?')}"))
+               f"(T={cfg.get('temperature', '?')}), {cfg.get('epochs', '?')} epochs, {seeds}")
   fig.tight_layout()
+  if legends is not None:
+    legends.update(summary=[t.get_text() for t in ax_err.get_legend().get_texts()], curves=list(labels),
+                   spread_points=spread)
   tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
   fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
@@ -184,46 +207,94 @@ def plot(runs, path):
   return labels
 
 
+def experiment_hparams(config: dict) -> dict:
+  """The experiment's flags from a config.json, as TensorBoard hparams values.
+
+  Every field that changes what is trained (config.NON_EXPERIMENT_FIELDS and the
+  base seed left out: the seed is its own hparam, the rest may change on resume),
+  lists joined by commas, None as "".
+  """
+  defaults = config_lib.Config().to_dict()
+  out = {}
+  for name in sorted(defaults):
+    if name in config_lib.NON_EXPERIMENT_FIELDS or name in ("seed", "resolved"):
+      continue
+    v = config.get(name, defaults[name])
+    if isinstance(v, (list, tuple)):
+      v = ",".join(str(x) for x in v)
+    out[name] = "" if v is None else v
+  return out
+
+
+def experiment_id(config: dict) -> str:
+  """A short name unique per experiment (dataset, arch, loss and a hash of every experiment flag)."""
+  flags = experiment_hparams(config)
+  digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
+  arch = config.get("arch", "?") if not config.get("teacher_arch") else f"{config['teacher_arch']}-to-{config['arch']}"
+  loss = config.get("resolved", {}).get("loss", config.get("loss", "?"))
+  return f"{config.get('dataset', '?')}-{arch}-{loss}-{digest}"
+
+
 def _session_hparams(run, entry, ensemble):
+  """The hparams of one generation's (or ensemble's) session: the experiment's flags, then the row's own."""
   cfg = run.config
   obj = entry.get("objective") or {"loss": cfg.get("resolved", {}).get("loss", cfg.get("loss", "")),
                                    "temperature": cfg.get("temperature", 1.0)}
   gen = entry["gen"] if not ensemble else max(entry["members"])
-  return {"gen": int(gen), "role": entry.get("role") or entry["name"],
-          "arch": "ensemble" if ensemble else entry["arch"], "loss": obj["loss"],
-          "temperature": float(obj["temperature"]), "seed": int(cfg.get("seed", 0)),
-          "dataset": cfg.get("dataset", "")}
+  out = {f"flag/{k}": v for k, v in experiment_hparams(cfg).items()}
+  out.update({"gen": int(gen), "role": entry.get("role") or entry["name"],
+              "arch": "ensemble" if ensemble else entry["arch"], "loss": obj["loss"],
+              "temperature": float(obj["temperature"]), "seed": int(cfg.get("seed", 0)),
+              "dataset": cfg.get("dataset", ""), "experiment": experiment_id(cfg)})
+  return out
+
+
+def _metrics(task):
+  """The scalars HParams shows per session: final test and validation metrics."""
+  names = list(METRICS) + ["val/accuracy"]
+  if task.perplexity:
+    names += ["test/final_perplexity", "val/final_perplexity"]
+  return names
 
 
 def write_hparams(run):
   """One hparams session per generation (gen_k/tb) and ensemble (ensemble_k/tb).
 
-  The metric is the test/error scalar the generation's run already holds (it is
-  written here for ensembles). Files this function wrote before are replaced.
+  Trial ids are `experiment_id/seed_S/role`: unique per experiment, base seed and
+  generation, so several experiments and seeds under one TensorBoard logdir stay
+  separate rows. Each session's logdir also holds the experiment summary (the
+  hparam and metric names, identical in every run), so the run directory itself
+  holds no events file (no empty "." run in TensorBoard). The metrics are the
+  test and validation scalars the generation's run already holds (written here
+  for ensembles). Files this function wrote before are replaced.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+
+  task = task_of([run])
+  metrics = _metrics(task)
+  names = list(HPARAM_NAMES) + ["experiment"] + [f"flag/{k}" for k in experiment_hparams(run.config)]
 
   def fresh_writer(logdir):
     for old in glob.glob(os.path.join(logdir, "*" + HPARAMS_SUFFIX)):
       os.remove(old)
     return tf.summary.create_file_writer(logdir, filename_suffix=HPARAMS_SUFFIX)
 
-  # The experiment: names only (no domains), identical in every run dir, so a
-  # parent logdir of many runs (TensorBoard picks any one experiment) still works.
-  writer = fresh_writer(run.path)
-  with writer.as_default():
-    hp.hparams_config(hparams=[hp.HParam(n) for n in HPARAM_NAMES],
-                      metrics=[hp.Metric(m, display_name=m) for m in METRICS])
-  writer.close()
+  def session(writer, hparams, trial):
+    with writer.as_default():
+      hp.hparams_config(hparams=[hp.HParam(n) for n in names],
+                        metrics=[hp.Metric(m, display_name=m) for m in metrics])
+      hp.hparams(hparams, trial_id=trial)
+
+  for old in glob.glob(os.path.join(run.path, "*tfevents*" + HPARAMS_SUFFIX)):
+    os.remove(old)  # the experiment summary's old place (a "." run)
   epochs = int(run.config.get("epochs", 0))
-  name = os.path.basename(os.path.normpath(run.path))  # trial ids stay distinct under a parent logdir
+  trial = f"{experiment_id(run.config)}/seed_{int(run.config.get('seed', 0))}"
   for g in run.results["generations"]:
     if g.get("damaged") or "arch" not in g:
       continue
     writer = fresh_writer(os.path.join(run.path, f"gen_{g['gen']}", "tb"))
-    with writer.as_default():
-      hp.hparams(_session_hparams(run, g, False), trial_id=f"{name}/gen_{g['gen']}")
+    session(writer, _session_hparams(run, g, False), f"{trial}/{g.get('role', g['gen'])}")
     writer.close()
   for e in run.results["ensembles"]:
     if e.get("damaged") or "test_accuracy" not in e:
@@ -232,10 +303,14 @@ def write_hparams(run):
     logdir = os.path.join(run.path, f"ensemble_{k}", "tb")
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
     writer = tf.summary.create_file_writer(logdir)
+    name = e.get("name") or f"BANE-{k}"
+    session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
     with writer.as_default(step=epochs):
-      hp.hparams(_session_hparams(run, e, True), trial_id=f"{name}/ensemble_{k}")
-      tf.summary.scalar("test/accuracy", e["test_accuracy"])
-      tf.summary.scalar("test/error", e["test_error"])
+      for key, tag in (("test_accuracy", "test/accuracy"), ("test_error", "test/error"),
+                       ("val_accuracy", "val/accuracy"), ("test_perplexity", "test/final_perplexity"),
+                       ("val_perplexity", "val/final_perplexity")):
+        if e.get(key) is not None:
+          tf.summary.scalar(tag, e[key])
     writer.close()
 
 
@@ -243,8 +318,12 @@ _GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "
                  "damaged")
 
 
-def write_results(run_dir, results, cfg):
-  """results.json (the rows' metrics, the task's fields) and results.md of one run."""
+def write_results(run_dir, results, cfg, spec=None):
+  """results.json (the rows' metrics, the task's fields, the data's sizes) and results.md of one run.
+
+  `spec`: the run's tasks.DataSpec, for the split sizes; None keeps those that
+  `results` already holds (a report redone from results.json).
+  """
   task = tasks.get(cfg.task)
   keep = _GENERIC_KEYS + ("name", "members") + tuple(task.result_keys)
   clean = {
@@ -254,9 +333,12 @@ def write_results(run_dir, results, cfg):
                    if results.get("baseline") else None),
       "dataset": cfg.dataset,
       "seed": cfg.seed,
+      "epochs": cfg.epochs,
+      "data": results_lib.data_sizes(spec) if spec is not None else results.get("data"),
   }
   export.write_json(clean, os.path.join(run_dir, "results.json"))
-  text = results_lib.title(cfg, task.headline) + results_lib.table(clean, task.headline, task.extra_columns)
+  text = (results_lib.title(cfg, task.headline, data=clean["data"])
+          + results_lib.table(clean, task.headline, task.extra_columns))
   export.write_text(text, os.path.join(run_dir, "results.md"))
   return clean
 
@@ -288,7 +370,8 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     cfg = config_from_dict(runs[0].config)
     seeds = [r.config.get("seed", "?") for r in runs]
     names = ", ".join(os.path.basename(os.path.normpath(r.path)) for r in runs)
-    text = (results_lib.title(cfg, task.headline, seeds=seeds) + f"Runs: {names}.\n\n"
+    text = (results_lib.title(cfg, task.headline, seeds=seeds, data=runs[0].results.get("data"))
+            + f"Runs: {names}.\n\n"
             + results_lib.aggregate_table(aggregate(runs), task.headline))
     export.write_text(text, os.path.join(out_dir, "results.md"))
   png = os.path.join(out_dir, PNG)

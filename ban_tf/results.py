@@ -5,10 +5,11 @@ report.py and evaluate.py print the same tables from what a run left on disk. Wh
 a table shows is a task's business (tasks/): it passes its `Metric`s, and nothing
 here knows about images or tokens.
 
-Rows are named as in the paper's Table 2. Every row has a stable *key* (Teacher,
-BAN-k, BANE-k, Baseline), used to match rows across runs and to place them in
-plots, and a *label* shown in tables: the key, except for ensembles, labelled
-Ens*k (members) with T for the teacher, e.g. "Ens*3 (1,2,3)" or "Ens*3 (T,1,2)".
+Every row has one name, the same in every table, plot, log line and JSON file:
+Teacher, BAN-k, BANE-k (the paper's Ens*k: the ensemble of BAN-1..k, Eq. 4) and
+Baseline. It is also the row's *key*, used to match rows across runs and to place
+them in plots. An ensemble's members are shown in its Arch cell ("ensemble of
+1,2"; T = the teacher, with --ensemble_include_teacher).
 
 `results` below is the dict written to results.json: {"generations": [metrics of
 gen 0..N], "ensembles": [metrics of BANE-2..N], "baseline": metrics or None}.
@@ -51,9 +52,9 @@ def format_params(n: int) -> str:
   return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-def ensemble_label(members) -> str:
-  """Table 2's column name, Ens*k for k members, then the members (T = teacher)."""
-  return f"Ens*{len(members)} (" + ",".join("T" if m == 0 else str(m) for m in members) + ")"
+def ensemble_arch(members) -> str:
+  """An ensemble's Arch cell: its members, T for the teacher ("ensemble of T,1,2")."""
+  return "ensemble of " + ",".join("T" if m == 0 else str(m) for m in members)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Row:
 
 
 def rows(results: dict) -> list:
-  """The rows of one run in table order: Teacher, BAN-1..N, Ens*2..N, Baseline."""
+  """The rows of one run in table order: Teacher, BAN-1..N, BANE-2..N, Baseline."""
   out = []
   mark = lambda entry: " (damaged)" if entry.get("damaged") else ""
   for g in results.get("generations", []):
@@ -74,7 +75,7 @@ def rows(results: dict) -> list:
     out.append(Row(key, key + mark(g), g.get("arch", "?"), format_params(g.get("params", 0)), g))
   for e in results.get("ensembles", []):
     key = e.get("name") or f"BANE-{max(e['members'])}"
-    out.append(Row(key, ensemble_label(e.get("members", [])) + mark(e), "ensemble", "", e))
+    out.append(Row(key, key + mark(e), ensemble_arch(e.get("members", [])), "", e))
   b = results.get("baseline")
   if b:
     out.append(Row("Baseline", "Baseline" + mark(b), b.get("arch", "?"), format_params(b.get("params", 0)), b))
@@ -160,12 +161,35 @@ def aggregate_table(agg: list, metric: Metric) -> str:
   return "\n".join(lines) + "\n"
 
 
-def title(cfg, metric: Metric, seeds=None) -> str:
-  """The heading of a results.md, from a config.Config."""
+DELTA_LEGEND = ("Δ vs teacher = row minus teacher, in the column's unit: positive = worse "
+                "(lower is better), negative = better than the teacher.")
+
+
+def data_sizes(spec) -> dict:
+  """What results.json records of the data: {"unit", "train", "val", "test"} (a tasks.DataSpec)."""
+  return {"unit": spec.unit, "train": spec.num_train, "val": spec.num_val, "test": spec.num_test}
+
+
+def title(cfg, metric: Metric, seeds=None, data=None) -> str:
+  """The heading of a results.md, from a config.Config.
+
+  Args:
+    cfg: the run's config.Config.
+    metric: the headline metric.
+    seeds: the base seeds of a multi-run summary (None: one run).
+    data: `data_sizes` of the run (None: sizes unknown, e.g. an old results.json).
+
+  Returns:
+    A title line, a line with the data, epochs and seeds, and the table's legend.
+  """
   what = metric.text or metric.key.replace("_", " ")
-  head = (f"# {cfg.data_name}: {cfg.arch_for(0)} teacher -> {cfg.arch_for(1)} students, objective "
+  head = (f"# {cfg.data_name}: {cfg.teacher_label} teacher -> {cfg.arch_for(1)} students, objective "
           f"{cfg.resolved_loss} (T={cfg.temperature})")
+  sizes = (f", {data['train']} train / {data['val']} val / {data['test']} test {data['unit']}"
+           if data else "")
+  seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {cfg.seed}"
+  setup = f"Data: {cfg.data_name}{sizes}; {cfg.epochs} epochs per generation; {seed_text}.\n\n"
   if seeds:
-    return (f"{head}, seeds {', '.join(map(str, seeds))}\n\nFinal-epoch {what}, mean ± std (ddof=1) over "
-            "runs; per-run tables in their own results.md.\n\n")
-  return f"{head}, seed {cfg.seed}\n\nFinal-epoch {what}; no checkpoint selection.\n\n"
+    return (f"{head}, seeds {', '.join(map(str, seeds))}\n\n{setup}Final-epoch {what}, mean ± std (ddof=1) "
+            f"over runs; per-run tables in their own results.md. {DELTA_LEGEND}\n\n")
+  return f"{head}, seed {cfg.seed}\n\n{setup}Final-epoch {what}; no checkpoint selection. {DELTA_LEGEND}\n\n"

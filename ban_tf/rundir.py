@@ -18,6 +18,7 @@ from absl import logging
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import manifest
+from ban_tf import pretrained
 
 LOCK_FILE = ".lock"
 
@@ -129,6 +130,8 @@ class RunDir:
           os.path.join(gdir, "metrics.json"),
           f"restore it, or delete {name}/ (and every later generation and ensemble) to retrain it, or --overwrite")
       path = os.path.join(gdir, "saved_model")
+      if gen == 0 and getattr(self.cfg, "teacher", None):  # --teacher: not replaced since it was imported
+        pretrained.check_source(self.cfg, gdir)
       out = export.verify_saved_model(path)
       if self.spec is not None and not self.spec.matches_outputs(out.shape):
         want = tuple("T" if d is None else d for d in self.spec.output_shape)

@@ -29,18 +29,32 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
     return {"lr": self.lr, "boundaries": self.boundaries, "decay": self.decay}
 
 
-def plateau_lr(lr, val_perplexities, decay, min_delta=0.0):
-  """The rate after the given per-epoch validation perplexities.
+def plateau_lr(lr, val_perplexities, decay, min_delta=0.0, reference="best"):
+  """The rate after the given per-epoch validation perplexities (paper section 4.2).
 
   The rate is multiplied by `decay` at the start of an epoch whenever the previous
-  epoch's validation perplexity did not improve on the best so far by more than
-  `min_delta` (paper section 4.2).
+  epoch's validation perplexity
+  * reference="best": did not improve on the best so far by more than `min_delta`
+    (with delta 0 the PyTorch word-language-model example's rule, Table 6's LSTM);
+  * reference="previous": fell by less than `min_delta` from the epoch before it (the
+    paper's CNN-LSTM rule, "does not decrease by at least 0.5 after an epoch", read
+    literally; Kim et al. state theirs the same way with 1.0). The first epoch never
+    decays the rate.
+
+  Raises:
+    ValueError: an unknown reference.
   """
-  best = math.inf
+  if reference not in ("best", "previous"):
+    raise ValueError(f"plateau reference must be best or previous, got {reference!r}")
+  best = previous = math.inf
   for ppl in val_perplexities:
-    if not ppl < best - min_delta:
+    if reference == "best":
+      decays = not ppl < best - min_delta
+    else:
+      decays = previous - ppl < min_delta
+    if decays:
       lr *= decay
-    best = min(best, ppl)
+    best, previous = min(best, ppl), ppl
   return lr
 
 
@@ -48,17 +62,17 @@ class PlateauDecay(keras.callbacks.Callback):
   """Sets the optimizer's rate at every epoch start from the history so far.
 
   Args:
-    lr: initial rate; decay, min_delta: see `plateau_lr`.
+    lr: initial rate; decay, min_delta, reference: see `plateau_lr`.
     history: the live list of per-epoch entries (train.EpochState fills it), each
       with "epoch" (1-based) and "val_perplexity".
     optimizer: a keras optimizer with a variable learning rate.
   """
 
-  def __init__(self, lr, decay, min_delta, history, optimizer):
+  def __init__(self, lr, decay, min_delta, history, optimizer, reference="best"):
     super().__init__()
     self.lr, self.decay, self.min_delta = float(lr), float(decay), float(min_delta)
-    self.history, self.optimizer = history, optimizer
+    self.history, self.optimizer, self.reference = history, optimizer, reference
 
   def on_epoch_begin(self, epoch, logs=None):
     ppls = [h["val_perplexity"] for h in self.history if h["epoch"] <= epoch and "val_perplexity" in h]
-    self.optimizer.learning_rate = plateau_lr(self.lr, ppls, self.decay, self.min_delta)
+    self.optimizer.learning_rate = plateau_lr(self.lr, ppls, self.decay, self.min_delta, self.reference)

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ban_tf import console
 from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
@@ -35,6 +36,7 @@ from ban_tf import faults
 from ban_tf import losses
 from ban_tf import manifest
 from ban_tf import models
+from ban_tf import results as results_lib
 from ban_tf import tasks
 from ban_tf.schedules import StepDecay  # pylint: disable=unused-import  (custom object of old checkpoints)
 
@@ -48,12 +50,14 @@ class GenerationSpec:
       on labels only, no teacher, nothing shared).
     role: "teacher", "BAN-k" or "baseline" (logs and metrics.json).
     arch: resolved architecture name.
-    seed: generation k uses cfg.seed + k (the baseline: cfg.seed + 1).
+    seed: cfg.seed_for(gen): seed + k, or --student_seed + k - 1 for students (the
+      baseline: BAN-1's seed).
     objective: the resolved losses.Objective (labels only for the teacher and baseline).
     teacher_path: the previous generation's SavedModel, or None.
     out_dir: where this generation writes (gen_k/, baseline/).
     read_dir: where it resumes from: out_dir, except on a multi-worker non-chief,
       which writes privately and resumes from the chief's directory.
+    dropout: cfg.dropout_for(gen): --teacher_dropout for generation 0 when given.
   """
   gen: Union[int, str]
   role: str
@@ -63,19 +67,20 @@ class GenerationSpec:
   teacher_path: Optional[str]
   out_dir: str
   read_dir: str
+  dropout: float = 0.0
 
   @classmethod
   def generation(cls, cfg, gen, out_dir, teacher_path=None, read_dir=None):
     objective = cfg.objective() if gen > 0 else losses.Objective.labels_only()
     return cls(gen=gen, role="teacher" if gen == 0 else f"BAN-{gen}", arch=cfg.arch_for(gen),
-               seed=cfg.seed + gen, objective=objective, teacher_path=teacher_path if gen > 0 else None,
-               out_dir=out_dir, read_dir=read_dir or out_dir)
+               seed=cfg.seed_for(gen), objective=objective, teacher_path=teacher_path if gen > 0 else None,
+               out_dir=out_dir, read_dir=read_dir or out_dir, dropout=cfg.dropout_for(gen))
 
   @classmethod
   def baseline(cls, cfg, out_dir, read_dir=None):
-    return cls(gen="baseline", role="baseline", arch=cfg.arch_for(1), seed=cfg.seed + 1,
+    return cls(gen="baseline", role="baseline", arch=cfg.arch_for(1), seed=cfg.seed_for("baseline"),
                objective=losses.Objective.labels_only(), teacher_path=None, out_dir=out_dir,
-               read_dir=read_dir or out_dir)
+               read_dir=read_dir or out_dir, dropout=cfg.dropout_for(1))
 
   @property
   def index(self) -> int:
@@ -115,22 +120,46 @@ def make_checkpoint(student, optimizer, epoch_var, projection=None):
 
 
 class EpochState(keras.callbacks.Callback):
-  """Per epoch: NaN guard, checkpoint, history.json and TensorBoard scalars."""
+  """Per epoch: NaN guard, checkpoint, history.json, TensorBoard scalars and the console line.
 
-  def __init__(self, gen_dir, manager, epoch_var, history, writer, optimizer):
+  The learning rate recorded for an epoch is the one its steps used: read when the
+  epoch begins (after the task's callbacks set it), not when it ends (by then a
+  step schedule may already give the next epoch's rate).
+
+  Args:
+    gen_dir: the generation's directory (history.json, checkpoints).
+    manager: its tf.train.CheckpointManager; epoch_var: the checkpointed epoch.
+    history: the live list of per-epoch entries (resumed ones first).
+    writer: the generation's TensorBoard summary writer.
+    optimizer: the student's optimizer (its learning rate is logged).
+    quiet_tags: Keras log keys not written to TensorBoard: terms whose weight is
+      0 in this generation's objective, which would only draw all-zero lines.
+    gen: the train.GenerationSpec (for console lines); epochs: epochs per generation.
+  """
+
+  def __init__(self, gen_dir, manager, epoch_var, history, writer, optimizer, quiet_tags=(), gen=None,
+               epochs=0):
     super().__init__()
     self.gen_dir, self.manager, self.epoch_var = gen_dir, manager, epoch_var
     self.history, self.writer, self.optimizer = history, writer, optimizer
+    self.quiet_tags, self.gen, self.epochs = frozenset(quiet_tags), gen, epochs
     self.diverged = None
     self._t0 = None
     self._epoch = 0
+    self._lr = None
 
   def _where(self, epoch):
     return f"{os.path.basename(self.gen_dir)}/epoch_{epoch + 1}"
 
+  def _current_lr(self):
+    return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
   def on_epoch_begin(self, epoch, logs=None):
     self._t0 = time.time()
     self._epoch = epoch
+    self._lr = self._current_lr()  # the rate of this epoch's steps (schedules: at its first step)
+    if console.progress() and self.gen is not None:
+      console.progress().epoch_begin(self.gen, epoch)
 
   def on_train_batch_end(self, batch, logs=None):
     loss = (logs or {}).get("loss")
@@ -144,16 +173,19 @@ class EpochState(keras.callbacks.Callback):
     if self.diverged is not None:
       return  # keep the last good checkpoint
     logs = {k: float(v) for k, v in (logs or {}).items()}
-    lr = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+    lr = self._lr if self._lr is not None else self._current_lr()
     entry = dict(logs, epoch=epoch + 1, learning_rate=lr, seconds=time.time() - self._t0)
     with self.writer.as_default(step=epoch + 1):
       for k, v in logs.items():
+        if k in self.quiet_tags:
+          continue
         name = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
         tf.summary.scalar(name, v)
       tf.summary.scalar("train/learning_rate", lr)
     self.writer.flush()
     # history.json first: on resume it is cut back to the checkpoint's epoch, so it
-    # always covers every checkpointed epoch whenever the process dies.
+    # always covers every checkpointed epoch whenever the process dies (TensorBoard
+    # too: tensorboard_from_checkpoint).
     self.history[:] = [h for h in self.history if h["epoch"] <= epoch] + [entry]
     export.write_json(self.history, os.path.join(self.gen_dir, "history.json"))
     faults.disk_fault_if(self._where(epoch), self.gen_dir)
@@ -162,12 +194,64 @@ class EpochState(keras.callbacks.Callback):
     # complete, and deletes old ones only then: a failed save keeps the last good one.
     self.manager.save(checkpoint_number=epoch + 1)
     faults.kill_if("kill_after_checkpoint", self._where(epoch))
+    if console.progress() and self.gen is not None:
+      console.progress().epoch_end(self.gen, epoch, self.epochs, logs, lr)
+    faults.signal_if(self._where(epoch))
+
+
+def quiet_tags(objective, has_teacher):
+  """Keras log keys of the loss terms this objective leaves out (weight 0): not plotted."""
+  out = set()
+  if not has_teacher or objective.kd_weight == 0:
+    out.add("kd_loss")
+  if objective.label_weight == 0:
+    out.add("label_loss")
+  if not has_teacher or objective.feature_weight == 0:
+    out.add("feature_loss")
+  return out
+
+
+def tensorboard_from_checkpoint(logdir, last_epoch):
+  """Cuts a generation's TensorBoard events back to the checkpointed epochs (step <= last_epoch).
+
+  Epoch e's scalars are written before its checkpoint; a run stopped in between
+  (disk full, a kill) would write them again when it resumes, leaving two points
+  per (tag, step). TensorBoard only purges such orphans for TF1's session-log
+  events, so the events files are rewritten here (atomically, one file) keeping
+  every record whose step is <= last_epoch. Hparams files (report.py) are left alone.
+  """
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  files = sorted(f for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))
+                 if not f.endswith(".hparams"))
+  if not files:
+    return
+  kept, dropped = [], 0
+  for path in files:
+    for record in tf.data.TFRecordDataset(path):
+      event = event_pb2.Event.FromString(record.numpy())
+      if event.HasField("summary") and event.step > last_epoch:
+        dropped += 1
+      else:
+        kept.append(record.numpy())
+  if not dropped:
+    return
+  out = os.path.join(logdir, os.path.basename(files[-1]) + ".resumed")
+  tmp = out + ".tmp"
+  with tf.io.TFRecordWriter(tmp) as w:
+    for record in kept:
+      w.write(record)
+  for path in files:
+    os.remove(path)
+  os.replace(tmp, out)
+  logging.info("%s: dropped %d TensorBoard points after epoch %d (written before a checkpoint that "
+               "was never saved)", logdir, dropped, last_epoch)
 
 
 def _verbose(cfg):
+  """Keras' verbosity: the progress bar on a terminal; elsewhere the console line per epoch says it all."""
   if cfg.verbose != "auto":
     return int(cfg.verbose)
-  return 1 if sys.stdout.isatty() else 2
+  return 1 if sys.stdout.isatty() else 0
 
 
 def _teacher_keras_path(teacher_path):
@@ -213,7 +297,7 @@ def _build(cfg, task, gen, strategy, dataset, steps):
                                   with_features=obj.feature_weight > 0)
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
-    student = task.build_model(gen.arch, dataset, dropout=cfg.dropout, name=name)
+    student = task.build_model(gen.arch, dataset, dropout=gen.dropout, name=name)
     if cfg.sync_batchnorm:  # any BatchNormalization layers (none in the language models)
       models.synchronize_batchnorm(student)
     projection = None
@@ -390,12 +474,18 @@ def run_generation(cfg, gen, strategy, dataset):
   manager = tf.train.CheckpointManager(built.ckpt, os.path.join(gen.out_dir, "ckpt"), max_to_keep=2)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
   train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
-  writer = tf.summary.create_file_writer(os.path.join(gen.out_dir, "tb"))
-  state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer)
+  tb_dir = os.path.join(gen.out_dir, "tb")
+  tensorboard_from_checkpoint(tb_dir, initial_epoch)  # each (tag, step) once after a resume
+  writer = tf.summary.create_file_writer(tb_dir)
+  state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer,
+                     quiet_tags=quiet_tags(gen.objective, gen.teacher_path is not None), gen=gen,
+                     epochs=cfg.epochs)
   # The task's callbacks first: they may add to an epoch's logs before state records them.
   callbacks = task.callbacks(cfg, history, built.optimizer) + [state]
   logging.info("gen %s (%s): %s, %d params, objective %s, seed %d, teacher %s", gen.gen, gen.role, gen.arch,
                built.student.count_params(), gen.objective.to_dict(), gen.seed, gen.teacher_path)
+  if console.progress():
+    console.progress().generation(gen, _header(gen, built.student.count_params()), initial_epoch, cfg.epochs)
   t0 = time.time()
   if initial_epoch < cfg.epochs:
     built.model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
@@ -423,7 +513,37 @@ def run_generation(cfg, gen, strategy, dataset):
   logging.info("gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s", gen.gen, gen.role,
                result["test_accuracy"], task.headline.key, result[task.headline.key],
                result["weights_sha256"])
+  if console.progress():
+    console.progress().print(f"{console.progress().prefix}{console.progress().gen_label(gen)} done: "
+                             f"{_headline_text(task, result)}")
   return result
+
+
+def _header(gen, params):
+  """The console header of a generation: arch, params, objective, teacher."""
+  o = gen.objective
+  if gen.teacher_path is None:
+    objective = "labels only"
+  else:
+    terms = [f"{o.loss} (T={o.temperature:g}, KD weight {o.kd_weight:g})"]
+    if o.label_weight:
+      terms.append(f"label weight {o.label_weight:g}")
+    if o.feature_weight:
+      terms.append(f"feature weight {o.feature_weight:g}")
+    objective = ", ".join(terms)
+  teacher = ("no teacher" if gen.teacher_path is None else
+             f"teacher {os.path.basename(os.path.dirname(os.path.abspath(gen.teacher_path)))}")
+  return f"{gen.arch} ({results_lib.format_params(params)} params), {objective}, {teacher}, seed {gen.seed}"
+
+
+def _headline_text(task, result):
+  """'test error 61.74%' (the task's headline metric, and its validation twin when there is one)."""
+  parts = []
+  for m in (task.headline,) + tuple(task.extra_columns):
+    v = m.value(result)
+    if v is not None:
+      parts.append(f"{m.text or m.title} {v:.2f}{'%' if m.percent else ''}")
+  return ", ".join(parts)
 
 
 def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, read_dir=None):

@@ -220,6 +220,20 @@ def test_plateau_lr():
   assert schedules.plateau_lr(2.0, [100, 99.6, 99.0, 98.6], 0.5, 0.5) == 0.5
 
 
+def test_plateau_lr_previous_epoch_reference():
+  ppls = [100, 101, 100.4, 99.8]
+  # Against the best (100): 101, 100.4 and 99.8 all fail to beat 99.5.
+  assert schedules.plateau_lr(2.0, ppls, 0.5, 0.5, "best") == 2.0 * 0.5 ** 3
+  # Against the previous epoch: only 101 (a rise) falls by less than 0.5; 100.4 and 99.8 fall 0.6.
+  assert schedules.plateau_lr(2.0, ppls, 0.5, 0.5, "previous") == 1.0
+  # "Decrease by at least 0.5": exactly 0.5 keeps the rate; "improve by more than": it does not.
+  assert schedules.plateau_lr(2.0, [100, 99.5], 0.5, 0.5, "previous") == 2.0
+  assert schedules.plateau_lr(2.0, [100, 99.5], 0.5, 0.5, "best") == 1.0
+  assert schedules.plateau_lr(1.0, [100, 100], 0.25, 0.0, "previous") == 1.0  # no rise, delta 0
+  with pytest.raises(ValueError, match="best or previous"):
+    schedules.plateau_lr(1.0, [100], 0.5, 0.0, "last")
+
+
 # ---- export round trip --------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["lstm-1-16", "cnn-lstm-small"])
 def test_export_round_trip_ids_to_logits(tmp_path, arch):
@@ -272,6 +286,9 @@ def test_paper_flagfiles(name, arch, batch, recipe_lr, recipe_clip):
   assert (cfg.task, cfg.arch, cfg.batch_size, cfg.epochs, cfg.bptt) == ("lm", arch, batch, 40, 35)
   assert cfg.resolved_loss == "ban_l" and cfg.resolved_label_weight == 1.0
   assert cfg.momentum == 0 and cfg.weight_decay == 0  # plain SGD: lr and loss scale are interchangeable
+  # LSTM: the PyTorch example's rule (beat the best); CNN-LSTM: the paper's "decrease by 0.5 after an epoch".
+  assert (cfg.lr_plateau_reference, cfg.lr_plateau_min_delta) == (
+      ("best", 0.0) if name == "table6_lstm" else ("previous", 0.5))
   # Per-token mean = (per-sequence sum) / bptt: the recipe's rate x bptt, its clip / bptt.
   assert cfg.lr == recipe_lr * cfg.bptt
   np.testing.assert_allclose(cfg.clip_norm * cfg.bptt, recipe_clip, rtol=1e-15)
@@ -332,6 +349,7 @@ def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, reci
     (dict(arch="wrn-28-1"), "--arch='wrn-28-1'"),
     (dict(bptt=0), "--bptt=0"),
     (dict(clip_norm=-1.0), "--clip_norm=-1.0"),
+    (dict(lr_plateau_reference="last"), "--lr_plateau_reference='last'"),
 ])
 def test_lm_usage_errors(kwargs, fragment):
   cfg = config.Config(**dict(dict(task="lm", dataset="tiny_shakespeare", arch="lstm-1-8"), **kwargs))

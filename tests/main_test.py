@@ -129,7 +129,7 @@ def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
   assert [e["members"] for e in res["ensembles"]] == [[1, 2]]
   assert res == json.loads(json.dumps(res))  # plain JSON types
   table = open(os.path.join(run_dir, "results.md")).read()
-  for row in ("| Teacher |", "| BAN-1 |", "| BAN-2 |", "| Ens*2 (1,2) |"):
+  for row in ("| Teacher |", "| BAN-1 |", "| BAN-2 |", "| BANE-2 |"):
     assert row in table
   assert len(results["generations"]) == 3
 

@@ -29,5 +29,5 @@ def test_pyproject_pins_equal_requirements():
 def test_pyproject_packages_ban_tf():
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
     toml = tomllib.load(f)
-  assert toml["tool"]["setuptools"]["packages"]["find"]["include"] == ["ban_tf"]
+  assert toml["tool"]["setuptools"]["packages"]["find"]["include"] == ["ban_tf", "ban_tf.*"]
   assert toml["project"]["name"] == "ban_tf"

@@ -72,7 +72,7 @@ def test_single_run_writes_table_and_png(tmp_path):
   md = open(out["results_md"]).read()
   assert "| Teacher | tiny | 1.5k | 7.10 |  |" in md
   assert "| BAN-2 | tiny | 1.5k | 6.41 | -0.69 |" in md
-  assert "| Ens*2 (1,2) | ensemble |  | 5.98 | -1.12 |" in md
+  assert "| BANE-2 | ensemble of 1,2 |  | 5.98 | -1.12 |" in md
 
 
 def test_curves_fall_back_to_train_accuracy(tmp_path):
@@ -117,7 +117,7 @@ def test_cli_with_run_dirs_list(tmp_path):
                          "--nohparams"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   _assert_png(os.path.join(out_dir, "report.png"))
-  assert "| Ens*2 (1,2) | ensemble |  | 15.00 ± 1.41 | -6.00 | 2 | 16.00, 14.00 |" in proc.stdout
+  assert "| BANE-2 | ensemble of 1,2 |  | 15.00 ± 1.41 | -6.00 | 2 | 16.00, 14.00 |" in proc.stdout
   # The label-only baseline is a row of the summary too (it used to be dropped).
   assert "| Baseline | tiny | 1.5k | 20.00 ± 1.41 | -1.00 | 2 | 19.00, 21.00 |" in proc.stdout
 
@@ -146,16 +146,60 @@ def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
   run = report.load_run(path)
   report.write_hparams(run)
   report.write_hparams(run)  # a rerun replaces, not duplicates
-  for gen in range(3):
+  exp = report.experiment_id(run.config)
+  for gen, role in enumerate(("teacher", "BAN-1", "BAN-2")):
     hp = _session_hparams(os.path.join(path, f"gen_{gen}", "tb"))
     assert hp["gen"] == gen and hp["arch"] == "tiny" and hp["seed"] == 3
-    assert hp["_trial"] == f"run/gen_{gen}"  # distinct across run dirs under one logdir
+    assert hp["_trial"] == f"{exp}/seed_3/{role}"  # unique per experiment, seed and generation
     assert hp["loss"] == ("labels" if gen == 0 else "ban") and hp["temperature"] == 1.0
+    # The experiment's flags, so rows of different experiments can be told apart and compared.
+    assert hp["flag/lr"] == 0.1 and hp["flag/epochs"] == 3 and hp["flag/batch_size"] == 128
+    assert hp["flag/kd_weight"] == 1.0 and hp["flag/label_weight"] == 0.0 and hp["flag/loss"] == "ban"
+    assert hp["flag/lr_milestones"] == "0.3,0.6,0.8" and hp["experiment"] == exp
   hp = _session_hparams(os.path.join(path, "ensemble_2", "tb"))
   assert hp["arch"] == "ensemble" and hp["role"] == "BANE-2" and hp["gen"] == 2
+  assert hp["_trial"] == f"{exp}/seed_3/BANE-2"
   # The ensemble run carries the metric itself, as the generations' runs do.
   values = [float(tf.make_ndarray(v.tensor)) for p in glob.glob(os.path.join(path, "ensemble_2", "tb", "*"))
             for e in tf.compat.v1.train.summary_iterator(p) for v in e.summary.value if v.tag == "test/error"]
   assert values == [pytest.approx(0.15)]
-  experiment = glob.glob(os.path.join(path, "*tfevents*" + report.HPARAMS_SUFFIX))
-  assert len(experiment) == 1
+  # No events file in the run directory itself: TensorBoard shows no empty "." run.
+  assert not glob.glob(os.path.join(path, "*tfevents*"))
+
+
+def test_hparams_trials_differ_across_experiments_with_the_same_seeds(tmp_path):
+  """Two --seeds=2 experiments under one logdir: 2 x 2 x 4 distinct trial ids (they used to merge)."""
+  trials = set()
+  for loss in ("ban", "cwtm"):
+    for seed in (0, 100):
+      path = _fake_run(str(tmp_path / loss / f"seed_{seed}"), seed, [0.3, 0.25, 0.2, 0.15])
+      cfg = json.load(open(os.path.join(path, "config.json")))
+      cfg["loss"] = loss
+      json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+      report.write_hparams(report.load_run(path))
+      for sub in ("gen_0", "gen_1", "gen_2", "ensemble_2"):
+        trials.add(_session_hparams(os.path.join(path, sub, "tb"))["_trial"])
+  assert len(trials) == 16, sorted(trials)
+
+
+def test_results_md_states_data_epochs_seed_and_delta_legend(tmp_path):
+  path = _fake_run(str(tmp_path / "run"), 7, [0.071, 0.0653, 0.0641, 0.0598])
+  res = json.load(open(os.path.join(path, "results.json")))
+  res["data"] = {"unit": "examples", "train": 768, "val": 256, "test": 10000}
+  json.dump(res, open(os.path.join(path, "results.json"), "w"))
+  md = open(report.write_report(path, hparams=False)["results_md"]).read()
+  assert "Data: fashion_mnist, 768 train / 256 val / 10000 test examples; 3 epochs per generation; seed 7." in md
+  assert "positive = worse" in md
+  assert json.load(open(os.path.join(path, "results.json")))["data"]["train"] == 768  # kept on a redo
+
+
+def test_plot_shows_baseline_and_seed_spread(tmp_path):
+  runs = [report.load_run(_fake_run(str(tmp_path / f"s{seed}"), seed, [0.2 + seed / 100, 0.18, 0.17, 0.16],
+                                    baseline=0.19 + seed / 100)) for seed in (0, 1)]
+  legends = {}
+  report.plot(runs, str(tmp_path / "r.png"), legends=legends)
+  summary = " | ".join(legends["summary"])
+  assert "Baseline" in summary and "mean ± std of 2 runs" in summary
+  assert legends["spread_points"] == 2 * 5  # every run's value of Teacher, BAN-1, BAN-2, BANE-2, Baseline
+
+

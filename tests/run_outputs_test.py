@@ -68,11 +68,13 @@ def _scalars(logdir):
 def test_tensorboard_runs_per_generation(run_dir):
   per_gen = [_scalars(os.path.join(run_dir, f"gen_{g}", "tb")) for g in range(GENS + 1)]
   tags = [set(s) for s in per_gen]
-  # Identical tags in every generation (so TensorBoard overlays them), except that
-  # only students, which have a teacher, log teacher_agreement.
-  assert "train/teacher_agreement" not in tags[0]
+  # The same tags in every generation (so TensorBoard overlays them), except that only
+  # students, which have a teacher, log teacher_agreement and the KD term, and that a
+  # term with weight 0 draws no all-zero line (BAN students: no label term).
+  assert not {"train/teacher_agreement", "train/kd_loss"} & tags[0]
   for t in tags[1:]:
-    assert t == tags[1] and t - tags[0] == {"train/teacher_agreement"}
+    assert t == tags[1]
+    assert t - tags[0] == {"train/teacher_agreement", "train/kd_loss"} and tags[0] - t == {"train/label_loss"}
   assert {"train/loss", "train/accuracy", "train/learning_rate", "val/accuracy", "test/error"} <= tags[0]
   for g, scalars in enumerate(per_gen):
     history = export.read_json(os.path.join(run_dir, f"gen_{g}", "history.json"))
@@ -99,7 +101,7 @@ def test_evaluate_reloads_savedmodels_and_matches_results(run_dir, tmp_path):
                        results["generations"] + results["ensembles"]):
     assert abs(got["test_accuracy"] - want["test_accuracy"]) < 1e-6, (got, want)
     assert abs(got["test_error"] - want["test_error"]) < 1e-6
-  assert "| Ens*2 (1,2) | ensemble |" in stdout
+  assert "| BANE-2 | ensemble of 1,2 |" in stdout
   assert "max |accuracy difference| vs results.json" in stdout
 
 

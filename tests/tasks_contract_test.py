@@ -147,7 +147,7 @@ def test_kill_resume_rerun_evaluate_report(name, tmp_path, monkeypatch, capsys, 
         m.key for m in task.extra_columns if m.derive is None):
       np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} of {want}")
   table = evaluate.table(evaluated)
-  assert task.headline.title in table and "| Teacher |" in table and "| Ens*2 (1,2) |" in table
+  assert task.headline.title in table and "| Teacher |" in table and "| BANE-2 |" in table
 
   # 4. report: results.md (the table) and report.png.
   paths = report.write_report(run_dir, hparams=False)

@@ -86,12 +86,12 @@ def test_aggregate_mean_std():
   per_seed = [res([0.2, 0.1, 0.05, 0.3]), res([0.4, 0.2, 0.15, 0.5])]
   metric = tasks.get("image").headline
   rows = results.aggregate(per_seed, metric)
-  assert [r["name"] for r in rows] == ["Teacher", "BAN-1", "Ens*2 (T,1)", "Baseline"]
+  assert [r["name"] for r in rows] == ["Teacher", "BAN-1", "BANE-2", "Baseline"]
   assert [r["key"] for r in rows] == ["Teacher", "BAN-1", "BANE-2", "Baseline"]
   np.testing.assert_allclose([r["mean"] for r in rows], [30, 15, 10, 40])
   np.testing.assert_allclose([r["std"] for r in rows], np.std([[20, 10, 5, 30], [40, 20, 15, 50]],
                                                               axis=0, ddof=1))
-  assert "| Ens*2 (T,1) | ensemble |  | 10.00 ± 7.07 | -20.00 | 2 | 5.00, 15.00 |" in results.aggregate_table(rows, metric)
+  assert "| BANE-2 | ensemble of T,1 |  | 10.00 ± 7.07 | -20.00 | 2 | 5.00, 15.00 |" in results.aggregate_table(rows, metric)
 
 
 @pytest.mark.slow

@@ -28,19 +28,26 @@ check() {  # $1: mode (wheel|editable); $2: where ban_tf must be imported from
   else
     "$venv/bin/python" -m pip install -q --no-deps -e "$ws"
   fi
-  (cd "$tmp" && "$venv/bin/python" - "$2" <<'PY'
-import importlib, os, pkgutil, sys
+  (cd "$tmp" && "$venv/bin/python" - "$2" "$ws/ban_tf" <<'PY'
+import glob, importlib, os, pkgutil, sys
 import ban_tf
 where = os.path.realpath(os.path.dirname(ban_tf.__file__))
 assert where.startswith(os.path.realpath(sys.argv[1])), f"ban_tf imported from {where}, not {sys.argv[1]}"
-names = [m.name for m in pkgutil.iter_modules(ban_tf.__path__)]
-assert {"main", "data", "distiller", "export", "models"} <= set(names), names
+def sources(root):  # every .py file of the package, subpackages included
+  return {os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)}
+missing = sources(sys.argv[2]) - sources(where)
+assert not missing, f"not installed: {sorted(missing)}"
+names = [m.name for m in pkgutil.walk_packages(ban_tf.__path__, "ban_tf.")]
+assert {"ban_tf.main", "ban_tf.data", "ban_tf.distiller", "ban_tf.export"} <= set(names), names
 for name in names:
-  importlib.import_module(f"ban_tf.{name}")
+  importlib.import_module(name)
 print(f"ok: {len(names)} modules import from {where}")
 PY
   )
-  (cd "$tmp" && "$venv/bin/python" -m ban_tf.main --help | head -1)
+  local help
+  help="$(cd "$tmp" && "$venv/bin/python" -m ban_tf.main --help)"
+  echo "${help%%$'\n'*}"
+  grep -q -- "--image_folder" <<<"$help"
 }
 
 check wheel "$tmp/wheel"

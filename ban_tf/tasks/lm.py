@@ -7,9 +7,9 @@ paper's Table 6. SavedModels take int32 token ids and carry vocab.txt beside the
 
 Learning-rate schedule (paper section 4.2): plain SGD from `--lr`, multiplied by
 `--lr_plateau_decay` at the start of an epoch whenever the validation perplexity of
-the previous epoch did not improve on the best so far by more than
-`--lr_plateau_min_delta` (Table 6 LSTM: x0.25, delta 0; CNN-LSTM: x0.5, delta 0.5);
-see schedules.plateau_lr. The rate is a pure function of the validation
+the previous epoch did not improve by `--lr_plateau_min_delta` on the best so far or,
+with `--lr_plateau_reference=previous`, on the epoch before it (Table 6 LSTM: x0.25,
+delta 0, best; CNN-LSTM: x0.5, delta 0.5, previous); see schedules.plateau_lr. The rate is a pure function of the validation
 perplexities in history.json, so a resumed generation replays it exactly.
 """
 
@@ -55,6 +55,8 @@ class LanguageModel(base.Task):
          f"--vocab_size={cfg.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)")
     need(0 < cfg.lr_plateau_decay <= 1, f"--lr_plateau_decay={cfg.lr_plateau_decay}: must be in (0, 1]")
     need(cfg.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={cfg.lr_plateau_min_delta}: must be >= 0")
+    need(cfg.lr_plateau_reference in ("best", "previous"),  # schedules.plateau_lr
+         f"--lr_plateau_reference={cfg.lr_plateau_reference!r}: use best or previous")
     need(cfg.dataset != "ptb" or cfg.ptb_dir,
          "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
     need(not cfg.train_examples and not cfg.val_examples,
@@ -95,7 +97,8 @@ class LanguageModel(base.Task):
 
   def callbacks(self, cfg, history, optimizer):
     from ban_tf import schedules  # pylint: disable=g-import-not-at-top
-    return [schedules.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer)]
+    return [schedules.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer,
+                                   reference=cfg.lr_plateau_reference)]
 
   def summarize(self, result):
     return {f"{split}_perplexity": perplexity(result[f"{split}_loss"])

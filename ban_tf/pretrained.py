@@ -1,0 +1,359 @@
+"""A pretrained teacher as generation 0 (--teacher=PATH): recognised, checked, imported, measured.
+
+`--teacher=PATH` makes PATH generation 0 instead of training one. PATH is one of:
+
+* a ban_tf generation directory (`RUN/gen_k/`, or its `saved_model/`): its SavedModel
+  is re-verified against its own fingerprint and copied as it is (every endpoint,
+  so `--feature_weight` works), with `model.keras` (so `--share_stem_head` works);
+* any other SavedModel directory: its `serving_default` signature must take one
+  image batch (float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to the
+  signature's dtype) and return one tensor of logits, or probabilities with
+  `--teacher_outputs=probabilities` (a dict of several outputs is read at the key
+  `logits` / `probabilities`);
+* a `.keras` file (a model from those raw pixels to logits, or probabilities).
+
+Probabilities are used as log-probabilities: softmax(log p / T) is proportional to
+p^(1/T), which is softmax(z / T) for any logits z with softmax(z) = p, so every
+objective sees the teacher it would see through its logits.
+
+The model is checked against the data set (input shape and the number of classes,
+one-line errors naming the mismatch), then written to gen_0/ as a ban_tf generation:
+`saved_model/` with the standard endpoints and a fingerprint (what `rundir` re-verifies
+on every resume), `model.keras` where there is one, and `metrics.json` with its test
+(and val) accuracy measured here: the Teacher row. `metrics.json`'s `source` records
+the path and the sha256 of its bytes, so that a rerun whose --teacher file was
+replaced since is refused (`check_source`) instead of mixing two teachers in one run.
+
+Top-level imports are the standard library only: `Config.validate` calls `check_path`.
+"""
+
+import hashlib
+import os
+
+from ban_tf import errors
+from ban_tf import manifest
+
+GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
+SOURCE_KEY = "source"  # gen_0/metrics.json: {"path", "kind", "outputs", "sha256"}
+_PROBABILITY_FLOOR = 1e-30  # log(0) guard for probability teachers (as distiller._safe_log)
+
+
+def check_path(path):
+  """(kind, saved_model_dir or .keras path) of a --teacher PATH; pure Python.
+
+  Raises:
+    errors.UsageError: PATH does not exist, or is none of the accepted forms.
+  """
+  if not os.path.exists(path):
+    raise errors.UsageError(f"--teacher={path}: no such file or directory")
+  if os.path.isfile(path):
+    if path.endswith(".keras"):
+      return KERAS, path
+    raise errors.UsageError(f"--teacher={path}: a file must be a .keras model; pass a SavedModel "
+                            "or a ban_tf generation directory as its directory")
+  if os.path.exists(os.path.join(path, "saved_model", "saved_model.pb")):
+    return GENERATION, os.path.join(path, "saved_model")
+  if os.path.exists(os.path.join(path, "saved_model.pb")):
+    return SAVED_MODEL, path
+  raise errors.UsageError(f"--teacher={path}: holds neither saved_model.pb nor saved_model/ (a ban_tf gen_k/ "
+                          "directory): pass a SavedModel directory, a generation directory or a .keras file")
+
+
+def imported_into(run_dir, path):
+  """Whether a run directory (or one of its seed_S/ runs) already holds `path` as its gen_0.
+
+  Such a run resumes without the file: its gen_0/ holds the copy the students learned from.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  for gen_dir in [os.path.join(run_dir, "gen_0")] + glob.glob(os.path.join(run_dir, "seed_*", "gen_0")):
+    metrics = os.path.join(gen_dir, "metrics.json")
+    if os.path.exists(os.path.join(gen_dir, "DONE")) and os.path.exists(metrics):
+      with open(metrics) as f:
+        if (json.load(f).get(SOURCE_KEY) or {}).get("path") == os.path.abspath(path):
+          return True
+  return False
+
+
+def source_sha256(path):
+  """sha256 over a file's bytes, or a directory's files (relative names and bytes, sorted)."""
+  h = hashlib.sha256()
+  if os.path.isfile(path):
+    files = [(os.path.basename(path), path)]
+  else:
+    files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+                   for d, _, names in os.walk(path) for f in names)
+  for rel, full in files:
+    h.update(rel.encode() + b"\0")
+    with open(full, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def check_source(cfg, gen_dir):
+  """Refuses a rerun whose --teacher was replaced since it was imported into `gen_dir`.
+
+  A teacher that is gone is fine (gen_0/ holds the copy this run used); one whose
+  bytes changed, or another path, is not: the students trained so far learned from
+  the old one. Raises errors.TeacherError (one line, naming the fix).
+  """
+  from ban_tf import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  metrics_path = os.path.join(gen_dir, "metrics.json")
+  recorded = export.read_json(metrics_path).get(SOURCE_KEY) if os.path.exists(metrics_path) else None
+  fix = "restore it, or start over with --overwrite (or another --run_dir) to use the new one"
+  if not recorded:
+    raise errors.TeacherError(f"{gen_dir} was trained by this run, not imported from --teacher={cfg.teacher}: "
+                              "drop --teacher to resume it, or start over with --overwrite")
+  if not os.path.exists(cfg.teacher):
+    return
+  _, src = check_path(cfg.teacher)
+  digest = source_sha256(src)
+  if digest != recorded["sha256"]:
+    raise errors.TeacherError(
+        f"--teacher={cfg.teacher} changed since this run imported it into {gen_dir} (sha256 {digest[:12]} "
+        f"!= {recorded['sha256'][:12]}): {fix}")
+
+
+def _fail(path, what):
+  return errors.TeacherError(f"--teacher={path}: {what}")
+
+
+def _signature_io(loaded, path, outputs):
+  """(input name, input TensorSpec, output key) of the SavedModel's serving_default."""
+  sigs = getattr(loaded, "signatures", {})
+  if "serving_default" not in sigs:
+    raise _fail(path, f"has no serving_default signature (it has {sorted(sigs) or 'none'}): export it with "
+                "model.export(PATH) or tf.saved_model.save(..., signatures=...)")
+  fn = sigs["serving_default"]
+  args, kwargs = fn.structured_input_signature
+  inputs = dict(kwargs)
+  if args or len(inputs) != 1:
+    raise _fail(path, f"serving_default takes {sorted(inputs)}: it must take one image batch")
+  name, spec = next(iter(inputs.items()))
+  outs = fn.structured_outputs
+  if not isinstance(outs, dict):
+    outs = {"output_0": outs}
+  if len(outs) == 1:
+    key = next(iter(outs))
+  elif outputs in outs:
+    key = outputs
+  else:
+    raise _fail(path, f"serving_default returns {sorted(outs)}: return one tensor, or name it '{outputs}' "
+                "(--teacher_outputs)")
+  other = "probabilities" if outputs == "logits" else "logits"
+  if key == other:
+    raise _fail(path, f"serving_default returns '{key}' but --teacher_outputs={outputs}: pass "
+                f"--teacher_outputs={other}")
+  return name, spec, key
+
+
+def _check_input(path, shape, spec):
+  """The model's input shape [N, ...] (None = any) against the data set's serving shape."""
+  want = tuple(spec.serving_shape)
+  got = tuple(shape[1:])
+  fits = len(got) == len(want) and all(g is None or w is None or g == w for g, w in zip(got, want))
+  if not fits:
+    shown = tuple("any" if d is None else d for d in got)
+    raise _fail(path, f"takes inputs of shape {shown} but {spec.name}'s are {want}: use a teacher for "
+                f"{spec.name}'s {spec.input_name}" + (" (or --image_size=H,W)" if spec.input_name == "pixels" else ""))
+
+
+def _check_outputs(path, out, spec, outputs):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not spec.matches_outputs(out.shape):
+    raise _fail(path, f"outputs shape {tuple(out.shape[1:])} per example but {spec.name} has {spec.num_outputs} "
+                f"{spec.output_unit}: use a teacher trained on {spec.name}'s {spec.output_unit}")
+  if not np.all(np.isfinite(out)):
+    raise _fail(path, "outputs NaN or Inf on a pixel batch in [0, 255]")
+  if outputs == "probabilities":
+    p = np.exp(out)  # the adapter's log-probabilities
+    if not np.allclose(p.sum(axis=-1), 1.0, atol=1e-3):
+      raise _fail(path, "outputs do not sum to 1 per example: they are not probabilities; use "
+                  "--teacher_outputs=logits")
+
+
+def _adapter(path, kind, src, spec, outputs):
+  """(keras.Model from the data set's inputs to float32 logits, its .keras model or None, facts)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def log_probs(p):
+    return keras.ops.log(keras.ops.maximum(keras.ops.cast(p, "float32"), _PROBABILITY_FLOOR))
+
+  inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype, name=spec.input_name)
+  if kind == KERAS:
+    try:
+      model = keras.saving.load_model(src, compile=False)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160]})") from None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+      raise _fail(path, f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs: it must map one image "
+                  "batch to one tensor")
+    _check_input(path, tuple(model.inputs[0].shape), spec)
+    out = model(inputs, training=False)
+    out = keras.layers.Activation(log_probs, dtype="float32", name="log_probs")(out) if outputs == "probabilities" \
+        else keras.layers.Activation("linear", dtype="float32", name="logits_f32")(out)
+    facts = {"arch": f"{os.path.basename(src)} ({model.name})", "params": int(model.count_params())}
+    return keras.Model(inputs, out, name="teacher"), (model if outputs == "logits" else None), facts
+
+  loaded = tf.saved_model.load(src)
+  name, sig_spec, key = _signature_io(loaded, path, outputs)
+  _check_input(path, tuple(sig_spec.shape), spec)
+
+  class _Signature(keras.layers.TFSMLayer):
+    """serving_default, fed the data set's inputs cast to its dtype, returning output `key` as logits."""
+
+    def call(self, x, training=False):  # pylint: disable=unused-argument
+      y = self.call_endpoint_fn(**{name: tf.cast(x, sig_spec.dtype)})[key]
+      y = tf.cast(y, tf.float32)
+      return tf.math.log(tf.maximum(y, _PROBABILITY_FLOOR)) if outputs == "probabilities" else y
+
+    def compute_output_shape(self, input_shape):
+      return (input_shape[0],) + tuple(spec.output_shape)
+
+  layer = _Signature(src, call_endpoint="serving_default", trainable=False, name="teacher_signature",
+                     dtype="float32")
+  facts = {"arch": os.path.basename(os.path.normpath(src if kind != GENERATION else os.path.dirname(src))),
+           "params": int(sum(int(tf.size(v)) for v in getattr(loaded, "variables", [])))}
+  return keras.Model(inputs, layer(inputs), name="teacher"), None, facts
+
+
+def _copy_tree(src, dst):
+  """Copies directory `src` to `dst` atomically (a temporary sibling, then a rename)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  tmp = export._tmp_path(dst)  # pylint: disable=protected-access
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp)
+  export._replace_dir(tmp, dst)  # pylint: disable=protected-access
+
+
+def _copy_file(src, dst):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  tmp = export._tmp_path(dst)  # pylint: disable=protected-access
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def _import_generation(cfg, src, spec, out_dir):
+  """A ban_tf generation: verified against its own fingerprint, then copied as it is."""
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = export.verify_saved_model(src)
+  loaded = tf.saved_model.load(src)
+  sig = loaded.signatures.get("serving_default")
+  if sig is not None:
+    (_, sig_spec), = dict(sig.structured_input_signature[1]).items()
+    _check_input(cfg.teacher, tuple(sig_spec.shape), spec)
+    if set(sig.structured_outputs) == {export.PROBABILITIES}:
+      raise _fail(cfg.teacher, "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
+                  "--teacher_outputs=probabilities")
+  _check_outputs(cfg.teacher, out, spec, "logits")
+  _copy_tree(src, os.path.join(out_dir, "saved_model"))
+  gen_dir = os.path.dirname(src)
+  facts = {}
+  metrics = os.path.join(gen_dir, "metrics.json")
+  if os.path.exists(metrics):
+    m = export.read_json(metrics)
+    facts = {k: m[k] for k in ("arch", "params", "seed", "epochs", "seconds", "objective", "weights_sha256")
+             if k in m}
+  keras_path = os.path.join(gen_dir, "model.keras")
+  if os.path.exists(keras_path):
+    _copy_file(keras_path, os.path.join(out_dir, "model.keras"))
+  return facts
+
+
+def _check_teacher_arch(cfg, facts):
+  """A --teacher_arch given with a ban_tf generation must be the architecture it was trained as."""
+  if cfg.teacher_arch and facts.get("arch") and facts["arch"] != cfg.arch_for(0):
+    raise _fail(cfg.teacher, f"was trained as {facts['arch']} but --teacher_arch={cfg.teacher_arch}: "
+                f"pass --teacher_arch={facts['arch']} (or drop it)")
+
+
+def import_teacher(cfg, strategy, dataset, out_dir):
+  """Makes --teacher generation 0 in `out_dir` (gen_0/); returns its metrics dict.
+
+  Checks the model against the data set, writes gen_0/saved_model (fingerprinted)
+  and model.keras where there is one, measures its val and test accuracy (and the
+  task's derived metrics, e.g. perplexity) with the same Distiller evaluation as
+  every generation, then writes metrics.json and the DONE marker last.
+
+  Raises:
+    errors.TeacherError: a model that cannot be read or does not fit the data set.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from ban_tf import cluster  # pylint: disable=g-import-not-at-top
+  from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  from ban_tf import train  # pylint: disable=g-import-not-at-top
+
+  t0 = time.time()
+  task = tasks.get(cfg.task)
+  spec = task.spec(dataset)
+  kind, src = check_path(cfg.teacher)
+  os.makedirs(out_dir, exist_ok=True)
+  sm_out = os.path.join(out_dir, "saved_model")
+  is_ban_tf = kind == GENERATION or (kind == SAVED_MODEL and os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
+                                     and os.path.basename(os.path.normpath(src)) == "saved_model")
+  if is_ban_tf and cfg.teacher_outputs == "logits":
+    facts = _import_generation(cfg, src, spec, out_dir)
+    _check_teacher_arch(cfg, facts)
+    kind = GENERATION
+  else:
+    model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
+    out = model.predict(spec.example_inputs(), verbose=0)
+    _check_outputs(cfg.teacher, out, spec, cfg.teacher_outputs)
+    export.export_saved_model(model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
+    if keras_model is not None:
+      export.save_keras(keras_model, os.path.join(out_dir, "model.keras"))
+      facts["weights_sha256"] = train.weights_digest(keras_model)
+  for name, text in spec.assets:
+    export.write_text(text, os.path.join(out_dir, name))
+  # Evaluated through its gen_0 copy, as the next generation will be taught by it.
+  multi_worker = cluster.is_multi_worker(strategy)
+  layer = export.load_teacher(sm_out, None if multi_worker else strategy)
+  scope = contextlib.nullcontext() if multi_worker else strategy.scope()
+  with scope:
+    inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
+    scorer = distiller_lib.Distiller(keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity)
+    scorer.compile()
+  result = {"gen": 0, "role": "teacher", "arch": facts.get("arch", "?"), "params": int(facts.get("params", 0)),
+            "seed": facts.get("seed"), "epochs": facts.get("epochs", 0), "objective": facts.get("objective"),
+            "teacher": None, "pretrained": True,
+            SOURCE_KEY: {"path": os.path.abspath(cfg.teacher), "kind": kind, "outputs": cfg.teacher_outputs,
+                         "sha256": source_sha256(src)}}
+  if facts.get("weights_sha256"):
+    result["weights_sha256"] = facts["weights_sha256"]
+  result.update(train.evaluate_splits(scorer, dataset, cfg.batch_size))
+  derived = task.summarize(result)
+  result.update(derived)
+  result["seconds"] = facts.get("seconds", time.time() - t0)
+  writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
+  with writer.as_default(step=0):
+    tf.summary.scalar("test/accuracy", result["test_accuracy"])
+    tf.summary.scalar("test/error", result["test_error"])
+    for key in derived:
+      split, name = key.split("_", 1)
+      tf.summary.scalar(f"{split}/final_{name}", result[key])
+  writer.flush()
+  export.write_json(result, os.path.join(out_dir, "metrics.json"))
+  # Bound to the run before DONE, as a trained generation is (manifest.py); `source`: where it came from.
+  run_dir, name = os.path.split(os.path.abspath(out_dir))
+  manifest.record(run_dir, name, source=result[SOURCE_KEY], **manifest.digests(out_dir))
+  export.touch_done(out_dir)
+  logging.info("gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f", cfg.teacher, kind,
+               result["test_accuracy"], task.headline.key, result[task.headline.key])
+  chance = 1.0 / max(spec.num_outputs, 1)
+  if spec.output_unit == "classes" and result["test_accuracy"] < 1.5 * chance:
+    logging.warning("--teacher=%s scores %.4f test accuracy, near chance (%.4f): does it take raw pixels in "
+                    "[0, 255], as the data set gives them? (README 'Your own teacher')", cfg.teacher,
+                    result["test_accuracy"], chance)
+  return result
