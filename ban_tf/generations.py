@@ -118,7 +118,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
 def _readable(path):
   """(the JSON object in `path`, None) or (None, why it cannot be used)."""
   try:
-    return export.read_json_checked(path, "kept from the previous results.json"), None
+    return export.read_json_checked(path, "restore it, or delete its directory to retrain it"), None
   except errors.UsageError as e:
     return None, str(e)
 

@@ -274,7 +274,7 @@ def test_replaced_teacher_is_refused_and_a_removed_one_is_not(teachers, tmp_path
   code, out, err = _main(monkeypatch, capsys, argv + ["--gens=2"])
   assert code == 0, err
   assert before == {f: os.stat(os.path.join(run_dir, "gen_1", f)).st_mtime_ns for f in ("metrics.json", "DONE")}
-  assert export.is_done(os.path.join(run_dir, "gen_2")) and "Ens*3 (T,1,2)" in out
+  assert export.is_done(os.path.join(run_dir, "gen_2")) and "| BANE-2 | ensemble of T,1,2 |" in out
 
 
 @needs_data

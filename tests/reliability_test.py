@@ -203,7 +203,7 @@ def test_smaller_gens_and_a_damaged_later_generation_keep_every_row(finished, tm
   assert gens2[1]["test_error"] == gens[1]["test_error"]
   assert "gen_1/metrics.json is damaged" in gens2[1]["damaged"]
   md = open(os.path.join(run, "results.md")).read()
-  assert "| BAN-1 (damaged) |" in md and "| Ens*2 (1,2) |" in md and "previous results.json" in md
+  assert "| BAN-1 (damaged) |" in md and "| BANE-2 |" in md and "previous results.json" in md
 
 
 # ---- paths, sizes and flag combinations: refused before any data is loaded ----------
