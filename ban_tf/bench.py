@@ -321,14 +321,14 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
             "mixed_bfloat16" if compare_precision == "bf16" else "mixed_float16")
         try:
           with strategy.scope():
-            low_teacher = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed + 100).student
+            low_teacher = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed + 100).student
           low_teacher.set_weights(teacher_model.get_weights())
           export.export_saved_model(low_teacher, os.path.join(tmp, "teacher_low"), info.image_shape)
           low = export.load_teacher(os.path.join(tmp, "teacher_low"), strategy,
                                     expected_classes=info.num_classes)
           with strategy.scope():
-            sup_low = _build_distiller(cfg, info, None, steps_per_epoch, cfg.seed, augment)
-            dis_low = _build_distiller(cfg, info, low, steps_per_epoch, cfg.seed + 1, augment)
+            sup_low = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed, augment)
+            dis_low = _build_distiller(cfg, source, low, steps_per_epoch, cfg.seed + 1, augment)
           timers[f"supervised_{compare_precision}"] = StepTimer(sup_low, batch)
           timers[f"distill_{compare_precision}"] = StepTimer(dis_low, batch)
           say(f"teachers compute in {teacher.compute_dtype_found} and {low.compute_dtype_found}")

@@ -49,6 +49,9 @@ def define_flags(fv=FLAGS):
   flags.field("ptb_dir", "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
   flags.field("vocab_size", "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
   flags.field("bptt", "[data] lm: unrolled steps per training window.")
+  flags.field("lm_state", "[data] lm: carry (the LSTM state flows across consecutive windows of each batch "
+              "row, teacher included, reset per epoch; evaluation runs each split as one stream) or reset "
+              "(every window starts from zeros).")
   # Models.
   flags.field("arch", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny, "
               "wrn-match-U / prebn-match-U (widths from a DenseNet --teacher_arch), "
@@ -229,6 +232,7 @@ def _run(cfg, console, keras, tf):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
+  from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   strategy = make_strategy(cfg.num_cpu_devices, cfg.strategy)
@@ -243,6 +247,8 @@ def _run(cfg, console, keras, tf):
   spec = task.spec(dataset)
   dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
+  if cfg.teacher and not pretrained.imported_into(run_dir, cfg.teacher):
+    pretrained.check_teacher(cfg, spec)  # before the run directory records it: a misfit changes nothing
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)

@@ -238,8 +238,8 @@ def _copy_file(src, dst):
   os.replace(tmp, dst)
 
 
-def _import_generation(cfg, src, spec, out_dir):
-  """A ban_tf generation: verified against its own fingerprint, then copied as it is."""
+def _check_generation(cfg, src, spec):
+  """A ban_tf generation's SavedModel: its own fingerprint, input and outputs; its metrics' facts."""
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = export.verify_saved_model(src)
@@ -252,18 +252,19 @@ def _import_generation(cfg, src, spec, out_dir):
       raise _fail(cfg.teacher, "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
                   "--teacher_outputs=probabilities")
   _check_outputs(cfg.teacher, out, spec, "logits")
+  metrics = os.path.join(os.path.dirname(src), "metrics.json")
+  if not os.path.exists(metrics):
+    return {}
+  m = export.read_json(metrics)
+  return {k: m[k] for k in ("arch", "params", "seed", "epochs", "seconds", "objective", "weights_sha256") if k in m}
+
+
+def _copy_generation(src, out_dir):
+  """Copies a ban_tf generation's saved_model/ (every endpoint) and model.keras into out_dir."""
   _copy_tree(src, os.path.join(out_dir, "saved_model"))
-  gen_dir = os.path.dirname(src)
-  facts = {}
-  metrics = os.path.join(gen_dir, "metrics.json")
-  if os.path.exists(metrics):
-    m = export.read_json(metrics)
-    facts = {k: m[k] for k in ("arch", "params", "seed", "epochs", "seconds", "objective", "weights_sha256")
-             if k in m}
-  keras_path = os.path.join(gen_dir, "model.keras")
+  keras_path = os.path.join(os.path.dirname(src), "model.keras")
   if os.path.exists(keras_path):
     _copy_file(keras_path, os.path.join(out_dir, "model.keras"))
-  return facts
 
 
 def _check_teacher_arch(cfg, facts):
@@ -271,6 +272,36 @@ def _check_teacher_arch(cfg, facts):
   if cfg.teacher_arch and facts.get("arch") and facts["arch"] != cfg.arch_for(0):
     raise _fail(cfg.teacher, f"was trained as {facts['arch']} but --teacher_arch={cfg.teacher_arch}: "
                 f"pass --teacher_arch={facts['arch']} (or drop it)")
+
+
+class Checked:
+  """A --teacher that fits the data set: kind, source path, facts (arch, params, ...), and,
+  unless it is a ban_tf generation (copied as it is), the adapter model to export."""
+
+  def __init__(self, kind, src, facts, model=None, keras_model=None):
+    self.kind, self.src, self.facts, self.model, self.keras_model = kind, src, facts, model, keras_model
+
+
+def check_teacher(cfg, spec):
+  """Loads --teacher and checks it against the data set (a tasks.DataSpec); writes nothing.
+
+  main.run calls it before the run directory is opened, so a teacher that does not fit
+  is refused before config.json records it.
+
+  Raises:
+    errors.TeacherError: a model that cannot be read or does not fit the data set.
+  """
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  kind, src = check_path(cfg.teacher)
+  is_ban_tf = kind == GENERATION or (os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
+                                     and os.path.basename(os.path.normpath(src)) == "saved_model")
+  if is_ban_tf and cfg.teacher_outputs == "logits":
+    facts = _check_generation(cfg, src, spec)
+    _check_teacher_arch(cfg, facts)
+    return Checked(GENERATION, src, facts)
+  model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
+  _check_outputs(cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs)
+  return Checked(kind, src, facts, model, keras_model)
 
 
 def import_teacher(cfg, strategy, dataset, out_dir):
@@ -292,38 +323,41 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   from ban_tf import train  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
-  kind, src = check_path(cfg.teacher)
+  checked = check_teacher(cfg, spec)
+  kind, src, facts = checked.kind, checked.src, dict(checked.facts)
   os.makedirs(out_dir, exist_ok=True)
   sm_out = os.path.join(out_dir, "saved_model")
-  is_ban_tf = kind == GENERATION or (kind == SAVED_MODEL and os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
-                                     and os.path.basename(os.path.normpath(src)) == "saved_model")
-  if is_ban_tf and cfg.teacher_outputs == "logits":
-    facts = _import_generation(cfg, src, spec, out_dir)
-    _check_teacher_arch(cfg, facts)
-    kind = GENERATION
+  if kind == GENERATION:
+    _copy_generation(src, out_dir)
   else:
-    model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
-    out = model.predict(spec.example_inputs(), verbose=0)
-    _check_outputs(cfg.teacher, out, spec, cfg.teacher_outputs)
-    export.export_saved_model(model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
-    if keras_model is not None:
-      export.save_keras(keras_model, os.path.join(out_dir, "model.keras"))
-      facts["weights_sha256"] = train.weights_digest(keras_model)
+    export.export_saved_model(checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
+    if checked.keras_model is not None:
+      export.save_keras(checked.keras_model, os.path.join(out_dir, "model.keras"))
+      facts["weights_sha256"] = train.weights_digest(checked.keras_model)
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))
   # Evaluated through its gen_0 copy, as the next generation will be taught by it.
   multi_worker = cluster.is_multi_worker(strategy)
   layer = export.load_teacher(sm_out, None if multi_worker else strategy)
   scope = contextlib.nullcontext() if multi_worker else strategy.scope()
+  stateful = None
+  if task.carries_state(cfg):  # scored like every generation: over the stream, carrying its state
+    stateful = export.load_teacher(sm_out, None if multi_worker else strategy, stateful=True)
   with scope:
     inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
-    scorer = distiller_lib.Distiller(keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity)
+    state = None
+    if stateful is not None:
+      state = distiller_lib.CarriedState(export.stateful_call(stateful), stateful.state_size,
+                                         tf.distribute.get_strategy().num_replicas_in_sync, 1)
+    scorer = distiller_lib.Distiller(keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity,
+                                     state=state)
     scorer.compile()
   result = {"gen": 0, "role": "teacher", "arch": facts.get("arch", "?"), "params": int(facts.get("params", 0)),
             "seed": facts.get("seed"), "epochs": facts.get("epochs", 0), "objective": facts.get("objective"),
@@ -336,7 +370,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   derived = task.summarize(result)
   result.update(derived)
   result["seconds"] = facts.get("seconds", time.time() - t0)
-  writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
+  writer = tf.summary.create_file_writer(  # run_dir/tb/Teacher (results.tensorboard_dir)
+      results_lib.tensorboard_dir(os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)))
   with writer.as_default(step=0):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])

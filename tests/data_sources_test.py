@@ -162,6 +162,7 @@ def test_tfds_set_without_image_features_names_them():
                           "pass --image_key=<its image feature>")
 
 
+@pytest.mark.slow
 def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path):
   """--image_folder through the binary's run(): trains, exports, re-evaluates from config.json."""
   root = str(tmp_path / "pets")

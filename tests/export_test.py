@@ -103,6 +103,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_model_keras_loads_in_plain_keras_without_ban_tf(tmp_path):
   """model.keras: stock layers, loadable in a fresh Python that never imports ban_tf,
   and equal to the SavedModel's outputs (with non-trivial BatchNorm statistics)."""

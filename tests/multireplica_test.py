@@ -240,6 +240,7 @@ def _assert_evaluate_matches_results(run_dir):
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas,val_examples,gens,sync", [
     (1, 37, 0, False), (2, 37, 2, False), (3, 36, 0, True)])
 def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens, sync):
@@ -316,6 +317,7 @@ def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
   np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)
 
 
+@pytest.mark.slow
 # ---- language models end to end: evaluate == results.json == history.json, and NumPy ---------------
 def test_lm_run_on_three_replicas_reports_its_saved_models(tmp_path):
   from ban_tf import config, main, text_data  # pylint: disable=g-import-not-at-top

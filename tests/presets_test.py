@@ -42,7 +42,7 @@ def _config(path):
 
 def test_every_table_has_presets():
   names = [os.path.basename(p) for p in PRESETS]
-  for table, count in (("table1_", 8), ("table2_", 20), ("table3_", 8), ("table4_", 7), ("table5_", 6)):
+  for table, count in (("table1_", 8), ("table2_", 24), ("table3_", 12), ("table4_", 7), ("table5_", 6)):
     assert sum(n.startswith(table) for n in names) == count, table
   for loss in ("ban", "ban_l", "cwtm", "dkpp", "sequence"):
     assert "table2_densenet-112-33_" + loss + ".flags" in names
@@ -55,7 +55,8 @@ def test_preset(path):
   assert first.startswith("# Paper Table "), first
   assert re.search(r"\d+\.\d+%", first), first
   cfg = _config(path)
-  cfg.validate()
+  # --teacher names another preset's run (test_one_teacher_per_row), not trained here.
+  dataclasses.replace(cfg, teacher=None).validate()
   table = os.path.basename(path).split("_")[0]
   assert cfg.dataset == ("cifar10" if table == "table1" else "cifar100")
   num_classes = _CLASSES[cfg.dataset]
@@ -85,6 +86,41 @@ def test_preset(path):
 
 
 @pytest.mark.parametrize("name", ["cifar10.flags", "cifar100.flags"])
+def _by_run_dir():
+  return {c.run_dir: (os.path.basename(p), c) for p in PRESETS for c in [_config(p)] if c.run_dir}
+
+
+def test_one_teacher_per_row():
+  """Table 2's columns and sequence, Table 3's columns and Tables 4-5's students learn from
+  the one teacher their row's *_teacher preset trains (gens=0), with its architecture."""
+  teachers = _by_run_dir()
+  for path in PRESETS:
+    name = os.path.basename(path)[:-len(".flags")]
+    cfg = _config(path)
+    table = name.split("_")[0]
+    if name.endswith("_teacher"):
+      assert cfg.gens == 0 and not cfg.teacher and cfg.run_dir == f"runs/paper/{name}"
+      continue
+    if table in ("table1", "table6"):  # one column per row: teacher and student in one run
+      assert not cfg.teacher
+      continue
+    assert cfg.teacher and cfg.teacher.endswith("/gen_0"), name
+    assert cfg.run_dir == f"runs/paper/{name}"  # every column has its own run directory
+    teacher_file, teacher = teachers[os.path.dirname(cfg.teacher)]
+    row = "_".join(name.split("_")[:2]) if table in ("table2", "table3") else "table2_densenet-90-60"
+    assert teacher_file == f"{row}_teacher.flags", name
+    assert teacher.dataset == cfg.dataset and teacher.arch_for(0) == cfg.arch_for(0), name
+    if table == "table3":  # the WRN paper's dropout for the WRN teacher; the DenseNet student has none
+      assert teacher.dropout_for(0) == 0.3
+      assert cfg.dropout_for(1) == (0.3 if name.endswith("_ban") else 0.0)
+  # BAN and BAN-1 of one teacher have different seeds.
+  for row in ("densenet-112-33", "densenet-90-60", "densenet-80-80", "densenet-80-120"):
+    ban = _config(os.path.join(REPO, "flags", "paper", f"table2_{row}_ban.flags"))
+    seq = _config(os.path.join(REPO, "flags", "paper", f"table2_{row}_sequence.flags"))
+    assert ban.teacher == seq.teacher and ban.seed_for(1) != seq.seed_for(1)
+    assert seq.seed_for(1) not in [ban.seed_for(g) for g in range(ban.gens + 1)]
+
+
 def test_short_presets_use_all_training_images(name):
   cfg = _config(os.path.join(REPO, "flags", name))
   cfg.validate()

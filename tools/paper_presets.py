@@ -2,8 +2,9 @@
 
   python tools/paper_presets.py > /tmp/presets.md   # the table of docs/presets.md
 
-One row per flags/paper/*.flags: the file, the architecture (teacher -> student when they
-differ), the trainable parameters of the student it builds (models.param_count /
+One row per flags/paper/*.flags: the file, where its teacher comes from (the preset that
+trains a row's one teacher, which its students' --teacher names), the architecture
+(teacher -> student when they differ), the trainable parameters of the student it builds (models.param_count /
 lm_models.param_count, pure Python, equal to the built Keras model's), the paper's count
 for that row, the difference in %, and the paper's result (the file's first line).
 Language models are counted with PTB's 10,000-word vocabulary.
@@ -56,12 +57,24 @@ def preset_config(path):
   return main.config_from_flags(fv)
 
 
+def teacher_source(cfg, by_run_dir):
+  """Where a preset's generation 0 comes from: the preset whose run it is taken from
+  (--teacher=RUN/gen_0), "trains it" for a teacher-only preset, "own" otherwise."""
+  if cfg.teacher:
+    run = os.path.dirname(os.path.normpath(cfg.teacher))
+    return by_run_dir.get(run, cfg.teacher)
+  return "trains it" if cfg.gens == 0 else "own"
+
+
 def rows():
-  """One dict per preset: file, teacher, student, params, paper_params, diff, result."""
+  """One dict per preset: file, teacher, student, source, params, paper_params, diff, result."""
   out = []
-  for path in sorted(glob.glob(os.path.join(PRESET_DIR, "*.flags"))):
+  paths = sorted(glob.glob(os.path.join(PRESET_DIR, "*.flags")))
+  configs = {os.path.basename(p)[:-len(".flags")]: preset_config(p) for p in paths}
+  by_run_dir = {c.run_dir: f"{n}.flags" for n, c in configs.items() if c.run_dir}
+  for path in paths:
     name = os.path.basename(path)[:-len(".flags")]
-    cfg = preset_config(path)
+    cfg = configs[name]
     teacher, student = cfg.arch_for(0), cfg.arch_for(1)
     if cfg.task == "lm":
       params = lm_models.param_count(student, PTB_VOCAB)
@@ -71,7 +84,8 @@ def rows():
     with open(path) as f:
       first = f.readline().strip()
     result = first.split(": ", 1)[1] if ": " in first else first
-    out.append({"file": name + ".flags", "teacher": teacher, "student": student, "params": params,
+    out.append({"file": name + ".flags", "teacher": teacher, "student": student,
+                "source": teacher_source(cfg, by_run_dir), "params": params,
                 "paper_params": paper, "diff": 100.0 * (params / paper - 1), "result": result})
   return out
 
@@ -81,11 +95,12 @@ def _millions(n):
 
 
 def presets_table():
-  lines = ["| File | Arch (teacher -> student) | Parameters | Paper's | Diff | Paper's result |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| File | Teacher from | Arch (teacher -> student) | Parameters | Paper's | Diff | Paper's result |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows():
     arch = r["student"] if r["teacher"] == r["student"] else f"{r['teacher']} -> {r['student']}"
-    cells = [f"`{r['file']}`", f"`{arch}`", _millions(r["params"]), f"{r['paper_params'] / 1e6:g}M",
+    source = f"`{r['source']}`" if r["source"].endswith(".flags") else r["source"]
+    cells = [f"`{r['file']}`", source, f"`{arch}`", _millions(r["params"]), f"{r['paper_params'] / 1e6:g}M",
              f"{r['diff']:+.1f}%", r["result"].replace("|", "\\|")]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
