@@ -31,6 +31,7 @@ import hashlib
 import os
 
 from ban_tf import errors
+from ban_tf import manifest
 
 GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
 SOURCE_KEY = "source"  # gen_0/metrics.json: {"path", "kind", "outputs", "sha256"}
@@ -322,6 +323,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   from ban_tf import train  # pylint: disable=g-import-not-at-top
 
@@ -368,7 +370,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   derived = task.summarize(result)
   result.update(derived)
   result["seconds"] = facts.get("seconds", time.time() - t0)
-  writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
+  writer = tf.summary.create_file_writer(  # run_dir/tb/Teacher (results.tensorboard_dir)
+      results_lib.tensorboard_dir(os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)))
   with writer.as_default(step=0):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])
@@ -377,6 +380,9 @@ def import_teacher(cfg, strategy, dataset, out_dir):
       tf.summary.scalar(f"{split}/final_{name}", result[key])
   writer.flush()
   export.write_json(result, os.path.join(out_dir, "metrics.json"))
+  # Bound to the run before DONE, as a trained generation is (manifest.py); `source`: where it came from.
+  run_dir, name = os.path.split(os.path.abspath(out_dir))
+  manifest.record(run_dir, name, source=result[SOURCE_KEY], **manifest.digests(out_dir))
   export.touch_done(out_dir)
   logging.info("gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f", cfg.teacher, kind,
                result["test_accuracy"], task.headline.key, result[task.headline.key])

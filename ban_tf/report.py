@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: write files only
 
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,22 +54,26 @@ def load_run(path):
   if not os.path.exists(res_path):
     raise errors.UsageError(f"{path} has no results.json: pass a run directory whose first generation finished")
   cfg_path = os.path.join(path, "config.json")
-  cfg = export.read_json(cfg_path) if os.path.exists(cfg_path) else {}
-  results = export.read_json(res_path)
+  cfg = export.read_json_checked(cfg_path, "restore it") if os.path.exists(cfg_path) else {}
+  results = export.read_json_checked(res_path, "rerun the training command to rebuild it from the generations")
   if "generations" not in results:
     raise errors.UsageError(f"{path} holds the summary of several runs, not one run: pass it as --run_dir")
   histories = {}
   for g in results["generations"]:
     hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
     if os.path.exists(hist):
-      histories[g["gen"]] = export.read_json(hist)
+      try:
+        histories[g["gen"]] = export.read_json_checked(hist, "its curve is left out", expect=list)
+      except errors.UsageError as e:
+        logging.warning("%s", e)
   return Run(path, cfg, results, histories)
 
 
 def _is_single_run(path):
   """A run directory (its results.json has generations), not a --seeds parent's summary."""
   res_path = os.path.join(path, "results.json")
-  return os.path.exists(res_path) and "generations" in export.read_json(res_path)
+  return os.path.exists(res_path) and "generations" in export.read_json_checked(
+      res_path, "rerun the training command to rebuild it from the generations")
 
 
 def find_runs(path):
@@ -236,6 +241,7 @@ def _session_hparams(run, entry, ensemble):
   obj = entry.get("objective") or {"loss": cfg.get("resolved", {}).get("loss", cfg.get("loss", "")),
                                    "temperature": cfg.get("temperature", 1.0)}
   gen = entry["gen"] if not ensemble else max(entry["members"])
+  gen = 1 if gen == "baseline" else gen  # the baseline has BAN-1's architecture and seed
   out = {f"flag/{k}": v for k, v in experiment_hparams(cfg).items()}
   out.update({"gen": int(gen), "role": entry.get("role") or entry["name"],
               "arch": "ensemble" if ensemble else entry["arch"], "loss": obj["loss"],
@@ -253,9 +259,9 @@ def _metrics(task):
 
 
 def write_hparams(run):
-  """One hparams session per generation (gen_k/tb) and ensemble (ensemble_k/tb).
+  """One hparams session per generation, baseline and ensemble, in its TensorBoard run (tb/<row name>).
 
-  Trial ids are `experiment_id/seed_S/role`: unique per experiment, base seed and
+  Trial ids are `experiment_id/seed_S/<row name>`: unique per experiment, base seed and
   generation, so several experiments and seeds under one TensorBoard logdir stay
   separate rows. Each session's logdir also holds the experiment summary (the
   hparam and metric names, identical in every run), so the run directory itself
@@ -285,16 +291,24 @@ def write_hparams(run):
     os.remove(old)  # the experiment summary's old place (a "." run)
   epochs = int(run.config.get("epochs", 0))
   trial = f"{experiment_id(run.config)}/seed_{int(run.config.get('seed', 0))}"
-  for g in run.results["generations"]:
-    writer = fresh_writer(os.path.join(run.path, f"gen_{g['gen']}", "tb"))
-    session(writer, _session_hparams(run, g, False), f"{trial}/{g.get('role', g['gen'])}")
+  generations = list(run.results["generations"])
+  if run.results.get("baseline"):
+    generations.append(run.results["baseline"])
+  for g in generations:
+    if g.get("damaged") or "arch" not in g:
+      continue  # a damaged row: no session (its numbers may be missing)
+    name = results_lib.generation_name(g["gen"])
+    writer = fresh_writer(results_lib.tensorboard_dir(run.path, name))
+    session(writer, _session_hparams(run, g, False), f"{trial}/{name}")
     writer.close()
   for e in run.results["ensembles"]:
+    if e.get("damaged") or "test_accuracy" not in e:
+      continue
     k = max(e["members"])
-    logdir = os.path.join(run.path, f"ensemble_{k}", "tb")
+    name = e.get("name") or f"BANE-{k}"
+    logdir = results_lib.tensorboard_dir(run.path, name)
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
     writer = tf.summary.create_file_writer(logdir)
-    name = e.get("name") or f"BANE-{k}"
     session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
     with writer.as_default(step=epochs):
       for key, tag in (("test_accuracy", "test/accuracy"), ("test_error", "test/error"),
@@ -305,7 +319,8 @@ def write_hparams(run):
     writer.close()
 
 
-_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher")
+_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher",
+                 "damaged")
 
 
 def write_results(run_dir, results, cfg, spec=None):
