@@ -60,6 +60,7 @@ class Config:
   ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
   vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
   bptt: int = 35  # lm: unrolled steps per window
+  lm_state: str = "carry"  # lm: carry the LSTM state across consecutive windows (reset per epoch) | reset
   # Models.
   arch: str = "wrn-28-1"
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch

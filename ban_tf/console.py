@@ -92,7 +92,7 @@ def quiet_logs(verbose):
 
   Python logs (absl, Keras, TensorFlow, tfds) all reach the root logger, where
   absl's handler writes them to stderr: that handler is raised to WARNING unless
-  `verbose`, and a buffer keeps every record for log.txt, which opens only once the
+  `verbose` (or absl's --logtostderr / --alsologtostderr), and a buffer keeps every record for log.txt, which opens only once the
   run directory is checked and locked (a refused run writes nothing).
   """
   global _session
@@ -105,7 +105,7 @@ def quiet_logs(verbose):
   _session = {"buffer": buffer}
   logging.set_verbosity(logging.INFO)
   tf.get_logger().setLevel(std_logging.INFO)
-  if not is_verbose(verbose):
+  if not is_verbose(verbose) and not _absl_flag("logtostderr") and not _absl_flag("alsologtostderr"):
     absl_handler.setLevel(std_logging.WARNING)
   try:
     yield
@@ -115,6 +115,15 @@ def quiet_logs(verbose):
     logging.set_verbosity(saved[1])
     tf.get_logger().setLevel(saved[2])
     _session = saved[3]
+
+
+def _absl_flag(name):
+  """The value of absl's own flag `name` (e.g. --logtostderr asks for every log line), or None."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS[name].value if flags.FLAGS.is_parsed() else None
+  except KeyError:
+    return None
 
 
 @contextlib.contextmanager
@@ -239,15 +248,20 @@ class Progress:
     self.where = f"{os.path.basename(gen.out_dir)} epoch {epoch + 1}"
 
   def epoch_end(self, gen, epoch, epochs, logs, lr):
+    """Counts a trained epoch and prints its run-level line."""
+    self.print(self.epoch_line(gen, epoch, epochs, logs, lr))
+
+  def epoch_line(self, gen, epoch, epochs, logs, lr) -> str:
+    """Counts a trained epoch; returns its run-level line."""
     self.trained += 1
     elapsed = time.time() - self.t0
     remaining = max(self.total - self.done_before - self.trained, 0)
     eta = elapsed / self.trained * remaining
     shown = [f"{k} {logs[k]:.4g}" for k in ("loss", "accuracy", "perplexity", "teacher_agreement",
                                              "val_accuracy", "val_perplexity") if k in logs]
-    self.print(f"{self.prefix}{self.gen_label(gen)} epoch {epoch + 1}/{epochs}: {', '.join(shown)}, "
-               f"lr {lr:.3g} | elapsed {_hms(elapsed)}, run ETA {_hms(eta)} "
-               f"({self.done_before + self.trained}/{self.total} epochs)")
+    return (f"{self.prefix}{self.gen_label(gen)} epoch {epoch + 1}/{epochs}: {', '.join(shown)}, "
+            f"lr {lr:.3g} | elapsed {_hms(elapsed)}, run ETA {_hms(eta)} "
+            f"({self.done_before + self.trained}/{self.total} epochs)")
 
 
 _progress = None

@@ -36,6 +36,15 @@ Evaluation (test_step) updates keras metrics (cross-entropy, accuracy and, with
 padding data.py adds to a last batch). Keras sums their totals and counts over
 replicas when a step returns exactly `self.metrics`, so evaluate() and fit's
 validation report the numbers of every example, as on one device, for any split.
+Carried state (`state=`, a CarriedState the task supplies: language models with
+--lm_state=carry): the student, and the teacher through its stateful endpoint, carry
+their recurrent state from one training batch to the next, row by row (row i of
+batch k+1 continues row i of batch k); each replica owns fixed rows of the global
+batch and keeps their states in replica-local variables; the state restarts from
+zeros at every epoch's first step (a function of the optimizer's step counter, so
+resuming from an epoch checkpoint is exact). Evaluation then runs the stream the
+data set gives (consecutive [1, T] windows) in order on one device, carrying the
+state, and scores every label (`CarriedState.score`).
 BatchNorm moving statistics are averaged over replicas after every train step
 (`_average_statistics`), so one set exists; models.synchronize_batchnorm
 (--sync_batchnorm) makes the batch statistics global instead.
@@ -87,6 +96,8 @@ class Distiller(keras.Model):
       each training batch inside the compiled step (data.augment_batch); training
       elements are then (images, labels, example indices), as
       data.Dataset.train(device_augment=True) makes them.
+    state: None, or a CarriedState: the student (and the teacher) carry their
+      state across consecutive batches, and evaluation runs over streams.
     perplexity: also report `perplexity` (exp of the mean cross-entropy) in
       evaluation: a language model's metric (tasks/lm.py sets it). Logits of any
       rank are scored per row of the last axis (per example, or per token) either way.
@@ -94,8 +105,10 @@ class Distiller(keras.Model):
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
                label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
-               feature_projection=None, clip_norm=0.0, augment=None, perplexity=False, **kwargs):
+               feature_projection=None, clip_norm=0.0, augment=None, perplexity=False, state=None,
+               **kwargs):
     super().__init__(**kwargs)
+    self.state = state
     self.student = student
     self.teacher = teacher
     self.feature_weight = float(feature_weight) if teacher is not None else 0.0
@@ -200,6 +213,11 @@ class Distiller(keras.Model):
     Inputs may carry a third element, per-example weights: 0 marks padding, which
     data.py adds to the last batch so that every replica gets examples.
     """
+    if self.state is not None:  # one stream, in order, carrying the state (one device)
+      data = kwargs.get("x", args[0] if args else None)
+      res = self.state.score(data)
+      res = {k: v for k, v in res.items() if k != "perplexity" or self.perplexity}
+      return res if kwargs.get("return_dict") else list(res.values())
     self._evaluating = True
     try:
       return super().evaluate(*args, **kwargs)
@@ -293,9 +311,15 @@ class Distiller(keras.Model):
     y = self._class_ids(y_given)
     if self.augment is not None:  # on-device augmentation of the uint8 batch
       x = self.augment(x, data[2])
-    t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
+    if self.state is not None:
+      reset = tf.equal(self.optimizer.iterations % self.state.steps_per_epoch, 0)
+      t_logits, t_feats = (self.state.teacher_step(x, reset), None) if self.teacher is not None else (None, None)
+    else:
+      t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
     with tf.GradientTape() as tape:
-      if self.feature_weight:
+      if self.state is not None:
+        logits = self.state.student_step(x, reset, training=True)
+      elif self.feature_weight:
         logits, s_feats = self.student_with_features(x, training=True)
       else:
         logits = self.student(x, training=True)
@@ -370,6 +394,91 @@ class Distiller(keras.Model):
     return logs
 
 
+class CarriedState:
+  """The state-carrying hook of a Distiller (--lm_state=carry); generic over stateful models.
+
+  Args:
+    student: the stateful student, [x [N, T], state [N, S]] -> [logits [N, T, V],
+      state [N, S]] (lm_models.stateful: shares the student's weights).
+    state_size: S.
+    batch_size: the global training batch (rows); each of the strategy's replicas owns
+      batch_size / replicas consecutive rows of it (tf.distribute splits every batch
+      that way), and their states.
+    steps_per_epoch: the state restarts from zeros at every step that is a multiple of it.
+    teacher: None, or a callable (x, state) -> {"logits", "state"} (the teacher
+      SavedModel's `serve_stateful` endpoint) with `teacher_state_size`.
+    teacher_state_size: the teacher's S.
+
+  Create it inside the strategy scope the Distiller is built in. Raises ValueError when
+  the batch does not split evenly over the replicas.
+  """
+
+  def __init__(self, student, state_size, batch_size, steps_per_epoch, teacher=None, teacher_state_size=0):
+    strategy = tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+      raise ValueError(f"batch size {batch_size} does not split into {replicas} equal replica shares: "
+                       "carried state needs every replica to own the same rows at every step")
+    self.student = student
+    self.teacher = teacher
+    self.steps_per_epoch = int(steps_per_epoch)
+    rows = batch_size // replicas
+    # Replica-local (ON_READ): each replica reads and writes its own rows' states.
+    # Not checkpointed: checkpoints are taken at epoch ends, where the state restarts.
+    local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    self.student_state = tf.Variable(tf.zeros([rows, state_size]), name="student_state", **local)
+    self.teacher_state = (tf.Variable(tf.zeros([rows, teacher_state_size]), name="teacher_state", **local)
+                          if teacher is not None else None)
+    self._score_fn = None
+
+  @staticmethod
+  def _read(var, reset):
+    value = tf.identity(var)
+    return tf.where(reset, tf.zeros_like(value), value)
+
+  def student_step(self, x, reset, training):
+    """The student's logits on this replica's rows, from (and updating) their carried state."""
+    logits, new = self.student([x, self._read(self.student_state, reset)], training=training)
+    self.student_state.assign(tf.stop_gradient(tf.cast(new, tf.float32)))  # truncated BPTT
+    return logits
+
+  def teacher_step(self, x, reset):
+    """The teacher's float32 logits on this replica's rows, carrying the teacher's own state."""
+    out = self.teacher(x, self._read(self.teacher_state, reset))
+    self.teacher_state.assign(tf.cast(out["state"], tf.float32))
+    return tf.stop_gradient(tf.cast(out["logits"], tf.float32))
+
+  def score(self, stream):
+    """{"label_loss", "accuracy", "perplexity"} of the student over `stream`.
+
+    `stream`: (x [R, t], y [R, t]) windows in order (text_data: one row, the whole
+    split); the state starts at zeros and is carried from window to window. Every
+    label counts once; sums in float64.
+    """
+    if self._score_fn is None:
+      model = self.student
+
+      @tf.function(reduce_retracing=True)
+      def step(x, y, s):
+        logits, s = model([x, s], training=False)
+        logits = _tokens(tf.cast(logits, tf.float32))
+        y = tf.reshape(tf.cast(y, tf.int32), [-1])
+        ce = losses.label_ce(y, logits)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+        return tf.reduce_sum(ce), tf.reduce_sum(correct), tf.cast(tf.shape(y)[0], tf.float32), s
+      self._score_fn = step
+    ce = correct = count = 0.0
+    s = None
+    for x, y in stream:
+      if s is None:
+        s = tf.zeros([tf.shape(x)[0], self.student_state.shape[-1]])
+      c, k, n, s = self._score_fn(x, y, s)
+      ce, correct, count = ce + float(c), correct + float(k), count + float(n)
+    loss = ce / count
+    return {"label_loss": loss, "accuracy": correct / count, "perplexity": float(np.exp(min(loss, 700.0)))}
+
+
 class Perplexity(keras.metrics.Mean):
   """exp(mean cross-entropy): the perplexity of everything seen, not a mean of perplexities.
 
@@ -381,17 +490,27 @@ class Perplexity(keras.metrics.Mean):
     return tf.exp(super().result())
 
 
-def probability_scorer(model, perplexity=False):
+def probability_scorer(model, perplexity=False, stateful=None):
   """A compiled Distiller whose `evaluate` scores `model`, which outputs probabilities.
 
   For ensembles (mean of the members' softmax): log p is a valid logit vector
   (softmax(log p) = p), so the test step's cross-entropy, accuracy (and perplexity)
   are those of the probabilities, weighted and summed over replicas as for a member.
-  Build it in the strategy scope the model was built in.
+  Build it in the strategy scope the model was built in. `stateful`: the model's
+  stateful form ([x, state] -> [probabilities, state]); evaluation then carries the
+  state over streams (CarriedState.score).
   """
   inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype)
   log_probs = keras.layers.Activation(_safe_log, dtype="float32", name="log_probs")(model(inputs))
-  scorer = Distiller(keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"), perplexity=perplexity)
+  state = None
+  if stateful is not None:
+    s_in = [keras.Input(shape=t.shape[1:], dtype=t.dtype) for t in stateful.inputs]
+    probs, s_out = stateful(s_in)
+    log_stateful = keras.Model(s_in, [keras.layers.Activation(_safe_log, dtype="float32")(probs), s_out])
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    state = CarriedState(log_stateful, s_in[1].shape[-1], replicas, 1)
+  scorer = Distiller(keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"), perplexity=perplexity,
+                     state=state)
   scorer.compile()
   return scorer
 

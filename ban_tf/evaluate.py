@@ -35,24 +35,36 @@ def load(path):
   return tf.saved_model.load(path)
 
 
-def score(model, dataset, probabilities=False):
+def score(model, dataset, probabilities=False, stateful=False):
   """Mean cross-entropy and top-1 accuracy of a loaded SavedModel over (inputs, labels[, weights]) batches.
 
   Every label counts once: an example of a classifier ([N, C] outputs), or a token
   of a language model ([N, T, V] outputs, [N, T] labels). Examples of weight 0 are
   padding (data.Dataset pads the last batch) and are not counted; a weight applies
   to every token of its row. `probabilities`: the model serves probabilities (BANE
-  ensembles, by the disk contract), not logits.
+  ensembles, by the disk contract), not logits. `stateful`: call `serve_stateful`
+  instead, carrying the state from batch to batch (the batches are consecutive
+  windows of the same rows: a language model run with --lm_state=carry).
 
   Returns:
     {"loss": nats per label, "accuracy": fraction, "count": labels scored}.
   """
   ce = correct = count = 0.0
+  state = None
   for batch in dataset:
     x, y = batch[0], batch[1].numpy()
     w = batch[2].numpy().astype(np.float64) if len(batch) > 2 else np.ones(y.shape[:1])
     w = np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - 1)), y.shape).reshape(-1)
-    out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
+    if stateful:
+      fn = getattr(model, export.STATEFUL)
+      if state is None:
+        size = fn.concrete_functions[0].structured_input_signature[0][1].shape[-1]
+        state = tf.zeros([x.shape[0], size])
+      res = fn(x, state)
+      state = res["state"]
+      out = next(v for k, v in res.items() if k != "state").numpy().astype(np.float64)
+    else:
+      out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
     out = out.reshape(-1, out.shape[-1])
     y = y.reshape(-1)
     if probabilities:
@@ -123,7 +135,7 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     loaded = load(path)
     entry = {}
     for s, ds in pipelines.items():
-      res = score(loaded, ds, probabilities)
+      res = score(loaded, ds, probabilities, stateful=task.carries_state(cfg))
       entry.update({f"{s}_loss": res["loss"], f"{s}_accuracy": res["accuracy"], f"{s}_error": 1.0 - res["accuracy"]})
     entry.update(task.summarize(entry))
     return entry

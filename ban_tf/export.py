@@ -25,6 +25,7 @@ INPUT_TOKENS = "tokens"  # ... and of every language model's
 LOGITS = "logits"  # serving_default's output key of a generation
 PROBABILITIES = "probabilities"  # ... and of a BANE ensemble (mean softmax)
 FEATURES = "features"  # raw pixels -> pooled penultimate activations (models with a "features" layer)
+STATEFUL = "serve_stateful"  # (tokens [N, T], state [N, S]) -> {"logits", "state"}: language models
 BOTH = "logits_and_features"  # raw pixels -> {"logits", "features"}: the activation-matching teacher
 FINGERPRINT_FILE = "fingerprint.npz"
 LABELS_FILE = "labels.txt"  # class names, one a line, in output order
@@ -120,7 +121,7 @@ def _input_spec(model, input_shape, spec=None):
   return tf.TensorSpec((None,) + shape, tf.float32, name=INPUT_PIXELS)
 
 
-def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None):
+def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None, stateful=None):
   """SavedModel with `serving_default` (input `pixels` or `tokens`, output {output_name}),
   `serve` (the same, returning the bare tensor, as ban_tf has always read it) and, when
   the model has a "features" layer, `features` and `logits_and_features` endpoints."""
@@ -141,10 +142,18 @@ def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None)
     archive.add_endpoint(
         BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
         input_signature=signature)
+  if stateful is not None:  # shares the model's weights (lm_models.stateful)
+    archive.track(stateful)
+    state_spec = tf.TensorSpec((None, stateful.inputs[1].shape[-1]), tf.float32, name="state")
+    archive.add_endpoint(
+        STATEFUL, lambda x, s: dict(zip((output_name, "state"),
+                                        (tf.cast(t, tf.float32) for t in stateful([x, s], training=False)))),
+        input_signature=signature + [state_spec])
   archive.write_out(path, verbose=False)
 
 
-def export_saved_model(model, path, input_shape=None, class_names=(), output_name=LOGITS, *, spec=None):
+def export_saved_model(model, path, input_shape=None, class_names=(), output_name=LOGITS, *, spec=None,
+                       stateful=None):
   """Exports to a temporary directory, fingerprints, renames into place.
 
   Signatures (every endpoint takes the same input): `serving_default` maps float32
@@ -156,11 +165,15 @@ def export_saved_model(model, path, input_shape=None, class_names=(), output_nam
   when given, go to labels.txt beside it, so the model can be used
   (ban_tf.evaluate --images) without the data set. `spec` (a tasks.DataSpec) says
   what the model takes (the serving input, and the fingerprint batch); without it,
-  float32 raw pixels of `input_shape`. Returns the fingerprint outputs of `serve`.
+  float32 raw pixels of `input_shape`. `stateful`: a keras.Model sharing `model`'s
+  weights, [tokens [N, T], state float32 [N, S]] -> [outputs, state [N, S]]
+  (lm_models.stateful), served as `serve_stateful` ({output_name, "state"}), so a
+  caller can carry the state across consecutive windows. Returns the fingerprint
+  outputs of `serve`.
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
-  _write_archive(model, tmp, input_shape, output_name, spec)
+  _write_archive(model, tmp, input_shape, output_name, spec, stateful)
   if spec is not None:
     x = spec.example_inputs()
   else:
@@ -246,11 +259,34 @@ def compute_dtype_of(fn):
   return max(counts, key=counts.get) if counts else "unknown"
 
 
-def load_teacher(path, strategy=None, expected_classes=None, with_features=False):
+def state_size(path):
+  """S of the SavedModel's `serve_stateful` endpoint; TeacherError if it has none."""
+  loaded = tf.saved_model.load(path)
+  if not hasattr(loaded, STATEFUL):
+    raise errors.TeacherError(
+        f"teacher SavedModel {path} has no '{STATEFUL}' endpoint (exported by an older ban_tf): retrain "
+        "that generation, or use --lm_state=reset")
+  fn = getattr(loaded, STATEFUL)
+  concrete = fn if hasattr(fn, "structured_input_signature") else fn.concrete_functions[0]
+  return int(concrete.structured_input_signature[0][1].shape[-1])
+
+
+def stateful_call(layer):
+  """A stateful teacher layer (load_teacher(stateful=True)) as ([tokens, state], training) -> (logits, state)."""
+  def call(inputs, training=False):
+    del training  # a SavedModel endpoint runs in inference mode
+    out = layer.call_endpoint_fn(*inputs)
+    return next(v for k, v in out.items() if k != "state"), out["state"]
+  return call
+
+
+def load_teacher(path, strategy=None, expected_classes=None, with_features=False, stateful=False):
   """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
 
   With `with_features` the layer calls the `logits_and_features` endpoint and
   returns {"logits", "features"}; its `feature_dim` attribute gives the width.
+  With `stateful` it wraps `serve_stateful` instead: `layer.call_endpoint_fn(tokens,
+  state)` returns {"logits", "state"}, and `layer.state_size` is S.
 
   Precision: the layer runs the graph the teacher was exported with, inside the
   student's compiled (and, with --jit_compile, XLA-compiled) train step. Every
@@ -274,12 +310,14 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
   feature_dim = teacher_feature_dim(path) if with_features else None
+  teacher_state = state_size(path) if stateful else None
   with (strategy or tf.distribute.get_strategy()).scope():
     # float32 whatever the global policy: the `serve` signature takes float32 pixels,
     # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
-    layer = keras.layers.TFSMLayer(path, call_endpoint=BOTH if with_features else SERVE,
-                                   trainable=False, name="teacher", dtype="float32")
+    endpoint = STATEFUL if stateful else BOTH if with_features else SERVE
+    layer = keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False, name="teacher", dtype="float32")
   layer.source_path = os.path.abspath(path)
+  layer.state_size = teacher_state  # stateful: call layer.call_endpoint_fn(tokens, state)
   layer.feature_dim = feature_dim
   layer.compute_dtype_found = compute_dtype_of(layer.call_endpoint_fn)
   student_dtype = keras.mixed_precision.global_policy().compute_dtype

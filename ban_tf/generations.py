@@ -29,6 +29,7 @@ from absl import logging
 from ban_tf import cluster
 from ban_tf import console
 from ban_tf import distiller as distiller_lib
+from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
 from ban_tf import pretrained
@@ -53,6 +54,28 @@ def build_ensemble(members, name="ensemble"):
     probs.append(keras.layers.Softmax(dtype="float32", name=f"probs_{i}")(wrapped(inputs)))
   mean = probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
   return keras.Model(inputs, mean, name=name)
+
+
+def build_stateful_ensemble(members, name="ensemble_stateful"):
+  """build_ensemble of stateful members ([x, state_i] -> [logits, state_i]).
+
+  Returns [x, state] -> [mean probabilities, state], the state being the members'
+  states concatenated in member order (each member carries its own).
+  """
+  sizes = [int(m.inputs[1].shape[-1]) for m in members]
+  first = members[0].inputs[0]
+  inputs = keras.Input(shape=first.shape[1:], dtype=first.dtype, name="inputs")
+  state = keras.Input(shape=(sum(sizes),), dtype="float32", name="state")
+  probs, states, offset = [], [], 0
+  for i, (m, size) in enumerate(zip(members, sizes)):
+    part = keras.layers.Lambda(lambda s, a=offset, n=size: s[:, a:a + n], name=f"state_{i}")(state)
+    offset += size
+    logits, out = m([inputs, part])
+    probs.append(keras.layers.Softmax(dtype="float32", name=f"probs_{i}")(logits))
+    states.append(out)
+  mean = probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
+  out = states[0] if len(states) == 1 else keras.layers.Concatenate(dtype="float32", name="states")(states)
+  return keras.Model([inputs, state], [mean, out], name=name)
 
 
 def _load_member(gen_dir):
@@ -82,14 +105,26 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   with scope:
     members = [_load_member(run.read_gen_dir(g)) for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
+    stateful = None
+    if task.carries_state(cfg):  # every member carries its own state over the stream
+      views = [task.stateful_model(m) for m in members]
+      if any(v is None for v in views):
+        raise errors.TeacherError(
+            f"BANE-{k}: generation {gens[views.index(None)]} has no model.keras to carry the LSTM state with "
+            "(a --teacher imported from a SavedModel): drop --ensemble_include_teacher or use --lm_state=reset")
+      stateful = build_stateful_ensemble(views, name=f"bane_{k}_stateful")
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
-    scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity)
+    scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity, stateful=stateful)
   result = dict(name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size))
-  train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES)
+  train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES,
+               stateful=stateful)
   export.write_json(result, os.path.join(out, "metrics.json"))
   export.touch_done(out)
   logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],
                task.headline.key, result[task.headline.key])
+  if console.progress():
+    console.progress().print(f"{console.progress().prefix}BANE-{k} ({results_lib.ensemble_arch(gens)}): "
+                             f"{train.headline_text(task, result)}")
   return result
 
 

@@ -1,8 +1,11 @@
 """Word-level language models: Zaremba LSTMs and Kim et al.'s character-aware CNN-LSTM.
 
 `build_model(arch, vocab)` returns a functional `keras.Model` mapping int32 token ids
-[N, T] to float32 next-token logits [N, T, V]. Windows are stateless: every call
-starts from a zero LSTM state (docs/lm.md explains the choice).
+[N, T] to float32 next-token logits [N, T, V]; every call starts from a zero LSTM
+state. `stateful(model)` is the same model (shared layers and weights) with the LSTM
+state as an extra input and output: ([ids [N, T], state [N, S]]) -> [logits, state],
+S = `state_size(model)` (every layer's h then c, concatenated), so a caller can carry
+the state across consecutive windows (--lm_state=carry; docs/lm.md).
 
 * ``lstm-L-H`` (Zaremba et al. 2014; the paper's Table 6 LSTM is lstm-2-1500, 51.0M): an
   H-dimensional word embedding, L LSTM layers of H units, dropout on every
@@ -166,8 +169,10 @@ def build_model(arch: str, vocab, *, dropout: float = 0.0, name: str | None = No
     encoder.set_spellings(table)
   x = keras.layers.Dropout(dropout, name="dropout_in")(x)
   for i in range(spec["layers"]):
-    x = keras.layers.LSTM(spec["units"], return_sequences=True, kernel_initializer=_uniform(),
-                          recurrent_initializer=_uniform(), name=f"lstm{i}")(x)
+    # return_state: stateful() reuses these layers with an initial state; here the
+    # final state is dropped (every call starts from zeros).
+    x = keras.layers.LSTM(spec["units"], return_sequences=True, return_state=True,
+                          kernel_initializer=_uniform(), recurrent_initializer=_uniform(), name=f"lstm{i}")(x)[0]
     x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
   if spec["family"] == "lstm":
     logits = embed(x, decode=True)
@@ -175,3 +180,58 @@ def build_model(arch: str, vocab, *, dropout: float = 0.0, name: str | None = No
     logits = keras.layers.Dense(vocab_size, kernel_initializer=_uniform(), name="logits")(x)
   logits = keras.layers.Activation("linear", dtype="float32", name="output")(logits)
   return keras.Model(ids, logits, name=name or spec["name"])
+
+
+def _lstm_layers(model):
+  layers = []
+  while True:
+    try:
+      layers.append(model.get_layer(f"lstm{len(layers)}"))
+    except ValueError:
+      return layers
+
+
+def state_size(model) -> int:
+  """S: the width of the state `stateful(model)` carries (2 x units per LSTM layer)."""
+  return sum(2 * layer.units for layer in _lstm_layers(model))
+
+
+def stateful(model, name=None) -> keras.Model:
+  """The LM `model` of build_model with its LSTM state as input and output.
+
+  Returns a functional keras.Model sharing `model`'s layers (and so its weights):
+  [ids int32 [N, T], state float32 [N, S]] -> [logits float32 [N, T, V], state [N, S]],
+  S = state_size(model), laid out as h_0, c_0, h_1, c_1, ... (layer order). Calling
+  it on consecutive windows, feeding each call's state to the next, equals calling
+  `model` once on the concatenated windows (tests/lm_test.py). Raises ValueError for a
+  model without `lstm0` (not built by build_model).
+  """
+  lstms = _lstm_layers(model)
+  if not lstms or not isinstance(lstms[0], keras.layers.LSTM) or not lstms[0].return_state:
+    raise ValueError(f"{model.name} is not a language model of lm_models.build_model (no stateful lstm0 layer)")
+  ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
+  state = keras.Input(shape=(state_size(model),), dtype="float32", name="state")
+  first = model.get_layer("embedding") if _has_layer(model, "embedding") else model.get_layer("char_cnn")
+  x = first(ids)
+  x = model.get_layer("dropout_in")(x)
+  out_states, offset = [], 0
+  for i, lstm in enumerate(lstms):
+    units = lstm.units
+    h0 = keras.layers.Lambda(lambda s, a=offset, u=units: s[:, a:a + u], name=f"h{i}_in")(state)
+    c0 = keras.layers.Lambda(lambda s, a=offset + units, u=units: s[:, a:a + u], name=f"c{i}_in")(state)
+    offset += 2 * units
+    x, h, c = lstm(x, initial_state=[h0, c0])
+    out_states += [h, c]
+    x = model.get_layer(f"dropout{i}")(x)
+  if _has_layer(model, "embedding"):
+    logits = model.get_layer("embedding")(x, decode=True)
+  else:
+    logits = model.get_layer("logits")(x)
+  logits = model.get_layer("output")(logits)
+  new_state = keras.layers.Concatenate(dtype="float32", name="state_out")(
+      [keras.layers.Activation("linear", dtype="float32")(t) for t in out_states])
+  return keras.Model([ids, state], [logits, new_state], name=name or f"{model.name}_stateful")
+
+
+def _has_layer(model, name):
+  return any(layer.name == name for layer in model.layers)

@@ -49,6 +49,9 @@ def define_flags(fv=FLAGS):
   flags.field("ptb_dir", "[data] lm: directory with ptb.{train,valid,test}.txt (Mikolov format).")
   flags.field("vocab_size", "[data] lm: cap the vocabulary at N words incl. <unk>, <eos> (0 = all).")
   flags.field("bptt", "[data] lm: unrolled steps per training window.")
+  flags.field("lm_state", "[data] lm: carry (the LSTM state flows across consecutive windows of each batch "
+              "row, teacher included, reset per epoch; evaluation runs each split as one stream) or reset "
+              "(every window starts from zeros).")
   # Models.
   flags.field("arch", "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny, "
               "wrn-match-U / prebn-match-U (widths from a DenseNet --teacher_arch), "

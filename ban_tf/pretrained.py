@@ -322,6 +322,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   from ban_tf import train  # pylint: disable=g-import-not-at-top
 
@@ -345,9 +346,17 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   multi_worker = cluster.is_multi_worker(strategy)
   layer = export.load_teacher(sm_out, None if multi_worker else strategy)
   scope = contextlib.nullcontext() if multi_worker else strategy.scope()
+  stateful = None
+  if task.carries_state(cfg):  # scored like every generation: over the stream, carrying its state
+    stateful = export.load_teacher(sm_out, None if multi_worker else strategy, stateful=True)
   with scope:
     inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
-    scorer = distiller_lib.Distiller(keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity)
+    state = None
+    if stateful is not None:
+      state = distiller_lib.CarriedState(export.stateful_call(stateful), stateful.state_size,
+                                         tf.distribute.get_strategy().num_replicas_in_sync, 1)
+    scorer = distiller_lib.Distiller(keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity,
+                                     state=state)
     scorer.compile()
   result = {"gen": 0, "role": "teacher", "arch": facts.get("arch", "?"), "params": int(facts.get("params", 0)),
             "seed": facts.get("seed"), "epochs": facts.get("epochs", 0), "objective": facts.get("objective"),
@@ -360,7 +369,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   derived = task.summarize(result)
   result.update(derived)
   result["seconds"] = facts.get("seconds", time.time() - t0)
-  writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
+  writer = tf.summary.create_file_writer(  # run_dir/tb/Teacher (results.tensorboard_dir)
+      results_lib.tensorboard_dir(os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)))
   with writer.as_default(step=0):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])

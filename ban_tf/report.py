@@ -236,6 +236,7 @@ def _session_hparams(run, entry, ensemble):
   obj = entry.get("objective") or {"loss": cfg.get("resolved", {}).get("loss", cfg.get("loss", "")),
                                    "temperature": cfg.get("temperature", 1.0)}
   gen = entry["gen"] if not ensemble else max(entry["members"])
+  gen = 1 if gen == "baseline" else gen  # the baseline has BAN-1's architecture and seed
   out = {f"flag/{k}": v for k, v in experiment_hparams(cfg).items()}
   out.update({"gen": int(gen), "role": entry.get("role") or entry["name"],
               "arch": "ensemble" if ensemble else entry["arch"], "loss": obj["loss"],
@@ -253,9 +254,9 @@ def _metrics(task):
 
 
 def write_hparams(run):
-  """One hparams session per generation (gen_k/tb) and ensemble (ensemble_k/tb).
+  """One hparams session per generation, baseline and ensemble, in its TensorBoard run (tb/<row name>).
 
-  Trial ids are `experiment_id/seed_S/role`: unique per experiment, base seed and
+  Trial ids are `experiment_id/seed_S/<row name>`: unique per experiment, base seed and
   generation, so several experiments and seeds under one TensorBoard logdir stay
   separate rows. Each session's logdir also holds the experiment summary (the
   hparam and metric names, identical in every run), so the run directory itself
@@ -285,16 +286,20 @@ def write_hparams(run):
     os.remove(old)  # the experiment summary's old place (a "." run)
   epochs = int(run.config.get("epochs", 0))
   trial = f"{experiment_id(run.config)}/seed_{int(run.config.get('seed', 0))}"
-  for g in run.results["generations"]:
-    writer = fresh_writer(os.path.join(run.path, f"gen_{g['gen']}", "tb"))
-    session(writer, _session_hparams(run, g, False), f"{trial}/{g.get('role', g['gen'])}")
+  generations = list(run.results["generations"])
+  if run.results.get("baseline"):
+    generations.append(run.results["baseline"])
+  for g in generations:
+    name = results_lib.generation_name(g["gen"])
+    writer = fresh_writer(results_lib.tensorboard_dir(run.path, name))
+    session(writer, _session_hparams(run, g, False), f"{trial}/{name}")
     writer.close()
   for e in run.results["ensembles"]:
     k = max(e["members"])
-    logdir = os.path.join(run.path, f"ensemble_{k}", "tb")
+    name = e.get("name") or f"BANE-{k}"
+    logdir = results_lib.tensorboard_dir(run.path, name)
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
     writer = tf.summary.create_file_writer(logdir)
-    name = e.get("name") or f"BANE-{k}"
     session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
     with writer.as_default(step=epochs):
       for key, tag in (("test_accuracy", "test/accuracy"), ("test_error", "test/error"),

@@ -16,6 +16,7 @@ gen 0..N], "ensembles": [metrics of BANE-2..N], "baseline": metrics or None}.
 """
 
 import dataclasses
+import os
 import statistics
 from typing import Callable, Optional
 
@@ -66,11 +67,22 @@ class Row:
   entry: dict  # the row's metrics.json fields
 
 
+def generation_name(gen) -> str:
+  """The row name of generation `gen`: 0 -> Teacher, k -> BAN-k, "baseline" -> Baseline."""
+  return "Baseline" if gen == "baseline" else "Teacher" if gen == 0 else f"BAN-{gen}"
+
+
+def tensorboard_dir(run_path: str, name: str) -> str:
+  """The TensorBoard run of one row (generation, ensemble, baseline): run_path/tb/<row name>,
+  so TensorBoard names its runs tb/Teacher, tb/BAN-1, tb/BANE-2, tb/Baseline."""
+  return os.path.join(run_path, "tb", name)
+
+
 def rows(results: dict) -> list:
   """The rows of one run in table order: Teacher, BAN-1..N, BANE-2..N, Baseline."""
   out = []
   for g in results.get("generations", []):
-    key = "Teacher" if g["gen"] == 0 else f"BAN-{g['gen']}"
+    key = generation_name(g["gen"])
     out.append(Row(key, key, g.get("arch", "?"), format_params(g.get("params", 0)), g))
   for e in results.get("ensembles", []):
     key = e.get("name") or f"BANE-{max(e['members'])}"

@@ -2,7 +2,8 @@
 
 Layout (README "Run directory"):
   config.json                 resolved config (checked on resume)
-  gen_k/{saved_model/, model.keras, metrics.json, history.json, tb/, DONE}
+  gen_k/{saved_model/, model.keras, metrics.json, history.json, DONE}
+  tb/<row name>/              TensorBoard: Teacher, BAN-k, BANE-k, Baseline (results.tensorboard_dir)
   ensemble_k/{saved_model/, metrics.json, DONE}
   results.json, results.md
 """

@@ -15,10 +15,17 @@ The vocabulary comes from the training split only: ``<unk>`` (id 0) and ``<eos>`
 
 Batching is Zaremba et al.'s: the token stream of a split is cut into `batch_size`
 contiguous rows ([batch, L]); window k is ``x = rows[:, k*T:(k+1)*T]`` with targets
-``y = rows[:, k*T+1:(k+1)*T+1]``. Training uses the full windows only, in an order
-shuffled per (seed, epoch) (the models are stateless across windows, so the order is
-free; see docs/lm.md); evaluation scores every token of the rows, the last window
-being shorter.
+``y = rows[:, k*T+1:(k+1)*T+1]``. Training uses the full windows only.
+
+``state="carry"`` (--lm_state, the default): the models carry their LSTM state from
+window k to window k+1 of the same row, so training windows come in order (k = 0, 1,
+... every epoch; the state is reset at each epoch's start), and evaluation runs over
+the whole split as one stream: ``[<eos>] + ids`` as one row, cut into consecutive
+windows of T, so every token of the split is scored (the first one after a sentence
+boundary) whatever --batch_size.
+``state="reset"``: every window starts from a zero state; training windows are
+shuffled per (seed, epoch) and evaluation scores the rows' windows (each row's
+first token and the ``len % batch_size`` tail are not scored).
 """
 
 import collections
@@ -105,7 +112,10 @@ def windows(rows, bptt, full_only=True):
 class TextDataset:
   """A word-level corpus with the same pipeline interface as data.Dataset."""
 
-  def __init__(self, name, *, ptb_dir=None, data_dir=None, vocab_size=0, bptt=35):
+  def __init__(self, name, *, ptb_dir=None, data_dir=None, vocab_size=0, bptt=35, state="reset"):
+    if state not in ("carry", "reset"):
+      raise ValueError(f"state={state!r}: use carry or reset")
+    self.state = state
     splits = _read_ptb(ptb_dir) if name == "ptb" else _read_tfds(name, data_dir)
     vocab = build_vocab(splits["train"], vocab_size)
     self.ids = {k: to_ids(v, vocab) for k, v in splits.items()}
@@ -134,8 +144,11 @@ class TextDataset:
     wins = self._train_windows(batch_size)
     x = tf.constant(np.stack([w[0] for w in wins]))
     y = tf.constant(np.stack([w[1] for w in wins]))
-    order = np.concatenate([np.random.RandomState(seed * 1000003 + e).permutation(len(wins))
-                            for e in range(first_epoch, epochs)] or [np.zeros([0], np.int64)])
+    if self.state == "carry":  # in order: window k+1 continues window k of every row
+      order = np.tile(np.arange(len(wins)), max(epochs - first_epoch, 0))
+    else:
+      order = np.concatenate([np.random.RandomState(seed * 1000003 + e).permutation(len(wins))
+                              for e in range(first_epoch, epochs)] or [np.zeros([0], np.int64)])
     ds = tf.data.Dataset.from_tensor_slices(order).map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
     return ds.prefetch(tf.data.AUTOTUNE), len(wins)
 
@@ -145,7 +158,26 @@ class TextDataset:
   def test(self, batch_size):
     return self._eval("test", batch_size)
 
+  def stream(self, split):
+    """The whole split as one row: ``[<eos>] + ids`` -> (x [1, n], y [1, n]), n = len(ids)."""
+    ids = np.concatenate([[self.info.vocab.index(EOS)], self.ids[split]]).astype(np.int32)[None]
+    return ids[:, :-1], ids[:, 1:]
+
   def _eval(self, split, batch_size):
+    if self.state == "carry":  # one stream; consecutive windows carry the state (any batch size)
+      x, y = self.stream(split)
+      n = x.shape[1]
+      if n < 1:
+        raise errors.UsageError(f"the {split} split is empty")
+      t = self.info.bptt
+      full = n // t * t  # full windows [1, T], then at most one shorter one
+      parts = []
+      if full:
+        parts.append(tf.data.Dataset.from_tensor_slices((x[0, :full].reshape(-1, 1, t), y[0, :full].reshape(-1, 1, t))))
+      if full < n:
+        parts.append(tf.data.Dataset.from_tensors((x[:, full:], y[:, full:])))
+      ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
+      return ds.prefetch(tf.data.AUTOTUNE)
     wins = windows(batchify(self.ids[split], batch_size), self.info.bptt, full_only=False)
     if not wins:
       raise errors.UsageError(
@@ -157,7 +189,9 @@ class TextDataset:
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def eval_tokens(self, split, batch_size):
-    """The number of tokens `val`/`test` score (the rows' tail is dropped)."""
+    """The number of tokens `val`/`test` score (carry: all; reset: the rows' tail and firsts are not)."""
+    if self.state == "carry":
+      return len(self.ids[split])
     return batch_size * (len(self.ids[split]) // batch_size - 1)
 
 

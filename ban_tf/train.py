@@ -138,6 +138,7 @@ class EpochState(keras.callbacks.Callback):
     self.history, self.writer, self.optimizer = history, writer, optimizer
     self.quiet_tags, self.gen, self.epochs = frozenset(quiet_tags), gen, epochs
     self.diverged = None
+    self.console_line = None  # printed by ConsoleLine
     self._t0 = None
     self._epoch = 0
     self._lr = None
@@ -189,8 +190,22 @@ class EpochState(keras.callbacks.Callback):
     self.manager.save(checkpoint_number=epoch + 1)
     faults.kill_if("kill_after_checkpoint", self._where(epoch))
     if console.progress() and self.gen is not None:
-      console.progress().epoch_end(self.gen, epoch, self.epochs, logs, lr)
-    faults.signal_if(self._where(epoch))
+      self.console_line = console.progress().epoch_line(self.gen, epoch, self.epochs, logs, lr)
+
+
+class ConsoleLine(keras.callbacks.Callback):
+  """Prints EpochState's run-level line; placed after Keras' ProgbarLogger, so on a
+  terminal the line follows the finished progress bar instead of landing inside it."""
+
+  def __init__(self, state):
+    super().__init__()
+    self.state = state
+
+  def on_epoch_end(self, epoch, logs=None):
+    line, self.state.console_line = self.state.console_line, None
+    if line and console.progress():
+      console.progress().print(line)
+    faults.signal_if(self.state._where(epoch))  # pylint: disable=protected-access
 
 
 def quiet_tags(objective, has_teacher):
@@ -210,9 +225,11 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
 
   Epoch e's scalars are written before its checkpoint; a run stopped in between
   (disk full, a kill) would write them again when it resumes, leaving two points
-  per (tag, step). TensorBoard only purges such orphans for TF1's session-log
+  per (tag, step); likewise test/*, written after the last epoch but before the
+  generation is DONE. TensorBoard only purges such orphans for TF1's session-log
   events, so the events files are rewritten here (atomically, one file) keeping
-  every record whose step is <= last_epoch. Hparams files (report.py) are left alone.
+  every record whose step is <= last_epoch, test/* left out. Hparams files
+  (report.py) are left alone.
   """
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   files = sorted(f for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))
@@ -223,7 +240,9 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
   for path in files:
     for record in tf.data.TFRecordDataset(path):
       event = event_pb2.Event.FromString(record.numpy())
-      if event.HasField("summary") and event.step > last_epoch:
+      # test/* is written once, after the last epoch (finish): a rerun that gets there writes it again.
+      if event.HasField("summary") and (event.step > last_epoch or
+                                        any(v.tag.startswith("test/") for v in event.summary.value)):
         dropped += 1
       else:
         kept.append(record.numpy())
@@ -283,7 +302,7 @@ def _build(cfg, task, gen, strategy, dataset, steps):
   teacher = None
   if gen.teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
     teacher = export.load_teacher(gen.teacher_path, strategy, expected_classes=spec.num_outputs,
-                                  with_features=obj.feature_weight > 0)
+                                  with_features=obj.feature_weight > 0, stateful=task.carries_state(cfg))
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
     student = task.build_model(gen.arch, dataset, dropout=gen.dropout, name=name)
@@ -301,12 +320,22 @@ def _build(cfg, task, gen, strategy, dataset, steps):
               f"{teacher.feature_dim}: add --feature_projection or use a same-width student")
       if obj.share_stem_head:
         _share_stem_head(student, gen.teacher_path)
+    state = None
+    if task.carries_state(cfg):  # the task's stateful view of the student; the teacher's endpoint
+      stateful = task.stateful_model(student)
+      try:
+        state = distiller_lib.CarriedState(
+            stateful, stateful.inputs[1].shape[-1], cfg.batch_size, steps,
+            teacher=teacher.call_endpoint_fn if teacher is not None else None,
+            teacher_state_size=teacher.state_size if teacher is not None else 0)
+      except ValueError as e:
+        raise errors.UsageError(f"--batch_size={cfg.batch_size}: {e}: use a multiple of the replica count") from None
     model = distiller_lib.Distiller(
         student, teacher, loss=obj.loss, temperature=obj.temperature, kd_weight=obj.kd_weight,
         label_weight=obj.label_weight, weight_decay=cfg.weight_decay, seed=gen.seed,
         feature_weight=obj.feature_weight if teacher is not None else 0.0,
         feature_projection=projection, clip_norm=cfg.clip_norm,
-        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity)
+        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity, state=state)
     optimizer = task.make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
@@ -356,12 +385,15 @@ def evaluate_splits(model, dataset, batch_size):
   return out
 
 
-def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS):
+def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS, stateful=None):
   """Adds the task's derived metrics, logs test scalars, exports, writes metrics.json and DONE.
 
   Shared by generations and BANE ensembles. `model` is what the SavedModel serves
-  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles).
+  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles); `stateful`
+  its stateful form (default: the task's, if any), served as `serve_stateful`.
   """
+  if stateful is None:
+    stateful = task.stateful_model(model)
   derived = task.summarize(result)
   result.update(derived)
   if writer is not None:
@@ -373,7 +405,7 @@ def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=
         tf.summary.scalar(f"{split}/final_{name}", result[key])
     writer.flush()
   export.export_saved_model(model, os.path.join(out_dir, "saved_model"), spec.input_shape,
-                            class_names=spec.class_names, output_name=output_name, spec=spec)
+                            class_names=spec.class_names, output_name=output_name, spec=spec, stateful=stateful)
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))
 
@@ -390,14 +422,17 @@ def run_generation(cfg, gen, strategy, dataset):
   initial_epoch, history = _restore(gen, built)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
   train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
-  tb_dir = os.path.join(gen.out_dir, "tb")
+  tb_dir = results_lib.tensorboard_dir(os.path.dirname(gen.out_dir), results_lib.generation_name(gen.gen))
   tensorboard_from_checkpoint(tb_dir, initial_epoch)  # each (tag, step) once after a resume
   writer = tf.summary.create_file_writer(tb_dir)
   state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer,
                      quiet_tags=quiet_tags(gen.objective, gen.teacher_path is not None), gen=gen,
                      epochs=cfg.epochs)
-  # The task's callbacks first: they may add to an epoch's logs before state records them.
-  callbacks = task.callbacks(cfg, history, built.optimizer) + [state]
+  # The task's callbacks first: they may add to an epoch's logs before state records them;
+  # Keras' progress bar (when shown) before the console line.
+  verbose = _verbose(cfg)
+  callbacks = (task.callbacks(cfg, history, built.optimizer) + [state]
+               + ([keras.callbacks.ProgbarLogger()] if verbose else []) + [ConsoleLine(state)])
   logging.info("gen %s (%s): %s, %d params, objective %s, seed %d, teacher %s", gen.gen, gen.role, gen.arch,
                built.student.count_params(), gen.objective.to_dict(), gen.seed, gen.teacher_path)
   if console.progress():
@@ -406,7 +441,7 @@ def run_generation(cfg, gen, strategy, dataset):
   if initial_epoch < cfg.epochs:
     built.model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                     validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
-                    verbose=_verbose(cfg), shuffle=False)  # the pipeline shuffles, per (seed, epoch)
+                    verbose=verbose, shuffle=False)  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
     raise _diverged(gen, state, built.epoch_var)
   result = {
@@ -428,7 +463,7 @@ def run_generation(cfg, gen, strategy, dataset):
                result["weights_sha256"])
   if console.progress():
     console.progress().print(f"{console.progress().prefix}{console.progress().gen_label(gen)} done: "
-                             f"{_headline_text(task, result)}")
+                             f"{headline_text(task, result)}")
   return result
 
 
@@ -449,7 +484,7 @@ def _header(gen, params):
   return f"{gen.arch} ({results_lib.format_params(params)} params), {objective}, {teacher}, seed {gen.seed}"
 
 
-def _headline_text(task, result):
+def headline_text(task, result):
   """'test error 61.74%' (the task's headline metric, and its validation twin when there is one)."""
   parts = []
   for m in (task.headline,) + tuple(task.extra_columns):

@@ -58,7 +58,7 @@ def test_logged_learning_rate_is_the_one_each_epoch_used(monkeypatch, capsys, tm
   gen0 = os.path.join(run_dir, "gen_0")
   history = export.read_json(os.path.join(gen0, "history.json"))
   assert [h["learning_rate"] for h in history] == pytest.approx([0.1, 0.02, 0.0008])
-  scalars = _scalars(os.path.join(gen0, "tb"))
+  scalars = _scalars(os.path.join(run_dir, "tb", "Teacher"))
   assert [v for _, v in scalars["train/learning_rate"]] == pytest.approx([0.1, 0.02, 0.0008])
   # The teacher has no KD term: no all-zero kd_loss line in TensorBoard (history.json keeps it).
   assert "train/kd_loss" not in scalars and "train/label_loss" in scalars
@@ -72,7 +72,7 @@ def test_resumed_run_writes_each_tensorboard_point_once(monkeypatch, capsys, cap
   monkeypatch.setenv("BAN_TF_FAULT", "enospc@gen_0/epoch_2")
   code, _ = _main(monkeypatch, capsys, argv)
   assert code == 2
-  tb = os.path.join(run_dir, "gen_0", "tb")
+  tb = os.path.join(run_dir, "tb", "Teacher")
   assert [s for s, _ in _scalars(tb)["train/loss"]] == [1, 2]  # epoch 2 written, not checkpointed
   monkeypatch.delenv("BAN_TF_FAULT")
   with caplog.at_level(logging.INFO, logger="absl"):
@@ -166,3 +166,28 @@ def _parsed(argv):
   main.define_flags(fv)
   fv(["ban_tf"] + argv)
   return fv
+
+
+def test_bare_verbose_flag_is_accepted():
+  """`--verbose` alone means --verbose=1 (absl string flags otherwise need a value)."""
+  proc = subprocess.run([sys.executable, "-m", "ban_tf.main", "--verbose", "--gens=-1"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error: --gens=-1"), proc.stderr
+
+
+def test_tensorboard_cut_back_to_the_checkpoint(tmp_path):
+  """Epochs after the checkpoint and test/* (written after the last epoch, before DONE) go; the rest stays."""
+  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  logdir = str(tmp_path / "tb")
+  writer = tf.summary.create_file_writer(logdir)
+  with writer.as_default():
+    for step in (1, 2, 3):
+      tf.summary.scalar("train/loss", 1.0 / step, step=step)
+    tf.summary.scalar("test/error", 0.5, step=3)
+  writer.close()
+  train.tensorboard_from_checkpoint(logdir, 3)  # killed during the export: all epochs checkpointed
+  assert _scalars(logdir) == {"train/loss": [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]}
+  train.tensorboard_from_checkpoint(logdir, 1)
+  assert _scalars(logdir) == {"train/loss": [(1, 1.0)]}
+  assert len(os.listdir(logdir)) == 1  # one events file, no temporary left

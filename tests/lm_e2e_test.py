@@ -34,10 +34,19 @@ def _corpus(directory, seed=0):
         f.write(" " + " ".join(words) + " \n")
 
 
-def _numpy_perplexity(models, ids, batch, bptt):
-  """exp(mean token CE) of the mean of the models' softmax over every eval window."""
+def _numpy_perplexity(models, ids, batch, bptt, state="carry"):
+  """exp(mean token CE) of the mean of the models' softmax over every eval window.
+
+  carry (--lm_state's default): one stateless call on the whole stream [<eos>] + ids,
+  which is what carrying the state over its windows must equal; reset: the rows' windows.
+  """
   total, count = 0.0, 0
-  for x, y in text_data.windows(text_data.batchify(ids, batch), bptt, full_only=False):
+  if state == "carry":
+    stream = np.concatenate([[1], ids]).astype(np.int32)[None]  # <eos> = id 1
+    wins = [(stream[:, :-1], stream[:, 1:])]
+  else:
+    wins = text_data.windows(text_data.batchify(ids, batch), bptt, full_only=False)
+  for x, y in wins:
     probs = 0.0
     for m in models:
       z = keras.ops.convert_to_numpy(m(x)).astype(np.float64)

@@ -70,12 +70,10 @@ def test_two_workers_train_identical_weights_and_chief_writes_once(tmp_path):
 
   # Written once, by the chief only; the other worker's private directory is gone.
   names = sorted(os.listdir(run_dir))
-  events = [n for n in names if n.startswith("events.out.tfevents.")]  # TensorBoard hparams
-  assert len(events) == 1, names
-  assert [n for n in names if n not in events] == [".lock", "config.json", "gen_0", "gen_1", "report.png",
-                                                   "results.json", "results.md"]
-  for gen in (0, 1):
-    scalars = [f for f in glob.glob(str(run_dir / f"gen_{gen}" / "tb" / "events.out.tfevents.*"))
+  assert names == [".lock", "config.json", "gen_0", "gen_1", "log.txt", "report.png", "results.json",
+                   "results.md", "tb"]
+  for gen, name in ((0, "Teacher"), (1, "BAN-1")):
+    scalars = [f for f in glob.glob(str(run_dir / "tb" / name / "events.out.tfevents.*"))
                if not f.endswith(".hparams")]
     assert len(scalars) == 1, scalars
     assert not os.path.exists(run_dir / f"gen_{gen}" / "ckpt")

@@ -43,7 +43,7 @@ def _fake_run(path, seed, test_errors, val=True, epochs=3, baseline=None):
       history.append(h)
     if val:
       g["val_accuracy"] = history[-1]["val_accuracy"]
-    os.makedirs(os.path.join(path, f"gen_{gen}", "tb"))
+    os.makedirs(os.path.join(path, f"gen_{gen}"))
     with open(os.path.join(path, f"gen_{gen}", "history.json"), "w") as f:
       json.dump(history, f)
     gens.append(g)
@@ -147,8 +147,8 @@ def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
   report.write_hparams(run)
   report.write_hparams(run)  # a rerun replaces, not duplicates
   exp = report.experiment_id(run.config)
-  for gen, role in enumerate(("teacher", "BAN-1", "BAN-2")):
-    hp = _session_hparams(os.path.join(path, f"gen_{gen}", "tb"))
+  for gen, role in enumerate(("Teacher", "BAN-1", "BAN-2")):
+    hp = _session_hparams(os.path.join(path, "tb", role))  # TensorBoard runs named by row
     assert hp["gen"] == gen and hp["arch"] == "tiny" and hp["seed"] == 3
     assert hp["_trial"] == f"{exp}/seed_3/{role}"  # unique per experiment, seed and generation
     assert hp["loss"] == ("labels" if gen == 0 else "ban") and hp["temperature"] == 1.0
@@ -156,11 +156,11 @@ def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
     assert hp["flag/lr"] == 0.1 and hp["flag/epochs"] == 3 and hp["flag/batch_size"] == 128
     assert hp["flag/kd_weight"] == 1.0 and hp["flag/label_weight"] == 0.0 and hp["flag/loss"] == "ban"
     assert hp["flag/lr_milestones"] == "0.3,0.6,0.8" and hp["experiment"] == exp
-  hp = _session_hparams(os.path.join(path, "ensemble_2", "tb"))
+  hp = _session_hparams(os.path.join(path, "tb", "BANE-2"))
   assert hp["arch"] == "ensemble" and hp["role"] == "BANE-2" and hp["gen"] == 2
   assert hp["_trial"] == f"{exp}/seed_3/BANE-2"
   # The ensemble run carries the metric itself, as the generations' runs do.
-  values = [float(tf.make_ndarray(v.tensor)) for p in glob.glob(os.path.join(path, "ensemble_2", "tb", "*"))
+  values = [float(tf.make_ndarray(v.tensor)) for p in glob.glob(os.path.join(path, "tb", "BANE-2", "*"))
             for e in tf.compat.v1.train.summary_iterator(p) for v in e.summary.value if v.tag == "test/error"]
   assert values == [pytest.approx(0.15)]
   # No events file in the run directory itself: TensorBoard shows no empty "." run.
@@ -177,8 +177,8 @@ def test_hparams_trials_differ_across_experiments_with_the_same_seeds(tmp_path):
       cfg["loss"] = loss
       json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
       report.write_hparams(report.load_run(path))
-      for sub in ("gen_0", "gen_1", "gen_2", "ensemble_2"):
-        trials.add(_session_hparams(os.path.join(path, sub, "tb"))["_trial"])
+      for name in ("Teacher", "BAN-1", "BAN-2", "BANE-2"):
+        trials.add(_session_hparams(os.path.join(path, "tb", name))["_trial"])
   assert len(trials) == 16, sorted(trials)
 
 

@@ -66,7 +66,10 @@ def _scalars(logdir):
 
 
 def test_tensorboard_runs_per_generation(run_dir):
-  per_gen = [_scalars(os.path.join(run_dir, f"gen_{g}", "tb")) for g in range(GENS + 1)]
+  # One TensorBoard run per generation, named by its row: tb/Teacher, tb/BAN-1, ...
+  names = ["Teacher"] + [f"BAN-{g}" for g in range(1, GENS + 1)]
+  assert sorted(os.listdir(os.path.join(run_dir, "tb"))) == sorted(names + ["BANE-2"])
+  per_gen = [_scalars(os.path.join(run_dir, "tb", n)) for n in names]
   tags = [set(s) for s in per_gen]
   # The same tags in every generation (so TensorBoard overlays them), except that only
   # students, which have a teacher, log teacher_agreement and the KD term, and that a

@@ -102,6 +102,16 @@ class Task:
     """
     raise NotImplementedError
 
+  def stateful_model(self, model):
+    """`model` with its recurrent state as input and output ([x, state] -> [outputs,
+    state], sharing its weights), exported as `serve_stateful`; None: it has none."""
+    return None
+
+  def carries_state(self, cfg) -> bool:
+    """Whether the models carry their state across consecutive batches (then the
+    teacher is loaded through `serve_stateful`, and evaluation runs over streams)."""
+    return False
+
   # ---- training -------------------------------------------------------------------
   def device_augment(self, cfg) -> bool:
     """Whether training batches are augmented inside the compiled step (--device_augment)."""

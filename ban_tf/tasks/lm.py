@@ -5,6 +5,12 @@ averages every loss term per token (distiller.py). The headline metric is the
 final-epoch test perplexity per token, exp(mean token cross-entropy), as in the
 paper's Table 6. SavedModels take int32 token ids and carry vocab.txt beside them.
 
+Hidden state (--lm_state): `carry` (default) carries every LSTM state across the
+consecutive windows of each batch row, for the student and the teacher (its
+SavedModel's `serve_stateful` endpoint), reset per epoch, and evaluates over each
+split as one stream (text_data.py, distiller.CarriedState); `reset` starts every
+window from zeros.
+
 Learning-rate schedule (paper section 4.2): plain SGD from `--lr`, multiplied by
 `--lr_plateau_decay` at the start of an epoch whenever the validation perplexity of
 the previous epoch did not improve by `--lr_plateau_min_delta` on the best so far or,
@@ -57,6 +63,7 @@ class LanguageModel(base.Task):
     need(cfg.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={cfg.lr_plateau_min_delta}: must be >= 0")
     need(cfg.lr_plateau_reference in ("best", "previous"),  # schedules.plateau_lr
          f"--lr_plateau_reference={cfg.lr_plateau_reference!r}: use best or previous")
+    need(cfg.lm_state in ("carry", "reset"), f"--lm_state={cfg.lm_state!r}: use carry or reset")
     need(cfg.dataset != "ptb" or cfg.ptb_dir,
          "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
     need(not cfg.train_examples and not cfg.val_examples,
@@ -73,7 +80,7 @@ class LanguageModel(base.Task):
   def load_data(self, cfg):
     from ban_tf import text_data  # pylint: disable=g-import-not-at-top
     return text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
-                                 vocab_size=cfg.vocab_size, bptt=cfg.bptt)
+                                 vocab_size=cfg.vocab_size, bptt=cfg.bptt, state=cfg.lm_state)
 
   def spec(self, dataset):
     info = dataset.info
@@ -87,6 +94,16 @@ class LanguageModel(base.Task):
   def build_model(self, arch, dataset, *, dropout, name):
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
     return lm_models.build_model(arch, dataset.info.vocab, dropout=dropout, name=name)
+
+  def stateful_model(self, model):
+    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    try:
+      return lm_models.stateful(model)
+    except ValueError:  # not one LM (a BANE ensemble: generations.build_stateful_ensemble)
+      return None
+
+  def carries_state(self, cfg):
+    return cfg.lm_state == "carry"
 
   def make_optimizer(self, cfg, steps_per_epoch):
     """SGD with a constant rate that `callbacks` drive; gradient clipping is in the Distiller."""
