@@ -170,6 +170,28 @@ def densenet_widths(arch: str) -> dict:
   return {"stem": stem, "blocks": tuple(blocks), "features": features}
 
 
+def widths(arch: str) -> dict:
+  """{"stem": channels of the first conv, "features": width of the pooled features}
+  of an image architecture name, in pure Python (what --share_stem_head and
+  --feature_weight need to match; tested equal to the built models').
+
+  Raises:
+    ValueError: a bad name (parse_arch's message); -match- names must be resolved.
+  """
+  spec = parse_arch(arch)
+  family = spec["family"]
+  if family == "tiny":
+    return {"stem": 8, "features": 16}
+  if family == "densenet":
+    w = densenet_widths(arch)
+    return {"stem": w["stem"], "features": _densenet_params(spec, 3)[0]}
+  if family == "wrn":
+    return {"stem": 16, "features": 64 * spec["widen"]}
+  if family == "preact_resnet":
+    return {"stem": 16, "features": 64}
+  return {"stem": spec["stem"], "features": spec["out"] or spec["widths"][-1]}
+
+
 def is_match_arch(arch: str) -> bool:
   return bool(_MATCH_RE.match(arch.strip().lower()))
 

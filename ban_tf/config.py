@@ -36,6 +36,30 @@ NON_EXPERIMENT_FIELDS = frozenset({
 STRATEGIES = ("auto", "multi_worker")
 
 
+def check_writable_dir(path: str, flag: str) -> None:
+  """Raises errors.UsageError unless `path` is, or can be created as, a writable directory.
+
+  Creates nothing: checks the path itself when it exists, else its nearest
+  existing ancestor (os.access: write and search permission; EROFS on a
+  read-only file system).
+  """
+  target = os.path.abspath(path)
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise errors.UsageError(f"{flag}={path} is an existing file, not a directory: pass a directory path")
+  probe = target
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise errors.UsageError(f"{flag}={path}: {probe} is a file, so no directory can be made under it: "
+                            "pass a path under a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise errors.UsageError(f"{flag}={path}: {probe} is not writable (read-only file system or no permission): "
+                            "pass a writable location")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every knob of a run. Defaults are the paper's (WRN) CIFAR recipe."""
@@ -253,6 +277,15 @@ class Config:
     return sorted(k for k in keys if mine.get(k) != stored.get(k))
 
   # ---- validation -------------------------------------------------------------
+  def check_paths(self) -> None:
+    """The run directory (--run_dir or the default) can be created and written.
+
+    Checked before TensorFlow loads any data. Raises errors.UsageError naming the
+    path: an existing file, a path under a file, or a directory this process may
+    not write (no permission, or a read-only file system).
+    """
+    check_writable_dir(self.run_dir or self.default_run_dir(), "--run_dir")
+
   def validate(self, num_replicas: int = 1) -> None:
     """Raises errors.UsageError (one line, naming the fix) on a bad value."""
     def need(cond, msg):

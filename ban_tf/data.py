@@ -96,7 +96,12 @@ class Dataset:
       raise errors.UsageError(
           f"--val_examples={val_examples} leaves no training data ({name} has {total}): use fewer")
     available = total - val_examples
-    num_train = min(train_examples, available) if train_examples else available
+    if train_examples > available:
+      held = f" once --val_examples={val_examples} are held out" if val_examples else ""
+      raise errors.UsageError(
+          f"--train_examples={train_examples} exceeds the {available} training examples of {name}{held}: "
+          f"use at most {available}, or 0 for all of them")
+    num_train = train_examples or available
     if val_examples:
       self._val_src = self._train_src.skip(total - val_examples)
     num_val = _count(self._val_src) if self._val_src is not None else 0

@@ -32,7 +32,11 @@ def load(path):
   """The SavedModel at `path` (its `serve` function); raises errors.UsageError."""
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
     raise errors.UsageError(f"{path} is not a SavedModel directory (no saved_model.pb): pass gen_k/saved_model")
-  return tf.saved_model.load(path)
+  try:
+    return tf.saved_model.load(path)
+  except Exception as e:  # pylint: disable=broad-except  (truncated proto, missing or scrambled variables)
+    raise errors.UsageError(f"{path} cannot be loaded ({type(e).__name__}): it is damaged; restore it, "
+                            "or retrain its generation") from None
 
 
 def score(model, dataset, probabilities=False, stateful=False):
@@ -84,11 +88,13 @@ def accuracy(model, dataset):
 
 
 def _numbered(run_dir, prefix):
+  """[(k, run_dir/{prefix}_k/saved_model)] of the directories that hold a SavedModel or
+  are finished (DONE): a finished one whose SavedModel is gone is reported, not skipped."""
   found = []
-  for path in glob.glob(os.path.join(run_dir, f"{prefix}_*", "saved_model")):
-    m = re.fullmatch(rf"{prefix}_(\d+)", os.path.basename(os.path.dirname(path)))
-    if m:
-      found.append((int(m.group(1)), path))
+  for directory in glob.glob(os.path.join(run_dir, f"{prefix}_*")):
+    m = re.fullmatch(rf"{prefix}_(\d+)", os.path.basename(directory))
+    if m and (os.path.isdir(os.path.join(directory, "saved_model")) or export.is_done(directory)):
+      found.append((int(m.group(1)), os.path.join(directory, "saved_model")))
   return sorted(found)
 
 
@@ -113,16 +119,24 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   """
   from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  from ban_tf import manifest  # pylint: disable=g-import-not-at-top
   if split is not None and split not in SPLITS:
-    raise errors.UsageError(f"--split={split!r}: use test or val")
+    raise errors.UsageError(f"--split={split}: use test or val (the training split is not evaluated)")
+  if batch_size is not None and batch_size < 0:
+    raise errors.UsageError(f"--batch_size={batch_size}: must be >= 1 (or 0 for the run's)")
+  if not os.path.isdir(run_dir):
+    raise errors.UsageError(f"--run_dir={run_dir} is not a directory: pass a run directory written by ban_tf.main")
   cfg_path = os.path.join(run_dir, "config.json")
   if not os.path.exists(cfg_path):
     raise errors.UsageError(f"{run_dir} has no config.json: pass a run directory written by ban_tf.main")
-  stored = export.read_json(cfg_path)
-  cfg = config_lib.Config.from_dict(stored)
+  stored = export.read_json_checked(cfg_path, "restore it (it holds the run's flags and data set)")
+  try:
+    cfg = config_lib.Config.from_dict(stored)
+    task = tasks.get(cfg.task)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise errors.UsageError(f"{cfg_path} is damaged ({type(e).__name__}: not a ban_tf config): restore it") from None
   if data_dir:
     cfg = dataclasses.replace(cfg, data_dir=data_dir)
-  task = tasks.get(cfg.task)
   dataset = task.load_data(cfg)
   batch_size = batch_size or cfg.batch_size
   pipelines = {s: getattr(dataset, s)(batch_size) for s in (("val", "test") if split is None else (split,))}
@@ -132,17 +146,34 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   pipelines = {s: ds for s, ds in pipelines.items() if ds is not None}
 
   def evaluated(path, probabilities):
-    loaded = load(path)
-    entry = {}
-    for s, ds in pipelines.items():
-      res = score(loaded, ds, probabilities, stateful=task.carries_state(cfg))
-      entry.update({f"{s}_loss": res["loss"], f"{s}_accuracy": res["accuracy"], f"{s}_error": 1.0 - res["accuracy"]})
+    """The model's numbers, or {"damaged": why} when it is missing, unreadable, or not
+    the model the run recorded (manifest.py): one damaged model never loses the table."""
+    name = os.path.basename(os.path.dirname(path))
+    rel = os.path.relpath(path, run_dir)
+    try:
+      if not os.path.exists(os.path.join(path, "saved_model.pb")):
+        return {"damaged": f"{rel} is missing or incomplete (no saved_model.pb)"}
+      manifest.check(run_dir, name, os.path.dirname(path), saved_model=True)
+      loaded = load(path)
+      entry = {}
+      for s, ds in pipelines.items():
+        res = score(loaded, ds, probabilities, stateful=task.carries_state(cfg))
+        entry.update({f"{s}_loss": res["loss"], f"{s}_accuracy": res["accuracy"],
+                      f"{s}_error": 1.0 - res["accuracy"]})
+    except errors.UsageError as e:
+      return {"damaged": str(e)}
+    except Exception as e:  # pylint: disable=broad-except  (TF load/call errors: many kinds)
+      return {"damaged": f"{rel} cannot be loaded or run ({type(e).__name__}): restore it, or retrain it"}
     entry.update(task.summarize(entry))
     return entry
 
   def meta(path):
     meta_path = os.path.join(os.path.dirname(path), "metrics.json")
-    return export.read_json(meta_path) if os.path.exists(meta_path) else {}
+    try:
+      m = export.read_json(meta_path)
+      return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+      return {}  # names and sizes only: the numbers come from the SavedModel
 
   out = {"task": task.name, "splits": list(pipelines), "split": split, "dataset": cfg.data_name, "seed": cfg.seed,
          "generations": [], "ensembles": []}
@@ -287,12 +318,17 @@ def main(argv, fv):
       print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
     return
   evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
+  damaged = [e for e in evaluated["generations"] + evaluated["ensembles"] if e.get("damaged")]
   print(f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), {len(evaluated['generations'])} generations "
         f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n")
   print(table(evaluated))
   results_path = os.path.join(fv.run_dir, "results.json")
   if os.path.exists(results_path):
-    diffs = differences(evaluated, export.read_json(results_path))
+    try:
+      diffs = differences(evaluated, export.read_json_checked(results_path, "not compared"))
+    except (errors.UsageError, KeyError, TypeError) as e:
+      print(f"results.json not compared: {e}")
+      diffs = {}
     accs = [v for k, v in diffs.items() if k.endswith("_accuracy")]
     if accs:
       print(f"max |accuracy difference| vs results.json: {max(accs):.2e}")
@@ -301,6 +337,36 @@ def main(argv, fv):
         print(f"max |{k} difference| vs results.json: {v:.2e}")
   if fv.output_json:
     export.write_json(evaluated, fv.output_json)
+  if damaged:
+    total = len(evaluated["generations"]) + len(evaluated["ensembles"])
+    raise errors.UsageError(f"{len(damaged)} of {total} models could not be evaluated ({damaged[0]['damaged']}"
+                            + (", ..." if len(damaged) > 1 else "") + "): see the damaged rows above")
+
+
+def define_flags(fv):
+  """The binary's flags, on `fv` (absl FlagValues; tests pass a fresh one)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  d = lambda define, *a: define(*a, flag_values=fv)
+  d(flags.DEFINE_string, "run_dir", None, "Run directory whose gen_k/ and ensemble_k/ SavedModels to re-evaluate.")
+  d(flags.DEFINE_string, "split", None, "Split to evaluate on: test or val (default: val, where the run has one, "
+    "and test).")
+  d(flags.DEFINE_string, "data_dir", None, "TFDS data directory (default: the run's config.json).")
+  d(flags.DEFINE_integer, "batch_size", 0, "Evaluation batch size (default: the run's).")
+  d(flags.DEFINE_string, "output_json", None, "Also write the numbers as JSON here.")
+  d(flags.DEFINE_string, "saved_model", None, "A SavedModel directory to classify --images with.")
+  d(flags.DEFINE_list, "images", [], "Image files (PNG/JPEG) to classify; resized to the model's input.")
+  d(flags.DEFINE_integer, "top_k", 3, "How many classes to print per image.")
+
+
+def cli(argv, fv):
+  """main() under the binary's error contract: one `error: ...` line on stderr and
+  exit code 2 for bad flags, paths and damaged files; returns 0 otherwise."""
+  try:
+    main(argv, fv)
+  except errors.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
@@ -308,22 +374,18 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string("run_dir", None, "Run directory whose gen_k/ and ensemble_k/ SavedModels to re-evaluate.")
-  flags.DEFINE_enum("split", None, SPLITS, "Split to evaluate on (default: val, where the run has one, and test).")
-  flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's config.json).")
-  flags.DEFINE_integer("batch_size", 0, "Evaluation batch size (default: the run's).")
-  flags.DEFINE_string("output_json", None, "Also write the numbers as JSON here.")
-  flags.DEFINE_string("saved_model", None, "A SavedModel directory to classify --images with.")
-  flags.DEFINE_list("images", [], "Image files (PNG/JPEG) to classify; resized to the model's input.")
-  flags.DEFINE_integer("top_k", 3, "How many classes to print per image.")
+  define_flags(flags.FLAGS)
+
+  def _parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print("error: " + re.sub(r"^(ERROR:+\s*)+", "", str(e)) + " (see --help)", file=sys.stderr)
+      sys.exit(2)
 
   def _main(argv):
     tf.get_logger().setLevel("ERROR")
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it opens at INFO
-    try:
-      main(argv, flags.FLAGS)
-    except errors.UsageError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+    sys.exit(cli(argv, flags.FLAGS))
 
-  app.run(_main)
+  app.run(_main, flags_parser=_parse)

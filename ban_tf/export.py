@@ -90,6 +90,27 @@ def read_json(path):
     return json.load(f)
 
 
+def read_json_checked(path, fix, expect=dict):
+  """The JSON in `path`, which must be an `expect` (dict or list).
+
+  Raises:
+    errors.RunDirError: one line naming the damaged file (missing, unreadable,
+      invalid JSON, or another type) and then `fix`.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise errors.RunDirError(f"{path} is missing: {fix}") from None
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    why = type(e).__name__ + (f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else "")
+    raise errors.RunDirError(f"{path} is damaged ({why}): {fix}") from None
+  if not isinstance(value, expect):
+    raise errors.RunDirError(f"{path} is damaged (a JSON {type(value).__name__}, not "
+                             f"{'an object' if expect is dict else 'a list'}): {fix}")
+  return value
+
+
 def touch_done(directory):
   """Writes the DONE marker, the last file of a finished generation."""
   write_text("done\n", os.path.join(directory, "DONE"))

@@ -7,8 +7,15 @@ train.py, what differs between tasks in tasks/, the tables in results.py and the
 files a finished run gets (results.md, report.png) in report.py.
 
 Finished generations (DONE marker) are skipped on rerun; their SavedModel was
-re-verified against its fingerprint when the run directory was opened
-(rundir.RunDir.verify_finished), and is again when it is loaded as a teacher.
+re-verified against its fingerprint and the run's manifest (manifest.py) when the
+run directory was opened (rundir.RunDir.verify_finished), and is again when it is
+loaded as a teacher; ensemble members' model.keras files are re-hashed before they
+are loaded.
+
+results.json and results.md are rebuilt after every generation from every
+readable file of the run (`collect_results`), never from memory alone: a row that
+was there is never lost (a damaged or vanished generation keeps its previous row,
+marked "damaged"), and a rerun with a smaller --gens keeps the later rows.
 
 Rows are named as in the paper's Table 2 (results.py): Teacher, BAN-1..N, Ens*k
 (the BANE of generations 1..k, Eq. 4, plus the teacher with
@@ -21,6 +28,7 @@ every row's headline metric (the task's: test error, or test perplexity).
 import contextlib
 import dataclasses
 import os
+import re
 
 import keras
 import numpy as np
@@ -32,6 +40,7 @@ from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
+from ban_tf import manifest
 from ban_tf import pretrained
 from ban_tf import report
 from ban_tf import results as results_lib
@@ -80,13 +89,21 @@ def build_stateful_ensemble(members, name="ensemble_stateful"):
 
 def _load_member(gen_dir):
   """A generation as a keras.Model to logits: its model.keras, or (a --teacher imported
-  from a SavedModel, or one that outputs probabilities) its SavedModel's `serve` endpoint."""
+  from a SavedModel, or one that outputs probabilities) its SavedModel's `serve` endpoint.
+
+  Raises:
+    errors.TeacherError: (one line) it cannot be loaded (a truncated zip, a bad config, ...).
+  """
   path = os.path.join(gen_dir, "model.keras")
-  if os.path.exists(path):
-    return keras.saving.load_model(path, custom_objects={"StepDecay": train.StepDecay}, compile=False)
-  layer = keras.layers.TFSMLayer(os.path.join(gen_dir, "saved_model"), call_endpoint=export.SERVE,
-                                 trainable=False, dtype="float32")
-  x = np.load(os.path.join(gen_dir, "saved_model", export.FINGERPRINT_FILE))["inputs"]
+  try:
+    if os.path.exists(path):
+      return keras.saving.load_model(path, custom_objects={"StepDecay": train.StepDecay}, compile=False)
+    path = os.path.join(gen_dir, "saved_model")
+    layer = keras.layers.TFSMLayer(path, call_endpoint=export.SERVE, trainable=False, dtype="float32")
+    x = np.load(os.path.join(path, export.FINGERPRINT_FILE))["inputs"]
+  except Exception as e:  # pylint: disable=broad-except  (many kinds)
+    raise errors.TeacherError(f"{path} cannot be loaded ({type(e).__name__}): restore it, or delete its "
+                              "generation directory to retrain it, or --overwrite") from None
   inputs = keras.Input(shape=x.shape[1:], dtype=x.dtype.name)
   return keras.Model(inputs, layer(inputs), name=os.path.basename(gen_dir))
 
@@ -95,10 +112,12 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   task = tasks.get(cfg.task)
   out = run.ensemble_dir(k)
-  if export.is_done(run.read_ensemble_dir(k)):
+  if export.is_done(run.read_ensemble_dir(k)) and k not in run.stale_ensembles:
     return export.read_json(os.path.join(run.read_ensemble_dir(k), "metrics.json"))
   os.makedirs(out, exist_ok=True)
   gens = ensemble_members(k, cfg.ensemble_include_teacher)
+  for g in gens:  # the members' model.keras must be the ones this run recorded
+    run.check_member(g, keras=True)
   # Multi-worker: every worker evaluates the whole test set on its own (outside the
   # strategy, no collectives); Keras cannot evaluate a plain model under MWMS.
   scope = contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope()
@@ -119,7 +138,9 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES,
                stateful=stateful)
   export.write_json(result, os.path.join(out, "metrics.json"))
+  manifest.record(run.path, f"ensemble_{k}", **manifest.digests(out, keras=False))
   export.touch_done(out)
+  run.stale_ensembles.discard(k)
   logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],
                task.headline.key, result[task.headline.key])
   if console.progress():
@@ -128,43 +149,101 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   return result
 
 
+def _readable(path):
+  """(the JSON object in `path`, None) or (None, why it cannot be used)."""
+  try:
+    return export.read_json_checked(path, "restore it, or delete its directory to retrain it"), None
+  except errors.UsageError as e:
+    return None, str(e)
+
+
+def collect_results(run):
+  """The run's results dict, rebuilt from every readable file under run.read_path.
+
+  Rows: every generation and ensemble that is finished on disk (whatever --gens
+  this run has) or that the previous results.json held. A row whose files are
+  unreadable, or whose directory is no longer finished, keeps its previous values
+  (when there were any) and gets a "damaged" field saying why; results.py marks it.
+  """
+  previous, why = _readable(os.path.join(run.read_path, "results.json"))
+  if why and os.path.exists(os.path.join(run.read_path, "results.json")):
+    logging.warning("%s: rebuilding it from the generation directories", why)
+  previous = previous or {}
+
+  def by(rows, key):
+    return {key(r): r for r in rows if isinstance(r, dict)} if isinstance(rows, list) else {}
+
+  def row(directory, done, prev, stub, what):
+    if done:
+      entry, bad = _readable(os.path.join(directory, "metrics.json"))
+      if entry is not None:
+        return entry
+    else:
+      bad = f"{what} is not finished on disk (deleted, or being retrained)"
+    if prev is None and not done:
+      return None
+    return dict(prev or stub, damaged=bad + ("; values from the previous results.json" if prev else ""))
+
+  out = {"generations": [], "ensembles": [], "baseline": None}
+  prev_g = by(previous.get("generations"), lambda r: r.get("gen"))
+  for k in sorted(set(run.finished_gens()) | {g for g in prev_g if isinstance(g, int)}):
+    r = row(run.read_gen_dir(k), export.is_done(run.read_gen_dir(k)), prev_g.get(k), {"gen": k}, f"gen_{k}")
+    if r is not None:
+      out["generations"].append(r)
+  prev_e = by(previous.get("ensembles"), lambda r: r.get("name"))
+  prev_e = {int(n.split("-")[1]): r for n, r in prev_e.items() if isinstance(n, str) and re.fullmatch(r"BANE-\d+", n)}
+  for k in sorted(set(run.finished_ensembles()) | set(prev_e)):
+    d = run.read_ensemble_dir(k)
+    stub = {"name": f"BANE-{k}", "members": prev_e.get(k, {}).get("members") or list(range(1, k + 1))}
+    done = export.is_done(d) and k not in run.stale_ensembles
+    r = row(d, done, prev_e.get(k), stub, f"ensemble_{k}")
+    if r is not None:
+      out["ensembles"].append(r)
+  bdir = os.path.join(run.read_path, "baseline")
+  prev_b = previous.get("baseline") if isinstance(previous.get("baseline"), dict) else None
+  if export.is_done(bdir) or prev_b:
+    out["baseline"] = row(bdir, export.is_done(bdir), prev_b, {"gen": "baseline"}, "baseline")
+  return out
+
+
 def run(cfg, strategy, dataset, run):
   """Trains generations 0..cfg.gens into `run`, an open (locked) rundir.RunDir."""
-  results = {"generations": [], "ensembles": []}
   for gen in range(cfg.gens + 1):
     done_dir = run.read_gen_dir(gen)
     # Every worker reads the same teacher: the chief's export of the previous generation.
     teacher_path = os.path.join(run.read_gen_dir(gen - 1), "saved_model") if gen > 0 else None
     if export.is_done(done_dir):
-      logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint)", gen)
-      metrics = export.read_json(os.path.join(done_dir, "metrics.json"))
+      logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint and the run's "
+                   "manifest)", gen)
+      metrics = export.read_json(os.path.join(done_dir, "metrics.json"))  # checked readable on open
       if console.progress():
         console.progress().skip(cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped")
     elif gen == 0 and cfg.teacher:  # a pretrained teacher: imported, checked and measured, not trained
-      metrics = pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
+      pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
       if console.progress():
         console.progress().skip(cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}")
     else:
+      if gen > 0:  # the teacher (and, for --share_stem_head, its model.keras) is this run's gen_{gen-1}
+        run.check_member(gen - 1, keras=cfg.share_stem_head)
       spec = train.GenerationSpec.generation(cfg, gen, run.gen_dir(gen), teacher_path, read_dir=done_dir)
-      metrics = train.run_generation(cfg, spec, strategy, dataset)
+      train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)  # the chief's gen_{gen} is complete before anyone reads it
-    results["generations"].append(metrics)
     if gen >= 2:
-      results["ensembles"].append(evaluate_ensemble(cfg, strategy, dataset, run, gen))
+      evaluate_ensemble(cfg, strategy, dataset, run, gen)
       cluster.barrier(strategy)
-    report.write_results(run.path, results, cfg, spec=run.spec)
+    report.write_results(run.path, collect_results(run), cfg, spec=run.spec)
     faults.kill_if("kill_between_generations", f"gen_{gen}")
   if cfg.baseline:
     bdir, bdone = os.path.join(run.path, "baseline"), os.path.join(run.read_path, "baseline")
     if export.is_done(bdone):
-      results["baseline"] = export.read_json(os.path.join(bdone, "metrics.json"))
       if console.progress():
         console.progress().skip(cfg.epochs, "baseline: done before, skipped")
     else:
       spec = train.GenerationSpec.baseline(cfg, bdir, read_dir=bdone)
-      results["baseline"] = train.run_generation(cfg, spec, strategy, dataset)
+      train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)
-    report.write_results(run.path, results, cfg, spec=run.spec)
+  results = collect_results(run)
+  report.write_results(run.path, results, cfg, spec=run.spec)
   report.write_report(run.path)  # report.png and TensorBoard hparams, from what is on disk
   return results
 

@@ -218,6 +218,7 @@ def run(cfg):
   """Validates, prepares data, trains all generations; returns results. Raises UsageError."""
   # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
+  cfg.check_paths()
   from ban_tf import console  # pylint: disable=g-import-not-at-top
   console.import_tensorflow(cfg.verbose)  # before anything else loads it: its start-up noise goes to log.txt
   import keras  # pylint: disable=g-import-not-at-top
@@ -315,7 +316,8 @@ def _parse(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(f"{e} (see --help)")
+    # absl prefixes some messages (e.g. a missing --flagfile) with "ERROR:: ".
+    _fail(re.sub(r"^(ERROR:+\s*)+", "", str(e)) + " (see --help)")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import hashlib
 import os
 
 from ban_tf import errors
+from ban_tf import manifest
 
 GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
 SOURCE_KEY = "source"  # gen_0/metrics.json: {"path", "kind", "outputs", "sha256"}
@@ -379,6 +380,9 @@ def import_teacher(cfg, strategy, dataset, out_dir):
       tf.summary.scalar(f"{split}/final_{name}", result[key])
   writer.flush()
   export.write_json(result, os.path.join(out_dir, "metrics.json"))
+  # Bound to the run before DONE, as a trained generation is (manifest.py); `source`: where it came from.
+  run_dir, name = os.path.split(os.path.abspath(out_dir))
+  manifest.record(run_dir, name, source=result[SOURCE_KEY], **manifest.digests(out_dir))
   export.touch_done(out_dir)
   logging.info("gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f", cfg.teacher, kind,
                result["test_accuracy"], task.headline.key, result[task.headline.key])

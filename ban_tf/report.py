@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: write files only
 
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,22 +54,26 @@ def load_run(path):
   if not os.path.exists(res_path):
     raise errors.UsageError(f"{path} has no results.json: pass a run directory whose first generation finished")
   cfg_path = os.path.join(path, "config.json")
-  cfg = export.read_json(cfg_path) if os.path.exists(cfg_path) else {}
-  results = export.read_json(res_path)
+  cfg = export.read_json_checked(cfg_path, "restore it") if os.path.exists(cfg_path) else {}
+  results = export.read_json_checked(res_path, "rerun the training command to rebuild it from the generations")
   if "generations" not in results:
     raise errors.UsageError(f"{path} holds the summary of several runs, not one run: pass it as --run_dir")
   histories = {}
   for g in results["generations"]:
     hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
     if os.path.exists(hist):
-      histories[g["gen"]] = export.read_json(hist)
+      try:
+        histories[g["gen"]] = export.read_json_checked(hist, "its curve is left out", expect=list)
+      except errors.UsageError as e:
+        logging.warning("%s", e)
   return Run(path, cfg, results, histories)
 
 
 def _is_single_run(path):
   """A run directory (its results.json has generations), not a --seeds parent's summary."""
   res_path = os.path.join(path, "results.json")
-  return os.path.exists(res_path) and "generations" in export.read_json(res_path)
+  return os.path.exists(res_path) and "generations" in export.read_json_checked(
+      res_path, "rerun the training command to rebuild it from the generations")
 
 
 def find_runs(path):
@@ -290,11 +295,15 @@ def write_hparams(run):
   if run.results.get("baseline"):
     generations.append(run.results["baseline"])
   for g in generations:
+    if g.get("damaged") or "arch" not in g:
+      continue  # a damaged row: no session (its numbers may be missing)
     name = results_lib.generation_name(g["gen"])
     writer = fresh_writer(results_lib.tensorboard_dir(run.path, name))
     session(writer, _session_hparams(run, g, False), f"{trial}/{name}")
     writer.close()
   for e in run.results["ensembles"]:
+    if e.get("damaged") or "test_accuracy" not in e:
+      continue
     k = max(e["members"])
     name = e.get("name") or f"BANE-{k}"
     logdir = results_lib.tensorboard_dir(run.path, name)
@@ -310,7 +319,8 @@ def write_hparams(run):
     writer.close()
 
 
-_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher")
+_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher",
+                 "damaged")
 
 
 def write_results(run_dir, results, cfg, spec=None):

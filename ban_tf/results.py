@@ -81,15 +81,16 @@ def tensorboard_dir(run_path: str, name: str) -> str:
 def rows(results: dict) -> list:
   """The rows of one run in table order: Teacher, BAN-1..N, BANE-2..N, Baseline."""
   out = []
+  mark = lambda entry: " (damaged)" if entry.get("damaged") else ""
   for g in results.get("generations", []):
     key = generation_name(g["gen"])
-    out.append(Row(key, key, g.get("arch", "?"), format_params(g.get("params", 0)), g))
+    out.append(Row(key, key + mark(g), g.get("arch", "?"), format_params(g.get("params", 0)), g))
   for e in results.get("ensembles", []):
     key = e.get("name") or f"BANE-{max(e['members'])}"
-    out.append(Row(key, key, ensemble_arch(e.get("members", [])), "", e))
+    out.append(Row(key, key + mark(e), ensemble_arch(e.get("members", [])), "", e))
   b = results.get("baseline")
   if b:
-    out.append(Row("Baseline", "Baseline", b.get("arch", "?"), format_params(b.get("params", 0)), b))
+    out.append(Row("Baseline", "Baseline" + mark(b), b.get("arch", "?"), format_params(b.get("params", 0)), b))
   return out
 
 
@@ -121,6 +122,9 @@ def table(results: dict, headline: Metric, extra=()) -> str:
     delta = "" if base is None or v is None or r.key == "Teacher" else f"{v - base:+.2f}"
     cells = [r.label, r.arch, r.params, _fmt(v), delta] + [_fmt(m.value(r.entry)) for m in extra]
     lines.append("| " + " | ".join(cells) + " |")
+  notes = [f"- {r.key}: {r.entry['damaged']}" for r in rs if r.entry.get("damaged")]
+  if notes:
+    lines += ["", "Damaged rows (kept, not dropped; fix the file named and rerun to refresh them):"] + notes
   return "\n".join(lines) + "\n"
 
 

@@ -13,9 +13,11 @@ so a generation interrupted at epoch e continues from e as if never stopped.
 """
 
 import dataclasses
+import glob
 import hashlib
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +34,7 @@ from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
 from ban_tf import losses
+from ban_tf import manifest
 from ban_tf import models
 from ban_tf import results as results_lib
 from ban_tf import tasks
@@ -102,7 +105,10 @@ def make_checkpoint(student, optimizer, epoch_var, projection=None):
   """What an epoch checkpoint holds: everything that resuming must restore.
 
   Through `optimizer`: the student's trainable weights, the momentum slots and the
-  step counter (which drives the learning-rate schedule and DKPP's seeds). Through
+  step counter (which drives the learning-rate schedule and DKPP's seeds). Pass the
+  compiled model's optimizer: under --mixed_precision=fp16 that is Keras'
+  LossScaleOptimizer, whose dynamic loss scale (and its growth counter) must be
+  restored too, or a resumed run rescales from 2^15 (tests/reliability_test.py). Through
   `student`: BatchNorm statistics. `variables` adds what that tracking misses: the
   dropout layers' SeedGenerator states, so resumed dropout masks are the ones an
   uninterrupted run would draw (tests/resume_test.py). `projection`: the
@@ -277,7 +283,12 @@ def _share_stem_head(student, teacher_path):
   if not os.path.exists(path):
     raise errors.TeacherError(f"--share_stem_head needs the teacher's {path}: retrain that generation "
                               "or drop --share_stem_head")
-  teacher = keras.saving.load_model(path, custom_objects={"StepDecay": StepDecay}, compile=False)
+  try:
+    teacher = keras.saving.load_model(path, custom_objects={"StepDecay": StepDecay}, compile=False)
+  except Exception as e:  # pylint: disable=broad-except  (truncated zip, bad config: many kinds)
+    raise errors.TeacherError(
+        f"--share_stem_head: the teacher's {path} cannot be loaded ({type(e).__name__}): restore it, or delete "
+        "that generation's directory to retrain it, or --overwrite") from None
   try:
     models.copy_and_freeze(student, teacher)
   except ValueError as e:
@@ -339,23 +350,96 @@ def _build(cfg, task, gen, strategy, dataset, steps):
     optimizer = task.make_optimizer(cfg, steps)
     model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
                   jit_compile=cfg.jit_compile)
-    optimizer.build(model.train_variables)
+    # model.optimizer: `optimizer` itself, or (fp16) Keras' LossScaleOptimizer around it.
+    model.optimizer.build(model.train_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ckpt = make_checkpoint(student, optimizer, epoch_var, projection=model.projection)
+    ckpt = make_checkpoint(student, model.optimizer, epoch_var, projection=model.projection)
   return _Built(student, model, optimizer, epoch_var, ckpt)
 
 
+def _ckpt_number(prefix):
+  m = re.search(r"-(\d+)$", prefix)
+  return int(m.group(1)) if m else -1
+
+
+def _checkpoints(ckpt_dir):
+  """(checkpoint prefixes in `ckpt_dir`, newest first; whether its index is damaged).
+
+  The prefixes: those the `checkpoint` index names (even when their files are gone)
+  and every ckpt-N.index file (even when the index is damaged or lost track of it).
+  """
+  found, damaged = set(), False
+  try:
+    state = tf.train.get_checkpoint_state(ckpt_dir)
+    why = "unparsable" if state is None else ""
+  except Exception as e:  # pylint: disable=broad-except  (a damaged index: text-proto parse errors)
+    state, why = None, type(e).__name__
+  if state is None and os.path.exists(os.path.join(ckpt_dir, "checkpoint")):
+    logging.warning("%s/checkpoint is damaged (%s): using the checkpoint files it should list",
+                    os.path.join(os.path.basename(os.path.dirname(ckpt_dir)), "ckpt"), why)
+    damaged = True
+  if state is not None:
+    for p in list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]:
+      if p:
+        found.add(os.path.join(ckpt_dir, os.path.basename(p)))
+  for index in glob.glob(os.path.join(ckpt_dir, "ckpt-*.index")):
+    found.add(index[:-len(".index")])
+  return sorted(found, key=_ckpt_number, reverse=True), damaged
+
+
 def _restore(gen, built):
-  """(first epoch to train, history so far) from the latest checkpoint in gen.read_dir."""
-  latest = tf.train.latest_checkpoint(os.path.join(gen.read_dir, "ckpt"))
-  if not latest:
+  """(first epoch to train, history so far) from the newest readable checkpoint in gen.read_dir.
+
+  A newest checkpoint that is missing (its index entry dangling) or unreadable
+  (truncated, emptied) is skipped with a warning and the previous one is used;
+  where this process owns the directory, the damaged files are removed and the
+  index is rewritten to the checkpoint used, so the next save and every later
+  rerun see a consistent directory. Raises errors.RunDirError when checkpoints
+  exist but none is readable, or when history.json is damaged.
+  """
+  ckpt_dir = os.path.join(gen.read_dir, "ckpt")
+  candidates, bad_index = _checkpoints(ckpt_dir) if os.path.isdir(ckpt_dir) else ([], False)
+  if not candidates:
     return 0, []
-  built.ckpt.restore(latest).assert_existing_objects_matched()
+  where = os.path.basename(gen.read_dir)
+  latest, skipped = None, []
+  for prefix in candidates:
+    name = f"{where}/ckpt/{os.path.basename(prefix)}"
+    if not os.path.exists(prefix + ".index"):
+      skipped.append((prefix, f"{name} is missing (its index entry is dangling)"))
+      continue
+    try:
+      built.ckpt.restore(prefix).assert_existing_objects_matched()
+    except Exception as e:  # pylint: disable=broad-except  (DataLossError, NotFoundError, AssertionError, ...)
+      skipped.append((prefix, f"{name} is unreadable ({type(e).__name__})"))
+      continue
+    latest = prefix
+    break
+  fix = (f"delete {gen.read_dir}/ckpt and {gen.read_dir}/history.json to retrain this generation from "
+         "epoch 0, or --overwrite")
+  if latest is None:
+    raise errors.RunDirError(f"{ckpt_dir} holds no readable checkpoint ("
+                             + "; ".join(why for _, why in skipped) + f"): {fix}")
+  for prefix, why in skipped:
+    logging.warning("gen %s: %s: resuming from the previous checkpoint, %s", gen.gen, why,
+                    os.path.basename(latest))
+  if (skipped or bad_index) and gen.read_dir == gen.out_dir:
+    # Repair: drop the damaged files, point the index at `latest`.
+    for prefix, _ in skipped:
+      for path in glob.glob(prefix + ".index") + glob.glob(prefix + ".data-*"):
+        os.remove(path)
+    kept = [p for p in candidates if p not in {q for q, _ in skipped}]
+    tf.compat.v1.train.update_checkpoint_state(
+        ckpt_dir, os.path.basename(latest),
+        all_model_checkpoint_paths=[os.path.basename(p) for p in reversed(kept)])
   initial_epoch = int(built.epoch_var.numpy())
   history = []
   hist_path = os.path.join(gen.read_dir, "history.json")
   if os.path.exists(hist_path):
-    history = [h for h in export.read_json(hist_path) if h["epoch"] <= initial_epoch]
+    entries = export.read_json_checked(hist_path, f"restore it, or {fix}", expect=list)
+    if not all(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in entries):
+      raise errors.RunDirError(f"{hist_path} is damaged (entries without an epoch): restore it, or {fix}")
+    history = [h for h in entries if h["epoch"] <= initial_epoch]
   logging.info("gen %s: resuming from epoch %d (%s)", gen.gen, initial_epoch, latest)
   return initial_epoch, history
 
@@ -418,8 +502,8 @@ def run_generation(cfg, gen, strategy, dataset):
   keras.utils.set_random_seed(gen.seed)  # fresh, differently seeded student per generation
   steps = dataset.steps_per_epoch(cfg.batch_size)
   built = _build(cfg, task, gen, strategy, dataset, steps)
+  initial_epoch, history = _restore(gen, built)  # before the manager reads the (repaired) index
   manager = tf.train.CheckpointManager(built.ckpt, os.path.join(gen.out_dir, "ckpt"), max_to_keep=2)
-  initial_epoch, history = _restore(gen, built)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
   train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
   tb_dir = results_lib.tensorboard_dir(os.path.dirname(gen.out_dir), results_lib.generation_name(gen.gen))
@@ -456,6 +540,9 @@ def run_generation(cfg, gen, strategy, dataset):
   finish(task, spec, built.student, gen.out_dir, result, writer, cfg.epochs)
   export.save_keras(built.student, os.path.join(gen.out_dir, "model.keras"))
   export.write_json(result, os.path.join(gen.out_dir, "metrics.json"))
+  # Bound to the run outside the generation directory, before DONE (manifest.py).
+  run_dir, name = os.path.split(os.path.abspath(gen.out_dir))
+  manifest.record(run_dir, name, weights_sha256=result["weights_sha256"], **manifest.digests(gen.out_dir))
   export.touch_done(gen.out_dir)
   shutil.rmtree(os.path.join(gen.out_dir, "ckpt"), ignore_errors=True)
   logging.info("gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s", gen.gen, gen.role,

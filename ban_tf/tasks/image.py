@@ -19,6 +19,28 @@ TEST_ERROR = results.Metric("test_error", "Test error (%)", percent=True, text="
 VAL_ERROR = results.Metric("val_error", "Val error (%)", percent=True, derive=_val_error, text="val error")
 
 
+def _check_widths(cfg):
+  """--share_stem_head and --feature_weight (without --feature_projection) need the
+  teacher's and the student's widths to agree: known from the names, so a misfit
+  is refused before any training (BAN-k for k >= 2 is taught by the same arch)."""
+  if cfg.gens < 1 or not (cfg.share_stem_head or (cfg.feature_weight > 0 and not cfg.feature_projection)):
+    return
+  try:
+    t_arch, s_arch = cfg.arch_for(0), cfg.arch_for(1)
+    t, s = archs.widths(t_arch), archs.widths(s_arch)
+  except ValueError:
+    return  # a bad name: Config.validate reports it
+  if cfg.share_stem_head and (t["stem"], t["features"]) != (s["stem"], s["features"]):
+    raise errors.UsageError(
+        f"--share_stem_head: the teacher {t_arch} has stem width {t['stem']} and {t['features']} features but the "
+        f"student {s_arch} has {s['stem']} and {s['features']}: use a student with the teacher's widths "
+        "(e.g. --arch=wrn-match-U with a DenseNet --teacher_arch), or drop --share_stem_head")
+  if cfg.feature_weight > 0 and not cfg.feature_projection and t["features"] != s["features"]:
+    raise errors.UsageError(
+        f"--feature_weight: the student {s_arch} has {s['features']} features but the teacher {t_arch} has "
+        f"{t['features']}: add --feature_projection, or use a student of the teacher's feature width")
+
+
 class ImageClassification(base.Task):
   """--task=image."""
   name = "image"
@@ -43,6 +65,7 @@ class ImageClassification(base.Task):
       except ValueError as e:
         raise errors.UsageError(f"--densenet_compression={cfg.densenet_compression:g} applies to a "
                                 f"densenet-D-K --arch without a -c suffix: {e}") from None
+    _check_widths(cfg)
 
   def load_data(self, cfg):
     from ban_tf import data  # pylint: disable=g-import-not-at-top
