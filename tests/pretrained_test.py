@@ -309,3 +309,36 @@ def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
   rates = lambda p: [l.rate for l in keras.saving.load_model(p, compile=False).layers if "Dropout" in type(l).__name__]
   assert rates(os.path.join(teacher_run, "gen_0", "model.keras")) == [0.5]
   assert rates(os.path.join(tmp_path, "ban", "gen_1", "model.keras")) == []
+
+
+@needs_data
+def test_teacher_measured_on_two_replicas(teachers, tmp_path, monkeypatch, capsys):
+  """Global evaluation: 2 replicas (512 test images, the last batch padded) give plain Keras' accuracy."""
+  src, want = teachers
+  run_dir = str(tmp_path / "run")
+  argv = _ARGS + ["--gens=0", "--num_cpu_devices=2", f"--teacher={src}/logits.keras", f"--run_dir={run_dir}"]
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 0, err
+  m = export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))
+  assert m["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)
+
+
+def test_language_model_teacher_from_a_run(tmp_path, monkeypatch, capsys):
+  """An LM generation teaches another run: copied, re-measured to the same perplexities."""
+  rng = np.random.RandomState(0)
+  words = [f"w{i}" for i in range(30)]
+  for name, lines in (("train", 200), ("valid", 40), ("test", 40)):
+    with open(tmp_path / f"ptb.{name}.txt", "w") as f:
+      for _ in range(lines):
+        f.write(" " + " ".join(rng.choice(words, rng.randint(3, 9))) + " \n")
+  lm = ["--task=lm", "--dataset=ptb", f"--ptb_dir={tmp_path}", "--arch=lstm-1-16", "--batch_size=4", "--bptt=6",
+        "--lr=1.0", "--momentum=0", "--weight_decay=0", "--clip_norm=5", "--loss=ban_l", "--epochs=1", "--verbose=0"]
+  first, second = str(tmp_path / "teacher"), str(tmp_path / "students")
+  assert _main(monkeypatch, capsys, lm + ["--gens=0", f"--run_dir={first}"])[0] == 0
+  code, _, err = _main(monkeypatch, capsys, lm + ["--gens=1", f"--teacher={first}/gen_0", f"--run_dir={second}"])
+  assert code == 0, err
+  a, b = (export.read_json(os.path.join(d, "gen_0", "metrics.json")) for d in (first, second))
+  for key in ("test_perplexity", "val_perplexity", "test_accuracy"):
+    assert b[key] == pytest.approx(a[key], rel=1e-6), key
+  assert os.path.exists(os.path.join(second, "gen_0", "vocab.txt"))
+  assert export.is_done(os.path.join(second, "gen_1"))
