@@ -221,14 +221,16 @@ def save_keras(model, path):
   os.replace(tmp, path)
 
 
-def _call_saved_model(path, x):
-  loaded = tf.saved_model.load(path)
+def _call_saved_model(path, x, loaded=None):
+  loaded = loaded if loaded is not None else tf.saved_model.load(path)
   return getattr(loaded, SERVE)(tf.constant(x)).numpy()
 
 
-def verify_saved_model(path, rtol=1e-4, atol=1e-4):
+def verify_saved_model(path, rtol=1e-4, atol=1e-4, loaded=None):
   """Re-checks a SavedModel against its stored fingerprint.
 
+  `loaded`: the tf.saved_model.load object of `path` when the caller already holds
+  one (load_teacher: the teacher layer's own), so the check runs on what is used.
   Raises errors.TeacherError (one line, naming the fix) when the directory is
   missing, unreadable, or its outputs differ from the fingerprint.
   """
@@ -238,7 +240,7 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4):
   fp = os.path.join(path, FINGERPRINT_FILE)
   try:
     data = np.load(fp)
-    got = _call_saved_model(path, data["inputs"])
+    got = _call_saved_model(path, data["inputs"], loaded)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.TeacherError(
         f"teacher SavedModel {path} cannot be loaded ({type(e).__name__}): {fix}") from None
@@ -247,9 +249,9 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4):
   return got
 
 
-def teacher_feature_dim(path):
+def teacher_feature_dim(path, loaded=None):
   """Width of the SavedModel's `features` output; TeacherError if it has none."""
-  loaded = tf.saved_model.load(path)
+  loaded = loaded if loaded is not None else tf.saved_model.load(path)
   if not hasattr(loaded, BOTH):
     raise errors.TeacherError(
         f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
@@ -280,9 +282,9 @@ def compute_dtype_of(fn):
   return max(counts, key=counts.get) if counts else "unknown"
 
 
-def state_size(path):
+def state_size(path, loaded=None):
   """S of the SavedModel's `serve_stateful` endpoint; TeacherError if it has none."""
-  loaded = tf.saved_model.load(path)
+  loaded = loaded if loaded is not None else tf.saved_model.load(path)
   if not hasattr(loaded, STATEFUL):
     raise errors.TeacherError(
         f"teacher SavedModel {path} has no '{STATEFUL}' endpoint (exported by an older ban_tf): retrain "
@@ -325,18 +327,34 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
   """
   if tf.distribute.has_strategy():
     raise RuntimeError("load_teacher must be called outside strategy.scope(); pass the strategy instead")
-  out = verify_saved_model(path)
+  try:
+    with (strategy or tf.distribute.get_strategy()).scope():
+      # float32 whatever the global policy: the `serve` signature takes float32 pixels,
+      # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
+      endpoint = STATEFUL if stateful else BOTH if with_features else SERVE
+      layer = keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False, name="teacher",
+                                     dtype="float32")
+  except Exception:  # pylint: disable=broad-except
+    # Missing, damaged, or without the endpoint: the checks below name which (one line).
+    verify_saved_model(path)
+    if with_features:
+      teacher_feature_dim(path)
+    if stateful:
+      state_size(path)
+    raise errors.TeacherError(f"teacher SavedModel {path} cannot be loaded: delete its generation "
+                              "directory (its DONE marker) to retrain it, or use --overwrite") from None
+  # The SavedModel is read once: the fingerprint check, the class count and the feature
+  # width run on the layer's own restored object (outside the scope: eager calls fail
+  # inside a MirroredStrategy scope), so what is checked is what teaches. Keras'
+  # TFSMLayer keeps that object as `_reloaded_obj`; without it, a separate load checks.
+  loaded = getattr(layer, "_reloaded_obj", None)
+  out = verify_saved_model(path, loaded=loaded)
   if expected_classes is not None and out.shape[-1] != expected_classes:
     raise errors.TeacherError(
         f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
         "use a teacher trained on the same data set")
-  feature_dim = teacher_feature_dim(path) if with_features else None
-  teacher_state = state_size(path) if stateful else None
-  with (strategy or tf.distribute.get_strategy()).scope():
-    # float32 whatever the global policy: the `serve` signature takes float32 pixels,
-    # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
-    endpoint = STATEFUL if stateful else BOTH if with_features else SERVE
-    layer = keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False, name="teacher", dtype="float32")
+  feature_dim = teacher_feature_dim(path, loaded=loaded) if with_features else None
+  teacher_state = state_size(path, loaded=loaded) if stateful else None
   layer.source_path = os.path.abspath(path)
   layer.state_size = teacher_state  # stateful: call layer.call_endpoint_fn(tokens, state)
   layer.feature_dim = feature_dim

@@ -454,11 +454,21 @@ def _diverged(gen, state, epoch_var):
       "(--lr changes the experiment: add --overwrite or use a new --run_dir)")
 
 
-def evaluate_splits(model, dataset, batch_size):
+def evaluate_splits(model, dataset, batch_size, val_logs=None):
   """{split}_loss and {split}_accuracy of a Distiller on val (when the data set has
-  one) and test: the final-epoch numbers (no selection on test, nor on val)."""
+  one) and test: the final-epoch numbers (no selection on test, nor on val).
+
+  `val_logs`: the Keras logs of the final epoch (`val_label_loss`, `val_accuracy`),
+  when fit validated the very weights being evaluated: they are this same
+  Distiller.evaluate of the same val pipeline, so they are used as they are
+  instead of repeating the pass (the figures are identical; tests/tasks_contract_test.py
+  and tests/multireplica_test.py check them against the exported SavedModel).
+  """
   out = {}
   for split in ("val", "test"):
+    if split == "val" and val_logs and "val_label_loss" in val_logs and "val_accuracy" in val_logs:
+      out["val_loss"], out["val_accuracy"] = float(val_logs["val_label_loss"]), float(val_logs["val_accuracy"])
+      continue
     ds = getattr(dataset, split)(batch_size)
     if ds is None:
       continue
@@ -534,7 +544,11 @@ def run_generation(cfg, gen, strategy, dataset):
       "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
       "weights_sha256": weights_digest(built.student),
   }
-  result.update(evaluate_splits(built.model, dataset, cfg.batch_size))
+  # The final epoch's validation (this process's fit, or history.json when resumed
+  # after it) ran on exactly these weights: nothing changes them after that epoch's
+  # checkpoint. Reused, not measured twice.
+  last = state.history[-1] if state.history and state.history[-1]["epoch"] == cfg.epochs else None
+  result.update(evaluate_splits(built.model, dataset, cfg.batch_size, val_logs=last))
   if state.history:
     result["final_train"] = {k: v for k, v in state.history[-1].items() if not k.startswith("val_")}
   finish(task, spec, built.student, gen.out_dir, result, writer, cfg.epochs)

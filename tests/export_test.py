@@ -165,6 +165,35 @@ def test_missing_and_mismatched_teacher(tmp_path):
     export.load_teacher(path, expected_classes=10)
 
 
+@pytest.mark.parametrize("with_features", [False, True])
+def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(tmp_path, monkeypatch, with_features):
+  keras.utils.set_random_seed(8)
+  model = models.build_model("wrn-10-1", 5, SHAPE, name="f")  # has a "features" layer
+  path = str(tmp_path / "saved_model")
+  export.export_saved_model(model, path, SHAPE)
+  loads = []
+  real_load = tf.saved_model.load
+  monkeypatch.setattr(tf.saved_model, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+  layer = export.load_teacher(path, expected_classes=5, with_features=with_features)
+  assert loads == [path]  # fingerprint, class count, feature width and the layer: one read
+  assert layer.feature_dim == (model.get_layer("features").output.shape[-1] if with_features else None)
+  # The copy that teaches is the one checked: a changed fingerprint is still refused.
+  fp = os.path.join(path, export.FINGERPRINT_FILE)
+  data = dict(np.load(fp))
+  np.savez(fp, inputs=data["inputs"], outputs=data["outputs"] + 1.0)
+  with pytest.raises(errors.TeacherError, match="fingerprint"):
+    export.load_teacher(path, expected_classes=5, with_features=with_features)
+
+
+def test_load_teacher_without_the_features_endpoint_says_so(tmp_path):
+  path = str(tmp_path / "saved_model")
+  inputs = keras.Input(SHAPE)
+  plain = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Flatten()(inputs)))  # no "features" layer
+  export.export_saved_model(plain, path, SHAPE)
+  with pytest.raises(errors.TeacherError, match="no 'logits_and_features' endpoint"):
+    export.load_teacher(path, with_features=True)
+
+
 def test_export_replaces_atomically(tmp_path):
   path = str(tmp_path / "saved_model")
   export.export_saved_model(tiny(5, "c"), path, SHAPE)

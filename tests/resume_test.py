@@ -192,3 +192,49 @@ def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path,
                                   tf.distribute.get_strategy(), ds, gen_dir)
   assert [(c["first_epoch"], c["epochs"]) for c in calls] == [(1, 2)]
   assert result["epochs"] == 2 and os.path.exists(os.path.join(gen_dir, "DONE"))
+
+
+def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_path, monkeypatch):
+  """The final val figures reuse the last epoch's validation (no second pass), live and after a
+  resume past the last checkpoint, and equal a fresh evaluation of the saved model."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from ban_tf import config, data, distiller, export, train  # pylint: disable=g-import-not-at-top
+
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64, val_examples=48)
+  cfg = config.Config(arch="tiny", batch_size=32, epochs=2)
+  passes = []
+  real_evaluate = distiller.Distiller.evaluate
+
+  def counted(self, *args, **kwargs):
+    passes.append(1)
+    return real_evaluate(self, *args, **kwargs)
+  monkeypatch.setattr(distiller.Distiller, "evaluate", counted)
+
+  def fresh_val(gen_dir):
+    student = keras.saving.load_model(os.path.join(gen_dir, "model.keras"), compile=False)
+    scorer = distiller.Distiller(student)
+    scorer.compile()
+    return real_evaluate(scorer, ds.val(32), verbose=0, return_dict=True)
+
+  live_dir = str(tmp_path / "live")
+  live = train.train_generation(cfg, 0, tf.distribute.get_strategy(), ds, live_dir)
+  assert len(passes) == 2 + 1  # one validation per epoch inside fit, then the test split only
+  want = fresh_val(live_dir)
+  np.testing.assert_allclose([live["val_loss"], live["val_accuracy"]],
+                             [want["label_loss"], want["accuracy"]], rtol=1e-6, atol=1e-7)
+  last = json.load(open(os.path.join(live_dir, "history.json")))[-1]
+  assert (live["val_loss"], live["val_accuracy"]) == (last["val_label_loss"], last["val_accuracy"])
+
+  resumed_dir = str(tmp_path / "resumed")
+  with monkeypatch.context() as m:  # both epochs checkpointed, then stopped before the export
+    def interrupted_export(*args, **kwargs):
+      raise KeyboardInterrupt("stop after training")
+    m.setattr(export, "export_saved_model", interrupted_export)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_generation(cfg, 0, tf.distribute.get_strategy(), ds, resumed_dir)
+  passes.clear()
+  resumed = train.train_generation(cfg, 0, tf.distribute.get_strategy(), ds, resumed_dir)
+  assert len(passes) == 1  # nothing left to train: the test split only, val from history.json
+  want = fresh_val(resumed_dir)
+  np.testing.assert_allclose([resumed["val_loss"], resumed["val_accuracy"]],
+                             [want["label_loss"], want["accuracy"]], rtol=1e-6, atol=1e-7)
