@@ -74,8 +74,9 @@ def test_two_generations_and_ensemble(tmp_path):
   members = []
   for gen in range(3):
     gdir = os.path.join(run_dir, f"gen_{gen}")
-    for name in ("saved_model", "model.keras", "metrics.json", "history.json", "tb", "DONE"):
+    for name in ("saved_model", "model.keras", "metrics.json", "history.json", "DONE"):
       assert os.path.exists(os.path.join(gdir, name)), name
+    assert os.path.isdir(os.path.join(run_dir, "tb", "Teacher" if gen == 0 else f"BAN-{gen}"))  # results.tensorboard_dir
     assert lm.read_vocab(gdir) == vocab
     metrics = export.read_json(os.path.join(gdir, "metrics.json"))
     model = keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False)
