@@ -287,7 +287,7 @@ def run_progress(total_epochs, gens, out=None):
 
 def summary_line(cfg, replicas, spec) -> str:
   """The one-line config summary (config.json holds every field)."""
-  teacher = cfg.arch_for(0)
+  teacher = cfg.teacher_label  # the architecture, or "<file> (pretrained)" with --teacher
   arch = cfg.arch_for(1) if teacher == cfg.arch_for(1) else f"{teacher} -> {cfg.arch_for(1)}"
   sizes = f"{spec.num_train}/{spec.num_val}/{spec.num_test} {spec.unit}"
   seeds = f"seeds {','.join(map(str, cfg.seed_list()))}" if cfg.seeds > 1 else f"seed {cfg.seed}"

@@ -215,7 +215,8 @@ def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypat
     assert export.read_json(os.path.join(run_dir, "gen_1", "metrics.json"))["teacher"].endswith("gen_0/saved_model")
   row = next(line for line in out.splitlines() if line.startswith("| Teacher |"))
   assert f"| {100 * (1 - want['test_accuracy']):.2f} |" in row
-  assert f"{name} (pretrained) teacher -> tiny students" in out
+  assert f"{name} (pretrained) teacher -> tiny students" in out  # results.md
+  assert f"{name} (pretrained) -> tiny, {gens} generation(s)" in out + err  # the console's summary line
   assert os.path.exists(os.path.join(run_dir, "report.png"))
   results = export.read_json(os.path.join(run_dir, "results.json"))
   assert results["generations"][0]["test_error"] == pytest.approx(1 - want["test_accuracy"])
