@@ -107,7 +107,8 @@ def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
     gdir = os.path.join(run_dir, f"gen_{k}")
     for name in ("saved_model/saved_model.pb", "model.keras", "metrics.json", "history.json", "DONE"):
       assert os.path.exists(os.path.join(gdir, name)), (k, name)
-    assert glob.glob(os.path.join(gdir, "tb", "events.out.tfevents.*"))
+    row = "Teacher" if k == 0 else f"BAN-{k}"  # TensorBoard: one run per row, run_dir/tb/<row>
+    assert glob.glob(os.path.join(run_dir, "tb", row, "events.out.tfevents.*"))
     assert not os.path.exists(os.path.join(gdir, "ckpt"))  # cleaned once DONE
     metrics = json.load(open(os.path.join(gdir, "metrics.json")))
     assert metrics["gen"] == k and metrics["seed"] == k

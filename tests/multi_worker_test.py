@@ -70,8 +70,8 @@ def test_two_workers_train_identical_weights_and_chief_writes_once(tmp_path):
 
   # Written once, by the chief only; the other worker's private directory is gone.
   names = sorted(os.listdir(run_dir))
-  assert names == [".lock", "config.json", "gen_0", "gen_1", "log.txt", "report.png", "results.json",
-                   "results.md", "tb"]
+  assert names == [".lock", "config.json", "gen_0", "gen_1", "log.txt", "manifest.json", "report.png",
+                   "results.json", "results.md", "tb"]
   for gen, name in ((0, "Teacher"), (1, "BAN-1")):
     scalars = [f for f in glob.glob(str(run_dir / "tb" / name / "events.out.tfevents.*"))
                if not f.endswith(".hparams")]
