@@ -51,3 +51,24 @@ def strategy_for(replicas):
 def strategy(request):
   """Parametrises a test over 1, 2 and 3 replicas (`strategy.num_replicas_in_sync`)."""
   return strategy_for(request.param)
+
+
+def run_main(monkeypatch, capsys, argv):
+  """Runs the binary's main() in this process on its own FlagValues; returns (exit code, stdout, stderr).
+
+  The callers' test targets depend on ban_tf.main, hence the import here rather than at the top.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ban_tf import main  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  fv(["ban_tf"] + argv)
+  monkeypatch.setattr(main, "FLAGS", fv)
+  capsys.readouterr()
+  try:
+    main.main(["ban_tf"])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err

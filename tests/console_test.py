@@ -21,6 +21,7 @@ from absl import flags
 
 from ban_tf import main
 from tests.conftest import REPO
+from tests.conftest import run_main
 from tests.conftest import SHARED_TFDS
 
 BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
@@ -29,17 +30,8 @@ BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "
 
 def _main(monkeypatch, capsys, argv):
   """Runs the binary's main() in-process; returns (exit code, stderr)."""
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  fv(["ban_tf"] + argv)
-  monkeypatch.setattr(main, "FLAGS", fv)
-  capsys.readouterr()
-  try:
-    main.main(["ban_tf"])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err
+  code, _, err = run_main(monkeypatch, capsys, argv)
+  return code, err
 
 
 def _scalars(logdir):

@@ -21,6 +21,7 @@ import pytest
 
 from ban_tf import main
 from tests.conftest import REPO, SHARED_TFDS
+from tests.conftest import run_main
 
 BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
         "--batch_size=32", "--epochs=1", "--gens=0", "--verbose=0"]
@@ -28,17 +29,8 @@ BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "
 
 def _main(monkeypatch, capsys, argv):
   """Runs the binary's main() in-process; returns (exit code, stderr)."""
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  fv(["ban_tf"] + argv)
-  monkeypatch.setattr(main, "FLAGS", fv)
-  capsys.readouterr()
-  try:
-    main.main(["ban_tf"])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err
+  code, _, err = run_main(monkeypatch, capsys, argv)
+  return code, err
 
 
 def _one_error_line(stderr, *needles):

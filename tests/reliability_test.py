@@ -21,6 +21,7 @@ import pytest
 from ban_tf import evaluate
 from ban_tf import main
 from tests.conftest import SHARED_TFDS
+from tests.conftest import run_main
 
 BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
         "--test_split=test[:256]", "--batch_size=32", "--epochs=1", "--verbose=0", "--deterministic"]
@@ -30,17 +31,8 @@ PARTIAL = [a for a in BASE if a != "--epochs=1"] + ["--epochs=3", "--gens=0"]
 
 def _main(argv, monkeypatch, capsys):
   """The binary's main() in-process; (exit code, stderr)."""
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  fv(["ban_tf"] + argv)
-  monkeypatch.setattr(main, "FLAGS", fv)
-  capsys.readouterr()
-  try:
-    main.main(["ban_tf"])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  return code, capsys.readouterr().err
+  code, _, err = run_main(monkeypatch, capsys, argv)
+  return code, err
 
 
 def _evaluate(argv, capsys):

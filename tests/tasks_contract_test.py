@@ -23,16 +23,15 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
 from ban_tf import evaluate
 from ban_tf import export
-from ban_tf import main
 from ban_tf import report
 from ban_tf import tasks
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
+from tests.conftest import run_main
 
 _WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
 
@@ -68,18 +67,7 @@ def test_every_task_has_a_contract_run():
 
 def _main(monkeypatch, capsys, argv):
   """The binary's main() in this process (its own FlagValues); returns (exit code, stdout, stderr)."""
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  fv(["ban_tf"] + argv)
-  monkeypatch.setattr(main, "FLAGS", fv)
-  capsys.readouterr()
-  try:
-    main.main(["ban_tf"])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  out = capsys.readouterr()
-  return code, out.out, out.err
+  return run_main(monkeypatch, capsys, argv)
 
 
 def _snapshot(run_dir):
