@@ -195,11 +195,14 @@ def make_strategy(num_cpu_devices=0, kind="auto"):
     return cluster.make_strategy()
   if num_cpu_devices > 1:
     cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-      tf.config.set_logical_device_configuration(
-          cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_cpu_devices)])
-    except RuntimeError:  # runtime already initialised (e.g. inside a test process)
-      pass
+    # Never fewer than the process configured (a test process or notebook that set up 3 and
+    # runs 2 then 3): the configuration holds for the life of the process once TF starts.
+    if len(tf.config.get_logical_device_configuration(cpu) or []) < num_cpu_devices:
+      try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_cpu_devices)])
+      except RuntimeError:  # runtime already initialised (e.g. inside a test process)
+        pass
     logical = tf.config.list_logical_devices("CPU")
     if len(logical) < num_cpu_devices:
       raise errors.UsageError(

@@ -62,6 +62,20 @@ def test_batch_must_divide_over_replicas():
     parse("--batch_size=33").validate(num_replicas=2)
 
 
+def test_make_strategy_never_shrinks_the_logical_cpus_the_process_configured(monkeypatch):
+  """A process that configured 3 logical CPUs (this one: tests/conftest.py; a notebook) keeps
+  them when it asks for 2 first. Shrinking them to 2 before TensorFlow started made every
+  later 3-replica run of the process fail ("only 2 logical CPUs exist"): in a test process
+  whose first run used 2 replicas."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(tf.config, "set_logical_device_configuration", lambda *a: calls.append(a))
+  assert len(tf.config.get_logical_device_configuration(tf.config.list_physical_devices("CPU")[0])) == 3
+  assert main.make_strategy(2).num_replicas_in_sync == 2
+  assert main.make_strategy(3).num_replicas_in_sync == 3
+  assert not calls
+
+
 def _run_binary(tmp_path, *argv):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   return subprocess.run([sys.executable, "-m", "ban_tf.main", *argv], cwd=REPO, env=env,
