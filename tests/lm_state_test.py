@@ -2,8 +2,8 @@
 
 Covers lm_models.stateful, distiller.CarriedState (training, with a stateful
 teacher, and stream evaluation), the SavedModel's `serve_stateful` endpoint,
-text_data's stream layout (independent of the batch size), 1 vs 2 replicas and
-resuming from an epoch checkpoint.
+text_data's stream layout (independent of the batch size), 1, 2 and 3 replicas (each
+replica carries its own rows' state) and resuming from an epoch checkpoint.
 """
 
 import os
@@ -98,30 +98,30 @@ def _local(strategy, var):
   return np.concatenate([v.numpy() for v in strategy.experimental_local_results(var)], 0)
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("replicas", [1, 2, 3])
 def test_training_state_is_the_stream_state_and_resets_per_epoch(replicas):
-  rows = np.random.RandomState(2).randint(0, V, (4, 13)).astype(np.int32)
+  rows = np.random.RandomState(2).randint(0, V, (6, 13)).astype(np.int32)  # 6, 3 or 2 rows per replica
   model, state, t_stateful = _train(replicas, rows, steps_per_epoch=3, lr=0.0)
   student = model.student
   strategy = strategy_for(replicas)
   model.fit(_windows(rows, range(3)), epochs=1, verbose=0)  # one epoch: windows 0..2, in order
   st = lm_models.stateful(student)
-  _, want = st([tf.constant(rows[:, :12]), tf.zeros([4, 16])])
+  _, want = st([tf.constant(rows[:, :12]), tf.zeros([6, 16])])
   np.testing.assert_allclose(_local(strategy, state.student_state), want.numpy(), atol=1e-5)
-  _, want_t = t_stateful([tf.constant(rows[:, :12]), tf.zeros([4, 16])])
+  _, want_t = t_stateful([tf.constant(rows[:, :12]), tf.zeros([6, 16])])
   np.testing.assert_allclose(_local(strategy, state.teacher_state), want_t.numpy(), atol=1e-5)
   # Step 3 starts epoch 2: both states restart from zeros.
   model.fit(_windows(rows, [2]), epochs=1, verbose=0)
-  _, want = st([tf.constant(rows[:, 8:12]), tf.zeros([4, 16])])
+  _, want = st([tf.constant(rows[:, 8:12]), tf.zeros([6, 16])])
   np.testing.assert_allclose(_local(strategy, state.student_state), want.numpy(), atol=1e-5)
 
 
-def test_training_steps_golden_and_one_vs_two_replicas():
-  rows = np.random.RandomState(5).randint(0, V, (4, 17)).astype(np.int32)
+def test_training_steps_golden_and_one_two_three_replicas():
+  rows = np.random.RandomState(5).randint(0, V, (6, 17)).astype(np.int32)  # 6, 3 or 2 rows per replica
   windows = [(rows[:, 4 * k:4 * k + 4], rows[:, 4 * k + 1:4 * k + 5]) for k in range(4)]
   lr, spe = 0.5, 2  # 4 steps = 2 epochs: the reset is exercised
   got = {}
-  for replicas in (1, 2):
+  for replicas in (1, 2, 3):
     model, _, t_stateful = _train(replicas, rows, spe, lr=lr)
     before = [v.numpy() for v in model.student.trainable_variables]
     model.fit(_windows(rows, range(4)), epochs=1, verbose=0)  # fit: tf.distribute splits the rows
@@ -135,7 +135,7 @@ def test_training_steps_golden_and_one_vs_two_replicas():
   s = t = None
   for k, (x, y) in enumerate(windows):
     if k % spe == 0:
-      s, t = tf.zeros([4, 16]), tf.zeros([4, 16])
+      s, t = tf.zeros([6, 16]), tf.zeros([6, 16])
     t_logits, t = t_stateful([tf.constant(x), t])
     with tf.GradientTape() as tape:
       logits, s_new = ref_st([tf.constant(x), s])
@@ -146,9 +146,11 @@ def test_training_steps_golden_and_one_vs_two_replicas():
     grads = tape.gradient(loss, ref.trainable_variables)
     for v, g in zip(ref.trainable_variables, grads):
       v.assign_sub(lr * tf.convert_to_tensor(g))
-  for w_ref, w1, w2 in zip(ref.trainable_variables, got[1], got[2]):
+  for w_ref, w1, w2, w3 in zip(ref.trainable_variables, got[1], got[2], got[3]):
     np.testing.assert_allclose(w1, w_ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(w2, w1, atol=1e-5)
+    np.testing.assert_allclose(w3, w1, atol=1e-5)
+  assert np.abs(got[1][0] - before[0]).max() > 1e-2  # the steps moved the weights: the test can fail
 
 
 def test_batch_must_split_evenly_over_replicas():
