@@ -8,16 +8,19 @@ and do not divide the batch and the replica count:
   zero-weight examples, which change no number);
 * BatchNorm keeps one set of statistics (averaged over replicas every step, or
   synchronised batch statistics with --sync_batchnorm);
-* results.json, history.json and the exported SavedModels agree (ban_tf.evaluate),
-  and a --deterministic two-replica run killed and resumed is bit-identical.
+* results.json, history.json and the exported SavedModels agree (ban_tf.evaluate);
+* the run matrix on 2 and 3 replicas, image and language model: a fresh run, the
+  same command again (skips everything, changes no file), a run stopped mid-generation
+  and resumed (--deterministic: bit-identical to the whole run), evaluate and report.
 """
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
-import subprocess
-import sys
+import shutil
 import zipfile
 
 import keras
@@ -27,7 +30,7 @@ import tensorflow as tf
 
 from ban_tf import distiller as distiller_lib
 from ban_tf import models
-from tests.conftest import REPO, SHARED_TFDS, strategy_for
+from tests.conftest import SHARED_TFDS, run_main, strategy_for
 
 C = 10
 REPLICAS = [1, 2, 3]
@@ -243,10 +246,11 @@ def _assert_evaluate_matches_results(run_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas,val_examples,gens,sync", [
     (1, 37, 0, False), (2, 37, 2, False), (3, 36, 0, True)])
-def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens, sync):
+def test_run_exports_what_it_reports(tmp_path, capsys, replicas, val_examples, gens, sync):
   """Mock fashion_mnist (100 examples per split), batch 12: the last test batch holds
   4 examples (3 replicas: 4, 0, 0), the last val batch 1 (37) or 12 (36): a replica's
-  share is empty, and the issue's command (2 replicas, 2 generations) crashed."""
+  share is empty, and the issue's command (2 replicas, 2 generations) crashed. The same
+  command again skips every generation and changes no file."""
   from ban_tf import config, main  # pylint: disable=g-import-not-at-top
   run_dir = str(tmp_path / "run")
   cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=val_examples,
@@ -255,50 +259,182 @@ def test_run_exports_what_it_reports(tmp_path, replicas, val_examples, gens, syn
   with _mock_fashion_mnist(100):
     main.run(cfg)
     results = _assert_evaluate_matches_results(run_dir)
+
+    def rerun():
+      capsys.readouterr()
+      main.run(cfg)
+      return capsys.readouterr().out
+    _assert_rerun_changes_nothing(run_dir, rerun, gens)
   assert len(results["generations"]) == gens + 1 and len(results["ensembles"]) == max(gens - 1, 0)
-  with zipfile.ZipFile(os.path.join(run_dir, "gen_0", "model.keras")) as z:  # --sync_batchnorm took effect
+  assert _synchronized_batchnorm(run_dir) == {sync}  # --sync_batchnorm took effect
+
+
+def _synchronized_batchnorm(run_dir):
+  """{BatchNormalization's `synchronized`} in gen_0/model.keras: whether --sync_batchnorm took effect."""
+  with zipfile.ZipFile(os.path.join(run_dir, "gen_0", "model.keras")) as z:
     layers = json.loads(z.read("config.json"))["config"]["layers"]
-  bns = [l["config"]["synchronized"] for l in layers if l["class_name"] == "BatchNormalization"]
-  assert bns and set(bns) == {sync}
+  return {l["config"]["synchronized"] for l in layers if l["class_name"] == "BatchNormalization"}
 
 
-# ---- kill and resume: bit-identical weights and metrics ----------------------------------------------
-RESUME_ARGS = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=192",
-               "--val_examples=48", "--batch_size=24", "--epochs=2", "--gens=0", "--deterministic",
-               "--verbose=0", "--num_cpu_devices=2"]
+# ---- the run matrix on several replicas: fresh, evaluate, rerun, kill and resume, report ----------
+# Split sizes that divide neither the batch nor the replicas. Image: 200 train examples at
+# batch 24 (the last 8 dropped), 50 val and 100 test (last batches of 2 and 4: on 3 replicas
+# one share is empty). LM: the lm_e2e corpus at batch 6 and bptt 7 (the last window shorter).
+_IMAGE = ["--task=image", "--dataset=fashion_mnist", f"--data_dir={SHARED_TFDS}", "--arch=tiny",
+          "--train_examples=200", "--val_examples=50", "--test_split=test[:100]", "--batch_size=24", "--lr=0.05"]
 
 
-def _run_binary(run_dir, fault=None):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("BAN_TF_FAULT", None)
-  if fault:
-    env["BAN_TF_FAULT"] = fault
-  return subprocess.run([sys.executable, "-m", "ban_tf.main", *RESUME_ARGS, f"--run_dir={run_dir}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+_LM_BATCH, _LM_BPTT = 6, 7
 
 
-def _metrics(run_dir):
-  with open(os.path.join(run_dir, "gen_0", "metrics.json")) as f:
-    m = json.load(f)
-  hist = json.load(open(os.path.join(run_dir, "gen_0", "history.json")))
-  drop = ("seconds", "teacher")
-  return ({k: v for k, v in m.items() if k not in drop and k != "final_train"},
-          [{k: v for k, v in h.items() if k not in drop} for h in hist])
+def _lm_argv(directory):
+  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+  lm_ref._corpus(directory)  # pylint: disable=protected-access
+  return ["--task=lm", "--dataset=ptb", f"--ptb_dir={directory}", "--arch=lstm-1-16", f"--batch_size={_LM_BATCH}",
+          f"--bptt={_LM_BPTT}", "--lr=1.0", "--momentum=0", "--weight_decay=0", "--clip_norm=5", "--loss=ban_l"]
+
+
+def _files(run_dir):
+  """{file: (sha256, mtime_ns)} of a run directory, but for what every process rewrites by
+  design: the lock, log.txt (appended) and report.py's TensorBoard files (the hparams
+  sessions and the ensembles' runs, tb/BANE-k, replaced whole)."""
+  out = {}
+  for parent, _, names in os.walk(run_dir):
+    for name in names:
+      path = os.path.join(parent, name)
+      rel = os.path.relpath(path, run_dir)
+      if name in (".lock", "log.txt") or name.endswith(".hparams") or rel.startswith(os.path.join("tb", "BANE-")):
+        continue
+      with open(path, "rb") as f:
+        out[rel] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+  return out
+
+
+def _assert_rerun_changes_nothing(run_dir, rerun, gens):
+  """`rerun()` (the same command again; returns its console text) on a finished run: every
+  generation skipped, nothing trained, every file byte-identical and every generation's and
+  ensemble's file untouched (the top level's results, config and report are rewritten
+  with the same bytes)."""
+  before = _files(run_dir)
+  out = rerun()
+  skipped = [l for l in out.splitlines() if l.endswith("done before, skipped")]
+  assert [l.split()[1] for l in skipped] == [f"{g}/{gens}" for g in range(gens + 1)], out
+  assert " epoch 1/" not in out and "resuming" not in out, out  # nothing trained
+  after = _files(run_dir)
+  assert sorted(after) == sorted(before)
+  assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+  untouched = lambda files: {k: v for k, v in files.items() if k.startswith(("gen_", "ensemble_"))}
+  assert untouched(after) == untouched(before) and untouched(before)
+
+
+def _outputs(run_dir, gens, *run_dirs):
+  """What a run reports, wall-clock fields aside and `run_dirs` as <run>: results.json,
+  every generation's metrics.json and history.json, and its SavedModel's fingerprint outputs."""
+  def load(rel):
+    with open(os.path.join(run_dir, rel)) as f:
+      text = f.read()
+    for d in run_dirs:
+      text = text.replace(os.path.abspath(d), "<run>")
+    return _drop_seconds(json.loads(text))
+  out = {"results.json": load("results.json")}
+  for g in range(gens + 1):
+    for name in ("metrics.json", "history.json"):
+      out[f"gen_{g}/{name}"] = load(f"gen_{g}/{name}")
+    out[f"gen_{g}/fingerprint"] = np.load(
+        os.path.join(run_dir, f"gen_{g}", "saved_model", "fingerprint.npz"))["outputs"].tolist()
+  return out
+
+
+def _drop_seconds(x):
+  if isinstance(x, dict):
+    return {k: _drop_seconds(v) for k, v in x.items() if k != "seconds"}
+  if isinstance(x, list):
+    return [_drop_seconds(v) for v in x]
+  return x
 
 
 @pytest.mark.slow
-def test_two_replica_run_interrupted_and_resumed_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("task,replicas,gens,epochs,kill,extra", [
+    ("image", 2, 0, 2, True, []),
+    ("lm", 2, 1, 1, False, ["--lm_state=reset"]),
+    ("lm", 3, 2, 2, True, []),  # --lm_state=carry
+], ids=["image-2replica", "lm-2replica-reset", "lm-3replica-carry"])
+def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extra, tmp_path, monkeypatch, capsys,
+                                        caplog):
+  """One cell per (task, replicas), in this process (--deterministic):
+
+  1. a fresh run (with gens >= 2: of gens - 1 generations, copied for step 4, then the
+     same command with --gens=gens extends it);
+  2. ban_tf.evaluate == results.json == history.json, and for LM NumPy on model.keras
+     (image on 2 replicas: test_run_exports_what_it_reports, with an ensemble);
+  3. the same command again skips everything and changes no file;
+  4. (kill) the copy (or a new run) stopped by a full disk where the last generation's
+     epoch-2 checkpoint is saved (epoch 1's is kept), then resumed by the same command:
+     results, metrics, history and SavedModel outputs bit-identical to step 1's;
+  5. ban_tf.report.
+  The SIGKILL and a real new process are tasks_contract_test's (one replica); this test is
+  about the replicas: restoring mirrored variables, carried state and optimizer slots.
+  Image on 3 replicas (--sync_batchnorm): test_run_exports_what_it_reports.
+  """
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+  argv = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + extra + [
+      f"--epochs={epochs}", "--deterministic", "--verbose=0", f"--num_cpu_devices={replicas}"]
   whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-  proc = _run_binary(whole)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = _run_binary(broken, "enospc@gen_0/epoch_2")  # dies after epoch 1's checkpoint
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  proc = _run_binary(broken)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (m1, h1), (m2, h2) = _metrics(whole), _metrics(broken)
-  assert m1["weights_sha256"] == m2["weights_sha256"]
-  assert m1 == m2  # test/val accuracy and loss, bit for bit
-  assert h1 == h2
+  main = lambda run_dir, g=gens: run_main(monkeypatch, capsys, argv + [f"--gens={g}", f"--run_dir={run_dir}"])
+  if gens >= 2:
+    code, out, err = main(whole, gens - 1)
+    assert code == 0, err
+    shutil.copytree(whole, broken)
+  code, out, err = main(whole)
+  assert code == 0, err
+  assert out.splitlines()[0].endswith(f", {replicas} replicas"), out
+  assert f"gen {gens}/{gens} BAN-{gens} epoch {epochs}/{epochs}:" in out or gens == 0, out
+
+  if (task, replicas) != ("image", 2):
+    results = _assert_evaluate_matches_results(whole)
+    if task == "lm":
+      _assert_lm_matches_numpy(whole, results, str(tmp_path), "reset" if "--lm_state=reset" in extra else "carry")
+
+  _assert_rerun_changes_nothing(whole, lambda: _check_ok(main(whole)), gens)
+
+  if kill:
+    monkeypatch.setenv("BAN_TF_FAULT", f"enospc@gen_{gens}/epoch_2")
+    code, _, err = main(broken)
+    assert code == 2 and "no space left" in err, err
+    assert not os.path.exists(os.path.join(broken, f"gen_{gens}", "DONE"))
+    monkeypatch.delenv("BAN_TF_FAULT")
+    with caplog.at_level(logging.INFO, logger="absl"):
+      code, out, err = main(broken)
+    assert code == 0, err
+    assert f"gen {gens}: resuming from epoch 1" in caplog.text and "(resuming at epoch 2)" in out
+    want, got = _outputs(whole, gens, whole, broken), _outputs(broken, gens, whole, broken)
+    assert list(got) == list(want)
+    for key in want:
+      assert got[key] == want[key], key
+
+  paths = report.write_report(broken if kill else whole, hparams=False)
+  md = open(paths["results_md"]).read()
+  assert ("| BAN-1 |" in md) == (gens >= 1) and ("| BANE-2 |" in md) == (gens >= 2), md
+  with open(paths["png"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_ok(result):
+  code, out, err = result
+  assert code == 0, err
+  return out
+
+
+def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
+  """The last row's val perplexity (BANE-k if any) == NumPy on its model.keras files."""
+  from ban_tf import text_data  # pylint: disable=g-import-not-at-top
+  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+  ids = text_data.TextDataset("ptb", ptb_dir=ptb_dir, bptt=_LM_BPTT).ids
+  row = (results["ensembles"] or results["generations"])[-1]
+  members = [keras.saving.load_model(os.path.join(run_dir, f"gen_{g}", "model.keras"), compile=False)
+             for g in row.get("members", [row.get("gen")])]
+  want = lm_ref._numpy_perplexity(members, ids["val"], _LM_BATCH, _LM_BPTT, state)  # pylint: disable=protected-access
+  np.testing.assert_allclose(row["val_perplexity"], want, rtol=1e-5)
 
 
 # ---- data.py: the padded evaluation pipeline ---------------------------------------------------------
@@ -315,25 +451,3 @@ def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
   ref = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", test_split="test[:10]")
   tail = np.stack([x for x, _ in ref._train_src.skip(40 - n)])  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)
-
-
-@pytest.mark.slow
-# ---- language models end to end: evaluate == results.json == history.json, and NumPy ---------------
-def test_lm_run_on_three_replicas_reports_its_saved_models(tmp_path):
-  from ban_tf import config, main, text_data  # pylint: disable=g-import-not-at-top
-  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
-  lm_ref._corpus(str(tmp_path))  # pylint: disable=protected-access
-  run_dir = str(tmp_path / "run")
-  batch, bptt = 6, 7  # 2 rows per replica; the last eval window is shorter
-  cfg = config.Config(task="lm", dataset="ptb", ptb_dir=str(tmp_path), arch="lstm-1-16", gens=2, epochs=1,
-                      batch_size=batch, bptt=bptt, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
-                      clip_norm=5.0, loss="ban_l", run_dir=run_dir, verbose="0", num_cpu_devices=3)
-  main.run(cfg)
-  results = _assert_evaluate_matches_results(run_dir)
-  assert len(results["ensembles"]) == 1 and "val_perplexity" in results["ensembles"][0]
-  # And against NumPy on model.keras (not the SavedModel evaluate reads): BANE-2's val perplexity.
-  ids = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=bptt).ids
-  members = [keras.saving.load_model(os.path.join(run_dir, f"gen_{g}", "model.keras"), compile=False)
-             for g in (1, 2)]
-  want = lm_ref._numpy_perplexity(members, ids["val"], batch, bptt)  # pylint: disable=protected-access
-  np.testing.assert_allclose(results["ensembles"][0]["val_perplexity"], want, rtol=1e-5)
