@@ -53,6 +53,18 @@ def strategy(request):
   return strategy_for(request.param)
 
 
+@pytest.fixture(autouse=True)
+def _op_determinism_ends_with_its_test():
+  """A test that runs main() with --deterministic in this process turns TF's op determinism on
+  for the process; turned off again after it, so no later test depends on the order (under
+  determinism unseeded random ops and tf.timestamp raise). TF has no public switch-off."""
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  was = tf_config.is_op_determinism_enabled()
+  yield
+  if tf_config.is_op_determinism_enabled() and not was:
+    tf_config.disable_op_determinism()
+
+
 def run_main(monkeypatch, capsys, argv):
   """Runs the binary's main() in this process on its own FlagValues; returns (exit code, stdout, stderr).
 
