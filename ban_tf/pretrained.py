@@ -131,6 +131,10 @@ def _signature_io(loaded, path, outputs):
   if args or len(inputs) != 1:
     raise _fail(path, f"serving_default takes {sorted(inputs)}: it must take one image batch")
   name, spec = next(iter(inputs.items()))
+  if not (spec.dtype.is_floating or spec.dtype.is_integer):
+    raise _fail(path, f"serving_default takes {spec.dtype.name} input '{name}': it must take a numeric image batch "
+                "(float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to its dtype), e.g. "
+                "model.export(PATH) of a model on pixels")
   outs = fn.structured_outputs
   if not isinstance(outs, dict):
     outs = {"output_0": outs}
@@ -166,6 +170,11 @@ def _check_outputs(path, out, spec, outputs):
                 f"{spec.output_unit}: use a teacher trained on {spec.name}'s {spec.output_unit}")
   if not np.all(np.isfinite(out)):
     raise _fail(path, "outputs NaN or Inf on a pixel batch in [0, 255]")
+  if outputs == "logits" and out.shape[-1] > 1 and np.all(out >= 0) and np.allclose(out.sum(-1), 1.0, atol=1e-4):
+    # Logits that happen to be non-negative and sum to 1 on every example are implausible;
+    # softmax outputs read as logits would give students near-uniform targets, silently.
+    raise _fail(path, "outputs are non-negative and sum to 1 per example (probabilities, e.g. a softmax "
+                "output), read as logits: pass --teacher_outputs=probabilities")
   if outputs == "probabilities":
     p = np.exp(out)  # the adapter's log-probabilities
     if not np.allclose(p.sum(axis=-1), 1.0, atol=1e-3):
@@ -186,8 +195,10 @@ def _adapter(path, kind, src, spec, outputs):
     try:
       model = keras.saving.load_model(src, compile=False)
     except Exception as e:  # pylint: disable=broad-except
-      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160]})") from None
+      msg = (str(e).splitlines() or [""])[0]
+      msg = msg if len(msg) <= 160 else msg[:160] + "..."
+      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: {msg}): if it has custom layers or functions, export it as a "
+                  "SavedModel where they are defined (model.export(DIR)) and pass --teacher=DIR") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
       raise _fail(path, f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs: it must map one image "
                   "batch to one tensor")
@@ -205,6 +216,13 @@ def _adapter(path, kind, src, spec, outputs):
   class _Signature(keras.layers.TFSMLayer):
     """serving_default, fed the data set's inputs cast to its dtype, returning output `key` as logits."""
 
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      # The signature itself, called by its input name. TFSMLayer prefers an attribute of
+      # the same name, whose Python argument name may differ (Keras' ExportArchive: `x`
+      # for a signature input named `pixels`, as in every ban_tf SavedModel).
+      self.call_endpoint_fn = self._reloaded_obj.signatures["serving_default"]
+
     def call(self, x, training=False):  # pylint: disable=unused-argument
       y = self.call_endpoint_fn(**{name: tf.cast(x, sig_spec.dtype)})[key]
       y = tf.cast(y, tf.float32)
@@ -216,8 +234,19 @@ def _adapter(path, kind, src, spec, outputs):
   layer = _Signature(src, call_endpoint="serving_default", trainable=False, name="teacher_signature",
                      dtype="float32")
   facts = {"arch": os.path.basename(os.path.normpath(src if kind != GENERATION else os.path.dirname(src))),
-           "params": int(sum(int(tf.size(v)) for v in getattr(loaded, "variables", [])))}
+           "params": _param_count(loaded.signatures["serving_default"])}
   return keras.Model(inputs, layer(inputs), name="teacher"), None, facts
+
+
+def _param_count(fn):
+  """Trainable parameters a SavedModel signature reads (all its variables if none is trainable).
+
+  The signature's own variables: a tf.Module saved with tf.saved_model.save has no
+  `variables` attribute, and a Keras export's also lists BatchNorm moving statistics.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  variables = fn.trainable_variables or fn.variables
+  return int(sum(int(tf.size(v)) for v in variables))
 
 
 def _copy_tree(src, dst):
@@ -301,7 +330,9 @@ def check_teacher(cfg, spec):
     return Checked(GENERATION, src, facts)
   model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
   _check_outputs(cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs)
-  return Checked(kind, src, facts, model, keras_model)
+  # A ban_tf SavedModel read as probabilities (a BANE ensemble) is imported through the
+  # adapter (log-probabilities), never copied as it is: its outputs are not logits.
+  return Checked(SAVED_MODEL if kind == GENERATION else kind, src, facts, model, keras_model)
 
 
 def import_teacher(cfg, strategy, dataset, out_dir):

@@ -71,6 +71,15 @@ class Module(tf.Module):
     return {"logits": self.m(tf.cast(image, tf.float32)), "embedding": tf.zeros([tf.shape(image)[0], 4])}
 module = Module(model)
 tf.saved_model.save(module, out + "/module_sm", signatures={"serving_default": module.serve})
+# Encoded image bytes in, not pixels.
+class Bytes(tf.Module):
+  def __init__(self, m):
+    self.m = m
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="jpeg")])
+  def serve(self, jpeg):
+    return self.m(tf.zeros([tf.shape(jpeg)[0], 28, 28, 1]))
+bytes_module = Bytes(model)
+tf.saved_model.save(bytes_module, out + "/bytes_sm", signatures={"serving_default": bytes_module.serve})
 # Mismatches: 5 classes; 32x32x3 inputs.
 keras.Model(inp, keras.layers.Dense(5)(h)).save(out + "/five_classes.keras")
 rgb = keras.Input((32, 32, 3))
@@ -209,6 +218,7 @@ def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypat
   m = export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))
   assert m["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)  # 512 images: exact
   assert m["pretrained"] and m["source"]["path"] == os.path.join(src, name) and m["epochs"] == 0
+  assert m["params"] == 784 * 32 + 32 + 32 * 10 + 10  # module_sm: a tf.Module, read from its signature
   np.testing.assert_allclose(_serve(run_dir, want["x"]), want["logits"], rtol=1e-4, atol=1e-4)
   assert os.path.exists(os.path.join(run_dir, "gen_0", "model.keras")) == name.endswith(".keras")
   if gens:
@@ -244,6 +254,10 @@ def test_probability_teacher_gives_the_logits_teachers_targets(name, teachers, t
     ("five_classes.keras", [], "outputs shape (5,) per example but fashion_mnist has 10 classes"),
     ("rgb_sm", [], "takes inputs of shape (32, 32, 3) but fashion_mnist's are (28, 28, 1)"),
     ("logits_sm", ["--teacher_outputs=probabilities"], "do not sum to 1"),
+    ("probs_sm", [], "sum to 1 per example (probabilities, e.g. a softmax output), read as logits: pass "
+                     "--teacher_outputs=probabilities"),
+    ("probs.keras", [], "read as logits: pass --teacher_outputs=probabilities"),
+    ("bytes_sm", [], "takes string input 'jpeg': it must take a numeric image batch"),
 ])
 def test_mismatches_are_one_line_errors(name, extra, fragment, teachers, tmp_path, monkeypatch, capsys):
   src, _ = teachers
@@ -255,6 +269,30 @@ def test_mismatches_are_one_line_errors(name, extra, fragment, teachers, tmp_pat
   assert len(lines) == 1 and fragment in lines[0] and f"--teacher={src}/{name}" in lines[0], err
   assert "Traceback" not in err
   assert not os.path.exists(run_dir)  # refused before the run directory was made
+
+
+@needs_data
+def test_ban_tf_probability_saved_model_teaches(tmp_path, monkeypatch, capsys):
+  """A BANE-style SavedModel ({"pixels"} -> {"probabilities"}, as export writes ensembles) as --teacher.
+
+  Its signature is called by its input name: the Keras endpoint of the same name takes
+  `x`, which once failed with "missing a required argument: 'x'".
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((28, 28, 1))
+  h = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255.0)(inp))
+  model = keras.Model(inp, keras.layers.Dense(10, activation="softmax")(h))
+  src, run_dir = str(tmp_path / "ensemble_2" / "saved_model"), str(tmp_path / "run")
+  export.export_saved_model(model, src, (28, 28, 1), output_name=export.PROBABILITIES)
+  argv = _ARGS + ["--gens=0", f"--teacher={os.path.dirname(src)}", f"--run_dir={run_dir}"]
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 2 and "add --teacher_outputs=probabilities" in err, err
+  code, _, err = _main(monkeypatch, capsys, argv + ["--teacher_outputs=probabilities"])
+  assert code == 0, err
+  x = np.random.RandomState(0).randint(0, 256, (3, 28, 28, 1)).astype("float32")
+  np.testing.assert_allclose(_softmax(_serve(run_dir, x)), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+  assert export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))["params"] == 28 * 28 * 10 + 10
 
 
 @needs_data
