@@ -334,6 +334,8 @@ def _to_float(images, labels):
 
 # ---- sources: (uint8 image [H, W, C], int label) datasets in a fixed order -----
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what tf.io.decode_image reads
+# ... by the format Pillow finds in the header (MPO: a camera's multi-picture JPEG), whatever the name says.
+_DECODABLE = {"BMP": "BMP", "GIF": "GIF", "JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}
 _FOLDER_ORDER_SEED = 20180512  # the fixed order of an image folder's training files
 
 
@@ -414,6 +416,10 @@ def _folder_source(root, image_size):
     if split not in files or not any(files[split].values()):
       raise errors.DataError(f"--image_folder={root} has no images in {split}/<class>/: {fix}")
   class_names = tuple(files["train"])
+  empty = [c for c, paths in files["train"].items() if not paths]
+  if empty:
+    raise errors.DataError(f"--image_folder: train/ has class folders without images ({', '.join(empty)}; "
+                           f"images are {', '.join(IMAGE_FORMATS)} files): add training images or remove them")
   for split, per_class in files.items():
     extra = sorted(set(per_class) - set(class_names))
     if extra:
@@ -426,10 +432,14 @@ def _folder_source(root, image_size):
       for path in paths:
         try:
           with Image.open(path) as im:
+            fmt = im.format
             sizes.add((im.height, im.width))
             grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
         except (OSError, ValueError) as e:
           raise errors.DataError(f"{path}: not a readable image ({type(e).__name__}): remove or replace it") from None
+        if fmt not in _DECODABLE:  # tf.io.decode_image would stop the run later, with a traceback
+          raise errors.DataError(f"{path}: a {fmt} image under an image name: convert it to PNG or JPEG, "
+                                 "or remove it")
   if not image_size:
     if len(sizes) > 1:
       raise errors.DataError(

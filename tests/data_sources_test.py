@@ -108,6 +108,8 @@ def test_image_folder_varying_sizes_grey_and_jpeg(tmp_path):
     ("no_test", "no images in test/<class>/"),
     ("extra_class", "classes ['fox'] that train/ does not"),
     ("broken", "not a readable image"),
+    ("empty_class", "train/ has class folders without images (fox;"),
+    ("tiff", "bad.png: a TIFF image under an image name: convert it to PNG or JPEG"),
 ])
 def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   root = str(tmp_path / "d")
@@ -118,6 +120,11 @@ def test_image_folder_errors_are_one_line(tmp_path, layout, message):
     Image.new("RGB", (12, 10)).save(os.path.join(root, "test", "fox", "a.png"))
   if layout == "broken":
     open(os.path.join(root, "train", "cat", "bad.png"), "w").write("not a png")
+  if layout == "empty_class":  # once a silent fourth class that no training image has
+    os.makedirs(os.path.join(root, "train", "fox"))
+    open(os.path.join(root, "train", "fox", "notes.txt"), "w").write("not an image")
+  if layout == "tiff":  # Pillow reads it; tf.io.decode_image stopped the run with a traceback
+    Image.new("RGB", (12, 10)).save(os.path.join(root, "train", "cat", "bad.png"), "TIFF")
   with pytest.raises(errors.DataError) as e:
     data.Dataset(None, image_folder=root)
   assert message in str(e.value) and "\n" not in str(e.value)

@@ -236,3 +236,51 @@ def test_ensemble_is_mean_of_member_probabilities(tmp_path):
 def test_ensemble_members():
   assert generations.ensemble_members(3) == [1, 2, 3]
   assert generations.ensemble_members(2, include_teacher=True) == [0, 1, 2]
+
+
+def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
+  """evaluate --images: `logits` are softmaxed and `probabilities` taken as they are, by name, not
+  by guessing from the values; a signature-only SavedModel works; an unnamed output says so."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from ban_tf import evaluate  # pylint: disable=g-import-not-at-top
+  pixels = np.random.RandomState(1).randint(0, 256, SHAPE).astype(np.uint8)
+  png = str(tmp_path / "a.png")
+  Image.fromarray(pixels).save(png)
+  x = pixels[None].astype(np.float32)
+  model = tiny(0, "m")
+  softmax = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
+
+  def probs(path, outputs="auto"):
+    (name, top), = evaluate.classify(path, [png], top_k=5, outputs=outputs)
+    assert name == png
+    return np.array([p for _, p in sorted(top, key=lambda t: int(t[0].split("_")[1]))])
+
+  def softmax_of(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True))[0]
+
+  p = softmax(x).numpy()
+  export.export_saved_model(model, str(tmp_path / "gen"), SHAPE)
+  np.testing.assert_allclose(probs(str(tmp_path / "gen")), softmax_of(model(x).numpy()), rtol=1e-5)
+  export.export_saved_model(softmax, str(tmp_path / "ens"), SHAPE, output_name=export.PROBABILITIES)
+  np.testing.assert_allclose(probs(str(tmp_path / "ens")), p[0], rtol=1e-5)
+  # Named logits are logits even where they look like probabilities (the old guess took them as such).
+  export.export_saved_model(softmax, str(tmp_path / "odd"), SHAPE, output_name=export.LOGITS)
+  np.testing.assert_allclose(probs(str(tmp_path / "odd")), softmax_of(p), rtol=1e-5)
+  # Only a signature (no `serve` function), uint8 pixels, two named outputs: once an AttributeError.
+  module = tf.Module()
+  module.m = model
+  module.f = tf.function(lambda image: {"logits": model(tf.cast(image, tf.float32)), "embedding": tf.zeros([1, 2])},
+                         input_signature=[tf.TensorSpec((None,) + SHAPE, tf.uint8, name="image")])
+  tf.saved_model.save(module, str(tmp_path / "module"), signatures={"serving_default": module.f})
+  np.testing.assert_allclose(probs(str(tmp_path / "module")), softmax_of(model(x).numpy()), rtol=1e-5)
+  # An unnamed output (keras model.export: output_0): read as before, with a note; --outputs says which.
+  inputs = keras.Input(SHAPE)
+  keras.Model(inputs, softmax(inputs)).export(str(tmp_path / "plain"), verbose=False)  # H, W fixed
+  capsys.readouterr()
+  np.testing.assert_allclose(probs(str(tmp_path / "plain")), p[0], rtol=1e-5)
+  assert "serves 'output_0', named neither logits nor probabilities" in capsys.readouterr().err
+  np.testing.assert_allclose(probs(str(tmp_path / "plain"), "logits"), softmax_of(p), rtol=1e-5)
+  assert not capsys.readouterr().err
+  with pytest.raises(errors.UsageError, match=r"returns \['logits'\], not probabilities: drop --outputs"):
+    probs(str(tmp_path / "gen"), "probabilities")
