@@ -210,8 +210,9 @@ def export_saved_model(model, path, input_shape=None, class_names=(), output_nam
 
 
 def save_keras(model, path):
-  """Saves `model` as a .keras file (atomically) that plain Keras loads: image models
-  are saved with stock BatchNormalization layers (models.to_stock)."""
+  """Saves `model` as a .keras file (atomically). Pass the task's stock copy
+  (Task.stock_model) so plain Keras loads it without ban_tf; fused BatchNormalization
+  layers are replaced here in any case (models.to_stock)."""
   tmp = _tmp_path(path)
   if not tmp.endswith(".keras"):
     tmp += ".keras"

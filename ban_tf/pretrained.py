@@ -370,7 +370,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   else:
     export.export_saved_model(checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
     if checked.keras_model is not None:
-      export.save_keras(checked.keras_model, os.path.join(out_dir, "model.keras"))
+      export.save_keras(task.stock_model(checked.keras_model), os.path.join(out_dir, "model.keras"))
       facts["weights_sha256"] = train.weights_digest(checked.keras_model)
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))
