@@ -5,11 +5,13 @@
 * a ban_tf generation directory (`RUN/gen_k/`, or its `saved_model/`): its SavedModel
   is re-verified against its own fingerprint and copied as it is (every endpoint,
   so `--feature_weight` works), with `model.keras` (so `--share_stem_head` works);
-* any other SavedModel directory: its `serving_default` signature must take one
-  image batch (float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to the
-  signature's dtype) and return one tensor of logits, or probabilities with
-  `--teacher_outputs=probabilities` (a dict of several outputs is read at the key
-  `logits` / `probabilities`);
+* any other SavedModel directory (a ban_tf BANE ensemble's too, with
+  `--teacher_outputs=probabilities`): its `serving_default` signature, called by its
+  input name, must take one image batch (float32 raw pixels [N, H, W, C] in [0, 255]
+  are fed, cast to the signature's dtype) and return one tensor of logits, or
+  probabilities with `--teacher_outputs=probabilities` (a dict of several outputs is
+  read at the key `logits` / `probabilities`); outputs that are non-negative and sum
+  to 1 without that flag are refused (probabilities read as logits);
 * a `.keras` file (a model from those raw pixels to logits, or probabilities).
 
 Probabilities are used as log-probabilities: softmax(log p / T) is proportional to
@@ -197,8 +199,9 @@ def _adapter(path, kind, src, spec, outputs):
     except Exception as e:  # pylint: disable=broad-except
       msg = (str(e).splitlines() or [""])[0]
       msg = msg if len(msg) <= 160 else msg[:160] + "..."
-      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: {msg}): if it has custom layers or functions, export it as a "
-                  "SavedModel where they are defined (model.export(DIR)) and pass --teacher=DIR") from None
+      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: {msg}): if it has "
+                  "custom layers or functions, export it as a SavedModel where they are defined (model.export(DIR)) "
+                  "and pass --teacher=DIR") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
       raise _fail(path, f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs: it must map one image "
                   "batch to one tensor")

@@ -117,6 +117,24 @@ def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
     np.testing.assert_allclose(model.teacher_logits(tf.constant(x)).numpy(), want, atol=1e-5)
 
 
+def test_probability_teachers_teach_their_log_probabilities(tmp_path):
+  """A BANE-style SavedModel ({"probabilities"}) through TFSMLayer, and a softmax keras.Model with
+  teacher_outputs="probabilities": the targets are log p (softmax(log p / T) = p^(1/T), renormalised),
+  never p read as logits (which once happened silently)."""
+  x, _ = _data(4)
+  net = _net(5)
+  probs = keras.Model(net.inputs, keras.layers.Softmax()(net.outputs[0]))
+  p = probs(x).numpy()
+  export.export_saved_model(probs, str(tmp_path / "ensemble"), (6, 6, 2), output_name=export.PROBABILITIES)
+  layer = keras.layers.TFSMLayer(str(tmp_path / "ensemble"), call_endpoint="serving_default")
+  for model in (distiller.Distiller(_net(6), layer),
+                distiller.Distiller(_net(6), probs, teacher_outputs="probabilities")):
+    t = model.teacher_logits(tf.constant(x)).numpy()
+    np.testing.assert_allclose(t, np.log(p), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="teacher_outputs='softmax'"):
+    distiller.Distiller(_net(6), probs, teacher_outputs="softmax")
+
+
 def test_compiled_metrics_and_one_hot_labels_on_two_replicas():
   """1 vs 2 replicas: the same student weights and the same logged extra metric."""
   x, y = _data()
