@@ -329,6 +329,9 @@ class Config:
                                        or self.train_split != "train" or self.test_split != "test"),
          "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
          "--image_key/--label_key")
+    default_dataset = next(f.default for f in dataclasses.fields(self) if f.name == "dataset")
+    need(not self.image_folder or self.dataset == default_dataset,
+         f"--image_folder={self.image_folder} and --dataset={self.dataset} both name the data: drop one")
     need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
          f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")

@@ -204,6 +204,8 @@ def test_bad_data_flags_are_one_line_usage_errors():
                         (["--image_size=a,b"], "two integers"),
                         (["--val_split=validation", "--val_examples=5"], "drop one"),
                         (["--image_folder=x", "--val_split=v"], "--image_folder reads DIR/train"),
+                        (["--image_folder=x", "--dataset=mnist"], "--image_folder=x and --dataset=mnist both name "
+                         "the data: drop one"),  # once silently ignored, config.json saying mnist
                         (["--task=lm", "--image_size=8,8"], "image-only")):
     fv.unparse_flags()
     fv(["ban_tf.main", *argv])
