@@ -284,6 +284,12 @@ def _check_generation(cfg, src, spec):
       raise _fail(cfg.teacher, "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
                   "--teacher_outputs=probabilities")
   _check_outputs(cfg.teacher, out, spec, "logits")
+  if cfg.feature_weight and not hasattr(loaded, export.BOTH):
+    raise _fail(cfg.teacher, f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
+                "by an older ban_tf), which --feature_weight reads: drop --feature_weight")
+  if cfg.share_stem_head and not os.path.exists(os.path.join(os.path.dirname(src), "model.keras")):
+    raise _fail(cfg.teacher, "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
+                "from: drop --share_stem_head")
   metrics = os.path.join(os.path.dirname(src), "metrics.json")
   if not os.path.exists(metrics):
     return {}
@@ -331,7 +337,18 @@ def check_teacher(cfg, spec):
     facts = _check_generation(cfg, src, spec)
     _check_teacher_arch(cfg, facts)
     return Checked(GENERATION, src, facts)
+  if cfg.feature_weight:  # before loading: what only a ban_tf generation serves
+    raise _fail(cfg.teacher, f"--feature_weight matches the teacher's pooled features, which only a ban_tf "
+                f"generation's SavedModel serves ('{export.BOTH}'): use one (RUN/gen_k), or drop --feature_weight")
   model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
+  if cfg.share_stem_head:
+    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    names = {layer.name for layer in keras_model.layers} if keras_model is not None else set()
+    if not set(models.SHARED_LAYERS) <= names:
+      what = ("a .keras model whose layers are named " + ", ".join(repr(n) for n in models.SHARED_LAYERS)
+              if keras_model is not None else "a logits .keras model with those layers (or a ban_tf generation)")
+      raise _fail(cfg.teacher, f"--share_stem_head copies the teacher's layers {', '.join(models.SHARED_LAYERS)}, "
+                  f"which this teacher does not have: pass {what}, or drop --share_stem_head")
   _check_outputs(cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs)
   # A ban_tf SavedModel read as probabilities (a BANE ensemble) is imported through the
   # adapter (log-probabilities), never copied as it is: its outputs are not logits.

@@ -258,6 +258,9 @@ def test_probability_teacher_gives_the_logits_teachers_targets(name, teachers, t
                      "--teacher_outputs=probabilities"),
     ("probs.keras", [], "read as logits: pass --teacher_outputs=probabilities"),
     ("bytes_sm", [], "takes string input 'jpeg': it must take a numeric image batch"),
+    # Once refused only after gen_0 was imported, advising to retrain it.
+    ("module_sm", ["--gens=1", "--feature_weight=1"], "only a ban_tf generation's SavedModel serves"),
+    ("logits.keras", ["--gens=1", "--share_stem_head"], "layers are named 'stem', 'logits', or drop --share_stem"),
 ])
 def test_mismatches_are_one_line_errors(name, extra, fragment, teachers, tmp_path, monkeypatch, capsys):
   src, _ = teachers
