@@ -287,6 +287,10 @@ def _check_generation(cfg, src, spec):
   if cfg.feature_weight and not hasattr(loaded, export.BOTH):
     raise _fail(cfg.teacher, f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
                 "by an older ban_tf), which --feature_weight reads: drop --feature_weight")
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  if tasks.get(cfg.task).carries_state(cfg) and not hasattr(loaded, export.STATEFUL):
+    raise _fail(cfg.teacher, f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
+                "--lm_state=carry needs: add --lm_state=reset")
   if cfg.share_stem_head and not os.path.exists(os.path.join(os.path.dirname(src), "model.keras")):
     raise _fail(cfg.teacher, "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
                 "from: drop --share_stem_head")
@@ -337,6 +341,11 @@ def check_teacher(cfg, spec):
     facts = _check_generation(cfg, src, spec)
     _check_teacher_arch(cfg, facts)
     return Checked(GENERATION, src, facts)
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  if tasks.get(cfg.task).carries_state(cfg):  # a model from elsewhere has no serve_stateful endpoint
+    raise _fail(cfg.teacher, f"--lm_state=carry feeds the teacher its own recurrent state, through the "
+                f"'{export.STATEFUL}' endpoint only a ban_tf generation serves: add --lm_state=reset (every window "
+                "starts from zeros), or use a ban_tf generation")
   if cfg.feature_weight:  # before loading: what only a ban_tf generation serves
     raise _fail(cfg.teacher, f"--feature_weight matches the teacher's pooled features, which only a ban_tf "
                 f"generation's SavedModel serves ('{export.BOTH}'): use one (RUN/gen_k), or drop --feature_weight")

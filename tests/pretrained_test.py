@@ -384,3 +384,19 @@ def test_language_model_teacher_from_a_run(tmp_path, monkeypatch, capsys):
     assert b[key] == pytest.approx(a[key], rel=1e-6), key
   assert os.path.exists(os.path.join(second, "gen_0", "vocab.txt"))
   assert export.is_done(os.path.join(second, "gen_1"))
+  # A language model from elsewhere has no serve_stateful endpoint: --lm_state=carry (the default)
+  # is refused before anything is written (once: after gen_0 was exported, advising to retrain
+  # it); --lm_state=reset imports it.
+  import keras  # pylint: disable=g-import-not-at-top
+  vocab = len(open(os.path.join(first, "gen_0", "vocab.txt")).read().splitlines())
+  tokens = keras.Input((None,), dtype="int32")
+  plain = keras.Model(tokens, keras.layers.Dense(vocab)(keras.layers.Embedding(vocab, 4)(tokens)))
+  plain.export(str(tmp_path / "plain_lm"), verbose=False)
+  third = str(tmp_path / "plain")
+  argv = lm + ["--gens=0", f"--teacher={tmp_path}/plain_lm", f"--run_dir={third}"]
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 2 and "'serve_stateful' endpoint only a ban_tf generation serves: add --lm_state=reset" in err, err
+  assert not os.path.exists(third)
+  code, _, err = _main(monkeypatch, capsys, argv + ["--lm_state=reset"])
+  assert code == 0, err
+  assert export.read_json(os.path.join(third, "gen_0", "metrics.json"))["test_perplexity"] > 1
