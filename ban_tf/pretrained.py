@@ -212,7 +212,11 @@ def _adapter(path, kind, src, spec, outputs):
     facts = {"arch": f"{os.path.basename(src)} ({model.name})", "params": int(model.count_params())}
     return keras.Model(inputs, out, name="teacher"), (model if outputs == "logits" else None), facts
 
-  loaded = tf.saved_model.load(src)
+  try:
+    loaded = tf.saved_model.load(src)
+  except Exception as e:  # pylint: disable=broad-except  (truncated proto, missing or scrambled variables)
+    raise _fail(path, f"cannot be loaded by tf.saved_model.load ({type(e).__name__}): it is damaged or "
+                "incomplete (saved_model.pb and variables/ are both needed); export it again") from None
   name, sig_spec, key = _signature_io(loaded, path, outputs)
   _check_input(path, tuple(sig_spec.shape), spec)
 
@@ -274,8 +278,13 @@ def _check_generation(cfg, src, spec):
   """A ban_tf generation's SavedModel: its own fingerprint, input and outputs; its metrics' facts."""
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  out = export.verify_saved_model(src)
-  loaded = tf.saved_model.load(src)
+  try:
+    out = export.verify_saved_model(src)
+    loaded = tf.saved_model.load(src)
+  except errors.TeacherError as e:  # its advice (retrain that generation) is for the run that made it
+    reason = str(e).split(":")[0].replace(f"teacher SavedModel {src} ", "")
+    raise _fail(cfg.teacher, f"the ban_tf SavedModel {src} {reason}: it is damaged; restore it from its "
+                "run, or pass another teacher") from None
   sig = loaded.signatures.get("serving_default")
   if sig is not None:
     (_, sig_spec), = dict(sig.structured_input_signature[1]).items()

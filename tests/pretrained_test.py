@@ -275,6 +275,38 @@ def test_mismatches_are_one_line_errors(name, extra, fragment, teachers, tmp_pat
 
 
 @needs_data
+def test_damaged_teachers_are_one_line_errors(teachers, tmp_path, monkeypatch, capsys):
+  """A truncated saved_model.pb, a SavedModel without variables/ (once tracebacks), and a ban_tf
+  generation whose variables were damaged (once advising to retrain a generation of another run)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  src, _ = teachers
+  truncated, no_variables = str(tmp_path / "truncated"), str(tmp_path / "no_variables")
+  for path in (truncated, no_variables):
+    shutil.copytree(os.path.join(src, "logits_sm"), path)
+  with open(os.path.join(truncated, "saved_model.pb"), "r+b") as f:
+    f.truncate(100)
+  shutil.rmtree(os.path.join(no_variables, "variables"))
+  gen = str(tmp_path / "gen_0")
+  inp = keras.Input((28, 28, 1))
+  export.export_saved_model(keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp))),
+                            os.path.join(gen, "saved_model"), (28, 28, 1))
+  data, = [os.path.join(gen, "saved_model", "variables", n) for n in os.listdir(os.path.join(gen, "saved_model",
+                                                                                           "variables"))
+           if ".data" in n]
+  with open(data, "r+b") as f:
+    f.seek(os.path.getsize(data) // 2)
+    f.write(b"\xff" * 64)
+  for path, fragment in ((truncated, "cannot be loaded by tf.saved_model.load (OSError): it is damaged"),
+                         (no_variables, "cannot be loaded by tf.saved_model.load"),
+                         (gen, "it is damaged; restore it from its run, or pass another teacher")):
+    run_dir = str(tmp_path / "run")
+    code, _, err = _main(monkeypatch, capsys, _ARGS + ["--gens=0", f"--teacher={path}", f"--run_dir={run_dir}"])
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+    assert not os.path.exists(run_dir)
+
+
+@needs_data
 def test_ban_tf_probability_saved_model_teaches(tmp_path, monkeypatch, capsys):
   """A BANE-style SavedModel ({"pixels"} -> {"probabilities"}, as export writes ensembles) as --teacher.
 
