@@ -415,6 +415,9 @@ def _folder_source(root, image_size):
   for split in ("train", "test"):
     if split not in files or not any(files[split].values()):
       raise errors.DataError(f"--image_folder={root} has no images in {split}/<class>/: {fix}")
+  if "val" in files and not any(files["val"].values()):  # once a traceback (a split of no files)
+    raise errors.DataError(f"--image_folder={root}: val/ has no images in val/<class>/: add them, or remove val/ "
+                           "(--val_examples=N then holds out training images)")
   class_names = tuple(files["train"])
   empty = [c for c, paths in files["train"].items() if not paths]
   if empty:

@@ -110,6 +110,7 @@ def test_image_folder_varying_sizes_grey_and_jpeg(tmp_path):
     ("broken", "not a readable image"),
     ("empty_class", "train/ has class folders without images (fox;"),
     ("tiff", "bad.png: a TIFF image under an image name: convert it to PNG or JPEG"),
+    ("empty_val", "val/ has no images in val/<class>/: add them, or remove val/"),
 ])
 def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   root = str(tmp_path / "d")
@@ -123,6 +124,8 @@ def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   if layout == "empty_class":  # once a silent fourth class that no training image has
     os.makedirs(os.path.join(root, "train", "fox"))
     open(os.path.join(root, "train", "fox", "notes.txt"), "w").write("not an image")
+  if layout == "empty_val":
+    os.makedirs(os.path.join(root, "val", "cat"))
   if layout == "tiff":  # Pillow reads it; tf.io.decode_image stopped the run with a traceback
     Image.new("RGB", (12, 10)).save(os.path.join(root, "train", "cat", "bad.png"), "TIFF")
   with pytest.raises(errors.DataError) as e:
