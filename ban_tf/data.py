@@ -102,6 +102,7 @@ class Dataset:
           f"--train_examples={train_examples} exceeds the {available} training examples of {name}{held}: "
           f"use at most {available}, or 0 for all of them")
     num_train = train_examples or available
+    _check_disjoint(source.get("rows"), num_train)
     if val_examples:
       self._val_src = self._train_src.skip(total - val_examples)
     num_val = _count(self._val_src) if self._val_src is not None else 0
@@ -385,12 +386,65 @@ def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size,
     return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True) if resize else ds
 
   label = features[label_key]
+  specs = {"train": ("--train_split", train_split), "test": ("--test_split", test_split)}
+  if val_split:
+    specs["val"] = ("--val_split", val_split)
   return {
       "name": name, "train": split("--train_split", train_split), "test": split("--test_split", test_split),
       "val": split("--val_split", val_split) if val_split else None, "val_name": f"--val_split={val_split}",
+      "rows": {k: (flag, spec, _split_rows(builder, spec)) for k, (flag, spec) in specs.items()},
       "num_classes": label.num_classes, "class_names": tuple(label.names),
       "image_shape": tuple(image_size) + shape[-1:] if image_size else shape,
   }
+
+
+def _split_rows(builder, spec):
+  """[(shard file, first, end)]: the examples a tfds split spec (slices too) reads, in order; None if unknown."""
+  try:
+    instructions = builder.info.splits[spec].file_instructions
+  except Exception:  # pylint: disable=broad-except  (the overlap check is a safeguard, not a requirement)
+    return None
+  rows = []
+  for fi in instructions:
+    take = fi.take if fi.take is not None and fi.take >= 0 else fi.examples_in_shard - fi.skip
+    rows.append((os.path.basename(fi.filename), fi.skip, fi.skip + take))
+  return rows
+
+
+def _first_rows(rows, n):
+  """The first n examples of `rows` (_split_rows)."""
+  out = []
+  for f, a, b in rows:
+    if n <= 0:
+      break
+    out.append((f, a, min(b, a + n)))
+    n -= b - a
+  return out
+
+
+def _shared_rows(a, b):
+  """How many examples two _split_rows lists both read."""
+  return sum(max(0, min(e1, e2) - max(s1, s2)) for f1, s1, e1 in a for f2, s2, e2 in b if f1 == f2)
+
+
+def _check_disjoint(rows, num_train):
+  """Refuses tfds splits whose validation or test examples include training examples used (the
+  first num_train of --train_split): their scores would silently be on training data."""
+  if not rows or any(r[2] is None for r in rows.values()):
+    return
+  used = dict(rows)
+  flag, spec, train_rows = rows["train"]
+  used["train"] = (flag, spec, _first_rows(train_rows, num_train))
+  for y in ("val", "test"):
+    if y in used:
+      n = _shared_rows(used["train"][2], used[y][2])
+      if n:
+        fy, sy, _ = used[y]
+        first = f" (its first {num_train} examples)" if num_train < sum(e - a for _, a, e in train_rows) else ""
+        fix = ("use disjoint slices, e.g. --train_split='train[:90%]' --val_split='train[90%:]'" if y == "val"
+               else "use a --test_split the training examples do not include")
+        raise errors.DataError(f"{flag}={spec}{first} and {fy}={sy} share {n} examples, so {y} would score "
+                               f"training data: {fix}")
 
 
 def _folder_files(directory):

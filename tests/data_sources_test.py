@@ -148,6 +148,26 @@ def test_tfds_split_slices_and_named_validation():
 
 
 @_HAS_TFDS
+def test_tfds_splits_that_share_training_examples_are_refused():
+  """Validation or test examples that training reads: once silently scored as held-out data."""
+  for kw, message in (
+      (dict(train_split="train", val_split="train[90%:]"),
+       "--train_split=train and --val_split=train[90%:] share 6000 examples, so val would score training data: "
+       "use disjoint slices"),
+      (dict(train_split="train[:300]", test_split="train[200:400]"),
+       "--train_split=train[:300] and --test_split=train[200:400] share 100 examples, so test would score"),
+      (dict(train_split="train[:300]", train_examples=250, val_split="train[240:260]"),
+       "--train_split=train[:300] (its first 250 examples) and --val_split=train[240:260] share 10 examples")):
+    with pytest.raises(errors.DataError) as e:
+      data.Dataset("fashion_mnist", SHARED_TFDS, **dict(dict(test_split="test[:10]"), **kw))
+    assert message in str(e.value) and "\n" not in str(e.value)
+  # Only the examples trained on count: the first --train_examples, not the held-out tail.
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:300]", train_examples=200,
+                    val_split="train[200:300]", test_split="test[:10]")
+  assert (ds.info.num_train, ds.info.num_val) == (200, 100)
+
+
+@_HAS_TFDS
 def test_tfds_resize_keys_and_split_errors():
   ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:16]", test_split="test[:8]",
                     image_size=(16, 20))
