@@ -448,11 +448,11 @@ def _check_disjoint(rows, num_train):
 
 
 def _folder_files(directory):
-  """{class name: sorted image paths} of DIR/<class>/*."""
+  """{class name: sorted image paths} of DIR/<class>/*; hidden files (macOS' ._x.jpg) are skipped."""
   classes = sorted(d for d in os.listdir(directory)
                    if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
   return {c: sorted(os.path.join(directory, c, f) for f in os.listdir(os.path.join(directory, c))
-                    if f.lower().endswith(IMAGE_FORMATS)) for c in classes}
+                    if f.lower().endswith(IMAGE_FORMATS) and not f.startswith(".")) for c in classes}
 
 
 def _folder_source(root, image_size):

@@ -124,6 +124,7 @@ def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   if layout == "empty_class":  # once a silent fourth class that no training image has
     os.makedirs(os.path.join(root, "train", "fox"))
     open(os.path.join(root, "train", "fox", "notes.txt"), "w").write("not an image")
+    open(os.path.join(root, "train", "fox", "._a.png"), "w").write("macOS metadata: hidden, skipped")
   if layout == "empty_val":
     os.makedirs(os.path.join(root, "val", "cat"))
   if layout == "tiff":  # Pillow reads it; tf.io.decode_image stopped the run with a traceback
