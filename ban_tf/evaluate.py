@@ -244,7 +244,8 @@ def input_shape(path, model=None):
   spec = (model or load(path)).signatures["serving_default"].structured_input_signature[1]
   shape = tuple(next(iter(spec.values())).shape[1:])
   if None in shape:
-    raise errors.UsageError(f"{path} has no {export.FINGERPRINT_FILE} and accepts any image size: cannot resize")
+    raise errors.UsageError(f"{path} has no {export.FINGERPRINT_FILE} and accepts any image size, so the size to "
+                            "resize images to is unknown: export it with a fixed input shape (keras.Input((H, W, C)))")
   return shape
 
 
