@@ -316,6 +316,11 @@ class Config:
          "--teacher_dropout sets the dropout of a trained generation 0, and --teacher gives one: drop one")
     need(self.teacher or self.teacher_outputs == "logits",
          "--teacher_outputs says what a --teacher=PATH model outputs: add --teacher or drop it")
+    if self.teacher and self.overwrite:  # --overwrite deletes the run directory before the teacher is read
+      run_dir = os.path.realpath(self.run_dir or self.default_run_dir())
+      inside = os.path.realpath(self.teacher) == run_dir or os.path.realpath(self.teacher).startswith(run_dir + os.sep)
+      need(not inside, f"--teacher={self.teacher} is inside --run_dir={self.run_dir or self.default_run_dir()}, which "
+           "--overwrite deletes: copy the teacher out of it first, or pass another --run_dir")
     if self.teacher and not pretrained.imported_into(self.run_dir or self.default_run_dir(), self.teacher):
       pretrained.check_path(self.teacher)
     need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")

@@ -190,6 +190,18 @@ def test_path_forms(tmp_path):
   config_lib.Config(teacher=str(tmp_path / "gen_0" / "saved_model")).validate()
 
 
+def test_overwrite_never_deletes_the_teacher(tmp_path):
+  """--teacher inside the --run_dir that --overwrite deletes: refused (once: the teacher was deleted)."""
+  (tmp_path / "run" / "gen_1" / "saved_model").mkdir(parents=True)
+  (tmp_path / "run" / "gen_1" / "saved_model" / "saved_model.pb").write_bytes(b"")
+  cfg = dict(teacher=str(tmp_path / "run" / "gen_1"), run_dir=str(tmp_path / "run" / "."))
+  with pytest.raises(errors.UsageError, match=r"is inside --run_dir=.*, which --overwrite deletes: copy the teacher"):
+    config_lib.Config(overwrite=True, **cfg).validate()
+  config_lib.Config(**cfg).validate()
+  config_lib.Config(overwrite=True, teacher=cfg["teacher"], run_dir=str(tmp_path / "run2")).validate()
+  assert os.path.exists(os.path.join(cfg["teacher"], "saved_model", "saved_model.pb"))
+
+
 def test_content_digest_sees_every_byte_and_name(tmp_path):
   from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
   d = tmp_path / "sm"
