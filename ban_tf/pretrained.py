@@ -405,6 +405,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   sm_out = os.path.join(out_dir, "saved_model")
   if kind == GENERATION:
     _copy_generation(src, out_dir)
+    if spec.class_names:  # this data set's names (the teacher's run may have had others for its outputs)
+      export.write_text("".join(f"{n}\n" for n in spec.class_names), os.path.join(sm_out, export.LABELS_FILE))
   else:
     export.export_saved_model(checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
     if checked.keras_model is not None:

@@ -371,6 +371,10 @@ def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
   assert code == 0, err
   t = export.read_json(os.path.join(teacher_run, "gen_0", "metrics.json"))
   fingerprint = np.load(os.path.join(teacher_run, "gen_0", "saved_model", export.FINGERPRINT_FILE))
+  labels = os.path.join(teacher_run, "gen_0", "saved_model", export.LABELS_FILE)
+  names = open(labels).read()
+  with open(labels, "w") as f:  # as if trained on another 10-class set: the copy gets this data set's names
+    f.write("".join(f"other_{i}\n" for i in range(10)))
   students = {}
   for name, extra in (("ban", []), ("ban1", ["--student_seed=11"])):
     run_dir = str(tmp_path / name)
@@ -387,6 +391,7 @@ def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
     with open(os.path.join(run_dir, "gen_0", "model.keras"), "rb") as a, \
          open(os.path.join(teacher_run, "gen_0", "model.keras"), "rb") as b:
       assert a.read() == b.read()
+    assert open(os.path.join(run_dir, "gen_0", "saved_model", export.LABELS_FILE)).read() == names
     students[name] = export.read_json(os.path.join(run_dir, "gen_1", "metrics.json"))
   assert students["ban"]["seed"] == 1 and students["ban1"]["seed"] == 11
   assert students["ban"]["weights_sha256"] != students["ban1"]["weights_sha256"]
