@@ -239,6 +239,11 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4, loaded=None):
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
     raise errors.TeacherError(f"teacher SavedModel {path} is missing or incomplete: {fix}")
   fp = os.path.join(path, FINGERPRINT_FILE)
+  if not os.path.exists(fp):
+    raise errors.TeacherError(
+        f"teacher SavedModel {path} has no {FINGERPRINT_FILE}: one not exported by ban_tf is read with "
+        f"keras.layers.TFSMLayer(path, call_endpoint='serving_default') or --teacher=PATH; a ban_tf one is "
+        f"damaged: {fix}")
   try:
     data = np.load(fp)
     got = _call_saved_model(path, data["inputs"], loaded)

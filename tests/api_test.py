@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from ban_tf import distiller
+from ban_tf import errors
 from ban_tf import export
 from tests.conftest import REPO
 from tests.conftest import strategy_for
@@ -115,6 +116,15 @@ def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
     layer = keras.layers.TFSMLayer(str(tmp_path / name), call_endpoint="serving_default")
     model = distiller.Distiller(_net(6), layer)
     np.testing.assert_allclose(model.teacher_logits(tf.constant(x)).numpy(), want, atol=1e-5)
+
+
+def test_load_teacher_of_a_foreign_saved_model_says_what_reads_it(tmp_path):
+  """export.load_teacher checks a ban_tf fingerprint; a plain Keras export has none (once: a
+  FileNotFoundError advising to retrain a generation)."""
+  _net(5).export(str(tmp_path / "plain"), verbose=False)
+  with pytest.raises(errors.TeacherError, match=r"has no fingerprint.npz: one not exported by ban_tf is read with "
+                                                r"keras.layers.TFSMLayer\(path, call_endpoint='serving_default'\)"):
+    export.load_teacher(str(tmp_path / "plain"))
 
 
 def test_probability_teachers_teach_their_log_probabilities(tmp_path):
