@@ -273,6 +273,9 @@ def class_names(path, num_classes):
 def load_image(path, shape):
   """Raw 0..255 float32 pixels of an image file, converted and resized to (H, W, C)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  if len(shape) != 3:  # a language model's [T] tokens, a flattened [H*W] vector, ...
+    raise errors.UsageError(f"the model takes inputs of shape {tuple(shape)} per example, not images [H, W, C]: "
+                            "--images needs an image model (evaluate a language model with --run_dir)")
   h, w, c = shape
   if c not in (1, 3):
     raise errors.UsageError(f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported")

@@ -316,3 +316,7 @@ def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
   assert not capsys.readouterr().err
   with pytest.raises(errors.UsageError, match=r"returns \['logits'\], not probabilities: drop --outputs"):
     probs(str(tmp_path / "gen"), "probabilities")
+  flat = keras.Input((7,))  # not an image model (a language model's [T] tokens alike): once a ValueError
+  keras.Model(flat, keras.layers.Dense(5)(flat)).export(str(tmp_path / "flat"), verbose=False)
+  with pytest.raises(errors.UsageError, match=r"inputs of shape \(7,\) per example, not images"):
+    probs(str(tmp_path / "flat"))
