@@ -158,6 +158,8 @@ class Config:
           raise errors.UsageError(f"--{f.name}={','.join(value)}: use "
                                   f"{f.metadata.get('hint', 'comma-separated numbers')}") from None
       kwargs[f.name] = value
+    if kwargs.get("image_folder"):  # absolute in config.json: evaluate and resume work from any directory
+      kwargs["image_folder"] = os.path.abspath(kwargs["image_folder"])
     return cls(**kwargs)
 
   @classmethod
@@ -274,7 +276,13 @@ class Config:
     # what is now its default.
     stored = dict(Config().to_dict(), **stored)
     keys = (set(mine) | set(stored)) - NON_EXPERIMENT_FIELDS
-    return sorted(k for k in keys if mine.get(k) != stored.get(k))
+
+    def same(k):
+      a, b = mine.get(k), stored.get(k)
+      if k == "image_folder" and isinstance(a, str) and isinstance(b, str):  # older runs stored it as given
+        return os.path.abspath(a) == os.path.abspath(b)
+      return a == b
+    return sorted(k for k in keys if not same(k))
 
   # ---- validation -------------------------------------------------------------
   def check_paths(self) -> None:

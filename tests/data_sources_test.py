@@ -194,14 +194,16 @@ def test_tfds_set_without_image_features_names_them():
 
 
 @pytest.mark.slow
-def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path):
-  """--image_folder through the binary's run(): trains, exports, re-evaluates from config.json."""
+def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path, monkeypatch):
+  """--image_folder through the binary's run(): trains, exports, re-evaluates from config.json,
+  from another working directory too (a relative --image_folder is stored absolute)."""
   root = str(tmp_path / "pets")
   write_folder(root, counts=(("train", 8), ("val", 2), ("test", 3)))
   fv = flags.FlagValues()
   main.define_flags(fv)
   run_dir = str(tmp_path / "run")
-  fv(["ban_tf.main", f"--image_folder={root}", "--image_size=8,8", "--arch=tiny", "--gens=1",
+  monkeypatch.chdir(tmp_path)
+  fv(["ban_tf.main", "--image_folder=pets", "--image_size=8,8", "--arch=tiny", "--gens=1",
       "--epochs=1", "--batch_size=8", f"--run_dir={run_dir}", "--verbose=0"])
   cfg = main.config_from_flags(fv)
   assert cfg.image_size == (8, 8) and cfg.default_run_dir().startswith(os.path.join("runs", "pets-"))
@@ -212,6 +214,9 @@ def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path):
   assert labels == list(CLASSES)
   sig = tf.saved_model.load(os.path.join(run_dir, "gen_1", "saved_model")).signatures["serving_default"]
   assert sig.structured_input_signature[1]["pixels"].shape.as_list() == [None, 8, 8, 3]
+  assert json.load(open(os.path.join(run_dir, "config.json")))["image_folder"] == root
+  assert cfg.experiment_diff(dict(json.load(open(os.path.join(run_dir, "config.json"))), image_folder="pets")) == []
+  monkeypatch.chdir("/")  # once: "--image_folder=pets does not exist"
   again = evaluate.evaluate_run(run_dir, "val")
   stored = json.load(open(os.path.join(run_dir, "results.json")))
   for got, want in zip(again["generations"], stored["generations"]):
@@ -228,7 +233,7 @@ def test_bad_data_flags_are_one_line_usage_errors():
                         (["--image_size=a,b"], "two integers"),
                         (["--val_split=validation", "--val_examples=5"], "drop one"),
                         (["--image_folder=x", "--val_split=v"], "--image_folder reads DIR/train"),
-                        (["--image_folder=x", "--dataset=mnist"], "--image_folder=x and --dataset=mnist both name "
+                        (["--image_folder=x", "--dataset=mnist"], "--image_folder=.*x and --dataset=mnist both name "
                          "the data: drop one"),  # once silently ignored, config.json saying mnist
                         (["--task=lm", "--image_size=8,8"], "image-only")):
     fv.unparse_flags()
