@@ -344,8 +344,11 @@ def check_teacher(cfg, spec):
   """
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   kind, src = check_path(cfg.teacher)
-  is_ban_tf = kind == GENERATION or (os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
-                                     and os.path.basename(os.path.normpath(src)) == "saved_model")
+  # A ban_tf SavedModel has its fingerprint (or, damaged, still its generation's metrics.json);
+  # a plain SavedModel that merely sits in a saved_model/ folder is read like any other.
+  fingerprinted = os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
+  is_ban_tf = (fingerprinted and os.path.basename(os.path.normpath(src)) == "saved_model") or (
+      kind == GENERATION and os.path.exists(os.path.join(os.path.dirname(src), "metrics.json")))
   if is_ban_tf and cfg.teacher_outputs == "logits":
     facts = _check_generation(cfg, src, spec)
     _check_teacher_arch(cfg, facts)

@@ -218,18 +218,27 @@ def test_content_digest_sees_every_byte_and_name(tmp_path):
 # ---- end to end ---------------------------------------------------------------------
 
 @needs_data
-@pytest.mark.parametrize("name", ["logits_sm", "logits.keras", "module_sm"])
+@pytest.mark.parametrize("name", ["logits_sm", "logits.keras", "module_sm", "folder/saved_model"])
 def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypatch, capsys):
-  """Its test accuracy is the one plain Keras computes; it teaches BAN-1; the Teacher row shows it."""
+  """Its test accuracy is the one plain Keras computes; it teaches BAN-1; the Teacher row shows it.
+
+  folder/saved_model: a plain export that sits in a saved_model/ folder, passed as --teacher=folder
+  (once taken for a damaged ban_tf generation: "has no fingerprint.npz").
+  """
   src, want = teachers
+  arg = os.path.join(src, name)
+  if name == "folder/saved_model":
+    shutil.copytree(os.path.join(src, "module_sm"), str(tmp_path / name))
+    arg = str(tmp_path / "folder")
+  label = os.path.basename(arg)
   run_dir = str(tmp_path / "run")
   gens = 1 if name == "logits_sm" else 0  # one of them teaches a student
-  code, out, err = _main(monkeypatch, capsys, _ARGS + [f"--gens={gens}", f"--teacher={src}/{name}",
+  code, out, err = _main(monkeypatch, capsys, _ARGS + [f"--gens={gens}", f"--teacher={arg}",
                                                        f"--run_dir={run_dir}"])
   assert code == 0, err
   m = export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))
   assert m["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)  # 512 images: exact
-  assert m["pretrained"] and m["source"]["path"] == os.path.join(src, name) and m["epochs"] == 0
+  assert m["pretrained"] and m["source"]["path"] == arg and m["epochs"] == 0
   assert m["params"] == 784 * 32 + 32 + 32 * 10 + 10  # module_sm: a tf.Module, read from its signature
   np.testing.assert_allclose(_serve(run_dir, want["x"]), want["logits"], rtol=1e-4, atol=1e-4)
   assert os.path.exists(os.path.join(run_dir, "gen_0", "model.keras")) == name.endswith(".keras")
@@ -237,8 +246,8 @@ def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypat
     assert export.read_json(os.path.join(run_dir, "gen_1", "metrics.json"))["teacher"].endswith("gen_0/saved_model")
   row = next(line for line in out.splitlines() if line.startswith("| Teacher |"))
   assert f"| {100 * (1 - want['test_accuracy']):.2f} |" in row
-  assert f"{name} (pretrained) teacher -> tiny students" in out  # results.md
-  assert f"{name} (pretrained) -> tiny, {gens} generation(s)" in out + err  # the console's summary line
+  assert f"{label} (pretrained) teacher -> tiny students" in out  # results.md
+  assert f"{label} (pretrained) -> tiny, {gens} generation(s)" in out + err  # the console's summary line
   assert os.path.exists(os.path.join(run_dir, "report.png"))
   results = export.read_json(os.path.join(run_dir, "results.json"))
   assert results["generations"][0]["test_error"] == pytest.approx(1 - want["test_accuracy"])
