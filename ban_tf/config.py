@@ -158,6 +158,8 @@ class Config:
           raise errors.UsageError(f"--{f.name}={','.join(value)}: use "
                                   f"{f.metadata.get('hint', 'comma-separated numbers')}") from None
       kwargs[f.name] = value
+    if kwargs.get("image_folder"):  # absolute in config.json: evaluate and resume work from any directory
+      kwargs["image_folder"] = os.path.abspath(kwargs["image_folder"])
     return cls(**kwargs)
 
   @classmethod
@@ -274,7 +276,13 @@ class Config:
     # what is now its default.
     stored = dict(Config().to_dict(), **stored)
     keys = (set(mine) | set(stored)) - NON_EXPERIMENT_FIELDS
-    return sorted(k for k in keys if mine.get(k) != stored.get(k))
+
+    def same(k):
+      a, b = mine.get(k), stored.get(k)
+      if k == "image_folder" and isinstance(a, str) and isinstance(b, str):  # older runs stored it as given
+        return os.path.abspath(a) == os.path.abspath(b)
+      return a == b
+    return sorted(k for k in keys if not same(k))
 
   # ---- validation -------------------------------------------------------------
   def check_paths(self) -> None:
@@ -316,6 +324,11 @@ class Config:
          "--teacher_dropout sets the dropout of a trained generation 0, and --teacher gives one: drop one")
     need(self.teacher or self.teacher_outputs == "logits",
          "--teacher_outputs says what a --teacher=PATH model outputs: add --teacher or drop it")
+    if self.teacher and self.overwrite:  # --overwrite deletes the run directory before the teacher is read
+      run_dir = os.path.realpath(self.run_dir or self.default_run_dir())
+      inside = os.path.realpath(self.teacher) == run_dir or os.path.realpath(self.teacher).startswith(run_dir + os.sep)
+      need(not inside, f"--teacher={self.teacher} is inside --run_dir={self.run_dir or self.default_run_dir()}, which "
+           "--overwrite deletes: copy the teacher out of it first, or pass another --run_dir")
     if self.teacher and not pretrained.imported_into(self.run_dir or self.default_run_dir(), self.teacher):
       pretrained.check_path(self.teacher)
     need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
@@ -329,6 +342,9 @@ class Config:
                                        or self.train_split != "train" or self.test_split != "test"),
          "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
          "--image_key/--label_key")
+    default_dataset = next(f.default for f in dataclasses.fields(self) if f.name == "dataset")
+    need(not self.image_folder or self.dataset == default_dataset,
+         f"--image_folder={self.image_folder} and --dataset={self.dataset} both name the data: drop one")
     need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
          f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")

@@ -102,6 +102,7 @@ class Dataset:
           f"--train_examples={train_examples} exceeds the {available} training examples of {name}{held}: "
           f"use at most {available}, or 0 for all of them")
     num_train = train_examples or available
+    _check_disjoint(source.get("rows"), num_train)
     if val_examples:
       self._val_src = self._train_src.skip(total - val_examples)
     num_val = _count(self._val_src) if self._val_src is not None else 0
@@ -334,6 +335,8 @@ def _to_float(images, labels):
 
 # ---- sources: (uint8 image [H, W, C], int label) datasets in a fixed order -----
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what tf.io.decode_image reads
+# ... by the format Pillow finds in the header (MPO: a camera's multi-picture JPEG), whatever the name says.
+_DECODABLE = {"BMP": "BMP", "GIF": "GIF", "JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG"}
 _FOLDER_ORDER_SEED = 20180512  # the fixed order of an image folder's training files
 
 
@@ -383,20 +386,73 @@ def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size,
     return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True) if resize else ds
 
   label = features[label_key]
+  specs = {"train": ("--train_split", train_split), "test": ("--test_split", test_split)}
+  if val_split:
+    specs["val"] = ("--val_split", val_split)
   return {
       "name": name, "train": split("--train_split", train_split), "test": split("--test_split", test_split),
       "val": split("--val_split", val_split) if val_split else None, "val_name": f"--val_split={val_split}",
+      "rows": {k: (flag, spec, _split_rows(builder, spec)) for k, (flag, spec) in specs.items()},
       "num_classes": label.num_classes, "class_names": tuple(label.names),
       "image_shape": tuple(image_size) + shape[-1:] if image_size else shape,
   }
 
 
+def _split_rows(builder, spec):
+  """[(shard file, first, end)]: the examples a tfds split spec (slices too) reads, in order; None if unknown."""
+  try:
+    instructions = builder.info.splits[spec].file_instructions
+  except Exception:  # pylint: disable=broad-except  (the overlap check is a safeguard, not a requirement)
+    return None
+  rows = []
+  for fi in instructions:
+    take = fi.take if fi.take is not None and fi.take >= 0 else fi.examples_in_shard - fi.skip
+    rows.append((os.path.basename(fi.filename), fi.skip, fi.skip + take))
+  return rows
+
+
+def _first_rows(rows, n):
+  """The first n examples of `rows` (_split_rows)."""
+  out = []
+  for f, a, b in rows:
+    if n <= 0:
+      break
+    out.append((f, a, min(b, a + n)))
+    n -= b - a
+  return out
+
+
+def _shared_rows(a, b):
+  """How many examples two _split_rows lists both read."""
+  return sum(max(0, min(e1, e2) - max(s1, s2)) for f1, s1, e1 in a for f2, s2, e2 in b if f1 == f2)
+
+
+def _check_disjoint(rows, num_train):
+  """Refuses tfds splits whose validation or test examples include training examples used (the
+  first num_train of --train_split): their scores would silently be on training data."""
+  if not rows or any(r[2] is None for r in rows.values()):
+    return
+  used = dict(rows)
+  flag, spec, train_rows = rows["train"]
+  used["train"] = (flag, spec, _first_rows(train_rows, num_train))
+  for y in ("val", "test"):
+    if y in used:
+      n = _shared_rows(used["train"][2], used[y][2])
+      if n:
+        fy, sy, _ = used[y]
+        first = f" (its first {num_train} examples)" if num_train < sum(e - a for _, a, e in train_rows) else ""
+        fix = ("use disjoint slices, e.g. --train_split='train[:90%]' --val_split='train[90%:]'" if y == "val"
+               else "use a --test_split the training examples do not include")
+        raise errors.DataError(f"{flag}={spec}{first} and {fy}={sy} share {n} examples, so {y} would score "
+                               f"training data: {fix}")
+
+
 def _folder_files(directory):
-  """{class name: sorted image paths} of DIR/<class>/*."""
+  """{class name: sorted image paths} of DIR/<class>/*; hidden files (macOS' ._x.jpg) are skipped."""
   classes = sorted(d for d in os.listdir(directory)
                    if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
   return {c: sorted(os.path.join(directory, c, f) for f in os.listdir(os.path.join(directory, c))
-                    if f.lower().endswith(IMAGE_FORMATS)) for c in classes}
+                    if f.lower().endswith(IMAGE_FORMATS) and not f.startswith(".")) for c in classes}
 
 
 def _folder_source(root, image_size):
@@ -413,7 +469,14 @@ def _folder_source(root, image_size):
   for split in ("train", "test"):
     if split not in files or not any(files[split].values()):
       raise errors.DataError(f"--image_folder={root} has no images in {split}/<class>/: {fix}")
+  if "val" in files and not any(files["val"].values()):  # once a traceback (a split of no files)
+    raise errors.DataError(f"--image_folder={root}: val/ has no images in val/<class>/: add them, or remove val/ "
+                           "(--val_examples=N then holds out training images)")
   class_names = tuple(files["train"])
+  empty = [c for c, paths in files["train"].items() if not paths]
+  if empty:
+    raise errors.DataError(f"--image_folder: train/ has class folders without images ({', '.join(empty)}; "
+                           f"images are {', '.join(IMAGE_FORMATS)} files): add training images or remove them")
   for split, per_class in files.items():
     extra = sorted(set(per_class) - set(class_names))
     if extra:
@@ -426,10 +489,14 @@ def _folder_source(root, image_size):
       for path in paths:
         try:
           with Image.open(path) as im:
+            fmt = im.format
             sizes.add((im.height, im.width))
             grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
         except (OSError, ValueError) as e:
           raise errors.DataError(f"{path}: not a readable image ({type(e).__name__}): remove or replace it") from None
+        if fmt not in _DECODABLE:  # tf.io.decode_image would stop the run later, with a traceback
+          raise errors.DataError(f"{path}: a {fmt} image under an image name: convert it to PNG or JPEG, "
+                                 "or remove it")
   if not image_size:
     if len(sizes) > 1:
       raise errors.DataError(

@@ -101,13 +101,24 @@ class Distiller(keras.Model):
     perplexity: also report `perplexity` (exp of the mean cross-entropy) in
       evaluation: a language model's metric (tasks/lm.py sets it). Logits of any
       rank are scored per row of the last axis (per example, or per token) either way.
+    teacher_outputs: what an unnamed teacher output is: "logits" (default) or
+      "probabilities" (e.g. a softmax output), used as log-probabilities, whose
+      softmax at every temperature is the one its logits would give. A dict output
+      (a TFSMLayer on serving_default) is read by name: "logits", else
+      "probabilities" (a ban_tf BANE ensemble), else its only entry.
+
+  Raises:
+    ValueError: teacher_outputs is neither "logits" nor "probabilities".
   """
 
   def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
                label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
                feature_projection=None, clip_norm=0.0, augment=None, perplexity=False, state=None,
-               **kwargs):
+               teacher_outputs="logits", **kwargs):
     super().__init__(**kwargs)
+    if teacher_outputs not in ("logits", "probabilities"):
+      raise ValueError(f"Distiller: teacher_outputs={teacher_outputs!r}: use 'logits' or 'probabilities'")
+    self.teacher_outputs_kind = teacher_outputs
     self.state = state
     self.student = student
     self.teacher = teacher
@@ -262,10 +273,19 @@ class Distiller(keras.Model):
     """(logits, features or None). Inference mode, never differentiated."""
     out = self.teacher(x, training=False)
     feats = None
-    if isinstance(out, dict):  # a TFSMLayer: {"logits", "features"}, or one output of any name
+    kind = self.teacher_outputs_kind
+    if isinstance(out, dict):  # a TFSMLayer: {"logits", "features"}, {"probabilities"}, or one output of any name
       feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
-      out = out["logits"] if "logits" in out or len(out) != 1 else next(iter(out.values()))
-    return tf.stop_gradient(tf.cast(out, tf.float32)), feats
+      if "logits" in out or ("probabilities" not in out and len(out) != 1):
+        out, kind = out["logits"], "logits"
+      elif "probabilities" in out:
+        out, kind = out["probabilities"], "probabilities"
+      else:
+        out = next(iter(out.values()))
+    out = tf.cast(out, tf.float32)
+    if kind == "probabilities":
+      out = _safe_log(out)
+    return tf.stop_gradient(out), feats
 
   def feature_term(self, s_feats, t_feats):
     """Per-replica contribution of the activation-matching term."""

@@ -9,7 +9,8 @@ perplexity for a language model), recomputed from the SavedModels.
 
 Models are loaded with tf.saved_model.load and called through their `serve`
 endpoint (float32 raw pixels [N, H, W, C] or int32 token ids [N, T] -> logits,
-or mean probabilities for BANE ensembles): no Keras model code, Distiller or custom objects are involved,
+or mean probabilities for BANE ensembles; --images reads `serving_default`, whose
+output name says which: `logits` or `probabilities`): no Keras model code, Distiller or custom objects are involved,
 so the numbers printed here check what was exported, not what was in memory.
 """
 
@@ -243,7 +244,8 @@ def input_shape(path, model=None):
   spec = (model or load(path)).signatures["serving_default"].structured_input_signature[1]
   shape = tuple(next(iter(spec.values())).shape[1:])
   if None in shape:
-    raise errors.UsageError(f"{path} has no {export.FINGERPRINT_FILE} and accepts any image size: cannot resize")
+    raise errors.UsageError(f"{path} has no {export.FINGERPRINT_FILE} and accepts any image size, so the size to "
+                            "resize images to is unknown: export it with a fixed input shape (keras.Input((H, W, C)))")
   return shape
 
 
@@ -271,6 +273,9 @@ def class_names(path, num_classes):
 def load_image(path, shape):
   """Raw 0..255 float32 pixels of an image file, converted and resized to (H, W, C)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  if len(shape) != 3:  # a language model's [T] tokens, a flattened [H*W] vector, ...
+    raise errors.UsageError(f"the model takes inputs of shape {tuple(shape)} per example, not images [H, W, C]: "
+                            "--images needs an image model (evaluate a language model with --run_dir)")
   h, w, c = shape
   if c not in (1, 3):
     raise errors.UsageError(f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported")
@@ -285,20 +290,83 @@ def load_image(path, shape):
   return pixels[..., None] if c == 1 else pixels
 
 
-def _as_probabilities(out):
-  """Ensembles already output probabilities; generations output logits."""
-  if np.all(out >= 0) and np.allclose(out.sum(-1), 1.0, atol=1e-4):
-    return out
-  e = np.exp(out - out.max(-1, keepdims=True))
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
 
 
-def classify(saved_model, images, top_k=3):
-  """[(image path, [(class name, probability), ...top_k])] for image files."""
+def _classifier(path, model, outputs="auto"):
+  """(callable float32 pixels [N, H, W, C] -> probabilities [N, K], a note or None).
+
+  Reads `serving_default` and what its output is named: `logits` (generations) or
+  `probabilities` (BANE ensembles), the names ban_tf writes. A SavedModel whose one output
+  has another name (a model.export() elsewhere, or a ban_tf run from before outputs were
+  named, `output_0`) needs `outputs` (--outputs=logits|probabilities); with "auto" its rows
+  are read as probabilities when they are non-negative and sum to 1, else as logits, and
+  the note says so. Raises errors.UsageError for a model that serves no single image batch.
+  """
+  sig = getattr(model, "signatures", {}).get("serving_default")
+  if sig is None:
+    if not hasattr(model, export.SERVE):
+      raise errors.UsageError(f"{path} has neither a serving_default signature nor a `{export.SERVE}` function: "
+                              "export it with model.export(DIR)")
+    fn, name, dtype, keys = (lambda x: {"output_0": getattr(model, export.SERVE)(x)}), None, tf.float32, ["output_0"]
+  else:
+    inputs = dict(sig.structured_input_signature[1])
+    if len(inputs) != 1:
+      raise errors.UsageError(f"{path}: serving_default takes {sorted(inputs)}: it must take one image batch")
+    (name, spec), = inputs.items()
+    fn, dtype, keys = sig, spec.dtype, sorted(sig.structured_outputs)
+  named = [k for k in (export.PROBABILITIES, export.LOGITS) if k in keys]
+  if outputs != "auto" and outputs in keys:
+    key = kind = outputs
+  elif outputs != "auto" and len(keys) == 1 and not named:
+    key, kind = keys[0], outputs
+  elif outputs != "auto":
+    raise errors.UsageError(f"{path}: serving_default returns {keys}, not {outputs}: drop --outputs={outputs} "
+                            "(outputs named logits or probabilities are read by their name)")
+  elif named:
+    key = kind = named[0]
+  elif len(keys) == 1:
+    key, kind = keys[0], None
+  else:
+    raise errors.UsageError(f"{path}: serving_default returns {keys}, none named {export.LOGITS} or "
+                            f"{export.PROBABILITIES}: pass --outputs=logits|probabilities and one output")
+
+  def classify_batch(x):
+    x = tf.cast(tf.constant(x), dtype)
+    out = (fn(**{name: x}) if name else fn(x))[key].numpy().astype(np.float64)
+    if kind == export.PROBABILITIES:
+      return out
+    if kind == export.LOGITS:
+      return _softmax(out)
+    return out if np.all(out >= 0) and np.allclose(out.sum(-1), 1.0, atol=1e-4) else _softmax(out)
+
+  note = None
+  if kind is None:
+    note = (f"note: {path} serves '{key}', named neither {export.LOGITS} nor {export.PROBABILITIES} (an export from "
+            "elsewhere, or a ban_tf run from before outputs were named): read as probabilities where its rows are "
+            "non-negative and sum to 1, else as logits; --outputs=logits|probabilities says which")
+  return classify_batch, note
+
+
+def classify(saved_model, images, top_k=3, outputs="auto"):
+  """[(image path, [(class name, probability), ...top_k])] for image files.
+
+  `saved_model`: a SavedModel directory, or a run's gen_k/ or ensemble_k/ holding one.
+  `outputs`: what serving_default returns where its output is not named logits or
+  probabilities (see _classifier): auto, logits or probabilities.
+  """
+  if not os.path.exists(os.path.join(saved_model, "saved_model.pb")) and \
+      os.path.exists(os.path.join(saved_model, "saved_model", "saved_model.pb")):
+    saved_model = os.path.join(saved_model, "saved_model")
   model = load(saved_model)
   shape = input_shape(saved_model, model)
   batch = np.stack([load_image(p, shape) for p in images])
-  probs = _as_probabilities(getattr(model, export.SERVE)(tf.constant(batch)).numpy())
+  classify_batch, note = _classifier(saved_model, model, outputs)
+  if note:
+    print(note, file=sys.stderr)
+  probs = classify_batch(batch)
   names = class_names(saved_model, probs.shape[-1])
   top = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
   return [(p, [(names[i], float(probs[n, i])) for i in top[n]]) for n, p in enumerate(images)]
@@ -314,7 +382,10 @@ def main(argv, fv):
       raise errors.UsageError("--saved_model needs --images=a.png,b.jpg")
     if fv.top_k < 1:
       raise errors.UsageError(f"--top_k={fv.top_k}: must be >= 1")
-    for path, top in classify(fv.saved_model, fv.images, fv.top_k):
+    outputs = getattr(fv, "outputs", "auto") or "auto"
+    if outputs not in ("auto", export.LOGITS, export.PROBABILITIES):
+      raise errors.UsageError(f"--outputs={outputs}: use auto, logits or probabilities")
+    for path, top in classify(fv.saved_model, fv.images, fv.top_k, outputs):
       print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
     return
   evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
@@ -356,6 +427,8 @@ def define_flags(fv):
   d(flags.DEFINE_string, "saved_model", None, "A SavedModel directory to classify --images with.")
   d(flags.DEFINE_list, "images", [], "Image files (PNG/JPEG) to classify; resized to the model's input.")
   d(flags.DEFINE_integer, "top_k", 3, "How many classes to print per image.")
+  d(flags.DEFINE_string, "outputs", "auto", "What --saved_model serves where its output is named neither logits "
+    "nor probabilities (ban_tf names them): logits or probabilities (auto: rows that sum to 1 are probabilities).")
 
 
 def cli(argv, fv):

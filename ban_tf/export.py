@@ -210,8 +210,9 @@ def export_saved_model(model, path, input_shape=None, class_names=(), output_nam
 
 
 def save_keras(model, path):
-  """Saves `model` as a .keras file (atomically) that plain Keras loads: image models
-  are saved with stock BatchNormalization layers (models.to_stock)."""
+  """Saves `model` as a .keras file (atomically). Pass the task's stock copy
+  (Task.stock_model) so plain Keras loads it without ban_tf; fused BatchNormalization
+  layers are replaced here in any case (models.to_stock)."""
   tmp = _tmp_path(path)
   if not tmp.endswith(".keras"):
     tmp += ".keras"
@@ -238,6 +239,11 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4, loaded=None):
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
     raise errors.TeacherError(f"teacher SavedModel {path} is missing or incomplete: {fix}")
   fp = os.path.join(path, FINGERPRINT_FILE)
+  if not os.path.exists(fp):
+    raise errors.TeacherError(
+        f"teacher SavedModel {path} has no {FINGERPRINT_FILE}: one not exported by ban_tf is read with "
+        f"keras.layers.TFSMLayer(path, call_endpoint='serving_default') or --teacher=PATH; a ban_tf one is "
+        f"damaged: {fix}")
   try:
     data = np.load(fp)
     got = _call_saved_model(path, data["inputs"], loaded)

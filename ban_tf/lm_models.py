@@ -203,7 +203,8 @@ def stateful(model, name=None) -> keras.Model:
   [ids int32 [N, T], state float32 [N, S]] -> [logits float32 [N, T, V], state [N, S]],
   S = state_size(model), laid out as h_0, c_0, h_1, c_1, ... (layer order). Calling
   it on consecutive windows, feeding each call's state to the next, equals calling
-  `model` once on the concatenated windows (tests/lm_test.py). Raises ValueError for a
+  `model` once on the concatenated windows (tests/lm_test.py). `model` may also be
+  the stock copy `to_stock` makes (what model.keras holds). Raises ValueError for a
   model without `lstm0` (not built by build_model).
   """
   lstms = _lstm_layers(model)
@@ -223,10 +224,10 @@ def stateful(model, name=None) -> keras.Model:
     x, h, c = lstm(x, initial_state=[h0, c0])
     out_states += [h, c]
     x = model.get_layer(f"dropout{i}")(x)
-  if _has_layer(model, "embedding"):
-    logits = model.get_layer("embedding")(x, decode=True)
-  else:
+  if _has_layer(model, "logits"):  # cnn-lstm, or a stock copy (to_stock)
     logits = model.get_layer("logits")(x)
+  else:
+    logits = model.get_layer("embedding")(x, decode=True)
   logits = model.get_layer("output")(logits)
   new_state = keras.layers.Concatenate(dtype="float32", name="state_out")(
       [keras.layers.Activation("linear", dtype="float32")(t) for t in out_states])
@@ -235,3 +236,99 @@ def stateful(model, name=None) -> keras.Model:
 
 def _has_layer(model, name):
   return any(layer.name == name for layer in model.layers)
+
+
+def _copy(layer, **overrides):
+  """A fresh, unbuilt layer of `layer`'s class and configuration (weights set by the caller)."""
+  return layer.__class__.from_config(dict(layer.get_config(), **overrides))
+
+
+def _stock_char_encoder(encoder: CharWordEncoder) -> keras.Model:
+  """CharWordEncoder as a nested functional model of stock layers, equal outputs.
+
+  The spelling table [V, W] (fixed) and the character embedding [num_chars, C]
+  (trained) are folded into one word-level Embedding [V, W * C]: row v holds the
+  character vectors of word v's spelling, padding included. Each Conv1D of width w
+  becomes a Conv2D with kernel (1, w) over [N, T, W, C] (the same sum per word),
+  max-pooling over the W - w + 1 positions; highway layers compute
+  t * h(x) + x - t * x (= t * h(x) + (1 - t) * x).
+  """
+  policy = encoder.dtype_policy
+  width, dim = encoder.word_len, encoder.char_dim
+  chars = np.asarray(encoder.spellings.numpy())
+  table = np.asarray(encoder.char_embedding.get_weights()[0])[chars].reshape(encoder.vocab_size, width * dim)
+  ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
+  lookup = keras.layers.Embedding(encoder.vocab_size, width * dim, dtype=policy, name="spelled_characters")
+  x = keras.layers.Reshape((-1, width, dim), dtype=policy, name="characters")(lookup(ids))  # [N, T, W, C]
+  lookup.set_weights([table])
+  pooled = []
+  for conv in encoder.convs:
+    w, f = conv.kernel_size[0], conv.filters
+    conv2d = keras.layers.Conv2D(f, (1, w), activation=conv.activation, dtype=policy, name=conv.name)
+    y = conv2d(x)  # [N, T, W - w + 1, f]
+    kernel, bias = conv.get_weights()
+    conv2d.set_weights([kernel[None], bias])
+    y = keras.layers.MaxPooling2D((1, width - w + 1), dtype=policy, name=f"{conv.name}_max")(y)
+    pooled.append(keras.layers.Reshape((-1, f), dtype=policy, name=f"{conv.name}_words")(y))
+  x = keras.layers.Concatenate(dtype=policy, name="char_features")(pooled)
+  for i, (h, t) in enumerate(encoder.highway):
+    h2, t2 = _copy(h), _copy(t)
+    gate, carry = t2(x), h2(x)
+    h2.set_weights(h.get_weights())
+    t2.set_weights(t.get_weights())
+    moved = keras.layers.Multiply(dtype=policy, name=f"highway{i}_moved")([gate, carry])
+    kept = keras.layers.Subtract(dtype=policy, name=f"highway{i}_kept")(
+        [x, keras.layers.Multiply(dtype=policy, name=f"highway{i}_gated")([gate, x])])
+    x = keras.layers.Add(dtype=policy, name=f"highway{i}")([moved, kept])
+  return keras.Model(ids, x, name=encoder.name)
+
+
+def to_stock(model: keras.Model) -> keras.Model:
+  """The LM `model` with stock Keras layers only: what its `model.keras` file holds.
+
+  Loads in plain Keras (no ban_tf import) and gives the same logits [N, T, V] for
+  int32 ids [N, T] (tests/lm_test.py, to float32 rounding). For inference and as a
+  teacher; ban_tf trains with the custom layers:
+  * lstm: the tied TiedEmbedding becomes an Embedding "embedding" (E [V, D]) and a
+    Dense "logits" with kernel E^T [D, V] and bias b (two copies of E: the file no
+    longer ties them, so fine-tuning it in plain Keras unties them);
+  * cnn-lstm: the CharWordEncoder becomes a nested functional model "char_cnn"
+    (_stock_char_encoder).
+  Names of the other layers are kept, so `stateful` works on the copy too. A model
+  without those custom layers is returned as is.
+
+  Args:
+    model: a built language model of `build_model`.
+
+  Returns:
+    A new functional keras.Model (new weights, equal values), or `model`.
+  """
+  custom = (TiedEmbedding, CharWordEncoder)
+  if not any(isinstance(layer, custom) for layer in model.layers):
+    return model
+  ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
+  tied = model.get_layer("embedding") if _has_layer(model, "embedding") else None
+  if tied is not None:
+    embedding = keras.layers.Embedding(tied.vocab_size, tied.dim, dtype=tied.dtype_policy, name="embedding")
+    x = embedding(ids)
+    embedding.set_weights([tied.get_weights()[0]])
+  else:
+    x = _stock_char_encoder(model.get_layer("char_cnn"))(ids)
+  x = _copy(model.get_layer("dropout_in"))(x)
+  for i, lstm in enumerate(_lstm_layers(model)):
+    copy = _copy(lstm)
+    x = copy(x)[0]
+    copy.set_weights(lstm.get_weights())
+    x = _copy(model.get_layer(f"dropout{i}"))(x)
+  if tied is not None:
+    decode = keras.layers.Dense(tied.vocab_size, dtype=tied.dtype_policy, name="logits")
+    x = decode(x)
+    table, bias = tied.get_weights()
+    decode.set_weights([table.T, bias])
+  else:
+    dense = model.get_layer("logits")
+    decode = _copy(dense)
+    x = decode(x)
+    decode.set_weights(dense.get_weights())
+  x = _copy(model.get_layer("output"))(x)
+  return keras.Model(ids, x, name=model.name)

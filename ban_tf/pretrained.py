@@ -5,11 +5,13 @@
 * a ban_tf generation directory (`RUN/gen_k/`, or its `saved_model/`): its SavedModel
   is re-verified against its own fingerprint and copied as it is (every endpoint,
   so `--feature_weight` works), with `model.keras` (so `--share_stem_head` works);
-* any other SavedModel directory: its `serving_default` signature must take one
-  image batch (float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to the
-  signature's dtype) and return one tensor of logits, or probabilities with
-  `--teacher_outputs=probabilities` (a dict of several outputs is read at the key
-  `logits` / `probabilities`);
+* any other SavedModel directory (a ban_tf BANE ensemble's too, with
+  `--teacher_outputs=probabilities`): its `serving_default` signature, called by its
+  input name, must take one image batch (float32 raw pixels [N, H, W, C] in [0, 255]
+  are fed, cast to the signature's dtype) and return one tensor of logits, or
+  probabilities with `--teacher_outputs=probabilities` (a dict of several outputs is
+  read at the key `logits` / `probabilities`); outputs that are non-negative and sum
+  to 1 without that flag are refused (probabilities read as logits);
 * a `.keras` file (a model from those raw pixels to logits, or probabilities).
 
 Probabilities are used as log-probabilities: softmax(log p / T) is proportional to
@@ -131,6 +133,10 @@ def _signature_io(loaded, path, outputs):
   if args or len(inputs) != 1:
     raise _fail(path, f"serving_default takes {sorted(inputs)}: it must take one image batch")
   name, spec = next(iter(inputs.items()))
+  if not (spec.dtype.is_floating or spec.dtype.is_integer):
+    raise _fail(path, f"serving_default takes {spec.dtype.name} input '{name}': it must take a numeric image batch "
+                "(float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to its dtype), e.g. "
+                "model.export(PATH) of a model on pixels")
   outs = fn.structured_outputs
   if not isinstance(outs, dict):
     outs = {"output_0": outs}
@@ -166,6 +172,11 @@ def _check_outputs(path, out, spec, outputs):
                 f"{spec.output_unit}: use a teacher trained on {spec.name}'s {spec.output_unit}")
   if not np.all(np.isfinite(out)):
     raise _fail(path, "outputs NaN or Inf on a pixel batch in [0, 255]")
+  if outputs == "logits" and out.shape[-1] > 1 and np.all(out >= 0) and np.allclose(out.sum(-1), 1.0, atol=1e-4):
+    # Logits that happen to be non-negative and sum to 1 on every example are implausible;
+    # softmax outputs read as logits would give students near-uniform targets, silently.
+    raise _fail(path, "outputs are non-negative and sum to 1 per example (probabilities, e.g. a softmax "
+                "output), read as logits: pass --teacher_outputs=probabilities")
   if outputs == "probabilities":
     p = np.exp(out)  # the adapter's log-probabilities
     if not np.allclose(p.sum(axis=-1), 1.0, atol=1e-3):
@@ -186,8 +197,11 @@ def _adapter(path, kind, src, spec, outputs):
     try:
       model = keras.saving.load_model(src, compile=False)
     except Exception as e:  # pylint: disable=broad-except
-      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160]})") from None
+      msg = (str(e).splitlines() or [""])[0]
+      msg = msg if len(msg) <= 160 else msg[:160] + "..."
+      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: {msg}): if it has "
+                  "custom layers or functions, export it as a SavedModel where they are defined (model.export(DIR)) "
+                  "and pass --teacher=DIR") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
       raise _fail(path, f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs: it must map one image "
                   "batch to one tensor")
@@ -198,12 +212,23 @@ def _adapter(path, kind, src, spec, outputs):
     facts = {"arch": f"{os.path.basename(src)} ({model.name})", "params": int(model.count_params())}
     return keras.Model(inputs, out, name="teacher"), (model if outputs == "logits" else None), facts
 
-  loaded = tf.saved_model.load(src)
+  try:
+    loaded = tf.saved_model.load(src)
+  except Exception as e:  # pylint: disable=broad-except  (truncated proto, missing or scrambled variables)
+    raise _fail(path, f"cannot be loaded by tf.saved_model.load ({type(e).__name__}): it is damaged or "
+                "incomplete (saved_model.pb and variables/ are both needed); export it again") from None
   name, sig_spec, key = _signature_io(loaded, path, outputs)
   _check_input(path, tuple(sig_spec.shape), spec)
 
   class _Signature(keras.layers.TFSMLayer):
     """serving_default, fed the data set's inputs cast to its dtype, returning output `key` as logits."""
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      # The signature itself, called by its input name. TFSMLayer prefers an attribute of
+      # the same name, whose Python argument name may differ (Keras' ExportArchive: `x`
+      # for a signature input named `pixels`, as in every ban_tf SavedModel).
+      self.call_endpoint_fn = self._reloaded_obj.signatures["serving_default"]
 
     def call(self, x, training=False):  # pylint: disable=unused-argument
       y = self.call_endpoint_fn(**{name: tf.cast(x, sig_spec.dtype)})[key]
@@ -216,8 +241,19 @@ def _adapter(path, kind, src, spec, outputs):
   layer = _Signature(src, call_endpoint="serving_default", trainable=False, name="teacher_signature",
                      dtype="float32")
   facts = {"arch": os.path.basename(os.path.normpath(src if kind != GENERATION else os.path.dirname(src))),
-           "params": int(sum(int(tf.size(v)) for v in getattr(loaded, "variables", [])))}
+           "params": _param_count(loaded.signatures["serving_default"])}
   return keras.Model(inputs, layer(inputs), name="teacher"), None, facts
+
+
+def _param_count(fn):
+  """Trainable parameters a SavedModel signature reads (all its variables if none is trainable).
+
+  The signature's own variables: a tf.Module saved with tf.saved_model.save has no
+  `variables` attribute, and a Keras export's also lists BatchNorm moving statistics.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  variables = fn.trainable_variables or fn.variables
+  return int(sum(int(tf.size(v)) for v in variables))
 
 
 def _copy_tree(src, dst):
@@ -242,8 +278,13 @@ def _check_generation(cfg, src, spec):
   """A ban_tf generation's SavedModel: its own fingerprint, input and outputs; its metrics' facts."""
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  out = export.verify_saved_model(src)
-  loaded = tf.saved_model.load(src)
+  try:
+    out = export.verify_saved_model(src)
+    loaded = tf.saved_model.load(src)
+  except errors.TeacherError as e:  # its advice (retrain that generation) is for the run that made it
+    reason = str(e).split(":")[0].replace(f"teacher SavedModel {src} ", "")
+    raise _fail(cfg.teacher, f"the ban_tf SavedModel {src} {reason}: it is damaged; restore it from its "
+                "run, or pass another teacher") from None
   sig = loaded.signatures.get("serving_default")
   if sig is not None:
     (_, sig_spec), = dict(sig.structured_input_signature[1]).items()
@@ -252,6 +293,16 @@ def _check_generation(cfg, src, spec):
       raise _fail(cfg.teacher, "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
                   "--teacher_outputs=probabilities")
   _check_outputs(cfg.teacher, out, spec, "logits")
+  if cfg.feature_weight and not hasattr(loaded, export.BOTH):
+    raise _fail(cfg.teacher, f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
+                "by an older ban_tf), which --feature_weight reads: drop --feature_weight")
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  if tasks.get(cfg.task).carries_state(cfg) and not hasattr(loaded, export.STATEFUL):
+    raise _fail(cfg.teacher, f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
+                "--lm_state=carry needs: add --lm_state=reset")
+  if cfg.share_stem_head and not os.path.exists(os.path.join(os.path.dirname(src), "model.keras")):
+    raise _fail(cfg.teacher, "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
+                "from: drop --share_stem_head")
   metrics = os.path.join(os.path.dirname(src), "metrics.json")
   if not os.path.exists(metrics):
     return {}
@@ -293,15 +344,36 @@ def check_teacher(cfg, spec):
   """
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   kind, src = check_path(cfg.teacher)
-  is_ban_tf = kind == GENERATION or (os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
-                                     and os.path.basename(os.path.normpath(src)) == "saved_model")
+  # A ban_tf SavedModel has its fingerprint (or, damaged, still its generation's metrics.json);
+  # a plain SavedModel that merely sits in a saved_model/ folder is read like any other.
+  fingerprinted = os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
+  is_ban_tf = (fingerprinted and os.path.basename(os.path.normpath(src)) == "saved_model") or (
+      kind == GENERATION and os.path.exists(os.path.join(os.path.dirname(src), "metrics.json")))
   if is_ban_tf and cfg.teacher_outputs == "logits":
     facts = _check_generation(cfg, src, spec)
     _check_teacher_arch(cfg, facts)
     return Checked(GENERATION, src, facts)
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  if tasks.get(cfg.task).carries_state(cfg):  # a model from elsewhere has no serve_stateful endpoint
+    raise _fail(cfg.teacher, f"--lm_state=carry feeds the teacher its own recurrent state, through the "
+                f"'{export.STATEFUL}' endpoint only a ban_tf generation serves: add --lm_state=reset (every window "
+                "starts from zeros), or use a ban_tf generation")
+  if cfg.feature_weight:  # before loading: what only a ban_tf generation serves
+    raise _fail(cfg.teacher, f"--feature_weight matches the teacher's pooled features, which only a ban_tf "
+                f"generation's SavedModel serves ('{export.BOTH}'): use one (RUN/gen_k), or drop --feature_weight")
   model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
+  if cfg.share_stem_head:
+    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    names = {layer.name for layer in keras_model.layers} if keras_model is not None else set()
+    if not set(models.SHARED_LAYERS) <= names:
+      what = ("a .keras model whose layers are named " + ", ".join(repr(n) for n in models.SHARED_LAYERS)
+              if keras_model is not None else "a logits .keras model with those layers (or a ban_tf generation)")
+      raise _fail(cfg.teacher, f"--share_stem_head copies the teacher's layers {', '.join(models.SHARED_LAYERS)}, "
+                  f"which this teacher does not have: pass {what}, or drop --share_stem_head")
   _check_outputs(cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs)
-  return Checked(kind, src, facts, model, keras_model)
+  # A ban_tf SavedModel read as probabilities (a BANE ensemble) is imported through the
+  # adapter (log-probabilities), never copied as it is: its outputs are not logits.
+  return Checked(SAVED_MODEL if kind == GENERATION else kind, src, facts, model, keras_model)
 
 
 def import_teacher(cfg, strategy, dataset, out_dir):
@@ -336,10 +408,12 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   sm_out = os.path.join(out_dir, "saved_model")
   if kind == GENERATION:
     _copy_generation(src, out_dir)
+    if spec.class_names:  # this data set's names (the teacher's run may have had others for its outputs)
+      export.write_text("".join(f"{n}\n" for n in spec.class_names), os.path.join(sm_out, export.LABELS_FILE))
   else:
     export.export_saved_model(checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
     if checked.keras_model is not None:
-      export.save_keras(checked.keras_model, os.path.join(out_dir, "model.keras"))
+      export.save_keras(task.stock_model(checked.keras_model), os.path.join(out_dir, "model.keras"))
       facts["weights_sha256"] = train.weights_digest(checked.keras_model)
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from ban_tf import distiller
+from ban_tf import errors
 from ban_tf import export
 from tests.conftest import REPO
 from tests.conftest import strategy_for
@@ -115,6 +116,33 @@ def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
     layer = keras.layers.TFSMLayer(str(tmp_path / name), call_endpoint="serving_default")
     model = distiller.Distiller(_net(6), layer)
     np.testing.assert_allclose(model.teacher_logits(tf.constant(x)).numpy(), want, atol=1e-5)
+
+
+def test_load_teacher_of_a_foreign_saved_model_says_what_reads_it(tmp_path):
+  """export.load_teacher checks a ban_tf fingerprint; a plain Keras export has none (once: a
+  FileNotFoundError advising to retrain a generation)."""
+  _net(5).export(str(tmp_path / "plain"), verbose=False)
+  with pytest.raises(errors.TeacherError, match=r"has no fingerprint.npz: one not exported by ban_tf is read with "
+                                                r"keras.layers.TFSMLayer\(path, call_endpoint='serving_default'\)"):
+    export.load_teacher(str(tmp_path / "plain"))
+
+
+def test_probability_teachers_teach_their_log_probabilities(tmp_path):
+  """A BANE-style SavedModel ({"probabilities"}) through TFSMLayer, and a softmax keras.Model with
+  teacher_outputs="probabilities": the targets are log p (softmax(log p / T) = p^(1/T), renormalised),
+  never p read as logits (which once happened silently)."""
+  x, _ = _data(4)
+  net = _net(5)
+  probs = keras.Model(net.inputs, keras.layers.Softmax()(net.outputs[0]))
+  p = probs(x).numpy()
+  export.export_saved_model(probs, str(tmp_path / "ensemble"), (6, 6, 2), output_name=export.PROBABILITIES)
+  layer = keras.layers.TFSMLayer(str(tmp_path / "ensemble"), call_endpoint="serving_default")
+  for model in (distiller.Distiller(_net(6), layer),
+                distiller.Distiller(_net(6), probs, teacher_outputs="probabilities")):
+    t = model.teacher_logits(tf.constant(x)).numpy()
+    np.testing.assert_allclose(t, np.log(p), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="teacher_outputs='softmax'"):
+    distiller.Distiller(_net(6), probs, teacher_outputs="softmax")
 
 
 def test_compiled_metrics_and_one_hot_labels_on_two_replicas():

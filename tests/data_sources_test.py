@@ -108,6 +108,9 @@ def test_image_folder_varying_sizes_grey_and_jpeg(tmp_path):
     ("no_test", "no images in test/<class>/"),
     ("extra_class", "classes ['fox'] that train/ does not"),
     ("broken", "not a readable image"),
+    ("empty_class", "train/ has class folders without images (fox;"),
+    ("tiff", "bad.png: a TIFF image under an image name: convert it to PNG or JPEG"),
+    ("empty_val", "val/ has no images in val/<class>/: add them, or remove val/"),
 ])
 def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   root = str(tmp_path / "d")
@@ -118,6 +121,14 @@ def test_image_folder_errors_are_one_line(tmp_path, layout, message):
     Image.new("RGB", (12, 10)).save(os.path.join(root, "test", "fox", "a.png"))
   if layout == "broken":
     open(os.path.join(root, "train", "cat", "bad.png"), "w").write("not a png")
+  if layout == "empty_class":  # once a silent fourth class that no training image has
+    os.makedirs(os.path.join(root, "train", "fox"))
+    open(os.path.join(root, "train", "fox", "notes.txt"), "w").write("not an image")
+    open(os.path.join(root, "train", "fox", "._a.png"), "w").write("macOS metadata: hidden, skipped")
+  if layout == "empty_val":
+    os.makedirs(os.path.join(root, "val", "cat"))
+  if layout == "tiff":  # Pillow reads it; tf.io.decode_image stopped the run with a traceback
+    Image.new("RGB", (12, 10)).save(os.path.join(root, "train", "cat", "bad.png"), "TIFF")
   with pytest.raises(errors.DataError) as e:
     data.Dataset(None, image_folder=root)
   assert message in str(e.value) and "\n" not in str(e.value)
@@ -135,6 +146,26 @@ def test_tfds_split_slices_and_named_validation():
   np.testing.assert_array_equal(x, _all(full.val(64))[0])  # the slice is the held-out tail
   with pytest.raises(errors.UsageError, match="both given"):
     data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:10]", val_split="test[:5]", val_examples=2)
+
+
+@_HAS_TFDS
+def test_tfds_splits_that_share_training_examples_are_refused():
+  """Validation or test examples that training reads: once silently scored as held-out data."""
+  for kw, message in (
+      (dict(train_split="train", val_split="train[90%:]"),
+       "--train_split=train and --val_split=train[90%:] share 6000 examples, so val would score training data: "
+       "use disjoint slices"),
+      (dict(train_split="train[:300]", test_split="train[200:400]"),
+       "--train_split=train[:300] and --test_split=train[200:400] share 100 examples, so test would score"),
+      (dict(train_split="train[:300]", train_examples=250, val_split="train[240:260]"),
+       "--train_split=train[:300] (its first 250 examples) and --val_split=train[240:260] share 10 examples")):
+    with pytest.raises(errors.DataError) as e:
+      data.Dataset("fashion_mnist", SHARED_TFDS, **dict(dict(test_split="test[:10]"), **kw))
+    assert message in str(e.value) and "\n" not in str(e.value)
+  # Only the examples trained on count: the first --train_examples, not the held-out tail.
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:300]", train_examples=200,
+                    val_split="train[200:300]", test_split="test[:10]")
+  assert (ds.info.num_train, ds.info.num_val) == (200, 100)
 
 
 @_HAS_TFDS
@@ -163,14 +194,16 @@ def test_tfds_set_without_image_features_names_them():
 
 
 @pytest.mark.slow
-def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path):
-  """--image_folder through the binary's run(): trains, exports, re-evaluates from config.json."""
+def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path, monkeypatch):
+  """--image_folder through the binary's run(): trains, exports, re-evaluates from config.json,
+  from another working directory too (a relative --image_folder is stored absolute)."""
   root = str(tmp_path / "pets")
   write_folder(root, counts=(("train", 8), ("val", 2), ("test", 3)))
   fv = flags.FlagValues()
   main.define_flags(fv)
   run_dir = str(tmp_path / "run")
-  fv(["ban_tf.main", f"--image_folder={root}", "--image_size=8,8", "--arch=tiny", "--gens=1",
+  monkeypatch.chdir(tmp_path)
+  fv(["ban_tf.main", "--image_folder=pets", "--image_size=8,8", "--arch=tiny", "--gens=1",
       "--epochs=1", "--batch_size=8", f"--run_dir={run_dir}", "--verbose=0"])
   cfg = main.config_from_flags(fv)
   assert cfg.image_size == (8, 8) and cfg.default_run_dir().startswith(os.path.join("runs", "pets-"))
@@ -181,6 +214,9 @@ def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path):
   assert labels == list(CLASSES)
   sig = tf.saved_model.load(os.path.join(run_dir, "gen_1", "saved_model")).signatures["serving_default"]
   assert sig.structured_input_signature[1]["pixels"].shape.as_list() == [None, 8, 8, 3]
+  assert json.load(open(os.path.join(run_dir, "config.json")))["image_folder"] == root
+  assert cfg.experiment_diff(dict(json.load(open(os.path.join(run_dir, "config.json"))), image_folder="pets")) == []
+  monkeypatch.chdir("/")  # once: "--image_folder=pets does not exist"
   again = evaluate.evaluate_run(run_dir, "val")
   stored = json.load(open(os.path.join(run_dir, "results.json")))
   for got, want in zip(again["generations"], stored["generations"]):
@@ -197,6 +233,8 @@ def test_bad_data_flags_are_one_line_usage_errors():
                         (["--image_size=a,b"], "two integers"),
                         (["--val_split=validation", "--val_examples=5"], "drop one"),
                         (["--image_folder=x", "--val_split=v"], "--image_folder reads DIR/train"),
+                        (["--image_folder=x", "--dataset=mnist"], "--image_folder=.*x and --dataset=mnist both name "
+                         "the data: drop one"),  # once silently ignored, config.json saying mnist
                         (["--task=lm", "--image_size=8,8"], "image-only")):
     fv.unparse_flags()
     fv(["ban_tf.main", *argv])

@@ -85,53 +85,85 @@ def test_saved_model_of_an_older_ban_tf_still_verifies_and_teaches(tmp_path):
 
 
 _PLAIN_KERAS = """
-import importlib.abc, json, sys
+import importlib.abc, json, os, sys
 class NoBanTf(importlib.abc.MetaPathFinder):  # ban_tf must not be needed, even if installed
   def find_spec(self, name, path=None, target=None):
     if name.split(".")[0] == "ban_tf":
       raise ImportError("ban_tf is blocked in this process")
 sys.meta_path.insert(0, NoBanTf())
 import keras, numpy as np, tensorflow as tf
-model = keras.saving.load_model(sys.argv[1])
-x = np.load(sys.argv[3])
-serving = tf.saved_model.load(sys.argv[2]).signatures["serving_default"]
-print(json.dumps({
-    "keras": model.predict(x, verbose=0).tolist(),
-    "saved_model": serving(pixels=tf.constant(x))["logits"].numpy().tolist(),
-    "layers": sorted({type(l).__name__ for l in model.layers}),
-    "ban_tf_imported": any(m.split(".")[0] == "ban_tf" for m in sys.modules)}))
+def kinds(layers):
+  return {type(l).__module__ + "." + type(l).__name__ for l in layers} | set().union(
+      *[kinds(l.layers) for l in layers if hasattr(l, "layers")])
+out = {}
+for case in sys.argv[1:]:
+  model = keras.saving.load_model(os.path.join(case, "model.keras"))
+  x = np.load(os.path.join(case, "x.npy"))
+  serving = tf.saved_model.load(os.path.join(case, "saved_model")).signatures["serving_default"]
+  (name,) = serving.structured_input_signature[1]
+  out[case] = {"keras": model.predict(x, verbose=0).tolist(), "input": name,
+               "saved_model": serving(**{name: tf.constant(x)})["logits"].numpy().tolist(),
+               "layers": sorted(kinds(model.layers))}
+out["ban_tf_imported"] = any(m.split(".")[0] == "ban_tf" for m in sys.modules)
+print(json.dumps(out))
 """
+
+
+def _perturbed(model, rng, low, high):
+  model.set_weights([w + rng.uniform(low, high, w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
+                     for w in model.get_weights()])
+  return model
 
 
 @pytest.mark.slow
 def test_model_keras_loads_in_plain_keras_without_ban_tf(tmp_path):
-  """model.keras: stock layers, loadable in a fresh Python that never imports ban_tf,
-  and equal to the SavedModel's outputs (with non-trivial BatchNorm statistics)."""
+  """Every model.keras (image with BatchNorm, LSTM with its tied softmax, CNN-LSTM):
+  stock layers, loadable in a fresh Python that never imports ban_tf, and equal to
+  the SavedModel's outputs. Saved as train.py saves them (Task.stock_model)."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  from ban_tf.tasks import base  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(3)
-  model = models.build_model("preact-resnet-8", 5, SHAPE, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0))
   rng = np.random.RandomState(8)
-  model.set_weights([w + rng.uniform(0.1, 0.5, w.shape).astype(w.dtype) for w in model.get_weights()])
-  assert models.has_fused_layers(model)
-  export.export_saved_model(model, str(tmp_path / "saved_model"), SHAPE)
-  export.save_keras(model, str(tmp_path / "model.keras"))
-  assert models.has_fused_layers(model)  # the model being trained keeps the fused kernel
-  x = rng.uniform(0, 255, (4,) + SHAPE).astype(np.float32)
-  np.save(tmp_path / "x.npy", x)
+  vocab = ("<unk>", "<eos>") + tuple(f"w{i}{'y' * (i % 4)}" for i in range(15))
+  cases = {}
+  image = _perturbed(models.build_model("preact-resnet-8", 5, SHAPE, mean=(120.0, 110.0, 100.0),
+                                        std=(60.0, 50.0, 40.0)), rng, 0.1, 0.5)  # non-trivial BN statistics
+  cases["image"] = (tasks.get("image"), image, rng.uniform(0, 255, (4,) + SHAPE).astype(np.float32), None)
+  spec = base.DataSpec(name="words", input_shape=(6,), input_dtype="int32", input_high=len(vocab),
+                       input_name="tokens", serving_shape=(None,), num_outputs=len(vocab),
+                       output_shape=(None, len(vocab)))
+  for arch in ("lstm-2-8", "cnn-lstm-small"):
+    lm = _perturbed(lm_models.build_model(arch, vocab), rng, -0.3, 0.3)
+    cases[arch] = (tasks.get("lm"), lm, rng.randint(0, len(vocab), (3, 7)).astype(np.int32), spec)
+  for case, (task, model, x, data_spec) in cases.items():
+    out = tmp_path / case
+    out.mkdir()
+    export.export_saved_model(model, str(out / "saved_model"), SHAPE if data_spec is None else None,
+                              spec=data_spec, stateful=task.stateful_model(model))
+    export.save_keras(task.stock_model(model), str(out / "model.keras"))
+    np.save(out / "x.npy", x)
+  assert models.has_fused_layers(image)  # the model being trained keeps the fused kernel
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   proc = subprocess.run(
-      [sys.executable, "-c", _PLAIN_KERAS, "model.keras", "saved_model", "x.npy"], cwd=tmp_path,
+      [sys.executable, "-c", _PLAIN_KERAS] + list(cases), cwd=tmp_path,
       env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not got["ban_tf_imported"]
-  assert "BatchNormalization" in got["layers"] and "FusedBatchNormalization" not in got["layers"]
-  want = model(x, training=False).numpy()
-  np.testing.assert_allclose(got["keras"], want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(got["saved_model"], want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(got["keras"], got["saved_model"], rtol=1e-4, atol=1e-4)
+  for case, (_, model, x, data_spec) in cases.items():
+    g = got[case]
+    assert all(k.startswith("keras.") for k in g["layers"]), (case, g["layers"])
+    assert g["input"] == ("pixels" if data_spec is None else "tokens")
+    want = model(x, training=False).numpy()
+    assert want.std() > 0.05, case  # outputs that differ between inputs
+    np.testing.assert_allclose(g["keras"], want, rtol=1e-4, atol=1e-4, err_msg=case)
+    np.testing.assert_allclose(g["saved_model"], want, rtol=1e-4, atol=1e-4, err_msg=case)
+  assert "keras.src.layers.normalization.batch_normalization.BatchNormalization" in got["image"]["layers"]
+  assert any(k.endswith(".Embedding") for k in got["lstm-2-8"]["layers"])
 
 
 def test_keras_file_round_trip(tmp_path):
@@ -236,3 +268,55 @@ def test_ensemble_is_mean_of_member_probabilities(tmp_path):
 def test_ensemble_members():
   assert generations.ensemble_members(3) == [1, 2, 3]
   assert generations.ensemble_members(2, include_teacher=True) == [0, 1, 2]
+
+
+def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
+  """evaluate --images: `logits` are softmaxed and `probabilities` taken as they are, by name, not
+  by guessing from the values; a signature-only SavedModel works; an unnamed output says so."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from ban_tf import evaluate  # pylint: disable=g-import-not-at-top
+  pixels = np.random.RandomState(1).randint(0, 256, SHAPE).astype(np.uint8)
+  png = str(tmp_path / "a.png")
+  Image.fromarray(pixels).save(png)
+  x = pixels[None].astype(np.float32)
+  model = tiny(0, "m")
+  softmax = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
+
+  def probs(path, outputs="auto"):
+    (name, top), = evaluate.classify(path, [png], top_k=5, outputs=outputs)
+    assert name == png
+    return np.array([p for _, p in sorted(top, key=lambda t: int(t[0].split("_")[1]))])
+
+  def softmax_of(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True))[0]
+
+  p = softmax(x).numpy()
+  export.export_saved_model(model, str(tmp_path / "gen"), SHAPE)
+  np.testing.assert_allclose(probs(str(tmp_path / "gen")), softmax_of(model(x).numpy()), rtol=1e-5)
+  export.export_saved_model(softmax, str(tmp_path / "ens"), SHAPE, output_name=export.PROBABILITIES)
+  np.testing.assert_allclose(probs(str(tmp_path / "ens")), p[0], rtol=1e-5)
+  # Named logits are logits even where they look like probabilities (the old guess took them as such).
+  export.export_saved_model(softmax, str(tmp_path / "odd"), SHAPE, output_name=export.LOGITS)
+  np.testing.assert_allclose(probs(str(tmp_path / "odd")), softmax_of(p), rtol=1e-5)
+  # Only a signature (no `serve` function), uint8 pixels, two named outputs: once an AttributeError.
+  module = tf.Module()
+  module.m = model
+  module.f = tf.function(lambda image: {"logits": model(tf.cast(image, tf.float32)), "embedding": tf.zeros([1, 2])},
+                         input_signature=[tf.TensorSpec((None,) + SHAPE, tf.uint8, name="image")])
+  tf.saved_model.save(module, str(tmp_path / "module"), signatures={"serving_default": module.f})
+  np.testing.assert_allclose(probs(str(tmp_path / "module")), softmax_of(model(x).numpy()), rtol=1e-5)
+  # An unnamed output (keras model.export: output_0): read as before, with a note; --outputs says which.
+  inputs = keras.Input(SHAPE)
+  keras.Model(inputs, softmax(inputs)).export(str(tmp_path / "plain"), verbose=False)  # H, W fixed
+  capsys.readouterr()
+  np.testing.assert_allclose(probs(str(tmp_path / "plain")), p[0], rtol=1e-5)
+  assert "serves 'output_0', named neither logits nor probabilities" in capsys.readouterr().err
+  np.testing.assert_allclose(probs(str(tmp_path / "plain"), "logits"), softmax_of(p), rtol=1e-5)
+  assert not capsys.readouterr().err
+  with pytest.raises(errors.UsageError, match=r"returns \['logits'\], not probabilities: drop --outputs"):
+    probs(str(tmp_path / "gen"), "probabilities")
+  flat = keras.Input((7,))  # not an image model (a language model's [T] tokens alike): once a ValueError
+  keras.Model(flat, keras.layers.Dense(5)(flat)).export(str(tmp_path / "flat"), verbose=False)
+  with pytest.raises(errors.UsageError, match=r"inputs of shape \(7,\) per example, not images"):
+    probs(str(tmp_path / "flat"))

@@ -80,6 +80,7 @@ def test_two_generations_and_ensemble(tmp_path):
     assert lm.read_vocab(gdir) == vocab
     metrics = export.read_json(os.path.join(gdir, "metrics.json"))
     model = keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False)
+    assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {"keras"}  # Task.stock_model
     members.append(model)
     for split, key in (("val", "val_perplexity"), ("test", "test_perplexity")):
       want = _numpy_perplexity([model], data.ids[split], 4, 6)

@@ -148,6 +148,36 @@ def test_cnn_lstm_small_matches_kim():
     lm_models.parse_arch("lstm-2")
 
 
+@pytest.mark.parametrize("arch", ["lstm-2-8", "cnn-lstm-small"])
+def test_stock_copy_equals_the_model_and_carries_state(arch):
+  """lm_models.to_stock (what model.keras holds): stock Keras layers only, the same
+  logits [N, T, V], and `stateful` on the copy carries the state as on the model."""
+  vocab = ("<unk>", "<eos>") + tuple(f"w{i}{'x' * (i % 5)}" for i in range(20))
+  keras.utils.set_random_seed(4)
+  model = lm_models.build_model(arch, vocab)
+  rng = np.random.RandomState(5)  # +-0.5 weights: the stock +-0.05 init makes every logit ~0
+  model.set_weights([w + rng.uniform(-0.5, 0.5, w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
+                     for w in model.get_weights()])
+  stock = lm_models.to_stock(model)
+  kinds = {type(layer) for layer in stock.layers}
+  kinds |= {type(layer) for layer in stock.get_layer(stock.layers[1].name).layers} if arch.startswith("cnn") else set()
+  assert all(k.__module__.startswith("keras.") for k in kinds), kinds
+  x = keras.ops.convert_to_tensor(rng.randint(0, len(vocab), (3, 9)).astype(np.int32))
+  want = model(x).numpy()
+  assert want.std() > 0.1  # not a trivially flat model
+  np.testing.assert_allclose(stock(x).numpy(), want, rtol=1e-5, atol=1e-5)
+  s_model, s_stock = lm_models.stateful(model), lm_models.stateful(stock)
+  state = keras.ops.zeros((3, lm_models.state_size(model)))
+  a_logits, a_state = s_model([x[:, :4], state])
+  b_logits, b_state = s_stock([x[:, :4], state])
+  a2, _ = s_model([x[:, 4:], a_state])
+  b2, _ = s_stock([x[:, 4:], b_state])
+  np.testing.assert_allclose(b_logits.numpy(), a_logits.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(b2.numpy(), a2.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(b2.numpy(), want[:, 4:], rtol=1e-4, atol=1e-4)  # carried == one call
+  assert lm_models.to_stock(stock) is stock  # already stock
+
+
 # ---- per-token BAN+L loss ------------------------------------------------------------------------
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_ban_l_loss_is_per_token_golden(replicas):

@@ -71,6 +71,15 @@ class Module(tf.Module):
     return {"logits": self.m(tf.cast(image, tf.float32)), "embedding": tf.zeros([tf.shape(image)[0], 4])}
 module = Module(model)
 tf.saved_model.save(module, out + "/module_sm", signatures={"serving_default": module.serve})
+# Encoded image bytes in, not pixels.
+class Bytes(tf.Module):
+  def __init__(self, m):
+    self.m = m
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="jpeg")])
+  def serve(self, jpeg):
+    return self.m(tf.zeros([tf.shape(jpeg)[0], 28, 28, 1]))
+bytes_module = Bytes(model)
+tf.saved_model.save(bytes_module, out + "/bytes_sm", signatures={"serving_default": bytes_module.serve})
 # Mismatches: 5 classes; 32x32x3 inputs.
 keras.Model(inp, keras.layers.Dense(5)(h)).save(out + "/five_classes.keras")
 rgb = keras.Input((32, 32, 3))
@@ -181,6 +190,18 @@ def test_path_forms(tmp_path):
   config_lib.Config(teacher=str(tmp_path / "gen_0" / "saved_model")).validate()
 
 
+def test_overwrite_never_deletes_the_teacher(tmp_path):
+  """--teacher inside the --run_dir that --overwrite deletes: refused (once: the teacher was deleted)."""
+  (tmp_path / "run" / "gen_1" / "saved_model").mkdir(parents=True)
+  (tmp_path / "run" / "gen_1" / "saved_model" / "saved_model.pb").write_bytes(b"")
+  cfg = dict(teacher=str(tmp_path / "run" / "gen_1"), run_dir=str(tmp_path / "run" / "."))
+  with pytest.raises(errors.UsageError, match=r"is inside --run_dir=.*, which --overwrite deletes: copy the teacher"):
+    config_lib.Config(overwrite=True, **cfg).validate()
+  config_lib.Config(**cfg).validate()
+  config_lib.Config(overwrite=True, teacher=cfg["teacher"], run_dir=str(tmp_path / "run2")).validate()
+  assert os.path.exists(os.path.join(cfg["teacher"], "saved_model", "saved_model.pb"))
+
+
 def test_content_digest_sees_every_byte_and_name(tmp_path):
   from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
   d = tmp_path / "sm"
@@ -197,26 +218,36 @@ def test_content_digest_sees_every_byte_and_name(tmp_path):
 # ---- end to end ---------------------------------------------------------------------
 
 @needs_data
-@pytest.mark.parametrize("name", ["logits_sm", "logits.keras", "module_sm"])
+@pytest.mark.parametrize("name", ["logits_sm", "logits.keras", "module_sm", "folder/saved_model"])
 def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypatch, capsys):
-  """Its test accuracy is the one plain Keras computes; it teaches BAN-1; the Teacher row shows it."""
+  """Its test accuracy is the one plain Keras computes; it teaches BAN-1; the Teacher row shows it.
+
+  folder/saved_model: a plain export that sits in a saved_model/ folder, passed as --teacher=folder
+  (once taken for a damaged ban_tf generation: "has no fingerprint.npz").
+  """
   src, want = teachers
+  arg = os.path.join(src, name)
+  if name == "folder/saved_model":
+    shutil.copytree(os.path.join(src, "module_sm"), str(tmp_path / name))
+    arg = str(tmp_path / "folder")
+  label = os.path.basename(arg)
   run_dir = str(tmp_path / "run")
   gens = 1 if name == "logits_sm" else 0  # one of them teaches a student
-  code, out, err = _main(monkeypatch, capsys, _ARGS + [f"--gens={gens}", f"--teacher={src}/{name}",
+  code, out, err = _main(monkeypatch, capsys, _ARGS + [f"--gens={gens}", f"--teacher={arg}",
                                                        f"--run_dir={run_dir}"])
   assert code == 0, err
   m = export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))
   assert m["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)  # 512 images: exact
-  assert m["pretrained"] and m["source"]["path"] == os.path.join(src, name) and m["epochs"] == 0
+  assert m["pretrained"] and m["source"]["path"] == arg and m["epochs"] == 0
+  assert m["params"] == 784 * 32 + 32 + 32 * 10 + 10  # module_sm: a tf.Module, read from its signature
   np.testing.assert_allclose(_serve(run_dir, want["x"]), want["logits"], rtol=1e-4, atol=1e-4)
   assert os.path.exists(os.path.join(run_dir, "gen_0", "model.keras")) == name.endswith(".keras")
   if gens:
     assert export.read_json(os.path.join(run_dir, "gen_1", "metrics.json"))["teacher"].endswith("gen_0/saved_model")
   row = next(line for line in out.splitlines() if line.startswith("| Teacher |"))
   assert f"| {100 * (1 - want['test_accuracy']):.2f} |" in row
-  assert f"{name} (pretrained) teacher -> tiny students" in out  # results.md
-  assert f"{name} (pretrained) -> tiny, {gens} generation(s)" in out + err  # the console's summary line
+  assert f"{label} (pretrained) teacher -> tiny students" in out  # results.md
+  assert f"{label} (pretrained) -> tiny, {gens} generation(s)" in out + err  # the console's summary line
   assert os.path.exists(os.path.join(run_dir, "report.png"))
   results = export.read_json(os.path.join(run_dir, "results.json"))
   assert results["generations"][0]["test_error"] == pytest.approx(1 - want["test_accuracy"])
@@ -244,6 +275,13 @@ def test_probability_teacher_gives_the_logits_teachers_targets(name, teachers, t
     ("five_classes.keras", [], "outputs shape (5,) per example but fashion_mnist has 10 classes"),
     ("rgb_sm", [], "takes inputs of shape (32, 32, 3) but fashion_mnist's are (28, 28, 1)"),
     ("logits_sm", ["--teacher_outputs=probabilities"], "do not sum to 1"),
+    ("probs_sm", [], "sum to 1 per example (probabilities, e.g. a softmax output), read as logits: pass "
+                     "--teacher_outputs=probabilities"),
+    ("probs.keras", [], "read as logits: pass --teacher_outputs=probabilities"),
+    ("bytes_sm", [], "takes string input 'jpeg': it must take a numeric image batch"),
+    # Once refused only after gen_0 was imported, advising to retrain it.
+    ("module_sm", ["--gens=1", "--feature_weight=1"], "only a ban_tf generation's SavedModel serves"),
+    ("logits.keras", ["--gens=1", "--share_stem_head"], "layers are named 'stem', 'logits', or drop --share_stem"),
 ])
 def test_mismatches_are_one_line_errors(name, extra, fragment, teachers, tmp_path, monkeypatch, capsys):
   src, _ = teachers
@@ -255,6 +293,62 @@ def test_mismatches_are_one_line_errors(name, extra, fragment, teachers, tmp_pat
   assert len(lines) == 1 and fragment in lines[0] and f"--teacher={src}/{name}" in lines[0], err
   assert "Traceback" not in err
   assert not os.path.exists(run_dir)  # refused before the run directory was made
+
+
+@needs_data
+def test_damaged_teachers_are_one_line_errors(teachers, tmp_path, monkeypatch, capsys):
+  """A truncated saved_model.pb, a SavedModel without variables/ (once tracebacks), and a ban_tf
+  generation whose variables were damaged (once advising to retrain a generation of another run)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  src, _ = teachers
+  truncated, no_variables = str(tmp_path / "truncated"), str(tmp_path / "no_variables")
+  for path in (truncated, no_variables):
+    shutil.copytree(os.path.join(src, "logits_sm"), path)
+  with open(os.path.join(truncated, "saved_model.pb"), "r+b") as f:
+    f.truncate(100)
+  shutil.rmtree(os.path.join(no_variables, "variables"))
+  gen = str(tmp_path / "gen_0")
+  inp = keras.Input((28, 28, 1))
+  export.export_saved_model(keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp))),
+                            os.path.join(gen, "saved_model"), (28, 28, 1))
+  data, = [os.path.join(gen, "saved_model", "variables", n) for n in os.listdir(os.path.join(gen, "saved_model",
+                                                                                           "variables"))
+           if ".data" in n]
+  with open(data, "r+b") as f:
+    f.seek(os.path.getsize(data) // 2)
+    f.write(b"\xff" * 64)
+  for path, fragment in ((truncated, "cannot be loaded by tf.saved_model.load (OSError): it is damaged"),
+                         (no_variables, "cannot be loaded by tf.saved_model.load"),
+                         (gen, "it is damaged; restore it from its run, or pass another teacher")):
+    run_dir = str(tmp_path / "run")
+    code, _, err = _main(monkeypatch, capsys, _ARGS + ["--gens=0", f"--teacher={path}", f"--run_dir={run_dir}"])
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+    assert not os.path.exists(run_dir)
+
+
+@needs_data
+def test_ban_tf_probability_saved_model_teaches(tmp_path, monkeypatch, capsys):
+  """A BANE-style SavedModel ({"pixels"} -> {"probabilities"}, as export writes ensembles) as --teacher.
+
+  Its signature is called by its input name: the Keras endpoint of the same name takes
+  `x`, which once failed with "missing a required argument: 'x'".
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  inp = keras.Input((28, 28, 1))
+  h = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255.0)(inp))
+  model = keras.Model(inp, keras.layers.Dense(10, activation="softmax")(h))
+  src, run_dir = str(tmp_path / "ensemble_2" / "saved_model"), str(tmp_path / "run")
+  export.export_saved_model(model, src, (28, 28, 1), output_name=export.PROBABILITIES)
+  argv = _ARGS + ["--gens=0", f"--teacher={os.path.dirname(src)}", f"--run_dir={run_dir}"]
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 2 and "add --teacher_outputs=probabilities" in err, err
+  code, _, err = _main(monkeypatch, capsys, argv + ["--teacher_outputs=probabilities"])
+  assert code == 0, err
+  x = np.random.RandomState(0).randint(0, 256, (3, 28, 28, 1)).astype("float32")
+  np.testing.assert_allclose(_softmax(_serve(run_dir, x)), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+  assert export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))["params"] == 28 * 28 * 10 + 10
 
 
 @needs_data
@@ -286,6 +380,10 @@ def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
   assert code == 0, err
   t = export.read_json(os.path.join(teacher_run, "gen_0", "metrics.json"))
   fingerprint = np.load(os.path.join(teacher_run, "gen_0", "saved_model", export.FINGERPRINT_FILE))
+  labels = os.path.join(teacher_run, "gen_0", "saved_model", export.LABELS_FILE)
+  names = open(labels).read()
+  with open(labels, "w") as f:  # as if trained on another 10-class set: the copy gets this data set's names
+    f.write("".join(f"other_{i}\n" for i in range(10)))
   students = {}
   for name, extra in (("ban", []), ("ban1", ["--student_seed=11"])):
     run_dir = str(tmp_path / name)
@@ -302,6 +400,7 @@ def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
     with open(os.path.join(run_dir, "gen_0", "model.keras"), "rb") as a, \
          open(os.path.join(teacher_run, "gen_0", "model.keras"), "rb") as b:
       assert a.read() == b.read()
+    assert open(os.path.join(run_dir, "gen_0", "saved_model", export.LABELS_FILE)).read() == names
     students[name] = export.read_json(os.path.join(run_dir, "gen_1", "metrics.json"))
   assert students["ban"]["seed"] == 1 and students["ban1"]["seed"] == 11
   assert students["ban"]["weights_sha256"] != students["ban1"]["weights_sha256"]
@@ -343,3 +442,19 @@ def test_language_model_teacher_from_a_run(tmp_path, monkeypatch, capsys):
     assert b[key] == pytest.approx(a[key], rel=1e-6), key
   assert os.path.exists(os.path.join(second, "gen_0", "vocab.txt"))
   assert export.is_done(os.path.join(second, "gen_1"))
+  # A language model from elsewhere has no serve_stateful endpoint: --lm_state=carry (the default)
+  # is refused before anything is written (once: after gen_0 was exported, advising to retrain
+  # it); --lm_state=reset imports it.
+  import keras  # pylint: disable=g-import-not-at-top
+  vocab = len(open(os.path.join(first, "gen_0", "vocab.txt")).read().splitlines())
+  tokens = keras.Input((None,), dtype="int32")
+  plain = keras.Model(tokens, keras.layers.Dense(vocab)(keras.layers.Embedding(vocab, 4)(tokens)))
+  plain.export(str(tmp_path / "plain_lm"), verbose=False)
+  third = str(tmp_path / "plain")
+  argv = lm + ["--gens=0", f"--teacher={tmp_path}/plain_lm", f"--run_dir={third}"]
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 2 and "'serve_stateful' endpoint only a ban_tf generation serves: add --lm_state=reset" in err, err
+  assert not os.path.exists(third)
+  code, _, err = _main(monkeypatch, capsys, argv + ["--lm_state=reset"])
+  assert code == 0, err
+  assert export.read_json(os.path.join(third, "gen_0", "metrics.json"))["test_perplexity"] > 1

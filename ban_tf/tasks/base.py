@@ -107,6 +107,13 @@ class Task:
     state], sharing its weights), exported as `serve_stateful`; None: it has none."""
     return None
 
+  def stock_model(self, model):
+    """`model` with stock Keras layers only: what model.keras holds, so that plain
+    Keras loads it without importing ban_tf and gets the same outputs. Default: the
+    fused BatchNormalization layers replaced (models.to_stock)."""
+    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    return models.to_stock(model) if models.has_fused_layers(model) else model
+
   def carries_state(self, cfg) -> bool:
     """Whether the models carry their state across consecutive batches (then the
     teacher is loaded through `serve_stateful`, and evaluation runs over streams)."""

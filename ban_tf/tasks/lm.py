@@ -102,6 +102,11 @@ class LanguageModel(base.Task):
     except ValueError:  # not one LM (a BANE ensemble: generations.build_stateful_ensemble)
       return None
 
+  def stock_model(self, model):
+    """Tied embedding / character CNN as stock layers (lm_models.to_stock)."""
+    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    return lm_models.to_stock(model)
+
   def carries_state(self, cfg):
     return cfg.lm_state == "carry"
 
