@@ -98,7 +98,7 @@ def _local(strategy, var):
   return np.concatenate([v.numpy() for v in strategy.experimental_local_results(var)], 0)
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.parametrize("replicas", [1, 3])  # 2: as 3 (and in the golden test below)
 def test_training_state_is_the_stream_state_and_resets_per_epoch(replicas):
   rows = np.random.RandomState(2).randint(0, V, (6, 13)).astype(np.int32)  # 6, 3 or 2 rows per replica
   model, state, t_stateful = _train(replicas, rows, steps_per_epoch=3, lr=0.0)
