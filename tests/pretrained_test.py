@@ -24,6 +24,7 @@ from ban_tf import export
 from ban_tf import main as main_lib
 from ban_tf import train
 from tests.conftest import SHARED_TFDS
+from tests.conftest import run_main
 
 _HAS_DATA = os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist"))
 needs_data = pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
@@ -110,18 +111,7 @@ def teachers(tmp_path_factory):
 
 def _main(monkeypatch, capsys, argv):
   """The binary's main() in this process; returns (exit code, stdout, stderr)."""
-  fv = flags.FlagValues()
-  main_lib.define_flags(fv)
-  fv(["ban_tf"] + argv)
-  monkeypatch.setattr(main_lib, "FLAGS", fv)
-  capsys.readouterr()
-  try:
-    main_lib.main(["ban_tf"])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  out = capsys.readouterr()
-  return code, out.out, out.err
+  return run_main(monkeypatch, capsys, argv)
 
 
 def _cfg(argv):
