@@ -23,6 +23,7 @@ index of its examples. Both draw the same crop offsets and flips from the same
 
 import dataclasses
 import functools
+import logging
 import os
 import socket
 
@@ -545,11 +546,29 @@ def _online():
     return False
 
 
+class _NoUnpreparedWarning(logging.Filter):
+  """Drops tfds' "Variant folder ... has no dataset_info.json" warning: an unprepared data
+  set gets one `error:` line of ours (below), not a stray absl line before it."""
+
+  def filter(self, record):
+    return "has no dataset_info.json" not in record.getMessage()
+
+
 def _builder(name, data_dir):
   if data_dir is not None and not os.path.isdir(data_dir):
     raise errors.DataError(
         f"--data_dir={data_dir} does not exist: point it at a prepared TFDS directory, "
         "or create it to let tfds download into it")
+  quiet = _NoUnpreparedWarning()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)  # tfds.builder and is_prepared() both log it
+  try:
+    return _open_builder(name, data_dir)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _open_builder(name, data_dir):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:

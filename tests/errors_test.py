@@ -92,17 +92,20 @@ def test_missing_data_dir_is_an_error_not_created(monkeypatch, capsys, tmp_path)
   assert not missing.exists() and not (tmp_path / "run").exists()
 
 
-def test_dataset_not_prepared_offline_fails_fast(monkeypatch, capsys, tmp_path):
+def test_dataset_not_prepared_offline_fails_fast(monkeypatch, capsys, caplog, tmp_path):
   from ban_tf import data  # pylint: disable=g-import-not-at-top
   # Downloads are impossible here; make them so on a machine with internet too.
   monkeypatch.setattr(data, "_DOWNLOAD_PROBE", ("invalid.invalid", 443))
   empty = tmp_path / "tfds"
   empty.mkdir()
   t0 = time.time()
-  code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={empty}",
-                                                  "--dataset=mnist"])
+  with caplog.at_level(logging.WARNING):
+    code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={empty}",
+                                                    "--dataset=mnist"])
   assert code == 2
   _one_error_line(err, "'mnist' is not prepared", "cannot be downloaded", "--data_dir")
+  # Only our line: not tfds' "Variant folder ... has no dataset_info.json" before it.
+  assert not [r.getMessage() for r in caplog.records if "dataset_info.json" in r.getMessage()]
   assert time.time() - t0 < 60  # tfds' own retries take minutes
   assert not os.listdir(empty) and not (tmp_path / "run").exists()
 
