@@ -36,7 +36,7 @@ from ban_tf import errors
 from ban_tf import manifest
 
 GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
-SOURCE_KEY = "source"  # gen_0/metrics.json: {"path", "kind", "outputs", "sha256"}
+SOURCE_KEY = "source"  # gen_0/metrics.json: {"path" (absolute), "given", "kind", "outputs", "sha256"}
 _PROBABILITY_FLOOR = 1e-30  # log(0) guard for probability teachers (as distiller._safe_log)
 
 
@@ -65,6 +65,9 @@ def imported_into(run_dir, path):
   """Whether a run directory (or one of its seed_S/ runs) already holds `path` as its gen_0.
 
   Such a run resumes without the file: its gen_0/ holds the copy the students learned from.
+  `path` matches the absolute path recorded, or the --teacher text as given (a relative
+  path rerun from another directory, where it names nothing or, if it names a file,
+  `check_source` compares its bytes).
   """
   import glob  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
@@ -72,7 +75,8 @@ def imported_into(run_dir, path):
     metrics = os.path.join(gen_dir, "metrics.json")
     if os.path.exists(os.path.join(gen_dir, "DONE")) and os.path.exists(metrics):
       with open(metrics) as f:
-        if (json.load(f).get(SOURCE_KEY) or {}).get("path") == os.path.abspath(path):
+        source = json.load(f).get(SOURCE_KEY) or {}
+        if source.get("path") == os.path.abspath(path) or source.get("given") == path:
           return True
   return False
 
@@ -436,8 +440,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   result = {"gen": 0, "role": "teacher", "arch": facts.get("arch", "?"), "params": int(facts.get("params", 0)),
             "seed": facts.get("seed"), "epochs": facts.get("epochs", 0), "objective": facts.get("objective"),
             "teacher": None, "pretrained": True,
-            SOURCE_KEY: {"path": os.path.abspath(cfg.teacher), "kind": kind, "outputs": cfg.teacher_outputs,
-                         "sha256": source_sha256(src)}}
+            SOURCE_KEY: {"path": os.path.abspath(cfg.teacher), "given": cfg.teacher, "kind": kind,
+                         "outputs": cfg.teacher_outputs, "sha256": source_sha256(src)}}
   if facts.get("weights_sha256"):
     result["weights_sha256"] = facts["weights_sha256"]
   result.update(train.evaluate_splits(scorer, dataset, cfg.batch_size))

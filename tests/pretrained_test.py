@@ -362,6 +362,28 @@ def test_replaced_teacher_is_refused_and_a_removed_one_is_not(teachers, tmp_path
   assert export.is_done(os.path.join(run_dir, "gen_2")) and "| BANE-2 | ensemble of T,1,2 |" in out
 
 
+def test_relative_teacher_rerun_from_another_directory(teachers, tmp_path, monkeypatch, capsys):
+  """--teacher=t.keras (relative) rerun from a directory where it names nothing: the run's
+  gen_0 copy serves, nothing retrained; where it names another file: refused."""
+  src, _ = teachers
+  run_dir = str(tmp_path / "run")
+  for name, model in (("a", "logits.keras"), ("c", "probs.keras")):
+    (tmp_path / name).mkdir()
+    shutil.copy(os.path.join(src, model), tmp_path / name / "t.keras")
+  (tmp_path / "b").mkdir()
+  argv = _ARGS + ["--teacher=t.keras", "--gens=0", f"--run_dir={run_dir}"]
+  monkeypatch.chdir(tmp_path / "a")
+  assert _main(monkeypatch, capsys, argv)[0] == 0
+  done = os.stat(os.path.join(run_dir, "gen_0", "DONE")).st_mtime_ns
+  monkeypatch.chdir(tmp_path / "b")  # t.keras names nothing here
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 0, err
+  assert os.stat(os.path.join(run_dir, "gen_0", "DONE")).st_mtime_ns == done
+  monkeypatch.chdir(tmp_path / "c")  # ... and another model here
+  code, _, err = _main(monkeypatch, capsys, argv)
+  assert code == 2 and "changed since this run imported it" in err, err
+
+
 @needs_data
 def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
   """Train the teacher once (--teacher_dropout), then students of it with their own seeds."""
