@@ -22,6 +22,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import keras
@@ -31,7 +33,7 @@ import tensorflow as tf
 
 from ban_tf import distiller as distiller_lib
 from ban_tf import models
-from tests.conftest import SHARED_TFDS, run_main, strategy_for
+from tests.conftest import REPO, SHARED_TFDS, run_main, strategy_for
 
 C = 10
 REPLICAS = [1, 2, 3]
@@ -245,18 +247,18 @@ def _assert_evaluate_matches_results(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas,val_examples,gens,sync", [
-    (1, 37, 0, False), (2, 37, 2, False), (3, 36, 0, True)])
-def test_run_exports_what_it_reports(tmp_path, capsys, replicas, val_examples, gens, sync):
+@pytest.mark.parametrize("replicas,gens", [(1, 0), (2, 2)])
+def test_run_exports_what_it_reports(tmp_path, capsys, replicas, gens):
   """Mock fashion_mnist (100 examples per split), batch 12: the last test batch holds
-  4 examples (3 replicas: 4, 0, 0), the last val batch 1 (37) or 12 (36): a replica's
-  share is empty, and the issue's command (2 replicas, 2 generations) crashed. The same
-  command again skips every generation and changes no file."""
+  4 examples, the last val batch 1: a replica's share is empty, and the issue's command
+  (2 replicas, 2 generations) crashed. The same command again skips every generation and
+  changes no file. 3 replicas (--sync_batchnorm, a share of 4, 0, 0):
+  test_run_matrix_on_several_replicas."""
   from ban_tf import config, main  # pylint: disable=g-import-not-at-top
   run_dir = str(tmp_path / "run")
-  cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=val_examples,
+  cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=37,
                       batch_size=12, epochs=1, gens=gens, num_cpu_devices=replicas, run_dir=run_dir,
-                      lr=0.05, verbose="0", sync_batchnorm=sync)
+                      lr=0.05, verbose="0")
   with _mock_fashion_mnist(100):
     main.run(cfg)
     results = _assert_evaluate_matches_results(run_dir)
@@ -267,7 +269,6 @@ def test_run_exports_what_it_reports(tmp_path, capsys, replicas, val_examples, g
       return capsys.readouterr().out
     _assert_rerun_changes_nothing(run_dir, rerun, gens)
   assert len(results["generations"]) == gens + 1 and len(results["ensembles"]) == max(gens - 1, 0)
-  assert _synchronized_batchnorm(run_dir) == {sync}  # --sync_batchnorm took effect
 
 
 def _synchronized_batchnorm(run_dir):
@@ -356,10 +357,13 @@ def _drop_seconds(x):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task,replicas,gens,epochs,kill,extra", [
-    ("image", 2, 0, 2, True, []),
-    ("lm", 2, 1, 2, True, ["--lm_state=reset"]),
-    ("lm", 3, 2, 2, True, []),  # --lm_state=carry
-], ids=["image-2replica", "lm-2replica-reset", "lm-3replica-carry"])
+    ("image", 2, 0, 2, "sigkill", []),
+    ("image", 3, 0, 2, "enospc", ["--sync_batchnorm"]),
+    ("lm", 2, 1, 2, "enospc", ["--lm_state=reset"]),
+    ("lm", 2, 1, 2, "enospc", []),  # --lm_state=carry
+    ("lm", 3, 2, 2, "enospc", []),
+], ids=["image-2replica", "image-3replica-sync_batchnorm", "lm-2replica-reset", "lm-2replica-carry",
+        "lm-3replica-carry"])
 def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extra, tmp_path, monkeypatch, capsys,
                                         caplog):
   """One cell per (task, replicas), in this process (--deterministic):
@@ -370,12 +374,12 @@ def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extr
      (image on 2 replicas: test_run_exports_what_it_reports, with an ensemble);
   3. the same command again skips everything and changes no file;
   4. (kill) the copy (or a new run) stopped by a full disk where the last generation's
-     epoch-2 checkpoint is saved (epoch 1's is kept), then resumed by the same command:
+     epoch-2 checkpoint is saved (epoch 1's is kept), or (image, 2 replicas) a process
+     SIGKILLed right after the epoch-1 checkpoint, then resumed by the same command:
      results, metrics, history and SavedModel outputs bit-identical to step 1's;
   5. ban_tf.report.
-  The SIGKILL and a real new process are tasks_contract_test's (one replica); this test is
-  about the replicas: restoring mirrored variables, carried state and optimizer slots.
-  Image on 3 replicas (--sync_batchnorm): test_run_exports_what_it_reports.
+  This test is about the replicas: restoring mirrored variables (BatchNorm statistics
+  averaged or synchronised), carried state and optimizer slots, also in a new process.
   """
   from ban_tf import report  # pylint: disable=g-import-not-at-top
   argv = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + extra + [
@@ -391,6 +395,8 @@ def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extr
   assert out.splitlines()[0].endswith(f", {replicas} replicas"), out
   assert f"gen {gens}/{gens} BAN-{gens} epoch {epochs}/{epochs}:" in out or gens == 0, out
 
+  if task == "image":
+    assert _synchronized_batchnorm(whole) == {"--sync_batchnorm" in extra}  # the flag took effect
   if (task, replicas) != ("image", 2):
     results = _assert_evaluate_matches_results(whole)
     if task == "lm":
@@ -398,12 +404,19 @@ def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extr
 
   _assert_rerun_changes_nothing(whole, lambda: _check_ok(main(whole)), gens)
 
-  if kill:
+  if kill == "sigkill":  # a real SIGKILL of the process, right after the epoch-1 checkpoint
+    env = dict(os.environ, BAN_TF_FAULT=f"kill_after_checkpoint@gen_{gens}/epoch_1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "ban_tf.main"] + argv + [f"--gens={gens}", f"--run_dir={broken}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].endswith(f", {replicas} replicas"), proc.stdout
+  elif kill == "enospc":  # stopped by a full disk where the epoch-2 checkpoint is saved
     monkeypatch.setenv("BAN_TF_FAULT", f"enospc@gen_{gens}/epoch_2")
     code, _, err = main(broken)
     assert code == 2 and "no space left" in err, err
-    assert not os.path.exists(os.path.join(broken, f"gen_{gens}", "DONE"))
     monkeypatch.delenv("BAN_TF_FAULT")
+  if kill:
+    assert not os.path.exists(os.path.join(broken, f"gen_{gens}", "DONE"))
     with caplog.at_level(logging.INFO, logger="absl"):
       code, out, err = main(broken)
     assert code == 0, err

@@ -9,15 +9,18 @@ lm: a generated PTB-format corpus), teacher + 2 generations of 2 epochs:
   3. ban_tf.evaluate reloads the SavedModels and reproduces results.json (val and
      test, in the task's headline metric);
   4. ban_tf.report writes the table and report.png;
-  5. --seeds=2 summarises the task's headline metric, and report on that parent
-     works and writes report.png.
+  5. --seeds=2 (image on 2 replicas) summarises the task's headline metric; the same
+     command again skips every generation of every seed and changes no file; report on
+     that parent works and writes report.png.
 
 A new task gets all of this by adding its entry to _RUNS.
 """
 
+import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -79,6 +82,12 @@ def _snapshot(run_dir):
     if rel.startswith(("gen_", "ensemble_")) and os.path.basename(rel) != "tb":
       out.update({os.path.join(rel, f): os.stat(os.path.join(parent, f)).st_mtime_ns for f in files})
   return out
+
+
+def _snapshot_seeds(parent):
+  """_snapshot of every seed's run directory, keyed by seed_S/."""
+  return {os.path.join(d, k): v for d in sorted(os.listdir(parent)) if d.startswith("seed_")
+          for k, v in _snapshot(os.path.join(parent, d)).items()}
 
 
 def _assert_png(path):
@@ -144,14 +153,33 @@ def test_kill_resume_rerun_evaluate_report(name, tmp_path, monkeypatch, capsys, 
   _assert_png(paths["png"])
 
 
+def _digests(run_dir):
+  """{file: sha256} of a run directory but for what every process rewrites by design:
+  the lock, log.txt (appended) and TensorBoard's hparams sessions."""
+  out = {}
+  for parent, _, files in os.walk(run_dir):
+    for f in files:
+      if f not in (".lock", "log.txt") and not f.endswith(".hparams"):
+        with open(os.path.join(parent, f), "rb") as fh:
+          out[os.path.relpath(os.path.join(parent, f), run_dir)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+# --seeds=2 on 2 replicas for the image task (one replica: tests/variants_run_test.py), on one for LM.
+_SEEDS_REPLICAS = {"image": 2, "lm": 1}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(_RUNS))
 def test_seeds_summary_is_in_the_headline_metric(name, tmp_path, monkeypatch, capsys):
   task = tasks.get(name)
   parent = str(tmp_path / "seeds")
-  argv = _RUNS[name](tmp_path) + ["--gens=1", "--epochs=1", "--seeds=2", "--verbose=0", f"--run_dir={parent}"]
+  replicas = _SEEDS_REPLICAS[name]
+  argv = _RUNS[name](tmp_path) + ["--gens=1", "--epochs=1", "--seeds=2", "--verbose=0", f"--run_dir={parent}",
+                                  f"--num_cpu_devices={replicas}"]
   code, out, err = _main(monkeypatch, capsys, argv)
   assert code == 0, err
+  assert out.splitlines()[0].endswith(f", {replicas} replica" + "s" * (replicas > 1)), out
   summary = export.read_json(os.path.join(parent, "results.json"))
   assert summary["seeds"] == [0, 100] and summary["metric"] == task.headline.key
   per_seed = [export.read_json(os.path.join(parent, f"seed_{s}", "results.json")) for s in (0, 100)]
@@ -165,6 +193,18 @@ def test_seeds_summary_is_in_the_headline_metric(name, tmp_path, monkeypatch, ca
   md = open(os.path.join(parent, "results.md")).read()
   assert f"{task.headline.title} mean ± std" in md and md in out
   _assert_png(os.path.join(parent, "report.png"))
+  # The same command again: every generation of both seeds skipped, nothing trained, every
+  # file byte-identical and the seeds' generation files untouched.
+  before, mtimes = _digests(parent), _snapshot_seeds(parent)
+  code, out, err = _main(monkeypatch, capsys, argv)
+  assert code == 0, err
+  skipped = [l for l in out.splitlines() if l.endswith("done before, skipped")]
+  assert [l.split()[:2] + l.split()[3:5] for l in skipped] == [
+      ["seed", str(s), "gen", f"{g}/1"] for s in (0, 100) for g in (0, 1)], out
+  assert not re.search(r" epoch \d+/\d+:", out) and "resuming" not in out, out
+  assert _digests(parent) == before
+  assert _snapshot_seeds(parent) == mtimes and mtimes
+  assert md in out
   # ban_tf.report on the parent of the seed runs (the binary, as the README says).
   os.remove(os.path.join(parent, "report.png"))
   proc = subprocess.run([sys.executable, "-m", "ban_tf.report", f"--run_dir={parent}", "--nohparams"], cwd=REPO,
