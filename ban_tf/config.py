@@ -158,8 +158,9 @@ class Config:
           raise errors.UsageError(f"--{f.name}={','.join(value)}: use "
                                   f"{f.metadata.get('hint', 'comma-separated numbers')}") from None
       kwargs[f.name] = value
-    if kwargs.get("image_folder"):  # absolute in config.json: evaluate and resume work from any directory
-      kwargs["image_folder"] = os.path.abspath(kwargs["image_folder"])
+    for name in ("image_folder", "data_dir", "ptb_dir"):  # absolute in config.json: evaluate and resume
+      if kwargs.get(name) and "://" not in kwargs[name]:   # work from any directory (gs://... as given)
+        kwargs[name] = os.path.abspath(kwargs[name])
     return cls(**kwargs)
 
   @classmethod

@@ -240,9 +240,17 @@ class Progress:
 
   def generation(self, gen, header, first_epoch, epochs):
     self.done_before += first_epoch
-    self.where = f"{os.path.basename(gen.out_dir)} epoch {first_epoch + 1}"
-    resumed = f" (resuming at epoch {first_epoch + 1})" if first_epoch else ""
+    if first_epoch >= epochs:  # interrupted after its last epoch: only evaluation and export are left
+      self.where = self._after_training(gen, epochs)
+      resumed = f" (all {epochs} epochs trained before: evaluating and exporting)"
+    else:
+      self.where = f"{os.path.basename(gen.out_dir)} epoch {first_epoch + 1}"
+      resumed = f" (resuming at epoch {first_epoch + 1})" if first_epoch else ""
     self.print(f"{self.prefix}{self.gen_label(gen)}: {header}{resumed}")
+
+  @staticmethod
+  def _after_training(gen, epochs):
+    return f"{os.path.basename(gen.out_dir)} evaluation (all {epochs} epochs trained)"
 
   def epoch_begin(self, gen, epoch):
     self.where = f"{os.path.basename(gen.out_dir)} epoch {epoch + 1}"
@@ -254,6 +262,8 @@ class Progress:
   def epoch_line(self, gen, epoch, epochs, logs, lr) -> str:
     """Counts a trained epoch; returns its run-level line."""
     self.trained += 1
+    if epoch + 1 >= epochs:
+      self.where = self._after_training(gen, epochs)
     elapsed = time.time() - self.t0
     remaining = max(self.total - self.done_before - self.trained, 0)
     eta = elapsed / self.trained * remaining

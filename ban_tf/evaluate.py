@@ -136,6 +136,13 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     task = tasks.get(cfg.task)
   except (TypeError, ValueError, KeyError, AttributeError) as e:
     raise errors.UsageError(f"{cfg_path} is damaged ({type(e).__name__}: not a ban_tf config): restore it") from None
+  if not _numbered(run_dir, "gen"):  # before the data set is read
+    seed_runs = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"seed_\d+", d)
+                       and os.path.exists(os.path.join(run_dir, d, "config.json")))
+    if seed_runs:
+      raise errors.UsageError(f"{run_dir} is the parent of --seeds runs ({', '.join(seed_runs)}): evaluate one "
+                              f"at a time, --run_dir={os.path.join(run_dir, seed_runs[0])}")
+    raise errors.UsageError(f"{run_dir} holds no exported generation (gen_k/saved_model): is the run finished?")
   if data_dir:
     cfg = dataclasses.replace(cfg, data_dir=data_dir)
   dataset = task.load_data(cfg)
@@ -186,8 +193,6 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     m = meta(path)  # ensembles serve mean probabilities (generations.build_ensemble)
     out["ensembles"].append({"name": m.get("name", f"BANE-{k}"), "members": m.get("members", []),
                              **evaluated(path, probabilities=True)})
-  if not out["generations"]:
-    raise errors.UsageError(f"{run_dir} holds no exported generation (gen_k/saved_model): is the run finished?")
   return out
 
 

@@ -90,7 +90,7 @@ def define_flags(fv=FLAGS):
   flags.field("momentum", "[optim] SGD momentum.")
   flags.field("nesterov", "[optim] Nesterov momentum.")
   flags.field("weight_decay", "[optim] Coupled L2 weight decay.")
-  flags.field("lr_milestones", "[optim] LR decay points as fractions of --epochs.")
+  flags.field("lr_milestones", "[optim] LR decay points as fractions of --epochs (rounded to whole epochs, >= 1).")
   flags.field("lr_decay", "[optim] LR multiplier at each milestone.")
   flags.field("lr_plateau_decay", "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.field("lr_plateau_min_delta", "[optim] lm: improvement in val perplexity that counts.")

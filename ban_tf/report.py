@@ -101,6 +101,29 @@ def task_of(runs):
   return tasks.get(names.pop())
 
 
+def check_one_experiment(runs):
+  """Raises errors.UsageError unless the runs are seeds of one experiment.
+
+  A mean ± std is only a seed spread when every run trained the same recipe
+  (config.json equal but for the seed, --baseline and what may change on resume,
+  config.NON_EXPERIMENT_FIELDS) and each seed counts once (a copied run directory
+  passed beside its original would be counted twice).
+  """
+  first = config_from_dict(runs[0].config)
+  seen = {}
+  for r in runs:
+    diff = [k for k in first.experiment_diff(r.config) if k not in ("seed", "baseline", "resolved")]
+    if diff:
+      shown = ", ".join(f"--{k} {runs[0].config.get(k)} vs {r.config.get(k)}" for k in diff[:3])
+      raise errors.UsageError(f"{runs[0].path} and {r.path} are different experiments ({shown}): "
+                              "summarise the seeds of one experiment at a time")
+    seed = r.config.get("seed")
+    if seed is not None and seed in seen:
+      raise errors.UsageError(f"{seen[seed]} and {r.path} are both seed {seed} (the same run twice?): "
+                              "pass each seed's run once")
+    seen[seed] = r.path
+
+
 def aggregate(runs, metric=None):
   """results.aggregate of the runs' `metric` (default: their task's headline)."""
   metric = metric or task_of(runs).headline
@@ -370,6 +393,7 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     out_dir = runs[0].path
     write_results(out_dir, runs[0].results, config_from_dict(runs[0].config))
   else:
+    check_one_experiment(runs)
     out_dir = out_dir or default_out
     os.makedirs(out_dir, exist_ok=True)
     cfg = config_from_dict(runs[0].config)

@@ -161,14 +161,16 @@ def aggregate(per_run: list, metric: Metric) -> list:
 
 
 def aggregate_table(agg: list, metric: Metric) -> str:
-  """Markdown of `aggregate`: mean ± std, delta vs the teacher's mean, per-run values."""
+  """Markdown of `aggregate`: mean ± std (a row only one run has: its value, "(one run)"),
+  delta vs the teacher's mean, per-run values."""
   base = next((a["mean"] for a in agg if a["key"] == "Teacher"), None)
   lines = [f"| Model | Arch | Params | {metric.title} mean ± std | Δ vs teacher | Runs | Per run |",
            "|---|---|---|---|---|---|---|"]
   for a in agg:
     delta = "" if base is None or a["key"] == "Teacher" else f"{a['mean'] - base:+.2f}"
     each = ", ".join(_fmt(v) for v in a["values"])
-    lines.append(f"| {a['name']} | {a['arch']} | {a['params']} | {a['mean']:.2f} ± {a['std']:.2f} | "
+    spread = f"{a['mean']:.2f} ± {a['std']:.2f}" if a["n"] > 1 else f"{a['mean']:.2f} (one run)"
+    lines.append(f"| {a['name']} | {a['arch']} | {a['params']} | {spread} | "
                  f"{delta} | {a['n']} | {each} |")
   return "\n".join(lines) + "\n"
 

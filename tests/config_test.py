@@ -48,6 +48,19 @@ def test_from_flags_reads_every_field():
     config.Config.from_flags(fv)
 
 
+def test_data_paths_are_stored_absolute(tmp_path, monkeypatch):
+  """config.json holds absolute data paths, so evaluate works from any directory; URLs stay as given."""
+  monkeypatch.chdir(tmp_path)
+  fv = _fresh_flags()
+  fv(["prog", "--data_dir=../tfds", "--ptb_dir=ptb", "--image_folder=imgs"])
+  cfg = config.Config.from_flags(fv)
+  assert (cfg.data_dir, cfg.ptb_dir, cfg.image_folder) == (
+      str(tmp_path.parent / "tfds"), str(tmp_path / "ptb"), str(tmp_path / "imgs"))
+  fv = _fresh_flags()
+  fv(["prog", "--data_dir=gs://bucket/tfds"])
+  assert config.Config.from_flags(fv).data_dir == "gs://bucket/tfds"
+
+
 def test_from_dict_round_trip_and_old_run_dirs():
   cfg = config.Config(arch="tiny", lr_milestones=(0.5,), seeds=2)
   stored = json.loads(cfg.to_json())

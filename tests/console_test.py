@@ -118,6 +118,20 @@ def test_progress_line_has_generation_epoch_elapsed_and_eta():
                       "elapsed 0:00:30, run ETA 0:02:00 (5/9 epochs)")
 
 
+def test_interrupted_after_the_last_epoch_says_evaluation_not_an_epoch_past_the_end():
+  class Gen:
+    gen, role, out_dir = 1, "BAN-1", "/x/gen_1"
+  lines = []
+  p = console.Progress(total_epochs=9, gens=2, out=None)
+  p.print = lines.append
+  p.generation(Gen, "tiny", first_epoch=2, epochs=3)
+  p.epoch_end(Gen, 2, 3, {"loss": 1.5}, 0.02)  # the last epoch: evaluation and export follow
+  assert p.where == "gen_1 evaluation (all 3 epochs trained)"
+  p.generation(Gen, "tiny", first_epoch=3, epochs=3)  # resumed after all of its epochs
+  assert lines[-1] == "gen 1/2 BAN-1: tiny (all 3 epochs trained before: evaluating and exporting)"
+  assert p.where == "gen_1 evaluation (all 3 epochs trained)"
+
+
 @pytest.mark.slow
 def test_binary_console_is_quiet_fits_a_screen_and_sigterm_exits_143(tmp_path):
   """The real binary: no TensorFlow noise on the console, one line per epoch, log.txt has the rest."""

@@ -18,6 +18,7 @@ import subprocess
 from absl import flags
 import pytest
 
+from ban_tf import config as config_lib
 from ban_tf import evaluate
 from ban_tf import main
 from tests.conftest import SHARED_TFDS
@@ -428,6 +429,17 @@ def test_evaluate_flags_are_validated(finished, capsys, argv, needles):
                            capsys)
   assert code == 2
   _error_line(err, *needles)
+
+
+def test_evaluate_a_seeds_parent_names_its_seed_runs(tmp_path, capsys):
+  """A --seeds parent (config.json, seed_S/ runs, no gen_k/) is named as such, before any data is read."""
+  cfg = config_lib.Config(dataset="no_such_dataset", arch="tiny", seeds=2)
+  for sub in ("", "seed_0", "seed_100"):
+    os.makedirs(tmp_path / sub, exist_ok=True)
+    (tmp_path / sub / "config.json").write_text(cfg.to_json())
+  code, _, err = _evaluate([f"--run_dir={tmp_path}"], capsys)
+  assert code == 2
+  _error_line(err, "is the parent of --seeds runs (seed_0, seed_100)", f"--run_dir={tmp_path}/seed_0")
 
 
 @pytest.mark.parametrize("data,needle", [(RANDOM, "config.json is damaged"),

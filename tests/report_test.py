@@ -127,6 +127,27 @@ def test_missing_results_is_a_usage_error(tmp_path):
     report.write_report(str(tmp_path))
 
 
+
+def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
+  """A mean ± std over runs of different recipes, or over one run and its copy, is no seed spread."""
+  a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16])
+  other = _fake_run(str(tmp_path / "other"), 1, [0.2, 0.18, 0.17, 0.16], epochs=1)
+  with pytest.raises(errors.UsageError, match=r"different experiments \(--epochs 3 vs 1\)"):
+    report.write_report([a, other], str(tmp_path / "out"), hparams=False)
+  copy = _fake_run(str(tmp_path / "copy"), 0, [0.2, 0.18, 0.17, 0.16])
+  with pytest.raises(errors.UsageError, match="both seed 0"):
+    report.write_report([a, copy], str(tmp_path / "out"), hparams=False)
+  assert not os.path.exists(tmp_path / "out")  # refused before anything is written
+
+
+def test_summary_row_of_one_run_shows_no_spread(tmp_path):
+  """A row only one run has (more --gens in one seed) shows its value, not a '± 0.00' spread."""
+  a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16], baseline=0.19)
+  b = _fake_run(str(tmp_path / "b"), 1, [0.22, 0.2, 0.15, 0.14])
+  md = open(report.write_report([a, b], str(tmp_path / "out"), hparams=False)["results_md"]).read()
+  assert "| Baseline | tiny | 1.5k | 19.00 (one run) | -2.00 | 1 | 19.00 |" in md
+  assert "| BAN-1 | tiny | 1.5k | 19.00 ± 1.41 |" in md
+
 def _session_hparams(logdir):
   """{name: value} of the (one) hparams session_start_info in `logdir`'s event files."""
   found = []

@@ -238,3 +238,16 @@ def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_p
   want = fresh_val(resumed_dir)
   np.testing.assert_allclose([resumed["val_loss"], resumed["val_accuracy"]],
                              [want["label_loss"], want["accuracy"]], rtol=1e-6, atol=1e-7)
+
+
+def test_no_lr_milestone_falls_before_the_first_epoch():
+  """--epochs=1: the default milestone 0.3 rounds to epoch 0; the first epoch still trains at --lr.
+
+  --epochs=2: 0.3, 0.6, 0.8 -> epochs 1, 1, 2 (two decays after the first epoch, the third after the run).
+  """
+  from ban_tf import config, train  # pylint: disable=g-import-not-at-top
+  sched = train.make_optimizer(config.Config(epochs=1, lr=0.05), steps_per_epoch=12).learning_rate
+  opt2 = train.make_optimizer(config.Config(epochs=2, lr=0.05), steps_per_epoch=12)
+  sched2 = opt2._learning_rate  # pylint: disable=protected-access  (the schedule itself)
+  assert float(sched) == pytest.approx(0.05)
+  assert [float(sched2(s)) for s in (0, 11, 12, 24)] == pytest.approx([0.05, 0.05, 0.002, 0.0004])

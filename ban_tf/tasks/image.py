@@ -89,10 +89,14 @@ class ImageClassification(base.Task):
     return cfg.device_augment
 
   def make_optimizer(self, cfg, steps_per_epoch):
-    """SGD (Nesterov) with the step schedule: x lr_decay at each milestone fraction of the epochs."""
+    """SGD (Nesterov) with the step schedule: x lr_decay at each milestone fraction of the epochs.
+
+    A milestone is rounded to a whole epoch, never epoch 0: with --epochs=1 the default
+    0.3 would round to 0 and the first epoch would never see --lr.
+    """
     import keras  # pylint: disable=g-import-not-at-top
     from ban_tf import schedules  # pylint: disable=g-import-not-at-top
-    boundaries = [int(round(m * cfg.epochs)) * steps_per_epoch for m in cfg.lr_milestones]
+    boundaries = [max(1, int(round(m * cfg.epochs))) * steps_per_epoch for m in cfg.lr_milestones]
     schedule = schedules.StepDecay(cfg.lr, boundaries, cfg.lr_decay)
     return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
