@@ -377,11 +377,26 @@ def classify(saved_model, images, top_k=3, outputs="auto"):
   return [(p, [(names[i], float(probs[n, i])) for i in top[n]]) for n, p in enumerate(images)]
 
 
+def _given(fv, name):
+  """Whether flag `name` was set on the command line (False for a plain namespace, as tests pass)."""
+  try:
+    return bool(fv[name].present)
+  except (TypeError, KeyError, AttributeError):
+    return False
+
+
 def main(argv, fv):
   if len(argv) > 1:
     raise errors.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
   if bool(fv.run_dir) == bool(fv.saved_model):
     raise errors.UsageError("pass --run_dir=DIR (re-evaluate a run) or --saved_model=DIR --images=... (classify)")
+  # A flag of the other mode would be ignored silently (--run_dir=R --images=a.png re-evaluated the run).
+  other = (("split", "data_dir", "batch_size", "output_json") if fv.saved_model
+           else ("images", "top_k", "outputs"))
+  given = [f"--{name}" for name in other if _given(fv, name)]
+  if given:
+    mode = "--saved_model (classify --images)" if fv.saved_model else "--run_dir (re-evaluate a run)"
+    raise errors.UsageError(f"{', '.join(given)} does not apply to {mode}: drop it, or use the other mode")
   if fv.saved_model:
     if not fv.images:
       raise errors.UsageError("--saved_model needs --images=a.png,b.jpg")

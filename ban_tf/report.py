@@ -101,20 +101,33 @@ def task_of(runs):
   return tasks.get(names.pop())
 
 
+def _student_offset(config):
+  """--student_seed relative to the base seed (None: the default, seed + 1)."""
+  student, seed = config.get("student_seed"), config.get("seed", 0)
+  return None if student is None else student - seed
+
+
 def check_one_experiment(runs):
   """Raises errors.UsageError unless the runs are seeds of one experiment.
 
   A mean ± std is only a seed spread when every run trained the same recipe
-  (config.json equal but for the seed, --baseline and what may change on resume,
-  config.NON_EXPERIMENT_FIELDS) and each seed counts once (a copied run directory
+  (config.json equal but for the seed, --student_seed moved with it as --seeds does,
+  --baseline and what may change on resume, config.NON_EXPERIMENT_FIELDS) and each seed counts once (a copied run directory
   passed beside its original would be counted twice).
   """
   first = config_from_dict(runs[0].config)
   seen = {}
   for r in runs:
-    diff = [k for k in first.experiment_diff(r.config) if k not in ("seed", "baseline", "resolved")]
+    diff = [k for k in first.experiment_diff(r.config) if k not in ("seed", "baseline", "resolved", "student_seed")]
+    if _student_offset(runs[0].config) != _student_offset(r.config):  # --seeds moves it with the seed
+      diff.append("student_seed")
     if diff:
-      shown = ", ".join(f"--{k} {runs[0].config.get(k)} vs {r.config.get(k)}" for k in diff[:3])
+      def value(config, k):
+        if k != "student_seed":
+          return config.get(k)
+        off = _student_offset(config)
+        return "seed+1" if off is None else f"seed{off:+d}"
+      shown = ", ".join(f"--{k} {value(runs[0].config, k)} vs {value(r.config, k)}" for k in diff[:3])
       raise errors.UsageError(f"{runs[0].path} and {r.path} are different experiments ({shown}): "
                               "summarise the seeds of one experiment at a time")
     seed = r.config.get("seed")

@@ -61,8 +61,12 @@ class RunDir:
     Every check (lock, experiment flags, finished generations' SavedModels) runs
     before anything but the lock file is written, so a refused run changes nothing.
     """
-    os.makedirs(self.path, exist_ok=True)
-    fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # config.check_paths cannot foresee every refusal (root under /proc, a full disk, NFS)
+      os.makedirs(self.path, exist_ok=True)
+      fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise errors.RunDirError(f"{self.path} cannot be created or written ({e.strerror or type(e).__name__}): "
+                               "pass another --run_dir, or free space there") from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -19,6 +19,7 @@ import time
 from absl import flags
 import pytest
 
+from ban_tf import errors
 from ban_tf import main
 from tests.conftest import REPO, SHARED_TFDS
 from tests.conftest import run_main
@@ -228,6 +229,13 @@ def test_second_process_is_refused_and_a_killed_holder_frees_the_lock(monkeypatc
   fv(["ban_tf"] + argv)
   with rundir.RunDir(run_dir, main.config_from_flags(fv)) as run:  # not stuck
     assert open(os.path.join(run.path, rundir.LOCK_FILE)).read() == f"pid {os.getpid()} on {os.uname()[1]}"
+
+
+def test_run_dir_that_cannot_be_made_is_a_usage_error():
+  """A run_dir the path checks pass but mkdir refuses (root under /proc): one error line, no traceback."""
+  from ban_tf import config, rundir  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.RunDirError, match=r"/proc/ban_tf_nonexistent/run cannot be created or written"):
+    rundir.RunDir("/proc/ban_tf_nonexistent/run", config.Config(arch="tiny")).open()
 
 
 # ---- full disk --------------------------------------------------------------------

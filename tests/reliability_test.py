@@ -431,6 +431,17 @@ def test_evaluate_flags_are_validated(finished, capsys, argv, needles):
   _error_line(err, *needles)
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--run_dir=/no/run", "--images=a.png", "--top_k=2"], "--images, --top_k does not apply to --run_dir"),
+    (["--saved_model=/no/model", "--images=a.png", "--split=val"], "--split does not apply to --saved_model"),
+])
+def test_evaluate_refuses_a_flag_of_the_other_mode(capsys, argv, needle):
+  """--run_dir=R --images=a.png re-evaluated the whole run and ignored the images."""
+  code, _, err = _evaluate(argv, capsys)
+  assert code == 2
+  _error_line(err, needle)
+
+
 def test_evaluate_a_seeds_parent_names_its_seed_runs(tmp_path, capsys):
   """A --seeds parent (config.json, seed_S/ runs, no gen_k/) is named as such, before any data is read."""
   cfg = config_lib.Config(dataset="no_such_dataset", arch="tiny", seeds=2)

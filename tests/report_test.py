@@ -22,11 +22,11 @@ from ban_tf import report
 from tests.conftest import REPO
 
 
-def _fake_run(path, seed, test_errors, val=True, epochs=3, baseline=None):
+def _fake_run(path, seed, test_errors, val=True, epochs=3, baseline=None, student_seed=None):
   """A run dir as ban_tf.main leaves it: teacher, BAN-1, BAN-2 and BANE-2."""
   os.makedirs(path)
   cfg = config_lib.Config(dataset="fashion_mnist", arch="tiny", gens=2, epochs=epochs, seed=seed,
-                          val_examples=100 if val else 0, run_dir=path)
+                          val_examples=100 if val else 0, run_dir=path, student_seed=student_seed)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg.to_dict(), f)
   rng = np.random.RandomState(seed)
@@ -138,6 +138,13 @@ def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
   with pytest.raises(errors.UsageError, match="both seed 0"):
     report.write_report([a, copy], str(tmp_path / "out"), hparams=False)
   assert not os.path.exists(tmp_path / "out")  # refused before anything is written
+  # --seeds=2 --student_seed=11 writes seed_0 (students from 11) and seed_100 (from 111): one experiment.
+  s0 = _fake_run(str(tmp_path / "s0"), 0, [0.2, 0.18, 0.17, 0.16], student_seed=11)
+  s100 = _fake_run(str(tmp_path / "s100"), 100, [0.2, 0.18, 0.17, 0.16], student_seed=111)
+  report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
+  s1 = _fake_run(str(tmp_path / "s1"), 1, [0.2, 0.18, 0.17, 0.16], student_seed=11)
+  with pytest.raises(errors.UsageError, match=r"different experiments \(--student_seed seed\+11 vs seed\+10\)"):
+    report.write_report([s0, s1], str(tmp_path / "out2"), hparams=False)
 
 
 def test_summary_row_of_one_run_shows_no_spread(tmp_path):
