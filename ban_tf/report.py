@@ -116,9 +116,11 @@ def check_one_experiment(runs):
   passed beside its original would be counted twice).
   """
   first = config_from_dict(runs[0].config)
+  known = set(first.to_dict())  # a key only an older config.json has is not compared
   seen = {}
   for r in runs:
-    diff = [k for k in first.experiment_diff(r.config) if k not in ("seed", "baseline", "resolved", "student_seed")]
+    diff = [k for k in first.experiment_diff(r.config)
+            if k in known and k not in ("seed", "baseline", "resolved", "student_seed")]
     if _student_offset(runs[0].config) != _student_offset(r.config):  # --seeds moves it with the seed
       diff.append("student_seed")
     if diff:

@@ -142,6 +142,11 @@ def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
   s0 = _fake_run(str(tmp_path / "s0"), 0, [0.2, 0.18, 0.17, 0.16], student_seed=11)
   s100 = _fake_run(str(tmp_path / "s100"), 100, [0.2, 0.18, 0.17, 0.16], student_seed=111)
   report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
+  for path in (s0, s100):  # a key only an older config.json has (a flag since removed) is not compared
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(dict(cfg, removed_flag=path), f)
+  report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
   s1 = _fake_run(str(tmp_path / "s1"), 1, [0.2, 0.18, 0.17, 0.16], student_seed=11)
   with pytest.raises(errors.UsageError, match=r"different experiments \(--student_seed seed\+11 vs seed\+10\)"):
     report.write_report([s0, s1], str(tmp_path / "out2"), hparams=False)
