@@ -65,8 +65,9 @@ def _op_determinism_ends_with_its_test():
     tf_config.disable_op_determinism()
 
 
-def run_main(monkeypatch, capsys, argv):
-  """Runs the binary's main() in this process on its own FlagValues; returns (exit code, stdout, stderr).
+def call_main(mp, argv):
+  """The binary's main() in this process on its own FlagValues (set into ban_tf.main
+  with the MonkeyPatch `mp`); returns its exit code (0 when it returns).
 
   The callers' test targets depend on ban_tf.main, hence the import here rather than at the top.
   """
@@ -75,12 +76,29 @@ def run_main(monkeypatch, capsys, argv):
   fv = flags.FlagValues()
   main.define_flags(fv)
   fv(["ban_tf"] + argv)
-  monkeypatch.setattr(main, "FLAGS", fv)
-  capsys.readouterr()
+  mp.setattr(main, "FLAGS", fv)
   try:
     main.main(["ban_tf"])
-    code = 0
+    return 0
   except SystemExit as e:
-    code = e.code
+    return e.code
+
+
+def run_main(monkeypatch, capsys, argv):
+  """Runs the binary's main() in this process (call_main); returns (exit code, stdout, stderr)."""
+  capsys.readouterr()
+  code = call_main(monkeypatch, argv)
   out = capsys.readouterr()
   return code, out.out, out.err
+
+
+def run_main_once(argv, env=None):
+  """call_main for module-scoped fixtures (no function-scoped monkeypatch there): `env`
+  set while it runs; FLAGS and the environment restored after. Returns the exit code."""
+  mp = pytest.MonkeyPatch()
+  for key, value in (env or {}).items():
+    mp.setenv(key, value)
+  try:
+    return call_main(mp, argv)
+  finally:
+    mp.undo()

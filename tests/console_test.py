@@ -102,12 +102,18 @@ def test_signal_prints_one_line_exits_128_plus_signum_and_rerun_resumes(monkeypa
   assert os.path.exists(os.path.join(gen0, "DONE"))
 
 
-def test_progress_line_has_generation_epoch_elapsed_and_eta():
+def _progress_for_ban1():
+  """(a BAN-1 generation stand-in, console.Progress of 9 epochs over 2 generations, its printed lines)."""
   class Gen:
     gen, role, out_dir = 1, "BAN-1", "/x/gen_1"
   lines = []
   p = console.Progress(total_epochs=9, gens=2, out=None)
   p.print = lines.append
+  return Gen, p, lines
+
+
+def test_progress_line_has_generation_epoch_elapsed_and_eta():
+  Gen, p, lines = _progress_for_ban1()
   p.t0 -= 30  # 30 s since the run started
   p.skip(3)  # the teacher was done before
   p.generation(Gen, "tiny", first_epoch=1, epochs=3)  # BAN-1 resumes at epoch 2
@@ -119,11 +125,7 @@ def test_progress_line_has_generation_epoch_elapsed_and_eta():
 
 
 def test_interrupted_after_the_last_epoch_says_evaluation_not_an_epoch_past_the_end():
-  class Gen:
-    gen, role, out_dir = 1, "BAN-1", "/x/gen_1"
-  lines = []
-  p = console.Progress(total_epochs=9, gens=2, out=None)
-  p.print = lines.append
+  Gen, p, lines = _progress_for_ban1()
   p.generation(Gen, "tiny", first_epoch=2, epochs=3)
   p.epoch_end(Gen, 2, 3, {"loss": 1.5}, 0.02)  # the last epoch: evaluation and export follow
   assert p.where == "gen_1 evaluation (all 3 epochs trained)"

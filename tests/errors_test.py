@@ -23,6 +23,7 @@ from ban_tf import errors
 from ban_tf import main
 from tests.conftest import REPO, SHARED_TFDS
 from tests.conftest import run_main
+from tests.conftest import run_main_once
 
 BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
         "--batch_size=32", "--epochs=1", "--gens=0", "--verbose=0"]
@@ -125,15 +126,7 @@ def test_bad_flag_through_the_binary_exits_2():
 def finished(tmp_path_factory):
   """A finished teacher-only run (gen 0 DONE), made in-process once."""
   run_dir = str(tmp_path_factory.mktemp("finished") / "run")
-  mp = pytest.MonkeyPatch()
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  fv(["ban_tf"] + BASE + [f"--run_dir={run_dir}"])
-  mp.setattr(main, "FLAGS", fv)
-  try:
-    main.main(["ban_tf"])
-  finally:
-    mp.undo()
+  assert run_main_once(BASE + [f"--run_dir={run_dir}"]) == 0
   assert os.path.exists(os.path.join(run_dir, "gen_0", "DONE"))
   return run_dir
 

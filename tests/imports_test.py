@@ -110,14 +110,20 @@ def _build_libraries():
   return out
 
 
-def test_build_deps_mirror_imports():
-  """Each ban_tf module's BUILD library lists the library of every ban_tf module it imports."""
-  libs = _build_libraries()
-  target_of = {}
+def _target_of(libs):
+  """{module: BUILD target whose srcs hold it} for `_build_libraries()`."""
+  out = {}
   for target, (srcs, _) in libs.items():
     for src in srcs:
       module = src[:-3].replace("/", ".")
-      target_of[module[:-len(".__init__")] if module.endswith(".__init__") else module] = target
+      out[module[:-len(".__init__")] if module.endswith(".__init__") else module] = target
+  return out
+
+
+def test_build_deps_mirror_imports():
+  """Each ban_tf module's BUILD library lists the library of every ban_tf module it imports."""
+  libs = _build_libraries()
+  target_of = _target_of(libs)
   missing = []
   for module, deps in import_graph().items():
     if module not in target_of:
@@ -174,11 +180,7 @@ def test_build_test_targets_reach_every_module_they_import():
   import re  # pylint: disable=g-import-not-at-top
   text = open(os.path.join(REPO, "BUILD")).read()
   libs = _build_libraries()
-  target_of = {}
-  for target, (srcs, _) in libs.items():
-    for src in srcs:
-      module = src[:-3].replace("/", ".")
-      target_of[module[:-len(".__init__")] if module.endswith(".__init__") else module] = target
+  target_of = _target_of(libs)
   missing, checked = [], 0
   for block in re.findall(r"pytest_test\((.*?)\n\)", text, re.S):
     name = re.search(r'name = "(\w+)"', block).group(1)

@@ -23,6 +23,7 @@ from ban_tf import evaluate
 from ban_tf import main
 from tests.conftest import SHARED_TFDS
 from tests.conftest import run_main
+from tests.conftest import run_main_once
 
 BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
         "--test_split=test[:256]", "--batch_size=32", "--epochs=1", "--verbose=0", "--deterministic"]
@@ -58,19 +59,8 @@ def _error_line(stderr, *needles):
 
 def _make(tmp_path_factory, name, argv, fault=None):
   run_dir = str(tmp_path_factory.mktemp(name) / "run")
-  mp = pytest.MonkeyPatch()
-  if fault:
-    mp.setenv("BAN_TF_FAULT", fault)
-  fv = flags.FlagValues()
-  main.define_flags(fv)
-  fv(["ban_tf"] + argv + [f"--run_dir={run_dir}"])
-  mp.setattr(main, "FLAGS", fv)
-  try:
-    main.main(["ban_tf"])
-  except SystemExit as e:
-    assert fault and e.code == 2, e.code
-  finally:
-    mp.undo()
+  code = run_main_once(argv + [f"--run_dir={run_dir}"], {"BAN_TF_FAULT": fault} if fault else None)
+  assert code == 0 or (fault and code == 2), code
   return run_dir
 
 
