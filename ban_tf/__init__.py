@@ -15,6 +15,7 @@ def onednn_enabled():
   """Whether TensorFlow's oneDNN CPU kernels are on in this process (None: unknown)."""
   try:
     from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+
     return bool(_pywrap_util_port.IsMklEnabled())
   except (ImportError, AttributeError):
     return None

@@ -17,13 +17,13 @@ import math
 import re
 
 ARCH_HELP = (
-    "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
-    "(D-4)//6 layers per block, e.g. densenet-90-60) or densenet-L1-L2-L3-K (layers per block), "
-    "either with an optional -cTHETA compression (e.g. densenet-90-60-c0.25), "
-    "preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
-    "and explicit widths wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (U units per stage, "
-    "stem S, stage widths W, optional final 1x1 conv to F channels), or the teacher-matched "
-    "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch)"
+  "wrn-D-K (D = 6n+4, e.g. wrn-28-10), densenet-D-K (DenseNet-BC, even D >= 10, "
+  "(D-4)//6 layers per block, e.g. densenet-90-60) or densenet-L1-L2-L3-K (layers per block), "
+  "either with an optional -cTHETA compression (e.g. densenet-90-60-c0.25), "
+  "preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
+  "and explicit widths wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (U units per stage, "
+  "stem S, stage widths W, optional final 1x1 conv to F channels), or the teacher-matched "
+  "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch)"
 )
 
 _WRN_RE = re.compile(r"^wrn-(\d+)-(\d+)$")
@@ -69,16 +69,27 @@ def parse_arch(arch: str) -> dict:
       raise _bad(arch, f"wrn depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
     if widen < 1:
       raise _bad(arch, f"wrn widen factor must be >= 1, got {widen}")
-    return {"family": "wrn", "name": a.replace("-", "_"), "depth": depth, "widen": widen,
-            "blocks_per_stage": (depth - 4) // 6}
+    return {
+      "family": "wrn",
+      "name": a.replace("-", "_"),
+      "depth": depth,
+      "widen": widen,
+      "blocks_per_stage": (depth - 4) // 6,
+    }
   if m := _DENSENET_RE.match(a):
     return _parse_densenet(arch, a, m)
   if m := _PREACT_RE.match(a):
     depth = int(m[1])
     if depth < 8 or (depth - 2) % 6:
-      raise _bad(arch, f"preact-resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
-    return {"family": "preact_resnet", "name": a.replace("-", "_"), "depth": depth,
-            "blocks_per_stage": (depth - 2) // 6}
+      raise _bad(
+        arch, f"preact-resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}"
+      )
+    return {
+      "family": "preact_resnet",
+      "name": a.replace("-", "_"),
+      "depth": depth,
+      "blocks_per_stage": (depth - 2) // 6,
+    }
   if m := _WIDTHS_RE.match(a):
     units, stem = int(m[2]), int(m[3])
     widths = (int(m[4]), int(m[5]), int(m[6]))
@@ -87,12 +98,20 @@ def parse_arch(arch: str) -> dict:
       raise _bad(arch, "units, stem and widths must be >= 1")
     if m[1] == "prebw" and min(widths) < 4:
       raise _bad(arch, "bottleneck stage widths must be >= 4 (the bottleneck is width / 4)")
-    return {"family": "wrn_widths" if m[1] == "wrnw" else "preact_bottleneck",
-            "name": a.replace("-", "_"), "units": units, "stem": stem, "widths": widths,
-            "out": out}
+    return {
+      "family": "wrn_widths" if m[1] == "wrnw" else "preact_bottleneck",
+      "name": a.replace("-", "_"),
+      "units": units,
+      "stem": stem,
+      "widths": widths,
+      "out": out,
+    }
   if _MATCH_RE.match(a):
-    raise _bad(arch, "a -match- student needs a DenseNet teacher: resolve it with "
-                     "models.resolve_arch(arch, teacher_arch, ratio) (--arch with --teacher_arch)")
+    raise _bad(
+      arch,
+      "a -match- student needs a DenseNet teacher: resolve it with "
+      "models.resolve_arch(arch, teacher_arch, ratio) (--arch with --teacher_arch)",
+    )
   raise _bad(arch, "unknown or malformed architecture name")
 
 
@@ -109,7 +128,10 @@ def _parse_densenet(arch: str, a: str, m) -> dict:
   if m[3] is None:
     depth, growth = int(m[1]), int(m[2])
     if depth < 10 or (depth - 4) % 2:
-      raise _bad(arch, f"densenet depth must be even and >= 10 ((depth - 4) // 6 layers per block), got {depth}")
+      raise _bad(
+        arch,
+        f"densenet depth must be even and >= 10 ((depth - 4) // 6 layers per block), got {depth}",
+      )
     layers = densenet_layers(depth)
   else:
     layers, growth = (int(m[1]), int(m[2]), int(m[3])), int(m[4])
@@ -121,8 +143,14 @@ def _parse_densenet(arch: str, a: str, m) -> dict:
   compression = float(m[5]) if m[5] else DENSENET_COMPRESSION
   if not 0 < compression <= 1:
     raise _bad(arch, f"densenet compression must be in (0, 1], got {m[5]}")
-  return {"family": "densenet", "name": a.replace("-", "_").replace(".", "p"), "depth": depth,
-          "growth": growth, "layers_per_block": layers, "compression": compression}
+  return {
+    "family": "densenet",
+    "name": a.replace("-", "_").replace(".", "p"),
+    "depth": depth,
+    "growth": growth,
+    "layers_per_block": layers,
+    "compression": compression,
+  }
 
 
 def with_compression(arch: str, compression: float) -> str:
@@ -217,8 +245,10 @@ def resolve_arch(arch: str, teacher_arch: str | None, ratio: float = 1.0) -> str
   if not m:
     return arch
   if not teacher_arch or parse_arch(teacher_arch)["family"] != "densenet":
-    raise ValueError(f"{arch!r} matches a DenseNet teacher's widths: set --teacher_arch=densenet-D-K "
-                     f"(got {teacher_arch!r})")
+    raise ValueError(
+      f"{arch!r} matches a DenseNet teacher's widths: set --teacher_arch=densenet-D-K "
+      f"(got {teacher_arch!r})"
+    )
   if not 0 < ratio <= 4:
     raise ValueError(f"width ratio must be in (0, 4], got {ratio}")
   w = densenet_widths(teacher_arch)
@@ -243,11 +273,23 @@ def param_count(arch: str, num_classes: int, channels: int = 3) -> int:
   else:
     if family == "wrn":
       k = spec["widen"]
-      spec = dict(spec, family="wrn_widths", stem=16, widths=(16 * k, 32 * k, 64 * k),
-                  units=spec["blocks_per_stage"], out=None)
+      spec = dict(
+        spec,
+        family="wrn_widths",
+        stem=16,
+        widths=(16 * k, 32 * k, 64 * k),
+        units=spec["blocks_per_stage"],
+        out=None,
+      )
     elif family == "preact_resnet":
-      spec = dict(spec, family="wrn_widths", stem=16, widths=(16, 32, 64),
-                  units=spec["blocks_per_stage"], out=None)
+      spec = dict(
+        spec,
+        family="wrn_widths",
+        stem=16,
+        widths=(16, 32, 64),
+        units=spec["blocks_per_stage"],
+        out=None,
+      )
     c, n = _widths_resnet_params(spec, channels)
   return n + 2 * c + c * num_classes + num_classes  # final BN, then the classifier
 
@@ -293,10 +335,22 @@ def _widths_resnet_params(spec, channels):
 LM_ARCH_HELP = "lstm-L-H (e.g. lstm-1-1500), cnn-lstm, cnn-lstm-small, cnn-lstm-large"
 _LSTM_RE = re.compile(r"^lstm-(\d+)-(\d+)$")
 CNN_LSTM = {
-    "small": dict(char_dim=15, widths=(1, 2, 3, 4, 5, 6), filters=tuple(25 * w for w in range(1, 7)),
-                  highway=1, layers=2, units=300),
-    "large": dict(char_dim=15, widths=(1, 2, 3, 4, 5, 6, 7),
-                  filters=tuple(min(200, 50 * w) for w in range(1, 8)), highway=2, layers=2, units=650),
+  "small": dict(
+    char_dim=15,
+    widths=(1, 2, 3, 4, 5, 6),
+    filters=tuple(25 * w for w in range(1, 7)),
+    highway=1,
+    layers=2,
+    units=300,
+  ),
+  "large": dict(
+    char_dim=15,
+    widths=(1, 2, 3, 4, 5, 6, 7),
+    filters=tuple(min(200, 50 * w) for w in range(1, 8)),
+    highway=2,
+    layers=2,
+    units=650,
+  ),
 }
 
 
@@ -306,7 +360,9 @@ def parse_lm_arch(arch: str) -> dict:
   if m := _LSTM_RE.match(a):
     layers, units = int(m[1]), int(m[2])
     if layers < 1 or units < 1:
-      raise ValueError(f"Bad arch {arch!r}: lstm needs >= 1 layer of >= 1 unit. Accepted forms: {LM_ARCH_HELP}.")
+      raise ValueError(
+        f"Bad arch {arch!r}: lstm needs >= 1 layer of >= 1 unit. Accepted forms: {LM_ARCH_HELP}."
+      )
     return {"family": "lstm", "layers": layers, "units": units, "name": a.replace("-", "_")}
   if a in ("cnn-lstm", "cnn-lstm-small", "cnn-lstm-large"):
     size = "small" if a.endswith("small") else "large"

@@ -61,13 +61,22 @@ FLAGS = flags.FLAGS
 
 
 # The machine-readable last line of the step benchmark, in order.
-RESULT_KEYS = ("supervised_img_s", "distill_img_s", "input_img_s", "ratio", "peak_rss_mb",
-               "input_host_aug_img_s", "input_device_aug_img_s", "augment_img_s")
+RESULT_KEYS = (
+  "supervised_img_s",
+  "distill_img_s",
+  "input_img_s",
+  "ratio",
+  "peak_rss_mb",
+  "input_host_aug_img_s",
+  "input_device_aug_img_s",
+  "augment_img_s",
+)
 
 
 def define_flags(fv=FLAGS):
   """The training binary's flags plus the benchmark's own."""
   from ban_tf import main  # pylint: disable=g-import-not-at-top
+
   main.define_flags(fv)
   fv.set_default("dataset", "synthetic")
   fv.set_default("epochs", 200)
@@ -75,17 +84,33 @@ def define_flags(fv=FLAGS):
   d.DEFINE_integer("steps", 30, "[bench] Timed train steps per repetition.")
   d.DEFINE_integer("reps", 5, "[bench] Repetitions; the median is reported.")
   d.DEFINE_integer("warmup", 3, "[bench] Untimed executions before timing (tracing, caches).")
-  d.DEFINE_integer("input_batches", 0, "[bench] Batches per input-pipeline repetition (0 = one epoch).")
+  d.DEFINE_integer(
+    "input_batches", 0, "[bench] Batches per input-pipeline repetition (0 = one epoch)."
+  )
   d.DEFINE_bool("mock_data", False, "[bench] Use tfds mock data (random pixels) for --dataset.")
   d.DEFINE_list("image_shape", ["32", "32", "3"], "[bench] Image shape for --dataset=synthetic.")
   d.DEFINE_integer("num_classes", 10, "[bench] Classes for --dataset=synthetic.")
-  d.DEFINE_integer("inter_op_threads", 0, "[bench] tf.config.threading inter-op threads (0 = TF default).")
-  d.DEFINE_integer("intra_op_threads", 0, "[bench] tf.config.threading intra-op threads (0 = TF default).")
-  d.DEFINE_bool("keras_baseline", True, "[bench] Also time a plain Keras compile()/fit step of the student.")
-  d.DEFINE_string("compare_precision", "", "[bench] bf16|fp16: also time the supervised and distill steps "
-                  "under that mixed policy (teacher exported under it too), interleaved with the others.")
-  d.DEFINE_bool("whole_run", False, "[bench] Time a whole real run (the training binary's flags, in a "
-                "temporary --run_dir) and split its wall time into phases, instead of the step benchmark.")
+  d.DEFINE_integer(
+    "inter_op_threads", 0, "[bench] tf.config.threading inter-op threads (0 = TF default)."
+  )
+  d.DEFINE_integer(
+    "intra_op_threads", 0, "[bench] tf.config.threading intra-op threads (0 = TF default)."
+  )
+  d.DEFINE_bool(
+    "keras_baseline", True, "[bench] Also time a plain Keras compile()/fit step of the student."
+  )
+  d.DEFINE_string(
+    "compare_precision",
+    "",
+    "[bench] bf16|fp16: also time the supervised and distill steps "
+    "under that mixed policy (teacher exported under it too), interleaved with the others.",
+  )
+  d.DEFINE_bool(
+    "whole_run",
+    False,
+    "[bench] Time a whole real run (the training binary's flags, in a "
+    "temporary --run_dir) and split its wall time into phases, instead of the step benchmark.",
+  )
 
 
 def peak_rss_mb():
@@ -96,6 +121,7 @@ def peak_rss_mb():
 def describe_device():
   """One line: the device the steps run on and the thread settings."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   gpus = tf.config.list_physical_devices("GPU")
   if gpus:
     details = tf.config.experimental.get_device_details(gpus[0])
@@ -105,14 +131,19 @@ def describe_device():
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   inter = tf.config.threading.get_inter_op_parallelism_threads()
   intra = tf.config.threading.get_intra_op_parallelism_threads()
+
   def show(n):
     return f"{n}" if n else f"auto({cores})"
-  return (f"device={device} cpu_cores_available={cores} inter_op_threads={show(inter)} "
-          f"intra_op_threads={show(intra)} onednn={ban_tf.onednn_enabled()} tf={tf.__version__}")
+
+  return (
+    f"device={device} cpu_cores_available={cores} inter_op_threads={show(inter)} "
+    f"intra_op_threads={show(intra)} onednn={ban_tf.onednn_enabled()} tf={tf.__version__}"
+  )
 
 
 def _fixed_batch_iterator(model, batch):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   ds = tf.data.Dataset.from_tensors(tuple(batch)).repeat()
   return iter(model.distribute_strategy.experimental_distribute_dataset(ds))
 
@@ -146,18 +177,28 @@ def _build_distiller(cfg, dataset, teacher, steps_per_epoch, seed, augment=None)
   from ban_tf import losses  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+
   task = tasks.get(cfg.task)
   keras.utils.set_random_seed(seed)
   student = task.build_model(cfg.arch, dataset, dropout=cfg.dropout, name=f"student{seed}")
   objective = cfg.objective() if teacher is not None else losses.Objective.labels_only()
   # Logit objectives only: feature matching / shared stems are not what this bench times.
   model = distiller.Distiller(
-      student, teacher, loss=objective.loss, temperature=objective.temperature,
-      kd_weight=objective.kd_weight, label_weight=objective.label_weight,
-      weight_decay=cfg.weight_decay, seed=seed, clip_norm=cfg.clip_norm, augment=augment)
+    student,
+    teacher,
+    loss=objective.loss,
+    temperature=objective.temperature,
+    kd_weight=objective.kd_weight,
+    label_weight=objective.label_weight,
+    weight_decay=cfg.weight_decay,
+    seed=seed,
+    clip_norm=cfg.clip_norm,
+    augment=augment,
+  )
   optimizer = task.make_optimizer(cfg, steps_per_epoch)
-  model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
-                jit_compile=cfg.jit_compile)
+  model.compile(
+    optimizer=optimizer, steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile
+  )
   return model
 
 
@@ -165,12 +206,16 @@ def _build_keras_baseline(cfg, dataset, steps_per_epoch):
   """The student under plain `compile(loss=...)`: Keras' own train_step."""
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+
   task = tasks.get(cfg.task)
   keras.utils.set_random_seed(cfg.seed)
   student = task.build_model(cfg.arch, dataset, dropout=cfg.dropout, name="keras_baseline")
-  student.compile(optimizer=task.make_optimizer(cfg, steps_per_epoch),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile)
+  student.compile(
+    optimizer=task.make_optimizer(cfg, steps_per_epoch),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    steps_per_execution=cfg.steps_per_execution,
+    jit_compile=cfg.jit_compile,
+  )
   return student
 
 
@@ -209,14 +254,16 @@ def time_input(dataset, cfg, reps, input_batches, device_augment=False):
   """
   kw = {"device_augment": True} if device_augment else {}
   t0 = time.perf_counter()
-  ds, steps = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment,
-                            epochs=cfg.epochs, **kw)
+  ds, steps = dataset.train(
+    cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, epochs=cfg.epochs, **kw
+  )
   build_s = time.perf_counter() - t0
   per_rep = input_batches or steps
   needed = 1 + -(-reps * per_rep // steps)  # warm-up epoch + the timed batches
   if needed > cfg.epochs:
-    ds, _ = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, epochs=needed,
-                          **kw)
+    ds, _ = dataset.train(
+      cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, epochs=needed, **kw
+    )
   it = iter(ds)
   for _ in range(steps):  # warm-up: one epoch fills the cache
     next(it)
@@ -233,6 +280,7 @@ def time_augment(images, indices, seed, mode, reps, steps):
   """Median images/s of `data.augment_batch` alone, compiled, on one batch (in-step cost)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
+
   fn = tf.function(lambda x, i: tf.reduce_sum(data.augment_batch(x, i, seed, mode)))
   images, indices = tf.constant(images), tf.constant(indices)
   float(fn(images, indices))  # trace
@@ -246,8 +294,19 @@ def time_augment(images, indices, seed, mode, reps, steps):
   return _median_rate(samples, int(images.shape[0]))
 
 
-def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=(32, 32, 3),
-        num_classes=10, keras_baseline=True, compare_precision="", out=sys.stdout):
+def run(
+  cfg,
+  steps,
+  reps,
+  warmup,
+  input_batches=0,
+  mock_data=False,
+  image_shape=(32, 32, 3),
+  num_classes=10,
+  keras_baseline=True,
+  compare_precision="",
+  out=sys.stdout,
+):
   """Runs the benchmark; prints a report and returns the figures as a dict."""
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -267,16 +326,21 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
   strategy = main.make_strategy(cfg.num_cpu_devices)
   if cfg.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(
-        "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "mixed_float16")
+      "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "mixed_float16"
+    )
   say(describe_device())
-  say(f"arch={cfg.arch} batch_size={cfg.batch_size} steps={steps} reps={reps} warmup={warmup} "
-      f"steps_per_execution={cfg.steps_per_execution} jit_compile={cfg.jit_compile} "
-      f"mixed_precision={cfg.mixed_precision} replicas={strategy.num_replicas_in_sync} "
-      f"weight_decay={cfg.weight_decay} loss={cfg.resolved_loss} augment={cfg.resolved_augment} "
-      f"device_augment={cfg.resolved_device_augment}")
+  say(
+    f"arch={cfg.arch} batch_size={cfg.batch_size} steps={steps} reps={reps} warmup={warmup} "
+    f"steps_per_execution={cfg.steps_per_execution} jit_compile={cfg.jit_compile} "
+    f"mixed_precision={cfg.mixed_precision} replicas={strategy.num_replicas_in_sync} "
+    f"weight_decay={cfg.weight_decay} loss={cfg.resolved_loss} augment={cfg.resolved_augment} "
+    f"device_augment={cfg.resolved_device_augment}"
+  )
 
   dataset = None
-  mock = tfds_mock(num_examples=cfg.train_examples or 50000) if mock_data else contextlib.nullcontext()
+  mock = (
+    tfds_mock(num_examples=cfg.train_examples or 50000) if mock_data else contextlib.nullcontext()
+  )
   results = {}
   with mock:
     if cfg.dataset == "synthetic":
@@ -290,42 +354,61 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
     else:
       dataset = source = data.Dataset.from_config(cfg)
       info = dataset.info
-      ds, steps_per_epoch = dataset.train(cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment,
-                                          device_augment=True)
+      ds, steps_per_epoch = dataset.train(
+        cfg.batch_size, seed=cfg.seed, augment=cfg.resolved_augment, device_augment=True
+      )
       x, y, idx = (t.numpy() for t in next(iter(ds)))
     on_device = cfg.resolved_device_augment
     # The timed steps see what training sees: uint8 pixels augmented in the step, or
     # the host's augmented float32 pixels.
-    batch = (x, y, idx) if on_device else (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y)
-    augment = (lambda im, i: data.augment_batch(im, i, cfg.seed, cfg.resolved_augment)) if on_device else None
-    say(f"data={info.name}{' (tfds mock)' if mock_data else ''} image_shape={info.image_shape} "
-        f"classes={info.num_classes}")
+    batch = (
+      (x, y, idx) if on_device else (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y)
+    )
+    augment = (
+      (lambda im, i: data.augment_batch(im, i, cfg.seed, cfg.resolved_augment))
+      if on_device
+      else None
+    )
+    say(
+      f"data={info.name}{' (tfds mock)' if mock_data else ''} image_shape={info.image_shape} "
+      f"classes={info.num_classes}"
+    )
 
     tmp = tempfile.mkdtemp(prefix="ban_bench_")
     try:
       with strategy.scope():
         teacher_model = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed + 100).student
       spec = tasks.get(cfg.task).spec(source)
-      export.export_saved_model(teacher_model, os.path.join(tmp, "teacher"), spec.input_shape, spec=spec)
-      teacher = export.load_teacher(os.path.join(tmp, "teacher"), strategy, expected_classes=spec.num_outputs)
+      export.export_saved_model(
+        teacher_model, os.path.join(tmp, "teacher"), spec.input_shape, spec=spec
+      )
+      teacher = export.load_teacher(
+        os.path.join(tmp, "teacher"), strategy, expected_classes=spec.num_outputs
+      )
       with strategy.scope():
         supervised = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed, augment)
         distill = _build_distiller(cfg, source, teacher, steps_per_epoch, cfg.seed + 1, augment)
         baseline = _build_keras_baseline(cfg, source, steps_per_epoch) if keras_baseline else None
       timers = {"supervised": StepTimer(supervised, batch), "distill": StepTimer(distill, batch)}
       if baseline is not None:  # Keras' own step: host-augmented float32 pixels
-        timers["keras_fit"] = StepTimer(baseline, (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y))
+        timers["keras_fit"] = StepTimer(
+          baseline, (data.augment_batch(x, idx, cfg.seed, cfg.resolved_augment), y)
+        )
       if compare_precision:  # the same steps under a mixed policy, teacher exported under it
         policy = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(
-            "mixed_bfloat16" if compare_precision == "bf16" else "mixed_float16")
+          "mixed_bfloat16" if compare_precision == "bf16" else "mixed_float16"
+        )
         try:
           with strategy.scope():
-            low_teacher = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed + 100).student
+            low_teacher = _build_distiller(
+              cfg, source, None, steps_per_epoch, cfg.seed + 100
+            ).student
           low_teacher.set_weights(teacher_model.get_weights())
           export.export_saved_model(low_teacher, os.path.join(tmp, "teacher_low"), info.image_shape)
-          low = export.load_teacher(os.path.join(tmp, "teacher_low"), strategy,
-                                    expected_classes=info.num_classes)
+          low = export.load_teacher(
+            os.path.join(tmp, "teacher_low"), strategy, expected_classes=info.num_classes
+          )
           with strategy.scope():
             sup_low = _build_distiller(cfg, source, None, steps_per_epoch, cfg.seed, augment)
             dis_low = _build_distiller(cfg, source, low, steps_per_epoch, cfg.seed + 1, augment)
@@ -348,37 +431,60 @@ def run(cfg, steps, reps, warmup, input_batches=0, mock_data=False, image_shape=
         rate = _median_rate(s, cfg.batch_size)
         results[f"{name}_img_s"] = rate
         spread = sorted(cfg.batch_size * n / t for n, t in s)
-        say(f"{name:>15}: {rate:8.1f} img/s  {1000 * cfg.batch_size / rate:7.1f} ms/step  "
-            f"(reps min..max {spread[0]:.1f}..{spread[-1]:.1f})")
+        say(
+          f"{name:>15}: {rate:8.1f} img/s  {1000 * cfg.batch_size / rate:7.1f} ms/step  "
+          f"(reps min..max {spread[0]:.1f}..{spread[-1]:.1f})"
+        )
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
 
     results["ratio"] = results["supervised_img_s"] / results["distill_img_s"]
     say(f"distill/supervised step time: {results['ratio']:.3f} (FLOPs alone: ~1.33)")
     results["augment_img_s"] = time_augment(x, idx, cfg.seed, cfg.resolved_augment, reps, steps)
-    say(f"   augment: {results['augment_img_s']:8.1f} img/s  (data.augment_batch alone, compiled: the "
-        f"in-step cost of --device_augment, {cfg.resolved_augment})")
+    say(
+      f"   augment: {results['augment_img_s']:8.1f} img/s  (data.augment_batch alone, compiled: the "
+      f"in-step cost of --device_augment, {cfg.resolved_augment})"
+    )
     if dataset is not None:
       for where in ("device", "host"):
-        rate, build_s, spe = time_input(dataset, cfg, reps, input_batches, device_augment=where == "device")
+        rate, build_s, spe = time_input(
+          dataset, cfg, reps, input_batches, device_augment=where == "device"
+        )
         results[f"input_{where}_aug_img_s"] = rate
-        say(f"{'input, ' + where + ' aug':>19}: {rate:8.1f} img/s  ({rate / results['supervised_img_s']:.1f}x "
-            f"the supervised step, {rate / results['distill_img_s']:.1f}x the distill step); pipeline of "
-            f"{cfg.epochs} epochs x {spe} steps built in {build_s:.2f}s")
-      results["input_img_s"] = results["input_device_aug_img_s" if on_device else "input_host_aug_img_s"]
+        say(
+          f"{'input, ' + where + ' aug':>19}: {rate:8.1f} img/s  ({rate / results['supervised_img_s']:.1f}x "
+          f"the supervised step, {rate / results['distill_img_s']:.1f}x the distill step); pipeline of "
+          f"{cfg.epochs} epochs x {spe} steps built in {build_s:.2f}s"
+        )
+      results["input_img_s"] = results[
+        "input_device_aug_img_s" if on_device else "input_host_aug_img_s"
+      ]
     else:
-      results["input_img_s"] = results["input_device_aug_img_s"] = results["input_host_aug_img_s"] = float("nan")
+      results["input_img_s"] = results["input_device_aug_img_s"] = results[
+        "input_host_aug_img_s"
+      ] = float("nan")
       say("     input: not measured (--dataset=synthetic)")
   results["peak_rss_mb"] = peak_rss_mb()
   keys = RESULT_KEYS
   if compare_precision:
     for kind in ("supervised", "distill"):
       results[f"{kind}_{compare_precision}_speedup"] = (
-          results[f"{kind}_{compare_precision}_img_s"] / results[f"{kind}_img_s"])
-      say(f"{kind} step, {compare_precision} vs {cfg.mixed_precision}: "
-          f"{results[f'{kind}_{compare_precision}_speedup']:.3f}x (medians, interleaved)")
-    keys += tuple(f"{k}_{compare_precision}_{s}" for s in ("img_s", "speedup") for k in ("supervised", "distill"))
-  say(" ".join(f"{k}={results[k]:.{3 if k == 'ratio' or k.endswith('speedup') else 1}f}" for k in keys))
+        results[f"{kind}_{compare_precision}_img_s"] / results[f"{kind}_img_s"]
+      )
+      say(
+        f"{kind} step, {compare_precision} vs {cfg.mixed_precision}: "
+        f"{results[f'{kind}_{compare_precision}_speedup']:.3f}x (medians, interleaved)"
+      )
+    keys += tuple(
+      f"{k}_{compare_precision}_{s}"
+      for s in ("img_s", "speedup")
+      for k in ("supervised", "distill")
+    )
+  say(
+    " ".join(
+      f"{k}={results[k]:.{3 if k == 'ratio' or k.endswith('speedup') else 1}f}" for k in keys
+    )
+  )
   return results
 
 
@@ -427,6 +533,7 @@ class PhaseClock:
   def wrap(self, owner, attr, name, before=None):
     """Times every call of owner.attr as `name` (calling `before(*args)` first) meanwhile."""
     from unittest import mock  # pylint: disable=g-import-not-at-top
+
     original = getattr(owner, attr)
 
     def timed(*args, **kwargs):
@@ -434,14 +541,26 @@ class PhaseClock:
         before(*args)
       with self.phase(name):
         return original(*args, **kwargs)
+
     with mock.patch.object(owner, attr, timed):
       yield
 
 
 # Phases of --whole_run, in report order; "other" is what none of them covers (strategy
 # and model construction, run-directory bookkeeping, results tables).
-WHOLE_RUN_PHASES = ("startup", "data_open", "pipeline", "teacher_load", "train", "eval",
-                    "checkpoint_tb", "export", "ensemble", "report", "other")
+WHOLE_RUN_PHASES = (
+  "startup",
+  "data_open",
+  "pipeline",
+  "teacher_load",
+  "train",
+  "eval",
+  "checkpoint_tb",
+  "export",
+  "ensemble",
+  "report",
+  "other",
+)
 
 
 def whole_run(cfg, out=sys.stdout):
@@ -480,16 +599,16 @@ def whole_run(cfg, out=sys.stdout):
   cfg = dataclasses.replace(cfg, run_dir=os.path.join(tmp, "run"), overwrite=True)
   logging.set_verbosity(logging.WARNING)
   patches = [
-      clock.wrap(data.Dataset, "__init__", "data_open"),
-      clock.wrap(data.Dataset, "train", "pipeline"),
-      clock.wrap(export, "load_teacher", "teacher_load"),
-      clock.wrap(distiller.Distiller, "fit", "train"),
-      clock.wrap(distiller.Distiller, "evaluate", "eval"),
-      clock.wrap(train.EpochState, "on_epoch_end", "checkpoint_tb", before=count_epoch),
-      clock.wrap(export, "export_saved_model", "export"),
-      clock.wrap(export, "save_keras", "export"),
-      clock.wrap(generations, "evaluate_ensemble", "ensemble"),
-      clock.wrap(report, "write_report", "report"),
+    clock.wrap(data.Dataset, "__init__", "data_open"),
+    clock.wrap(data.Dataset, "train", "pipeline"),
+    clock.wrap(export, "load_teacher", "teacher_load"),
+    clock.wrap(distiller.Distiller, "fit", "train"),
+    clock.wrap(distiller.Distiller, "evaluate", "eval"),
+    clock.wrap(train.EpochState, "on_epoch_end", "checkpoint_tb", before=count_epoch),
+    clock.wrap(export, "export_saved_model", "export"),
+    clock.wrap(export, "save_keras", "export"),
+    clock.wrap(generations, "evaluate_ensemble", "ensemble"),
+    clock.wrap(report, "write_report", "report"),
   ]
   try:
     with contextlib.ExitStack() as stack:
@@ -508,14 +627,23 @@ def whole_run(cfg, out=sys.stdout):
   res["total_s"] = total
   res["train_share"] = s["train"] / total
   res["train_img_s"] = images["n"] / s["train"] if s["train"] else float("nan")
-  print(f"whole run: {cfg.dataset} {cfg.arch} gens={cfg.gens} epochs={cfg.epochs} batch={cfg.batch_size} "
-        f"device_augment={cfg.resolved_device_augment}; {images['n']} training images", file=out)
+  print(
+    f"whole run: {cfg.dataset} {cfg.arch} gens={cfg.gens} epochs={cfg.epochs} batch={cfg.batch_size} "
+    f"device_augment={cfg.resolved_device_augment}; {images['n']} training images",
+    file=out,
+  )
   for k in WHOLE_RUN_PHASES:
     print(f"{k:>14}: {s[k]:7.2f} s  {100 * s[k] / total:5.1f}%", file=out)
   print(f"{'total':>14}: {total:7.2f} s", file=out)
-  print(" ".join([f"train_share={res['train_share']:.3f}", f"total_s={total:.2f}"]
-                 + [f"{k}_s={s[k]:.2f}" for k in WHOLE_RUN_PHASES]
-                 + [f"train_img_s={res['train_img_s']:.1f}"]), file=out, flush=True)
+  print(
+    " ".join(
+      [f"train_share={res['train_share']:.3f}", f"total_s={total:.2f}"]
+      + [f"{k}_s={s[k]:.2f}" for k in WHOLE_RUN_PHASES]
+      + [f"train_img_s={res['train_img_s']:.1f}"]
+    ),
+    file=out,
+    flush=True,
+  )
   return res
 
 
@@ -528,14 +656,18 @@ def tfds_mock(num_examples):
   from unittest import mock  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
-  with mock.patch.object(data, "_online", return_value=True), tfds.testing.mock_data(
-      num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
+
+  with (
+    mock.patch.object(data, "_online", return_value=True),
+    tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE),
+  ):
     yield
 
 
 def main(argv):
   from ban_tf import errors  # pylint: disable=g-import-not-at-top
   from ban_tf import main as main_lib  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     main_lib._fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")  # pylint: disable=protected-access
   try:
@@ -544,15 +676,28 @@ def main(argv):
       raise errors.UsageError("--steps and --reps must be >= 1 and --warmup >= 0")
     shape = tuple(int(s) for s in FLAGS.image_shape)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     if FLAGS.whole_run:
       whole_run(cfg)
       return
     if FLAGS.compare_precision not in ("", "bf16", "fp16"):
-      raise errors.UsageError(f"--compare_precision={FLAGS.compare_precision!r}: use bf16 or fp16 (or leave it empty)")
-    run(cfg, FLAGS.steps, FLAGS.reps, FLAGS.warmup, FLAGS.input_batches, FLAGS.mock_data, shape,
-        FLAGS.num_classes, FLAGS.keras_baseline, FLAGS.compare_precision)
+      raise errors.UsageError(
+        f"--compare_precision={FLAGS.compare_precision!r}: use bf16 or fp16 (or leave it empty)"
+      )
+    run(
+      cfg,
+      FLAGS.steps,
+      FLAGS.reps,
+      FLAGS.warmup,
+      FLAGS.input_batches,
+      FLAGS.mock_data,
+      shape,
+      FLAGS.num_classes,
+      FLAGS.keras_baseline,
+      FLAGS.compare_precision,
+    )
   except errors.UsageError as e:
     main_lib._fail(str(e))  # pylint: disable=protected-access
 

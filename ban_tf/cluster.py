@@ -48,7 +48,8 @@ def is_chief(strategy=None):
 def make_strategy():
   """MultiWorkerMirroredStrategy from TF_CONFIG (ring all-reduce: CPU and GPU)."""
   options = tf.distribute.experimental.CommunicationOptions(
-      implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)
+    implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+  )
   return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 

@@ -29,10 +29,21 @@ AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
 _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 
 # Fields that do not change what is trained: they may differ when a run resumes.
-NON_EXPERIMENT_FIELDS = frozenset({
-    "run_dir", "data_dir", "ptb_dir", "overwrite", "gens", "num_cpu_devices", "verbose",
-    "steps_per_execution", "seeds", "strategy", "device_augment",
-})
+NON_EXPERIMENT_FIELDS = frozenset(
+  {
+    "run_dir",
+    "data_dir",
+    "ptb_dir",
+    "overwrite",
+    "gens",
+    "num_cpu_devices",
+    "verbose",
+    "steps_per_execution",
+    "seeds",
+    "strategy",
+    "device_augment",
+  }
+)
 STRATEGIES = ("auto", "multi_worker")
 
 
@@ -45,7 +56,9 @@ def check_writable_dir(path: str, flag: str) -> None:
   """
   target = os.path.abspath(path)
   if os.path.exists(target) and not os.path.isdir(target):
-    raise errors.UsageError(f"{flag}={path} is an existing file, not a directory: pass a directory path")
+    raise errors.UsageError(
+      f"{flag}={path} is an existing file, not a directory: pass a directory path"
+    )
   probe = target
   while not os.path.exists(probe):
     parent = os.path.dirname(probe)
@@ -53,16 +66,21 @@ def check_writable_dir(path: str, flag: str) -> None:
       break
     probe = parent
   if not os.path.isdir(probe):
-    raise errors.UsageError(f"{flag}={path}: {probe} is a file, so no directory can be made under it: "
-                            "pass a path under a directory")
+    raise errors.UsageError(
+      f"{flag}={path}: {probe} is a file, so no directory can be made under it: "
+      "pass a path under a directory"
+    )
   if not os.access(probe, os.W_OK | os.X_OK):
-    raise errors.UsageError(f"{flag}={path}: {probe} is not writable (read-only file system or no permission): "
-                            "pass a writable location")
+    raise errors.UsageError(
+      f"{flag}={path}: {probe} is not writable (read-only file system or no permission): "
+      "pass a writable location"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every knob of a run. Defaults are the paper's (WRN) CIFAR recipe."""
+
   # Data.
   task: str = "image"  # image (classification) | lm (word-level language modelling)
   dataset: str = "cifar10"
@@ -74,7 +92,9 @@ class Config:
   val_split: Optional[str] = None  # a named validation split (instead of --val_examples)
   test_split: str = "test"
   # (H, W) to resize every image to; () = the data set's own (fixed) size.
-  image_size: tuple = dataclasses.field(default=(), metadata={"item": int, "hint": "two integers H,W (e.g. 32,32)"})
+  image_size: tuple = dataclasses.field(
+    default=(), metadata={"item": int, "hint": "two integers H,W (e.g. 32,32)"}
+  )
   image_key: Optional[str] = None  # tfds feature names (default image, label)
   label_key: Optional[str] = None
   augment: str = "auto"
@@ -84,7 +104,9 @@ class Config:
   ptb_dir: Optional[str] = None  # lm: directory of ptb.{train,valid,test}.txt (--dataset=ptb)
   vocab_size: int = 0  # lm: cap on the vocabulary (0 = every training word)
   bptt: int = 35  # lm: unrolled steps per window
-  lm_state: str = "carry"  # lm: carry the LSTM state across consecutive windows (reset per epoch) | reset
+  lm_state: str = (
+    "carry"  # lm: carry the LSTM state across consecutive windows (reset per epoch) | reset
+  )
   # Models.
   arch: str = "wrn-28-1"
   teacher_arch: Optional[str] = None  # generation 0's architecture; default = arch
@@ -112,13 +134,16 @@ class Config:
   momentum: float = 0.9
   nesterov: bool = True
   weight_decay: float = 5e-4
-  lr_milestones: tuple = dataclasses.field(default=(0.3, 0.6, 0.8),
-                                           metadata={"hint": "comma-separated fractions of the epochs"})
+  lr_milestones: tuple = dataclasses.field(
+    default=(0.3, 0.6, 0.8), metadata={"hint": "comma-separated fractions of the epochs"}
+  )
   lr_decay: float = 0.2
   # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
   lr_plateau_decay: float = 0.25
   lr_plateau_min_delta: float = 0.0
-  lr_plateau_reference: str = "best"  # lm: compare with the best epoch so far, or with the previous one
+  lr_plateau_reference: str = (
+    "best"  # lm: compare with the best epoch so far, or with the previous one
+  )
   clip_norm: float = 0.0  # global gradient-norm clipping (0 = off)
   # Execution.
   seed: int = 0
@@ -155,11 +180,18 @@ class Config:
         try:
           value = tuple(item(v) for v in value)
         except ValueError:
-          raise errors.UsageError(f"--{f.name}={','.join(value)}: use "
-                                  f"{f.metadata.get('hint', 'comma-separated numbers')}") from None
+          raise errors.UsageError(
+            f"--{f.name}={','.join(value)}: use {f.metadata.get('hint', 'comma-separated numbers')}"
+          ) from None
       kwargs[f.name] = value
-    for name in ("image_folder", "data_dir", "ptb_dir"):  # absolute in config.json: evaluate and resume
-      if kwargs.get(name) and "://" not in kwargs[name]:   # work from any directory (gs://... as given)
+    for name in (
+      "image_folder",
+      "data_dir",
+      "ptb_dir",
+    ):  # absolute in config.json: evaluate and resume
+      if (
+        kwargs.get(name) and "://" not in kwargs[name]
+      ):  # work from any directory (gs://... as given)
         kwargs[name] = os.path.abspath(kwargs[name])
     return cls(**kwargs)
 
@@ -199,16 +231,26 @@ class Config:
   def objective(self):
     """What a student generation optimises: the one resolved losses.Objective."""
     from ban_tf import losses  # pylint: disable=g-import-not-at-top  (TensorFlow; not needed to validate)
+
     return losses.Objective(
-        loss=self.resolved_loss, temperature=self.temperature, kd_weight=self.resolved_kd_weight,
-        label_weight=self.resolved_label_weight, feature_weight=self.feature_weight,
-        feature_projection=self.feature_projection, share_stem_head=self.share_stem_head)
+      loss=self.resolved_loss,
+      temperature=self.temperature,
+      kd_weight=self.resolved_kd_weight,
+      label_weight=self.resolved_label_weight,
+      feature_weight=self.feature_weight,
+      feature_projection=self.feature_projection,
+      share_stem_head=self.share_stem_head,
+    )
 
   def arch_for(self, gen: int) -> str:
     """Generation `gen`'s architecture; -match- students resolved to explicit widths."""
     if gen == 0 and self.teacher_arch:
       return self.teacher_arch
-    arch = self.arch if gen == 0 else archs.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    arch = (
+      self.arch
+      if gen == 0
+      else archs.resolve_arch(self.arch, self.teacher_arch, self.student_width_ratio)
+    )
     return archs.with_compression(arch, self.densenet_compression)
 
   def seed_for(self, gen) -> int:
@@ -245,7 +287,9 @@ class Config:
   def resolved_augment(self) -> str:
     if self.augment != "auto":
       return self.augment
-    return "crop" if not self.image_folder and self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+    return (
+      "crop" if not self.image_folder and self.dataset.split("/")[0] in _NO_FLIP else "flip_crop"
+    )
 
   @property
   def resolved_device_augment(self) -> bool:
@@ -254,17 +298,24 @@ class Config:
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
-    return os.path.join("runs", f"{self.data_name.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}")
+    return os.path.join(
+      "runs", f"{self.data_name.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}"
+    )
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["lr_milestones"] = list(self.lr_milestones)
     d["image_size"] = list(self.image_size)
     d["resolved"] = {
-        "loss": self.resolved_loss, "temperature": self.temperature, "kd_weight": self.resolved_kd_weight,
-        "label_weight": self.resolved_label_weight, "feature_weight": self.feature_weight,
-        "feature_projection": self.feature_projection, "share_stem_head": self.share_stem_head,
-        "augment": self.resolved_augment}
+      "loss": self.resolved_loss,
+      "temperature": self.temperature,
+      "kd_weight": self.resolved_kd_weight,
+      "label_weight": self.resolved_label_weight,
+      "feature_weight": self.feature_weight,
+      "feature_projection": self.feature_projection,
+      "share_stem_head": self.share_stem_head,
+      "augment": self.resolved_augment,
+    }
     return d
 
   def to_json(self) -> str:
@@ -280,9 +331,12 @@ class Config:
 
     def same(k):
       a, b = mine.get(k), stored.get(k)
-      if k == "image_folder" and isinstance(a, str) and isinstance(b, str):  # older runs stored it as given
+      if (
+        k == "image_folder" and isinstance(a, str) and isinstance(b, str)
+      ):  # older runs stored it as given
         return os.path.abspath(a) == os.path.abspath(b)
       return a == b
+
     return sorted(k for k in keys if not same(k))
 
   # ---- validation -------------------------------------------------------------
@@ -297,80 +351,150 @@ class Config:
 
   def validate(self, num_replicas: int = 1) -> None:
     """Raises errors.UsageError (one line, naming the fix) on a bad value."""
+
     def need(cond, msg):
       if not cond:
         raise errors.UsageError(msg)
+
     need(self.gens >= 0, f"--gens={self.gens}: must be >= 0 (0 trains only the teacher)")
     need(self.epochs >= 1, f"--epochs={self.epochs}: must be >= 1")
     need(self.batch_size >= 1, f"--batch_size={self.batch_size}: must be >= 1")
-    need(self.batch_size % max(num_replicas, 1) == 0,
-         f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas: "
-         f"use a multiple of {num_replicas}")
+    need(
+      self.batch_size % max(num_replicas, 1) == 0,
+      f"--batch_size={self.batch_size} is not divisible by the {num_replicas} replicas: "
+      f"use a multiple of {num_replicas}",
+    )
     need(self.lr > 0, f"--lr={self.lr}: must be > 0")
     need(0 <= self.momentum < 1, f"--momentum={self.momentum}: must be in [0, 1)")
     need(self.weight_decay >= 0, f"--weight_decay={self.weight_decay}: must be >= 0")
     need(self.temperature > 0, f"--temperature={self.temperature}: must be > 0")
     need(self.kd_weight >= 0, f"--kd_weight={self.kd_weight}: must be >= 0")
     need(self.label_weight >= 0, f"--label_weight={self.label_weight}: must be >= 0")
-    need(self.loss in LOSSES, f"--loss={self.loss!r}: unknown objective; use one of {', '.join(LOSSES)}")
-    need(self.resolved_kd_weight > 0 or self.resolved_label_weight > 0,
-         "--kd_weight and --label_weight are both 0: the students would learn nothing")
+    need(
+      self.loss in LOSSES,
+      f"--loss={self.loss!r}: unknown objective; use one of {', '.join(LOSSES)}",
+    )
+    need(
+      self.resolved_kd_weight > 0 or self.resolved_label_weight > 0,
+      "--kd_weight and --label_weight are both 0: the students would learn nothing",
+    )
     need(self.augment in AUGMENTS, f"--augment={self.augment!r}: use one of {', '.join(AUGMENTS)}")
     need(0 <= self.dropout < 1, f"--dropout={self.dropout}: must be in [0, 1)")
-    need(self.teacher_dropout is None or 0 <= self.teacher_dropout < 1,
-         f"--teacher_dropout={self.teacher_dropout}: must be in [0, 1)")
-    need(self.teacher_outputs in TEACHER_OUTPUTS,
-         f"--teacher_outputs={self.teacher_outputs!r}: use one of {', '.join(TEACHER_OUTPUTS)}")
-    need(not (self.teacher and self.teacher_dropout is not None),
-         "--teacher_dropout sets the dropout of a trained generation 0, and --teacher gives one: drop one")
-    need(self.teacher or self.teacher_outputs == "logits",
-         "--teacher_outputs says what a --teacher=PATH model outputs: add --teacher or drop it")
-    if self.teacher and self.overwrite:  # --overwrite deletes the run directory before the teacher is read
+    need(
+      self.teacher_dropout is None or 0 <= self.teacher_dropout < 1,
+      f"--teacher_dropout={self.teacher_dropout}: must be in [0, 1)",
+    )
+    need(
+      self.teacher_outputs in TEACHER_OUTPUTS,
+      f"--teacher_outputs={self.teacher_outputs!r}: use one of {', '.join(TEACHER_OUTPUTS)}",
+    )
+    need(
+      not (self.teacher and self.teacher_dropout is not None),
+      "--teacher_dropout sets the dropout of a trained generation 0, and --teacher gives one: drop one",
+    )
+    need(
+      self.teacher or self.teacher_outputs == "logits",
+      "--teacher_outputs says what a --teacher=PATH model outputs: add --teacher or drop it",
+    )
+    if (
+      self.teacher and self.overwrite
+    ):  # --overwrite deletes the run directory before the teacher is read
       run_dir = os.path.realpath(self.run_dir or self.default_run_dir())
-      inside = os.path.realpath(self.teacher) == run_dir or os.path.realpath(self.teacher).startswith(run_dir + os.sep)
-      need(not inside, f"--teacher={self.teacher} is inside --run_dir={self.run_dir or self.default_run_dir()}, which "
-           "--overwrite deletes: copy the teacher out of it first, or pass another --run_dir")
-    if self.teacher and not pretrained.imported_into(self.run_dir or self.default_run_dir(), self.teacher):
+      inside = os.path.realpath(self.teacher) == run_dir or os.path.realpath(
+        self.teacher
+      ).startswith(run_dir + os.sep)
+      need(
+        not inside,
+        f"--teacher={self.teacher} is inside --run_dir={self.run_dir or self.default_run_dir()}, which "
+        "--overwrite deletes: copy the teacher out of it first, or pass another --run_dir",
+      )
+    if self.teacher and not pretrained.imported_into(
+      self.run_dir or self.default_run_dir(), self.teacher
+    ):
       pretrained.check_path(self.teacher)
-    need(self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)")
+    need(
+      self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)"
+    )
     need(self.val_examples >= 0, f"--val_examples={self.val_examples}: must be >= 0")
-    need(len(self.image_size) in (0, 2) and all(int(v) >= 1 for v in self.image_size),
-         f"--image_size={','.join(map(str, self.image_size))}: use two positive integers H,W (e.g. 32,32)")
-    need(not (self.val_split and self.val_examples),
-         f"--val_split={self.val_split} and --val_examples={self.val_examples} both name a validation split: drop one")
-    need(bool(self.train_split) and bool(self.test_split), "--train_split and --test_split must not be empty")
-    need(not self.image_folder or not (self.val_split or self.image_key or self.label_key
-                                       or self.train_split != "train" or self.test_split != "test"),
-         "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
-         "--image_key/--label_key")
+    need(
+      len(self.image_size) in (0, 2) and all(int(v) >= 1 for v in self.image_size),
+      f"--image_size={','.join(map(str, self.image_size))}: use two positive integers H,W (e.g. 32,32)",
+    )
+    need(
+      not (self.val_split and self.val_examples),
+      f"--val_split={self.val_split} and --val_examples={self.val_examples} both name a validation split: drop one",
+    )
+    need(
+      bool(self.train_split) and bool(self.test_split),
+      "--train_split and --test_split must not be empty",
+    )
+    need(
+      not self.image_folder
+      or not (
+        self.val_split
+        or self.image_key
+        or self.label_key
+        or self.train_split != "train"
+        or self.test_split != "test"
+      ),
+      "--image_folder reads DIR/train, DIR/val and DIR/test: drop --train_split/--val_split/--test_split/"
+      "--image_key/--label_key",
+    )
     default_dataset = next(f.default for f in dataclasses.fields(self) if f.name == "dataset")
-    need(not self.image_folder or self.dataset == default_dataset,
-         f"--image_folder={self.image_folder} and --dataset={self.dataset} both name the data: drop one")
-    need(all(0 < m <= 1 for m in self.lr_milestones) and list(self.lr_milestones) == sorted(self.lr_milestones),
-         f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]")
+    need(
+      not self.image_folder or self.dataset == default_dataset,
+      f"--image_folder={self.image_folder} and --dataset={self.dataset} both name the data: drop one",
+    )
+    need(
+      all(0 < m <= 1 for m in self.lr_milestones)
+      and list(self.lr_milestones) == sorted(self.lr_milestones),
+      f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]",
+    )
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
     need(self.num_cpu_devices >= 0, f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
-    need(self.strategy in STRATEGIES, f"--strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-    need(self.strategy != "multi_worker" or self.num_cpu_devices == 0,
-         "--strategy=multi_worker and --num_cpu_devices are exclusive: drop --num_cpu_devices")
-    need(self.strategy != "multi_worker" or self.seeds == 1,
-         "--strategy=multi_worker runs one seed per launch: drop --seeds (launch once per --seed)")
-    need(self.steps_per_execution >= 1, f"--steps_per_execution={self.steps_per_execution}: must be >= 1")
-    need(self.mixed_precision in ("none", "bf16", "fp16"),
-         f"--mixed_precision={self.mixed_precision!r}: use none, bf16 or fp16")
-    need(self.verbose in ("auto", "0", "1", "2"), f"--verbose={self.verbose!r}: use auto, 0, 1 or 2")
+    need(
+      self.strategy in STRATEGIES,
+      f"--strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}",
+    )
+    need(
+      self.strategy != "multi_worker" or self.num_cpu_devices == 0,
+      "--strategy=multi_worker and --num_cpu_devices are exclusive: drop --num_cpu_devices",
+    )
+    need(
+      self.strategy != "multi_worker" or self.seeds == 1,
+      "--strategy=multi_worker runs one seed per launch: drop --seeds (launch once per --seed)",
+    )
+    need(
+      self.steps_per_execution >= 1,
+      f"--steps_per_execution={self.steps_per_execution}: must be >= 1",
+    )
+    need(
+      self.mixed_precision in ("none", "bf16", "fp16"),
+      f"--mixed_precision={self.mixed_precision!r}: use none, bf16 or fp16",
+    )
+    need(
+      self.verbose in ("auto", "0", "1", "2"), f"--verbose={self.verbose!r}: use auto, 0, 1 or 2"
+    )
     need(self.feature_weight >= 0, f"--feature_weight={self.feature_weight}: must be >= 0")
-    need(not self.feature_projection or self.feature_weight > 0,
-         "--feature_projection needs --feature_weight > 0 (it projects the matched features)")
-    need(0 < self.student_width_ratio <= 4,
-         f"--student_width_ratio={self.student_width_ratio}: must be in (0, 4] (the paper uses 1 and 0.5)")
+    need(
+      not self.feature_projection or self.feature_weight > 0,
+      "--feature_projection needs --feature_weight > 0 (it projects the matched features)",
+    )
+    need(
+      0 < self.student_width_ratio <= 4,
+      f"--student_width_ratio={self.student_width_ratio}: must be in (0, 4] (the paper uses 1 and 0.5)",
+    )
     need(self.seeds >= 1, f"--seeds={self.seeds}: must be >= 1")
-    need(self.gens >= 1 or not (self.baseline or self.share_stem_head or self.feature_weight),
-         "--baseline, --share_stem_head and --feature_weight need students: use --gens >= 1")
+    need(
+      self.gens >= 1 or not (self.baseline or self.share_stem_head or self.feature_weight),
+      "--baseline, --share_stem_head and --feature_weight need students: use --gens >= 1",
+    )
     need(self.task in TASKS, f"--task={self.task!r}: use one of {', '.join(TASKS)}")
     need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")
-    need(not (self.clip_norm and self.mixed_precision == "fp16"),
-         "--clip_norm does not support --mixed_precision=fp16 (loss-scaled gradients): use bf16 or none")
+    need(
+      not (self.clip_norm and self.mixed_precision == "fp16"),
+      "--clip_norm does not support --mixed_precision=fp16 (loss-scaled gradients): use bf16 or none",
+    )
     task = tasks.get(self.task)
     task.validate(self)
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):

@@ -56,8 +56,9 @@ def import_tensorflow(verbose):
     os.dup2(tmp.fileno(), 2)
     ok = False
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-      import keras  # pylint: disable=g-import-not-at-top,unused-import
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+      import keras  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+
       ok = True
     finally:
       sys.stderr.flush()
@@ -97,6 +98,7 @@ def quiet_logs(verbose):
   """
   global _session
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   root = std_logging.getLogger()
   absl_handler = logging.get_absl_handler()
   saved = (absl_handler.level, logging.get_verbosity(), tf.get_logger().level, _session)
@@ -105,7 +107,9 @@ def quiet_logs(verbose):
   _session = {"buffer": buffer}
   logging.set_verbosity(logging.INFO)
   tf.get_logger().setLevel(std_logging.INFO)
-  if not is_verbose(verbose) and not _absl_flag("logtostderr") and not _absl_flag("alsologtostderr"):
+  if (
+    not is_verbose(verbose) and not _absl_flag("logtostderr") and not _absl_flag("alsologtostderr")
+  ):
     absl_handler.setLevel(std_logging.WARNING)
   try:
     yield
@@ -120,6 +124,7 @@ def quiet_logs(verbose):
 def _absl_flag(name):
   """The value of absl's own flag `name` (e.g. --logtostderr asks for every log line), or None."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   try:
     return flags.FLAGS[name].value if flags.FLAGS.is_parsed() else None
   except KeyError:
@@ -135,12 +140,15 @@ def log_file(directory):
   """
   path = os.path.join(directory, LOG_FILE)
   handler = std_logging.FileHandler(path, encoding="utf-8")
-  handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] "
-                                             "%(message)s"))
+  handler.setFormatter(
+    std_logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s")
+  )
   handler.setLevel(std_logging.DEBUG)
   with open(path, "a", encoding="utf-8") as f:
-    f.write(f"==== {datetime.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: "
-            f"{' '.join(sys.argv)}\n")
+    f.write(
+      f"==== {datetime.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: "
+      f"{' '.join(sys.argv)}\n"
+    )
     if _startup_text:
       f.write("(printed while TensorFlow was imported)\n" + _startup_text)
   root = std_logging.getLogger()
@@ -161,6 +169,7 @@ def log_file(directory):
 
 
 # ---- interruption -------------------------------------------------------------------
+
 
 class Interrupted(BaseException):
   """SIGINT or SIGTERM arrived; a BaseException so no `except Exception` swallows it."""
@@ -204,6 +213,7 @@ def interrupted_line(exc=None) -> str:
 
 # ---- run-level progress ---------------------------------------------------------------
 
+
 def _hms(seconds) -> str:
   return str(datetime.timedelta(seconds=int(round(max(seconds, 0)))))
 
@@ -240,7 +250,9 @@ class Progress:
 
   def generation(self, gen, header, first_epoch, epochs):
     self.done_before += first_epoch
-    if first_epoch >= epochs:  # interrupted after its last epoch: only evaluation and export are left
+    if (
+      first_epoch >= epochs
+    ):  # interrupted after its last epoch: only evaluation and export are left
       self.where = self._after_training(gen, epochs)
       resumed = f" (all {epochs} epochs trained before: evaluating and exporting)"
     else:
@@ -267,11 +279,23 @@ class Progress:
     elapsed = time.time() - self.t0
     remaining = max(self.total - self.done_before - self.trained, 0)
     eta = elapsed / self.trained * remaining
-    shown = [f"{k} {logs[k]:.4g}" for k in ("loss", "accuracy", "perplexity", "teacher_agreement",
-                                             "val_accuracy", "val_perplexity") if k in logs]
-    return (f"{self.prefix}{self.gen_label(gen)} epoch {epoch + 1}/{epochs}: {', '.join(shown)}, "
-            f"lr {lr:.3g} | elapsed {_hms(elapsed)}, run ETA {_hms(eta)} "
-            f"({self.done_before + self.trained}/{self.total} epochs)")
+    shown = [
+      f"{k} {logs[k]:.4g}"
+      for k in (
+        "loss",
+        "accuracy",
+        "perplexity",
+        "teacher_agreement",
+        "val_accuracy",
+        "val_perplexity",
+      )
+      if k in logs
+    ]
+    return (
+      f"{self.prefix}{self.gen_label(gen)} epoch {epoch + 1}/{epochs}: {', '.join(shown)}, "
+      f"lr {lr:.3g} | elapsed {_hms(elapsed)}, run ETA {_hms(eta)} "
+      f"({self.done_before + self.trained}/{self.total} epochs)"
+    )
 
 
 _progress = None
@@ -301,6 +325,8 @@ def summary_line(cfg, replicas, spec) -> str:
   arch = cfg.arch_for(1) if teacher == cfg.arch_for(1) else f"{teacher} -> {cfg.arch_for(1)}"
   sizes = f"{spec.num_train}/{spec.num_val}/{spec.num_test} {spec.unit}"
   seeds = f"seeds {','.join(map(str, cfg.seed_list()))}" if cfg.seeds > 1 else f"seed {cfg.seed}"
-  return (f"{spec.name} (train/val/test {sizes}), {arch}, {cfg.gens} generation(s) of {cfg.resolved_loss} "
-          f"(T={cfg.temperature:g}), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, {seeds}, "
-          f"{replicas} replica{'s' if replicas > 1 else ''}")
+  return (
+    f"{spec.name} (train/val/test {sizes}), {arch}, {cfg.gens} generation(s) of {cfg.resolved_loss} "
+    f"(T={cfg.temperature:g}), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, {seeds}, "
+    f"{replicas} replica{'s' if replicas > 1 else ''}"
+  )

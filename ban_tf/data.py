@@ -76,14 +76,27 @@ class Dataset:
     errors.DataError / errors.UsageError: one line naming the fix.
   """
 
-  def __init__(self, name, data_dir=None, *, train_examples=0, val_examples=0, image_folder=None,
-               train_split="train", val_split=None, test_split="test", image_size=(),
-               image_key=None, label_key=None):
+  def __init__(
+    self,
+    name,
+    data_dir=None,
+    *,
+    train_examples=0,
+    val_examples=0,
+    image_folder=None,
+    train_split="train",
+    val_split=None,
+    test_split="test",
+    image_size=(),
+    image_key=None,
+    label_key=None,
+  ):
     if image_folder:
       source = _folder_source(image_folder, tuple(image_size))
     else:
-      source = _tfds_source(name, data_dir, train_split, val_split, test_split, tuple(image_size),
-                            image_key, label_key)
+      source = _tfds_source(
+        name, data_dir, train_split, val_split, test_split, tuple(image_size), image_key, label_key
+      )
     name, image_shape = source["name"], source["image_shape"]
     self._train_src = source["train"]
     self._test_src = source["test"]
@@ -91,37 +104,57 @@ class Dataset:
     total = _count(self._train_src)
     if self._val_src is not None and val_examples:
       raise errors.UsageError(
-          f"--val_examples={val_examples} and a validation split ({source['val_name']}) are both given: "
-          "drop one of them")
+        f"--val_examples={val_examples} and a validation split ({source['val_name']}) are both given: "
+        "drop one of them"
+      )
     if val_examples >= total:
       raise errors.UsageError(
-          f"--val_examples={val_examples} leaves no training data ({name} has {total}): use fewer")
+        f"--val_examples={val_examples} leaves no training data ({name} has {total}): use fewer"
+      )
     available = total - val_examples
     if train_examples > available:
       held = f" once --val_examples={val_examples} are held out" if val_examples else ""
       raise errors.UsageError(
-          f"--train_examples={train_examples} exceeds the {available} training examples of {name}{held}: "
-          f"use at most {available}, or 0 for all of them")
+        f"--train_examples={train_examples} exceeds the {available} training examples of {name}{held}: "
+        f"use at most {available}, or 0 for all of them"
+      )
     num_train = train_examples or available
     _check_disjoint(source.get("rows"), num_train)
     if val_examples:
       self._val_src = self._train_src.skip(total - val_examples)
     num_val = _count(self._val_src) if self._val_src is not None else 0
-    mean, std = _channel_stats(self._train_src.take(min(num_train, _STATS_EXAMPLES)), image_shape[-1])
+    mean, std = _channel_stats(
+      self._train_src.take(min(num_train, _STATS_EXAMPLES)), image_shape[-1]
+    )
     self.info = DataInfo(
-        name=name, num_classes=source["num_classes"], image_shape=image_shape,
-        class_names=source["class_names"], num_train=num_train, num_val=num_val,
-        num_test=_count(self._test_src), mean=mean, std=std)
+      name=name,
+      num_classes=source["num_classes"],
+      image_shape=image_shape,
+      class_names=source["class_names"],
+      num_train=num_train,
+      num_val=num_val,
+      num_test=_count(self._test_src),
+      mean=mean,
+      std=std,
+    )
 
   @classmethod
   def from_config(cls, cfg, data_dir=None):
     """The data set a Config (or a run's config.json as a dict) names."""
     get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    return cls(get("dataset"), data_dir or get("data_dir"), train_examples=get("train_examples", 0),
-               val_examples=get("val_examples", 0), image_folder=get("image_folder"),
-               train_split=get("train_split") or "train", val_split=get("val_split"),
-               test_split=get("test_split") or "test", image_size=tuple(get("image_size") or ()),
-               image_key=get("image_key"), label_key=get("label_key"))
+    return cls(
+      get("dataset"),
+      data_dir or get("data_dir"),
+      train_examples=get("train_examples", 0),
+      val_examples=get("val_examples", 0),
+      image_folder=get("image_folder"),
+      train_split=get("train_split") or "train",
+      val_split=get("val_split"),
+      test_split=get("test_split") or "test",
+      image_size=tuple(get("image_size") or ()),
+      image_key=get("image_key"),
+      label_key=get("label_key"),
+    )
 
   # ---- pipelines --------------------------------------------------------------
   def steps_per_epoch(self, batch_size):
@@ -129,7 +162,8 @@ class Dataset:
     steps = self.info.num_train // batch_size
     if steps == 0:
       raise errors.UsageError(
-          f"--batch_size={batch_size} exceeds the {self.info.num_train} training examples: use a smaller batch or more examples")
+        f"--batch_size={batch_size} exceeds the {self.info.num_train} training examples: use a smaller batch or more examples"
+      )
     return steps
 
   def train(self, batch_size, *, seed, augment, first_epoch=0, epochs=1, device_augment=False):
@@ -154,8 +188,9 @@ class Dataset:
     per_epoch = steps * batch_size
 
     def shuffled(epoch):  # a Python-int seed per epoch: order depends on (seed, epoch) only
-      return base.shuffle(min(n, _SHUFFLE_BUFFER), seed=seed * 1000003 + epoch,
-                          reshuffle_each_iteration=False).take(per_epoch)
+      return base.shuffle(
+        min(n, _SHUFFLE_BUFFER), seed=seed * 1000003 + epoch, reshuffle_each_iteration=False
+      ).take(per_epoch)
 
     ds = shuffled(first_epoch)
     for epoch in range(first_epoch + 1, epochs):
@@ -163,10 +198,13 @@ class Dataset:
     seed = int(seed)
     ds = ds.enumerate(start=first_epoch * per_epoch)  # i = global example index
     if device_augment:
+
       def split(i, example):
         return example[0], tf.cast(example[1], tf.int32), i
-      ds = ds.batch(batch_size, drop_remainder=True).map(split, num_parallel_calls=AUTOTUNE,
-                                                         deterministic=True)
+
+      ds = ds.batch(batch_size, drop_remainder=True).map(
+        split, num_parallel_calls=AUTOTUNE, deterministic=True
+      )
       return _distributable(ds.prefetch(AUTOTUNE)), steps
 
     def aug(i, example):  # i = global example index, so augmentation depends on (seed, epoch, slot)
@@ -205,11 +243,17 @@ class Dataset:
     ds = src.map(lambda x, y: (x, tf.cast(y, tf.int32), tf.constant(1.0)))
     pad = -n % batch_size
     if pad:
-      blank = (tf.zeros(self.info.image_shape, src.element_spec[0].dtype), tf.constant(0, tf.int32),
-               tf.constant(0.0))
+      blank = (
+        tf.zeros(self.info.image_shape, src.element_spec[0].dtype),
+        tf.constant(0, tf.int32),
+        tf.constant(0.0),
+      )
       ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-    ds = ds.cache().batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32), y, w),
-                                          num_parallel_calls=AUTOTUNE)
+    ds = (
+      ds.cache()
+      .batch(batch_size)
+      .map(lambda x, y, w: (tf.cast(x, tf.float32), y, w), num_parallel_calls=AUTOTUNE)
+    )
     return _distributable(ds.prefetch(AUTOTUNE))
 
   def test_labels(self):
@@ -221,7 +265,9 @@ def augment_image(image, seed, mode, size, pad=4):
   seed = tf.cast(seed, tf.int64)
   if mode in ("crop", "flip_crop"):
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    image = tf.image.stateless_random_crop(padded, (size[0], size[1], tf.shape(image)[-1]), seed=seed)
+    image = tf.image.stateless_random_crop(
+      padded, (size[0], size[1], tf.shape(image)[-1]), seed=seed
+    )
   if mode in ("flip", "flip_crop"):
     image = tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 7919])
   return image
@@ -270,8 +316,12 @@ def _stateless_bits(seed0, seed1):
   s1 = tf.cast(seed1, tf.uint64)  # two's complement, as TF reads an int64 seed
   s0 = seed0 & 0xFFFFFFFFFFFFFFFF
   ones = tf.ones_like(s1)
-  counter = (ones * _u64(s0 & _MASK32), ones * _u64(s0 >> 32),
-             tf.bitwise.bitwise_and(s1, _u64(_MASK32)), tf.bitwise.right_shift(s1, _u64(32)))
+  counter = (
+    ones * _u64(s0 & _MASK32),
+    ones * _u64(s0 >> 32),
+    tf.bitwise.bitwise_and(s1, _u64(_MASK32)),
+    tf.bitwise.right_shift(s1, _u64(32)),
+  )
   mix = _philox(counter, (ones * _u64(_SEED_KEY[0]), ones * _u64(_SEED_KEY[1])))
   zero = tf.zeros_like(s1)
   return _philox((zero, zero, mix[2], mix[3]), (mix[0], mix[1]))
@@ -309,8 +359,10 @@ def augment_batch(images, indices, seed, mode, pad=4):
   if mode in ("crop", "flip_crop"):
     # stateless_random_crop: uniform int32 in [0, 2**31 - 1) per axis, mod (2 * pad + 1).
     def offset(word):
-      return tf.cast(tf.math.floormod(tf.math.floormod(word[:n], _u64(2 ** 31 - 1)), _u64(2 * pad + 1)),
-                     tf.int64)
+      return tf.cast(
+        tf.math.floormod(tf.math.floormod(word[:n], _u64(2**31 - 1)), _u64(2 * pad + 1)), tf.int64
+      )
+
     rows = _reflect(offset(bits[0])[:, None] + rows, pad, h)
     cols = _reflect(offset(bits[1])[:, None] + cols, pad, w)
   if mode in ("flip", "flip_crop"):
@@ -343,47 +395,66 @@ _FOLDER_ORDER_SEED = 20180512  # the fixed order of an image folder's training f
 
 def _resizer(size):
   """Resizes uint8 images to `size` (bilinear), rounding back to uint8 pixels."""
+
   def resize(image, label):
     image = tf.image.resize(image, size, method="bilinear")
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
   return resize
 
 
-def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size, image_key, label_key):
+def _tfds_source(
+  name, data_dir, train_split, val_split, test_split, image_size, image_key, label_key
+):
   builder = _builder(name, data_dir)
   features = builder.info.features
   have = ", ".join(sorted(features.keys()))
   image_key = image_key or "image"
   label_key = label_key or "label"
-  for flag, key, kind in (("--image_key", image_key, "image"), ("--label_key", label_key, "class label")):
+  for flag, key, kind in (
+    ("--image_key", image_key, "image"),
+    ("--label_key", label_key, "class label"),
+  ):
     if key not in features:
       raise errors.DataError(
-          f"dataset {name!r} has no {key!r} feature (its features: {have}): pass {flag}=<its {kind} feature>")
+        f"dataset {name!r} has no {key!r} feature (its features: {have}): pass {flag}=<its {kind} feature>"
+      )
   if not isinstance(features[image_key], tfds.features.Image):
-    raise errors.DataError(f"dataset {name!r}: feature {image_key!r} is not an image (its features: {have}): "
-                           "pass --image_key=<its image feature>")
+    raise errors.DataError(
+      f"dataset {name!r}: feature {image_key!r} is not an image (its features: {have}): "
+      "pass --image_key=<its image feature>"
+    )
   if not isinstance(features[label_key], tfds.features.ClassLabel):
-    raise errors.DataError(f"dataset {name!r}: feature {label_key!r} is not a class label (its features: "
-                           f"{have}): pass --label_key=<its class-label feature>")
+    raise errors.DataError(
+      f"dataset {name!r}: feature {label_key!r} is not a class label (its features: "
+      f"{have}): pass --label_key=<its class-label feature>"
+    )
   shape = tuple(features[image_key].shape)
   if None in shape[:2] and not image_size:
     raise errors.DataError(
-        f"dataset {name!r} has images of varying size {shape}: pass --image_size=H,W to resize them")
+      f"dataset {name!r} has images of varying size {shape}: pass --image_size=H,W to resize them"
+    )
   if shape[-1] is None:
-    raise errors.DataError(f"dataset {name!r} has images with a varying number of channels: unsupported")
+    raise errors.DataError(
+      f"dataset {name!r} has images with a varying number of channels: unsupported"
+    )
   resize = _resizer(image_size) if image_size and tuple(image_size) != shape[:2] else None
 
   def split(flag, spec):
     try:
       # try_autocache=False: the pipeline caches explicitly where it wants to; tfds'
       # own cache of small sets, read partly (take), warns of a truncated cache.
-      ds = builder.as_dataset(split=spec, shuffle_files=False,
-                              read_config=tfds.ReadConfig(try_autocache=False))
+      ds = builder.as_dataset(
+        split=spec, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+      )
     except Exception as e:  # pylint: disable=broad-except  (tfds raises several kinds)
       raise errors.DataError(
-          f"{flag}={spec!r}: not a split of {name!r} ({_short(e)}); its splits: "
-          f"{', '.join(builder.info.splits) or 'none'} (slices like train[:90%] work)") from None
-    ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE, deterministic=True)
+        f"{flag}={spec!r}: not a split of {name!r} ({_short(e)}); its splits: "
+        f"{', '.join(builder.info.splits) or 'none'} (slices like train[:90%] work)"
+      ) from None
+    ds = ds.map(
+      lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
     return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True) if resize else ds
 
   label = features[label_key]
@@ -391,11 +462,15 @@ def _tfds_source(name, data_dir, train_split, val_split, test_split, image_size,
   if val_split:
     specs["val"] = ("--val_split", val_split)
   return {
-      "name": name, "train": split("--train_split", train_split), "test": split("--test_split", test_split),
-      "val": split("--val_split", val_split) if val_split else None, "val_name": f"--val_split={val_split}",
-      "rows": {k: (flag, spec, _split_rows(builder, spec)) for k, (flag, spec) in specs.items()},
-      "num_classes": label.num_classes, "class_names": tuple(label.names),
-      "image_shape": tuple(image_size) + shape[-1:] if image_size else shape,
+    "name": name,
+    "train": split("--train_split", train_split),
+    "test": split("--test_split", test_split),
+    "val": split("--val_split", val_split) if val_split else None,
+    "val_name": f"--val_split={val_split}",
+    "rows": {k: (flag, spec, _split_rows(builder, spec)) for k, (flag, spec) in specs.items()},
+    "num_classes": label.num_classes,
+    "class_names": tuple(label.names),
+    "image_shape": tuple(image_size) + shape[-1:] if image_size else shape,
   }
 
 
@@ -441,25 +516,46 @@ def _check_disjoint(rows, num_train):
       n = _shared_rows(used["train"][2], used[y][2])
       if n:
         fy, sy, _ = used[y]
-        first = f" (its first {num_train} examples)" if num_train < sum(e - a for _, a, e in train_rows) else ""
-        fix = ("use disjoint slices, e.g. --train_split='train[:90%]' --val_split='train[90%:]'" if y == "val"
-               else "use a --test_split the training examples do not include")
-        raise errors.DataError(f"{flag}={spec}{first} and {fy}={sy} share {n} examples, so {y} would score "
-                               f"training data: {fix}")
+        first = (
+          f" (its first {num_train} examples)"
+          if num_train < sum(e - a for _, a, e in train_rows)
+          else ""
+        )
+        fix = (
+          "use disjoint slices, e.g. --train_split='train[:90%]' --val_split='train[90%:]'"
+          if y == "val"
+          else "use a --test_split the training examples do not include"
+        )
+        raise errors.DataError(
+          f"{flag}={spec}{first} and {fy}={sy} share {n} examples, so {y} would score "
+          f"training data: {fix}"
+        )
 
 
 def _folder_files(directory):
   """{class name: sorted image paths} of DIR/<class>/*; hidden files (macOS' ._x.jpg) are skipped."""
-  classes = sorted(d for d in os.listdir(directory)
-                   if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
-  return {c: sorted(os.path.join(directory, c, f) for f in os.listdir(os.path.join(directory, c))
-                    if f.lower().endswith(IMAGE_FORMATS) and not f.startswith(".")) for c in classes}
+  classes = sorted(
+    d
+    for d in os.listdir(directory)
+    if os.path.isdir(os.path.join(directory, d)) and not d.startswith(".")
+  )
+  return {
+    c: sorted(
+      os.path.join(directory, c, f)
+      for f in os.listdir(os.path.join(directory, c))
+      if f.lower().endswith(IMAGE_FORMATS) and not f.startswith(".")
+    )
+    for c in classes
+  }
 
 
 def _folder_source(root, image_size):
   """DIR/{train,test[,val]}/<class>/<image>; classes from train/'s folder names."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  fix = "lay it out as DIR/train/<class>/*.png and DIR/test/<class>/*.png (optional DIR/val/<class>/*)"
+
+  fix = (
+    "lay it out as DIR/train/<class>/*.png and DIR/test/<class>/*.png (optional DIR/val/<class>/*)"
+  )
   if not os.path.isdir(root):
     raise errors.DataError(f"--image_folder={root} does not exist: {fix}")
   files = {}
@@ -471,18 +567,24 @@ def _folder_source(root, image_size):
     if split not in files or not any(files[split].values()):
       raise errors.DataError(f"--image_folder={root} has no images in {split}/<class>/: {fix}")
   if "val" in files and not any(files["val"].values()):  # once a traceback (a split of no files)
-    raise errors.DataError(f"--image_folder={root}: val/ has no images in val/<class>/: add them, or remove val/ "
-                           "(--val_examples=N then holds out training images)")
+    raise errors.DataError(
+      f"--image_folder={root}: val/ has no images in val/<class>/: add them, or remove val/ "
+      "(--val_examples=N then holds out training images)"
+    )
   class_names = tuple(files["train"])
   empty = [c for c, paths in files["train"].items() if not paths]
   if empty:
-    raise errors.DataError(f"--image_folder: train/ has class folders without images ({', '.join(empty)}; "
-                           f"images are {', '.join(IMAGE_FORMATS)} files): add training images or remove them")
+    raise errors.DataError(
+      f"--image_folder: train/ has class folders without images ({', '.join(empty)}; "
+      f"images are {', '.join(IMAGE_FORMATS)} files): add training images or remove them"
+    )
   for split, per_class in files.items():
     extra = sorted(set(per_class) - set(class_names))
     if extra:
-      raise errors.DataError(f"--image_folder: {split}/ has classes {extra} that train/ does not: "
-                             "give every class training images, or remove them")
+      raise errors.DataError(
+        f"--image_folder: {split}/ has classes {extra} that train/ does not: "
+        "give every class training images, or remove them"
+      )
   # Image headers only (no pixels): the common size and the colour mode.
   sizes, grey = set(), True
   for per_class in files.values():
@@ -494,15 +596,19 @@ def _folder_source(root, image_size):
             sizes.add((im.height, im.width))
             grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
         except (OSError, ValueError) as e:
-          raise errors.DataError(f"{path}: not a readable image ({type(e).__name__}): remove or replace it") from None
+          raise errors.DataError(
+            f"{path}: not a readable image ({type(e).__name__}): remove or replace it"
+          ) from None
         if fmt not in _DECODABLE:  # tf.io.decode_image would stop the run later, with a traceback
-          raise errors.DataError(f"{path}: a {fmt} image under an image name: convert it to PNG or JPEG, "
-                                 "or remove it")
+          raise errors.DataError(
+            f"{path}: a {fmt} image under an image name: convert it to PNG or JPEG, or remove it"
+          )
   if not image_size:
     if len(sizes) > 1:
       raise errors.DataError(
-          f"--image_folder={root} has images of {len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): "
-          "pass --image_size=H,W to resize them")
+        f"--image_folder={root} has images of {len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): "
+        "pass --image_size=H,W to resize them"
+      )
     image_size = next(iter(sizes))
   channels = 1 if grey else 3
 
@@ -532,10 +638,16 @@ def _folder_source(root, image_size):
     shape = tuple(image_size) + (channels,)
     return ds.map(lambda x, y: (tf.ensure_shape(x, shape), y))
 
-  return {"name": os.path.basename(os.path.normpath(root)), "train": split_ds("train"),
-          "test": split_ds("test"), "val": split_ds("val"), "val_name": os.path.join(root, "val"),
-          "num_classes": len(class_names), "class_names": class_names,
-          "image_shape": tuple(image_size) + (channels,)}
+  return {
+    "name": os.path.basename(os.path.normpath(root)),
+    "train": split_ds("train"),
+    "test": split_ds("test"),
+    "val": split_ds("val"),
+    "val_name": os.path.join(root, "val"),
+    "num_classes": len(class_names),
+    "class_names": class_names,
+    "image_shape": tuple(image_size) + (channels,),
+  }
 
 
 def _online():
@@ -557,8 +669,9 @@ class _NoUnpreparedWarning(logging.Filter):
 def _builder(name, data_dir):
   if data_dir is not None and not os.path.isdir(data_dir):
     raise errors.DataError(
-        f"--data_dir={data_dir} does not exist: point it at a prepared TFDS directory, "
-        "or create it to let tfds download into it")
+      f"--data_dir={data_dir} does not exist: point it at a prepared TFDS directory, "
+      "or create it to let tfds download into it"
+    )
   quiet = _NoUnpreparedWarning()
   absl_logger = logging.getLogger("absl")
   absl_logger.addFilter(quiet)  # tfds.builder and is_prepared() both log it
@@ -573,23 +686,28 @@ def _open_builder(name, data_dir):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise errors.DataError(
-        f"unknown dataset {name!r}: pass --dataset=<a tfds image-classification name>, e.g. "
-        "cifar10, cifar100, fashion_mnist, mnist, svhn_cropped") from None
+      f"unknown dataset {name!r}: pass --dataset=<a tfds image-classification name>, e.g. "
+      "cifar10, cifar100, fashion_mnist, mnist, svhn_cropped"
+    ) from None
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.DataError(f"dataset {name!r} could not be opened ({_short(e)}): check --dataset/--data_dir") from None
+    raise errors.DataError(
+      f"dataset {name!r} could not be opened ({_short(e)}): check --dataset/--data_dir"
+    ) from None
   if not builder.is_prepared():
     where = data_dir or "the default tfds directory"
     if not _online():
       raise errors.DataError(
-          f"dataset {name!r} is not prepared in {where} and cannot be downloaded "
-          f"({_DOWNLOAD_PROBE[0]} is unreachable): pass --data_dir pointing at a prepared "
-          "TFDS directory, or run once with internet access")
+        f"dataset {name!r} is not prepared in {where} and cannot be downloaded "
+        f"({_DOWNLOAD_PROBE[0]} is unreachable): pass --data_dir pointing at a prepared "
+        "TFDS directory, or run once with internet access"
+      )
     try:
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       raise errors.DataError(
-          f"dataset {name!r} is not prepared in {where} and could not be downloaded ({_short(e)}): "
-          "connect to the internet once, or pass --data_dir pointing at a prepared TFDS directory") from None
+        f"dataset {name!r} is not prepared in {where} and could not be downloaded ({_short(e)}): "
+        "connect to the internet once, or pass --data_dir pointing at a prepared TFDS directory"
+      ) from None
   return builder
 
 
@@ -607,12 +725,18 @@ def _count(ds):
 
 def _channel_stats(ds, channels):
   """Per-channel mean and std of raw pixels over the given examples (float64)."""
+
   def acc(state, example):
     s, s2, c = state
     x = tf.reshape(tf.cast(example[0], tf.float64), [-1, channels])
-    return s + tf.reduce_sum(x, 0), s2 + tf.reduce_sum(x * x, 0), c + tf.cast(tf.shape(x)[0], tf.float64)
+    return (
+      s + tf.reduce_sum(x, 0),
+      s2 + tf.reduce_sum(x * x, 0),
+      c + tf.cast(tf.shape(x)[0], tf.float64),
+    )
+
   zero = tf.zeros([channels], tf.float64)
   s, s2, c = ds.reduce((zero, zero, tf.constant(0.0, tf.float64)), acc)
   mean = s.numpy() / c.numpy()
-  var = np.maximum(s2.numpy() / c.numpy() - mean ** 2, 1e-6)
+  var = np.maximum(s2.numpy() / c.numpy() - mean**2, 1e-6)
   return tuple(float(m) for m in mean), tuple(float(v) for v in np.sqrt(var))

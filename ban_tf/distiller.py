@@ -111,13 +111,31 @@ class Distiller(keras.Model):
     ValueError: teacher_outputs is neither "logits" nor "probabilities".
   """
 
-  def __init__(self, student, teacher=None, *, loss="ban", temperature=1.0, kd_weight=1.0,
-               label_weight=0.0, weight_decay=0.0, seed=0, feature_weight=0.0,
-               feature_projection=None, clip_norm=0.0, augment=None, perplexity=False, state=None,
-               teacher_outputs="logits", **kwargs):
+  def __init__(
+    self,
+    student,
+    teacher=None,
+    *,
+    loss="ban",
+    temperature=1.0,
+    kd_weight=1.0,
+    label_weight=0.0,
+    weight_decay=0.0,
+    seed=0,
+    feature_weight=0.0,
+    feature_projection=None,
+    clip_norm=0.0,
+    augment=None,
+    perplexity=False,
+    state=None,
+    teacher_outputs="logits",
+    **kwargs,
+  ):
     super().__init__(**kwargs)
     if teacher_outputs not in ("logits", "probabilities"):
-      raise ValueError(f"Distiller: teacher_outputs={teacher_outputs!r}: use 'logits' or 'probabilities'")
+      raise ValueError(
+        f"Distiller: teacher_outputs={teacher_outputs!r}: use 'logits' or 'probabilities'"
+      )
     self.teacher_outputs_kind = teacher_outputs
     self.state = state
     self.student = student
@@ -127,11 +145,14 @@ class Distiller(keras.Model):
     if self.feature_weight:
       # Shares the student's layers: the same weights, two outputs.
       self.student_with_features = keras.Model(
-          student.inputs, [student.outputs[0], student.get_layer("features").output],
-          name=f"{student.name}_with_features")
+        student.inputs,
+        [student.outputs[0], student.get_layer("features").output],
+        name=f"{student.name}_with_features",
+      )
       if feature_projection:
-        self.projection = keras.layers.Dense(int(feature_projection), dtype="float32",
-                                             name="feature_projection")
+        self.projection = keras.layers.Dense(
+          int(feature_projection), dtype="float32", name="feature_projection"
+        )
         self.projection.build((None, student.get_layer("features").output.shape[-1]))
     if teacher is not None:
       teacher.trainable = False
@@ -164,7 +185,11 @@ class Distiller(keras.Model):
     # depends on the mode: evaluation has its own, smaller set (see `evaluate`).
     compiled = [self._compile_metrics] if self._compile_metrics is not None else []
     if self._evaluating:
-      return [self.label_tracker, self.acc_tracker] + ([self.ppl_tracker] if self.perplexity else []) + compiled
+      return (
+        [self.label_tracker, self.acc_tracker]
+        + ([self.ppl_tracker] if self.perplexity else [])
+        + compiled
+      )
     ms = [self.loss_tracker, self.kd_tracker, self.label_tracker, self.l2_tracker, self.acc_tracker]
     ms += [self.feature_tracker] if self.feature_weight else []
     ms += [self.agree_tracker] if self.teacher is not None else []
@@ -172,7 +197,9 @@ class Distiller(keras.Model):
     return ms + compiled
 
   # ---- library use: compile, labels, save ---------------------------------------
-  def compile(self, optimizer="rmsprop", loss=None, *args, metrics=None, weighted_metrics=None, **kwargs):
+  def compile(
+    self, optimizer="rmsprop", loss=None, *args, metrics=None, weighted_metrics=None, **kwargs
+  ):
     """keras.Model.compile, minus the loss (the objective is the Distiller's own).
 
     `metrics` are extra metrics, updated with the labels as given and the student's
@@ -182,16 +209,18 @@ class Distiller(keras.Model):
     """
     if loss is not None or kwargs.get("loss_weights") is not None or weighted_metrics is not None:
       raise ValueError(
-          "Distiller.compile: loss, loss_weights and weighted_metrics are not used: the objective is "
-          "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
-          "pass only optimizer=, metrics= and execution options")
+        "Distiller.compile: loss, loss_weights and weighted_metrics are not used: the objective is "
+        "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
+        "pass only optimizer=, metrics= and execution options"
+      )
     super().compile(optimizer, *args, metrics=metrics, **kwargs)
 
   def save(self, *args, **kwargs):  # pylint: disable=unused-argument
     """Refused: a Distiller is a training harness (student + frozen teacher)."""
     raise NotImplementedError(
-        "Distiller.save: save or export the student instead, e.g. distiller.student.save('student.keras') "
-        "or ban_tf.export.export_saved_model(distiller.student, 'saved_model', input_shape)")
+      "Distiller.save: save or export the student instead, e.g. distiller.student.save('student.keras') "
+      "or ban_tf.export.export_saved_model(distiller.student, 'saved_model', input_shape)"
+    )
 
   def _class_ids(self, y):
     """Sparse class ids from sparse ([N], [N, 1], [N, T]) or one-hot ([N, C]) labels.
@@ -208,9 +237,11 @@ class Distiller(keras.Model):
     if one_hot:
       y = tf.cast(y, tf.float32)
       tf.debugging.assert_equal(
-          tf.reduce_all((tf.reduce_max(y, -1) == 1.0) & (tf.reduce_sum(y, -1) == 1.0)), True,
-          message="Distiller: labels with one column per class must be one-hot (soft labels are not "
-                  "supported): pass class ids or one-hot rows")
+        tf.reduce_all((tf.reduce_max(y, -1) == 1.0) & (tf.reduce_sum(y, -1) == 1.0)),
+        True,
+        message="Distiller: labels with one column per class must be one-hot (soft labels are not "
+        "supported): pass class ids or one-hot rows",
+      )
       return tf.argmax(y, axis=-1, output_type=tf.int32)
     return y
 
@@ -250,7 +281,9 @@ class Distiller(keras.Model):
       for _, _, it in iterator:
         local = self.distribute_strategy.experimental_local_results
         data_batch = keras.tree.map_structure(
-            lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+          lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,  # noqa: B023
+          next(it),
+        )
         break
       iterator = None
     super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
@@ -274,8 +307,12 @@ class Distiller(keras.Model):
     out = self.teacher(x, training=False)
     feats = None
     kind = self.teacher_outputs_kind
-    if isinstance(out, dict):  # a TFSMLayer: {"logits", "features"}, {"probabilities"}, or one output of any name
-      feats = tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
+    if isinstance(
+      out, dict
+    ):  # a TFSMLayer: {"logits", "features"}, {"probabilities"}, or one output of any name
+      feats = (
+        tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
+      )
       if "logits" in out or ("probabilities" not in out and len(out) != 1):
         out, kind = out["logits"], "logits"
       elif "probabilities" in out:
@@ -333,7 +370,9 @@ class Distiller(keras.Model):
       x = self.augment(x, data[2])
     if self.state is not None:
       reset = tf.equal(self.optimizer.iterations % self.state.steps_per_epoch, 0)
-      t_logits, t_feats = (self.state.teacher_step(x, reset), None) if self.teacher is not None else (None, None)
+      t_logits, t_feats = (
+        (self.state.teacher_step(x, reset), None) if self.teacher is not None else (None, None)
+      )
     else:
       t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
     with tf.GradientTape() as tape:
@@ -345,7 +384,7 @@ class Distiller(keras.Model):
         logits = self.student(x, training=True)
       logits = tf.cast(logits, tf.float32)
       terms = self._terms(x, y, logits, t_logits)
-      objective = (self.kd_weight * terms["kd"] + self.label_weight * terms["label"])
+      objective = self.kd_weight * terms["kd"] + self.label_weight * terms["label"]
       if self.feature_weight:
         terms["feature"] = self.feature_term(s_feats, t_feats)
         objective += self.feature_weight * terms["feature"]
@@ -433,23 +472,33 @@ class CarriedState:
   the batch does not split evenly over the replicas.
   """
 
-  def __init__(self, student, state_size, batch_size, steps_per_epoch, teacher=None, teacher_state_size=0):
+  def __init__(
+    self, student, state_size, batch_size, steps_per_epoch, teacher=None, teacher_state_size=0
+  ):
     strategy = tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
-      raise ValueError(f"batch size {batch_size} does not split into {replicas} equal replica shares: "
-                       "carried state needs every replica to own the same rows at every step")
+      raise ValueError(
+        f"batch size {batch_size} does not split into {replicas} equal replica shares: "
+        "carried state needs every replica to own the same rows at every step"
+      )
     self.student = student
     self.teacher = teacher
     self.steps_per_epoch = int(steps_per_epoch)
     rows = batch_size // replicas
     # Replica-local (ON_READ): each replica reads and writes its own rows' states.
     # Not checkpointed: checkpoints are taken at epoch ends, where the state restarts.
-    local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    local = dict(
+      trainable=False,
+      synchronization=tf.VariableSynchronization.ON_READ,
+      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
     self.student_state = tf.Variable(tf.zeros([rows, state_size]), name="student_state", **local)
-    self.teacher_state = (tf.Variable(tf.zeros([rows, teacher_state_size]), name="teacher_state", **local)
-                          if teacher is not None else None)
+    self.teacher_state = (
+      tf.Variable(tf.zeros([rows, teacher_state_size]), name="teacher_state", **local)
+      if teacher is not None
+      else None
+    )
     self._score_fn = None
 
   @staticmethod
@@ -487,6 +536,7 @@ class CarriedState:
         ce = losses.label_ce(y, logits)
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
         return tf.reduce_sum(ce), tf.reduce_sum(correct), tf.cast(tf.shape(y)[0], tf.float32), s
+
       self._score_fn = step
     ce = correct = count = 0.0
     s = None
@@ -496,7 +546,11 @@ class CarriedState:
       c, k, n, s = self._score_fn(x, y, s)
       ce, correct, count = ce + float(c), correct + float(k), count + float(n)
     loss = ce / count
-    return {"label_loss": loss, "accuracy": correct / count, "perplexity": float(np.exp(min(loss, 700.0)))}
+    return {
+      "label_loss": loss,
+      "accuracy": correct / count,
+      "perplexity": float(np.exp(min(loss, 700.0))),
+    }
 
 
 class Perplexity(keras.metrics.Mean):
@@ -526,11 +580,16 @@ def probability_scorer(model, perplexity=False, stateful=None):
   if stateful is not None:
     s_in = [keras.Input(shape=t.shape[1:], dtype=t.dtype) for t in stateful.inputs]
     probs, s_out = stateful(s_in)
-    log_stateful = keras.Model(s_in, [keras.layers.Activation(_safe_log, dtype="float32")(probs), s_out])
+    log_stateful = keras.Model(
+      s_in, [keras.layers.Activation(_safe_log, dtype="float32")(probs), s_out]
+    )
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     state = CarriedState(log_stateful, s_in[1].shape[-1], replicas, 1)
-  scorer = Distiller(keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"), perplexity=perplexity,
-                     state=state)
+  scorer = Distiller(
+    keras.Model(inputs, log_probs, name=f"{model.name}_log_probs"),
+    perplexity=perplexity,
+    state=state,
+  )
   scorer.compile()
   return scorer
 

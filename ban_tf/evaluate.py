@@ -32,12 +32,16 @@ SPLITS = ("test", "val")
 def load(path):
   """The SavedModel at `path` (its `serve` function); raises errors.UsageError."""
   if not os.path.exists(os.path.join(path, "saved_model.pb")):
-    raise errors.UsageError(f"{path} is not a SavedModel directory (no saved_model.pb): pass gen_k/saved_model")
+    raise errors.UsageError(
+      f"{path} is not a SavedModel directory (no saved_model.pb): pass gen_k/saved_model"
+    )
   try:
     return tf.saved_model.load(path)
   except Exception as e:  # pylint: disable=broad-except  (truncated proto, missing or scrambled variables)
-    raise errors.UsageError(f"{path} cannot be loaded ({type(e).__name__}): it is damaged; restore it, "
-                            "or retrain its generation") from None
+    raise errors.UsageError(
+      f"{path} cannot be loaded ({type(e).__name__}): it is damaged; restore it, "
+      "or retrain its generation"
+    ) from None
 
 
 def score(model, dataset, probabilities=False, stateful=False):
@@ -121,36 +125,56 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   from ban_tf import manifest  # pylint: disable=g-import-not-at-top
+
   if split is not None and split not in SPLITS:
-    raise errors.UsageError(f"--split={split}: use test or val (the training split is not evaluated)")
+    raise errors.UsageError(
+      f"--split={split}: use test or val (the training split is not evaluated)"
+    )
   if batch_size is not None and batch_size < 0:
     raise errors.UsageError(f"--batch_size={batch_size}: must be >= 1 (or 0 for the run's)")
   if not os.path.isdir(run_dir):
-    raise errors.UsageError(f"--run_dir={run_dir} is not a directory: pass a run directory written by ban_tf.main")
+    raise errors.UsageError(
+      f"--run_dir={run_dir} is not a directory: pass a run directory written by ban_tf.main"
+    )
   cfg_path = os.path.join(run_dir, "config.json")
   if not os.path.exists(cfg_path):
-    raise errors.UsageError(f"{run_dir} has no config.json: pass a run directory written by ban_tf.main")
+    raise errors.UsageError(
+      f"{run_dir} has no config.json: pass a run directory written by ban_tf.main"
+    )
   stored = export.read_json_checked(cfg_path, "restore it (it holds the run's flags and data set)")
   try:
     cfg = config_lib.Config.from_dict(stored)
     task = tasks.get(cfg.task)
   except (TypeError, ValueError, KeyError, AttributeError) as e:
-    raise errors.UsageError(f"{cfg_path} is damaged ({type(e).__name__}: not a ban_tf config): restore it") from None
+    raise errors.UsageError(
+      f"{cfg_path} is damaged ({type(e).__name__}: not a ban_tf config): restore it"
+    ) from None
   if not _numbered(run_dir, "gen"):  # before the data set is read
-    seed_runs = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"seed_\d+", d)
-                       and os.path.exists(os.path.join(run_dir, d, "config.json")))
+    seed_runs = sorted(
+      d
+      for d in os.listdir(run_dir)
+      if re.fullmatch(r"seed_\d+", d) and os.path.exists(os.path.join(run_dir, d, "config.json"))
+    )
     if seed_runs:
-      raise errors.UsageError(f"{run_dir} is the parent of --seeds runs ({', '.join(seed_runs)}): evaluate one "
-                              f"at a time, --run_dir={os.path.join(run_dir, seed_runs[0])}")
-    raise errors.UsageError(f"{run_dir} holds no exported generation (gen_k/saved_model): is the run finished?")
+      raise errors.UsageError(
+        f"{run_dir} is the parent of --seeds runs ({', '.join(seed_runs)}): evaluate one "
+        f"at a time, --run_dir={os.path.join(run_dir, seed_runs[0])}"
+      )
+    raise errors.UsageError(
+      f"{run_dir} holds no exported generation (gen_k/saved_model): is the run finished?"
+    )
   if data_dir:
     cfg = dataclasses.replace(cfg, data_dir=data_dir)
   dataset = task.load_data(cfg)
   batch_size = batch_size or cfg.batch_size
-  pipelines = {s: getattr(dataset, s)(batch_size) for s in (("val", "test") if split is None else (split,))}
+  pipelines = {
+    s: getattr(dataset, s)(batch_size) for s in (("val", "test") if split is None else (split,))
+  }
   if split == "val" and pipelines["val"] is None:
-    raise errors.UsageError(f"{run_dir} was trained without a validation split (--val_examples=0, no "
-                            "--val_split or val/ folder): use --split=test")
+    raise errors.UsageError(
+      f"{run_dir} was trained without a validation split (--val_examples=0, no "
+      "--val_split or val/ folder): use --split=test"
+    )
   pipelines = {s: ds for s, ds in pipelines.items() if ds is not None}
 
   def evaluated(path, probabilities):
@@ -166,12 +190,19 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
       entry = {}
       for s, ds in pipelines.items():
         res = score(loaded, ds, probabilities, stateful=task.carries_state(cfg))
-        entry.update({f"{s}_loss": res["loss"], f"{s}_accuracy": res["accuracy"],
-                      f"{s}_error": 1.0 - res["accuracy"]})
+        entry.update(
+          {
+            f"{s}_loss": res["loss"],
+            f"{s}_accuracy": res["accuracy"],
+            f"{s}_error": 1.0 - res["accuracy"],
+          }
+        )
     except errors.UsageError as e:
       return {"damaged": str(e)}
     except Exception as e:  # pylint: disable=broad-except  (TF load/call errors: many kinds)
-      return {"damaged": f"{rel} cannot be loaded or run ({type(e).__name__}): restore it, or retrain it"}
+      return {
+        "damaged": f"{rel} cannot be loaded or run ({type(e).__name__}): restore it, or retrain it"
+      }
     entry.update(task.summarize(entry))
     return entry
 
@@ -183,16 +214,34 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     except (OSError, ValueError):
       return {}  # names and sizes only: the numbers come from the SavedModel
 
-  out = {"task": task.name, "splits": list(pipelines), "split": split, "dataset": cfg.data_name, "seed": cfg.seed,
-         "generations": [], "ensembles": []}
+  out = {
+    "task": task.name,
+    "splits": list(pipelines),
+    "split": split,
+    "dataset": cfg.data_name,
+    "seed": cfg.seed,
+    "generations": [],
+    "ensembles": [],
+  }
   for gen, path in _numbered(run_dir, "gen"):
     m = meta(path)
-    out["generations"].append({"gen": gen, "arch": m.get("arch", "?"), "params": m.get("params", 0),
-                               **evaluated(path, probabilities=False)})
+    out["generations"].append(
+      {
+        "gen": gen,
+        "arch": m.get("arch", "?"),
+        "params": m.get("params", 0),
+        **evaluated(path, probabilities=False),
+      }
+    )
   for k, path in _numbered(run_dir, "ensemble"):
     m = meta(path)  # ensembles serve mean probabilities (generations.build_ensemble)
-    out["ensembles"].append({"name": m.get("name", f"BANE-{k}"), "members": m.get("members", []),
-                             **evaluated(path, probabilities=True)})
+    out["ensembles"].append(
+      {
+        "name": m.get("name", f"BANE-{k}"),
+        "members": m.get("members", []),
+        **evaluated(path, probabilities=True),
+      }
+    )
   return out
 
 
@@ -200,15 +249,21 @@ def table(evaluated):
   """The run's results table (results.table, the task's columns) of an evaluate_run result."""
   from ban_tf import results  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+
   task = tasks.get(evaluated.get("task", "image"))
   if evaluated["splits"] != ["val"]:
     return results.table(evaluated, task.headline, task.extra_columns)
+
   # Only the val split: it goes in the table's main column, and only there.
   def as_test(entry):
     return {k: v for k, v in entry.items() if not k.startswith("val_")} | {
-        "test_" + k[4:]: v for k, v in entry.items() if k.startswith("val_")}
-  as_results = {"generations": [as_test(g) for g in evaluated["generations"]],
-                "ensembles": [as_test(e) for e in evaluated["ensembles"]]}
+      "test_" + k[4:]: v for k, v in entry.items() if k.startswith("val_")
+    }
+
+  as_results = {
+    "generations": [as_test(g) for g in evaluated["generations"]],
+    "ensembles": [as_test(e) for e in evaluated["ensembles"]],
+  }
   return results.table(as_results, task.headline).replace("Test ", "Val ")
 
 
@@ -219,15 +274,20 @@ def differences(evaluated, results):
   test_perplexity) of the evaluated splits.
   """
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+
   task = tasks.get(evaluated.get("task", "image"))
   fields = [f"{s}_accuracy" for s in evaluated["splits"]]
-  fields += [m.key for m in (task.headline,) + tuple(task.extra_columns)
-             if m.key.split("_")[0] in evaluated["splits"] and m.derive is None]
+  fields += [
+    m.key
+    for m in (task.headline,) + tuple(task.extra_columns)
+    if m.key.split("_")[0] in evaluated["splits"] and m.derive is None
+  ]
   stored = {("g", g["gen"]): g for g in results["generations"]}
   stored.update({("e", e["name"]): e for e in results["ensembles"]})
   diffs = {}
-  for key, e in [(("g", g["gen"]), g) for g in evaluated["generations"]] + \
-                [(("e", x["name"]), x) for x in evaluated["ensembles"]]:
+  for key, e in [(("g", g["gen"]), g) for g in evaluated["generations"]] + [
+    (("e", x["name"]), x) for x in evaluated["ensembles"]
+  ]:
     for f in fields:
       if key in stored and f in stored[key] and f in e:
         diffs[f] = max(diffs.get(f, 0.0), abs(stored[key][f] - e[f]))
@@ -249,8 +309,10 @@ def input_shape(path, model=None):
   spec = (model or load(path)).signatures["serving_default"].structured_input_signature[1]
   shape = tuple(next(iter(spec.values())).shape[1:])
   if None in shape:
-    raise errors.UsageError(f"{path} has no {export.FINGERPRINT_FILE} and accepts any image size, so the size to "
-                            "resize images to is unknown: export it with a fixed input shape (keras.Input((H, W, C)))")
+    raise errors.UsageError(
+      f"{path} has no {export.FINGERPRINT_FILE} and accepts any image size, so the size to "
+      "resize images to is unknown: export it with a fixed input shape (keras.Input((H, W, C)))"
+    )
   return shape
 
 
@@ -266,8 +328,11 @@ def class_names(path, num_classes):
   if os.path.exists(cfg_path):
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
       cfg = export.read_json(cfg_path)
-      names = list(tfds.builder(cfg["dataset"], data_dir=cfg.get("data_dir")).info.features["label"].names)
+      names = list(
+        tfds.builder(cfg["dataset"], data_dir=cfg.get("data_dir")).info.features["label"].names
+      )
       if len(names) == num_classes:
         return names
     except Exception:  # pylint: disable=broad-except  (names are a nicety; numbers still print)
@@ -278,12 +343,17 @@ def class_names(path, num_classes):
 def load_image(path, shape):
   """Raw 0..255 float32 pixels of an image file, converted and resized to (H, W, C)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   if len(shape) != 3:  # a language model's [T] tokens, a flattened [H*W] vector, ...
-    raise errors.UsageError(f"the model takes inputs of shape {tuple(shape)} per example, not images [H, W, C]: "
-                            "--images needs an image model (evaluate a language model with --run_dir)")
+    raise errors.UsageError(
+      f"the model takes inputs of shape {tuple(shape)} per example, not images [H, W, C]: "
+      "--images needs an image model (evaluate a language model with --run_dir)"
+    )
   h, w, c = shape
   if c not in (1, 3):
-    raise errors.UsageError(f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported")
+    raise errors.UsageError(
+      f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported"
+    )
   try:
     with Image.open(path) as im:
       im = im.convert("L" if c == 1 else "RGB")
@@ -291,7 +361,9 @@ def load_image(path, shape):
         im = im.resize((w, h), Image.BILINEAR)
       pixels = np.asarray(im, dtype=np.float32)
   except (OSError, ValueError) as e:
-    raise errors.UsageError(f"{path}: not a readable image ({type(e).__name__}): pass PNG or JPEG files") from None
+    raise errors.UsageError(
+      f"{path}: not a readable image ({type(e).__name__}): pass PNG or JPEG files"
+    ) from None
   return pixels[..., None] if c == 1 else pixels
 
 
@@ -313,14 +385,23 @@ def _classifier(path, model, outputs="auto"):
   sig = getattr(model, "signatures", {}).get("serving_default")
   if sig is None:
     if not hasattr(model, export.SERVE):
-      raise errors.UsageError(f"{path} has neither a serving_default signature nor a `{export.SERVE}` function: "
-                              "export it with model.export(DIR)")
-    fn, name, dtype, keys = (lambda x: {"output_0": getattr(model, export.SERVE)(x)}), None, tf.float32, ["output_0"]
+      raise errors.UsageError(
+        f"{path} has neither a serving_default signature nor a `{export.SERVE}` function: "
+        "export it with model.export(DIR)"
+      )
+    fn, name, dtype, keys = (
+      (lambda x: {"output_0": getattr(model, export.SERVE)(x)}),
+      None,
+      tf.float32,
+      ["output_0"],
+    )
   else:
     inputs = dict(sig.structured_input_signature[1])
     if len(inputs) != 1:
-      raise errors.UsageError(f"{path}: serving_default takes {sorted(inputs)}: it must take one image batch")
-    (name, spec), = inputs.items()
+      raise errors.UsageError(
+        f"{path}: serving_default takes {sorted(inputs)}: it must take one image batch"
+      )
+    ((name, spec),) = inputs.items()
     fn, dtype, keys = sig, spec.dtype, sorted(sig.structured_outputs)
   named = [k for k in (export.PROBABILITIES, export.LOGITS) if k in keys]
   if outputs != "auto" and outputs in keys:
@@ -328,15 +409,19 @@ def _classifier(path, model, outputs="auto"):
   elif outputs != "auto" and len(keys) == 1 and not named:
     key, kind = keys[0], outputs
   elif outputs != "auto":
-    raise errors.UsageError(f"{path}: serving_default returns {keys}, not {outputs}: drop --outputs={outputs} "
-                            "(outputs named logits or probabilities are read by their name)")
+    raise errors.UsageError(
+      f"{path}: serving_default returns {keys}, not {outputs}: drop --outputs={outputs} "
+      "(outputs named logits or probabilities are read by their name)"
+    )
   elif named:
     key = kind = named[0]
   elif len(keys) == 1:
     key, kind = keys[0], None
   else:
-    raise errors.UsageError(f"{path}: serving_default returns {keys}, none named {export.LOGITS} or "
-                            f"{export.PROBABILITIES}: pass --outputs=logits|probabilities and one output")
+    raise errors.UsageError(
+      f"{path}: serving_default returns {keys}, none named {export.LOGITS} or "
+      f"{export.PROBABILITIES}: pass --outputs=logits|probabilities and one output"
+    )
 
   def classify_batch(x):
     x = tf.cast(tf.constant(x), dtype)
@@ -349,9 +434,11 @@ def _classifier(path, model, outputs="auto"):
 
   note = None
   if kind is None:
-    note = (f"note: {path} serves '{key}', named neither {export.LOGITS} nor {export.PROBABILITIES} (an export from "
-            "elsewhere, or a ban_tf run from before outputs were named): read as probabilities where its rows are "
-            "non-negative and sum to 1, else as logits; --outputs=logits|probabilities says which")
+    note = (
+      f"note: {path} serves '{key}', named neither {export.LOGITS} nor {export.PROBABILITIES} (an export from "
+      "elsewhere, or a ban_tf run from before outputs were named): read as probabilities where its rows are "
+      "non-negative and sum to 1, else as logits; --outputs=logits|probabilities says which"
+    )
   return classify_batch, note
 
 
@@ -362,8 +449,9 @@ def classify(saved_model, images, top_k=3, outputs="auto"):
   `outputs`: what serving_default returns where its output is not named logits or
   probabilities (see _classifier): auto, logits or probabilities.
   """
-  if not os.path.exists(os.path.join(saved_model, "saved_model.pb")) and \
-      os.path.exists(os.path.join(saved_model, "saved_model", "saved_model.pb")):
+  if not os.path.exists(os.path.join(saved_model, "saved_model.pb")) and os.path.exists(
+    os.path.join(saved_model, "saved_model", "saved_model.pb")
+  ):
     saved_model = os.path.join(saved_model, "saved_model")
   model = load(saved_model)
   shape = input_shape(saved_model, model)
@@ -389,14 +477,23 @@ def main(argv, fv):
   if len(argv) > 1:
     raise errors.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
   if bool(fv.run_dir) == bool(fv.saved_model):
-    raise errors.UsageError("pass --run_dir=DIR (re-evaluate a run) or --saved_model=DIR --images=... (classify)")
+    raise errors.UsageError(
+      "pass --run_dir=DIR (re-evaluate a run) or --saved_model=DIR --images=... (classify)"
+    )
   # A flag of the other mode would be ignored silently (--run_dir=R --images=a.png re-evaluated the run).
-  other = (("split", "data_dir", "batch_size", "output_json") if fv.saved_model
-           else ("images", "top_k", "outputs"))
+  other = (
+    ("split", "data_dir", "batch_size", "output_json")
+    if fv.saved_model
+    else ("images", "top_k", "outputs")
+  )
   given = [f"--{name}" for name in other if _given(fv, name)]
   if given:
-    mode = "--saved_model (classify --images)" if fv.saved_model else "--run_dir (re-evaluate a run)"
-    raise errors.UsageError(f"{', '.join(given)} does not apply to {mode}: drop it, or use the other mode")
+    mode = (
+      "--saved_model (classify --images)" if fv.saved_model else "--run_dir (re-evaluate a run)"
+    )
+    raise errors.UsageError(
+      f"{', '.join(given)} does not apply to {mode}: drop it, or use the other mode"
+    )
   if fv.saved_model:
     if not fv.images:
       raise errors.UsageError("--saved_model needs --images=a.png,b.jpg")
@@ -410,8 +507,10 @@ def main(argv, fv):
     return
   evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
   damaged = [e for e in evaluated["generations"] + evaluated["ensembles"] if e.get("damaged")]
-  print(f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), {len(evaluated['generations'])} generations "
-        f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n")
+  print(
+    f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), {len(evaluated['generations'])} generations "
+    f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n"
+  )
   print(table(evaluated))
   results_path = os.path.join(fv.run_dir, "results.json")
   if os.path.exists(results_path):
@@ -430,25 +529,48 @@ def main(argv, fv):
     export.write_json(evaluated, fv.output_json)
   if damaged:
     total = len(evaluated["generations"]) + len(evaluated["ensembles"])
-    raise errors.UsageError(f"{len(damaged)} of {total} models could not be evaluated ({damaged[0]['damaged']}"
-                            + (", ..." if len(damaged) > 1 else "") + "): see the damaged rows above")
+    raise errors.UsageError(
+      f"{len(damaged)} of {total} models could not be evaluated ({damaged[0]['damaged']}"
+      + (", ..." if len(damaged) > 1 else "")
+      + "): see the damaged rows above"
+    )
 
 
 def define_flags(fv):
   """The binary's flags, on `fv` (absl FlagValues; tests pass a fresh one)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   d = lambda define, *a: define(*a, flag_values=fv)
-  d(flags.DEFINE_string, "run_dir", None, "Run directory whose gen_k/ and ensemble_k/ SavedModels to re-evaluate.")
-  d(flags.DEFINE_string, "split", None, "Split to evaluate on: test or val (default: val, where the run has one, "
-    "and test).")
+  d(
+    flags.DEFINE_string,
+    "run_dir",
+    None,
+    "Run directory whose gen_k/ and ensemble_k/ SavedModels to re-evaluate.",
+  )
+  d(
+    flags.DEFINE_string,
+    "split",
+    None,
+    "Split to evaluate on: test or val (default: val, where the run has one, and test).",
+  )
   d(flags.DEFINE_string, "data_dir", None, "TFDS data directory (default: the run's config.json).")
   d(flags.DEFINE_integer, "batch_size", 0, "Evaluation batch size (default: the run's).")
   d(flags.DEFINE_string, "output_json", None, "Also write the numbers as JSON here.")
   d(flags.DEFINE_string, "saved_model", None, "A SavedModel directory to classify --images with.")
-  d(flags.DEFINE_list, "images", [], "Image files (PNG/JPEG) to classify; resized to the model's input.")
+  d(
+    flags.DEFINE_list,
+    "images",
+    [],
+    "Image files (PNG/JPEG) to classify; resized to the model's input.",
+  )
   d(flags.DEFINE_integer, "top_k", 3, "How many classes to print per image.")
-  d(flags.DEFINE_string, "outputs", "auto", "What --saved_model serves where its output is named neither logits "
-    "nor probabilities (ban_tf names them): logits or probabilities (auto: rows that sum to 1 are probabilities).")
+  d(
+    flags.DEFINE_string,
+    "outputs",
+    "auto",
+    "What --saved_model serves where its output is named neither logits "
+    "nor probabilities (ban_tf names them): logits or probabilities (auto: rows that sum to 1 are probabilities).",
+  )
 
 
 def cli(argv, fv):

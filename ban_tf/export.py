@@ -24,9 +24,13 @@ INPUT_PIXELS = "pixels"  # the serving input of every image SavedModel, ensemble
 INPUT_TOKENS = "tokens"  # ... and of every language model's
 LOGITS = "logits"  # serving_default's output key of a generation
 PROBABILITIES = "probabilities"  # ... and of a BANE ensemble (mean softmax)
-FEATURES = "features"  # raw pixels -> pooled penultimate activations (models with a "features" layer)
+FEATURES = (
+  "features"  # raw pixels -> pooled penultimate activations (models with a "features" layer)
+)
 STATEFUL = "serve_stateful"  # (tokens [N, T], state [N, S]) -> {"logits", "state"}: language models
-BOTH = "logits_and_features"  # raw pixels -> {"logits", "features"}: the activation-matching teacher
+BOTH = (
+  "logits_and_features"  # raw pixels -> {"logits", "features"}: the activation-matching teacher
+)
 FINGERPRINT_FILE = "fingerprint.npz"
 LABELS_FILE = "labels.txt"  # class names, one a line, in output order
 
@@ -103,11 +107,15 @@ def read_json_checked(path, fix, expect=dict):
   except FileNotFoundError:
     raise errors.RunDirError(f"{path} is missing: {fix}") from None
   except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    why = type(e).__name__ + (f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else "")
+    why = type(e).__name__ + (
+      f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
+    )
     raise errors.RunDirError(f"{path} is damaged ({why}): {fix}") from None
   if not isinstance(value, expect):
-    raise errors.RunDirError(f"{path} is damaged (a JSON {type(value).__name__}, not "
-                             f"{'an object' if expect is dict else 'a list'}): {fix}")
+    raise errors.RunDirError(
+      f"{path} is damaged (a JSON {type(value).__name__}, not "
+      f"{'an object' if expect is dict else 'a list'}): {fix}"
+    )
   return value
 
 
@@ -137,7 +145,9 @@ def _input_spec(model, input_shape, spec=None):
   [N, H, W, C] with H, W, C fixed to the data set's image size, or, for a language
   model, `tokens` int32 [N, T] (any T). Without a spec: raw pixels of `input_shape`."""
   if spec is not None:
-    return tf.TensorSpec((None,) + tuple(spec.serving_shape), spec.input_dtype, name=spec.input_name)
+    return tf.TensorSpec(
+      (None,) + tuple(spec.serving_shape), spec.input_dtype, name=spec.input_name
+    )
   shape = tuple(input_shape or model.inputs[0].shape[1:])
   return tf.TensorSpec((None,) + shape, tf.float32, name=INPUT_PIXELS)
 
@@ -151,30 +161,43 @@ def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None,
   archive.track(model)
   # Registered first and under this name: what TF Serving, TFLite and saved_model_cli use.
   archive.add_endpoint(
-      "serving_default", lambda x: {output_name: tf.cast(model(x, training=False), tf.float32)},
-      input_signature=signature)
+    "serving_default",
+    lambda x: {output_name: tf.cast(model(x, training=False), tf.float32)},
+    input_signature=signature,
+  )
   archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=signature)
   if _has_features(model):
-    both = keras.Model(model.inputs, {"logits": model.outputs[0],
-                                      "features": model.get_layer("features").output})
+    both = keras.Model(
+      model.inputs, {"logits": model.outputs[0], "features": model.get_layer("features").output}
+    )
     archive.add_endpoint(
-        FEATURES, lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
-        input_signature=signature)
+      FEATURES,
+      lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
+      input_signature=signature,
+    )
     archive.add_endpoint(
-        BOTH, lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
-        input_signature=signature)
+      BOTH,
+      lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
+      input_signature=signature,
+    )
   if stateful is not None:  # shares the model's weights (lm_models.stateful)
     archive.track(stateful)
     state_spec = tf.TensorSpec((None, stateful.inputs[1].shape[-1]), tf.float32, name="state")
     archive.add_endpoint(
-        STATEFUL, lambda x, s: dict(zip((output_name, "state"),
-                                        (tf.cast(t, tf.float32) for t in stateful([x, s], training=False)))),
-        input_signature=signature + [state_spec])
+      STATEFUL,
+      lambda x, s: dict(
+        zip(
+          (output_name, "state"), (tf.cast(t, tf.float32) for t in stateful([x, s], training=False))
+        )
+      ),
+      input_signature=signature + [state_spec],
+    )
   archive.write_out(path, verbose=False)
 
 
-def export_saved_model(model, path, input_shape=None, class_names=(), output_name=LOGITS, *, spec=None,
-                       stateful=None):
+def export_saved_model(
+  model, path, input_shape=None, class_names=(), output_name=LOGITS, *, spec=None, stateful=None
+):
   """Exports to a temporary directory, fingerprints, renames into place.
 
   Signatures (every endpoint takes the same input): `serving_default` maps float32
@@ -241,17 +264,23 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4, loaded=None):
   fp = os.path.join(path, FINGERPRINT_FILE)
   if not os.path.exists(fp):
     raise errors.TeacherError(
-        f"teacher SavedModel {path} has no {FINGERPRINT_FILE}: one not exported by ban_tf is read with "
-        f"keras.layers.TFSMLayer(path, call_endpoint='serving_default') or --teacher=PATH; a ban_tf one is "
-        f"damaged: {fix}")
+      f"teacher SavedModel {path} has no {FINGERPRINT_FILE}: one not exported by ban_tf is read with "
+      f"keras.layers.TFSMLayer(path, call_endpoint='serving_default') or --teacher=PATH; a ban_tf one is "
+      f"damaged: {fix}"
+    )
   try:
     data = np.load(fp)
     got = _call_saved_model(path, data["inputs"], loaded)
   except Exception as e:  # pylint: disable=broad-except
     raise errors.TeacherError(
-        f"teacher SavedModel {path} cannot be loaded ({type(e).__name__}): {fix}") from None
-  if got.shape != data["outputs"].shape or not np.allclose(got, data["outputs"], rtol=rtol, atol=atol):
-    raise errors.TeacherError(f"teacher SavedModel {path} does not reproduce its fingerprint: {fix}")
+      f"teacher SavedModel {path} cannot be loaded ({type(e).__name__}): {fix}"
+    ) from None
+  if got.shape != data["outputs"].shape or not np.allclose(
+    got, data["outputs"], rtol=rtol, atol=atol
+  ):
+    raise errors.TeacherError(
+      f"teacher SavedModel {path} does not reproduce its fingerprint: {fix}"
+    )
   return got
 
 
@@ -260,8 +289,9 @@ def teacher_feature_dim(path, loaded=None):
   loaded = loaded if loaded is not None else tf.saved_model.load(path)
   if not hasattr(loaded, BOTH):
     raise errors.TeacherError(
-        f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
-        "by an older ban_tf): retrain that generation, or use --feature_weight=0")
+      f"teacher SavedModel {path} has no '{BOTH}' endpoint (exported without a features layer or "
+      "by an older ban_tf): retrain that generation, or use --feature_weight=0"
+    )
   x = np.load(os.path.join(path, FINGERPRINT_FILE))["inputs"][:1]
   return int(getattr(loaded, BOTH)(tf.constant(x))["features"].shape[-1])
 
@@ -293,8 +323,9 @@ def state_size(path, loaded=None):
   loaded = loaded if loaded is not None else tf.saved_model.load(path)
   if not hasattr(loaded, STATEFUL):
     raise errors.TeacherError(
-        f"teacher SavedModel {path} has no '{STATEFUL}' endpoint (exported by an older ban_tf): retrain "
-        "that generation, or use --lm_state=reset")
+      f"teacher SavedModel {path} has no '{STATEFUL}' endpoint (exported by an older ban_tf): retrain "
+      "that generation, or use --lm_state=reset"
+    )
   fn = getattr(loaded, STATEFUL)
   concrete = fn if hasattr(fn, "structured_input_signature") else fn.concrete_functions[0]
   return int(concrete.structured_input_signature[0][1].shape[-1])
@@ -302,10 +333,12 @@ def state_size(path, loaded=None):
 
 def stateful_call(layer):
   """A stateful teacher layer (load_teacher(stateful=True)) as ([tokens, state], training) -> (logits, state)."""
+
   def call(inputs, training=False):
     del training  # a SavedModel endpoint runs in inference mode
     out = layer.call_endpoint_fn(*inputs)
     return next(v for k, v in out.items() if k != "state"), out["state"]
+
   return call
 
 
@@ -332,14 +365,17 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
   are mirrored, and must then only be called from fit/evaluate/predict.
   """
   if tf.distribute.has_strategy():
-    raise RuntimeError("load_teacher must be called outside strategy.scope(); pass the strategy instead")
+    raise RuntimeError(
+      "load_teacher must be called outside strategy.scope(); pass the strategy instead"
+    )
   try:
     with (strategy or tf.distribute.get_strategy()).scope():
       # float32 whatever the global policy: the `serve` signature takes float32 pixels,
       # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
       endpoint = STATEFUL if stateful else BOTH if with_features else SERVE
-      layer = keras.layers.TFSMLayer(path, call_endpoint=endpoint, trainable=False, name="teacher",
-                                     dtype="float32")
+      layer = keras.layers.TFSMLayer(
+        path, call_endpoint=endpoint, trainable=False, name="teacher", dtype="float32"
+      )
   except Exception:  # pylint: disable=broad-except
     # Missing, damaged, or without the endpoint: the checks below name which (one line).
     verify_saved_model(path)
@@ -347,8 +383,10 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
       teacher_feature_dim(path)
     if stateful:
       state_size(path)
-    raise errors.TeacherError(f"teacher SavedModel {path} cannot be loaded: delete its generation "
-                              "directory (its DONE marker) to retrain it, or use --overwrite") from None
+    raise errors.TeacherError(
+      f"teacher SavedModel {path} cannot be loaded: delete its generation "
+      "directory (its DONE marker) to retrain it, or use --overwrite"
+    ) from None
   # The SavedModel is read once: the fingerprint check, the class count and the feature
   # width run on the layer's own restored object (outside the scope: eager calls fail
   # inside a MirroredStrategy scope), so what is checked is what teaches. Keras'
@@ -357,8 +395,9 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
   out = verify_saved_model(path, loaded=loaded)
   if expected_classes is not None and out.shape[-1] != expected_classes:
     raise errors.TeacherError(
-        f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
-        "use a teacher trained on the same data set")
+      f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
+      "use a teacher trained on the same data set"
+    )
   feature_dim = teacher_feature_dim(path, loaded=loaded) if with_features else None
   teacher_state = state_size(path, loaded=loaded) if stateful else None
   layer.source_path = os.path.abspath(path)
@@ -367,7 +406,10 @@ def load_teacher(path, strategy=None, expected_classes=None, with_features=False
   layer.compute_dtype_found = compute_dtype_of(layer.call_endpoint_fn)
   student_dtype = keras.mixed_precision.global_policy().compute_dtype
   if layer.compute_dtype_found == "float32" and student_dtype != "float32":
-    logging.warning("teacher %s computes in float32 while the student computes in %s: it was exported "
-                    "without --mixed_precision; the distillation step is slower than it need be",
-                    path, student_dtype)
+    logging.warning(
+      "teacher %s computes in float32 while the student computes in %s: it was exported "
+      "without --mixed_precision; the distillation step is slower than it need be",
+      path,
+      student_dtype,
+    )
   return layer

@@ -62,7 +62,9 @@ def disk_fault_if(where, directory):
   if _active("fill_disk", where):
     st = os.statvfs(directory)
     if st.f_blocks * st.f_frsize > _FILL_LIMIT:
-      raise RuntimeError(f"{ENV}=fill_disk refuses to fill {directory}: it is not a small test file system")
+      raise RuntimeError(
+        f"{ENV}=fill_disk refuses to fill {directory}: it is not a small test file system"
+      )
     with open(os.path.join(directory, "FILLER"), "wb", buffering=0) as f:
       for chunk in (1 << 16, 1 << 12, 1):  # down to the last free byte
         try:

@@ -61,7 +61,9 @@ def build_ensemble(members, name="ensemble"):
   for i, m in enumerate(members):
     wrapped = keras.Model(m.inputs[0], m.outputs[0], name=f"member_{i}")
     probs.append(keras.layers.Softmax(dtype="float32", name=f"probs_{i}")(wrapped(inputs)))
-  mean = probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
+  mean = (
+    probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
+  )
   return keras.Model(inputs, mean, name=name)
 
 
@@ -77,13 +79,21 @@ def build_stateful_ensemble(members, name="ensemble_stateful"):
   state = keras.Input(shape=(sum(sizes),), dtype="float32", name="state")
   probs, states, offset = [], [], 0
   for i, (m, size) in enumerate(zip(members, sizes)):
-    part = keras.layers.Lambda(lambda s, a=offset, n=size: s[:, a:a + n], name=f"state_{i}")(state)
+    part = keras.layers.Lambda(lambda s, a=offset, n=size: s[:, a : a + n], name=f"state_{i}")(
+      state
+    )
     offset += size
     logits, out = m([inputs, part])
     probs.append(keras.layers.Softmax(dtype="float32", name=f"probs_{i}")(logits))
     states.append(out)
-  mean = probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
-  out = states[0] if len(states) == 1 else keras.layers.Concatenate(dtype="float32", name="states")(states)
+  mean = (
+    probs[0] if len(probs) == 1 else keras.layers.Average(dtype="float32", name="mean_probs")(probs)
+  )
+  out = (
+    states[0]
+    if len(states) == 1
+    else keras.layers.Concatenate(dtype="float32", name="states")(states)
+  )
   return keras.Model([inputs, state], [mean, out], name=name)
 
 
@@ -97,13 +107,19 @@ def _load_member(gen_dir):
   path = os.path.join(gen_dir, "model.keras")
   try:
     if os.path.exists(path):
-      return keras.saving.load_model(path, custom_objects={"StepDecay": train.StepDecay}, compile=False)
+      return keras.saving.load_model(
+        path, custom_objects={"StepDecay": train.StepDecay}, compile=False
+      )
     path = os.path.join(gen_dir, "saved_model")
-    layer = keras.layers.TFSMLayer(path, call_endpoint=export.SERVE, trainable=False, dtype="float32")
+    layer = keras.layers.TFSMLayer(
+      path, call_endpoint=export.SERVE, trainable=False, dtype="float32"
+    )
     x = np.load(os.path.join(path, export.FINGERPRINT_FILE))["inputs"]
   except Exception as e:  # pylint: disable=broad-except  (many kinds)
-    raise errors.TeacherError(f"{path} cannot be loaded ({type(e).__name__}): restore it, or delete its "
-                              "generation directory to retrain it, or --overwrite") from None
+    raise errors.TeacherError(
+      f"{path} cannot be loaded ({type(e).__name__}): restore it, or delete its "
+      "generation directory to retrain it, or --overwrite"
+    ) from None
   inputs = keras.Input(shape=x.shape[1:], dtype=x.dtype.name)
   return keras.Model(inputs, layer(inputs), name=os.path.basename(gen_dir))
 
@@ -129,23 +145,41 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
       views = [task.stateful_model(m) for m in members]
       if any(v is None for v in views):
         raise errors.TeacherError(
-            f"BANE-{k}: generation {gens[views.index(None)]} has no model.keras to carry the LSTM state with "
-            "(a --teacher imported from a SavedModel): drop --ensemble_include_teacher or use --lm_state=reset")
+          f"BANE-{k}: generation {gens[views.index(None)]} has no model.keras to carry the LSTM state with "
+          "(a --teacher imported from a SavedModel): drop --ensemble_include_teacher or use --lm_state=reset"
+        )
       stateful = build_stateful_ensemble(views, name=f"bane_{k}_stateful")
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
     scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity, stateful=stateful)
-  result = dict(name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size))
-  train.finish(task, task.spec(dataset), model, out, result, output_name=export.PROBABILITIES,
-               stateful=stateful)
+  result = dict(
+    name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size)
+  )
+  train.finish(
+    task,
+    task.spec(dataset),
+    model,
+    out,
+    result,
+    output_name=export.PROBABILITIES,
+    stateful=stateful,
+  )
   export.write_json(result, os.path.join(out, "metrics.json"))
   manifest.record(run.path, f"ensemble_{k}", **manifest.digests(out, keras=False))
   export.touch_done(out)
   run.stale_ensembles.discard(k)
-  logging.info("BANE-%d (generations %s): test accuracy %.4f, %s %.4f", k, gens, result["test_accuracy"],
-               task.headline.key, result[task.headline.key])
+  logging.info(
+    "BANE-%d (generations %s): test accuracy %.4f, %s %.4f",
+    k,
+    gens,
+    result["test_accuracy"],
+    task.headline.key,
+    result[task.headline.key],
+  )
   if console.progress():
-    console.progress().print(f"{console.progress().prefix}BANE-{k} ({results_lib.ensemble_arch(gens)}): "
-                             f"{train.headline_text(task, result)}")
+    console.progress().print(
+      f"{console.progress().prefix}BANE-{k} ({results_lib.ensemble_arch(gens)}): "
+      f"{train.headline_text(task, result)}"
+    )
   return result
 
 
@@ -182,19 +216,34 @@ def collect_results(run):
       bad = f"{what} is not finished on disk (deleted, or being retrained)"
     if prev is None and not done:
       return None
-    return dict(prev or stub, damaged=bad + ("; values from the previous results.json" if prev else ""))
+    return dict(
+      prev or stub, damaged=bad + ("; values from the previous results.json" if prev else "")
+    )
 
   out = {"generations": [], "ensembles": [], "baseline": None}
   prev_g = by(previous.get("generations"), lambda r: r.get("gen"))
   for k in sorted(set(run.finished_gens()) | {g for g in prev_g if isinstance(g, int)}):
-    r = row(run.read_gen_dir(k), export.is_done(run.read_gen_dir(k)), prev_g.get(k), {"gen": k}, f"gen_{k}")
+    r = row(
+      run.read_gen_dir(k),
+      export.is_done(run.read_gen_dir(k)),
+      prev_g.get(k),
+      {"gen": k},
+      f"gen_{k}",
+    )
     if r is not None:
       out["generations"].append(r)
   prev_e = by(previous.get("ensembles"), lambda r: r.get("name"))
-  prev_e = {int(n.split("-")[1]): r for n, r in prev_e.items() if isinstance(n, str) and re.fullmatch(r"BANE-\d+", n)}
+  prev_e = {
+    int(n.split("-")[1]): r
+    for n, r in prev_e.items()
+    if isinstance(n, str) and re.fullmatch(r"BANE-\d+", n)
+  }
   for k in sorted(set(run.finished_ensembles()) | set(prev_e)):
     d = run.read_ensemble_dir(k)
-    stub = {"name": f"BANE-{k}", "members": prev_e.get(k, {}).get("members") or list(range(1, k + 1))}
+    stub = {
+      "name": f"BANE-{k}",
+      "members": prev_e.get(k, {}).get("members") or list(range(1, k + 1)),
+    }
     done = export.is_done(d) and k not in run.stale_ensembles
     r = row(d, done, prev_e.get(k), stub, f"ensemble_{k}")
     if r is not None:
@@ -213,19 +262,32 @@ def run(cfg, strategy, dataset, run):
     # Every worker reads the same teacher: the chief's export of the previous generation.
     teacher_path = os.path.join(run.read_gen_dir(gen - 1), "saved_model") if gen > 0 else None
     if export.is_done(done_dir):
-      logging.info("gen %d already done: skipping (its SavedModel matched its fingerprint and the run's "
-                   "manifest)", gen)
+      logging.info(
+        "gen %d already done: skipping (its SavedModel matched its fingerprint and the run's "
+        "manifest)",
+        gen,
+      )
       metrics = export.read_json(os.path.join(done_dir, "metrics.json"))  # checked readable on open
       if console.progress():
-        console.progress().skip(cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped")
-    elif gen == 0 and cfg.teacher:  # a pretrained teacher: imported, checked and measured, not trained
+        console.progress().skip(
+          cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped"
+        )
+    elif (
+      gen == 0 and cfg.teacher
+    ):  # a pretrained teacher: imported, checked and measured, not trained
       pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
       if console.progress():
-        console.progress().skip(cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}")
+        console.progress().skip(
+          cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}"
+        )
     else:
-      if gen > 0:  # the teacher (and, for --share_stem_head, its model.keras) is this run's gen_{gen-1}
+      if (
+        gen > 0
+      ):  # the teacher (and, for --share_stem_head, its model.keras) is this run's gen_{gen-1}
         run.check_member(gen - 1, keras=cfg.share_stem_head)
-      spec = train.GenerationSpec.generation(cfg, gen, run.gen_dir(gen), teacher_path, read_dir=done_dir)
+      spec = train.GenerationSpec.generation(
+        cfg, gen, run.gen_dir(gen), teacher_path, read_dir=done_dir
+      )
       train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)  # the chief's gen_{gen} is complete before anyone reads it
     if gen >= 2:
@@ -255,21 +317,30 @@ def run_seeds(cfg, strategy, dataset, top):
   of the task's headline metric); its results.md and report.png are report.py's.
   """
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
+
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
   per_seed = []
   for i, seed in enumerate(cfg.seed_list()):
     # --student_seed moves with the base seed, so each seed's students differ too.
     student_seed = None if cfg.student_seed is None else cfg.student_seed + seed - cfg.seed
-    sub = dataclasses.replace(cfg, seed=seed, seeds=1, student_seed=student_seed,
-                              run_dir=os.path.join(top.path, f"seed_{seed}"))
+    sub = dataclasses.replace(
+      cfg,
+      seed=seed,
+      seeds=1,
+      student_seed=student_seed,
+      run_dir=os.path.join(top.path, f"seed_{seed}"),
+    )
     logging.info("seed %d: %s", seed, sub.run_dir)
     if console.progress():
       console.progress().prefix = f"seed {seed} ({i + 1}/{cfg.seeds}) "
     with rundir.RunDir(sub.run_dir, sub, spec=spec) as sub_run:
       per_seed.append(run(sub, strategy, dataset, sub_run))
-  summary = {"seeds": cfg.seed_list(), "metric": task.headline.key,
-             "rows": results_lib.aggregate(per_seed, task.headline)}
+  summary = {
+    "seeds": cfg.seed_list(),
+    "metric": task.headline.key,
+    "rows": results_lib.aggregate(per_seed, task.headline),
+  }
   export.write_json(summary, os.path.join(top.path, "results.json"))
   report.write_report(top.path, hparams=False)  # results.md and report.png of the seeds
   return summary

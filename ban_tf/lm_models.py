@@ -28,8 +28,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from ban_tf.archs import CNN_LSTM  # pylint: disable=unused-import
-from ban_tf.archs import LM_ARCH_HELP as ARCH_HELP  # pylint: disable=unused-import
+from ban_tf.archs import CNN_LSTM  # pylint: disable=unused-import  # noqa: F401
+from ban_tf.archs import LM_ARCH_HELP as ARCH_HELP  # pylint: disable=unused-import  # noqa: F401
 from ban_tf.archs import parse_lm_arch as parse_arch
 
 _INIT_SCALE = 0.05
@@ -66,8 +66,9 @@ class TiedEmbedding(keras.layers.Layer):
     self.vocab_size, self.dim = int(vocab_size), int(dim)
 
   def build(self, input_shape):
-    self.embeddings = self.add_weight(shape=(self.vocab_size, self.dim), initializer=_uniform(),
-                                      name="embeddings")
+    self.embeddings = self.add_weight(
+      shape=(self.vocab_size, self.dim), initializer=_uniform(), name="embeddings"
+    )
     self.bias = self.add_weight(shape=(self.vocab_size,), initializer="zeros", name="bias")
 
   def call(self, inputs, decode=False):
@@ -94,20 +95,38 @@ class CharWordEncoder(keras.layers.Layer):
     self.char_dim, self.widths, self.filters = int(char_dim), tuple(widths), tuple(filters)
     self.num_highway = int(highway)
     self.features = sum(self.filters)
-    self.char_embedding = keras.layers.Embedding(num_chars, char_dim, embeddings_initializer=_uniform(),
-                                                 name="char_embedding")
-    self.convs = [keras.layers.Conv1D(f, w, activation="tanh", kernel_initializer=_uniform(),
-                                      name=f"conv_w{w}") for w, f in zip(self.widths, self.filters)]
+    self.char_embedding = keras.layers.Embedding(
+      num_chars, char_dim, embeddings_initializer=_uniform(), name="char_embedding"
+    )
+    self.convs = [
+      keras.layers.Conv1D(f, w, activation="tanh", kernel_initializer=_uniform(), name=f"conv_w{w}")
+      for w, f in zip(self.widths, self.filters)
+    ]
     # Highway: y = t * relu(W_h x) + (1 - t) * x, gate bias -2 (Kim et al.) starts near carry.
-    self.highway = [(keras.layers.Dense(self.features, activation="relu", kernel_initializer=_uniform(),
-                                        name=f"highway{i}_h"),
-                     keras.layers.Dense(self.features, activation="sigmoid", kernel_initializer=_uniform(),
-                                        bias_initializer=keras.initializers.Constant(-2.0),
-                                        name=f"highway{i}_t")) for i in range(self.num_highway)]
+    self.highway = [
+      (
+        keras.layers.Dense(
+          self.features, activation="relu", kernel_initializer=_uniform(), name=f"highway{i}_h"
+        ),
+        keras.layers.Dense(
+          self.features,
+          activation="sigmoid",
+          kernel_initializer=_uniform(),
+          bias_initializer=keras.initializers.Constant(-2.0),
+          name=f"highway{i}_t",
+        ),
+      )
+      for i in range(self.num_highway)
+    ]
 
   def build(self, input_shape):
-    self.spellings = self.add_weight(shape=(self.vocab_size, self.word_len), dtype="int32",
-                                     initializer="zeros", trainable=False, name="spellings")
+    self.spellings = self.add_weight(
+      shape=(self.vocab_size, self.word_len),
+      dtype="int32",
+      initializer="zeros",
+      trainable=False,
+      name="spellings",
+    )
     self.char_embedding.build((None, self.word_len))
     for conv in self.convs:
       conv.build((None, self.word_len, self.char_dim))
@@ -132,9 +151,16 @@ class CharWordEncoder(keras.layers.Layer):
     return tuple(input_shape) + (self.features,)
 
   def get_config(self):
-    return dict(super().get_config(), vocab_size=self.vocab_size, word_len=self.word_len,
-                num_chars=self.num_chars, char_dim=self.char_dim, widths=list(self.widths),
-                filters=list(self.filters), highway=self.num_highway)
+    return dict(
+      super().get_config(),
+      vocab_size=self.vocab_size,
+      word_len=self.word_len,
+      num_chars=self.num_chars,
+      char_dim=self.char_dim,
+      widths=list(self.widths),
+      filters=list(self.filters),
+      highway=self.num_highway,
+    )
 
 
 def spellings(vocab, min_len=1):
@@ -147,7 +173,7 @@ def spellings(vocab, min_len=1):
   width = max(max(len(w) for w in vocab) + 2, min_len)
   table = np.zeros((len(vocab), width), np.int32)
   for i, w in enumerate(vocab):
-    table[i, :len(w) + 2] = [1] + [index[c] for c in w] + [2]
+    table[i, : len(w) + 2] = [1] + [index[c] for c in w] + [2]
   return table, len(chars) + 3
 
 
@@ -163,16 +189,30 @@ def build_model(arch: str, vocab, *, dropout: float = 0.0, name: str | None = No
     if isinstance(vocab, int):
       raise ValueError("cnn-lstm needs the vocabulary words, not only its size")
     table, num_chars = spellings(vocab, min_len=max(spec["widths"]))
-    encoder = CharWordEncoder(vocab_size, table.shape[1], num_chars, spec["char_dim"], spec["widths"],
-                              spec["filters"], spec["highway"], name="char_cnn")
+    encoder = CharWordEncoder(
+      vocab_size,
+      table.shape[1],
+      num_chars,
+      spec["char_dim"],
+      spec["widths"],
+      spec["filters"],
+      spec["highway"],
+      name="char_cnn",
+    )
     x = encoder(ids)
     encoder.set_spellings(table)
   x = keras.layers.Dropout(dropout, name="dropout_in")(x)
   for i in range(spec["layers"]):
     # return_state: stateful() reuses these layers with an initial state; here the
     # final state is dropped (every call starts from zeros).
-    x = keras.layers.LSTM(spec["units"], return_sequences=True, return_state=True,
-                          kernel_initializer=_uniform(), recurrent_initializer=_uniform(), name=f"lstm{i}")(x)[0]
+    x = keras.layers.LSTM(
+      spec["units"],
+      return_sequences=True,
+      return_state=True,
+      kernel_initializer=_uniform(),
+      recurrent_initializer=_uniform(),
+      name=f"lstm{i}",
+    )(x)[0]
     x = keras.layers.Dropout(dropout, name=f"dropout{i}")(x)
   if spec["family"] == "lstm":
     logits = embed(x, decode=True)
@@ -209,17 +249,23 @@ def stateful(model, name=None) -> keras.Model:
   """
   lstms = _lstm_layers(model)
   if not lstms or not isinstance(lstms[0], keras.layers.LSTM) or not lstms[0].return_state:
-    raise ValueError(f"{model.name} is not a language model of lm_models.build_model (no stateful lstm0 layer)")
+    raise ValueError(
+      f"{model.name} is not a language model of lm_models.build_model (no stateful lstm0 layer)"
+    )
   ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
   state = keras.Input(shape=(state_size(model),), dtype="float32", name="state")
-  first = model.get_layer("embedding") if _has_layer(model, "embedding") else model.get_layer("char_cnn")
+  first = (
+    model.get_layer("embedding") if _has_layer(model, "embedding") else model.get_layer("char_cnn")
+  )
   x = first(ids)
   x = model.get_layer("dropout_in")(x)
   out_states, offset = [], 0
   for i, lstm in enumerate(lstms):
     units = lstm.units
-    h0 = keras.layers.Lambda(lambda s, a=offset, u=units: s[:, a:a + u], name=f"h{i}_in")(state)
-    c0 = keras.layers.Lambda(lambda s, a=offset + units, u=units: s[:, a:a + u], name=f"c{i}_in")(state)
+    h0 = keras.layers.Lambda(lambda s, a=offset, u=units: s[:, a : a + u], name=f"h{i}_in")(state)
+    c0 = keras.layers.Lambda(lambda s, a=offset + units, u=units: s[:, a : a + u], name=f"c{i}_in")(
+      state
+    )
     offset += 2 * units
     x, h, c = lstm(x, initial_state=[h0, c0])
     out_states += [h, c]
@@ -230,7 +276,8 @@ def stateful(model, name=None) -> keras.Model:
     logits = model.get_layer("embedding")(x, decode=True)
   logits = model.get_layer("output")(logits)
   new_state = keras.layers.Concatenate(dtype="float32", name="state_out")(
-      [keras.layers.Activation("linear", dtype="float32")(t) for t in out_states])
+    [keras.layers.Activation("linear", dtype="float32")(t) for t in out_states]
+  )
   return keras.Model([ids, state], [logits, new_state], name=name or f"{model.name}_stateful")
 
 
@@ -256,15 +303,23 @@ def _stock_char_encoder(encoder: CharWordEncoder) -> keras.Model:
   policy = encoder.dtype_policy
   width, dim = encoder.word_len, encoder.char_dim
   chars = np.asarray(encoder.spellings.numpy())
-  table = np.asarray(encoder.char_embedding.get_weights()[0])[chars].reshape(encoder.vocab_size, width * dim)
+  table = np.asarray(encoder.char_embedding.get_weights()[0])[chars].reshape(
+    encoder.vocab_size, width * dim
+  )
   ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
-  lookup = keras.layers.Embedding(encoder.vocab_size, width * dim, dtype=policy, name="spelled_characters")
-  x = keras.layers.Reshape((-1, width, dim), dtype=policy, name="characters")(lookup(ids))  # [N, T, W, C]
+  lookup = keras.layers.Embedding(
+    encoder.vocab_size, width * dim, dtype=policy, name="spelled_characters"
+  )
+  x = keras.layers.Reshape((-1, width, dim), dtype=policy, name="characters")(
+    lookup(ids)
+  )  # [N, T, W, C]
   lookup.set_weights([table])
   pooled = []
   for conv in encoder.convs:
     w, f = conv.kernel_size[0], conv.filters
-    conv2d = keras.layers.Conv2D(f, (1, w), activation=conv.activation, dtype=policy, name=conv.name)
+    conv2d = keras.layers.Conv2D(
+      f, (1, w), activation=conv.activation, dtype=policy, name=conv.name
+    )
     y = conv2d(x)  # [N, T, W - w + 1, f]
     kernel, bias = conv.get_weights()
     conv2d.set_weights([kernel[None], bias])
@@ -278,7 +333,8 @@ def _stock_char_encoder(encoder: CharWordEncoder) -> keras.Model:
     t2.set_weights(t.get_weights())
     moved = keras.layers.Multiply(dtype=policy, name=f"highway{i}_moved")([gate, carry])
     kept = keras.layers.Subtract(dtype=policy, name=f"highway{i}_kept")(
-        [x, keras.layers.Multiply(dtype=policy, name=f"highway{i}_gated")([gate, x])])
+      [x, keras.layers.Multiply(dtype=policy, name=f"highway{i}_gated")([gate, x])]
+    )
     x = keras.layers.Add(dtype=policy, name=f"highway{i}")([moved, kept])
   return keras.Model(ids, x, name=encoder.name)
 
@@ -309,7 +365,9 @@ def to_stock(model: keras.Model) -> keras.Model:
   ids = keras.Input(shape=(None,), dtype="int32", name="tokens")
   tied = model.get_layer("embedding") if _has_layer(model, "embedding") else None
   if tied is not None:
-    embedding = keras.layers.Embedding(tied.vocab_size, tied.dim, dtype=tied.dtype_policy, name="embedding")
+    embedding = keras.layers.Embedding(
+      tied.vocab_size, tied.dim, dtype=tied.dtype_policy, name="embedding"
+    )
     x = embedding(ids)
     embedding.set_weights([tied.get_weights()[0]])
   else:

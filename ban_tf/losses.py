@@ -36,6 +36,7 @@ class Objective:
   teacher (generation 0) and the --baseline use `Objective.labels_only()`.
   `to_dict()` is what metrics.json records.
   """
+
   loss: str = "labels"  # labels | ban | ban_l | kd | cwtm | dkpp
   temperature: float = 1.0
   kd_weight: float = 0.0
@@ -62,7 +63,8 @@ def label_ce(labels, student_logits):
   """Sparse cross-entropy of integer labels [B] against logits [B, C]."""
   labels = tf.cast(labels, tf.int32)
   return tf.nn.sparse_softmax_cross_entropy_with_logits(
-      labels=labels, logits=tf.cast(student_logits, tf.float32))
+    labels=labels, logits=tf.cast(student_logits, tf.float32)
+  )
 
 
 def soft_ce(target_probs, student_logits, temperature=1.0):
@@ -131,5 +133,5 @@ def feature_l2(student_features, teacher_features):
 def agreement(teacher_logits, student_logits):
   """1.0 where the teacher's and the student's top-1 classes match, else 0.0."""
   return tf.cast(
-      tf.equal(tf.argmax(teacher_logits, axis=-1), tf.argmax(student_logits, axis=-1)),
-      tf.float32)
+    tf.equal(tf.argmax(teacher_logits, axis=-1), tf.argmax(student_logits, axis=-1)), tf.float32
+  )

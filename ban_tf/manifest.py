@@ -55,8 +55,9 @@ def read(run_dir):
       raise ValueError("entries is not a mapping of objects")
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise errors.RunDirError(
-        f"{p} is damaged ({_why(e)}): restore it, or delete it to re-record the finished generations "
-        "from their own fingerprints, or --overwrite to start over") from None
+      f"{p} is damaged ({_why(e)}): restore it, or delete it to re-record the finished generations "
+      "from their own fingerprints, or --overwrite to start over"
+    ) from None
   return entries
 
 
@@ -90,14 +91,16 @@ def fingerprint_digest(saved_model):
     errors.TeacherError: no readable fingerprint.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top  (pretrained.py imports this module: stdlib only)
+
   fp = os.path.join(saved_model, FINGERPRINT_FILE)
   try:
     with np.load(fp) as data:
       out = np.ascontiguousarray(data["outputs"])
   except Exception as e:  # pylint: disable=broad-except  (missing, truncated, not an npz)
     raise errors.TeacherError(
-        f"{fp} is missing or damaged ({_why(e)}): delete its generation directory to retrain it, "
-        "or --overwrite") from None
+      f"{fp} is missing or damaged ({_why(e)}): delete its generation directory to retrain it, "
+      "or --overwrite"
+    ) from None
   h = hashlib.sha256(str((out.dtype.str, out.shape)).encode())
   h.update(out.tobytes())
   return h.hexdigest()
@@ -129,19 +132,26 @@ def check(run_dir, name, gen_dir, *, saved_model=True, keras=False):
   entry = read(run_dir).get(name)
   if entry is None:
     return False
-  fix = (f"it was replaced, damaged or copied from elsewhere: restore it, or delete {name}/ (and every later "
-         "generation and ensemble) to retrain it, or --overwrite")
+  fix = (
+    f"it was replaced, damaged or copied from elsewhere: restore it, or delete {name}/ (and every later "
+    "generation and ensemble) to retrain it, or --overwrite"
+  )
   if saved_model and "fingerprint_sha256" in entry:
     sm = os.path.join(gen_dir, "saved_model")
     if fingerprint_digest(sm) != entry["fingerprint_sha256"]:
-      raise errors.TeacherError(f"{sm} is not the model this run recorded for {name} in {path(run_dir)}: {fix}")
+      raise errors.TeacherError(
+        f"{sm} is not the model this run recorded for {name} in {path(run_dir)}: {fix}"
+      )
   if keras and "keras_sha256" in entry:
     kp = os.path.join(gen_dir, "model.keras")
     if not os.path.exists(kp):
-      raise errors.TeacherError(f"{kp} is missing: restore it, or delete {name}/ to retrain it, or --overwrite")
+      raise errors.TeacherError(
+        f"{kp} is missing: restore it, or delete {name}/ to retrain it, or --overwrite"
+      )
     if file_digest(kp) != entry["keras_sha256"]:
-      raise errors.TeacherError(f"{kp} is not the model.keras this run recorded for {name} in "
-                                f"{path(run_dir)}: {fix}")
+      raise errors.TeacherError(
+        f"{kp} is not the model.keras this run recorded for {name} in {path(run_dir)}: {fix}"
+      )
   return True
 
 

@@ -49,10 +49,19 @@ import tensorflow as tf
 
 # The name grammar and the pure-Python parameter counts live in archs.py (no Keras:
 # config validation and presets use them); re-exported here.
-from ban_tf.archs import (  # pylint: disable=unused-import
-    ARCH_HELP, DENSENET_COMPRESSION, densenet_layers, densenet_widths, is_match_arch, param_count, parse_arch,
-    resolve_arch, with_compression)
+from ban_tf.archs import (  # noqa: F401  (re-exported)
+  ARCH_HELP,
+  DENSENET_COMPRESSION,
+  densenet_layers,
+  densenet_widths,
+  is_match_arch,
+  param_count,
+  parse_arch,
+  resolve_arch,
+  with_compression,
+)
 from ban_tf.archs import _transition_width  # pylint: disable=unused-import  (the same floor as the counts)
+
 
 def count_params(model: keras.Model) -> int:
   """Number of trainable parameters.
@@ -70,8 +79,15 @@ def _conv_init():
 
 
 def _conv(x, filters, kernel, name, strides=1):
-  return keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
-                             kernel_initializer=_conv_init(), name=name)(x)
+  return keras.layers.Conv2D(
+    filters,
+    kernel,
+    strides=strides,
+    padding="same",
+    use_bias=False,
+    kernel_initializer=_conv_init(),
+    name=name,
+  )(x)
 
 
 @keras.saving.register_keras_serializable(package="ban_tf")
@@ -92,9 +108,14 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
   """
 
   def _fusable(self, inputs, mask):
-    return (mask is None and not self.renorm and not self.synchronized
-            and len(inputs.shape) == 4 and self.axis in (-1, 3)
-            and keras.backend.backend() == "tensorflow")
+    return (
+      mask is None
+      and not self.renorm
+      and not self.synchronized
+      and len(inputs.shape) == 4
+      and self.axis in (-1, 3)
+      and keras.backend.backend() == "tensorflow"
+    )
 
   def call(self, inputs, training=None, mask=None):
     if not self._fusable(inputs, mask):
@@ -105,19 +126,33 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     beta = tf.cast(self.beta, "float32") if self.center else tf.zeros([channels])
     if training and self.trainable:
       y, mean, unbiased_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-          x=x, scale=gamma, offset=beta, mean=tf.constant([], "float32"),
-          variance=tf.constant([], "float32"), epsilon=self.epsilon,
-          exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+        x=x,
+        scale=gamma,
+        offset=beta,
+        mean=tf.constant([], "float32"),
+        variance=tf.constant([], "float32"),
+        epsilon=self.epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+      )
       count = tf.cast(tf.size(x, out_type=tf.int64) // channels, "float32")
       variance = unbiased_var * ((count - 1.0) / tf.maximum(count, 1.0))
       self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
       self.moving_variance.assign(
-          self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+      )
     else:
       y = tf.raw_ops.FusedBatchNormV3(
-          x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, "float32"),
-          variance=tf.cast(self.moving_variance, "float32"), epsilon=self.epsilon,
-          data_format="NHWC", is_training=False)[0]
+        x=x,
+        scale=gamma,
+        offset=beta,
+        mean=tf.cast(self.moving_mean, "float32"),
+        variance=tf.cast(self.moving_variance, "float32"),
+        epsilon=self.epsilon,
+        data_format="NHWC",
+        is_training=False,
+      )[0]
     return tf.cast(y, self.compute_dtype)
 
 
@@ -139,8 +174,11 @@ def synchronize_batchnorm(model: keras.Model) -> int:
 
 def has_fused_layers(model: keras.Model) -> bool:
   """Whether `model` (or a model nested in it) holds a FusedBatchNormalization."""
-  return any(isinstance(layer, FusedBatchNormalization) or
-             (isinstance(layer, keras.Model) and has_fused_layers(layer)) for layer in model.layers)
+  return any(
+    isinstance(layer, FusedBatchNormalization)
+    or (isinstance(layer, keras.Model) and has_fused_layers(layer))
+    for layer in model.layers
+  )
 
 
 def to_stock(model: keras.Model) -> keras.Model:
@@ -158,6 +196,7 @@ def to_stock(model: keras.Model) -> keras.Model:
   Returns:
     A new functional keras.Model with equal weights, names and outputs.
   """
+
   def clone(layer):
     if isinstance(layer, FusedBatchNormalization):
       return keras.layers.BatchNormalization.from_config(layer.get_config())
@@ -179,8 +218,13 @@ def _preact_resnet(x, blocks_per_stage, widths, dropout):
 
   `widths` = (stem, stage 1, stage 2, stage 3): the explicit-width net with basic blocks.
   """
-  spec = {"family": "wrn_widths", "stem": widths[0], "widths": tuple(widths[1:]),
-          "units": blocks_per_stage, "out": None}
+  spec = {
+    "family": "wrn_widths",
+    "stem": widths[0],
+    "widths": tuple(widths[1:]),
+    "units": blocks_per_stage,
+    "out": None,
+  }
   return _widths_resnet(x, spec, dropout)
 
 
@@ -249,8 +293,16 @@ def _tiny(x, dropout):
   return _bn_relu(x, "b2")
 
 
-def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], *, mean=None,
-                std=None, dropout: float = 0.0, name: str | None = None) -> keras.Model:
+def build_model(
+  arch: str,
+  num_classes: int,
+  input_shape: tuple[int, int, int],
+  *,
+  mean=None,
+  std=None,
+  dropout: float = 0.0,
+  name: str | None = None,
+) -> keras.Model:
   """Builds a functional classifier from raw pixels to logits.
 
   Args:
@@ -282,15 +334,17 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], 
   mean = np.zeros(channels) if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
   std = np.full(channels, 255.0) if std is None else np.asarray(std, dtype=np.float64).reshape(-1)
   if mean.shape != (channels,) or std.shape != (channels,):
-    raise ValueError(f"mean and std need {channels} values (one per channel), got "
-                     f"{mean.size} and {std.size}")
+    raise ValueError(
+      f"mean and std need {channels} values (one per channel), got {mean.size} and {std.size}"
+    )
   if np.any(std <= 0):
     raise ValueError(f"std must be positive, got {std.tolist()}")
 
   inputs = keras.Input(shape=(None, None, channels), dtype="float32", name="pixels")
   # float32 even under a mixed policy: normalising 0..255 in bfloat16 would lose precision.
-  x = keras.layers.Normalization(mean=mean.tolist(), variance=(std ** 2).tolist(),
-                                 dtype="float32", name="normalize")(inputs)
+  x = keras.layers.Normalization(
+    mean=mean.tolist(), variance=(std**2).tolist(), dtype="float32", name="normalize"
+  )(inputs)
   family = spec["family"]
   if family == "wrn":
     k = spec["widen"]
@@ -311,8 +365,9 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, int, int], 
 SHARED_LAYERS = ("stem", "logits")
 
 
-def copy_and_freeze(student: keras.Model, teacher: keras.Model,
-                    layers: Sequence[str] = SHARED_LAYERS) -> None:
+def copy_and_freeze(
+  student: keras.Model, teacher: keras.Model, layers: Sequence[str] = SHARED_LAYERS
+) -> None:
   """Copies the teacher's named layers' weights into the student and freezes them.
 
   Used for the paper's Table 5 setting (the first conv "stem" and the classifier
@@ -326,7 +381,9 @@ def copy_and_freeze(student: keras.Model, teacher: keras.Model,
     s_shapes = [tuple(w.shape) for w in src.get_weights()]
     d_shapes = [tuple(w.shape) for w in dst.get_weights()]
     if s_shapes != d_shapes:
-      raise ValueError(f"cannot share layer {name!r}: teacher weights {s_shapes} vs student {d_shapes}")
+      raise ValueError(
+        f"cannot share layer {name!r}: teacher weights {s_shapes} vs student {d_shapes}"
+      )
   for name in layers:
     dst = student.get_layer(name)
     dst.set_weights(teacher.get_layer(name).get_weights())

@@ -36,7 +36,9 @@ from ban_tf import errors
 from ban_tf import manifest
 
 GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
-SOURCE_KEY = "source"  # gen_0/metrics.json: {"path" (absolute), "given", "kind", "outputs", "sha256"}
+SOURCE_KEY = (
+  "source"  # gen_0/metrics.json: {"path" (absolute), "given", "kind", "outputs", "sha256"}
+)
 _PROBABILITY_FLOOR = 1e-30  # log(0) guard for probability teachers (as distiller._safe_log)
 
 
@@ -51,14 +53,18 @@ def check_path(path):
   if os.path.isfile(path):
     if path.endswith(".keras"):
       return KERAS, path
-    raise errors.UsageError(f"--teacher={path}: a file must be a .keras model; pass a SavedModel "
-                            "or a ban_tf generation directory as its directory")
+    raise errors.UsageError(
+      f"--teacher={path}: a file must be a .keras model; pass a SavedModel "
+      "or a ban_tf generation directory as its directory"
+    )
   if os.path.exists(os.path.join(path, "saved_model", "saved_model.pb")):
     return GENERATION, os.path.join(path, "saved_model")
   if os.path.exists(os.path.join(path, "saved_model.pb")):
     return SAVED_MODEL, path
-  raise errors.UsageError(f"--teacher={path}: holds neither saved_model.pb nor saved_model/ (a ban_tf gen_k/ "
-                          "directory): pass a SavedModel directory, a generation directory or a .keras file")
+  raise errors.UsageError(
+    f"--teacher={path}: holds neither saved_model.pb nor saved_model/ (a ban_tf gen_k/ "
+    "directory): pass a SavedModel directory, a generation directory or a .keras file"
+  )
 
 
 def imported_into(run_dir, path):
@@ -71,7 +77,10 @@ def imported_into(run_dir, path):
   """
   import glob  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
-  for gen_dir in [os.path.join(run_dir, "gen_0")] + glob.glob(os.path.join(run_dir, "seed_*", "gen_0")):
+
+  for gen_dir in [os.path.join(run_dir, "gen_0")] + glob.glob(
+    os.path.join(run_dir, "seed_*", "gen_0")
+  ):
     metrics = os.path.join(gen_dir, "metrics.json")
     if os.path.exists(os.path.join(gen_dir, "DONE")) and os.path.exists(metrics):
       with open(metrics) as f:
@@ -87,8 +96,11 @@ def source_sha256(path):
   if os.path.isfile(path):
     files = [(os.path.basename(path), path)]
   else:
-    files = sorted((os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
-                   for d, _, names in os.walk(path) for f in names)
+    files = sorted(
+      (os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
+      for d, _, names in os.walk(path)
+      for f in names
+    )
   for rel, full in files:
     h.update(rel.encode() + b"\0")
     with open(full, "rb") as f:
@@ -105,20 +117,26 @@ def check_source(cfg, gen_dir):
   the old one. Raises errors.TeacherError (one line, naming the fix).
   """
   from ban_tf import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
   metrics_path = os.path.join(gen_dir, "metrics.json")
-  recorded = export.read_json(metrics_path).get(SOURCE_KEY) if os.path.exists(metrics_path) else None
+  recorded = (
+    export.read_json(metrics_path).get(SOURCE_KEY) if os.path.exists(metrics_path) else None
+  )
   fix = "restore it, or start over with --overwrite (or another --run_dir) to use the new one"
   if not recorded:
-    raise errors.TeacherError(f"{gen_dir} was trained by this run, not imported from --teacher={cfg.teacher}: "
-                              "drop --teacher to resume it, or start over with --overwrite")
+    raise errors.TeacherError(
+      f"{gen_dir} was trained by this run, not imported from --teacher={cfg.teacher}: "
+      "drop --teacher to resume it, or start over with --overwrite"
+    )
   if not os.path.exists(cfg.teacher):
     return
   _, src = check_path(cfg.teacher)
   digest = source_sha256(src)
   if digest != recorded["sha256"]:
     raise errors.TeacherError(
-        f"--teacher={cfg.teacher} changed since this run imported it into {gen_dir} (sha256 {digest[:12]} "
-        f"!= {recorded['sha256'][:12]}): {fix}")
+      f"--teacher={cfg.teacher} changed since this run imported it into {gen_dir} (sha256 {digest[:12]} "
+      f"!= {recorded['sha256'][:12]}): {fix}"
+    )
 
 
 def _fail(path, what):
@@ -129,8 +147,11 @@ def _signature_io(loaded, path, outputs):
   """(input name, input TensorSpec, output key) of the SavedModel's serving_default."""
   sigs = getattr(loaded, "signatures", {})
   if "serving_default" not in sigs:
-    raise _fail(path, f"has no serving_default signature (it has {sorted(sigs) or 'none'}): export it with "
-                "model.export(PATH) or tf.saved_model.save(..., signatures=...)")
+    raise _fail(
+      path,
+      f"has no serving_default signature (it has {sorted(sigs) or 'none'}): export it with "
+      "model.export(PATH) or tf.saved_model.save(..., signatures=...)",
+    )
   fn = sigs["serving_default"]
   args, kwargs = fn.structured_input_signature
   inputs = dict(kwargs)
@@ -138,9 +159,12 @@ def _signature_io(loaded, path, outputs):
     raise _fail(path, f"serving_default takes {sorted(inputs)}: it must take one image batch")
   name, spec = next(iter(inputs.items()))
   if not (spec.dtype.is_floating or spec.dtype.is_integer):
-    raise _fail(path, f"serving_default takes {spec.dtype.name} input '{name}': it must take a numeric image batch "
-                "(float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to its dtype), e.g. "
-                "model.export(PATH) of a model on pixels")
+    raise _fail(
+      path,
+      f"serving_default takes {spec.dtype.name} input '{name}': it must take a numeric image batch "
+      "(float32 raw pixels [N, H, W, C] in [0, 255] are fed, cast to its dtype), e.g. "
+      "model.export(PATH) of a model on pixels",
+    )
   outs = fn.structured_outputs
   if not isinstance(outs, dict):
     outs = {"output_0": outs}
@@ -149,12 +173,18 @@ def _signature_io(loaded, path, outputs):
   elif outputs in outs:
     key = outputs
   else:
-    raise _fail(path, f"serving_default returns {sorted(outs)}: return one tensor, or name it '{outputs}' "
-                "(--teacher_outputs)")
+    raise _fail(
+      path,
+      f"serving_default returns {sorted(outs)}: return one tensor, or name it '{outputs}' "
+      "(--teacher_outputs)",
+    )
   other = "probabilities" if outputs == "logits" else "logits"
   if key == other:
-    raise _fail(path, f"serving_default returns '{key}' but --teacher_outputs={outputs}: pass "
-                f"--teacher_outputs={other}")
+    raise _fail(
+      path,
+      f"serving_default returns '{key}' but --teacher_outputs={outputs}: pass "
+      f"--teacher_outputs={other}",
+    )
   return name, spec, key
 
 
@@ -165,27 +195,46 @@ def _check_input(path, shape, spec):
   fits = len(got) == len(want) and all(g is None or w is None or g == w for g, w in zip(got, want))
   if not fits:
     shown = tuple("any" if d is None else d for d in got)
-    raise _fail(path, f"takes inputs of shape {shown} but {spec.name}'s are {want}: use a teacher for "
-                f"{spec.name}'s {spec.input_name}" + (" (or --image_size=H,W)" if spec.input_name == "pixels" else ""))
+    raise _fail(
+      path,
+      f"takes inputs of shape {shown} but {spec.name}'s are {want}: use a teacher for "
+      f"{spec.name}'s {spec.input_name}"
+      + (" (or --image_size=H,W)" if spec.input_name == "pixels" else ""),
+    )
 
 
 def _check_outputs(path, out, spec, outputs):
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   if not spec.matches_outputs(out.shape):
-    raise _fail(path, f"outputs shape {tuple(out.shape[1:])} per example but {spec.name} has {spec.num_outputs} "
-                f"{spec.output_unit}: use a teacher trained on {spec.name}'s {spec.output_unit}")
+    raise _fail(
+      path,
+      f"outputs shape {tuple(out.shape[1:])} per example but {spec.name} has {spec.num_outputs} "
+      f"{spec.output_unit}: use a teacher trained on {spec.name}'s {spec.output_unit}",
+    )
   if not np.all(np.isfinite(out)):
     raise _fail(path, "outputs NaN or Inf on a pixel batch in [0, 255]")
-  if outputs == "logits" and out.shape[-1] > 1 and np.all(out >= 0) and np.allclose(out.sum(-1), 1.0, atol=1e-4):
+  if (
+    outputs == "logits"
+    and out.shape[-1] > 1
+    and np.all(out >= 0)
+    and np.allclose(out.sum(-1), 1.0, atol=1e-4)
+  ):
     # Logits that happen to be non-negative and sum to 1 on every example are implausible;
     # softmax outputs read as logits would give students near-uniform targets, silently.
-    raise _fail(path, "outputs are non-negative and sum to 1 per example (probabilities, e.g. a softmax "
-                "output), read as logits: pass --teacher_outputs=probabilities")
+    raise _fail(
+      path,
+      "outputs are non-negative and sum to 1 per example (probabilities, e.g. a softmax "
+      "output), read as logits: pass --teacher_outputs=probabilities",
+    )
   if outputs == "probabilities":
     p = np.exp(out)  # the adapter's log-probabilities
     if not np.allclose(p.sum(axis=-1), 1.0, atol=1e-3):
-      raise _fail(path, "outputs do not sum to 1 per example: they are not probabilities; use "
-                  "--teacher_outputs=logits")
+      raise _fail(
+        path,
+        "outputs do not sum to 1 per example: they are not probabilities; use "
+        "--teacher_outputs=logits",
+      )
 
 
 def _adapter(path, kind, src, spec, outputs):
@@ -203,24 +252,36 @@ def _adapter(path, kind, src, spec, outputs):
     except Exception as e:  # pylint: disable=broad-except
       msg = (str(e).splitlines() or [""])[0]
       msg = msg if len(msg) <= 160 else msg[:160] + "..."
-      raise _fail(path, f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: {msg}): if it has "
-                  "custom layers or functions, export it as a SavedModel where they are defined (model.export(DIR)) "
-                  "and pass --teacher=DIR") from None
+      raise _fail(
+        path,
+        f"cannot be loaded by keras.saving.load_model ({type(e).__name__}: {msg}): if it has "
+        "custom layers or functions, export it as a SavedModel where they are defined (model.export(DIR)) "
+        "and pass --teacher=DIR",
+      ) from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-      raise _fail(path, f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs: it must map one image "
-                  "batch to one tensor")
+      raise _fail(
+        path,
+        f"has {len(model.inputs)} inputs and {len(model.outputs)} outputs: it must map one image "
+        "batch to one tensor",
+      )
     _check_input(path, tuple(model.inputs[0].shape), spec)
     out = model(inputs, training=False)
-    out = keras.layers.Activation(log_probs, dtype="float32", name="log_probs")(out) if outputs == "probabilities" \
-        else keras.layers.Activation("linear", dtype="float32", name="logits_f32")(out)
+    out = (
+      keras.layers.Activation(log_probs, dtype="float32", name="log_probs")(out)
+      if outputs == "probabilities"
+      else keras.layers.Activation("linear", dtype="float32", name="logits_f32")(out)
+    )
     facts = {"arch": f"{os.path.basename(src)} ({model.name})", "params": int(model.count_params())}
     return keras.Model(inputs, out, name="teacher"), (model if outputs == "logits" else None), facts
 
   try:
     loaded = tf.saved_model.load(src)
   except Exception as e:  # pylint: disable=broad-except  (truncated proto, missing or scrambled variables)
-    raise _fail(path, f"cannot be loaded by tf.saved_model.load ({type(e).__name__}): it is damaged or "
-                "incomplete (saved_model.pb and variables/ are both needed); export it again") from None
+    raise _fail(
+      path,
+      f"cannot be loaded by tf.saved_model.load ({type(e).__name__}): it is damaged or "
+      "incomplete (saved_model.pb and variables/ are both needed); export it again",
+    ) from None
   name, sig_spec, key = _signature_io(loaded, path, outputs)
   _check_input(path, tuple(sig_spec.shape), spec)
 
@@ -242,10 +303,13 @@ def _adapter(path, kind, src, spec, outputs):
     def compute_output_shape(self, input_shape):
       return (input_shape[0],) + tuple(spec.output_shape)
 
-  layer = _Signature(src, call_endpoint="serving_default", trainable=False, name="teacher_signature",
-                     dtype="float32")
-  facts = {"arch": os.path.basename(os.path.normpath(src if kind != GENERATION else os.path.dirname(src))),
-           "params": _param_count(loaded.signatures["serving_default"])}
+  layer = _Signature(
+    src, call_endpoint="serving_default", trainable=False, name="teacher_signature", dtype="float32"
+  )
+  facts = {
+    "arch": os.path.basename(os.path.normpath(src if kind != GENERATION else os.path.dirname(src))),
+    "params": _param_count(loaded.signatures["serving_default"]),
+  }
   return keras.Model(inputs, layer(inputs), name="teacher"), None, facts
 
 
@@ -256,6 +320,7 @@ def _param_count(fn):
   `variables` attribute, and a Keras export's also lists BatchNorm moving statistics.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   variables = fn.trainable_variables or fn.variables
   return int(sum(int(tf.size(v)) for v in variables))
 
@@ -264,6 +329,7 @@ def _copy_tree(src, dst):
   """Copies directory `src` to `dst` atomically (a temporary sibling, then a rename)."""
   import shutil  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+
   tmp = export._tmp_path(dst)  # pylint: disable=protected-access
   shutil.rmtree(tmp, ignore_errors=True)
   shutil.copytree(src, tmp)
@@ -273,6 +339,7 @@ def _copy_tree(src, dst):
 def _copy_file(src, dst):
   import shutil  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+
   tmp = export._tmp_path(dst)  # pylint: disable=protected-access
   shutil.copyfile(src, tmp)
   os.replace(tmp, dst)
@@ -282,36 +349,59 @@ def _check_generation(cfg, src, spec):
   """A ban_tf generation's SavedModel: its own fingerprint, input and outputs; its metrics' facts."""
   from ban_tf import export  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     out = export.verify_saved_model(src)
     loaded = tf.saved_model.load(src)
-  except errors.TeacherError as e:  # its advice (retrain that generation) is for the run that made it
+  except (
+    errors.TeacherError
+  ) as e:  # its advice (retrain that generation) is for the run that made it
     reason = str(e).split(":")[0].replace(f"teacher SavedModel {src} ", "")
-    raise _fail(cfg.teacher, f"the ban_tf SavedModel {src} {reason}: it is damaged; restore it from its "
-                "run, or pass another teacher") from None
+    raise _fail(
+      cfg.teacher,
+      f"the ban_tf SavedModel {src} {reason}: it is damaged; restore it from its "
+      "run, or pass another teacher",
+    ) from None
   sig = loaded.signatures.get("serving_default")
   if sig is not None:
-    (_, sig_spec), = dict(sig.structured_input_signature[1]).items()
+    ((_, sig_spec),) = dict(sig.structured_input_signature[1]).items()
     _check_input(cfg.teacher, tuple(sig_spec.shape), spec)
     if set(sig.structured_outputs) == {export.PROBABILITIES}:
-      raise _fail(cfg.teacher, "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
-                  "--teacher_outputs=probabilities")
+      raise _fail(
+        cfg.teacher,
+        "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
+        "--teacher_outputs=probabilities",
+      )
   _check_outputs(cfg.teacher, out, spec, "logits")
   if cfg.feature_weight and not hasattr(loaded, export.BOTH):
-    raise _fail(cfg.teacher, f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
-                "by an older ban_tf), which --feature_weight reads: drop --feature_weight")
+    raise _fail(
+      cfg.teacher,
+      f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
+      "by an older ban_tf), which --feature_weight reads: drop --feature_weight",
+    )
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+
   if tasks.get(cfg.task).carries_state(cfg) and not hasattr(loaded, export.STATEFUL):
-    raise _fail(cfg.teacher, f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
-                "--lm_state=carry needs: add --lm_state=reset")
+    raise _fail(
+      cfg.teacher,
+      f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
+      "--lm_state=carry needs: add --lm_state=reset",
+    )
   if cfg.share_stem_head and not os.path.exists(os.path.join(os.path.dirname(src), "model.keras")):
-    raise _fail(cfg.teacher, "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
-                "from: drop --share_stem_head")
+    raise _fail(
+      cfg.teacher,
+      "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
+      "from: drop --share_stem_head",
+    )
   metrics = os.path.join(os.path.dirname(src), "metrics.json")
   if not os.path.exists(metrics):
     return {}
   m = export.read_json(metrics)
-  return {k: m[k] for k in ("arch", "params", "seed", "epochs", "seconds", "objective", "weights_sha256") if k in m}
+  return {
+    k: m[k]
+    for k in ("arch", "params", "seed", "epochs", "seconds", "objective", "weights_sha256")
+    if k in m
+  }
 
 
 def _copy_generation(src, out_dir):
@@ -325,8 +415,11 @@ def _copy_generation(src, out_dir):
 def _check_teacher_arch(cfg, facts):
   """A --teacher_arch given with a ban_tf generation must be the architecture it was trained as."""
   if cfg.teacher_arch and facts.get("arch") and facts["arch"] != cfg.arch_for(0):
-    raise _fail(cfg.teacher, f"was trained as {facts['arch']} but --teacher_arch={cfg.teacher_arch}: "
-                f"pass --teacher_arch={facts['arch']} (or drop it)")
+    raise _fail(
+      cfg.teacher,
+      f"was trained as {facts['arch']} but --teacher_arch={cfg.teacher_arch}: "
+      f"pass --teacher_arch={facts['arch']} (or drop it)",
+    )
 
 
 class Checked:
@@ -334,7 +427,13 @@ class Checked:
   unless it is a ban_tf generation (copied as it is), the adapter model to export."""
 
   def __init__(self, kind, src, facts, model=None, keras_model=None):
-    self.kind, self.src, self.facts, self.model, self.keras_model = kind, src, facts, model, keras_model
+    self.kind, self.src, self.facts, self.model, self.keras_model = (
+      kind,
+      src,
+      facts,
+      model,
+      keras_model,
+    )
 
 
 def check_teacher(cfg, spec):
@@ -347,34 +446,54 @@ def check_teacher(cfg, spec):
     errors.TeacherError: a model that cannot be read or does not fit the data set.
   """
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+
   kind, src = check_path(cfg.teacher)
   # A ban_tf SavedModel has its fingerprint (or, damaged, still its generation's metrics.json);
   # a plain SavedModel that merely sits in a saved_model/ folder is read like any other.
   fingerprinted = os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
   is_ban_tf = (fingerprinted and os.path.basename(os.path.normpath(src)) == "saved_model") or (
-      kind == GENERATION and os.path.exists(os.path.join(os.path.dirname(src), "metrics.json")))
+    kind == GENERATION and os.path.exists(os.path.join(os.path.dirname(src), "metrics.json"))
+  )
   if is_ban_tf and cfg.teacher_outputs == "logits":
     facts = _check_generation(cfg, src, spec)
     _check_teacher_arch(cfg, facts)
     return Checked(GENERATION, src, facts)
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-  if tasks.get(cfg.task).carries_state(cfg):  # a model from elsewhere has no serve_stateful endpoint
-    raise _fail(cfg.teacher, f"--lm_state=carry feeds the teacher its own recurrent state, through the "
-                f"'{export.STATEFUL}' endpoint only a ban_tf generation serves: add --lm_state=reset (every window "
-                "starts from zeros), or use a ban_tf generation")
+
+  if tasks.get(cfg.task).carries_state(
+    cfg
+  ):  # a model from elsewhere has no serve_stateful endpoint
+    raise _fail(
+      cfg.teacher,
+      f"--lm_state=carry feeds the teacher its own recurrent state, through the "
+      f"'{export.STATEFUL}' endpoint only a ban_tf generation serves: add --lm_state=reset (every window "
+      "starts from zeros), or use a ban_tf generation",
+    )
   if cfg.feature_weight:  # before loading: what only a ban_tf generation serves
-    raise _fail(cfg.teacher, f"--feature_weight matches the teacher's pooled features, which only a ban_tf "
-                f"generation's SavedModel serves ('{export.BOTH}'): use one (RUN/gen_k), or drop --feature_weight")
+    raise _fail(
+      cfg.teacher,
+      f"--feature_weight matches the teacher's pooled features, which only a ban_tf "
+      f"generation's SavedModel serves ('{export.BOTH}'): use one (RUN/gen_k), or drop --feature_weight",
+    )
   model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
   if cfg.share_stem_head:
     from ban_tf import models  # pylint: disable=g-import-not-at-top
+
     names = {layer.name for layer in keras_model.layers} if keras_model is not None else set()
     if not set(models.SHARED_LAYERS) <= names:
-      what = ("a .keras model whose layers are named " + ", ".join(repr(n) for n in models.SHARED_LAYERS)
-              if keras_model is not None else "a logits .keras model with those layers (or a ban_tf generation)")
-      raise _fail(cfg.teacher, f"--share_stem_head copies the teacher's layers {', '.join(models.SHARED_LAYERS)}, "
-                  f"which this teacher does not have: pass {what}, or drop --share_stem_head")
-  _check_outputs(cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs)
+      what = (
+        "a .keras model whose layers are named " + ", ".join(repr(n) for n in models.SHARED_LAYERS)
+        if keras_model is not None
+        else "a logits .keras model with those layers (or a ban_tf generation)"
+      )
+      raise _fail(
+        cfg.teacher,
+        f"--share_stem_head copies the teacher's layers {', '.join(models.SHARED_LAYERS)}, "
+        f"which this teacher does not have: pass {what}, or drop --share_stem_head",
+      )
+  _check_outputs(
+    cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs
+  )
   # A ban_tf SavedModel read as probabilities (a BANE ensemble) is imported through the
   # adapter (log-probabilities), never copied as it is: its outputs are not logits.
   return Checked(SAVED_MODEL if kind == GENERATION else kind, src, facts, model, keras_model)
@@ -412,10 +531,16 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   sm_out = os.path.join(out_dir, "saved_model")
   if kind == GENERATION:
     _copy_generation(src, out_dir)
-    if spec.class_names:  # this data set's names (the teacher's run may have had others for its outputs)
-      export.write_text("".join(f"{n}\n" for n in spec.class_names), os.path.join(sm_out, export.LABELS_FILE))
+    if (
+      spec.class_names
+    ):  # this data set's names (the teacher's run may have had others for its outputs)
+      export.write_text(
+        "".join(f"{n}\n" for n in spec.class_names), os.path.join(sm_out, export.LABELS_FILE)
+      )
   else:
-    export.export_saved_model(checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec)
+    export.export_saved_model(
+      checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec
+    )
     if checked.keras_model is not None:
       export.save_keras(task.stock_model(checked.keras_model), os.path.join(out_dir, "model.keras"))
       facts["weights_sha256"] = train.weights_digest(checked.keras_model)
@@ -432,16 +557,34 @@ def import_teacher(cfg, strategy, dataset, out_dir):
     inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
     state = None
     if stateful is not None:
-      state = distiller_lib.CarriedState(export.stateful_call(stateful), stateful.state_size,
-                                         tf.distribute.get_strategy().num_replicas_in_sync, 1)
-    scorer = distiller_lib.Distiller(keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity,
-                                     state=state)
+      state = distiller_lib.CarriedState(
+        export.stateful_call(stateful),
+        stateful.state_size,
+        tf.distribute.get_strategy().num_replicas_in_sync,
+        1,
+      )
+    scorer = distiller_lib.Distiller(
+      keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity, state=state
+    )
     scorer.compile()
-  result = {"gen": 0, "role": "teacher", "arch": facts.get("arch", "?"), "params": int(facts.get("params", 0)),
-            "seed": facts.get("seed"), "epochs": facts.get("epochs", 0), "objective": facts.get("objective"),
-            "teacher": None, "pretrained": True,
-            SOURCE_KEY: {"path": os.path.abspath(cfg.teacher), "given": cfg.teacher, "kind": kind,
-                         "outputs": cfg.teacher_outputs, "sha256": source_sha256(src)}}
+  result = {
+    "gen": 0,
+    "role": "teacher",
+    "arch": facts.get("arch", "?"),
+    "params": int(facts.get("params", 0)),
+    "seed": facts.get("seed"),
+    "epochs": facts.get("epochs", 0),
+    "objective": facts.get("objective"),
+    "teacher": None,
+    "pretrained": True,
+    SOURCE_KEY: {
+      "path": os.path.abspath(cfg.teacher),
+      "given": cfg.teacher,
+      "kind": kind,
+      "outputs": cfg.teacher_outputs,
+      "sha256": source_sha256(src),
+    },
+  }
   if facts.get("weights_sha256"):
     result["weights_sha256"] = facts["weights_sha256"]
   result.update(train.evaluate_splits(scorer, dataset, cfg.batch_size))
@@ -449,7 +592,10 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   result.update(derived)
   result["seconds"] = facts.get("seconds", time.time() - t0)
   writer = tf.summary.create_file_writer(  # run_dir/tb/Teacher (results.tensorboard_dir)
-      results_lib.tensorboard_dir(os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)))
+    results_lib.tensorboard_dir(
+      os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)
+    )
+  )
   with writer.as_default(step=0):
     tf.summary.scalar("test/accuracy", result["test_accuracy"])
     tf.summary.scalar("test/error", result["test_error"])
@@ -462,11 +608,21 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   run_dir, name = os.path.split(os.path.abspath(out_dir))
   manifest.record(run_dir, name, source=result[SOURCE_KEY], **manifest.digests(out_dir))
   export.touch_done(out_dir)
-  logging.info("gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f", cfg.teacher, kind,
-               result["test_accuracy"], task.headline.key, result[task.headline.key])
+  logging.info(
+    "gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f",
+    cfg.teacher,
+    kind,
+    result["test_accuracy"],
+    task.headline.key,
+    result[task.headline.key],
+  )
   chance = 1.0 / max(spec.num_outputs, 1)
   if spec.output_unit == "classes" and result["test_accuracy"] < 1.5 * chance:
-    logging.warning("--teacher=%s scores %.4f test accuracy, near chance (%.4f): does it take raw pixels in "
-                    "[0, 255], as the data set gives them? (README 'Your own teacher')", cfg.teacher,
-                    result["test_accuracy"], chance)
+    logging.warning(
+      "--teacher=%s scores %.4f test accuracy, near chance (%.4f): does it take raw pixels in "
+      "[0, 255], as the data set gives them? (README 'Your own teacher')",
+      cfg.teacher,
+      result["test_accuracy"],
+      chance,
+    )
   return result

@@ -42,6 +42,7 @@ METRICS = ("test/error", "test/accuracy")
 @dataclasses.dataclass
 class Run:
   """One run directory as read back from disk."""
+
   path: str
   config: dict
   results: dict
@@ -52,12 +53,18 @@ def load_run(path):
   """Reads a run directory; raises errors.UsageError when it holds no results."""
   res_path = os.path.join(path, "results.json")
   if not os.path.exists(res_path):
-    raise errors.UsageError(f"{path} has no results.json: pass a run directory whose first generation finished")
+    raise errors.UsageError(
+      f"{path} has no results.json: pass a run directory whose first generation finished"
+    )
   cfg_path = os.path.join(path, "config.json")
   cfg = export.read_json_checked(cfg_path, "restore it") if os.path.exists(cfg_path) else {}
-  results = export.read_json_checked(res_path, "rerun the training command to rebuild it from the generations")
+  results = export.read_json_checked(
+    res_path, "rerun the training command to rebuild it from the generations"
+  )
   if "generations" not in results:
-    raise errors.UsageError(f"{path} holds the summary of several runs, not one run: pass it as --run_dir")
+    raise errors.UsageError(
+      f"{path} holds the summary of several runs, not one run: pass it as --run_dir"
+    )
   histories = {}
   for g in results["generations"]:
     hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
@@ -73,7 +80,8 @@ def _is_single_run(path):
   """A run directory (its results.json has generations), not a --seeds parent's summary."""
   res_path = os.path.join(path, "results.json")
   return os.path.exists(res_path) and "generations" in export.read_json_checked(
-      res_path, "rerun the training command to rebuild it from the generations")
+    res_path, "rerun the training command to rebuild it from the generations"
+  )
 
 
 def find_runs(path):
@@ -84,7 +92,9 @@ def find_runs(path):
   subs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", "results.json")))
   subs = [p for p in subs if _is_single_run(p)]
   if not subs:
-    raise errors.UsageError(f"{path} holds no results.json, nor do its sub-directories: pass a run directory")
+    raise errors.UsageError(
+      f"{path} holds no results.json, nor do its sub-directories: pass a run directory"
+    )
   return subs
 
 
@@ -97,7 +107,9 @@ def task_of(runs):
   """The task of the runs (config.json's `task`; runs written before --task existed are image runs)."""
   names = {r.config.get("task", "image") for r in runs}
   if len(names) > 1:
-    raise errors.UsageError(f"the runs mix tasks ({', '.join(sorted(names))}): report one task at a time")
+    raise errors.UsageError(
+      f"the runs mix tasks ({', '.join(sorted(names))}): report one task at a time"
+    )
   return tasks.get(names.pop())
 
 
@@ -119,23 +131,36 @@ def check_one_experiment(runs):
   known = set(first.to_dict())  # a key only an older config.json has is not compared
   seen = {}
   for r in runs:
-    diff = [k for k in first.experiment_diff(r.config)
-            if k in known and k not in ("seed", "baseline", "resolved", "student_seed")]
-    if _student_offset(runs[0].config) != _student_offset(r.config):  # --seeds moves it with the seed
+    diff = [
+      k
+      for k in first.experiment_diff(r.config)
+      if k in known and k not in ("seed", "baseline", "resolved", "student_seed")
+    ]
+    if _student_offset(runs[0].config) != _student_offset(
+      r.config
+    ):  # --seeds moves it with the seed
       diff.append("student_seed")
     if diff:
+
       def value(config, k):
         if k != "student_seed":
           return config.get(k)
         off = _student_offset(config)
         return "seed+1" if off is None else f"seed{off:+d}"
-      shown = ", ".join(f"--{k} {value(runs[0].config, k)} vs {value(r.config, k)}" for k in diff[:3])
-      raise errors.UsageError(f"{runs[0].path} and {r.path} are different experiments ({shown}): "
-                              "summarise the seeds of one experiment at a time")
+
+      shown = ", ".join(
+        f"--{k} {value(runs[0].config, k)} vs {value(r.config, k)}" for k in diff[:3]
+      )
+      raise errors.UsageError(
+        f"{runs[0].path} and {r.path} are different experiments ({shown}): "
+        "summarise the seeds of one experiment at a time"
+      )
     seed = r.config.get("seed")
     if seed is not None and seed in seen:
-      raise errors.UsageError(f"{seen[seed]} and {r.path} are both seed {seed} (the same run twice?): "
-                              "pass each seed's run once")
+      raise errors.UsageError(
+        f"{seen[seed]} and {r.path} are both seed {seed} (the same run twice?): "
+        "pass each seed's run once"
+      )
     seen[seed] = r.path
 
 
@@ -166,32 +191,57 @@ def plot(runs, path, legends=None):
   # Left: the headline metric per generation, ensembles BANE-k beside generation k.
   gens = [k for k in agg if not k.startswith("BANE") and results_lib.gen_of(k) is not None]
   ensembles = [k for k in agg if k.startswith("BANE")]
-  for label, keys, style in (("generations (Teacher, BAN-k)", gens, dict(color="C0", marker="o")),
-                             ("BANE-k ensembles (of BAN-1..k)", ensembles,
-                              dict(color="C1", marker="D", linestyle=""))):
+  for label, keys, style in (
+    ("generations (Teacher, BAN-k)", gens, dict(color="C0", marker="o")),
+    ("BANE-k ensembles (of BAN-1..k)", ensembles, dict(color="C1", marker="D", linestyle="")),
+  ):
     if not keys:
       continue
     xs = [results_lib.gen_of(k) + (0.12 if k.startswith("BANE") else 0) for k in keys]
     mean = [agg[k]["mean"] for k in keys]
     std = [agg[k]["std"] for k in keys]
-    ax_err.errorbar(xs, mean, yerr=std if n_runs > 1 else None, capsize=4,
-                    label=label + (f", mean ± std of {n_runs} runs" if n_runs > 1 else ""), **style)
+    ax_err.errorbar(
+      xs,
+      mean,
+      yerr=std if n_runs > 1 else None,
+      capsize=4,
+      label=label + (f", mean ± std of {n_runs} runs" if n_runs > 1 else ""),
+      **style,
+    )
     for x, k in zip(xs, keys):
-      ax_err.annotate(f"{agg[k]['mean']:.2f}", (x, agg[k]["mean"]), textcoords="offset points",
-                      xytext=(6, 4), fontsize=8)
+      ax_err.annotate(
+        f"{agg[k]['mean']:.2f}",
+        (x, agg[k]["mean"]),
+        textcoords="offset points",
+        xytext=(6, 4),
+        fontsize=8,
+      )
       if n_runs > 1:
-        ax_err.scatter([x] * len(agg[k]["values"]), agg[k]["values"], s=10, color="k", alpha=0.4, zorder=3)
+        ax_err.scatter(
+          [x] * len(agg[k]["values"]), agg[k]["values"], s=10, color="k", alpha=0.4, zorder=3
+        )
         spread += len(agg[k]["values"])
   if "Teacher" in agg:
-    ax_err.axhline(agg["Teacher"]["mean"], color="gray", linestyle="--", linewidth=1, label="teacher")
+    ax_err.axhline(
+      agg["Teacher"]["mean"], color="gray", linestyle="--", linewidth=1, label="teacher"
+    )
   if "Baseline" in agg:  # BAN-1's architecture and seed on labels only: beside BAN-1
     b = agg["Baseline"]
-    ax_err.errorbar([0.88], [b["mean"]], yerr=[b["std"]] if n_runs > 1 else None, capsize=4, color="C2",
-                    marker="s", linestyle="", label="Baseline (BAN-1's arch, labels only)"
-                    + (f", mean ± std of {n_runs} runs" if n_runs > 1 else ""))
+    ax_err.errorbar(
+      [0.88],
+      [b["mean"]],
+      yerr=[b["std"]] if n_runs > 1 else None,
+      capsize=4,
+      color="C2",
+      marker="s",
+      linestyle="",
+      label="Baseline (BAN-1's arch, labels only)"
+      + (f", mean ± std of {n_runs} runs" if n_runs > 1 else ""),
+    )
     ax_err.axhline(b["mean"], color="C2", linestyle=":", linewidth=1)
-    ax_err.annotate(f"{b['mean']:.2f}", (0.88, b["mean"]), textcoords="offset points", xytext=(-30, 4),
-                    fontsize=8)
+    ax_err.annotate(
+      f"{b['mean']:.2f}", (0.88, b["mean"]), textcoords="offset points", xytext=(-30, 4), fontsize=8
+    )
     if n_runs > 1:
       ax_err.scatter([0.88] * len(b["values"]), b["values"], s=10, color="k", alpha=0.4, zorder=3)
       spread += len(b["values"])
@@ -213,32 +263,53 @@ def plot(runs, path, legends=None):
     values = np.stack([c[1][:n] for c in curves])
     source = curves[0][2]
     label = f"{key} ({'validation' if source == 'val' else 'train: no val split'})"
-    ax_curve.plot(epochs, values.mean(0), color=f"C{i}", label=label, marker="." if n < 30 else None)
+    ax_curve.plot(
+      epochs, values.mean(0), color=f"C{i}", label=label, marker="." if n < 30 else None
+    )
     if len(curves) > 1:
-      ax_curve.fill_between(epochs, values.mean(0) - values.std(0, ddof=1),
-                            values.mean(0) + values.std(0, ddof=1), color=f"C{i}", alpha=0.2)
+      ax_curve.fill_between(
+        epochs,
+        values.mean(0) - values.std(0, ddof=1),
+        values.mean(0) + values.std(0, ddof=1),
+        color=f"C{i}",
+        alpha=0.2,
+      )
     labels.append(label)
   ax_curve.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax_curve.set_xlabel("epoch")
   ax_curve.set_ylabel(task.curve_label)
-  ax_curve.set_title("Per-epoch curves of every generation" + (f" (mean ± std, {n_runs} runs)" if n_runs > 1 else ""))
+  ax_curve.set_title(
+    "Per-epoch curves of every generation" + (f" (mean ± std, {n_runs} runs)" if n_runs > 1 else "")
+  )
   ax_curve.grid(alpha=0.3)
   if labels:
     ax_curve.legend(fontsize=8)
   cfg = runs[0].config
   data = runs[0].results.get("data")
-  sizes = f" ({data['train']}/{data['val']}/{data['test']} train/val/test {data['unit']})" if data else ""
-  seeds = ("seeds " + ",".join(str(r.config.get("seed", "?")) for r in runs) if n_runs > 1 else
-           f"seed {cfg.get('seed', '?')}")
+  sizes = (
+    f" ({data['train']}/{data['val']}/{data['test']} train/val/test {data['unit']})" if data else ""
+  )
+  seeds = (
+    "seeds " + ",".join(str(r.config.get("seed", "?")) for r in runs)
+    if n_runs > 1
+    else f"seed {cfg.get('seed', '?')}"
+  )
   teacher = os.path.basename(os.path.normpath(cfg["teacher"])) if cfg.get("teacher") else None
-  fig.suptitle(f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
-               f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
-               f"(T={cfg.get('temperature', '?')}), {cfg.get('epochs', '?')} epochs, {seeds}")
+  fig.suptitle(
+    f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
+    f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
+    f"(T={cfg.get('temperature', '?')}), {cfg.get('epochs', '?')} epochs, {seeds}"
+  )
   fig.tight_layout()
   if legends is not None:
-    legends.update(summary=[t.get_text() for t in ax_err.get_legend().get_texts()], curves=list(labels),
-                   spread_points=spread)
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    legends.update(
+      summary=[t.get_text() for t in ax_err.get_legend().get_texts()],
+      curves=list(labels),
+      spread_points=spread,
+    )
+  tmp = os.path.join(
+    os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}"
+  )
   fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
   os.replace(tmp, path)
@@ -268,7 +339,11 @@ def experiment_id(config: dict) -> str:
   """A short name unique per experiment (dataset, arch, loss and a hash of every experiment flag)."""
   flags = experiment_hparams(config)
   digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
-  arch = config.get("arch", "?") if not config.get("teacher_arch") else f"{config['teacher_arch']}-to-{config['arch']}"
+  arch = (
+    config.get("arch", "?")
+    if not config.get("teacher_arch")
+    else f"{config['teacher_arch']}-to-{config['arch']}"
+  )
   loss = config.get("resolved", {}).get("loss", config.get("loss", "?"))
   return f"{config.get('dataset', '?')}-{arch}-{loss}-{digest}"
 
@@ -276,15 +351,25 @@ def experiment_id(config: dict) -> str:
 def _session_hparams(run, entry, ensemble):
   """The hparams of one generation's (or ensemble's) session: the experiment's flags, then the row's own."""
   cfg = run.config
-  obj = entry.get("objective") or {"loss": cfg.get("resolved", {}).get("loss", cfg.get("loss", "")),
-                                   "temperature": cfg.get("temperature", 1.0)}
+  obj = entry.get("objective") or {
+    "loss": cfg.get("resolved", {}).get("loss", cfg.get("loss", "")),
+    "temperature": cfg.get("temperature", 1.0),
+  }
   gen = entry["gen"] if not ensemble else max(entry["members"])
   gen = 1 if gen == "baseline" else gen  # the baseline has BAN-1's architecture and seed
   out = {f"flag/{k}": v for k, v in experiment_hparams(cfg).items()}
-  out.update({"gen": int(gen), "role": entry.get("role") or entry["name"],
-              "arch": "ensemble" if ensemble else entry["arch"], "loss": obj["loss"],
-              "temperature": float(obj["temperature"]), "seed": int(cfg.get("seed", 0)),
-              "dataset": cfg.get("dataset", ""), "experiment": experiment_id(cfg)})
+  out.update(
+    {
+      "gen": int(gen),
+      "role": entry.get("role") or entry["name"],
+      "arch": "ensemble" if ensemble else entry["arch"],
+      "loss": obj["loss"],
+      "temperature": float(obj["temperature"]),
+      "seed": int(cfg.get("seed", 0)),
+      "dataset": cfg.get("dataset", ""),
+      "experiment": experiment_id(cfg),
+    }
+  )
   return out
 
 
@@ -312,7 +397,9 @@ def write_hparams(run):
 
   task = task_of([run])
   metrics = _metrics(task)
-  names = list(HPARAM_NAMES) + ["experiment"] + [f"flag/{k}" for k in experiment_hparams(run.config)]
+  names = (
+    list(HPARAM_NAMES) + ["experiment"] + [f"flag/{k}" for k in experiment_hparams(run.config)]
+  )
 
   def fresh_writer(logdir):
     for old in glob.glob(os.path.join(logdir, "*" + HPARAMS_SUFFIX)):
@@ -321,8 +408,10 @@ def write_hparams(run):
 
   def session(writer, hparams, trial):
     with writer.as_default():
-      hp.hparams_config(hparams=[hp.HParam(n) for n in names],
-                        metrics=[hp.Metric(m, display_name=m) for m in metrics])
+      hp.hparams_config(
+        hparams=[hp.HParam(n) for n in names],
+        metrics=[hp.Metric(m, display_name=m) for m in metrics],
+      )
       hp.hparams(hparams, trial_id=trial)
 
   for old in glob.glob(os.path.join(run.path, "*tfevents*" + HPARAMS_SUFFIX)):
@@ -349,16 +438,30 @@ def write_hparams(run):
     writer = tf.summary.create_file_writer(logdir)
     session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
     with writer.as_default(step=epochs):
-      for key, tag in (("test_accuracy", "test/accuracy"), ("test_error", "test/error"),
-                       ("val_accuracy", "val/accuracy"), ("test_perplexity", "test/final_perplexity"),
-                       ("val_perplexity", "val/final_perplexity")):
+      for key, tag in (
+        ("test_accuracy", "test/accuracy"),
+        ("test_error", "test/error"),
+        ("val_accuracy", "val/accuracy"),
+        ("test_perplexity", "test/final_perplexity"),
+        ("val_perplexity", "val/final_perplexity"),
+      ):
         if e.get(key) is not None:
           tf.summary.scalar(tag, e[key])
     writer.close()
 
 
-_GENERIC_KEYS = ("gen", "role", "arch", "params", "epochs", "seconds", "seed", "objective", "teacher",
-                 "damaged")
+_GENERIC_KEYS = (
+  "gen",
+  "role",
+  "arch",
+  "params",
+  "epochs",
+  "seconds",
+  "seed",
+  "objective",
+  "teacher",
+  "damaged",
+)
 
 
 def write_results(run_dir, results, cfg, spec=None):
@@ -370,18 +473,22 @@ def write_results(run_dir, results, cfg, spec=None):
   task = tasks.get(cfg.task)
   keep = _GENERIC_KEYS + ("name", "members") + tuple(task.result_keys)
   clean = {
-      "generations": [{k: g[k] for k in keep if k in g} for g in results["generations"]],
-      "ensembles": [{k: e[k] for k in keep if k in e} for e in results["ensembles"]],
-      "baseline": ({k: v for k, v in results["baseline"].items() if k != "final_train"}
-                   if results.get("baseline") else None),
-      "dataset": cfg.dataset,
-      "seed": cfg.seed,
-      "epochs": cfg.epochs,
-      "data": results_lib.data_sizes(spec) if spec is not None else results.get("data"),
+    "generations": [{k: g[k] for k in keep if k in g} for g in results["generations"]],
+    "ensembles": [{k: e[k] for k in keep if k in e} for e in results["ensembles"]],
+    "baseline": (
+      {k: v for k, v in results["baseline"].items() if k != "final_train"}
+      if results.get("baseline")
+      else None
+    ),
+    "dataset": cfg.dataset,
+    "seed": cfg.seed,
+    "epochs": cfg.epochs,
+    "data": results_lib.data_sizes(spec) if spec is not None else results.get("data"),
   }
   export.write_json(clean, os.path.join(run_dir, "results.json"))
-  text = (results_lib.title(cfg, task.headline, data=clean["data"])
-          + results_lib.table(clean, task.headline, task.extra_columns))
+  text = results_lib.title(cfg, task.headline, data=clean["data"]) + results_lib.table(
+    clean, task.headline, task.extra_columns
+  )
   export.write_text(text, os.path.join(run_dir, "results.md"))
   return clean
 
@@ -414,9 +521,11 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     cfg = config_from_dict(runs[0].config)
     seeds = [r.config.get("seed", "?") for r in runs]
     names = ", ".join(os.path.basename(os.path.normpath(r.path)) for r in runs)
-    text = (results_lib.title(cfg, task.headline, seeds=seeds, data=runs[0].results.get("data"))
-            + f"Runs: {names}.\n\n"
-            + results_lib.aggregate_table(aggregate(runs), task.headline))
+    text = (
+      results_lib.title(cfg, task.headline, seeds=seeds, data=runs[0].results.get("data"))
+      + f"Runs: {names}.\n\n"
+      + results_lib.aggregate_table(aggregate(runs), task.headline)
+    )
     export.write_text(text, os.path.join(out_dir, "results.md"))
   png = os.path.join(out_dir, PNG)
   plot(runs, png)
@@ -432,10 +541,16 @@ if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  flags.DEFINE_string("run_dir", None, "A run directory, or a parent directory of several (seed) runs.")
+  flags.DEFINE_string(
+    "run_dir", None, "A run directory, or a parent directory of several (seed) runs."
+  )
   flags.DEFINE_list("run_dirs", [], "Several run directories to summarise together (mean and std).")
-  flags.DEFINE_string("out_dir", None, "Where a multi-run summary goes (default: their common parent).")
-  flags.DEFINE_bool("hparams", True, "Also write TensorBoard hparams summaries into the run directories.")
+  flags.DEFINE_string(
+    "out_dir", None, "Where a multi-run summary goes (default: their common parent)."
+  )
+  flags.DEFINE_bool(
+    "hparams", True, "Also write TensorBoard hparams summaries into the run directories."
+  )
   FLAGS = flags.FLAGS
 
   def main(argv):

@@ -34,6 +34,7 @@ class Metric:
       is derived (e.g. val error = 1 - val_accuracy); None: `entry.get(key)`.
     text: how the metric reads in a sentence ("test error").
   """
+
   key: str
   title: str
   percent: bool = False
@@ -90,7 +91,11 @@ def rows(results: dict) -> list:
     out.append(Row(key, key + mark(e), ensemble_arch(e.get("members", [])), "", e))
   b = results.get("baseline")
   if b:
-    out.append(Row("Baseline", "Baseline" + mark(b), b.get("arch", "?"), format_params(b.get("params", 0)), b))
+    out.append(
+      Row(
+        "Baseline", "Baseline" + mark(b), b.get("arch", "?"), format_params(b.get("params", 0)), b
+      )
+    )
   return out
 
 
@@ -124,7 +129,10 @@ def table(results: dict, headline: Metric, extra=()) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   notes = [f"- {r.key}: {r.entry['damaged']}" for r in rs if r.entry.get("damaged")]
   if notes:
-    lines += ["", "Damaged rows (kept, not dropped; fix the file named and rerun to refresh them):"] + notes
+    lines += [
+      "",
+      "Damaged rows (kept, not dropped; fix the file named and rerun to refresh them):",
+    ] + notes
   return "\n".join(lines) + "\n"
 
 
@@ -154,9 +162,19 @@ def aggregate(per_run: list, metric: Metric) -> list:
   for key in order:
     v = values[key]
     r = first[key]
-    out.append({"name": r.label, "key": key, "arch": r.arch, "params": r.params, "n": len(v),
-                "metric": metric.key, "mean": statistics.fmean(v),
-                "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": list(v)})
+    out.append(
+      {
+        "name": r.label,
+        "key": key,
+        "arch": r.arch,
+        "params": r.params,
+        "n": len(v),
+        "metric": metric.key,
+        "mean": statistics.fmean(v),
+        "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+        "values": list(v),
+      }
+    )
   return out
 
 
@@ -164,19 +182,24 @@ def aggregate_table(agg: list, metric: Metric) -> str:
   """Markdown of `aggregate`: mean ± std (a row only one run has: its value, "(one run)"),
   delta vs the teacher's mean, per-run values."""
   base = next((a["mean"] for a in agg if a["key"] == "Teacher"), None)
-  lines = [f"| Model | Arch | Params | {metric.title} mean ± std | Δ vs teacher | Runs | Per run |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"| Model | Arch | Params | {metric.title} mean ± std | Δ vs teacher | Runs | Per run |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for a in agg:
     delta = "" if base is None or a["key"] == "Teacher" else f"{a['mean'] - base:+.2f}"
     each = ", ".join(_fmt(v) for v in a["values"])
     spread = f"{a['mean']:.2f} ± {a['std']:.2f}" if a["n"] > 1 else f"{a['mean']:.2f} (one run)"
-    lines.append(f"| {a['name']} | {a['arch']} | {a['params']} | {spread} | "
-                 f"{delta} | {a['n']} | {each} |")
+    lines.append(
+      f"| {a['name']} | {a['arch']} | {a['params']} | {spread} | {delta} | {a['n']} | {each} |"
+    )
   return "\n".join(lines) + "\n"
 
 
-DELTA_LEGEND = ("Δ vs teacher = row minus teacher, in the column's unit: positive = worse "
-                "(lower is better), negative = better than the teacher.")
+DELTA_LEGEND = (
+  "Δ vs teacher = row minus teacher, in the column's unit: positive = worse "
+  "(lower is better), negative = better than the teacher."
+)
 
 
 def data_sizes(spec) -> dict:
@@ -197,13 +220,20 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
     A title line, a line with the data, epochs and seeds, and the table's legend.
   """
   what = metric.text or metric.key.replace("_", " ")
-  head = (f"# {cfg.data_name}: {cfg.teacher_label} teacher -> {cfg.arch_for(1)} students, objective "
-          f"{cfg.resolved_loss} (T={cfg.temperature})")
-  sizes = (f", {data['train']} train / {data['val']} val / {data['test']} test {data['unit']}"
-           if data else "")
+  head = (
+    f"# {cfg.data_name}: {cfg.teacher_label} teacher -> {cfg.arch_for(1)} students, objective "
+    f"{cfg.resolved_loss} (T={cfg.temperature})"
+  )
+  sizes = (
+    f", {data['train']} train / {data['val']} val / {data['test']} test {data['unit']}"
+    if data
+    else ""
+  )
   seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {cfg.seed}"
   setup = f"Data: {cfg.data_name}{sizes}; {cfg.epochs} epochs per generation; {seed_text}.\n\n"
   if seeds:
-    return (f"{head}, seeds {', '.join(map(str, seeds))}\n\n{setup}Final-epoch {what}, mean ± std (ddof=1) "
-            f"over runs; per-run tables in their own results.md. {DELTA_LEGEND}\n\n")
+    return (
+      f"{head}, seeds {', '.join(map(str, seeds))}\n\n{setup}Final-epoch {what}, mean ± std (ddof=1) "
+      f"over runs; per-run tables in their own results.md. {DELTA_LEGEND}\n\n"
+    )
   return f"{head}, seed {cfg.seed}\n\n{setup}Final-epoch {what}; no checkpoint selection. {DELTA_LEGEND}\n\n"

@@ -65,15 +65,18 @@ class RunDir:
       os.makedirs(self.path, exist_ok=True)
       fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise errors.RunDirError(f"{self.path} cannot be created or written ({e.strerror or type(e).__name__}): "
-                               "pass another --run_dir, or free space there") from None
+      raise errors.RunDirError(
+        f"{self.path} cannot be created or written ({e.strerror or type(e).__name__}): "
+        "pass another --run_dir, or free space there"
+      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
       os.close(fd)
       raise errors.RunDirError(
-          f"{self.path} is in use by {holder}: wait for it, stop it, or pass another --run_dir") from None
+        f"{self.path} is in use by {holder}: wait for it, stop it, or pass another --run_dir"
+      ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     self._lock = fd
@@ -93,18 +96,24 @@ class RunDir:
           shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     elif os.path.exists(cfg_path):
       stored = export.read_json_checked(
-          cfg_path, "restore it, or pass --overwrite to start over (deletes the run), or another --run_dir")
+        cfg_path,
+        "restore it, or pass --overwrite to start over (deletes the run), or another --run_dir",
+      )
       diff = self.cfg.experiment_diff(stored)
       if diff:
         raise errors.RunDirError(
-            f"{self.path} holds a different experiment (differs in {', '.join(diff)}): "
-            "rerun with the original flags to resume, pass another --run_dir, or --overwrite to start over")
+          f"{self.path} holds a different experiment (differs in {', '.join(diff)}): "
+          "rerun with the original flags to resume, pass another --run_dir, or --overwrite to start over"
+        )
     for name in export.remove_stale_tmp(self.path):
       logging.info("removed %s, left by a killed process", name)
     adopt = self.verify_finished()
     for name, entry in adopt.items():  # only once every check passed: a refused run writes nothing
-      logging.warning("%s: no entry in %s (written before manifests): recorded from its own fingerprint",
-                      name, manifest.path(self.path))
+      logging.warning(
+        "%s: no entry in %s (written before manifests): recorded from its own fingerprint",
+        name,
+        manifest.path(self.path),
+      )
       manifest.record(self.path, name, **entry)
     export.write_json(self.cfg.to_dict(), cfg_path)
 
@@ -132,18 +141,22 @@ class RunDir:
         continue  # kept as is (a smaller --gens); not used by this run
       name, gdir = f"gen_{gen}", self.read_gen_dir(gen)
       export.read_json_checked(
-          os.path.join(gdir, "metrics.json"),
-          f"restore it, or delete {name}/ (and every later generation and ensemble) to retrain it, or --overwrite")
+        os.path.join(gdir, "metrics.json"),
+        f"restore it, or delete {name}/ (and every later generation and ensemble) to retrain it, or --overwrite",
+      )
       path = os.path.join(gdir, "saved_model")
-      if gen == 0 and getattr(self.cfg, "teacher", None):  # --teacher: not replaced since it was imported
+      if gen == 0 and getattr(
+        self.cfg, "teacher", None
+      ):  # --teacher: not replaced since it was imported
         pretrained.check_source(self.cfg, gdir)
       out = export.verify_saved_model(path)
       if self.spec is not None and not self.spec.matches_outputs(out.shape):
         want = tuple("T" if d is None else d for d in self.spec.output_shape)
         raise errors.TeacherError(
-            f"{path} outputs shape {tuple(out.shape[1:])} per example but this data set has "
-            f"{self.spec.num_outputs} {self.spec.output_unit} (outputs {want}): use a teacher trained on "
-            "the same data set, or --overwrite")
+          f"{path} outputs shape {tuple(out.shape[1:])} per example but this data set has "
+          f"{self.spec.num_outputs} {self.spec.output_unit} (outputs {want}): use a teacher trained on "
+          "the same data set, or --overwrite"
+        )
       if not manifest.check(self.read_path, name, gdir, saved_model=True, keras=True):
         adopt[name] = manifest.digests(gdir)
     for k in self.finished_ensembles():
@@ -165,7 +178,9 @@ class RunDir:
   def check_member(self, gen, keras=False):
     """Before gen_{gen} is used (teacher, ensemble member): its SavedModel fingerprint
     (and, with `keras`, its model.keras) must hash to the run's manifest."""
-    manifest.check(self.read_path, f"gen_{gen}", self.read_gen_dir(gen), saved_model=True, keras=keras)
+    manifest.check(
+      self.read_path, f"gen_{gen}", self.read_gen_dir(gen), saved_model=True, keras=keras
+    )
 
   def close(self):
     if self._lock is not None:

@@ -22,7 +22,11 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
-    passed = tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries]) if self.boundaries else 0.0
+    passed = (
+      tf.add_n([tf.cast(step >= b, tf.float32) for b in self.boundaries])
+      if self.boundaries
+      else 0.0
+    )
     return self.lr * tf.pow(self.decay, passed)
 
   def get_config(self):
@@ -74,5 +78,9 @@ class PlateauDecay(keras.callbacks.Callback):
     self.history, self.optimizer, self.reference = history, optimizer, reference
 
   def on_epoch_begin(self, epoch, logs=None):
-    ppls = [h["val_perplexity"] for h in self.history if h["epoch"] <= epoch and "val_perplexity" in h]
-    self.optimizer.learning_rate = plateau_lr(self.lr, ppls, self.decay, self.min_delta, self.reference)
+    ppls = [
+      h["val_perplexity"] for h in self.history if h["epoch"] <= epoch and "val_perplexity" in h
+    ]
+    self.optimizer.learning_rate = plateau_lr(
+      self.lr, ppls, self.decay, self.min_delta, self.reference
+    )

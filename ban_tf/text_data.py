@@ -52,6 +52,7 @@ class TextInfo:
   `num_classes` is the vocabulary size (the softmax width) and `image_shape` the
   model input of one example: a window of `bptt` token ids.
   """
+
   name: str
   num_classes: int
   image_shape: tuple
@@ -95,7 +96,7 @@ def to_ids(lines, vocab):
 def batchify(ids, batch_size):
   """The token stream as `batch_size` contiguous rows [batch, L]; the tail is dropped."""
   length = len(ids) // batch_size
-  return np.asarray(ids[:length * batch_size], np.int32).reshape(batch_size, length)
+  return np.asarray(ids[: length * batch_size], np.int32).reshape(batch_size, length)
 
 
 def windows(rows, bptt, full_only=True):
@@ -105,7 +106,7 @@ def windows(rows, bptt, full_only=True):
     t = min(bptt, rows.shape[1] - 1 - start)
     if full_only and t < bptt:
       break
-    out.append((rows[:, start:start + t], rows[:, start + 1:start + 1 + t]))
+    out.append((rows[:, start : start + t], rows[:, start + 1 : start + 1 + t]))
   return out
 
 
@@ -119,16 +120,24 @@ class TextDataset:
     splits = _read_ptb(ptb_dir) if name == "ptb" else _read_tfds(name, data_dir)
     vocab = build_vocab(splits["train"], vocab_size)
     self.ids = {k: to_ids(v, vocab) for k, v in splits.items()}
-    self.info = TextInfo(name=name, num_classes=len(vocab), image_shape=(bptt,), vocab=vocab,
-                         bptt=bptt, num_train=len(self.ids["train"]), num_val=len(self.ids["val"]),
-                         num_test=len(self.ids["test"]))
+    self.info = TextInfo(
+      name=name,
+      num_classes=len(vocab),
+      image_shape=(bptt,),
+      vocab=vocab,
+      bptt=bptt,
+      num_train=len(self.ids["train"]),
+      num_val=len(self.ids["val"]),
+      num_test=len(self.ids["test"]),
+    )
 
   def _train_windows(self, batch_size):
     wins = windows(batchify(self.ids["train"], batch_size), self.info.bptt)
     if not wins:
       raise errors.UsageError(
-          f"--batch_size={batch_size} x --bptt={self.info.bptt} leaves no training window in "
-          f"{self.info.num_train} tokens: use a smaller batch or --bptt")
+        f"--batch_size={batch_size} x --bptt={self.info.bptt} leaves no training window in "
+        f"{self.info.num_train} tokens: use a smaller batch or --bptt"
+      )
     return wins
 
   def steps_per_epoch(self, batch_size):
@@ -147,8 +156,13 @@ class TextDataset:
     if self.state == "carry":  # in order: window k+1 continues window k of every row
       order = np.tile(np.arange(len(wins)), max(epochs - first_epoch, 0))
     else:
-      order = np.concatenate([np.random.RandomState(seed * 1000003 + e).permutation(len(wins))
-                              for e in range(first_epoch, epochs)] or [np.zeros([0], np.int64)])
+      order = np.concatenate(
+        [
+          np.random.RandomState(seed * 1000003 + e).permutation(len(wins))
+          for e in range(first_epoch, epochs)
+        ]
+        or [np.zeros([0], np.int64)]
+      )
     ds = tf.data.Dataset.from_tensor_slices(order).map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
     return ds.prefetch(tf.data.AUTOTUNE), len(wins)
 
@@ -173,7 +187,11 @@ class TextDataset:
       full = n // t * t  # full windows [1, T], then at most one shorter one
       parts = []
       if full:
-        parts.append(tf.data.Dataset.from_tensor_slices((x[0, :full].reshape(-1, 1, t), y[0, :full].reshape(-1, 1, t))))
+        parts.append(
+          tf.data.Dataset.from_tensor_slices(
+            (x[0, :full].reshape(-1, 1, t), y[0, :full].reshape(-1, 1, t))
+          )
+        )
       if full < n:
         parts.append(tf.data.Dataset.from_tensors((x[:, full:], y[:, full:])))
       ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
@@ -181,7 +199,8 @@ class TextDataset:
     wins = windows(batchify(self.ids[split], batch_size), self.info.bptt, full_only=False)
     if not wins:
       raise errors.UsageError(
-          f"the {split} split has {len(self.ids[split])} tokens, too few for --batch_size={batch_size}")
+        f"the {split} split has {len(self.ids[split])} tokens, too few for --batch_size={batch_size}"
+      )
     ds = None
     for x, y in wins:  # at most two distinct window lengths
       d = tf.data.Dataset.from_tensors((x, y))
@@ -197,27 +216,40 @@ class TextDataset:
 
 def _read_ptb(ptb_dir):
   if not ptb_dir:
-    raise errors.UsageError("--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+    raise errors.UsageError(
+      "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt"
+    )
   missing = [f for f in PTB_FILES.values() if not os.path.exists(os.path.join(ptb_dir, f))]
   if missing:
-    raise errors.DataError(f"--ptb_dir={ptb_dir} lacks {', '.join(missing)}: point it at the Mikolov PTB files")
+    raise errors.DataError(
+      f"--ptb_dir={ptb_dir} lacks {', '.join(missing)}: point it at the Mikolov PTB files"
+    )
   return {k: read_lines_ptb(os.path.join(ptb_dir, f)) for k, f in PTB_FILES.items()}
 
 
 def _read_tfds(name, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.DataError(f"text dataset {name!r} could not be opened ({type(e).__name__}): "
-                           "use --dataset=ptb --ptb_dir=DIR or tiny_shakespeare with --data_dir") from None
+    raise errors.DataError(
+      f"text dataset {name!r} could not be opened ({type(e).__name__}): "
+      "use --dataset=ptb --ptb_dir=DIR or tiny_shakespeare with --data_dir"
+    ) from None
   if "text" not in builder.info.features:
-    raise errors.DataError(f"dataset {name!r} has no 'text' feature: use a text corpus such as tiny_shakespeare")
+    raise errors.DataError(
+      f"dataset {name!r} has no 'text' feature: use a text corpus such as tiny_shakespeare"
+    )
   if not builder.is_prepared():
-    raise errors.DataError(f"dataset {name!r} is not prepared in {data_dir or 'the default tfds directory'}: "
-                           "pass --data_dir pointing at a prepared TFDS directory")
+    raise errors.DataError(
+      f"dataset {name!r} is not prepared in {data_dir or 'the default tfds directory'}: "
+      "pass --data_dir pointing at a prepared TFDS directory"
+    )
   out = {}
   for key, split in _TFDS_SPLITS.items():
-    text = "\n".join(ex["text"].decode("utf-8") for ex in tfds.as_numpy(builder.as_dataset(split=split)))
+    text = "\n".join(
+      ex["text"].decode("utf-8") for ex in tfds.as_numpy(builder.as_dataset(split=split))
+    )
     out[key] = tokenize_text(text)
   return out

@@ -59,6 +59,7 @@ class GenerationSpec:
       which writes privately and resumes from the chief's directory.
     dropout: cfg.dropout_for(gen): --teacher_dropout for generation 0 when given.
   """
+
   gen: Union[int, str]
   role: str
   arch: str
@@ -72,15 +73,31 @@ class GenerationSpec:
   @classmethod
   def generation(cls, cfg, gen, out_dir, teacher_path=None, read_dir=None):
     objective = cfg.objective() if gen > 0 else losses.Objective.labels_only()
-    return cls(gen=gen, role="teacher" if gen == 0 else f"BAN-{gen}", arch=cfg.arch_for(gen),
-               seed=cfg.seed_for(gen), objective=objective, teacher_path=teacher_path if gen > 0 else None,
-               out_dir=out_dir, read_dir=read_dir or out_dir, dropout=cfg.dropout_for(gen))
+    return cls(
+      gen=gen,
+      role="teacher" if gen == 0 else f"BAN-{gen}",
+      arch=cfg.arch_for(gen),
+      seed=cfg.seed_for(gen),
+      objective=objective,
+      teacher_path=teacher_path if gen > 0 else None,
+      out_dir=out_dir,
+      read_dir=read_dir or out_dir,
+      dropout=cfg.dropout_for(gen),
+    )
 
   @classmethod
   def baseline(cls, cfg, out_dir, read_dir=None):
-    return cls(gen="baseline", role="baseline", arch=cfg.arch_for(1), seed=cfg.seed_for("baseline"),
-               objective=losses.Objective.labels_only(), teacher_path=None, out_dir=out_dir,
-               read_dir=read_dir or out_dir, dropout=cfg.dropout_for(1))
+    return cls(
+      gen="baseline",
+      role="baseline",
+      arch=cfg.arch_for(1),
+      seed=cfg.seed_for("baseline"),
+      objective=losses.Objective.labels_only(),
+      teacher_path=None,
+      out_dir=out_dir,
+      read_dir=read_dir or out_dir,
+      dropout=cfg.dropout_for(1),
+    )
 
   @property
   def index(self) -> int:
@@ -115,8 +132,13 @@ def make_checkpoint(student, optimizer, epoch_var, projection=None):
   activation-matching projection layer, when there is one.
   """
   tracked = {"projection": projection} if projection is not None else {}
-  return tf.train.Checkpoint(student=student, variables=list(student.variables),
-                             optimizer=optimizer, epoch=epoch_var, **tracked)
+  return tf.train.Checkpoint(
+    student=student,
+    variables=list(student.variables),
+    optimizer=optimizer,
+    epoch=epoch_var,
+    **tracked,
+  )
 
 
 class EpochState(keras.callbacks.Callback):
@@ -137,8 +159,9 @@ class EpochState(keras.callbacks.Callback):
     gen: the train.GenerationSpec (for console lines); epochs: epochs per generation.
   """
 
-  def __init__(self, gen_dir, manager, epoch_var, history, writer, optimizer, quiet_tags=(), gen=None,
-               epochs=0):
+  def __init__(
+    self, gen_dir, manager, epoch_var, history, writer, optimizer, quiet_tags=(), gen=None, epochs=0
+  ):
     super().__init__()
     self.gen_dir, self.manager, self.epoch_var = gen_dir, manager, epoch_var
     self.history, self.writer, self.optimizer = history, writer, optimizer
@@ -238,8 +261,12 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
   (report.py) are left alone.
   """
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
-  files = sorted(f for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))
-                 if not f.endswith(".hparams"))
+
+  files = sorted(
+    f
+    for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    if not f.endswith(".hparams")
+  )
   if not files:
     return
   kept, dropped = [], 0
@@ -247,8 +274,9 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
     for record in tf.data.TFRecordDataset(path):
       event = event_pb2.Event.FromString(record.numpy())
       # test/* is written once, after the last epoch (finish): a rerun that gets there writes it again.
-      if event.HasField("summary") and (event.step > last_epoch or
-                                        any(v.tag.startswith("test/") for v in event.summary.value)):
+      if event.HasField("summary") and (
+        event.step > last_epoch or any(v.tag.startswith("test/") for v in event.summary.value)
+      ):
         dropped += 1
       else:
         kept.append(record.numpy())
@@ -262,8 +290,13 @@ def tensorboard_from_checkpoint(logdir, last_epoch):
   for path in files:
     os.remove(path)
   os.replace(tmp, out)
-  logging.info("%s: dropped %d TensorBoard points after epoch %d (written before a checkpoint that "
-               "was never saved)", logdir, dropped, last_epoch)
+  logging.info(
+    "%s: dropped %d TensorBoard points after epoch %d (written before a checkpoint that "
+    "was never saved)",
+    logdir,
+    dropped,
+    last_epoch,
+  )
 
 
 def _verbose(cfg):
@@ -281,20 +314,24 @@ def _teacher_keras_path(teacher_path):
 def _share_stem_head(student, teacher_path):
   path = _teacher_keras_path(teacher_path)
   if not os.path.exists(path):
-    raise errors.TeacherError(f"--share_stem_head needs the teacher's {path}: retrain that generation "
-                              "or drop --share_stem_head")
+    raise errors.TeacherError(
+      f"--share_stem_head needs the teacher's {path}: retrain that generation "
+      "or drop --share_stem_head"
+    )
   try:
     teacher = keras.saving.load_model(path, custom_objects={"StepDecay": StepDecay}, compile=False)
   except Exception as e:  # pylint: disable=broad-except  (truncated zip, bad config: many kinds)
     raise errors.TeacherError(
-        f"--share_stem_head: the teacher's {path} cannot be loaded ({type(e).__name__}): restore it, or delete "
-        "that generation's directory to retrain it, or --overwrite") from None
+      f"--share_stem_head: the teacher's {path} cannot be loaded ({type(e).__name__}): restore it, or delete "
+      "that generation's directory to retrain it, or --overwrite"
+    ) from None
   try:
     models.copy_and_freeze(student, teacher)
   except ValueError as e:
     raise errors.TeacherError(
-        f"--share_stem_head: {e}: use a student whose stem width and feature width equal the "
-        "teacher's (e.g. wrn-match-U), or drop --share_stem_head") from None
+      f"--share_stem_head: {e}: use a student whose stem width and feature width equal the "
+      "teacher's (e.g. wrn-match-U), or drop --share_stem_head"
+    ) from None
 
 
 @dataclasses.dataclass
@@ -312,8 +349,13 @@ def _build(cfg, task, gen, strategy, dataset, steps):
   obj = gen.objective
   teacher = None
   if gen.teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
-    teacher = export.load_teacher(gen.teacher_path, strategy, expected_classes=spec.num_outputs,
-                                  with_features=obj.feature_weight > 0, stateful=task.carries_state(cfg))
+    teacher = export.load_teacher(
+      gen.teacher_path,
+      strategy,
+      expected_classes=spec.num_outputs,
+      with_features=obj.feature_weight > 0,
+      stateful=task.carries_state(cfg),
+    )
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
     student = task.build_model(gen.arch, dataset, dropout=gen.dropout, name=name)
@@ -327,8 +369,9 @@ def _build(cfg, task, gen, strategy, dataset, steps):
           projection = teacher.feature_dim
         elif s_dim != teacher.feature_dim:
           raise errors.TeacherError(
-              f"--feature_weight: student features have {s_dim} dims but the teacher's have "
-              f"{teacher.feature_dim}: add --feature_projection or use a same-width student")
+            f"--feature_weight: student features have {s_dim} dims but the teacher's have "
+            f"{teacher.feature_dim}: add --feature_projection or use a same-width student"
+          )
       if obj.share_stem_head:
         _share_stem_head(student, gen.teacher_path)
     state = None
@@ -336,20 +379,37 @@ def _build(cfg, task, gen, strategy, dataset, steps):
       stateful = task.stateful_model(student)
       try:
         state = distiller_lib.CarriedState(
-            stateful, stateful.inputs[1].shape[-1], cfg.batch_size, steps,
-            teacher=teacher.call_endpoint_fn if teacher is not None else None,
-            teacher_state_size=teacher.state_size if teacher is not None else 0)
+          stateful,
+          stateful.inputs[1].shape[-1],
+          cfg.batch_size,
+          steps,
+          teacher=teacher.call_endpoint_fn if teacher is not None else None,
+          teacher_state_size=teacher.state_size if teacher is not None else 0,
+        )
       except ValueError as e:
-        raise errors.UsageError(f"--batch_size={cfg.batch_size}: {e}: use a multiple of the replica count") from None
+        raise errors.UsageError(
+          f"--batch_size={cfg.batch_size}: {e}: use a multiple of the replica count"
+        ) from None
     model = distiller_lib.Distiller(
-        student, teacher, loss=obj.loss, temperature=obj.temperature, kd_weight=obj.kd_weight,
-        label_weight=obj.label_weight, weight_decay=cfg.weight_decay, seed=gen.seed,
-        feature_weight=obj.feature_weight if teacher is not None else 0.0,
-        feature_projection=projection, clip_norm=cfg.clip_norm,
-        augment=task.train_augmenter(cfg, dataset, gen.seed), perplexity=task.perplexity, state=state)
+      student,
+      teacher,
+      loss=obj.loss,
+      temperature=obj.temperature,
+      kd_weight=obj.kd_weight,
+      label_weight=obj.label_weight,
+      weight_decay=cfg.weight_decay,
+      seed=gen.seed,
+      feature_weight=obj.feature_weight if teacher is not None else 0.0,
+      feature_projection=projection,
+      clip_norm=cfg.clip_norm,
+      augment=task.train_augmenter(cfg, dataset, gen.seed),
+      perplexity=task.perplexity,
+      state=state,
+    )
     optimizer = task.make_optimizer(cfg, steps)
-    model.compile(optimizer=optimizer, steps_per_execution=cfg.steps_per_execution,
-                  jit_compile=cfg.jit_compile)
+    model.compile(
+      optimizer=optimizer, steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile
+    )
     # model.optimizer: `optimizer` itself, or (fp16) Keras' LossScaleOptimizer around it.
     model.optimizer.build(model.train_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -375,15 +435,18 @@ def _checkpoints(ckpt_dir):
   except Exception as e:  # pylint: disable=broad-except  (a damaged index: text-proto parse errors)
     state, why = None, type(e).__name__
   if state is None and os.path.exists(os.path.join(ckpt_dir, "checkpoint")):
-    logging.warning("%s/checkpoint is damaged (%s): using the checkpoint files it should list",
-                    os.path.join(os.path.basename(os.path.dirname(ckpt_dir)), "ckpt"), why)
+    logging.warning(
+      "%s/checkpoint is damaged (%s): using the checkpoint files it should list",
+      os.path.join(os.path.basename(os.path.dirname(ckpt_dir)), "ckpt"),
+      why,
+    )
     damaged = True
   if state is not None:
     for p in list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]:
       if p:
         found.add(os.path.join(ckpt_dir, os.path.basename(p)))
   for index in glob.glob(os.path.join(ckpt_dir, "ckpt-*.index")):
-    found.add(index[:-len(".index")])
+    found.add(index[: -len(".index")])
   return sorted(found, key=_ckpt_number, reverse=True), damaged
 
 
@@ -415,14 +478,23 @@ def _restore(gen, built):
       continue
     latest = prefix
     break
-  fix = (f"delete {gen.read_dir}/ckpt and {gen.read_dir}/history.json to retrain this generation from "
-         "epoch 0, or --overwrite")
+  fix = (
+    f"delete {gen.read_dir}/ckpt and {gen.read_dir}/history.json to retrain this generation from "
+    "epoch 0, or --overwrite"
+  )
   if latest is None:
-    raise errors.RunDirError(f"{ckpt_dir} holds no readable checkpoint ("
-                             + "; ".join(why for _, why in skipped) + f"): {fix}")
-  for prefix, why in skipped:
-    logging.warning("gen %s: %s: resuming from the previous checkpoint, %s", gen.gen, why,
-                    os.path.basename(latest))
+    raise errors.RunDirError(
+      f"{ckpt_dir} holds no readable checkpoint ("
+      + "; ".join(why for _, why in skipped)
+      + f"): {fix}"
+    )
+  for _prefix, why in skipped:
+    logging.warning(
+      "gen %s: %s: resuming from the previous checkpoint, %s",
+      gen.gen,
+      why,
+      os.path.basename(latest),
+    )
   if (skipped or bad_index) and gen.read_dir == gen.out_dir:
     # Repair: drop the damaged files, point the index at `latest`.
     for prefix, _ in skipped:
@@ -430,15 +502,19 @@ def _restore(gen, built):
         os.remove(path)
     kept = [p for p in candidates if p not in {q for q, _ in skipped}]
     tf.compat.v1.train.update_checkpoint_state(
-        ckpt_dir, os.path.basename(latest),
-        all_model_checkpoint_paths=[os.path.basename(p) for p in reversed(kept)])
+      ckpt_dir,
+      os.path.basename(latest),
+      all_model_checkpoint_paths=[os.path.basename(p) for p in reversed(kept)],
+    )
   initial_epoch = int(built.epoch_var.numpy())
   history = []
   hist_path = os.path.join(gen.read_dir, "history.json")
   if os.path.exists(hist_path):
     entries = export.read_json_checked(hist_path, f"restore it, or {fix}", expect=list)
     if not all(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in entries):
-      raise errors.RunDirError(f"{hist_path} is damaged (entries without an epoch): restore it, or {fix}")
+      raise errors.RunDirError(
+        f"{hist_path} is damaged (entries without an epoch): restore it, or {fix}"
+      )
     history = [h for h in entries if h["epoch"] <= initial_epoch]
   logging.info("gen %s: resuming from epoch %d (%s)", gen.gen, initial_epoch, latest)
   return initial_epoch, history
@@ -446,12 +522,16 @@ def _restore(gen, built):
 
 def _diverged(gen, state, epoch_var):
   good = int(epoch_var.numpy())
-  kept = (f"its last good checkpoint (epoch {good}) is kept in {gen.out_dir}/ckpt" if good else
-          "it has no good checkpoint yet")
+  kept = (
+    f"its last good checkpoint (epoch {good}) is kept in {gen.out_dir}/ckpt"
+    if good
+    else "it has no good checkpoint yet"
+  )
   return errors.DivergedError(
-      f"generation {gen.index} diverged (loss={state.diverged}) in epoch {good + 1}: {kept}; "
-      "rerun the same command to retry from it, or start over with a lower --lr "
-      "(--lr changes the experiment: add --overwrite or use a new --run_dir)")
+    f"generation {gen.index} diverged (loss={state.diverged}) in epoch {good + 1}: {kept}; "
+    "rerun the same command to retry from it, or start over with a lower --lr "
+    "(--lr changes the experiment: add --overwrite or use a new --run_dir)"
+  )
 
 
 def evaluate_splits(model, dataset, batch_size, val_logs=None):
@@ -467,7 +547,10 @@ def evaluate_splits(model, dataset, batch_size, val_logs=None):
   out = {}
   for split in ("val", "test"):
     if split == "val" and val_logs and "val_label_loss" in val_logs and "val_accuracy" in val_logs:
-      out["val_loss"], out["val_accuracy"] = float(val_logs["val_label_loss"]), float(val_logs["val_accuracy"])
+      out["val_loss"], out["val_accuracy"] = (
+        float(val_logs["val_label_loss"]),
+        float(val_logs["val_accuracy"]),
+      )
       continue
     ds = getattr(dataset, split)(batch_size)
     if ds is None:
@@ -479,7 +562,9 @@ def evaluate_splits(model, dataset, batch_size, val_logs=None):
   return out
 
 
-def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS, stateful=None):
+def finish(
+  task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS, stateful=None
+):
   """Adds the task's derived metrics, logs test scalars, exports, writes metrics.json and DONE.
 
   Shared by generations and BANE ensembles. `model` is what the SavedModel serves
@@ -498,8 +583,15 @@ def finish(task, spec, model, out_dir, result, writer=None, step=0, output_name=
         split, name = key.split("_", 1)
         tf.summary.scalar(f"{split}/final_{name}", result[key])
     writer.flush()
-  export.export_saved_model(model, os.path.join(out_dir, "saved_model"), spec.input_shape,
-                            class_names=spec.class_names, output_name=output_name, spec=spec, stateful=stateful)
+  export.export_saved_model(
+    model,
+    os.path.join(out_dir, "saved_model"),
+    spec.input_shape,
+    class_names=spec.class_names,
+    output_name=output_name,
+    spec=spec,
+    stateful=stateful,
+  )
   for name, text in spec.assets:
     export.write_text(text, os.path.join(out_dir, name))
 
@@ -516,33 +608,70 @@ def run_generation(cfg, gen, strategy, dataset):
   manager = tf.train.CheckpointManager(built.ckpt, os.path.join(gen.out_dir, "ckpt"), max_to_keep=2)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
   train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
-  tb_dir = results_lib.tensorboard_dir(os.path.dirname(gen.out_dir), results_lib.generation_name(gen.gen))
+  tb_dir = results_lib.tensorboard_dir(
+    os.path.dirname(gen.out_dir), results_lib.generation_name(gen.gen)
+  )
   tensorboard_from_checkpoint(tb_dir, initial_epoch)  # each (tag, step) once after a resume
   writer = tf.summary.create_file_writer(tb_dir)
-  state = EpochState(gen.out_dir, manager, built.epoch_var, history, writer, built.optimizer,
-                     quiet_tags=quiet_tags(gen.objective, gen.teacher_path is not None), gen=gen,
-                     epochs=cfg.epochs)
+  state = EpochState(
+    gen.out_dir,
+    manager,
+    built.epoch_var,
+    history,
+    writer,
+    built.optimizer,
+    quiet_tags=quiet_tags(gen.objective, gen.teacher_path is not None),
+    gen=gen,
+    epochs=cfg.epochs,
+  )
   # The task's callbacks first: they may add to an epoch's logs before state records them;
   # Keras' progress bar (when shown) before the console line.
   verbose = _verbose(cfg)
-  callbacks = (task.callbacks(cfg, history, built.optimizer) + [state]
-               + ([keras.callbacks.ProgbarLogger()] if verbose else []) + [ConsoleLine(state)])
-  logging.info("gen %s (%s): %s, %d params, objective %s, seed %d, teacher %s", gen.gen, gen.role, gen.arch,
-               built.student.count_params(), gen.objective.to_dict(), gen.seed, gen.teacher_path)
+  callbacks = (
+    task.callbacks(cfg, history, built.optimizer)
+    + [state]
+    + ([keras.callbacks.ProgbarLogger()] if verbose else [])
+    + [ConsoleLine(state)]
+  )
+  logging.info(
+    "gen %s (%s): %s, %d params, objective %s, seed %d, teacher %s",
+    gen.gen,
+    gen.role,
+    gen.arch,
+    built.student.count_params(),
+    gen.objective.to_dict(),
+    gen.seed,
+    gen.teacher_path,
+  )
   if console.progress():
-    console.progress().generation(gen, _header(gen, built.student.count_params()), initial_epoch, cfg.epochs)
+    console.progress().generation(
+      gen, _header(gen, built.student.count_params()), initial_epoch, cfg.epochs
+    )
   t0 = time.time()
   if initial_epoch < cfg.epochs:
-    built.model.fit(train_ds, epochs=cfg.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                    validation_data=dataset.val(cfg.batch_size), callbacks=callbacks,
-                    verbose=verbose, shuffle=False)  # the pipeline shuffles, per (seed, epoch)
+    built.model.fit(
+      train_ds,
+      epochs=cfg.epochs,
+      initial_epoch=initial_epoch,
+      steps_per_epoch=steps,
+      validation_data=dataset.val(cfg.batch_size),
+      callbacks=callbacks,
+      verbose=verbose,
+      shuffle=False,
+    )  # the pipeline shuffles, per (seed, epoch)
   if state.diverged is not None:
     raise _diverged(gen, state, built.epoch_var)
   result = {
-      "gen": gen.gen, "role": gen.role, "arch": gen.arch, "params": int(built.student.count_params()),
-      "seed": gen.seed, "objective": gen.objective.to_dict(), "teacher": gen.teacher_path,
-      "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
-      "weights_sha256": weights_digest(built.student),
+    "gen": gen.gen,
+    "role": gen.role,
+    "arch": gen.arch,
+    "params": int(built.student.count_params()),
+    "seed": gen.seed,
+    "objective": gen.objective.to_dict(),
+    "teacher": gen.teacher_path,
+    "epochs": cfg.epochs,
+    "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
+    "weights_sha256": weights_digest(built.student),
   }
   # The final epoch's validation (this process's fit, or history.json when resumed
   # after it) ran on exactly these weights: nothing changes them after that epoch's
@@ -556,15 +685,25 @@ def run_generation(cfg, gen, strategy, dataset):
   export.write_json(result, os.path.join(gen.out_dir, "metrics.json"))
   # Bound to the run outside the generation directory, before DONE (manifest.py).
   run_dir, name = os.path.split(os.path.abspath(gen.out_dir))
-  manifest.record(run_dir, name, weights_sha256=result["weights_sha256"], **manifest.digests(gen.out_dir))
+  manifest.record(
+    run_dir, name, weights_sha256=result["weights_sha256"], **manifest.digests(gen.out_dir)
+  )
   export.touch_done(gen.out_dir)
   shutil.rmtree(os.path.join(gen.out_dir, "ckpt"), ignore_errors=True)
-  logging.info("gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s", gen.gen, gen.role,
-               result["test_accuracy"], task.headline.key, result[task.headline.key],
-               result["weights_sha256"])
+  logging.info(
+    "gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s",
+    gen.gen,
+    gen.role,
+    result["test_accuracy"],
+    task.headline.key,
+    result[task.headline.key],
+    result["weights_sha256"],
+  )
   if console.progress():
-    console.progress().print(f"{console.progress().prefix}{console.progress().gen_label(gen)} done: "
-                             f"{headline_text(task, result)}")
+    console.progress().print(
+      f"{console.progress().prefix}{console.progress().gen_label(gen)} done: "
+      f"{headline_text(task, result)}"
+    )
   return result
 
 
@@ -580,8 +719,11 @@ def _header(gen, params):
     if o.feature_weight:
       terms.append(f"feature weight {o.feature_weight:g}")
     objective = ", ".join(terms)
-  teacher = ("no teacher" if gen.teacher_path is None else
-             f"teacher {os.path.basename(os.path.dirname(os.path.abspath(gen.teacher_path)))}")
+  teacher = (
+    "no teacher"
+    if gen.teacher_path is None
+    else f"teacher {os.path.basename(os.path.dirname(os.path.abspath(gen.teacher_path)))}"
+  )
   return f"{gen.arch} ({results_lib.format_params(params)} params), {objective}, {teacher}, seed {gen.seed}"
 
 
@@ -597,5 +739,6 @@ def headline_text(task, result):
 
 def train_generation(cfg, gen, strategy, dataset, gen_dir, teacher_path=None, read_dir=None):
   """Trains generation `gen` (0 = teacher) into `gen_dir`: run_generation of its spec."""
-  return run_generation(cfg, GenerationSpec.generation(cfg, gen, gen_dir, teacher_path, read_dir),
-                        strategy, dataset)
+  return run_generation(
+    cfg, GenerationSpec.generation(cfg, gen, gen_dir, teacher_path, read_dir), strategy, dataset
+  )

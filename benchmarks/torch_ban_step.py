@@ -20,7 +20,7 @@ in memory, median of repetitions after warm-up, supervised and BAN interleaved.
 The last line has the same form as ban_tf.bench's.
 """
 
-import argparse
+import argparse  # noqa: I001
 import resource
 import statistics
 import time
@@ -39,7 +39,9 @@ class Block(nn.Module):
     self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
     self.bn2 = nn.BatchNorm2d(cout)
     self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
+    self.proj = (
+      nn.Conv2d(cin, cout, 1, stride, bias=False) if (stride != 1 or cin != cout) else None
+    )
 
   def forward(self, x):
     pre = F.relu(self.bn1(x))
@@ -78,7 +80,12 @@ class DenseNetBC(nn.Module):
         cin += k
       if b < 2:
         cout = cin // 2
-        layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, cout, 1, bias=False), nn.AvgPool2d(2)]
+        layers += [
+          nn.BatchNorm2d(cin),
+          nn.ReLU(),
+          nn.Conv2d(cin, cout, 1, bias=False),
+          nn.AvgPool2d(2),
+        ]
         cin = cout
     self.blocks = nn.Sequential(*layers)
     self.bn = nn.BatchNorm2d(cin)
@@ -137,7 +144,9 @@ def main():
   p.add_argument("--arch", default="preact-resnet-20")
   p.add_argument("--device", default="cpu", help="cpu or cuda")
   p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
-  p.add_argument("--compile", action="store_true", help="torch.compile the forward/backward of each step")
+  p.add_argument(
+    "--compile", action="store_true", help="torch.compile the forward/backward of each step"
+  )
   args = p.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -146,10 +155,14 @@ def main():
   x = (torch.rand(args.batch_size, 3, 32, 32) * 255).to(dev).contiguous(memory_format=fmt)
   y = torch.randint(0, 10, (args.batch_size,)).to(dev)
   teacher = build(args.arch).to(dev).to(memory_format=fmt).eval()
-  nets = {"supervised": build(args.arch).to(dev).to(memory_format=fmt),
-          "distill": build(args.arch).to(dev).to(memory_format=fmt)}
-  opts = {k: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-          for k, m in nets.items()}
+  nets = {
+    "supervised": build(args.arch).to(dev).to(memory_format=fmt),
+    "distill": build(args.arch).to(dev).to(memory_format=fmt),
+  }
+  opts = {
+    k: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for k, m in nets.items()
+  }
   amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
   scaler = torch.amp.GradScaler(dev.type, enabled=args.amp == "fp16")
 
@@ -195,15 +208,21 @@ def main():
       sync()
       samples[kind].append((time.perf_counter() - t0) / args.steps)
   rates = {k: args.batch_size / statistics.median(v) for k, v in samples.items()}
-  print(f"torch={torch.__version__} arch={args.arch} device={args.device} amp={args.amp} "
-        f"compile={args.compile} threads={torch.get_num_threads()} batch_size={args.batch_size} "
-        f"channels_last={args.channels_last}")
+  print(
+    f"torch={torch.__version__} arch={args.arch} device={args.device} amp={args.amp} "
+    f"compile={args.compile} threads={torch.get_num_threads()} batch_size={args.batch_size} "
+    f"channels_last={args.channels_last}"
+  )
   for k, v in samples.items():
-    print(f"{k:>10}: {rates[k]:8.1f} img/s (reps min..max {args.batch_size / max(v):.1f}.."
-          f"{args.batch_size / min(v):.1f})")
+    print(
+      f"{k:>10}: {rates[k]:8.1f} img/s (reps min..max {args.batch_size / max(v):.1f}.."
+      f"{args.batch_size / min(v):.1f})"
+    )
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-  print(f"supervised_img_s={rates['supervised']:.1f} distill_img_s={rates['distill']:.1f} input_img_s=nan "
-        f"ratio={rates['supervised'] / rates['distill']:.3f} peak_rss_mb={rss:.1f}")
+  print(
+    f"supervised_img_s={rates['supervised']:.1f} distill_img_s={rates['distill']:.1f} input_img_s=nan "
+    f"ratio={rates['supervised'] / rates['distill']:.3f} peak_rss_mb={rss:.1f}"
+  )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,13 @@ def test_readme_from_python_example_runs(tmp_path, monkeypatch, capsys):
   assert len(history["top2"]) == 2 and 0.0 <= history["top2"][-1] <= 1.0
   assert "top2" in capsys.readouterr().out
   sig = tf.saved_model.load("student_saved_model").signatures["serving_default"]
-  assert list(sig.structured_input_signature[1]) == ["pixels"] and list(sig.structured_outputs) == ["logits"]
+  assert list(sig.structured_input_signature[1]) == ["pixels"] and list(sig.structured_outputs) == [
+    "logits"
+  ]
   x = scope["images"][:5]
-  np.testing.assert_allclose(keras.saving.load_model("student.keras")(x), scope["student"](x), atol=1e-5)
+  np.testing.assert_allclose(
+    keras.saving.load_model("student.keras")(x), scope["student"](x), atol=1e-5
+  )
 
 
 def _net(seed, classes=4):
@@ -122,8 +126,11 @@ def test_load_teacher_of_a_foreign_saved_model_says_what_reads_it(tmp_path):
   """export.load_teacher checks a ban_tf fingerprint; a plain Keras export has none (once: a
   FileNotFoundError advising to retrain a generation)."""
   _net(5).export(str(tmp_path / "plain"), verbose=False)
-  with pytest.raises(errors.TeacherError, match=r"has no fingerprint.npz: one not exported by ban_tf is read with "
-                                                r"keras.layers.TFSMLayer\(path, call_endpoint='serving_default'\)"):
+  with pytest.raises(
+    errors.TeacherError,
+    match=r"has no fingerprint.npz: one not exported by ban_tf is read with "
+    r"keras.layers.TFSMLayer\(path, call_endpoint='serving_default'\)",
+  ):
     export.load_teacher(str(tmp_path / "plain"))
 
 
@@ -135,10 +142,14 @@ def test_probability_teachers_teach_their_log_probabilities(tmp_path):
   net = _net(5)
   probs = keras.Model(net.inputs, keras.layers.Softmax()(net.outputs[0]))
   p = probs(x).numpy()
-  export.export_saved_model(probs, str(tmp_path / "ensemble"), (6, 6, 2), output_name=export.PROBABILITIES)
+  export.export_saved_model(
+    probs, str(tmp_path / "ensemble"), (6, 6, 2), output_name=export.PROBABILITIES
+  )
   layer = keras.layers.TFSMLayer(str(tmp_path / "ensemble"), call_endpoint="serving_default")
-  for model in (distiller.Distiller(_net(6), layer),
-                distiller.Distiller(_net(6), probs, teacher_outputs="probabilities")):
+  for model in (
+    distiller.Distiller(_net(6), layer),
+    distiller.Distiller(_net(6), probs, teacher_outputs="probabilities"),
+  ):
     t = model.teacher_logits(tf.constant(x)).numpy()
     np.testing.assert_allclose(t, np.log(p), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="teacher_outputs='softmax'"):
@@ -153,8 +164,10 @@ def test_compiled_metrics_and_one_hot_labels_on_two_replicas():
   for strategy in (tf.distribute.get_strategy(), two):
     with strategy.scope():
       model = distiller.Distiller(_net(3), _net(9), loss="ban_l", label_weight=0.5)
-      model.compile(optimizer=keras.optimizers.SGD(0.1),
-                    metrics=[keras.metrics.CategoricalAccuracy(name="acc_one_hot")])
+      model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        metrics=[keras.metrics.CategoricalAccuracy(name="acc_one_hot")],
+      )
     ds = tf.data.Dataset.from_tensor_slices((x, keras.utils.to_categorical(y, 4))).batch(8)
     hist = model.fit(ds, epochs=2, verbose=0).history
     runs.append((model.student.get_weights(), hist["acc_one_hot"], hist["accuracy"]))

@@ -36,11 +36,29 @@ def test_flag_defaults_are_the_config_defaults():
 
 def test_from_flags_reads_every_field():
   fv = _fresh_flags()
-  fv(["prog", "--task=lm", "--arch=lstm-1-8", "--lr_milestones=0.5,0.75", "--gens=4", "--nonesterov",
-      "--teacher_arch=lstm-2-8", "--clip_norm=5", "--verbose=0"])
+  fv(
+    [
+      "prog",
+      "--task=lm",
+      "--arch=lstm-1-8",
+      "--lr_milestones=0.5,0.75",
+      "--gens=4",
+      "--nonesterov",
+      "--teacher_arch=lstm-2-8",
+      "--clip_norm=5",
+      "--verbose=0",
+    ]
+  )
   cfg = config.Config.from_flags(fv)
-  assert (cfg.task, cfg.arch, cfg.gens, cfg.nesterov, cfg.teacher_arch, cfg.clip_norm, cfg.verbose) == (
-      "lm", "lstm-1-8", 4, False, "lstm-2-8", 5.0, "0")
+  assert (
+    cfg.task,
+    cfg.arch,
+    cfg.gens,
+    cfg.nesterov,
+    cfg.teacher_arch,
+    cfg.clip_norm,
+    cfg.verbose,
+  ) == ("lm", "lstm-1-8", 4, False, "lstm-2-8", 5.0, "0")
   assert cfg.lr_milestones == (0.5, 0.75)
   fv = _fresh_flags()
   fv(["prog", "--lr_milestones=0.5,x"])
@@ -55,7 +73,10 @@ def test_data_paths_are_stored_absolute(tmp_path, monkeypatch):
   fv(["prog", "--data_dir=../tfds", "--ptb_dir=ptb", "--image_folder=imgs"])
   cfg = config.Config.from_flags(fv)
   assert (cfg.data_dir, cfg.ptb_dir, cfg.image_folder) == (
-      str(tmp_path.parent / "tfds"), str(tmp_path / "ptb"), str(tmp_path / "imgs"))
+    str(tmp_path.parent / "tfds"),
+    str(tmp_path / "ptb"),
+    str(tmp_path / "imgs"),
+  )
   fv = _fresh_flags()
   fv(["prog", "--data_dir=gs://bucket/tfds"])
   assert config.Config.from_flags(fv).data_dir == "gs://bucket/tfds"
@@ -71,19 +92,28 @@ def test_from_dict_round_trip_and_old_run_dirs():
   assert cfg.experiment_diff(stored) == []
 
 
-@pytest.mark.parametrize("argv,needle", [
+@pytest.mark.parametrize(
+  "argv,needle",
+  [
     (["--arch=wrn-27-1"], "--arch='wrn-27-1'"),
     (["--task=lm", "--dataset=tiny_shakespeare", "--arch=wrn-28-1"], "--arch='wrn-28-1'"),
     (["--task=audio"], "--task='audio'"),
-])
+  ],
+)
 def test_bad_flag_is_one_line_and_fast(argv, needle):
   """One `error:` line, exit 2, in well under 2 s: validation loads no TensorFlow (~0.1 s idle).
 
   Timed as the child's CPU time, which a loaded machine does not inflate as it does wall time.
   """
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.main"] + argv, cwd=REPO, capture_output=True, text=True,
-                        timeout=60, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  proc = subprocess.run(
+    [sys.executable, "-m", "ban_tf.main"] + argv,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+  )
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
   assert proc.returncode == 2

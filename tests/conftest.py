@@ -10,14 +10,15 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ban_tf  # pylint: disable=g-import-not-at-top,unused-import  # sets oneDNN on before TF loads
+import ban_tf  # pylint: disable=g-import-not-at-top,unused-import  # sets oneDNN on before TF loads  # noqa: F401
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 NUM_CPUS = 3
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(NUM_CPUS)])
+  _cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(NUM_CPUS)]
+)
 tf.get_logger().setLevel("ERROR")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bazel this file is a runfiles symlink into the source tree.
 _SOURCE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SHARED_TFDS = os.environ.get("BAN_TF_SHARED_TFDS") or os.path.join(
-    os.path.dirname(_SOURCE), "shared", "tensorflow_datasets")
+  os.path.dirname(_SOURCE), "shared", "tensorflow_datasets"
+)
 
 _STRATEGIES = {}
 
@@ -42,7 +44,8 @@ def strategy_for(replicas):
     return tf.distribute.get_strategy()
   if replicas not in _STRATEGIES:
     _STRATEGIES[replicas] = tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(replicas)], cross_device_ops=tf.distribute.ReductionToOneDevice())
+      [f"/cpu:{i}" for i in range(replicas)], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
   assert _STRATEGIES[replicas].num_replicas_in_sync == replicas
   return _STRATEGIES[replicas]
 
@@ -59,6 +62,7 @@ def _op_determinism_ends_with_its_test():
   for the process; turned off again after it, so no later test depends on the order (under
   determinism unseeded random ops and tf.timestamp raise). TF has no public switch-off."""
   from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+
   was = tf_config.is_op_determinism_enabled()
   yield
   if tf_config.is_op_determinism_enabled() and not was:
@@ -73,6 +77,7 @@ def call_main(mp, argv):
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ban_tf import main  # pylint: disable=g-import-not-at-top
+
   fv = flags.FlagValues()
   main.define_flags(fv)
   fv(["ban_tf"] + argv)

@@ -24,8 +24,16 @@ from tests.conftest import REPO
 from tests.conftest import run_main
 from tests.conftest import SHARED_TFDS
 
-BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
-        "--batch_size=32", "--epochs=1", "--gens=0", "--verbose=0"]
+BASE = [
+  f"--data_dir={SHARED_TFDS}",
+  "--dataset=fashion_mnist",
+  "--arch=tiny",
+  "--train_examples=256",
+  "--batch_size=32",
+  "--epochs=1",
+  "--gens=0",
+  "--verbose=0",
+]
 
 
 def _main(monkeypatch, capsys, argv):
@@ -38,8 +46,11 @@ def _scalars(logdir):
   """{tag: [(step, value), ...]} of every scalar in logdir's event files, duplicates kept."""
   acc = ea.EventAccumulator(logdir, size_guidance={ea.TENSORS: 0})
   acc.Reload()
-  return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-          for tag in acc.Tags()["tensors"] if not tag.startswith("_hparams_")}
+  return {
+    tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+    for tag in acc.Tags()["tensors"]
+    if not tag.startswith("_hparams_")
+  }
 
 
 def test_logged_learning_rate_is_the_one_each_epoch_used(monkeypatch, capsys, tmp_path):
@@ -77,12 +88,15 @@ def test_resumed_run_writes_each_tensorboard_point_once(monkeypatch, capsys, cap
     want = [3] if tag.startswith("test/") else [1, 2, 3]
     assert steps == want, (tag, points)  # each (tag, step) once
   loss = [v for _, v in _scalars(tb)["train/loss"]]
-  assert loss == pytest.approx([h["loss"] for h in history])  # the resumed epoch 2, not the lost one
+  assert loss == pytest.approx(
+    [h["loss"] for h in history]
+  )  # the resumed epoch 2, not the lost one
 
 
 @pytest.mark.parametrize("fault,signum", [("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)])
-def test_signal_prints_one_line_exits_128_plus_signum_and_rerun_resumes(monkeypatch, capsys, caplog, tmp_path,
-                                                                      fault, signum):
+def test_signal_prints_one_line_exits_128_plus_signum_and_rerun_resumes(
+  monkeypatch, capsys, caplog, tmp_path, fault, signum
+):
   run_dir = str(tmp_path / "run")
   argv = BASE + [f"--run_dir={run_dir}", "--epochs=2"]
   monkeypatch.setenv("BAN_TF_FAULT", f"{fault}@gen_0/epoch_1")
@@ -90,9 +104,14 @@ def test_signal_prints_one_line_exits_128_plus_signum_and_rerun_resumes(monkeypa
   code, err = _main(monkeypatch, capsys, argv)
   assert code == 128 + signum == {"sigint": 130, "sigterm": 143}[fault]
   assert err.strip() == "interrupted at gen_0 epoch 1: rerun the same command to resume"
-  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+  assert (
+    signal.getsignal(signal.SIGINT),
+    signal.getsignal(signal.SIGTERM),
+  ) == before  # handlers restored
   gen0 = os.path.join(run_dir, "gen_0")
-  assert "ckpt-1" in open(os.path.join(gen0, "ckpt", "checkpoint")).read()  # the last checkpoint is kept
+  assert (
+    "ckpt-1" in open(os.path.join(gen0, "ckpt", "checkpoint")).read()
+  )  # the last checkpoint is kept
   assert not os.path.exists(os.path.join(gen0, "DONE"))
   monkeypatch.delenv("BAN_TF_FAULT")
   with caplog.at_level(logging.INFO, logger="absl"):
@@ -104,8 +123,10 @@ def test_signal_prints_one_line_exits_128_plus_signum_and_rerun_resumes(monkeypa
 
 def _progress_for_ban1():
   """(a BAN-1 generation stand-in, console.Progress of 9 epochs over 2 generations, its printed lines)."""
+
   class Gen:
     gen, role, out_dir = 1, "BAN-1", "/x/gen_1"
+
   lines = []
   p = console.Progress(total_epochs=9, gens=2, out=None)
   p.print = lines.append
@@ -120,8 +141,10 @@ def test_progress_line_has_generation_epoch_elapsed_and_eta():
   p.epoch_end(Gen, 1, 3, {"loss": 1.5, "accuracy": 0.5, "val_accuracy": 0.25}, 0.02)
   assert lines[0] == "gen 1/2 BAN-1: tiny (resuming at epoch 2)"
   # 5 of 9 epochs done (3 + 1 found, 1 trained in 30 s): 4 to go at 30 s each.
-  assert lines[1] == ("gen 1/2 BAN-1 epoch 2/3: loss 1.5, accuracy 0.5, val_accuracy 0.25, lr 0.02 | "
-                      "elapsed 0:00:30, run ETA 0:02:00 (5/9 epochs)")
+  assert lines[1] == (
+    "gen 1/2 BAN-1 epoch 2/3: loss 1.5, accuracy 0.5, val_accuracy 0.25, lr 0.02 | "
+    "elapsed 0:00:30, run ETA 0:02:00 (5/9 epochs)"
+  )
 
 
 def test_interrupted_after_the_last_epoch_says_evaluation_not_an_epoch_past_the_end():
@@ -140,17 +163,40 @@ def test_binary_console_is_quiet_fits_a_screen_and_sigterm_exits_143(tmp_path):
   run_dir = str(tmp_path / "run")
   env = dict(os.environ, BAN_TF_FAULT="sigterm@gen_1/epoch_1")
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.main", *BASE, "--gens=1", "--epochs=2", "--verbose=auto",
-                         f"--run_dir={run_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ban_tf.main",
+      *BASE,
+      "--gens=1",
+      "--epochs=2",
+      "--verbose=auto",
+      f"--run_dir={run_dir}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 143, proc.stderr[-3000:]
   assert proc.stderr.strip() == "interrupted at gen_1 epoch 1: rerun the same command to resume"
   out = proc.stdout.splitlines()
   assert len(out) <= 12, proc.stdout
-  assert out[0].startswith("fashion_mnist (train/val/test 256/0/10000 examples), tiny, 1 generation(s) of ban")
+  assert out[0].startswith(
+    "fashion_mnist (train/val/test 256/0/10000 examples), tiny, 1 generation(s) of ban"
+  )
   assert out[2] == "gen 0/1 teacher: tiny (1.5k params), labels only, no teacher, seed 0"
-  assert out[3].startswith("gen 0/1 teacher epoch 1/2: loss ") and "run ETA" in out[3] and "(1/4 epochs)" in out[3]
+  assert (
+    out[3].startswith("gen 0/1 teacher epoch 1/2: loss ")
+    and "run ETA" in out[3]
+    and "(1/4 epochs)" in out[3]
+  )
   assert out[5].startswith("gen 0/1 teacher done: test error ")
-  assert out[6] == "gen 1/1 BAN-1: tiny (1.5k params), ban (T=1, KD weight 1), teacher gen_0, seed 1"
+  assert (
+    out[6] == "gen 1/1 BAN-1: tiny (1.5k params), ban (T=1, KD weight 1), teacher gen_0, seed 1"
+  )
   log = open(os.path.join(run_dir, console.LOG_FILE)).read()
   assert "config: {" in log and "gen 0 (teacher) done" in log  # everything the console left out
   assert "(printed while TensorFlow was imported)" in log
@@ -163,7 +209,13 @@ def test_quick_start_flags_are_the_papers_and_have_their_own_run_dir():
   main.define_flags(fv)
   fv(["ban_tf", f"--flagfile={os.path.join(REPO, 'flags', 'cifar10.flags')}"])
   cfg = main.config_from_flags(fv)
-  assert (cfg.arch, cfg.dropout, cfg.epochs, cfg.lr, cfg.weight_decay) == ("wrn-28-1", 0.3, 200, 0.1, 5e-4)
+  assert (cfg.arch, cfg.dropout, cfg.epochs, cfg.lr, cfg.weight_decay) == (
+    "wrn-28-1",
+    0.3,
+    200,
+    0.1,
+    5e-4,
+  )
   bare = main.config_from_flags(_parsed(["--dataset=cifar10", "--gens=3"]))
   assert bare.dropout == 0 and cfg.run_dir != bare.default_run_dir()
   assert "--flagfile=flags/cifar10.flags" in open(os.path.join(REPO, "README.md")).read()
@@ -178,8 +230,13 @@ def _parsed(argv):
 
 def test_bare_verbose_flag_is_accepted():
   """`--verbose` alone means --verbose=1 (absl string flags otherwise need a value)."""
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.main", "--verbose", "--gens=-1"], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "ban_tf.main", "--verbose", "--gens=-1"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: --gens=-1"), proc.stderr
 
@@ -187,6 +244,7 @@ def test_bare_verbose_flag_is_accepted():
 def test_tensorboard_cut_back_to_the_checkpoint(tmp_path):
   """Epochs after the checkpoint and test/* (written after the last epoch, before DONE) go; the rest stays."""
   from ban_tf import train  # pylint: disable=g-import-not-at-top
+
   logdir = str(tmp_path / "tb")
   writer = tf.summary.create_file_writer(logdir)
   with writer.as_default():

@@ -16,12 +16,15 @@ from ban_tf import main
 from tests.conftest import SHARED_TFDS
 
 CLASSES = ("cat", "dog", "emu")  # folder names, sorted: labels 0, 1, 2
-_HAS_TFDS = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")),
-                               reason="needs the prepared fashion_mnist in shared/")
+_HAS_TFDS = pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")),
+  reason="needs the prepared fashion_mnist in shared/",
+)
 
 
-def write_folder(root, counts=(("train", 8), ("val", 2), ("test", 3)), size=(10, 12), mode="RGB",
-                 ext=".png"):
+def write_folder(
+  root, counts=(("train", 8), ("val", 2), ("test", 3)), size=(10, 12), mode="RGB", ext=".png"
+):
   """DIR/<split>/<class>/<i>.png with random pixels; returns {(split, class, i): array}."""
   rng = np.random.RandomState(0)
   written = {}
@@ -74,7 +77,8 @@ def test_image_folder_training_order_is_a_function_of_seed_and_epoch(tmp_path):
   assert steps == 3
   first = [x.numpy() for x, _ in two]
   resumed, _ = data.Dataset(None, image_folder=str(tmp_path / "pets")).train(
-      8, seed=3, augment="flip_crop", first_epoch=1, epochs=2)
+    8, seed=3, augment="flip_crop", first_epoch=1, epochs=2
+  )
   for a, b in zip(first[3:], [x.numpy() for x, _ in resumed]):
     np.testing.assert_array_equal(a, b)  # epoch 2 resumed == epoch 2 uninterrupted
   other, _ = ds.train(8, seed=4, augment="flip_crop", epochs=1)
@@ -84,16 +88,21 @@ def test_image_folder_training_order_is_a_function_of_seed_and_epoch(tmp_path):
   # The fixed file order mixes the classes: a held-out tail and a head are not one class.
   held = data.Dataset(None, image_folder=str(tmp_path / "pets"), val_examples=6, train_examples=6)
   assert len(set(_all(held.val(6))[1].tolist())) > 1
-  assert held.info.num_train == 6 and len(set(_all(held._train_src.take(6).batch(6))[1].tolist())) > 1
+  assert (
+    held.info.num_train == 6 and len(set(_all(held._train_src.take(6).batch(6))[1].tolist())) > 1
+  )
 
 
 def test_image_folder_varying_sizes_grey_and_jpeg(tmp_path):
   root = str(tmp_path / "mixed")
   write_folder(root, counts=(("train", 4), ("test", 2)), size=(10, 12), mode="L")
-  write_folder(os.path.join(str(tmp_path), "big"), counts=(("train", 1),), size=(20, 24), mode="L",
-               ext=".jpg")
-  os.replace(os.path.join(str(tmp_path), "big", "train", "cat", "000.jpg"),
-             os.path.join(root, "train", "cat", "zzz.jpg"))
+  write_folder(
+    os.path.join(str(tmp_path), "big"), counts=(("train", 1),), size=(20, 24), mode="L", ext=".jpg"
+  )
+  os.replace(
+    os.path.join(str(tmp_path), "big", "train", "cat", "000.jpg"),
+    os.path.join(root, "train", "cat", "zzz.jpg"),
+  )
   with pytest.raises(errors.DataError, match=r"2 sizes .*--image_size=H,W"):
     data.Dataset(None, image_folder=root)
   ds = data.Dataset(None, image_folder=root, image_size=(8, 8))
@@ -103,7 +112,9 @@ def test_image_folder_varying_sizes_grey_and_jpeg(tmp_path):
   np.testing.assert_array_equal(x, np.round(x))  # resized, then rounded back to pixels
 
 
-@pytest.mark.parametrize("layout,message", [
+@pytest.mark.parametrize(
+  "layout,message",
+  [
     ("none", "does not exist"),
     ("no_test", "no images in test/<class>/"),
     ("extra_class", "classes ['fox'] that train/ does not"),
@@ -111,7 +122,8 @@ def test_image_folder_varying_sizes_grey_and_jpeg(tmp_path):
     ("empty_class", "train/ has class folders without images (fox;"),
     ("tiff", "bad.png: a TIFF image under an image name: convert it to PNG or JPEG"),
     ("empty_val", "val/ has no images in val/<class>/: add them, or remove val/"),
-])
+  ],
+)
 def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   root = str(tmp_path / "d")
   if layout != "none":
@@ -124,7 +136,9 @@ def test_image_folder_errors_are_one_line(tmp_path, layout, message):
   if layout == "empty_class":  # once a silent fourth class that no training image has
     os.makedirs(os.path.join(root, "train", "fox"))
     open(os.path.join(root, "train", "fox", "notes.txt"), "w").write("not an image")
-    open(os.path.join(root, "train", "fox", "._a.png"), "w").write("macOS metadata: hidden, skipped")
+    open(os.path.join(root, "train", "fox", "._a.png"), "w").write(
+      "macOS metadata: hidden, skipped"
+    )
   if layout == "empty_val":
     os.makedirs(os.path.join(root, "val", "cat"))
   if layout == "tiff":  # Pillow reads it; tf.io.decode_image stopped the run with a traceback
@@ -136,61 +150,96 @@ def test_image_folder_errors_are_one_line(tmp_path, layout, message):
 
 @_HAS_TFDS
 def test_tfds_split_slices_and_named_validation():
-  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:200]", val_split="train[200:250]",
-                    test_split="test[:100]")
+  ds = data.Dataset(
+    "fashion_mnist",
+    SHARED_TFDS,
+    train_split="train[:200]",
+    val_split="train[200:250]",
+    test_split="test[:100]",
+  )
   assert (ds.info.num_train, ds.info.num_val, ds.info.num_test) == (200, 50, 100)
   assert ds.info.class_names[0] == "T-shirt/top"
   x, _ = _all(ds.val(64))
-  full = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:250]", val_examples=50,
-                      test_split="test[:10]")
+  full = data.Dataset(
+    "fashion_mnist", SHARED_TFDS, train_split="train[:250]", val_examples=50, test_split="test[:10]"
+  )
   np.testing.assert_array_equal(x, _all(full.val(64))[0])  # the slice is the held-out tail
   with pytest.raises(errors.UsageError, match="both given"):
-    data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:10]", val_split="test[:5]", val_examples=2)
+    data.Dataset(
+      "fashion_mnist", SHARED_TFDS, train_split="train[:10]", val_split="test[:5]", val_examples=2
+    )
 
 
 @_HAS_TFDS
 def test_tfds_splits_that_share_training_examples_are_refused():
   """Validation or test examples that training reads: once silently scored as held-out data."""
   for kw, message in (
-      (dict(train_split="train", val_split="train[90%:]"),
-       "--train_split=train and --val_split=train[90%:] share 6000 examples, so val would score training data: "
-       "use disjoint slices"),
-      (dict(train_split="train[:300]", test_split="train[200:400]"),
-       "--train_split=train[:300] and --test_split=train[200:400] share 100 examples, so test would score"),
-      (dict(train_split="train[:300]", train_examples=250, val_split="train[240:260]"),
-       "--train_split=train[:300] (its first 250 examples) and --val_split=train[240:260] share 10 examples")):
+    (
+      dict(train_split="train", val_split="train[90%:]"),
+      "--train_split=train and --val_split=train[90%:] share 6000 examples, so val would score training data: "
+      "use disjoint slices",
+    ),
+    (
+      dict(train_split="train[:300]", test_split="train[200:400]"),
+      "--train_split=train[:300] and --test_split=train[200:400] share 100 examples, so test would score",
+    ),
+    (
+      dict(train_split="train[:300]", train_examples=250, val_split="train[240:260]"),
+      "--train_split=train[:300] (its first 250 examples) and --val_split=train[240:260] share 10 examples",
+    ),
+  ):
     with pytest.raises(errors.DataError) as e:
       data.Dataset("fashion_mnist", SHARED_TFDS, **dict(dict(test_split="test[:10]"), **kw))
     assert message in str(e.value) and "\n" not in str(e.value)
   # Only the examples trained on count: the first --train_examples, not the held-out tail.
-  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:300]", train_examples=200,
-                    val_split="train[200:300]", test_split="test[:10]")
+  ds = data.Dataset(
+    "fashion_mnist",
+    SHARED_TFDS,
+    train_split="train[:300]",
+    train_examples=200,
+    val_split="train[200:300]",
+    test_split="test[:10]",
+  )
   assert (ds.info.num_train, ds.info.num_val) == (200, 100)
 
 
 @_HAS_TFDS
 def test_tfds_resize_keys_and_split_errors():
-  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:16]", test_split="test[:8]",
-                    image_size=(16, 20))
+  ds = data.Dataset(
+    "fashion_mnist",
+    SHARED_TFDS,
+    train_split="train[:16]",
+    test_split="test[:8]",
+    image_size=(16, 20),
+  )
   assert ds.info.image_shape == (16, 20, 1)
   assert next(iter(ds.test(8)))[0].shape == (8, 16, 20, 1)
-  with pytest.raises(errors.DataError, match=r"--test_split='validation': not a split .*its splits: "):
+  with pytest.raises(
+    errors.DataError, match=r"--test_split='validation': not a split .*its splits: "
+  ):
     data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:16]", test_split="validation")
-  with pytest.raises(errors.DataError, match=r"no 'picture' feature \(its features: image, label\): "
-                                             r"pass --image_key"):
+  with pytest.raises(
+    errors.DataError,
+    match=r"no 'picture' feature \(its features: image, label\): "
+    r"pass --image_key",
+  ):
     data.Dataset("fashion_mnist", SHARED_TFDS, image_key="picture")
   # Keys that exist but hold the wrong kind of feature.
   with pytest.raises(errors.DataError, match="'image' is not a class label"):
     data.Dataset("fashion_mnist", SHARED_TFDS, label_key="image")
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "tiny_shakespeare")),
-                    reason="needs the prepared tiny_shakespeare in shared/")
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED_TFDS, "tiny_shakespeare")),
+  reason="needs the prepared tiny_shakespeare in shared/",
+)
 def test_tfds_set_without_image_features_names_them():
   with pytest.raises(errors.DataError) as e:
     data.Dataset("tiny_shakespeare", SHARED_TFDS)
-  assert str(e.value) == ("dataset 'tiny_shakespeare' has no 'image' feature (its features: text): "
-                          "pass --image_key=<its image feature>")
+  assert str(e.value) == (
+    "dataset 'tiny_shakespeare' has no 'image' feature (its features: text): "
+    "pass --image_key=<its image feature>"
+  )
 
 
 @pytest.mark.slow
@@ -203,19 +252,39 @@ def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path, monkeypatch
   main.define_flags(fv)
   run_dir = str(tmp_path / "run")
   monkeypatch.chdir(tmp_path)
-  fv(["ban_tf.main", "--image_folder=pets", "--image_size=8,8", "--arch=tiny", "--gens=1",
-      "--epochs=1", "--batch_size=8", f"--run_dir={run_dir}", "--verbose=0"])
+  fv(
+    [
+      "ban_tf.main",
+      "--image_folder=pets",
+      "--image_size=8,8",
+      "--arch=tiny",
+      "--gens=1",
+      "--epochs=1",
+      "--batch_size=8",
+      f"--run_dir={run_dir}",
+      "--verbose=0",
+    ]
+  )
   cfg = main.config_from_flags(fv)
-  assert cfg.image_size == (8, 8) and cfg.default_run_dir().startswith(os.path.join("runs", "pets-"))
+  assert cfg.image_size == (8, 8) and cfg.default_run_dir().startswith(
+    os.path.join("runs", "pets-")
+  )
   results = main.run(cfg)
   assert [g["role"] for g in results["generations"]] == ["teacher", "BAN-1"]
   assert "val_accuracy" in results["generations"][0]
   labels = open(os.path.join(run_dir, "gen_1", "saved_model", "labels.txt")).read().split()
   assert labels == list(CLASSES)
-  sig = tf.saved_model.load(os.path.join(run_dir, "gen_1", "saved_model")).signatures["serving_default"]
+  sig = tf.saved_model.load(os.path.join(run_dir, "gen_1", "saved_model")).signatures[
+    "serving_default"
+  ]
   assert sig.structured_input_signature[1]["pixels"].shape.as_list() == [None, 8, 8, 3]
   assert json.load(open(os.path.join(run_dir, "config.json")))["image_folder"] == root
-  assert cfg.experiment_diff(dict(json.load(open(os.path.join(run_dir, "config.json"))), image_folder="pets")) == []
+  assert (
+    cfg.experiment_diff(
+      dict(json.load(open(os.path.join(run_dir, "config.json"))), image_folder="pets")
+    )
+    == []
+  )
   monkeypatch.chdir("/")  # once: "--image_folder=pets does not exist"
   again = evaluate.evaluate_run(run_dir, "val")
   stored = json.load(open(os.path.join(run_dir, "results.json")))
@@ -229,13 +298,17 @@ def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path, monkeypatch
 def test_bad_data_flags_are_one_line_usage_errors():
   fv = flags.FlagValues()
   main.define_flags(fv)
-  for argv, message in ((["--image_size=8"], "two positive integers"),
-                        (["--image_size=a,b"], "two integers"),
-                        (["--val_split=validation", "--val_examples=5"], "drop one"),
-                        (["--image_folder=x", "--val_split=v"], "--image_folder reads DIR/train"),
-                        (["--image_folder=x", "--dataset=mnist"], "--image_folder=.*x and --dataset=mnist both name "
-                         "the data: drop one"),  # once silently ignored, config.json saying mnist
-                        (["--task=lm", "--image_size=8,8"], "image-only")):
+  for argv, message in (
+    (["--image_size=8"], "two positive integers"),
+    (["--image_size=a,b"], "two integers"),
+    (["--val_split=validation", "--val_examples=5"], "drop one"),
+    (["--image_folder=x", "--val_split=v"], "--image_folder reads DIR/train"),
+    (
+      ["--image_folder=x", "--dataset=mnist"],
+      "--image_folder=.*x and --dataset=mnist both name the data: drop one",
+    ),  # once silently ignored, config.json saying mnist
+    (["--task=lm", "--image_size=8,8"], "image-only"),
+  ):
     fv.unparse_flags()
     fv(["ban_tf.main", *argv])
     with pytest.raises(errors.UsageError, match=message):
@@ -245,10 +318,22 @@ def test_bad_data_flags_are_one_line_usage_errors():
 def test_run_dirs_from_before_the_data_flags_still_resume():
   """A config.json without the data-source fields reads as their defaults."""
   from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+
   cfg = config_lib.Config()
-  old = {k: v for k, v in cfg.to_dict().items()
-         if k not in ("image_folder", "train_split", "val_split", "test_split", "image_size", "image_key",
-                      "label_key")}
+  old = {
+    k: v
+    for k, v in cfg.to_dict().items()
+    if k
+    not in (
+      "image_folder",
+      "train_split",
+      "val_split",
+      "test_split",
+      "image_size",
+      "image_key",
+      "label_key",
+    )
+  }
   assert cfg.experiment_diff(old) == []
   assert config_lib.Config(val_split="validation").experiment_diff(old) == ["val_split"]
 
@@ -261,30 +346,58 @@ def test_user_built_tfds_set_with_other_feature_names(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
-          "picture": tfds.features.Image(shape=(None, None, 3)),
-          "category": tfds.features.ClassLabel(names=["a", "b"]), "id": tfds.features.Text()}))
+      return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(
+          {
+            "picture": tfds.features.Image(shape=(None, None, 3)),
+            "category": tfds.features.ClassLabel(names=["a", "b"]),
+            "id": tfds.features.Text(),
+          }
+        )
+      )
 
     def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(12, 0), "validation": self._generate_examples(4, 1),
-              "test": self._generate_examples(6, 2)}
+      return {
+        "train": self._generate_examples(12, 0),
+        "validation": self._generate_examples(4, 1),
+        "test": self._generate_examples(6, 2),
+      }
 
     def _generate_examples(self, n, seed):
       rng = np.random.RandomState(seed)
       for i in range(n):
         size = (6 + i % 3, 7)  # varying sizes
-        yield f"{seed}-{i}", {"picture": rng.randint(0, 256, size + (3,)).astype(np.uint8),
-                              "category": i % 2, "id": str(i)}
+        yield (
+          f"{seed}-{i}",
+          {
+            "picture": rng.randint(0, 256, size + (3,)).astype(np.uint8),
+            "category": i % 2,
+            "id": str(i),
+          },
+        )
 
   ByoPictures(data_dir=str(tmp_path)).download_and_prepare()
-  with pytest.raises(errors.DataError, match=r"no 'image' feature \(its features: category, id, picture\)"):
+  with pytest.raises(
+    errors.DataError, match=r"no 'image' feature \(its features: category, id, picture\)"
+  ):
     data.Dataset("byo_pictures", str(tmp_path))
   with pytest.raises(errors.DataError, match=r"varying size .*--image_size=H,W"):
     data.Dataset("byo_pictures", str(tmp_path), image_key="picture", label_key="category")
-  ds = data.Dataset("byo_pictures", str(tmp_path), image_key="picture", label_key="category",
-                    val_split="validation", image_size=(6, 6))
+  ds = data.Dataset(
+    "byo_pictures",
+    str(tmp_path),
+    image_key="picture",
+    label_key="category",
+    val_split="validation",
+    image_size=(6, 6),
+  )
   info = ds.info
   assert (info.num_train, info.num_val, info.num_test, info.image_shape, info.class_names) == (
-      12, 4, 6, (6, 6, 3), ("a", "b"))
+    12,
+    4,
+    6,
+    (6, 6, 3),
+    ("a", "b"),
+  )
   x, y = _all(ds.test(4))
   assert x.shape == (6, 6, 6, 3) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]

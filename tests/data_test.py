@@ -20,19 +20,25 @@ from tests.conftest import SHARED_TFDS
 
 def _host(images, seed, indices, mode):
   h, w = images.shape[1:3]
-  return np.stack([
-      tf.cast(data.augment_image(tf.constant(img), tf.constant([seed, int(i)], tf.int64), mode, (h, w)),
-              tf.float32).numpy() for img, i in zip(images, indices)])
+  return np.stack(
+    [
+      tf.cast(
+        data.augment_image(tf.constant(img), tf.constant([seed, int(i)], tf.int64), mode, (h, w)),
+        tf.float32,
+      ).numpy()
+      for img, i in zip(images, indices)
+    ]
+  )
 
 
 @pytest.mark.parametrize("mode", ["none", "crop", "flip", "flip_crop"])
-@pytest.mark.parametrize("seed", [0, 7, -3, 2 ** 40 + 5])
+@pytest.mark.parametrize("seed", [0, 7, -3, 2**40 + 5])
 def test_augment_batch_equals_host_augment_image(mode, seed):
   rng = np.random.default_rng(abs(seed) % 1000)
   images = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
   # Small indices, indices around the flip seed offset, and indices above 2**32
   # (the seed's high counter word).
-  indices = np.concatenate([np.arange(16), 7900 + np.arange(16), 2 ** 32 - 8 + np.arange(16)])
+  indices = np.concatenate([np.arange(16), 7900 + np.arange(16), 2**32 - 8 + np.arange(16)])
   got = data.augment_batch(tf.constant(images), tf.constant(indices, tf.int64), seed, mode).numpy()
   want = _host(images, seed, indices, mode)
   assert got.dtype == np.float32
@@ -42,19 +48,22 @@ def test_augment_batch_equals_host_augment_image(mode, seed):
 
 
 def test_stateless_bits_match_tensorflow():
-  seeds = tf.constant([0, 1, 12345, 2 ** 33 + 1], tf.int64)
+  seeds = tf.constant([0, 1, 12345, 2**33 + 1], tf.int64)
   got = np.stack([b.numpy().astype(np.int64) for b in data._stateless_bits(99, seeds)[:3]], 1)  # pylint: disable=protected-access
   for row, s in zip(got, seeds.numpy()):
-    want = tf.random.stateless_uniform([3], seed=tf.constant([99, s], tf.int64), minval=0,
-                                       maxval=2 ** 31 - 1, dtype=tf.int32).numpy()
-    np.testing.assert_array_equal(row % (2 ** 31 - 1), want)
+    want = tf.random.stateless_uniform(
+      [3], seed=tf.constant([99, s], tf.int64), minval=0, maxval=2**31 - 1, dtype=tf.int32
+    ).numpy()
+    np.testing.assert_array_equal(row % (2**31 - 1), want)
 
 
 def test_augment_batch_odd_size_single_channel():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (20, 28, 27, 1), dtype=np.uint8)
   indices = np.arange(100, 120)
-  got = data.augment_batch(tf.constant(images), tf.constant(indices, tf.int64), 5, "flip_crop").numpy()
+  got = data.augment_batch(
+    tf.constant(images), tf.constant(indices, tf.int64), 5, "flip_crop"
+  ).numpy()
   np.testing.assert_array_equal(got, _host(images, 5, indices, "flip_crop"))
 
 
@@ -88,6 +97,7 @@ def test_training_on_either_path_gives_identical_weights(fmnist):
     ds, steps = fmnist.train(32, seed=1, augment="flip_crop", epochs=2, device_augment=device)
     model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, shuffle=False)
     return student.get_weights()
+
   host, dev = fit(False), fit(True)
   for a, b in zip(host, dev):
     np.testing.assert_array_equal(a, b)

@@ -1,7 +1,5 @@
 """Distiller: loss values vs NumPy, teacher hygiene, 1- vs 2-replica equality."""
 
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -28,7 +26,9 @@ def plain_net(seed, name):
 
 def batch(n=16, seed=0):
   rng = np.random.RandomState(seed)
-  return rng.uniform(0, 255, (n,) + SHAPE).astype(np.float32), rng.randint(0, NUM_CLASSES, n).astype(np.int32)
+  return rng.uniform(0, 255, (n,) + SHAPE).astype(np.float32), rng.randint(
+    0, NUM_CLASSES, n
+  ).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +38,36 @@ def teacher_dir(tmp_path_factory):
   return path
 
 
-def one_step(strategy, teacher_dir, *, loss, temperature=1.0, kd_weight=1.0, label_weight=0.0,
-             weight_decay=0.0, lr=0.1):
+def one_step(
+  strategy,
+  teacher_dir,
+  *,
+  loss,
+  temperature=1.0,
+  kd_weight=1.0,
+  label_weight=0.0,
+  weight_decay=0.0,
+  lr=0.1,
+):
   x, y = batch()
   teacher = export.load_teacher(teacher_dir, strategy) if teacher_dir else None
   with strategy.scope():
     student = plain_net(7, "student_net")
-    model = distiller_lib.Distiller(student, teacher, loss=loss, temperature=temperature,
-                                    kd_weight=kd_weight, label_weight=label_weight,
-                                    weight_decay=weight_decay)
+    model = distiller_lib.Distiller(
+      student,
+      teacher,
+      loss=loss,
+      temperature=temperature,
+      kd_weight=kd_weight,
+      label_weight=label_weight,
+      weight_decay=weight_decay,
+    )
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=True))
   before = [v.numpy().copy() for v in student.trainable_variables]
   teacher_before = [v.numpy().copy() for v in teacher.variables] if teacher else []
-  hist = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)), epochs=1, verbose=0,
-                   shuffle=False)
+  hist = model.fit(
+    tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)), epochs=1, verbose=0, shuffle=False
+  )
   logs = {k: v[-1] for k, v in hist.history.items()}
   after = [v.numpy() for v in student.trainable_variables]
   teacher_after = [v.numpy() for v in teacher.variables] if teacher else []
@@ -75,14 +91,28 @@ def numpy_objective(teacher_dir, *, loss, temperature, kd_weight, label_weight):
   return out
 
 
-@pytest.mark.parametrize("loss,temperature,kd_weight,label_weight", [
-    ("ban", 1.0, 1.0, 0.0), ("kd", 4.0, 1.0, 0.0), ("ban_l", 1.0, 1.0, 1.0), ("kd", 4.0, 0.7, 0.3),
-    ("cwtm", 1.0, 0.0, 1.0)])
+@pytest.mark.parametrize(
+  "loss,temperature,kd_weight,label_weight",
+  [
+    ("ban", 1.0, 1.0, 0.0),
+    ("kd", 4.0, 1.0, 0.0),
+    ("ban_l", 1.0, 1.0, 1.0),
+    ("kd", 4.0, 0.7, 0.3),
+    ("cwtm", 1.0, 0.0, 1.0),
+  ],
+)
 def test_logged_losses_match_numpy(teacher_dir, loss, temperature, kd_weight, label_weight):
-  _, _, _, logs, _, _ = one_step(tf.distribute.get_strategy(), teacher_dir, loss=loss, temperature=temperature,
-                                 kd_weight=kd_weight, label_weight=label_weight)
-  want = numpy_objective(teacher_dir, loss=loss, temperature=temperature, kd_weight=kd_weight,
-                         label_weight=label_weight)
+  _, _, _, logs, _, _ = one_step(
+    tf.distribute.get_strategy(),
+    teacher_dir,
+    loss=loss,
+    temperature=temperature,
+    kd_weight=kd_weight,
+    label_weight=label_weight,
+  )
+  want = numpy_objective(
+    teacher_dir, loss=loss, temperature=temperature, kd_weight=kd_weight, label_weight=label_weight
+  )
   if loss != "cwtm":
     np.testing.assert_allclose(logs["kd_loss"], want["kd_loss"], rtol=1e-5)
     np.testing.assert_allclose(logs["loss"], want["loss"], rtol=1e-5)
@@ -94,14 +124,18 @@ def test_logged_losses_match_numpy(teacher_dir, loss, temperature, kd_weight, la
 
 def test_weight_decay_is_coupled_l2(teacher_dir):
   wd = 1e-2
-  _, before, _, logs, _, _ = one_step(tf.distribute.get_strategy(), teacher_dir, loss="ban", weight_decay=wd)
+  _, before, _, logs, _, _ = one_step(
+    tf.distribute.get_strategy(), teacher_dir, loss="ban", weight_decay=wd
+  )
   l2 = 0.5 * wd * sum(float((b.astype(np.float64) ** 2).sum()) for b in before)
   np.testing.assert_allclose(logs["l2_loss"], l2, rtol=1e-5)
   np.testing.assert_allclose(logs["loss"], logs["kd_loss"] + l2, rtol=1e-5)
 
 
 def test_teacher_frozen_and_distinct_from_student(teacher_dir):
-  model, before, after, logs, t_before, t_after = one_step(tf.distribute.get_strategy(), teacher_dir, loss="ban")
+  model, before, after, logs, t_before, t_after = one_step(
+    tf.distribute.get_strategy(), teacher_dir, loss="ban"
+  )
   assert model.teacher is not model.student
   assert not {id(v) for v in model.teacher.variables} & {id(v) for v in model.student.variables}
   assert model.teacher.trainable_variables == []
@@ -126,11 +160,15 @@ def test_teacher_batchnorm_statistics_do_not_move(tmp_path):
   model.fit(x, y, batch_size=8, epochs=2, verbose=0)
   assert all(np.array_equal(a, v.numpy()) for a, v in zip(t_before, teacher.variables))
   # And its outputs still equal the SavedModel's own.
-  np.testing.assert_allclose(teacher(tf.constant(x)).numpy(), net(x, training=False).numpy(), atol=1e-5)
+  np.testing.assert_allclose(
+    teacher(tf.constant(x)).numpy(), net(x, training=False).numpy(), atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("loss,temperature,label_weight", [
-    ("labels", 1.0, 0.0), ("ban", 1.0, 0.0), ("kd", 4.0, 0.5), ("cwtm", 1.0, 1.0)])
+@pytest.mark.parametrize(
+  "loss,temperature,label_weight",
+  [("labels", 1.0, 0.0), ("ban", 1.0, 0.0), ("kd", 4.0, 0.5), ("cwtm", 1.0, 1.0)],
+)
 def test_one_vs_two_replicas_same_update(teacher_dir, loss, temperature, label_weight):
   kwargs = dict(loss=loss, temperature=temperature, label_weight=label_weight, weight_decay=5e-3)
   tdir = None if loss == "labels" else teacher_dir
@@ -144,4 +182,6 @@ def test_one_vs_two_replicas_same_update(teacher_dir, loss, temperature, label_w
     assert not np.allclose(a1, b1)
     np.testing.assert_allclose(a2 - b1, a1 - b1, rtol=1e-4, atol=1e-7)  # same update
   for key in ("loss", "kd_loss", "label_loss", "l2_loss", "accuracy"):
-    np.testing.assert_allclose(logs2[key], logs1[key], rtol=1e-5, err_msg=key)  # true, unscaled values
+    np.testing.assert_allclose(
+      logs2[key], logs1[key], rtol=1e-5, err_msg=key
+    )  # true, unscaled values

@@ -25,8 +25,16 @@ from tests.conftest import REPO, SHARED_TFDS
 from tests.conftest import run_main
 from tests.conftest import run_main_once
 
-BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
-        "--batch_size=32", "--epochs=1", "--gens=0", "--verbose=0"]
+BASE = [
+  f"--data_dir={SHARED_TFDS}",
+  "--dataset=fashion_mnist",
+  "--arch=tiny",
+  "--train_examples=256",
+  "--batch_size=32",
+  "--epochs=1",
+  "--gens=0",
+  "--verbose=0",
+]
 
 
 def _main(monkeypatch, capsys, argv):
@@ -61,13 +69,19 @@ def _snapshot(run_dir):
       path = os.path.join(parent, name)
       if name != ".lock":
         with open(path, "rb") as f:
-          out[os.path.relpath(path, run_dir)] = (hashlib.sha1(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+          out[os.path.relpath(path, run_dir)] = (
+            hashlib.sha1(f.read()).hexdigest(),
+            os.stat(path).st_mtime_ns,
+          )
   return out
 
 
 # ---- bad flags and data: nothing may be created ---------------------------------
 
-@pytest.mark.parametrize("argv,needles", [
+
+@pytest.mark.parametrize(
+  "argv,needles",
+  [
     (["--dataset=no_such_dataset"], ["unknown dataset", "--dataset"]),
     (["--arch=resnet-7"], ["--arch='resnet-7'"]),
     (["--loss=hinton"], ["--loss='hinton'", "use one of"]),
@@ -77,7 +91,8 @@ def _snapshot(run_dir):
     (["--label_weight=-0.5"], ["--label_weight=-0.5", ">= 0"]),
     (["--num_cpu_devices=2", "--batch_size=33"], ["--batch_size=33", "multiple of 2"]),
     (["--batch_size=512"], ["--batch_size=512", "exceeds"]),
-])
+  ],
+)
 def test_bad_flag_exits_2_and_creates_nothing(monkeypatch, capsys, tmp_path, argv, needles):
   run_dir = tmp_path / "run"
   code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_dir}"] + argv)
@@ -88,7 +103,9 @@ def test_bad_flag_exits_2_and_creates_nothing(monkeypatch, capsys, tmp_path, arg
 
 def test_missing_data_dir_is_an_error_not_created(monkeypatch, capsys, tmp_path):
   missing = tmp_path / "no_tfds_here"
-  code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={missing}"])
+  code, err = _main(
+    monkeypatch, capsys, BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={missing}"]
+  )
   assert code == 2
   _one_error_line(err, f"--data_dir={missing} does not exist")
   assert not missing.exists() and not (tmp_path / "run").exists()
@@ -96,14 +113,18 @@ def test_missing_data_dir_is_an_error_not_created(monkeypatch, capsys, tmp_path)
 
 def test_dataset_not_prepared_offline_fails_fast(monkeypatch, capsys, caplog, tmp_path):
   from ban_tf import data  # pylint: disable=g-import-not-at-top
+
   # Downloads are impossible here; make them so on a machine with internet too.
   monkeypatch.setattr(data, "_DOWNLOAD_PROBE", ("invalid.invalid", 443))
   empty = tmp_path / "tfds"
   empty.mkdir()
   t0 = time.time()
   with caplog.at_level(logging.WARNING):
-    code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={empty}",
-                                                    "--dataset=mnist"])
+    code, err = _main(
+      monkeypatch,
+      capsys,
+      BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={empty}", "--dataset=mnist"],
+    )
   assert code == 2
   _one_error_line(err, "'mnist' is not prepared", "cannot be downloaded", "--data_dir")
   # Only our line: not tfds' "Variant folder ... has no dataset_info.json" before it.
@@ -113,14 +134,20 @@ def test_dataset_not_prepared_offline_fails_fast(monkeypatch, capsys, caplog, tm
 
 
 def test_bad_flag_through_the_binary_exits_2():
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.main", "--temperature=-1", "--run_dir=/nonexistent/run"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  proc = subprocess.run(
+    [sys.executable, "-m", "ban_tf.main", "--temperature=-1", "--run_dir=/nonexistent/run"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == "error: --temperature=-1.0: must be > 0"
 
 
 # ---- an existing run directory: refused runs change nothing ----------------------
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -152,6 +179,7 @@ def _corrupt(run_dir, how):
       f.write(bytes((i * 37 + 11) % 251 for i in range(size)))
   elif how == "replaced":  # another valid model under the old fingerprint: loads, wrong logits
     from ban_tf import export, models  # pylint: disable=g-import-not-at-top
+
     fingerprint = os.path.join(sm, export.FINGERPRINT_FILE)
     kept = open(fingerprint, "rb").read()
     export.export_saved_model(models.build_model("tiny", 10, (28, 28, 1)), sm, (28, 28, 1))
@@ -159,17 +187,23 @@ def _corrupt(run_dir, how):
       f.write(kept)
   elif how == "wrong_classes":  # a valid, fingerprinted SavedModel with 5 outputs
     from ban_tf import export, models  # pylint: disable=g-import-not-at-top
+
     export.export_saved_model(models.build_model("tiny", 5, (28, 28, 1)), sm, (28, 28, 1))
 
 
-@pytest.mark.parametrize("how,needles", [
+@pytest.mark.parametrize(
+  "how,needles",
+  [
     ("deleted", ["is missing or incomplete", "--overwrite"]),
     ("truncated", ["cannot be loaded", "--overwrite"]),
     ("scrambled", ["cannot be loaded", "--overwrite"]),
     ("replaced", ["does not reproduce its fingerprint", "--overwrite"]),
     ("wrong_classes", ["outputs shape (5,)", "10 classes", "same data set"]),
-])
-def test_broken_teacher_is_refused_before_anything_is_written(monkeypatch, capsys, run_copy, how, needles):
+  ],
+)
+def test_broken_teacher_is_refused_before_anything_is_written(
+  monkeypatch, capsys, run_copy, how, needles
+):
   _corrupt(run_copy, how)
   before = _snapshot(run_copy)
   code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--gens=1"])
@@ -188,21 +222,33 @@ def test_changed_experiment_flag_is_refused_unless_overwrite(monkeypatch, capsys
   code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--verbose=2"])
   assert code == 0, err
   after = _snapshot(run_copy)
-  trained = lambda snap: {k: v for k, v in snap.items() if k.startswith("gen_0") and "/tb/" not in k}
+  trained = lambda snap: {
+    k: v for k, v in snap.items() if k.startswith("gen_0") and "/tb/" not in k
+  }
   assert trained(after) == trained(before)  # (TensorBoard hparams are rewritten by the report)
   # --overwrite starts over with the new value.
-  code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--lr=0.05", "--overwrite"])
+  code, err = _main(
+    monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--lr=0.05", "--overwrite"]
+  )
   assert code == 0, err
   assert _snapshot(run_copy)["gen_0/DONE"] != before["gen_0/DONE"]
 
 
 @pytest.mark.slow
-def test_second_process_is_refused_and_a_killed_holder_frees_the_lock(monkeypatch, capsys, tmp_path):
+def test_second_process_is_refused_and_a_killed_holder_frees_the_lock(
+  monkeypatch, capsys, tmp_path
+):
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
+
   run_dir = str(tmp_path / "run")
   argv = BASE + [f"--run_dir={run_dir}", "--epochs=500"]
-  holder = subprocess.Popen([sys.executable, "-m", "ban_tf.main"] + argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  holder = subprocess.Popen(
+    [sys.executable, "-m", "ban_tf.main"] + argv,
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+  )
   try:
     config_json = os.path.join(run_dir, "config.json")
     deadline = time.time() + 300
@@ -221,25 +267,36 @@ def test_second_process_is_refused_and_a_killed_holder_frees_the_lock(monkeypatc
   main.define_flags(fv)
   fv(["ban_tf"] + argv)
   with rundir.RunDir(run_dir, main.config_from_flags(fv)) as run:  # not stuck
-    assert open(os.path.join(run.path, rundir.LOCK_FILE)).read() == f"pid {os.getpid()} on {os.uname()[1]}"
+    assert (
+      open(os.path.join(run.path, rundir.LOCK_FILE)).read()
+      == f"pid {os.getpid()} on {os.uname()[1]}"
+    )
 
 
 def test_run_dir_that_cannot_be_made_is_a_usage_error():
   """A run_dir the path checks pass but mkdir refuses (root under /proc): one error line, no traceback."""
   from ban_tf import config, rundir  # pylint: disable=g-import-not-at-top
-  with pytest.raises(errors.RunDirError, match=r"/proc/ban_tf_nonexistent/run cannot be created or written"):
+
+  with pytest.raises(
+    errors.RunDirError, match=r"/proc/ban_tf_nonexistent/run cannot be created or written"
+  ):
     rundir.RunDir("/proc/ban_tf_nonexistent/run", config.Config(arch="tiny")).open()
 
 
 # ---- full disk --------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(tmp_path):
   """A 16 MiB tmpfs (needs root); else a plain directory and the `enospc` fault."""
   path = tmp_path / "disk"
   path.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
-                           capture_output=True).returncode == 0
+  mounted = (
+    subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], capture_output=True
+    ).returncode
+    == 0
+  )
   yield str(path), "fill_disk" if mounted else "enospc"
   if mounted:
     subprocess.run(["umount", str(path)], check=True)
@@ -263,12 +320,14 @@ def test_full_disk_exits_2_keeps_checkpoint_and_resumes(monkeypatch, capsys, cap
 
 # ---- NaN / Inf ----------------------------------------------------------------------
 
+
 def test_real_divergence_exits_1_with_a_clear_message(monkeypatch, capsys, tmp_path):
   run_dir = tmp_path / "run"
   code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_dir}", "--lr=1e30"])
   assert code == 1
-  line = _one_error_line(err, "generation 0 diverged", "in epoch 1", "no good checkpoint", "lower --lr",
-                         "--overwrite")
+  line = _one_error_line(
+    err, "generation 0 diverged", "in epoch 1", "no good checkpoint", "lower --lr", "--overwrite"
+  )
   assert "loss=nan" in line or "loss=inf" in line
   assert not (run_dir / "gen_0" / "DONE").exists()
 
@@ -279,7 +338,9 @@ def test_nan_keeps_last_good_checkpoint_and_rerun_resumes(monkeypatch, capsys, c
   monkeypatch.setenv("BAN_TF_FAULT", "nan@gen_0/epoch_2")
   code, err = _main(monkeypatch, capsys, argv)
   assert code == 1
-  _one_error_line(err, "generation 0 diverged (loss=nan) in epoch 2", "last good checkpoint (epoch 1)")
+  _one_error_line(
+    err, "generation 0 diverged (loss=nan) in epoch 2", "last good checkpoint (epoch 1)"
+  )
   gen0 = os.path.join(run_dir, "gen_0")
   assert "ckpt-1" in open(os.path.join(gen0, "ckpt", "checkpoint")).read()
   assert not os.path.exists(os.path.join(gen0, "ckpt", "ckpt-2.index"))

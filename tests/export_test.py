@@ -17,7 +17,9 @@ SHAPE = (12, 12, 3)
 
 def tiny(seed, name):
   keras.utils.set_random_seed(seed)
-  return models.build_model("tiny", 5, SHAPE, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0), name=name)
+  return models.build_model(
+    "tiny", 5, SHAPE, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0), name=name
+  )
 
 
 def test_export_reload_identical_logits(tmp_path):
@@ -51,11 +53,17 @@ def test_serving_signature_names_and_fixed_size(tmp_path, arch):
   assert _signature(path) == ({"pixels": [None, *SHAPE]}, {"logits": [None, 5]})
   loaded = tf.saved_model.load(path)
   x = np.random.RandomState(1).uniform(0, 255, (2,) + SHAPE).astype(np.float32)
-  np.testing.assert_allclose(loaded.signatures["serving_default"](pixels=tf.constant(x))["logits"],
-                             model(x, training=False), atol=1e-5)
+  np.testing.assert_allclose(
+    loaded.signatures["serving_default"](pixels=tf.constant(x))["logits"],
+    model(x, training=False),
+    atol=1e-5,
+  )
   for name in ("serve", "features", "logits_and_features"):  # every endpoint: the same fixed input
     assert list(loaded.signatures[name].structured_input_signature[1]) == ["pixels"]
-    assert loaded.signatures[name].structured_input_signature[1]["pixels"].shape.as_list() == [None, *SHAPE]
+    assert loaded.signatures[name].structured_input_signature[1]["pixels"].shape.as_list() == [
+      None,
+      *SHAPE,
+    ]
   with pytest.raises((ValueError, TypeError)):
     loaded.serve(tf.zeros((1, 16, 16, 3)))  # H and W are part of the signature
 
@@ -64,9 +72,14 @@ def test_tflite_conversion_keeps_the_fixed_size_and_names(tmp_path):
   model = tiny(9, "lite")
   path = str(tmp_path / "saved_model")
   export.export_saved_model(model, path, SHAPE)
-  interpreter = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(path).convert())
+  interpreter = tf.lite.Interpreter(
+    model_content=tf.lite.TFLiteConverter.from_saved_model(path).convert()
+  )
   assert list(interpreter.get_input_details()[0]["shape"]) == [1, *SHAPE]  # not [1, 1, 1, 1]
-  assert interpreter.get_signature_list()["serving_default"] == {"inputs": ["pixels"], "outputs": ["logits"]}
+  assert interpreter.get_signature_list()["serving_default"] == {
+    "inputs": ["pixels"],
+    "outputs": ["logits"],
+  }
   x = np.random.RandomState(2).uniform(0, 255, (1,) + SHAPE).astype(np.float32)
   got = interpreter.get_signature_runner("serving_default")(pixels=x)["logits"]
   np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
@@ -110,8 +123,12 @@ print(json.dumps(out))
 
 
 def _perturbed(model, rng, low, high):
-  model.set_weights([w + rng.uniform(low, high, w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
-                     for w in model.get_weights()])
+  model.set_weights(
+    [
+      w + rng.uniform(low, high, w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
+      for w in model.get_weights()
+    ]
+  )
   return model
 
 
@@ -126,31 +143,61 @@ def test_model_keras_loads_in_plain_keras_without_ban_tf(tmp_path):
   from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
   from ban_tf.tasks import base  # pylint: disable=g-import-not-at-top
+
   keras.utils.set_random_seed(3)
   rng = np.random.RandomState(8)
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}{'y' * (i % 4)}" for i in range(15))
   cases = {}
-  image = _perturbed(models.build_model("preact-resnet-8", 5, SHAPE, mean=(120.0, 110.0, 100.0),
-                                        std=(60.0, 50.0, 40.0)), rng, 0.1, 0.5)  # non-trivial BN statistics
-  cases["image"] = (tasks.get("image"), image, rng.uniform(0, 255, (4,) + SHAPE).astype(np.float32), None)
-  spec = base.DataSpec(name="words", input_shape=(6,), input_dtype="int32", input_high=len(vocab),
-                       input_name="tokens", serving_shape=(None,), num_outputs=len(vocab),
-                       output_shape=(None, len(vocab)))
+  image = _perturbed(
+    models.build_model(
+      "preact-resnet-8", 5, SHAPE, mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0)
+    ),
+    rng,
+    0.1,
+    0.5,
+  )  # non-trivial BN statistics
+  cases["image"] = (
+    tasks.get("image"),
+    image,
+    rng.uniform(0, 255, (4,) + SHAPE).astype(np.float32),
+    None,
+  )
+  spec = base.DataSpec(
+    name="words",
+    input_shape=(6,),
+    input_dtype="int32",
+    input_high=len(vocab),
+    input_name="tokens",
+    serving_shape=(None,),
+    num_outputs=len(vocab),
+    output_shape=(None, len(vocab)),
+  )
   for arch in ("lstm-2-8", "cnn-lstm-small"):
     lm = _perturbed(lm_models.build_model(arch, vocab), rng, -0.3, 0.3)
     cases[arch] = (tasks.get("lm"), lm, rng.randint(0, len(vocab), (3, 7)).astype(np.int32), spec)
   for case, (task, model, x, data_spec) in cases.items():
     out = tmp_path / case
     out.mkdir()
-    export.export_saved_model(model, str(out / "saved_model"), SHAPE if data_spec is None else None,
-                              spec=data_spec, stateful=task.stateful_model(model))
+    export.export_saved_model(
+      model,
+      str(out / "saved_model"),
+      SHAPE if data_spec is None else None,
+      spec=data_spec,
+      stateful=task.stateful_model(model),
+    )
     export.save_keras(task.stock_model(model), str(out / "model.keras"))
     np.save(out / "x.npy", x)
   assert models.has_fused_layers(image)  # the model being trained keeps the fused kernel
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   proc = subprocess.run(
-      [sys.executable, "-c", _PLAIN_KERAS] + list(cases), cwd=tmp_path,
-      env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=300, check=False)
+    [sys.executable, "-c", _PLAIN_KERAS] + list(cases),
+    cwd=tmp_path,
+    env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not got["ban_tf_imported"]
@@ -162,7 +209,10 @@ def test_model_keras_loads_in_plain_keras_without_ban_tf(tmp_path):
     assert want.std() > 0.05, case  # outputs that differ between inputs
     np.testing.assert_allclose(g["keras"], want, rtol=1e-4, atol=1e-4, err_msg=case)
     np.testing.assert_allclose(g["saved_model"], want, rtol=1e-4, atol=1e-4, err_msg=case)
-  assert "keras.src.layers.normalization.batch_normalization.BatchNormalization" in got["image"]["layers"]
+  assert (
+    "keras.src.layers.normalization.batch_normalization.BatchNormalization"
+    in got["image"]["layers"]
+  )
   assert any(k.endswith(".Embedding") for k in got["lstm-2-8"]["layers"])
 
 
@@ -198,17 +248,23 @@ def test_missing_and_mismatched_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("with_features", [False, True])
-def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(tmp_path, monkeypatch, with_features):
+def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(
+  tmp_path, monkeypatch, with_features
+):
   keras.utils.set_random_seed(8)
   model = models.build_model("wrn-10-1", 5, SHAPE, name="f")  # has a "features" layer
   path = str(tmp_path / "saved_model")
   export.export_saved_model(model, path, SHAPE)
   loads = []
   real_load = tf.saved_model.load
-  monkeypatch.setattr(tf.saved_model, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+  monkeypatch.setattr(
+    tf.saved_model, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k)
+  )
   layer = export.load_teacher(path, expected_classes=5, with_features=with_features)
   assert loads == [path]  # fingerprint, class count, feature width and the layer: one read
-  assert layer.feature_dim == (model.get_layer("features").output.shape[-1] if with_features else None)
+  assert layer.feature_dim == (
+    model.get_layer("features").output.shape[-1] if with_features else None
+  )
   # The copy that teaches is the one checked: a changed fingerprint is still refused.
   fp = os.path.join(path, export.FINGERPRINT_FILE)
   data = dict(np.load(fp))
@@ -220,7 +276,9 @@ def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(tmp_path, m
 def test_load_teacher_without_the_features_endpoint_says_so(tmp_path):
   path = str(tmp_path / "saved_model")
   inputs = keras.Input(SHAPE)
-  plain = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Flatten()(inputs)))  # no "features" layer
+  plain = keras.Model(
+    inputs, keras.layers.Dense(5)(keras.layers.Flatten()(inputs))
+  )  # no "features" layer
   export.export_saved_model(plain, path, SHAPE)
   with pytest.raises(errors.TeacherError, match="no 'logits_and_features' endpoint"):
     export.load_teacher(path, with_features=True)
@@ -254,7 +312,9 @@ def test_ensemble_is_mean_of_member_probabilities(tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-6)
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
   # Averaging probabilities is not averaging logits.
-  assert not np.allclose(got, tf.nn.softmax(np.mean([m(x).numpy() for m in members], 0)).numpy(), atol=1e-4)
+  assert not np.allclose(
+    got, tf.nn.softmax(np.mean([m(x).numpy() for m in members], 0)).numpy(), atol=1e-4
+  )
   path = str(tmp_path / "ens")
   export.export_saved_model(ens, path, SHAPE, output_name=export.PROBABILITIES)
   loaded = tf.saved_model.load(path)
@@ -275,6 +335,7 @@ def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
   by guessing from the values; a signature-only SavedModel works; an unnamed output says so."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from ban_tf import evaluate  # pylint: disable=g-import-not-at-top
+
   pixels = np.random.RandomState(1).randint(0, 256, SHAPE).astype(np.uint8)
   png = str(tmp_path / "a.png")
   Image.fromarray(pixels).save(png)
@@ -283,7 +344,7 @@ def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
   softmax = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
 
   def probs(path, outputs="auto"):
-    (name, top), = evaluate.classify(path, [png], top_k=5, outputs=outputs)
+    ((name, top),) = evaluate.classify(path, [png], top_k=5, outputs=outputs)
     assert name == png
     return np.array([p for _, p in sorted(top, key=lambda t: int(t[0].split("_")[1]))])
 
@@ -302,10 +363,14 @@ def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
   # Only a signature (no `serve` function), uint8 pixels, two named outputs: once an AttributeError.
   module = tf.Module()
   module.m = model
-  module.f = tf.function(lambda image: {"logits": model(tf.cast(image, tf.float32)), "embedding": tf.zeros([1, 2])},
-                         input_signature=[tf.TensorSpec((None,) + SHAPE, tf.uint8, name="image")])
+  module.f = tf.function(
+    lambda image: {"logits": model(tf.cast(image, tf.float32)), "embedding": tf.zeros([1, 2])},
+    input_signature=[tf.TensorSpec((None,) + SHAPE, tf.uint8, name="image")],
+  )
   tf.saved_model.save(module, str(tmp_path / "module"), signatures={"serving_default": module.f})
-  np.testing.assert_allclose(probs(str(tmp_path / "module")), softmax_of(model(x).numpy()), rtol=1e-5)
+  np.testing.assert_allclose(
+    probs(str(tmp_path / "module")), softmax_of(model(x).numpy()), rtol=1e-5
+  )
   # An unnamed output (keras model.export: output_0): read as before, with a note; --outputs says which.
   inputs = keras.Input(SHAPE)
   keras.Model(inputs, softmax(inputs)).export(str(tmp_path / "plain"), verbose=False)  # H, W fixed
@@ -314,9 +379,13 @@ def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
   assert "serves 'output_0', named neither logits nor probabilities" in capsys.readouterr().err
   np.testing.assert_allclose(probs(str(tmp_path / "plain"), "logits"), softmax_of(p), rtol=1e-5)
   assert not capsys.readouterr().err
-  with pytest.raises(errors.UsageError, match=r"returns \['logits'\], not probabilities: drop --outputs"):
+  with pytest.raises(
+    errors.UsageError, match=r"returns \['logits'\], not probabilities: drop --outputs"
+  ):
     probs(str(tmp_path / "gen"), "probabilities")
-  flat = keras.Input((7,))  # not an image model (a language model's [T] tokens alike): once a ValueError
+  flat = keras.Input(
+    (7,)
+  )  # not an image model (a language model's [T] tokens alike): once a ValueError
   keras.Model(flat, keras.layers.Dense(5)(flat)).export(str(tmp_path / "flat"), verbose=False)
   with pytest.raises(errors.UsageError, match=r"inputs of shape \(7,\) per example, not images"):
     probs(str(tmp_path / "flat"))

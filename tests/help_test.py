@@ -46,15 +46,25 @@ def test_help_shows_defaults():
   text = main.grouped_help(fv)
   for name in ("gens", "epochs", "lr", "arch", "nesterov", "lr_milestones"):
     flag = fv[name]
-    default = (",".join(flag.default) if isinstance(flag.default, list)
-               else str(flag.default).lower() if isinstance(flag.default, bool) else str(flag.default))
+    default = (
+      ",".join(flag.default)
+      if isinstance(flag.default, list)
+      else str(flag.default).lower()
+      if isinstance(flag.default, bool)
+      else str(flag.default)
+    )
     assert f"--{name}={default} " in text, name
 
 
 def test_help_binary_exits_zero():
   for arg in ("--help", "-h"):
-    proc = subprocess.run([sys.executable, "-m", "ban_tf.main", arg], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+      [sys.executable, "-m", "ban_tf.main", arg],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     for title in ("Data:", "Models:", "Optimisation:", "Execution:"):
       assert title in proc.stdout
@@ -65,6 +75,7 @@ def test_help_binary_exits_zero():
 def test_flag_table_lists_every_flag():
   sys.path.insert(0, os.path.join(REPO, "tools"))
   import flag_table  # pylint: disable=g-import-not-at-top
+
   table = flag_table.flag_table()
   rows = [l for l in table.splitlines() if l.startswith("| ") and "`--" in l]
   fv = _fresh_flags()
@@ -78,5 +89,8 @@ def test_flag_table_lists_every_flag():
 def test_docs_flag_table_is_current():
   sys.path.insert(0, os.path.join(REPO, "tools"))
   import flag_table  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(REPO, "docs", "report.md")) as f:
-    assert flag_table.flag_table() in f.read(), "rerun python tools/flag_table.py into docs/report.md"
+    assert flag_table.flag_table() in f.read(), (
+      "rerun python tools/flag_table.py into docs/report.md"
+    )

@@ -20,7 +20,7 @@ def _modules():
     for f in files:
       if f.endswith(".py"):
         rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
-        out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, f)
+        out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(root, f)
   return out
 
 
@@ -50,7 +50,7 @@ def find_cycle(graph):
     stack.append(node)
     for dep in sorted(graph.get(node, ())):
       if state.get(dep) == "open":
-        return stack[stack.index(dep):] + [dep]
+        return stack[stack.index(dep) :] + [dep]
       if dep not in state:
         found = visit(dep, stack)
         if found:
@@ -86,27 +86,34 @@ def test_leaf_modules():
 
 def test_validation_imports_no_tensorflow():
   """Config validation (and the task seam) must not load TensorFlow or Keras: a bad flag fails at once."""
-  code = ("import sys\nfrom ban_tf import config\n"
-          "for task, arch in (('image', 'wrn-27-1'), ('lm', 'lstm-x')):\n"
-          "  try:\n    config.Config(task=task, arch=arch, dataset='tiny_shakespeare').validate()\n"
-          "  except Exception as e:\n    assert type(e).__name__ == 'UsageError', e\n"
-          "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
-          "assert not heavy, heavy[:5]\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+  code = (
+    "import sys\nfrom ban_tf import config\n"
+    "for task, arch in (('image', 'wrn-27-1'), ('lm', 'lstm-x')):\n"
+    "  try:\n    config.Config(task=task, arch=arch, dataset='tiny_shakespeare').validate()\n"
+    "  except Exception as e:\n    assert type(e).__name__ == 'UsageError', e\n"
+    "heavy = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
+    "assert not heavy, heavy[:5]\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _build_libraries():
   """{target: (srcs, deps)} of BUILD's py_library rules (deps: local ":name" labels only)."""
   import re  # pylint: disable=g-import-not-at-top
+
   text = open(os.path.join(REPO, "BUILD")).read()
   out = {}
   for block in re.findall(r"py_library\((.*?)\n\)", text, re.S):
     name = re.search(r'name = "(\w+)"', block).group(1)
     srcs = re.search(r"srcs = \[(.*?)\]", block, re.S)
     deps = re.search(r"deps = \[(.*?)\]", block, re.S)
-    out[name] = (re.findall(r'"([\w/]+\.py)"', srcs.group(1)) if srcs else [],
-                 set(re.findall(r'":(\w+)"', deps.group(1))) if deps else set())
+    out[name] = (
+      re.findall(r'"([\w/]+\.py)"', srcs.group(1)) if srcs else [],
+      set(re.findall(r'":(\w+)"', deps.group(1))) if deps else set(),
+    )
   return out
 
 
@@ -116,7 +123,7 @@ def _target_of(libs):
   for target, (srcs, _) in libs.items():
     for src in srcs:
       module = src[:-3].replace("/", ".")
-      out[module[:-len(".__init__")] if module.endswith(".__init__") else module] = target
+      out[module[: -len(".__init__")] if module.endswith(".__init__") else module] = target
   return out
 
 
@@ -127,7 +134,11 @@ def test_build_deps_mirror_imports():
   missing = []
   for module, deps in import_graph().items():
     if module not in target_of:
-      if module.startswith("ban_tf.") and module not in ("ban_tf.main", "ban_tf.evaluate", "ban_tf.bench"):
+      if module.startswith("ban_tf.") and module not in (
+        "ban_tf.main",
+        "ban_tf.evaluate",
+        "ban_tf.bench",
+      ):
         missing.append(f"{module}: no py_library")
       continue
     target = target_of[module]
@@ -137,7 +148,17 @@ def test_build_deps_mirror_imports():
   assert not missing, "\n".join(missing)
 
 
-GENERIC = ("generations", "train", "distiller", "export", "rundir", "evaluate", "report", "bench", "results")
+GENERIC = (
+  "generations",
+  "train",
+  "distiller",
+  "export",
+  "rundir",
+  "evaluate",
+  "report",
+  "bench",
+  "results",
+)
 
 
 def test_generic_modules_do_not_branch_on_the_task():
@@ -178,6 +199,7 @@ def test_build_test_targets_reach_every_module_they_import():
   minutes of CI) while pytest passes. This finds it in a second.
   """
   import re  # pylint: disable=g-import-not-at-top
+
   text = open(os.path.join(REPO, "BUILD")).read()
   libs = _build_libraries()
   target_of = _target_of(libs)

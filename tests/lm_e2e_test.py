@@ -61,10 +61,26 @@ def _numpy_perplexity(models, ids, batch, bptt, state="carry"):
 def test_two_generations_and_ensemble(tmp_path):
   _corpus(str(tmp_path))
   run_dir = str(tmp_path / "run")
-  cfg = config.Config(task="lm", dataset="ptb", ptb_dir=str(tmp_path), arch="lstm-1-16", gens=2, epochs=3,
-                      batch_size=4, bptt=6, lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
-                      clip_norm=5.0, loss="ban_l", lr_plateau_decay=0.25, run_dir=run_dir, verbose="0",
-                      lr_plateau_min_delta=1000.0)  # only epoch 1 improves (on inf): the rate decays after every later epoch
+  cfg = config.Config(
+    task="lm",
+    dataset="ptb",
+    ptb_dir=str(tmp_path),
+    arch="lstm-1-16",
+    gens=2,
+    epochs=3,
+    batch_size=4,
+    bptt=6,
+    lr=1.0,
+    momentum=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    clip_norm=5.0,
+    loss="ban_l",
+    lr_plateau_decay=0.25,
+    run_dir=run_dir,
+    verbose="0",
+    lr_plateau_min_delta=1000.0,
+  )  # only epoch 1 improves (on inf): the rate decays after every later epoch
   results = main.run(cfg)
   data = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=6)
   vocab = data.info.vocab
@@ -76,11 +92,15 @@ def test_two_generations_and_ensemble(tmp_path):
     gdir = os.path.join(run_dir, f"gen_{gen}")
     for name in ("saved_model", "model.keras", "metrics.json", "history.json", "DONE"):
       assert os.path.exists(os.path.join(gdir, name)), name
-    assert os.path.isdir(os.path.join(run_dir, "tb", "Teacher" if gen == 0 else f"BAN-{gen}"))  # results.tensorboard_dir
+    assert os.path.isdir(
+      os.path.join(run_dir, "tb", "Teacher" if gen == 0 else f"BAN-{gen}")
+    )  # results.tensorboard_dir
     assert lm.read_vocab(gdir) == vocab
     metrics = export.read_json(os.path.join(gdir, "metrics.json"))
     model = keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False)
-    assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {"keras"}  # Task.stock_model
+    assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {
+      "keras"
+    }  # Task.stock_model
     members.append(model)
     for split, key in (("val", "val_perplexity"), ("test", "test_perplexity")):
       want = _numpy_perplexity([model], data.ids[split], 4, 6)
@@ -94,14 +114,22 @@ def test_two_generations_and_ensemble(tmp_path):
     history = export.read_json(os.path.join(gdir, "history.json"))
     ppls = [h["val_perplexity"] for h in history]
     for e, h in enumerate(history):  # the plateau schedule, replayed from val perplexity
-      assert h["learning_rate"] == schedules.plateau_lr(1.0, ppls[:e], 0.25, 1000.0) == 0.25 ** max(0, e - 1)
+      assert (
+        h["learning_rate"]
+        == schedules.plateau_lr(1.0, ppls[:e], 0.25, 1000.0)
+        == 0.25 ** max(0, e - 1)
+      )
     if gen > 0:
       assert metrics["objective"]["loss"] == "ban_l" and history[0]["kd_loss"] > 0
       assert "teacher_agreement" in history[0]
   ens = export.read_json(os.path.join(run_dir, "ensemble_2", "metrics.json"))
   assert ens["members"] == [1, 2]
-  np.testing.assert_allclose(ens["test_perplexity"], _numpy_perplexity(members[1:], data.ids["test"], 4, 6),
-                             rtol=1e-4)
-  np.testing.assert_allclose(saved["ensembles"][0]["val_perplexity"],
-                             _numpy_perplexity(members[1:], data.ids["val"], 4, 6), rtol=1e-4)
+  np.testing.assert_allclose(
+    ens["test_perplexity"], _numpy_perplexity(members[1:], data.ids["test"], 4, 6), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    saved["ensembles"][0]["val_perplexity"],
+    _numpy_perplexity(members[1:], data.ids["val"], 4, 6),
+    rtol=1e-4,
+  )
   assert results["ensembles"][0]["name"] == "BANE-2"

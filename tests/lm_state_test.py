@@ -45,7 +45,9 @@ def _corpus(directory, n=400):
       f.write(words.replace("w0 ", "w0\n"))
 
 
-@pytest.mark.parametrize("arch,vocab", [("lstm-2-8", V), ("cnn-lstm-small", tuple("abcdefghijklm"))])
+@pytest.mark.parametrize(
+  "arch,vocab", [("lstm-2-8", V), ("cnn-lstm-small", tuple("abcdefghijklm"))]
+)
 def test_carried_windows_equal_one_call_on_the_stream(arch, vocab):
   keras.utils.set_random_seed(0)
   model = _scaled(lm_models.build_model(arch, vocab))
@@ -55,7 +57,7 @@ def test_carried_windows_equal_one_call_on_the_stream(arch, vocab):
   state = tf.zeros([3, lm_models.state_size(model)])
   parts = []
   for s in range(0, 17, 5):  # windows 5, 5, 5, 2
-    logits, state = stateful([tf.constant(ids[:, s:s + 5]), state])
+    logits, state = stateful([tf.constant(ids[:, s : s + 5]), state])
     parts.append(logits.numpy())
   np.testing.assert_allclose(np.concatenate(parts, 1), model(ids).numpy(), rtol=1e-4, atol=1e-5)
   # A zero state is the stateless model; a carried one is not.
@@ -75,22 +77,29 @@ def _train(replicas, rows, steps_per_epoch, lr=0.5, with_teacher=True, seed=4):
   with strategy.scope():
     student = lm_models.build_model("lstm-1-8", V)
     _scaled(student)
-    teacher = _scaled(lm_models.build_model("lstm-1-8", V, name="teacher")) if with_teacher else None
+    teacher = (
+      _scaled(lm_models.build_model("lstm-1-8", V, name="teacher")) if with_teacher else None
+    )
     t_stateful = lm_models.stateful(teacher) if with_teacher else None
     state = distiller_lib.CarriedState(
-        lm_models.stateful(student), lm_models.state_size(student), rows.shape[0], steps_per_epoch,
-        teacher=_teacher_fn(t_stateful) if with_teacher else None,
-        teacher_state_size=lm_models.state_size(teacher) if with_teacher else 0)
-    model = distiller_lib.Distiller(student, teacher, loss="ban_l", kd_weight=1.0, label_weight=1.0,
-                                    state=state, perplexity=True)
+      lm_models.stateful(student),
+      lm_models.state_size(student),
+      rows.shape[0],
+      steps_per_epoch,
+      teacher=_teacher_fn(t_stateful) if with_teacher else None,
+      teacher_state_size=lm_models.state_size(teacher) if with_teacher else 0,
+    )
+    model = distiller_lib.Distiller(
+      student, teacher, loss="ban_l", kd_weight=1.0, label_weight=1.0, state=state, perplexity=True
+    )
     model.compile(optimizer=keras.optimizers.SGD(lr))
   return model, state, t_stateful
 
 
 def _windows(rows, ks, t=4):
   """Windows k of `rows` as a tf.data pipeline of whole [B, t] batches."""
-  x = np.stack([rows[:, t * k:t * k + t] for k in ks])
-  y = np.stack([rows[:, t * k + 1:t * k + t + 1] for k in ks])
+  x = np.stack([rows[:, t * k : t * k + t] for k in ks])
+  y = np.stack([rows[:, t * k + 1 : t * k + t + 1] for k in ks])
   return tf.data.Dataset.from_tensor_slices((x, y))
 
 
@@ -100,7 +109,9 @@ def _local(strategy, var):
 
 @pytest.mark.parametrize("replicas", [1, 3])  # 2: as 3 (and in the golden test below)
 def test_training_state_is_the_stream_state_and_resets_per_epoch(replicas):
-  rows = np.random.RandomState(2).randint(0, V, (6, 13)).astype(np.int32)  # 6, 3 or 2 rows per replica
+  rows = (
+    np.random.RandomState(2).randint(0, V, (6, 13)).astype(np.int32)
+  )  # 6, 3 or 2 rows per replica
   model, state, t_stateful = _train(replicas, rows, steps_per_epoch=3, lr=0.0)
   student = model.student
   strategy = strategy_for(replicas)
@@ -117,8 +128,10 @@ def test_training_state_is_the_stream_state_and_resets_per_epoch(replicas):
 
 
 def test_training_steps_golden_and_one_two_three_replicas():
-  rows = np.random.RandomState(5).randint(0, V, (6, 17)).astype(np.int32)  # 6, 3 or 2 rows per replica
-  windows = [(rows[:, 4 * k:4 * k + 4], rows[:, 4 * k + 1:4 * k + 5]) for k in range(4)]
+  rows = (
+    np.random.RandomState(5).randint(0, V, (6, 17)).astype(np.int32)
+  )  # 6, 3 or 2 rows per replica
+  windows = [(rows[:, 4 * k : 4 * k + 4], rows[:, 4 * k + 1 : 4 * k + 5]) for k in range(4)]
   lr, spe = 0.5, 2  # 4 steps = 2 epochs: the reset is exercised
   got = {}
   for replicas in (1, 2, 3):
@@ -150,7 +163,9 @@ def test_training_steps_golden_and_one_two_three_replicas():
     np.testing.assert_allclose(w1, w_ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(w2, w1, atol=1e-5)
     np.testing.assert_allclose(w3, w1, atol=1e-5)
-  assert np.abs(got[1][0] - before[0]).max() > 1e-2  # the steps moved the weights: the test can fail
+  assert (
+    np.abs(got[1][0] - before[0]).max() > 1e-2
+  )  # the steps moved the weights: the test can fail
 
 
 def test_batch_must_split_evenly_over_replicas():
@@ -203,9 +218,17 @@ def test_stateful_endpoint_reproduces_the_model(tmp_path):
   keras.utils.set_random_seed(0)
   model = _scaled(lm_models.build_model("lstm-2-8", vocab))
   task = tasks.get("lm")
-  spec = tasks.DataSpec(name="toy", input_shape=(5,), input_dtype="int32", input_high=len(vocab),
-                        input_name="tokens", serving_shape=(None,), num_outputs=len(vocab),
-                        output_shape=(None, len(vocab)), output_unit="words")
+  spec = tasks.DataSpec(
+    name="toy",
+    input_shape=(5,),
+    input_dtype="int32",
+    input_high=len(vocab),
+    input_name="tokens",
+    serving_shape=(None,),
+    num_outputs=len(vocab),
+    output_shape=(None, len(vocab)),
+    output_unit="words",
+  )
   path = str(tmp_path / "saved_model")
   export.export_saved_model(model, path, spec=spec, stateful=task.stateful_model(model))
   assert export.state_size(path) == 32
@@ -215,17 +238,23 @@ def test_stateful_endpoint_reproduces_the_model(tmp_path):
   s = tf.zeros([2, 32])
   parts = []
   for a in range(0, 11, 4):
-    out = teacher.call_endpoint_fn(tf.constant(ids[:, a:a + 4]), s)
+    out = teacher.call_endpoint_fn(tf.constant(ids[:, a : a + 4]), s)
     s = out["state"]
     parts.append(out["logits"].numpy())
   np.testing.assert_allclose(np.concatenate(parts, 1), model(ids).numpy(), atol=1e-5)
   # ban_tf.evaluate's stateful scoring of consecutive windows: NumPy CE of one call.
   loaded = evaluate.load(path)
-  windows = tf.data.Dataset.from_tensor_slices((ids[:, :-1].reshape(2, 2, 5).transpose(1, 0, 2),
-                                                ids[:, 1:].reshape(2, 2, 5).transpose(1, 0, 2)))
+  windows = tf.data.Dataset.from_tensor_slices(
+    (
+      ids[:, :-1].reshape(2, 2, 5).transpose(1, 0, 2),
+      ids[:, 1:].reshape(2, 2, 5).transpose(1, 0, 2),
+    )
+  )
   got = evaluate.score(loaded, windows, stateful=True)
   logp = _log_softmax(model(ids[:, :-1]).numpy().astype(np.float64))
-  np.testing.assert_allclose(got["loss"], -np.take_along_axis(logp, ids[:, 1:, None], -1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    got["loss"], -np.take_along_axis(logp, ids[:, 1:, None], -1).mean(), rtol=1e-5
+  )
   old = str(tmp_path / "stateless")
   export.export_saved_model(model, old, spec=spec)
   with pytest.raises(Exception, match="serve_stateful"):
@@ -257,7 +286,12 @@ def test_resume_from_an_epoch_checkpoint_is_exact(tmp_path):
   path = ckpt.save(str(tmp_path / "ckpt" / "ckpt"))
   model, ckpt, epoch = build()  # a fresh process's objects
   ckpt.restore(path).assert_existing_objects_matched()
-  model.fit(ds.train(4, seed=0, first_epoch=1, epochs=2)[0], epochs=2, initial_epoch=1, steps_per_epoch=steps,
-            verbose=0)
+  model.fit(
+    ds.train(4, seed=0, first_epoch=1, epochs=2)[0],
+    epochs=2,
+    initial_epoch=1,
+    steps_per_epoch=steps,
+    verbose=0,
+  )
   for a, b in zip(want, [v.numpy() for v in model.student.variables]):
     np.testing.assert_array_equal(a, b)

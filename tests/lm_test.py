@@ -45,7 +45,9 @@ def test_ptb_reader_vocab_unk_eos(tmp_path):
   _write(tmp_path / "ptb.valid.txt", " a d \n")
   _write(tmp_path / "ptb.test.txt", " c \n")
   assert text_data.read_lines_ptb(tmp_path / "ptb.train.txt") == [
-      ["b", "a", "<unk>", "b", "<eos>"], ["c", "b", "a", "<eos>"]]
+    ["b", "a", "<unk>", "b", "<eos>"],
+    ["c", "b", "a", "<eos>"],
+  ]
   ds = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=2)
   # <unk>, <eos>, then by count (b 3, a 2, c 1).
   assert ds.info.vocab == ("<unk>", "<eos>", "b", "a", "c")
@@ -63,9 +65,10 @@ def test_ptb_reader_vocab_unk_eos(tmp_path):
 def test_tokenize_text_words_punctuation_eos():
   text = "First Citizen:\nBefore we proceed, hear me speak!\n\nCall'd it."
   assert text_data.tokenize_text(text) == [
-      ["first", "citizen", ":", "<eos>"],
-      ["before", "we", "proceed", ",", "hear", "me", "speak", "!", "<eos>"],
-      ["call'd", "it", ".", "<eos>"]]
+    ["first", "citizen", ":", "<eos>"],
+    ["before", "we", "proceed", ",", "hear", "me", "speak", "!", "<eos>"],
+    ["call'd", "it", ".", "<eos>"],
+  ]
 
 
 def test_tiny_shakespeare_word_level():
@@ -82,12 +85,14 @@ def test_tiny_shakespeare_word_level():
 def test_batchify_and_windows_layout():
   ids = np.arange(23, dtype=np.int32)
   rows = text_data.batchify(ids, 2)
-  np.testing.assert_array_equal(rows, [np.arange(11), np.arange(11, 22)])  # contiguous rows, tail dropped
+  np.testing.assert_array_equal(
+    rows, [np.arange(11), np.arange(11, 22)]
+  )  # contiguous rows, tail dropped
   full = text_data.windows(rows, 4)
   assert len(full) == 2  # starts 0, 4; the short last window (2 steps) is dropped
   for k, (x, y) in enumerate(full):
-    np.testing.assert_array_equal(x, rows[:, 4 * k:4 * k + 4])
-    np.testing.assert_array_equal(y, rows[:, 4 * k + 1:4 * k + 5])  # targets shifted by one
+    np.testing.assert_array_equal(x, rows[:, 4 * k : 4 * k + 4])
+    np.testing.assert_array_equal(y, rows[:, 4 * k + 1 : 4 * k + 5])  # targets shifted by one
   every = text_data.windows(rows, 4, full_only=False)
   assert [x.shape[1] for x, _ in every] == [4, 4, 2]
   targets = np.concatenate([y for _, y in every], axis=1)
@@ -122,7 +127,6 @@ def test_lstm_params_tied(layers, units, vocab):
   assert tuple(out.shape) == (3, 7, vocab) and out.dtype == "float32"
 
 
-
 @pytest.mark.parametrize("arch", ["lstm-1-16", "lstm-2-8", "cnn-lstm-small"])
 def test_param_count_formula_equals_the_keras_build(arch):
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}{'x' * (i % 5)}" for i in range(40))
@@ -139,8 +143,15 @@ def test_cnn_lstm_small_matches_kim():
   table, num_chars = lm_models.spellings(vocab, min_len=6)
   widths, filters = range(1, 7), [25 * w for w in range(1, 7)]
   feats = sum(filters)
-  want = (num_chars * 15 + sum(w * 15 * f + f for w, f in zip(widths, filters)) + 2 * (feats * feats + feats)
-          + 4 * (feats * 300 + 300 * 300 + 300) + 4 * (2 * 300 * 300 + 300) + 300 * len(vocab) + len(vocab))
+  want = (
+    num_chars * 15
+    + sum(w * 15 * f + f for w, f in zip(widths, filters))
+    + 2 * (feats * feats + feats)
+    + 4 * (feats * 300 + 300 * 300 + 300)
+    + 4 * (2 * 300 * 300 + 300)
+    + 300 * len(vocab)
+    + len(vocab)
+  )
   assert model.count_params() == want + table.size  # + the non-trainable spelling table
   np.testing.assert_array_equal(model.get_layer("char_cnn").spellings.numpy(), table)
   assert table[2, 0] == 1 and table[2, 3] == 2 and not table[2, 4:].any()  # <bow> w 0 <eow> pad
@@ -156,11 +167,19 @@ def test_stock_copy_equals_the_model_and_carries_state(arch):
   keras.utils.set_random_seed(4)
   model = lm_models.build_model(arch, vocab)
   rng = np.random.RandomState(5)  # +-0.5 weights: the stock +-0.05 init makes every logit ~0
-  model.set_weights([w + rng.uniform(-0.5, 0.5, w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
-                     for w in model.get_weights()])
+  model.set_weights(
+    [
+      w + rng.uniform(-0.5, 0.5, w.shape).astype(w.dtype) if w.dtype.kind == "f" else w
+      for w in model.get_weights()
+    ]
+  )
   stock = lm_models.to_stock(model)
   kinds = {type(layer) for layer in stock.layers}
-  kinds |= {type(layer) for layer in stock.get_layer(stock.layers[1].name).layers} if arch.startswith("cnn") else set()
+  kinds |= (
+    {type(layer) for layer in stock.get_layer(stock.layers[1].name).layers}
+    if arch.startswith("cnn")
+    else set()
+  )
   assert all(k.__module__.startswith("keras.") for k in kinds), kinds
   x = keras.ops.convert_to_tensor(rng.randint(0, len(vocab), (3, 9)).astype(np.int32))
   want = model(x).numpy()
@@ -190,12 +209,13 @@ def test_ban_l_loss_is_per_token_golden(replicas):
   with strategy.scope():
     student = lm_models.build_model("lstm-1-8", vocab)
     teacher = lm_models.build_model("lstm-1-8", vocab)
-    model = distiller_lib.Distiller(student, teacher, loss="ban_l", temperature=temperature,
-                                    kd_weight=1.0, label_weight=1.0)
+    model = distiller_lib.Distiller(
+      student, teacher, loss="ban_l", temperature=temperature, kd_weight=1.0, label_weight=1.0
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.0))
   s, t = student.predict(x, verbose=0), teacher.predict(x, verbose=0)
   p = np.exp(_log_softmax(t / temperature))
-  kd_tokens = -temperature ** 2 * (p * _log_softmax(s / temperature)).sum(-1)  # [B, T]
+  kd_tokens = -(temperature**2) * (p * _log_softmax(s / temperature)).sum(-1)  # [B, T]
   ce_tokens = -np.take_along_axis(_log_softmax(s), y[..., None], -1)[..., 0]
   got = model.train_on_batch(x, y, return_dict=True)
   np.testing.assert_allclose(got["kd_loss"], kd_tokens.mean(), rtol=1e-5)
@@ -245,7 +265,7 @@ def test_clip_norm_clips_the_global_gradient():
 def test_plateau_lr():
   assert schedules.plateau_lr(1.0, [], 0.25) == 1.0
   # 95 does not improve on 90; 89 does; the second 89 does not.
-  assert schedules.plateau_lr(1.0, [100, 90, 95, 89, 89], 0.25) == 0.25 ** 2
+  assert schedules.plateau_lr(1.0, [100, 90, 95, 89, 89], 0.25) == 0.25**2
   # CNN-LSTM: must improve by more than 0.5 (99.6 and 98.6 do not).
   assert schedules.plateau_lr(2.0, [100, 99.6, 99.0, 98.6], 0.5, 0.5) == 0.5
 
@@ -253,7 +273,7 @@ def test_plateau_lr():
 def test_plateau_lr_previous_epoch_reference():
   ppls = [100, 101, 100.4, 99.8]
   # Against the best (100): 101, 100.4 and 99.8 all fail to beat 99.5.
-  assert schedules.plateau_lr(2.0, ppls, 0.5, 0.5, "best") == 2.0 * 0.5 ** 3
+  assert schedules.plateau_lr(2.0, ppls, 0.5, 0.5, "best") == 2.0 * 0.5**3
   # Against the previous epoch: only 101 (a rise) falls by less than 0.5; 100.4 and 99.8 fall 0.6.
   assert schedules.plateau_lr(2.0, ppls, 0.5, 0.5, "previous") == 1.0
   # "Decrease by at least 0.5": exactly 0.5 keeps the rate; "improve by more than": it does not.
@@ -270,9 +290,17 @@ def test_export_round_trip_ids_to_logits(tmp_path, arch):
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}" for i in range(30))
   model = lm_models.build_model(arch, vocab)
   path = str(tmp_path / "saved_model")
-  spec = tasks.DataSpec(name="toy", input_shape=(5,), input_dtype="int32", input_high=len(vocab),
-                        input_name="tokens", serving_shape=(None,), num_outputs=len(vocab),
-                        output_shape=(None, len(vocab)), output_unit="words")
+  spec = tasks.DataSpec(
+    name="toy",
+    input_shape=(5,),
+    input_dtype="int32",
+    input_high=len(vocab),
+    input_name="tokens",
+    serving_shape=(None,),
+    num_outputs=len(vocab),
+    output_shape=(None, len(vocab)),
+    output_unit="words",
+  )
   fingerprint = export.export_saved_model(model, path, (5,), spec=spec)
   data = np.load(os.path.join(path, export.FINGERPRINT_FILE))
   assert data["inputs"].dtype == np.int32 and fingerprint.shape == (4, 5, len(vocab))
@@ -285,7 +313,10 @@ def test_export_round_trip_ids_to_logits(tmp_path, arch):
 
 # ---- flags and the Table 6 presets ---------------------------------------------------------------
 # (preset, arch, batch, the quoted recipe's lr and clip on the loss summed over the unrolled steps)
-_TABLE6 = [("table6_lstm", "lstm-2-1500", 32, 1.0, 10.0), ("table6_cnn-lstm", "cnn-lstm", 20, 2.0, 5.0)]
+_TABLE6 = [
+  ("table6_lstm", "lstm-2-1500", 32, 1.0, 10.0),
+  ("table6_cnn-lstm", "cnn-lstm", 20, 2.0, 5.0),
+]
 _PTB_WORDS = "the a of to in and n't 's is was stock market share year company said".split()
 
 
@@ -315,10 +346,13 @@ def test_paper_flagfiles(name, arch, batch, recipe_lr, recipe_clip):
   cfg = _preset_config(name, "--ptb_dir=/data/ptb")
   assert (cfg.task, cfg.arch, cfg.batch_size, cfg.epochs, cfg.bptt) == ("lm", arch, batch, 40, 35)
   assert cfg.resolved_loss == "ban_l" and cfg.resolved_label_weight == 1.0
-  assert cfg.momentum == 0 and cfg.weight_decay == 0  # plain SGD: lr and loss scale are interchangeable
+  assert (
+    cfg.momentum == 0 and cfg.weight_decay == 0
+  )  # plain SGD: lr and loss scale are interchangeable
   # LSTM: the PyTorch example's rule (beat the best); CNN-LSTM: the paper's "decrease by 0.5 after an epoch".
   assert (cfg.lr_plateau_reference, cfg.lr_plateau_min_delta) == (
-      ("best", 0.0) if name == "table6_lstm" else ("previous", 0.5))
+    ("best", 0.0) if name == "table6_lstm" else ("previous", 0.5)
+  )
   # Per-token mean = (per-sequence sum) / bptt: the recipe's rate x bptt, its clip / bptt.
   assert cfg.lr == recipe_lr * cfg.bptt
   np.testing.assert_allclose(cfg.clip_norm * cfg.bptt, recipe_clip, rtol=1e-15)
@@ -331,8 +365,12 @@ def _recipe_loss(model, x, y):
 
 
 @pytest.mark.parametrize("name,arch,batch,recipe_lr,recipe_clip", _TABLE6)
-@pytest.mark.parametrize("clip_scale", [1.0, 1e-3])  # the preset's own clip; one small enough to fire
-def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, recipe_lr, recipe_clip, clip_scale):
+@pytest.mark.parametrize(
+  "clip_scale", [1.0, 1e-3]
+)  # the preset's own clip; one small enough to fire
+def test_preset_step_is_the_quoted_recipe_step(
+  tmp_path, name, arch, batch, recipe_lr, recipe_clip, clip_scale
+):
   """One SGD step under the preset (per-token mean) equals one step of the quoted recipe (sum over steps).
 
   The data are the preset's own windows of a small PTB-format corpus read by the PTB reader; the model
@@ -340,8 +378,12 @@ def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, reci
   """
   _ptb_corpus(str(tmp_path))
   cfg = _preset_config(name, f"--ptb_dir={tmp_path}")
-  data = text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, vocab_size=cfg.vocab_size, bptt=cfg.bptt)
-  assert data.info.vocab[:2] == ("<unk>", "<eos>") and len(data.info.vocab) == len(_PTB_WORDS) + 3  # + N
+  data = text_data.TextDataset(
+    cfg.dataset, ptb_dir=cfg.ptb_dir, vocab_size=cfg.vocab_size, bptt=cfg.bptt
+  )
+  assert (
+    data.info.vocab[:2] == ("<unk>", "<eos>") and len(data.info.vocab) == len(_PTB_WORDS) + 3
+  )  # + N
   pipe, steps = data.train(cfg.batch_size, seed=0)
   assert steps == (data.info.num_train // cfg.batch_size - 1) // cfg.bptt
   x, y = next(iter(pipe))
@@ -352,37 +394,54 @@ def test_preset_step_is_the_quoted_recipe_step(tmp_path, name, arch, batch, reci
   before = [v.numpy() for v in student.trainable_variables]
   # The recipe's gradient is exactly bptt x ours.
   with tf.GradientTape(persistent=True) as tape:
-    ours = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, student(x, training=False)))
+    ours = tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(y, student(x, training=False))
+    )
     theirs = _recipe_loss(student, x, y)
-  g_ours = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(ours, student.trainable_variables)]
-  g_theirs = [tf.convert_to_tensor(g).numpy() for g in tape.gradient(theirs, student.trainable_variables)]
+  g_ours = [
+    tf.convert_to_tensor(g).numpy() for g in tape.gradient(ours, student.trainable_variables)
+  ]
+  g_theirs = [
+    tf.convert_to_tensor(g).numpy() for g in tape.gradient(theirs, student.trainable_variables)
+  ]
   for a, b in zip(g_ours, g_theirs):
     np.testing.assert_allclose(cfg.bptt * a, b, rtol=2e-5, atol=1e-7)
   # The quoted recipe's step, in NumPy: w - lr * clip(g_sum, clip_norm).
   clip = recipe_clip * clip_scale
   norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in g_theirs))
-  assert (norm > clip) == (clip_scale < 1)  # the preset's clip does not fire here; the small one does
+  assert (norm > clip) == (
+    clip_scale < 1
+  )  # the preset's clip does not fire here; the small one does
   factor = min(1.0, clip / norm)
   want = [w - recipe_lr * factor * g for w, g in zip(before, g_theirs)]
   # ban_tf's step under the preset: the Distiller (per-token mean, global clip) and the LM task's optimizer.
-  model = distiller_lib.Distiller(student, clip_norm=cfg.clip_norm * clip_scale, weight_decay=cfg.weight_decay)
+  model = distiller_lib.Distiller(
+    student, clip_norm=cfg.clip_norm * clip_scale, weight_decay=cfg.weight_decay
+  )
   model.compile(optimizer=tasks.get("lm").make_optimizer(cfg, steps_per_epoch=1))
   model.train_on_batch(x, y)
   for w, v in zip(want, student.trainable_variables):
     np.testing.assert_allclose(v.numpy(), w, rtol=1e-4, atol=1e-6)
-  moved = max(float(np.abs(v.numpy() - b).max()) for v, b in zip(student.trainable_variables, before))
+  moved = max(
+    float(np.abs(v.numpy() - b).max()) for v, b in zip(student.trainable_variables, before)
+  )
   assert moved > 1e-3  # a real step, not a no-op
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
+@pytest.mark.parametrize(
+  "kwargs,fragment",
+  [
     (dict(dataset="ptb"), "--ptb_dir"),
     (dict(arch="wrn-28-1"), "--arch='wrn-28-1'"),
     (dict(bptt=0), "--bptt=0"),
     (dict(clip_norm=-1.0), "--clip_norm=-1.0"),
     (dict(lr_plateau_reference="last"), "--lr_plateau_reference='last'"),
-])
+  ],
+)
 def test_lm_usage_errors(kwargs, fragment):
-  cfg = config.Config(**dict(dict(task="lm", dataset="tiny_shakespeare", arch="lstm-1-8"), **kwargs))
+  cfg = config.Config(
+    **dict(dict(task="lm", dataset="tiny_shakespeare", arch="lstm-1-8"), **kwargs)
+  )
   with pytest.raises(errors.UsageError) as err:
     cfg.validate()
   assert fragment in str(err.value) and "\n" not in str(err.value)

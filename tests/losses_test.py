@@ -18,7 +18,7 @@ def np_softmax(z):
 
 def np_kd(t, s, temp):
   """T^2 * cross-entropy(softmax(t/T), softmax(s/T)), per example."""
-  return -(temp ** 2) * (np_softmax(t / temp) * np_log_softmax(s / temp)).sum(-1)
+  return -(temp**2) * (np_softmax(t / temp) * np_log_softmax(s / temp)).sum(-1)
 
 
 def np_ce(y, s):
@@ -28,15 +28,20 @@ def np_ce(y, s):
 @pytest.fixture
 def logits():
   rng = np.random.RandomState(0)
-  return (rng.normal(0, 3, (6, 5)).astype(np.float32), rng.normal(0, 3, (6, 5)).astype(np.float32),
-          rng.randint(0, 5, 6))
+  return (
+    rng.normal(0, 3, (6, 5)).astype(np.float32),
+    rng.normal(0, 3, (6, 5)).astype(np.float32),
+    rng.randint(0, 5, 6),
+  )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_kd_matches_numpy(logits, temperature):
   t, s, _ = logits
   got = losses.kd(tf.constant(t), tf.constant(s), temperature).numpy()
-  np.testing.assert_allclose(got, np_kd(t.astype(np.float64), s.astype(np.float64), temperature), rtol=1e-5)
+  np.testing.assert_allclose(
+    got, np_kd(t.astype(np.float64), s.astype(np.float64), temperature), rtol=1e-5
+  )
 
 
 def test_kd_hand_computed_value():
@@ -69,20 +74,26 @@ def test_kd_is_minimised_by_the_teacher(logits):
 
 def test_label_ce_matches_numpy(logits):
   _, s, y = logits
-  np.testing.assert_allclose(losses.label_ce(tf.constant(y), tf.constant(s)).numpy(), np_ce(y, s), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.label_ce(tf.constant(y), tf.constant(s)).numpy(), np_ce(y, s), rtol=1e-5
+  )
 
 
 def test_teacher_is_never_differentiated(logits):
   t, s, _ = logits
   t_var = tf.Variable(t)
   with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(losses.kd(t_var, tf.constant(s), 2.0)) + tf.reduce_sum(losses.cwtm_weights(t_var))
+    loss = tf.reduce_sum(losses.kd(t_var, tf.constant(s), 2.0)) + tf.reduce_sum(
+      losses.cwtm_weights(t_var)
+    )
   assert tape.gradient(loss, t_var) is None
 
 
 def test_cwtm_weights_are_teacher_max_probability(logits):
   t, _, _ = logits
-  np.testing.assert_allclose(losses.cwtm_weights(tf.constant(t)).numpy(), np_softmax(t).max(-1), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.cwtm_weights(tf.constant(t)).numpy(), np_softmax(t).max(-1), rtol=1e-5
+  )
 
 
 def test_dkpp_keeps_argmax_and_multiset():

@@ -11,14 +11,22 @@ import pytest
 
 from ban_tf import models
 
-_SLOW = pytest.mark.skipif(not os.environ.get("BAN_SLOW_TESTS"),
-                           reason="slow; set BAN_SLOW_TESTS=1")
+_SLOW = pytest.mark.skipif(
+  not os.environ.get("BAN_SLOW_TESTS"), reason="slow; set BAN_SLOW_TESTS=1"
+)
 
 
-@pytest.mark.parametrize("arch,family", [
-    ("wrn-28-10", "wrn"), ("WRN-16-4", "wrn"), ("densenet-90-60", "densenet"),
-    ("densenet-112-33", "densenet"), ("preact-resnet-20", "preact_resnet"), ("tiny", "tiny"),
-])
+@pytest.mark.parametrize(
+  "arch,family",
+  [
+    ("wrn-28-10", "wrn"),
+    ("WRN-16-4", "wrn"),
+    ("densenet-90-60", "densenet"),
+    ("densenet-112-33", "densenet"),
+    ("preact-resnet-20", "preact_resnet"),
+    ("tiny", "tiny"),
+  ],
+)
 def test_parse_arch_accepts(arch, family):
   assert models.parse_arch(arch)["family"] == family
 
@@ -36,17 +44,31 @@ def test_parse_arch_fields():
   old = models.parse_arch("densenet-14-14-15-60")
   assert (old["layers_per_block"], old["growth"], old["depth"]) == ((14, 14, 15), 60, 90)
   c = models.parse_arch("DenseNet-90-60-c0.375")
-  assert (c["layers_per_block"], c["compression"], c["name"]) == ((14, 14, 14), 0.375, "densenet_90_60_c0p375")
+  assert (c["layers_per_block"], c["compression"], c["name"]) == (
+    (14, 14, 14),
+    0.375,
+    "densenet_90_60_c0p375",
+  )
   assert models.parse_arch("wrn-28-1")["name"] == "wrn_28_1"
 
 
-@pytest.mark.parametrize("arch,fragment", [
-    ("resnet-50", "unknown"), ("wrn-27-1", "6n+4"), ("wrn-28", "unknown"), ("wrn-28-0", ">= 1"),
-    ("densenet-81-12", "even"), ("densenet-90-60-c0", "(0, 1]"), ("densenet-90-60-c1.5", "(0, 1]"),
-    ("densenet-0-2-2-12", ">= 1 layer"), ("densenet-90-60-0.5", "unknown"),
-    ("preact-resnet-21", "6n+2"), ("", "unknown"),
+@pytest.mark.parametrize(
+  "arch,fragment",
+  [
+    ("resnet-50", "unknown"),
+    ("wrn-27-1", "6n+4"),
+    ("wrn-28", "unknown"),
+    ("wrn-28-0", ">= 1"),
+    ("densenet-81-12", "even"),
+    ("densenet-90-60-c0", "(0, 1]"),
+    ("densenet-90-60-c1.5", "(0, 1]"),
+    ("densenet-0-2-2-12", ">= 1 layer"),
+    ("densenet-90-60-0.5", "unknown"),
+    ("preact-resnet-21", "6n+2"),
+    ("", "unknown"),
     ("tiny-1", "unknown"),
-])
+  ],
+)
 def test_parse_arch_rejects(arch, fragment):
   with pytest.raises(ValueError) as err:
     models.parse_arch(arch)
@@ -111,15 +133,20 @@ def test_bad_build_args():
     models.build_model("tiny", 0, (32, 32, 3))
 
 
-@pytest.mark.parametrize("arch,paper,tol", [
-    ("wrn-28-1", 0.38e6, 0.05), ("wrn-28-2", 1.48e6, 0.05), ("preact-resnet-20", 0.27e6, 0.05),
+@pytest.mark.parametrize(
+  "arch,paper,tol",
+  [
+    ("wrn-28-1", 0.38e6, 0.05),
+    ("wrn-28-2", 1.48e6, 0.05),
+    ("preact-resnet-20", 0.27e6, 0.05),
     pytest.param("wrn-28-5", 9.16e6, 0.05, marks=_SLOW),
     pytest.param("wrn-28-10", 36.5e6, 0.05, marks=_SLOW),
     ("densenet-106-33", 6.3e6, 0.02),  # the paper's "112-33"
     pytest.param("densenet-90-60", 16.1e6, 0.07, marks=_SLOW),
     pytest.param("densenet-80-80", 22.4e6, 0.07, marks=_SLOW),
     pytest.param("densenet-80-120", 50.4e6, 0.07, marks=_SLOW),
-])
+  ],
+)
 def test_param_counts_match_paper(arch, paper, tol):
   for num_classes in (10, 100):
     n = models.count_params(models.build_model(arch, num_classes, (32, 32, 3)))
@@ -127,29 +154,50 @@ def test_param_counts_match_paper(arch, paper, tol):
     assert n == models.param_count(arch, num_classes)
 
 
-@pytest.mark.parametrize("arch", [
-    "tiny", "wrn-10-2", "preact-resnet-8", "densenet-10-4", "densenet-22-3", "densenet-16-6-c0.75",
-    "densenet-1-2-3-5-c0.3", "wrnw-2-6-8-12-16-20", "wrnw-1-4-4-4-4", "prebw-1-6-8-12-16",
-    "prebw-2-6-8-12-16-24"])
+@pytest.mark.parametrize(
+  "arch",
+  [
+    "tiny",
+    "wrn-10-2",
+    "preact-resnet-8",
+    "densenet-10-4",
+    "densenet-22-3",
+    "densenet-16-6-c0.75",
+    "densenet-1-2-3-5-c0.3",
+    "wrnw-2-6-8-12-16-20",
+    "wrnw-1-4-4-4-4",
+    "prebw-1-6-8-12-16",
+    "prebw-2-6-8-12-16-24",
+  ],
+)
 def test_param_count_formula_equals_the_keras_build(arch):
   for num_classes, channels in ((7, 3), (3, 1)):
     model = models.build_model(arch, num_classes, (8, 8, channels))
-    assert models.param_count(arch, num_classes, channels) == models.count_params(model), (num_classes, channels)
+    assert models.param_count(arch, num_classes, channels) == models.count_params(model), (
+      num_classes,
+      channels,
+    )
 
 
 # Trainable parameters (pure-Python formula, equal to the Keras build) pinned per arch and
 # number of classes. The paper's counts and our differences: docs/presets.md.
 _PINNED = {
-    ("densenet-106-33", 10): 6_270_851, ("densenet-106-33", 100): 6_360_761,
-    ("densenet-112-33", 100): 6_987_916,
-    ("densenet-90-60", 10): 15_054_010, ("densenet-90-60", 100): 15_189_100,
-    ("densenet-14-14-15-60", 100): 15_688_300,  # the previous reading of 90-60
-    ("densenet-80-80", 100): 21_104_180, ("densenet-80-120", 100): 47_277_820,
-    # Table 4 students of DenseNet-90-60.
-    ("densenet-46-120", 100): 21_213_220, ("densenet-172-30", 100): 12_232_300,
-    ("densenet-256-20", 100): 11_290_820, ("densenet-340-15", 100): 10_850_183,
-    ("densenet-90-60-c0.25", 100): 12_204_400, ("densenet-90-60-c0.375", 100): 13_603_000,
-    ("densenet-90-60-c0.75", 100): 18_967_000,
+  ("densenet-106-33", 10): 6_270_851,
+  ("densenet-106-33", 100): 6_360_761,
+  ("densenet-112-33", 100): 6_987_916,
+  ("densenet-90-60", 10): 15_054_010,
+  ("densenet-90-60", 100): 15_189_100,
+  ("densenet-14-14-15-60", 100): 15_688_300,  # the previous reading of 90-60
+  ("densenet-80-80", 100): 21_104_180,
+  ("densenet-80-120", 100): 47_277_820,
+  # Table 4 students of DenseNet-90-60.
+  ("densenet-46-120", 100): 21_213_220,
+  ("densenet-172-30", 100): 12_232_300,
+  ("densenet-256-20", 100): 11_290_820,
+  ("densenet-340-15", 100): 10_850_183,
+  ("densenet-90-60-c0.25", 100): 12_204_400,
+  ("densenet-90-60-c0.375", 100): 13_603_000,
+  ("densenet-90-60-c0.75", 100): 18_967_000,
 }
 
 
@@ -229,6 +277,7 @@ def _bn_pair(channels, **kwargs):
 def test_fused_batch_norm_matches_keras(training):
   """Outputs, moving statistics and gradients equal keras.layers.BatchNormalization's."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   fused, plain = _bn_pair(3)
   before = fused.moving_variance.numpy(), fused.moving_mean.numpy()
   x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (4, 5, 5, 3)).astype("float32"))
@@ -246,32 +295,40 @@ def test_fused_batch_norm_matches_keras(training):
   # NumPy golden values for the statistics: biased batch variance, momentum 0.7.
   flat = x.numpy().reshape(-1, 3)
   if training:
-    np.testing.assert_allclose(fused.moving_variance.numpy(),
-                               0.7 * before[0] + 0.3 * flat.var(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(fused.moving_mean.numpy(),
-                               0.7 * before[1] + 0.3 * flat.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+      fused.moving_variance.numpy(), 0.7 * before[0] + 0.3 * flat.var(axis=0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+      fused.moving_mean.numpy(), 0.7 * before[1] + 0.3 * flat.mean(axis=0), rtol=1e-5
+    )
     gamma, beta = fused.gamma.numpy(), fused.beta.numpy()
     expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5) * gamma + beta
   else:
     np.testing.assert_array_equal(fused.moving_variance.numpy(), before[0])
     gamma, beta = fused.gamma.numpy(), fused.beta.numpy()
     expected = (flat - before[1]) / np.sqrt(before[0] + 1e-5) * gamma + beta
-  np.testing.assert_allclose(np.asarray(results[0][0]).reshape(-1, 3), expected, rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(results[0][0]).reshape(-1, 3), expected, rtol=1e-4, atol=1e-4
+  )
 
 
 def test_fused_batch_norm_uses_fused_kernel_and_falls_back():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   fused, _ = _bn_pair(3)
-  graph = tf.function(lambda x: fused(x, training=True)).get_concrete_function(
-      tf.TensorSpec((None, None, None, 3))).graph
+  graph = (
+    tf.function(lambda x: fused(x, training=True))
+    .get_concrete_function(tf.TensorSpec((None, None, None, 3)))
+    .graph
+  )
   assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
   # Rank 2 (not fusable) takes the Keras path and still agrees.
   dense_fused = models.FusedBatchNormalization()
   dense_plain = keras.layers.BatchNormalization()
   x = np.random.default_rng(2).normal(size=(8, 3)).astype("float32")
-  np.testing.assert_allclose(dense_fused(x, training=True), dense_plain(x, training=True),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    dense_fused(x, training=True), dense_plain(x, training=True), atol=1e-5
+  )
 
 
 def test_fused_batch_norm_mixed_precision_and_serialisation(tmp_path):
@@ -296,7 +353,9 @@ def test_to_stock_same_model_with_keras_batch_norm():
   """What model.keras holds: stock BatchNormalization, same weights, names, frozen layers
   and outputs (inference and training mode); the original keeps its fused layers."""
   keras.utils.set_random_seed(4)
-  model = models.build_model("preact-resnet-8", 10, (16, 16, 3), mean=(1.0, 2.0, 3.0), std=(9.0, 8.0, 7.0))
+  model = models.build_model(
+    "preact-resnet-8", 10, (16, 16, 3), mean=(1.0, 2.0, 3.0), std=(9.0, 8.0, 7.0)
+  )
   model.get_layer("stem").trainable = False
   stock = models.to_stock(model)
   assert models.has_fused_layers(model) and not models.has_fused_layers(stock)

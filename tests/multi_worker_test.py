@@ -36,22 +36,42 @@ def _free_ports(n):
   return ports
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")),
-                    reason="needs the shared fashion_mnist TFDS directory")
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")),
+  reason="needs the shared fashion_mnist TFDS directory",
+)
 def test_two_workers_train_identical_weights_and_chief_writes_once(tmp_path):
   run_dir = tmp_path / "run"
   cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
   procs = []
   for index in range(2):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-               TMPDIR=str(tmp_path))  # worker-private directories land here, so the test can see them
-    cmd = [sys.executable, "-m", "ban_tf.main", "--strategy=multi_worker", "--arch=tiny",
-           "--dataset=fashion_mnist", f"--data_dir={SHARED_TFDS}", "--train_examples=128",
-           "--epochs=1", "--gens=1", "--batch_size=32", f"--run_dir={run_dir}", "--verbose=0",
-           "--logtostderr"]
+    env = dict(
+      os.environ,
+      TF_CPP_MIN_LOG_LEVEL="2",
+      CUDA_VISIBLE_DEVICES="",
+      TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+      TMPDIR=str(tmp_path),
+    )  # worker-private directories land here, so the test can see them
+    cmd = [
+      sys.executable,
+      "-m",
+      "ban_tf.main",
+      "--strategy=multi_worker",
+      "--arch=tiny",
+      "--dataset=fashion_mnist",
+      f"--data_dir={SHARED_TFDS}",
+      "--train_examples=128",
+      "--epochs=1",
+      "--gens=1",
+      "--batch_size=32",
+      f"--run_dir={run_dir}",
+      "--verbose=0",
+      "--logtostderr",
+    ]
     log = open(tmp_path / f"worker{index}.log", "w")
-    procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    procs.append(
+      (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    )
   try:
     codes = [p.wait(timeout=600) for p, _ in procs]
   finally:
@@ -70,11 +90,24 @@ def test_two_workers_train_identical_weights_and_chief_writes_once(tmp_path):
 
   # Written once, by the chief only; the other worker's private directory is gone.
   names = sorted(os.listdir(run_dir))
-  assert names == [".lock", "config.json", "gen_0", "gen_1", "log.txt", "manifest.json", "report.png",
-                   "results.json", "results.md", "tb"]
+  assert names == [
+    ".lock",
+    "config.json",
+    "gen_0",
+    "gen_1",
+    "log.txt",
+    "manifest.json",
+    "report.png",
+    "results.json",
+    "results.md",
+    "tb",
+  ]
   for gen, name in ((0, "Teacher"), (1, "BAN-1")):
-    scalars = [f for f in glob.glob(str(run_dir / "tb" / name / "events.out.tfevents.*"))
-               if not f.endswith(".hparams")]
+    scalars = [
+      f
+      for f in glob.glob(str(run_dir / "tb" / name / "events.out.tfevents.*"))
+      if not f.endswith(".hparams")
+    ]
     assert len(scalars) == 1, scalars
     assert not os.path.exists(run_dir / f"gen_{gen}" / "ckpt")
   assert not glob.glob(str(tmp_path / "ban_tf_worker*"))

@@ -78,7 +78,9 @@ def test_issue_example_33_of_65(strategy):
   np.testing.assert_allclose(got["label_loss"], _np_ce(logits, y).mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("n", [48, 53, 7])  # divides batch and replicas; neither; < batch (3: [4, 3, 0])
+@pytest.mark.parametrize(
+  "n", [48, 53, 7]
+)  # divides batch and replicas; neither; < batch (3: [4, 3, 0])
 @pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
 def test_eval_metrics_are_global_for_any_split(strategy, n, padded):
   batch = 12
@@ -107,12 +109,13 @@ def _lm_windows(rows, length, bptt, vocab, seed):
   out = []
   for s in range(0, length - 1, bptt):
     t = min(bptt, length - 1 - s)
-    out.append((ids[:, s:s + t], ids[:, s + 1:s + 1 + t]))
+    out.append((ids[:, s : s + t], ids[:, s + 1 : s + 1 + t]))
   return out
 
 
 def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
   from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+
   vocab, rows, length, bptt = 13, 6, 13, 5  # windows of 5, 5 and 2 tokens
   wins = _lm_windows(rows, length, bptt, vocab, seed=3)
   keras.utils.set_random_seed(4)
@@ -122,8 +125,9 @@ def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
       v.assign(v * 60.0)
     model = distiller_lib.Distiller(student, perplexity=True)  # as the LM task builds it
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # fit below leaves the weights as they are
-  ce = np.concatenate([_np_ce(student.predict(x, verbose=0).reshape(-1, vocab), y.reshape(-1))
-                       for x, y in wins])
+  ce = np.concatenate(
+    [_np_ce(student.predict(x, verbose=0).reshape(-1, vocab), y.reshape(-1)) for x, y in wins]
+  )
   ds = None
   for x, y in wins:
     d = tf.data.Dataset.from_tensors((x, y))
@@ -135,15 +139,24 @@ def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
   # Per-row weights apply to every token of the row: zero-weight rows count for nothing.
   w = np.r_[np.ones(rows // 2), np.zeros(rows - rows // 2)].astype(np.float32)
   weighted = tf.data.Dataset.from_tensor_slices(
-      tuple(np.stack(a) for a in zip(*[(x, y) for x, y in wins[:2]]))).map(lambda x, y: (x, y, w))
-  half = np.concatenate([_np_ce(student.predict(x[:rows // 2], verbose=0).reshape(-1, vocab),
-                                y[:rows // 2].reshape(-1)) for x, y in wins[:2]])
+    tuple(np.stack(a) for a in zip(*[(x, y) for x, y in wins[:2]]))
+  ).map(lambda x, y: (x, y, w))
+  half = np.concatenate(
+    [
+      _np_ce(
+        student.predict(x[: rows // 2], verbose=0).reshape(-1, vocab), y[: rows // 2].reshape(-1)
+      )
+      for x, y in wins[:2]
+    ]
+  )
   got_w = model.evaluate(weighted, verbose=0, return_dict=True)
   np.testing.assert_allclose(got_w["label_loss"], half.mean(), rtol=1e-5)
   # What the plateau schedule and history.json read: fit's validation logs.
   train = tf.data.Dataset.from_tensors(wins[0])
   hist = model.fit(train, validation_data=ds, epochs=1, verbose=0).history
-  np.testing.assert_allclose(hist["val_perplexity"][-1], math.exp(hist["val_label_loss"][-1]), rtol=1e-6)
+  np.testing.assert_allclose(
+    hist["val_perplexity"][-1], math.exp(hist["val_label_loss"][-1]), rtol=1e-6
+  )
   np.testing.assert_allclose(hist["val_label_loss"][-1], ce.mean(), rtol=1e-5)
   assert "perplexity" not in hist  # training logs keep their own metrics
 
@@ -202,14 +215,17 @@ def test_sync_batchnorm_trains_like_one_device():
   for a, b in zip(one.get_weights(), three.get_weights()):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
   plain = _bn_step(strategy_for(3), False, x, y, lr=0.1)
-  assert any(not np.allclose(a, b, rtol=1e-4, atol=1e-5)
-             for a, b in zip(one.trainable_weights, plain.trainable_weights))  # the test can fail
+  assert any(
+    not np.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(one.trainable_weights, plain.trainable_weights)
+  )  # the test can fail
 
 
 # ---- end to end: no crash, evaluate == results.json == history.json ---------------------------------
 @contextlib.contextmanager
 def _mock_fashion_mnist(num_examples):
   from ban_tf import bench  # pylint: disable=g-import-not-at-top
+
   with bench.tfds_mock(num_examples):
     yield
 
@@ -221,6 +237,7 @@ def _assert_evaluate_matches_results(run_dir):
   exp of a float32 mean); every generation and ensemble, val and test.
   """
   from ban_tf import evaluate, export  # pylint: disable=g-import-not-at-top
+
   results = export.read_json(os.path.join(run_dir, "results.json"))
   evaluated = evaluate.evaluate_run(run_dir)
   assert evaluated["splits"] == ["val", "test"]
@@ -230,8 +247,13 @@ def _assert_evaluate_matches_results(run_dir):
   assert {"val_accuracy", "test_accuracy"} <= set(diffs), diffs
   for field, diff in diffs.items():
     if field.endswith("perplexity"):
-      worst = max(abs(r[field] / e[field] - 1) for r, e in zip(
-          results["generations"] + results["ensembles"], evaluated["generations"] + evaluated["ensembles"]))
+      worst = max(
+        abs(r[field] / e[field] - 1)
+        for r, e in zip(
+          results["generations"] + results["ensembles"],
+          evaluated["generations"] + evaluated["ensembles"],
+        )
+      )
       assert worst <= 1e-6, (field, worst)
     else:
       assert diff <= 1e-6, (field, diff)
@@ -255,10 +277,21 @@ def test_run_exports_what_it_reports(tmp_path, capsys, replicas, gens):
   changes no file. 3 replicas (--sync_batchnorm, a share of 4, 0, 0):
   test_run_matrix_on_several_replicas."""
   from ban_tf import config, main  # pylint: disable=g-import-not-at-top
+
   run_dir = str(tmp_path / "run")
-  cfg = config.Config(dataset="fashion_mnist", arch="tiny", train_examples=60, val_examples=37,
-                      batch_size=12, epochs=1, gens=gens, num_cpu_devices=replicas, run_dir=run_dir,
-                      lr=0.05, verbose="0")
+  cfg = config.Config(
+    dataset="fashion_mnist",
+    arch="tiny",
+    train_examples=60,
+    val_examples=37,
+    batch_size=12,
+    epochs=1,
+    gens=gens,
+    num_cpu_devices=replicas,
+    run_dir=run_dir,
+    lr=0.05,
+    verbose="0",
+  )
   with _mock_fashion_mnist(100):
     main.run(cfg)
     results = _assert_evaluate_matches_results(run_dir)
@@ -267,6 +300,7 @@ def test_run_exports_what_it_reports(tmp_path, capsys, replicas, gens):
       capsys.readouterr()
       main.run(cfg)
       return capsys.readouterr().out
+
     _assert_rerun_changes_nothing(run_dir, rerun, gens)
   assert len(results["generations"]) == gens + 1 and len(results["ensembles"]) == max(gens - 1, 0)
 
@@ -282,8 +316,17 @@ def _synchronized_batchnorm(run_dir):
 # Split sizes that divide neither the batch nor the replicas. Image: 200 train examples at
 # batch 24 (the last 8 dropped), 50 val and 100 test (last batches of 2 and 4: on 3 replicas
 # one share is empty). LM: the lm_e2e corpus at batch 6 and bptt 7 (the last window shorter).
-_IMAGE = ["--task=image", "--dataset=fashion_mnist", f"--data_dir={SHARED_TFDS}", "--arch=tiny",
-          "--train_examples=200", "--val_examples=50", "--test_split=test[:100]", "--batch_size=24", "--lr=0.05"]
+_IMAGE = [
+  "--task=image",
+  "--dataset=fashion_mnist",
+  f"--data_dir={SHARED_TFDS}",
+  "--arch=tiny",
+  "--train_examples=200",
+  "--val_examples=50",
+  "--test_split=test[:100]",
+  "--batch_size=24",
+  "--lr=0.05",
+]
 
 
 _LM_BATCH, _LM_BPTT = 6, 7
@@ -291,9 +334,21 @@ _LM_BATCH, _LM_BPTT = 6, 7
 
 def _lm_argv(directory):
   from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+
   lm_ref._corpus(directory)  # pylint: disable=protected-access
-  return ["--task=lm", "--dataset=ptb", f"--ptb_dir={directory}", "--arch=lstm-1-16", f"--batch_size={_LM_BATCH}",
-          f"--bptt={_LM_BPTT}", "--lr=1.0", "--momentum=0", "--weight_decay=0", "--clip_norm=5", "--loss=ban_l"]
+  return [
+    "--task=lm",
+    "--dataset=ptb",
+    f"--ptb_dir={directory}",
+    "--arch=lstm-1-16",
+    f"--batch_size={_LM_BATCH}",
+    f"--bptt={_LM_BPTT}",
+    "--lr=1.0",
+    "--momentum=0",
+    "--weight_decay=0",
+    "--clip_norm=5",
+    "--loss=ban_l",
+  ]
 
 
 def _files(run_dir):
@@ -305,7 +360,11 @@ def _files(run_dir):
     for name in names:
       path = os.path.join(parent, name)
       rel = os.path.relpath(path, run_dir)
-      if name in (".lock", "log.txt") or name.endswith(".hparams") or rel.startswith(os.path.join("tb", "BANE-")):
+      if (
+        name in (".lock", "log.txt")
+        or name.endswith(".hparams")
+        or rel.startswith(os.path.join("tb", "BANE-"))
+      ):
         continue
       with open(path, "rb") as f:
         out[rel] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
@@ -332,18 +391,21 @@ def _assert_rerun_changes_nothing(run_dir, rerun, gens):
 def _outputs(run_dir, gens, *run_dirs):
   """What a run reports, wall-clock fields aside and `run_dirs` as <run>: results.json,
   every generation's metrics.json and history.json, and its SavedModel's fingerprint outputs."""
+
   def load(rel):
     with open(os.path.join(run_dir, rel)) as f:
       text = f.read()
     for d in run_dirs:
       text = text.replace(os.path.abspath(d), "<run>")
     return _drop_seconds(json.loads(text))
+
   out = {"results.json": load("results.json")}
   for g in range(gens + 1):
     for name in ("metrics.json", "history.json"):
       out[f"gen_{g}/{name}"] = load(f"gen_{g}/{name}")
     out[f"gen_{g}/fingerprint"] = np.load(
-        os.path.join(run_dir, f"gen_{g}", "saved_model", "fingerprint.npz"))["outputs"].tolist()
+      os.path.join(run_dir, f"gen_{g}", "saved_model", "fingerprint.npz")
+    )["outputs"].tolist()
   return out
 
 
@@ -356,16 +418,42 @@ def _drop_seconds(x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,replicas,gens,epochs,kill,extra,full", [
-    ("image", 2, 0, 2, "sigkill", [], False),  # evaluate and rerun: test_run_exports_what_it_reports
+@pytest.mark.parametrize(
+  "task,replicas,gens,epochs,kill,extra,full",
+  [
+    (
+      "image",
+      2,
+      0,
+      2,
+      "sigkill",
+      [],
+      False,
+    ),  # evaluate and rerun: test_run_exports_what_it_reports
     ("image", 3, 0, 2, "enospc", ["--sync_batchnorm"], True),
     ("lm", 2, 1, 2, "enospc", ["--lm_state=reset"], True),
-    ("lm", 2, 0, 2, "enospc", [], False),  # --lm_state=carry; evaluate: lm-3replica-carry, rerun: lm-2replica-reset
+    (
+      "lm",
+      2,
+      0,
+      2,
+      "enospc",
+      [],
+      False,
+    ),  # --lm_state=carry; evaluate: lm-3replica-carry, rerun: lm-2replica-reset
     ("lm", 3, 2, 2, "enospc", [], True),
-], ids=["image-2replica", "image-3replica-sync_batchnorm", "lm-2replica-reset", "lm-2replica-carry",
-        "lm-3replica-carry"])
-def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extra, full, tmp_path, monkeypatch,
-                                        capsys, caplog):
+  ],
+  ids=[
+    "image-2replica",
+    "image-3replica-sync_batchnorm",
+    "lm-2replica-reset",
+    "lm-2replica-carry",
+    "lm-3replica-carry",
+  ],
+)
+def test_run_matrix_on_several_replicas(
+  task, replicas, gens, epochs, kill, extra, full, tmp_path, monkeypatch, capsys, caplog
+):
   """One cell per (task, replicas, state), in this process (--deterministic):
 
   1. a fresh run (with gens >= 1: of gens - 1 generations, copied for step 4, then the
@@ -382,10 +470,16 @@ def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extr
   averaged or synchronised), carried state and optimizer slots, also in a new process.
   """
   from ban_tf import report  # pylint: disable=g-import-not-at-top
-  argv = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + extra + [
-      f"--epochs={epochs}", "--deterministic", "--verbose=0", f"--num_cpu_devices={replicas}"]
+
+  argv = (
+    (_IMAGE if task == "image" else _lm_argv(str(tmp_path)))
+    + extra
+    + [f"--epochs={epochs}", "--deterministic", "--verbose=0", f"--num_cpu_devices={replicas}"]
+  )
   whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-  main = lambda run_dir, g=gens: run_main(monkeypatch, capsys, argv + [f"--gens={g}", f"--run_dir={run_dir}"])
+  main = lambda run_dir, g=gens: run_main(
+    monkeypatch, capsys, argv + [f"--gens={g}", f"--run_dir={run_dir}"]
+  )
   if gens >= 1:
     code, out, err = main(whole, gens - 1)
     assert code == 0, err
@@ -400,13 +494,23 @@ def test_run_matrix_on_several_replicas(task, replicas, gens, epochs, kill, extr
   if full:
     results = _assert_evaluate_matches_results(whole)
     if task == "lm":
-      _assert_lm_matches_numpy(whole, results, str(tmp_path), "reset" if "--lm_state=reset" in extra else "carry")
+      _assert_lm_matches_numpy(
+        whole, results, str(tmp_path), "reset" if "--lm_state=reset" in extra else "carry"
+      )
     _assert_rerun_changes_nothing(whole, lambda: _check_ok(main(whole)), gens)
 
   if kill == "sigkill":  # a real SIGKILL of the process, right after the epoch-1 checkpoint
-    env = dict(os.environ, BAN_TF_FAULT=f"kill_after_checkpoint@gen_{gens}/epoch_1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "ban_tf.main"] + argv + [f"--gens={gens}", f"--run_dir={broken}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+      os.environ, BAN_TF_FAULT=f"kill_after_checkpoint@gen_{gens}/epoch_1", TF_CPP_MIN_LOG_LEVEL="2"
+    )
+    proc = subprocess.run(
+      [sys.executable, "-m", "ban_tf.main"] + argv + [f"--gens={gens}", f"--run_dir={broken}"],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].endswith(f", {replicas} replicas"), proc.stdout
   elif kill == "enospc":  # stopped by a full disk where the epoch-2 checkpoint is saved
@@ -443,10 +547,13 @@ def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
   """The last row's val perplexity (BANE-k if any) == NumPy on its model.keras files."""
   from ban_tf import text_data  # pylint: disable=g-import-not-at-top
   from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
+
   ids = text_data.TextDataset("ptb", ptb_dir=ptb_dir, bptt=_LM_BPTT).ids
   row = (results["ensembles"] or results["generations"])[-1]
-  members = [keras.saving.load_model(os.path.join(run_dir, f"gen_{g}", "model.keras"), compile=False)
-             for g in row.get("members", [row.get("gen")])]
+  members = [
+    keras.saving.load_model(os.path.join(run_dir, f"gen_{g}", "model.keras"), compile=False)
+    for g in row.get("members", [row.get("gen")])
+  ]
   want = lm_ref._numpy_perplexity(members, ids["val"], _LM_BATCH, _LM_BPTT, state)  # pylint: disable=protected-access
   np.testing.assert_allclose(row["val_perplexity"], want, rtol=1e-5)
 
@@ -455,13 +562,17 @@ def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
 @pytest.mark.parametrize("n,batch", [(13, 6), (12, 6), (4, 6)])
 def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
   from ban_tf import data  # pylint: disable=g-import-not-at-top
-  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", val_examples=n,
-                    test_split="test[:10]")
+
+  ds = data.Dataset(
+    "fashion_mnist", SHARED_TFDS, train_split="train[:40]", val_examples=n, test_split="test[:10]"
+  )
   batches = [[t.numpy() for t in b] for b in ds.val(batch)]
   assert all(len(b) == 3 and b[0].shape[0] == batch for b in batches)  # every batch full
   assert len(batches) == -(-n // batch)  # no extra batch
   w = np.concatenate([b[2] for b in batches])
-  np.testing.assert_array_equal(w, np.r_[np.ones(n), np.zeros(len(w) - n)])  # real examples first, in order
+  np.testing.assert_array_equal(
+    w, np.r_[np.ones(n), np.zeros(len(w) - n)]
+  )  # real examples first, in order
   ref = data.Dataset("fashion_mnist", SHARED_TFDS, train_split="train[:40]", test_split="test[:10]")
   tail = np.stack([x for x, _ in ref._train_src.skip(40 - n)])  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.concatenate([b[0] for b in batches])[:n], tail)

@@ -12,8 +12,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def _pins(lines):
-  return sorted(re.sub(r"\s+", "", l).lower().replace("_", "-") for l in lines
-                if l.strip() and not l.strip().startswith("#"))
+  return sorted(
+    re.sub(r"\s+", "", l).lower().replace("_", "-")
+    for l in lines
+    if l.strip() and not l.strip().startswith("#")
+  )
 
 
 def test_pyproject_pins_equal_requirements():

@@ -26,9 +26,15 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import paper_presets  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Table 6 (language models) presets are checked by tests/lm_test.py.
-PRESETS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                   "flags", "paper", "*.flags"))
-                 if not os.path.basename(p).startswith("table6_"))
+PRESETS = sorted(
+  p
+  for p in glob.glob(
+    os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags", "paper", "*.flags"
+    )
+  )
+  if not os.path.basename(p).startswith("table6_")
+)
 _CLASSES = {"cifar10": 10, "cifar100": 100}
 _BUILT = set()
 
@@ -42,7 +48,13 @@ def _config(path):
 
 def test_every_table_has_presets():
   names = [os.path.basename(p) for p in PRESETS]
-  for table, count in (("table1_", 8), ("table2_", 24), ("table3_", 12), ("table4_", 7), ("table5_", 6)):
+  for table, count in (
+    ("table1_", 8),
+    ("table2_", 24),
+    ("table3_", 12),
+    ("table4_", 7),
+    ("table5_", 6),
+  ):
     assert sum(n.startswith(table) for n in names) == count, table
   for loss in ("ban", "ban_l", "cwtm", "dkpp", "sequence"):
     assert "table2_densenet-112-33_" + loss + ".flags" in names
@@ -60,7 +72,7 @@ def test_preset(path):
   table = os.path.basename(path).split("_")[0]
   assert cfg.dataset == ("cifar10" if table == "table1" else "cifar100")
   num_classes = _CLASSES[cfg.dataset]
-  loss = os.path.basename(path)[:-len(".flags")].split("_", 2)[-1]
+  loss = os.path.basename(path)[: -len(".flags")].split("_", 2)[-1]
   if loss in ("ban_l", "cwtm", "dkpp"):
     assert cfg.resolved_loss == loss
   if loss == "sequence":
@@ -94,7 +106,7 @@ def test_one_teacher_per_row():
   the one teacher their row's *_teacher preset trains (gens=0), with its architecture."""
   teachers = _by_run_dir()
   for path in PRESETS:
-    name = os.path.basename(path)[:-len(".flags")]
+    name = os.path.basename(path)[: -len(".flags")]
     cfg = _config(path)
     table = name.split("_")[0]
     if name.endswith("_teacher"):
@@ -106,10 +118,14 @@ def test_one_teacher_per_row():
     assert cfg.teacher and cfg.teacher.endswith("/gen_0"), name
     assert cfg.run_dir == f"runs/paper/{name}"  # every column has its own run directory
     teacher_file, teacher = teachers[os.path.dirname(cfg.teacher)]
-    row = "_".join(name.split("_")[:2]) if table in ("table2", "table3") else "table2_densenet-90-60"
+    row = (
+      "_".join(name.split("_")[:2]) if table in ("table2", "table3") else "table2_densenet-90-60"
+    )
     assert teacher_file == f"{row}_teacher.flags", name
     assert teacher.dataset == cfg.dataset and teacher.arch_for(0) == cfg.arch_for(0), name
-    if table == "table3":  # the WRN paper's dropout for the WRN teacher; the DenseNet student has none
+    if (
+      table == "table3"
+    ):  # the WRN paper's dropout for the WRN teacher; the DenseNet student has none
       assert teacher.dropout_for(0) == 0.3
       assert cfg.dropout_for(1) == (0.3 if name.endswith("_ban") else 0.0)
   # BAN and BAN-1 of one teacher have different seeds.
@@ -128,18 +144,24 @@ def test_short_presets_use_all_training_images(name):
 
 
 def test_table4_students():
-  want = {"0.5x-depth": ("densenet-46-120", (7, 7, 7), 120, 0.5),
-          "2x-depth": ("densenet-172-30", (28, 28, 28), 30, 0.5),
-          "3x-depth": ("densenet-256-20", (42, 42, 42), 20, 0.5),
-          "4x-depth": ("densenet-340-15", (56, 56, 56), 15, 0.5),
-          "0.5x-compression": ("densenet-90-60-c0.25", (14, 14, 14), 60, 0.25),
-          "0.75x-compression": ("densenet-90-60-c0.375", (14, 14, 14), 60, 0.375),
-          "1.5x-compression": ("densenet-90-60-c0.75", (14, 14, 14), 60, 0.75)}
+  want = {
+    "0.5x-depth": ("densenet-46-120", (7, 7, 7), 120, 0.5),
+    "2x-depth": ("densenet-172-30", (28, 28, 28), 30, 0.5),
+    "3x-depth": ("densenet-256-20", (42, 42, 42), 20, 0.5),
+    "4x-depth": ("densenet-340-15", (56, 56, 56), 15, 0.5),
+    "0.5x-compression": ("densenet-90-60-c0.25", (14, 14, 14), 60, 0.25),
+    "0.75x-compression": ("densenet-90-60-c0.375", (14, 14, 14), 60, 0.375),
+    "1.5x-compression": ("densenet-90-60-c0.75", (14, 14, 14), 60, 0.75),
+  }
   for row, (arch, layers, growth, compression) in want.items():
     cfg = _config(os.path.join(REPO, "flags", "paper", f"table4_{row}.flags"))
     assert cfg.arch_for(1) == arch and cfg.arch_for(0) == "densenet-90-60"
     spec = models.parse_arch(arch)
-    assert (spec["layers_per_block"], spec["growth"], spec["compression"]) == (layers, growth, compression)
+    assert (spec["layers_per_block"], spec["growth"], spec["compression"]) == (
+      layers,
+      growth,
+      compression,
+    )
     if row.endswith("depth"):  # every block adds the teacher's 14 x 60 channels
       assert sum(layers) * growth == 3 * 14 * 60
 
@@ -147,9 +169,20 @@ def test_table4_students():
 # Presets whose parameter count lands within 3% of the paper's; every other one says in
 # its header or in docs/presets.md why it cannot (DenseNet-90/80 by the (D-4)//6 reading,
 # Table 4's deeper and compressed students, Table 5's 0.5 ratio and Pre-ResNets).
-_WITHIN_3PCT = ("table1_densenet-112-33", "table2_densenet-112-33", "table1_wrn", "table3_wrn-28-1_ban",
-                "table3_wrn-28-2_ban", "table3_wrn-28-5_ban", "table3_wrn-28-10_ban", "table4_0.5x-depth",
-                "table5_match-wide-resnet-2-1", "table5_wide-resnet-1-1", "table5_wide-resnet-4-1", "table6_")
+_WITHIN_3PCT = (
+  "table1_densenet-112-33",
+  "table2_densenet-112-33",
+  "table1_wrn",
+  "table3_wrn-28-1_ban",
+  "table3_wrn-28-2_ban",
+  "table3_wrn-28-5_ban",
+  "table3_wrn-28-10_ban",
+  "table4_0.5x-depth",
+  "table5_match-wide-resnet-2-1",
+  "table5_wide-resnet-1-1",
+  "table5_wide-resnet-4-1",
+  "table6_",
+)
 
 
 def test_presets_table_counts():
@@ -161,22 +194,31 @@ def test_presets_table_counts():
       assert abs(r["diff"]) < 3.0, (name, r["params"])
   assert rows["table6_lstm.flags"]["params"] == 51_022_000  # tied 2 x 1500, V = 10,000
   assert rows["table4_0.5x-depth.flags"]["params"] == 21_213_220
-  assert rows["table5_wide-resnet-4-1.flags"]["params"] == models.param_count("wrnw-4-120-480-660-750-1500", 100)
+  assert rows["table5_wide-resnet-4-1.flags"]["params"] == models.param_count(
+    "wrnw-4-120-480-660-750-1500", 100
+  )
 
 
 def test_docs_presets_table_is_current():
   with open(os.path.join(REPO, "docs", "presets.md")) as f:
-    assert paper_presets.presets_table() in f.read(), "rerun python tools/paper_presets.py into docs/presets.md"
+    assert paper_presets.presets_table() in f.read(), (
+      "rerun python tools/paper_presets.py into docs/presets.md"
+    )
 
 
-@pytest.mark.parametrize("argv,fragment", [
+@pytest.mark.parametrize(
+  "argv,fragment",
+  [
     (["--arch=wrn-28-1", "--densenet_compression=0.25"], "needs a DenseNet"),
     (["--arch=densenet-90-60-c0.75", "--densenet_compression=0.25"], "already names"),
     (["--arch=densenet-90-60", "--densenet_compression=0"], "must be in (0, 1]"),
     (["--arch=densenet-90-60", "--densenet_compression=1.5"], "must be in (0, 1]"),
-    (["--task=lm", "--dataset=tiny_shakespeare", "--arch=lstm-1-8", "--densenet_compression=0.25"],
-     "image-only"),
-])
+    (
+      ["--task=lm", "--dataset=tiny_shakespeare", "--arch=lstm-1-8", "--densenet_compression=0.25"],
+      "image-only",
+    ),
+  ],
+)
 def test_densenet_compression_usage_errors(argv, fragment):
   fv = flags.FlagValues()
   main_lib.define_flags(fv)

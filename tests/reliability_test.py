@@ -25,8 +25,17 @@ from tests.conftest import SHARED_TFDS
 from tests.conftest import run_main
 from tests.conftest import run_main_once
 
-BASE = [f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
-        "--test_split=test[:256]", "--batch_size=32", "--epochs=1", "--verbose=0", "--deterministic"]
+BASE = [
+  f"--data_dir={SHARED_TFDS}",
+  "--dataset=fashion_mnist",
+  "--arch=tiny",
+  "--train_examples=256",
+  "--test_split=test[:256]",
+  "--batch_size=32",
+  "--epochs=1",
+  "--verbose=0",
+  "--deterministic",
+]
 FINISHED = BASE + ["--gens=2"]
 PARTIAL = [a for a in BASE if a != "--epochs=1"] + ["--epochs=3", "--gens=0"]
 
@@ -75,7 +84,10 @@ def finished(tmp_path_factory):
 def partial(tmp_path_factory):
   run_dir = _make(tmp_path_factory, "partial", PARTIAL, fault="enospc@gen_0/epoch_3")
   ckpt = os.path.join(run_dir, "gen_0", "ckpt")
-  assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == ["ckpt-1.index", "ckpt-2.index"]
+  assert sorted(n for n in os.listdir(ckpt) if n.endswith(".index")) == [
+    "ckpt-1.index",
+    "ckpt-2.index",
+  ]
   assert not os.path.exists(os.path.join(run_dir, "gen_0", "DONE"))
   return run_dir
 
@@ -105,16 +117,21 @@ def _rows(run_dir):
 
 # ---- finished runs: swapped, truncated and damaged files ---------------------------
 
+
 def _swap_gen0_saved_model(run):  # the fingerprint file travels with the directory
   shutil.rmtree(os.path.join(run, "gen_0", "saved_model"))
-  shutil.copytree(os.path.join(run, "gen_1", "saved_model"), os.path.join(run, "gen_0", "saved_model"))
+  shutil.copytree(
+    os.path.join(run, "gen_1", "saved_model"), os.path.join(run, "gen_0", "saved_model")
+  )
 
 
 def _swap_gen0_only_gen0_done(run):  # gens 1-3 would be trained from the wrong teacher
   for name in ("gen_1", "gen_2", "ensemble_2"):
     shutil.move(os.path.join(run, name), os.path.join(run, f"old_{name}"))
   shutil.rmtree(os.path.join(run, "gen_0", "saved_model"))
-  shutil.copytree(os.path.join(run, "old_gen_1", "saved_model"), os.path.join(run, "gen_0", "saved_model"))
+  shutil.copytree(
+    os.path.join(run, "old_gen_1", "saved_model"), os.path.join(run, "gen_0", "saved_model")
+  )
 
 
 def _swap_gen1_keras_no_ensembles(run):
@@ -132,26 +149,48 @@ def _write(rel, data):
   def damage(run):
     with open(os.path.join(run, rel), "wb") as f:
       f.write(data)
+
   return damage
 
 
 RANDOM = bytes((i * 97 + 13) % 256 for i in range(300))
 
 
-@pytest.mark.parametrize("damage,needles", [
-    (_swap_gen0_saved_model, ["gen_0/saved_model is not the model this run recorded for gen_0", "manifest.json"]),
+@pytest.mark.parametrize(
+  "damage,needles",
+  [
+    (
+      _swap_gen0_saved_model,
+      ["gen_0/saved_model is not the model this run recorded for gen_0", "manifest.json"],
+    ),
     (_swap_gen0_only_gen0_done, ["gen_0/saved_model is not the model this run recorded for gen_0"]),
     (_swap_gen1_keras_no_ensembles, ["gen_1/model.keras is not the model.keras this run recorded"]),
     (_truncate_gen1_keras, ["gen_1/model.keras is not the model.keras this run recorded"]),
-    (_write("gen_1/metrics.json", b'{"gen": 1, "test_'), ["gen_1/metrics.json is damaged (JSONDecodeError",
-                                                           "delete gen_1/"]),
+    (
+      _write("gen_1/metrics.json", b'{"gen": 1, "test_'),
+      ["gen_1/metrics.json is damaged (JSONDecodeError", "delete gen_1/"],
+    ),
     (_write("config.json", RANDOM), ["config.json is damaged", "--overwrite"]),
-    (_write("config.json", b"[1, 2, 3]\n"), ["config.json is damaged (a JSON list, not an object)"]),
+    (
+      _write("config.json", b"[1, 2, 3]\n"),
+      ["config.json is damaged (a JSON list, not an object)"],
+    ),
     (_write("manifest.json", b"{}"), ["manifest.json is damaged"]),
-], ids=["swap_gen0_saved_model", "swap_gen0_only_gen0_done", "swap_gen1_keras", "truncated_gen1_keras",
-        "gen1_metrics_json", "config_random_bytes", "config_json_list", "manifest_damaged"])
-def test_damaged_finished_run_is_refused_and_changes_nothing(finished, tmp_path, monkeypatch, capsys, damage,
-                                                             needles):
+  ],
+  ids=[
+    "swap_gen0_saved_model",
+    "swap_gen0_only_gen0_done",
+    "swap_gen1_keras",
+    "truncated_gen1_keras",
+    "gen1_metrics_json",
+    "config_random_bytes",
+    "config_json_list",
+    "manifest_damaged",
+  ],
+)
+def test_damaged_finished_run_is_refused_and_changes_nothing(
+  finished, tmp_path, monkeypatch, capsys, damage, needles
+):
   run = _copy(finished, tmp_path)
   damage(run)
   before = {n: _read(os.path.join(run, n)) for n in ("results.json", "results.md", "manifest.json")}
@@ -162,7 +201,9 @@ def test_damaged_finished_run_is_refused_and_changes_nothing(finished, tmp_path,
   assert not os.path.exists(os.path.join(run, "gen_3"))
 
 
-def test_damaged_ensemble_metrics_is_rebuilt_with_a_warning(finished, tmp_path, monkeypatch, capsys, caplog):
+def test_damaged_ensemble_metrics_is_rebuilt_with_a_warning(
+  finished, tmp_path, monkeypatch, capsys, caplog
+):
   run = _copy(finished, tmp_path)
   _write("ensemble_2/metrics.json", b"not json")(run)
   before = _rows(run)[1]["BANE-2"]
@@ -174,7 +215,9 @@ def test_damaged_ensemble_metrics_is_rebuilt_with_a_warning(finished, tmp_path, 
   assert after["test_accuracy"] == before["test_accuracy"] and "damaged" not in after
 
 
-def test_smaller_gens_and_a_damaged_later_generation_keep_every_row(finished, tmp_path, monkeypatch, capsys):
+def test_smaller_gens_and_a_damaged_later_generation_keep_every_row(
+  finished, tmp_path, monkeypatch, capsys
+):
   run = _copy(finished, tmp_path)
   gens, ensembles = _rows(run)
   _write("gen_1/metrics.json", b"{broken")(run)  # not used by --gens=0, but its row must survive
@@ -191,12 +234,17 @@ def test_smaller_gens_and_a_damaged_later_generation_keep_every_row(finished, tm
 
 # ---- paths, sizes and flag combinations: refused before any data is loaded ----------
 
+
 @pytest.fixture
 def read_only_dir(tmp_path):
   path = tmp_path / "ro"
   path.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                    capture_output=True).returncode != 0:
+  if (
+    subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+    ).returncode
+    != 0
+  ):
     pytest.skip("cannot mount a read-only tmpfs (needs root)")
   yield str(path)
   subprocess.run(["umount", str(path)], check=True)
@@ -220,22 +268,46 @@ def test_run_dir_on_a_read_only_file_system(read_only_dir, monkeypatch, capsys):
   _error_line(err, f"{read_only_dir} is not writable")
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["--train_examples=100000"], ["--train_examples=100000 exceeds the 60000 training examples",
-                                   "use at most 60000"]),
-    (["--train_examples=59990", "--val_examples=20"], ["exceeds the 59980 training examples",
-                                                       "--val_examples=20 are held out"]),
-    (["--teacher_arch=tiny", "--arch=wrn-10-1", "--share_stem_head"],
-     ["--share_stem_head: the teacher tiny has stem width 8 and 16 features", "student wrn-10-1 has 16 and 64"]),
-    (["--teacher_arch=tiny", "--arch=wrn-10-1", "--feature_weight=1"],
-     ["--feature_weight: the student wrn-10-1 has 64 features but the teacher tiny has 16",
-      "add --feature_projection"]),
-])
+@pytest.mark.parametrize(
+  "argv,needles",
+  [
+    (
+      ["--train_examples=100000"],
+      ["--train_examples=100000 exceeds the 60000 training examples", "use at most 60000"],
+    ),
+    (
+      ["--train_examples=59990", "--val_examples=20"],
+      ["exceeds the 59980 training examples", "--val_examples=20 are held out"],
+    ),
+    (
+      ["--teacher_arch=tiny", "--arch=wrn-10-1", "--share_stem_head"],
+      [
+        "--share_stem_head: the teacher tiny has stem width 8 and 16 features",
+        "student wrn-10-1 has 16 and 64",
+      ],
+    ),
+    (
+      ["--teacher_arch=tiny", "--arch=wrn-10-1", "--feature_weight=1"],
+      [
+        "--feature_weight: the student wrn-10-1 has 64 features but the teacher tiny has 16",
+        "add --feature_projection",
+      ],
+    ),
+  ],
+)
 def test_sizes_and_widths_are_refused_before_training(tmp_path, monkeypatch, capsys, argv, needles):
   run = tmp_path / "run"
-  code, err = _main([a for a in BASE if not a.startswith("--train_examples")] + ["--gens=1", f"--run_dir={run}"]
-                    + (argv if any(a.startswith("--train_examples") for a in argv) else
-                       ["--train_examples=256"] + argv), monkeypatch, capsys)
+  code, err = _main(
+    [a for a in BASE if not a.startswith("--train_examples")]
+    + ["--gens=1", f"--run_dir={run}"]
+    + (
+      argv
+      if any(a.startswith("--train_examples") for a in argv)
+      else ["--train_examples=256"] + argv
+    ),
+    monkeypatch,
+    capsys,
+  )
   assert code == 2
   _error_line(err, *needles)
   assert not run.exists()
@@ -243,17 +315,34 @@ def test_sizes_and_widths_are_refused_before_training(tmp_path, monkeypatch, cap
 
 def test_widths_from_names_equal_the_built_models():
   from ban_tf import archs, models  # pylint: disable=g-import-not-at-top
-  for arch in ("tiny", "wrn-10-2", "preact-resnet-8", "densenet-10-4", "densenet-1-2-1-4-c0.75",
-               "wrnw-1-8-8-12-16", "prebw-1-8-8-12-16-20"):
+
+  for arch in (
+    "tiny",
+    "wrn-10-2",
+    "preact-resnet-8",
+    "densenet-10-4",
+    "densenet-1-2-1-4-c0.75",
+    "wrnw-1-8-8-12-16",
+    "prebw-1-8-8-12-16-20",
+  ):
     m = models.build_model(arch, 10, (8, 8, 3))
-    built = {"stem": m.get_layer("stem").output.shape[-1], "features": m.get_layer("features").output.shape[-1]}
+    built = {
+      "stem": m.get_layer("stem").output.shape[-1],
+      "features": m.get_layer("features").output.shape[-1],
+    }
     assert archs.widths(arch) == built, arch
 
 
 def test_feature_projection_fix_is_accepted(tmp_path):
   from ban_tf import config  # pylint: disable=g-import-not-at-top
-  config.Config(teacher_arch="tiny", arch="wrn-10-1", feature_weight=1.0, feature_projection=True,
-                run_dir=str(tmp_path)).validate()
+
+  config.Config(
+    teacher_arch="tiny",
+    arch="wrn-10-1",
+    feature_weight=1.0,
+    feature_projection=True,
+    run_dir=str(tmp_path),
+  ).validate()
 
 
 def test_missing_flagfile_is_one_clean_line(capsys):
@@ -265,6 +354,7 @@ def test_missing_flagfile_is_one_clean_line(capsys):
 
 
 # ---- checkpoints: an unreadable newest one falls back to the previous one -------------
+
 
 def _truncate_newest_data(ckpt):
   path = os.path.join(ckpt, "ckpt-2.data-00000-of-00001")
@@ -287,14 +377,19 @@ def _garble_index(ckpt):  # the index file itself: files are found without it
   _delete_newest(ckpt)
 
 
-@pytest.mark.parametrize("damage,why", [
+@pytest.mark.parametrize(
+  "damage,why",
+  [
     (_truncate_newest_data, "gen_0/ckpt/ckpt-2 is unreadable"),
     (_empty_newest_index, "gen_0/ckpt/ckpt-2 is unreadable"),
     (_delete_newest, "gen_0/ckpt/ckpt-2 is missing (its index entry is dangling)"),
     (_garble_index, "gen_0/ckpt/checkpoint is damaged"),
-], ids=["truncated_data", "empty_index", "deleted", "garbled_index"])
+  ],
+  ids=["truncated_data", "empty_index", "deleted", "garbled_index"],
+)
 def test_unreadable_newest_checkpoint_falls_back_and_resumes_bit_identically(
-    partial, reference, tmp_path, monkeypatch, capsys, caplog, damage, why):
+  partial, reference, tmp_path, monkeypatch, capsys, caplog, damage, why
+):
   run = _copy(partial, tmp_path)
   damage(os.path.join(run, "gen_0", "ckpt"))
   with caplog.at_level(logging.INFO, logger="absl"):
@@ -310,6 +405,7 @@ def test_unreadable_newest_checkpoint_falls_back_and_resumes_bit_identically(
 def test_dangling_index_is_repaired_before_training(partial, tmp_path, monkeypatch, capsys):
   """After the fallback the index names only readable checkpoints (a kill right then resumes cleanly)."""
   from ban_tf import train  # pylint: disable=g-import-not-at-top
+
   run = _copy(partial, tmp_path)
   ckpt = os.path.join(run, "gen_0", "ckpt")
   _truncate_newest_data(ckpt)
@@ -320,6 +416,7 @@ def test_dangling_index_is_repaired_before_training(partial, tmp_path, monkeypat
     out = real(gen, built)
     seen.append((open(os.path.join(ckpt, "checkpoint")).read(), sorted(os.listdir(ckpt))))
     return out
+
   monkeypatch.setattr(train, "_restore", restore_then_look)
   code, err = _main(PARTIAL + [f"--run_dir={run}"], monkeypatch, capsys)
   assert code == 0, err
@@ -328,16 +425,35 @@ def test_dangling_index_is_repaired_before_training(partial, tmp_path, monkeypat
   assert not [f for f in files if f.startswith("ckpt-2")]
 
 
-@pytest.mark.parametrize("damage,needles", [
-    (lambda run: [_empty_newest_index(os.path.join(run, "gen_0", "ckpt")),
-                  os.truncate(os.path.join(run, "gen_0", "ckpt", "ckpt-1.index"), 0)],
-     ["gen_0/ckpt holds no readable checkpoint", "ckpt-2 is unreadable", "ckpt-1 is unreadable",
-      "retrain this generation from epoch 0"]),
-    (_write("gen_0/history.json", b"[{]"), ["gen_0/history.json is damaged (JSONDecodeError",
-                                            "retrain this generation from epoch 0"]),
-    (_write("gen_0/history.json", b'{"epoch": 1}'), ["gen_0/history.json is damaged (a JSON dict, not a list)"]),
-], ids=["no_readable_checkpoint", "history_invalid_json", "history_not_a_list"])
-def test_unrecoverable_checkpoint_state_is_one_line(partial, tmp_path, monkeypatch, capsys, damage, needles):
+@pytest.mark.parametrize(
+  "damage,needles",
+  [
+    (
+      lambda run: [
+        _empty_newest_index(os.path.join(run, "gen_0", "ckpt")),
+        os.truncate(os.path.join(run, "gen_0", "ckpt", "ckpt-1.index"), 0),
+      ],
+      [
+        "gen_0/ckpt holds no readable checkpoint",
+        "ckpt-2 is unreadable",
+        "ckpt-1 is unreadable",
+        "retrain this generation from epoch 0",
+      ],
+    ),
+    (
+      _write("gen_0/history.json", b"[{]"),
+      ["gen_0/history.json is damaged (JSONDecodeError", "retrain this generation from epoch 0"],
+    ),
+    (
+      _write("gen_0/history.json", b'{"epoch": 1}'),
+      ["gen_0/history.json is damaged (a JSON dict, not a list)"],
+    ),
+  ],
+  ids=["no_readable_checkpoint", "history_invalid_json", "history_not_a_list"],
+)
+def test_unrecoverable_checkpoint_state_is_one_line(
+  partial, tmp_path, monkeypatch, capsys, damage, needles
+):
   run = _copy(partial, tmp_path)
   damage(run)
   code, err = _main(PARTIAL + [f"--run_dir={run}"], monkeypatch, capsys)
@@ -351,6 +467,7 @@ def test_fp16_loss_scale_is_checkpointed(tmp_path):
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ban_tf import config, data, tasks, train  # pylint: disable=g-import-not-at-top
+
   cfg = config.Config(arch="tiny", batch_size=32, epochs=1, mixed_precision="fp16")
   ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64)
   spec = train.GenerationSpec.generation(cfg, 0, str(tmp_path / "gen_0"))
@@ -363,7 +480,7 @@ def test_fp16_loss_scale_is_checkpointed(tmp_path):
     built.model.optimizer.step_counter.assign(7)
     path = built.ckpt.save(str(tmp_path / "ckpt"))
     again = train._build(cfg, task, spec, tf.distribute.get_strategy(), ds, 2)  # pylint: disable=protected-access
-    assert float(again.model.optimizer.dynamic_scale.numpy()) == 2.0 ** 15
+    assert float(again.model.optimizer.dynamic_scale.numpy()) == 2.0**15
     again.ckpt.restore(path).assert_existing_objects_matched()
     assert float(again.model.optimizer.dynamic_scale.numpy()) == 8192.0
     assert int(again.model.optimizer.step_counter.numpy()) == 7
@@ -372,6 +489,7 @@ def test_fp16_loss_scale_is_checkpointed(tmp_path):
 
 
 # ---- ban_tf.evaluate: the same contract, per-generation damage ------------------------
+
 
 def _delete_variables(run):
   d = os.path.join(run, "gen_1", "saved_model", "variables")
@@ -391,13 +509,19 @@ def _scramble_variables(run):
     f.write(bytes((i * 37 + 11) % 251 for i in range(size)))
 
 
-@pytest.mark.parametrize("damage,needle", [
+@pytest.mark.parametrize(
+  "damage,needle",
+  [
     (_delete_variables, "gen_1/saved_model cannot be loaded"),
     (_truncate_pb, "gen_1/saved_model cannot be loaded"),
     (_scramble_variables, "gen_1/saved_model cannot be loaded"),
     (_swap_gen0_saved_model, "gen_0/saved_model is not the model this run recorded"),
-], ids=["variables_deleted", "pb_truncated", "variables_scrambled", "swapped"])
-def test_evaluate_reports_a_damaged_generation_and_keeps_the_table(finished, tmp_path, capsys, damage, needle):
+  ],
+  ids=["variables_deleted", "pb_truncated", "variables_scrambled", "swapped"],
+)
+def test_evaluate_reports_a_damaged_generation_and_keeps_the_table(
+  finished, tmp_path, capsys, damage, needle
+):
   run = _copy(finished, tmp_path)
   damage(run)
   code, out, err = _evaluate([f"--run_dir={run}", "--split=test"], capsys)
@@ -409,22 +533,35 @@ def test_evaluate_reports_a_damaged_generation_and_keeps_the_table(finished, tmp
   assert needle in out
 
 
-@pytest.mark.parametrize("argv,needles", [
+@pytest.mark.parametrize(
+  "argv,needles",
+  [
     (["--batch_size=-5"], ["--batch_size=-5: must be >= 1"]),
     (["--split=train"], ["--split=train: use test or val"]),
     (["--run_dir=/no/such/run"], ["--run_dir=/no/such/run is not a directory"]),
-])
+  ],
+)
 def test_evaluate_flags_are_validated(finished, capsys, argv, needles):
-  code, _, err = _evaluate([f"--run_dir={finished}"] + argv if not argv[0].startswith("--run_dir") else argv,
-                           capsys)
+  code, _, err = _evaluate(
+    [f"--run_dir={finished}"] + argv if not argv[0].startswith("--run_dir") else argv, capsys
+  )
   assert code == 2
   _error_line(err, *needles)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--run_dir=/no/run", "--images=a.png", "--top_k=2"], "--images, --top_k does not apply to --run_dir"),
-    (["--saved_model=/no/model", "--images=a.png", "--split=val"], "--split does not apply to --saved_model"),
-])
+@pytest.mark.parametrize(
+  "argv,needle",
+  [
+    (
+      ["--run_dir=/no/run", "--images=a.png", "--top_k=2"],
+      "--images, --top_k does not apply to --run_dir",
+    ),
+    (
+      ["--saved_model=/no/model", "--images=a.png", "--split=val"],
+      "--split does not apply to --saved_model",
+    ),
+  ],
+)
 def test_evaluate_refuses_a_flag_of_the_other_mode(capsys, argv, needle):
   """--run_dir=R --images=a.png re-evaluated the whole run and ignored the images."""
   code, _, err = _evaluate(argv, capsys)
@@ -440,11 +577,15 @@ def test_evaluate_a_seeds_parent_names_its_seed_runs(tmp_path, capsys):
     (tmp_path / sub / "config.json").write_text(cfg.to_json())
   code, _, err = _evaluate([f"--run_dir={tmp_path}"], capsys)
   assert code == 2
-  _error_line(err, "is the parent of --seeds runs (seed_0, seed_100)", f"--run_dir={tmp_path}/seed_0")
+  _error_line(
+    err, "is the parent of --seeds runs (seed_0, seed_100)", f"--run_dir={tmp_path}/seed_0"
+  )
 
 
-@pytest.mark.parametrize("data,needle", [(RANDOM, "config.json is damaged"),
-                                         (b'{"task": "speech"}', "config.json is damaged")])
+@pytest.mark.parametrize(
+  "data,needle",
+  [(RANDOM, "config.json is damaged"), (b'{"task": "speech"}', "config.json is damaged")],
+)
 def test_evaluate_garbage_config_is_one_line(finished, tmp_path, capsys, data, needle):
   run = _copy(finished, tmp_path)
   _write("config.json", data)(run)

@@ -25,16 +25,32 @@ from tests.conftest import REPO
 def _fake_run(path, seed, test_errors, val=True, epochs=3, baseline=None, student_seed=None):
   """A run dir as ban_tf.main leaves it: teacher, BAN-1, BAN-2 and BANE-2."""
   os.makedirs(path)
-  cfg = config_lib.Config(dataset="fashion_mnist", arch="tiny", gens=2, epochs=epochs, seed=seed,
-                          val_examples=100 if val else 0, run_dir=path, student_seed=student_seed)
+  cfg = config_lib.Config(
+    dataset="fashion_mnist",
+    arch="tiny",
+    gens=2,
+    epochs=epochs,
+    seed=seed,
+    val_examples=100 if val else 0,
+    run_dir=path,
+    student_seed=student_seed,
+  )
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg.to_dict(), f)
   rng = np.random.RandomState(seed)
   gens = []
   for gen, err in enumerate(test_errors[:3]):
     objective = {"loss": "labels" if gen == 0 else "ban", "temperature": 1.0}
-    g = {"gen": gen, "role": "teacher" if gen == 0 else f"BAN-{gen}", "arch": "tiny", "params": 1490,
-         "test_error": err, "test_accuracy": 1 - err, "objective": objective, "seed": seed + gen}
+    g = {
+      "gen": gen,
+      "role": "teacher" if gen == 0 else f"BAN-{gen}",
+      "arch": "tiny",
+      "params": 1490,
+      "test_error": err,
+      "test_accuracy": 1 - err,
+      "objective": objective,
+      "seed": seed + gen,
+    }
     history = []
     for e in range(1, epochs + 1):
       h = {"epoch": e, "accuracy": float(rng.uniform(0.5, 0.9)), "loss": 1.0 / e}
@@ -47,13 +63,38 @@ def _fake_run(path, seed, test_errors, val=True, epochs=3, baseline=None, studen
     with open(os.path.join(path, f"gen_{gen}", "history.json"), "w") as f:
       json.dump(history, f)
     gens.append(g)
-  ens = [{"name": "BANE-2", "members": [1, 2], "test_error": test_errors[3], "test_accuracy": 1 - test_errors[3]}]
+  ens = [
+    {
+      "name": "BANE-2",
+      "members": [1, 2],
+      "test_error": test_errors[3],
+      "test_accuracy": 1 - test_errors[3],
+    }
+  ]
   os.makedirs(os.path.join(path, "ensemble_2"))
   with open(os.path.join(path, "results.json"), "w") as f:
-    base = None if baseline is None else {"gen": "baseline", "role": "baseline", "arch": "tiny", "params": 1490,
-                                          "test_error": baseline, "test_accuracy": 1 - baseline}
-    json.dump({"generations": gens, "ensembles": ens, "baseline": base, "dataset": "fashion_mnist",
-               "seed": seed}, f)
+    base = (
+      None
+      if baseline is None
+      else {
+        "gen": "baseline",
+        "role": "baseline",
+        "arch": "tiny",
+        "params": 1490,
+        "test_error": baseline,
+        "test_accuracy": 1 - baseline,
+      }
+    )
+    json.dump(
+      {
+        "generations": gens,
+        "ensembles": ens,
+        "baseline": base,
+        "dataset": "fashion_mnist",
+        "seed": seed,
+      },
+      f,
+    )
   return path
 
 
@@ -106,15 +147,29 @@ def test_parent_of_seed_runs_gives_mean_and_std(tmp_path):
   _assert_png(out["png"])
   md = open(out["results_md"]).read()
   ban1 = [errs[s][1] for s in sorted(errs)]
-  assert (f"| BAN-1 | tiny | 1.5k | {100 * statistics.mean(ban1):.2f} ± {100 * statistics.stdev(ban1):.2f} |") in md
+  assert (
+    f"| BAN-1 | tiny | 1.5k | {100 * statistics.mean(ban1):.2f} ± {100 * statistics.stdev(ban1):.2f} |"
+  ) in md
 
 
 def test_cli_with_run_dirs_list(tmp_path):
   a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16], baseline=0.19)
   b = _fake_run(str(tmp_path / "b"), 1, [0.22, 0.2, 0.15, 0.14], baseline=0.21)
   out_dir = str(tmp_path / "summary")
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.report", f"--run_dirs={a},{b}", f"--out_dir={out_dir}",
-                         "--nohparams"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ban_tf.report",
+      f"--run_dirs={a},{b}",
+      f"--out_dir={out_dir}",
+      "--nohparams",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   _assert_png(os.path.join(out_dir, "report.png"))
   assert "| BANE-2 | ensemble of 1,2 |  | 15.00 ± 1.41 | -6.00 | 2 | 16.00, 14.00 |" in proc.stdout
@@ -125,7 +180,6 @@ def test_cli_with_run_dirs_list(tmp_path):
 def test_missing_results_is_a_usage_error(tmp_path):
   with pytest.raises(errors.UsageError, match="results.json"):
     report.write_report(str(tmp_path))
-
 
 
 def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
@@ -142,13 +196,18 @@ def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
   s0 = _fake_run(str(tmp_path / "s0"), 0, [0.2, 0.18, 0.17, 0.16], student_seed=11)
   s100 = _fake_run(str(tmp_path / "s100"), 100, [0.2, 0.18, 0.17, 0.16], student_seed=111)
   report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
-  for path in (s0, s100):  # a key only an older config.json has (a flag since removed) is not compared
+  for path in (
+    s0,
+    s100,
+  ):  # a key only an older config.json has (a flag since removed) is not compared
     cfg = json.load(open(os.path.join(path, "config.json")))
     with open(os.path.join(path, "config.json"), "w") as f:
       json.dump(dict(cfg, removed_flag=path), f)
   report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
   s1 = _fake_run(str(tmp_path / "s1"), 1, [0.2, 0.18, 0.17, 0.16], student_seed=11)
-  with pytest.raises(errors.UsageError, match=r"different experiments \(--student_seed seed\+11 vs seed\+10\)"):
+  with pytest.raises(
+    errors.UsageError, match=r"different experiments \(--student_seed seed\+11 vs seed\+10\)"
+  ):
     report.write_report([s0, s1], str(tmp_path / "out2"), hparams=False)
 
 
@@ -160,6 +219,7 @@ def test_summary_row_of_one_run_shows_no_spread(tmp_path):
   assert "| Baseline | tiny | 1.5k | 19.00 (one run) | -2.00 | 1 | 19.00 |" in md
   assert "| BAN-1 | tiny | 1.5k | 19.00 ± 1.41 |" in md
 
+
 def _session_hparams(logdir):
   """{name: value} of the (one) hparams session_start_info in `logdir`'s event files."""
   found = []
@@ -168,8 +228,12 @@ def _session_hparams(logdir):
       for v in event.summary.value:
         if v.tag == hp_metadata.SESSION_START_INFO_TAG:
           info = hp_metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
-          found.append(dict({k: getattr(x, x.WhichOneof("kind")) for k, x in info.hparams.items()},
-                            _trial=info.group_name))
+          found.append(
+            dict(
+              {k: getattr(x, x.WhichOneof("kind")) for k, x in info.hparams.items()},
+              _trial=info.group_name,
+            )
+          )
   assert len(found) == 1, found
   return found[0]
 
@@ -187,14 +251,21 @@ def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
     assert hp["loss"] == ("labels" if gen == 0 else "ban") and hp["temperature"] == 1.0
     # The experiment's flags, so rows of different experiments can be told apart and compared.
     assert hp["flag/lr"] == 0.1 and hp["flag/epochs"] == 3 and hp["flag/batch_size"] == 128
-    assert hp["flag/kd_weight"] == 1.0 and hp["flag/label_weight"] == 0.0 and hp["flag/loss"] == "ban"
+    assert (
+      hp["flag/kd_weight"] == 1.0 and hp["flag/label_weight"] == 0.0 and hp["flag/loss"] == "ban"
+    )
     assert hp["flag/lr_milestones"] == "0.3,0.6,0.8" and hp["experiment"] == exp
   hp = _session_hparams(os.path.join(path, "tb", "BANE-2"))
   assert hp["arch"] == "ensemble" and hp["role"] == "BANE-2" and hp["gen"] == 2
   assert hp["_trial"] == f"{exp}/seed_3/BANE-2"
   # The ensemble run carries the metric itself, as the generations' runs do.
-  values = [float(tf.make_ndarray(v.tensor)) for p in glob.glob(os.path.join(path, "tb", "BANE-2", "*"))
-            for e in tf.compat.v1.train.summary_iterator(p) for v in e.summary.value if v.tag == "test/error"]
+  values = [
+    float(tf.make_ndarray(v.tensor))
+    for p in glob.glob(os.path.join(path, "tb", "BANE-2", "*"))
+    for e in tf.compat.v1.train.summary_iterator(p)
+    for v in e.summary.value
+    if v.tag == "test/error"
+  ]
   assert values == [pytest.approx(0.15)]
   # No events file in the run directory itself: TensorBoard shows no empty "." run.
   assert not glob.glob(os.path.join(path, "*tfevents*"))
@@ -221,18 +292,32 @@ def test_results_md_states_data_epochs_seed_and_delta_legend(tmp_path):
   res["data"] = {"unit": "examples", "train": 768, "val": 256, "test": 10000}
   json.dump(res, open(os.path.join(path, "results.json"), "w"))
   md = open(report.write_report(path, hparams=False)["results_md"]).read()
-  assert "Data: fashion_mnist, 768 train / 256 val / 10000 test examples; 3 epochs per generation; seed 7." in md
+  assert (
+    "Data: fashion_mnist, 768 train / 256 val / 10000 test examples; 3 epochs per generation; seed 7."
+    in md
+  )
   assert "positive = worse" in md
-  assert json.load(open(os.path.join(path, "results.json")))["data"]["train"] == 768  # kept on a redo
+  assert (
+    json.load(open(os.path.join(path, "results.json")))["data"]["train"] == 768
+  )  # kept on a redo
 
 
 def test_plot_shows_baseline_and_seed_spread(tmp_path):
-  runs = [report.load_run(_fake_run(str(tmp_path / f"s{seed}"), seed, [0.2 + seed / 100, 0.18, 0.17, 0.16],
-                                    baseline=0.19 + seed / 100)) for seed in (0, 1)]
+  runs = [
+    report.load_run(
+      _fake_run(
+        str(tmp_path / f"s{seed}"),
+        seed,
+        [0.2 + seed / 100, 0.18, 0.17, 0.16],
+        baseline=0.19 + seed / 100,
+      )
+    )
+    for seed in (0, 1)
+  ]
   legends = {}
   report.plot(runs, str(tmp_path / "r.png"), legends=legends)
   summary = " | ".join(legends["summary"])
   assert "Baseline" in summary and "mean ± std of 2 runs" in summary
-  assert legends["spread_points"] == 2 * 5  # every run's value of Teacher, BAN-1, BAN-2, BANE-2, Baseline
-
-
+  assert (
+    legends["spread_points"] == 2 * 5
+  )  # every run's value of Teacher, BAN-1, BAN-2, BANE-2, Baseline

@@ -25,8 +25,16 @@ import tensorflow as tf
 from tests.conftest import REPO, SHARED_TFDS
 
 ARGS = [
-    f"--data_dir={SHARED_TFDS}", "--dataset=fashion_mnist", "--arch=tiny", "--train_examples=256",
-    "--batch_size=32", "--epochs=2", "--gens=1", "--dropout=0.2", "--deterministic", "--verbose=2",
+  f"--data_dir={SHARED_TFDS}",
+  "--dataset=fashion_mnist",
+  "--arch=tiny",
+  "--train_examples=256",
+  "--batch_size=32",
+  "--epochs=2",
+  "--gens=1",
+  "--dropout=0.2",
+  "--deterministic",
+  "--verbose=2",
 ]
 
 
@@ -43,25 +51,30 @@ def _env(fault=None):
 
 
 def _run(run_dir, fault=None):
-  return subprocess.run(_cmd(run_dir), cwd=REPO, env=_env(fault), capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run(
+    _cmd(run_dir), cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=600
+  )
 
 
 def _load(run_dir, rel, drop=("seconds",)):
   """A JSON output with its wall-clock fields removed and the run_dir as <run>."""
+
   def clean(x):
     if isinstance(x, dict):
       return {k: clean(v) for k, v in x.items() if k not in drop}
     if isinstance(x, list):
       return [clean(v) for v in x]
     return x
+
   with open(os.path.join(run_dir, rel)) as f:
     return clean(json.loads(f.read().replace(os.path.abspath(run_dir), "<run>")))
 
 
 def _mtimes(gen_dir):
-  return {p: os.stat(os.path.join(gen_dir, p)).st_mtime_ns
-          for p in ("DONE", "metrics.json", "model.keras", "saved_model/saved_model.pb")}
+  return {
+    p: os.stat(os.path.join(gen_dir, p)).st_mtime_ns
+    for p in ("DONE", "metrics.json", "model.keras", "saved_model/saved_model.pb")
+  }
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +96,9 @@ def test_checkpoint_restores_optimizer_epoch_schedule_and_dropout_rng(tmp_path):
     keras.utils.set_random_seed(3)
     student = models.build_model("tiny", 10, (28, 28, 1), dropout=0.3)
     opt = train.make_optimizer(cfg, steps_per_epoch=2)
-    student.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    student.compile(
+      optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     opt.build(student.trainable_variables)
     epoch = tf.Variable(0, dtype=tf.int64)
     ckpt = train.make_checkpoint(student, opt, epoch)
@@ -104,7 +119,9 @@ def test_checkpoint_restores_optimizer_epoch_schedule_and_dropout_rng(tmp_path):
   assert slots and all(np.any(v.numpy() != 0) for v in slots)
   for a, b in zip(opt.variables, opt2.variables):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
-  for a, b in zip(student.variables, student2.variables):  # includes the dropout SeedGenerator state
+  for a, b in zip(
+    student.variables, student2.variables
+  ):  # includes the dropout SeedGenerator state
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   # Continuing both gives the same weights: dropout masks and momentum match.
   student.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
@@ -126,8 +143,14 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(baseline, tmp_path
   gen0_files = _mtimes(gen0)
 
   # (a) Killed from outside during generation 1's training, once it has a checkpoint.
-  p = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen(
+    _cmd(run_dir),
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   index = os.path.join(gen1, "ckpt", "checkpoint")
   deadline = time.time() + 300
   while not os.path.exists(index) and p.poll() is None and time.time() < deadline:
@@ -154,18 +177,26 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(baseline, tmp_path
   assert "gen 1: resuming from epoch 2" in proc.stderr
   assert "Epoch " not in proc.stdout + proc.stderr  # nothing was trained
   assert _mtimes(gen0) == gen0_files  # gen 0 was neither retrained nor rewritten
-  leftovers = [os.path.join(d, n) for d, ds, fs in os.walk(run_dir) for n in ds + fs if n.startswith(".tmp-")]
+  leftovers = [
+    os.path.join(d, n) for d, ds, fs in os.walk(run_dir) for n in ds + fs if n.startswith(".tmp-")
+  ]
   assert not leftovers
   assert not os.path.exists(os.path.join(gen1, "ckpt"))
 
   # Bit-identical to the uninterrupted run (--deterministic), wall-clock fields aside.
-  for rel in ("results.json", "gen_0/metrics.json", "gen_1/metrics.json", "gen_0/history.json",
-              "gen_1/history.json"):
+  for rel in (
+    "results.json",
+    "gen_0/metrics.json",
+    "gen_1/metrics.json",
+    "gen_0/history.json",
+    "gen_1/history.json",
+  ):
     assert _load(run_dir, rel) == _load(baseline, rel), rel
-  fp = [np.load(os.path.join(d, "gen_1", "saved_model", "fingerprint.npz"))["outputs"]
-        for d in (run_dir, baseline)]
+  fp = [
+    np.load(os.path.join(d, "gen_1", "saved_model", "fingerprint.npz"))["outputs"]
+    for d in (run_dir, baseline)
+  ]
   np.testing.assert_array_equal(fp[0], fp[1])
-
 
 
 def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path, monkeypatch):
@@ -184,12 +215,22 @@ def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path,
   with monkeypatch.context() as m:  # train one epoch, then stop before the export
     m.setattr(export, "export_saved_model", interrupted_export)
     with pytest.raises(KeyboardInterrupt):
-      train.train_generation(config.Config(arch="tiny", batch_size=32, epochs=1), 0,
-                             tf.distribute.get_strategy(), ds, gen_dir)
+      train.train_generation(
+        config.Config(arch="tiny", batch_size=32, epochs=1),
+        0,
+        tf.distribute.get_strategy(),
+        ds,
+        gen_dir,
+      )
   assert [c["first_epoch"] for c in calls] == [0]
   calls.clear()
-  result = train.train_generation(config.Config(arch="tiny", batch_size=32, epochs=2), 0,
-                                  tf.distribute.get_strategy(), ds, gen_dir)
+  result = train.train_generation(
+    config.Config(arch="tiny", batch_size=32, epochs=2),
+    0,
+    tf.distribute.get_strategy(),
+    ds,
+    gen_dir,
+  )
   assert [(c["first_epoch"], c["epochs"]) for c in calls] == [(1, 2)]
   assert result["epochs"] == 2 and os.path.exists(os.path.join(gen_dir, "DONE"))
 
@@ -208,6 +249,7 @@ def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_p
   def counted(self, *args, **kwargs):
     passes.append(1)
     return real_evaluate(self, *args, **kwargs)
+
   monkeypatch.setattr(distiller.Distiller, "evaluate", counted)
 
   def fresh_val(gen_dir):
@@ -220,15 +262,21 @@ def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_p
   live = train.train_generation(cfg, 0, tf.distribute.get_strategy(), ds, live_dir)
   assert len(passes) == 2 + 1  # one validation per epoch inside fit, then the test split only
   want = fresh_val(live_dir)
-  np.testing.assert_allclose([live["val_loss"], live["val_accuracy"]],
-                             [want["label_loss"], want["accuracy"]], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    [live["val_loss"], live["val_accuracy"]],
+    [want["label_loss"], want["accuracy"]],
+    rtol=1e-6,
+    atol=1e-7,
+  )
   last = json.load(open(os.path.join(live_dir, "history.json")))[-1]
   assert (live["val_loss"], live["val_accuracy"]) == (last["val_label_loss"], last["val_accuracy"])
 
   resumed_dir = str(tmp_path / "resumed")
   with monkeypatch.context() as m:  # both epochs checkpointed, then stopped before the export
+
     def interrupted_export(*args, **kwargs):
       raise KeyboardInterrupt("stop after training")
+
     m.setattr(export, "export_saved_model", interrupted_export)
     with pytest.raises(KeyboardInterrupt):
       train.train_generation(cfg, 0, tf.distribute.get_strategy(), ds, resumed_dir)
@@ -236,8 +284,12 @@ def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_p
   resumed = train.train_generation(cfg, 0, tf.distribute.get_strategy(), ds, resumed_dir)
   assert len(passes) == 1  # nothing left to train: the test split only, val from history.json
   want = fresh_val(resumed_dir)
-  np.testing.assert_allclose([resumed["val_loss"], resumed["val_accuracy"]],
-                             [want["label_loss"], want["accuracy"]], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    [resumed["val_loss"], resumed["val_accuracy"]],
+    [want["label_loss"], want["accuracy"]],
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 def test_no_lr_milestone_falls_before_the_first_epoch():
@@ -246,6 +298,7 @@ def test_no_lr_milestone_falls_before_the_first_epoch():
   --epochs=2: 0.3, 0.6, 0.8 -> epochs 1, 1, 2 (two decays after the first epoch, the third after the run).
   """
   from ban_tf import config, train  # pylint: disable=g-import-not-at-top
+
   sched = train.make_optimizer(config.Config(epochs=1, lr=0.05), steps_per_epoch=12).learning_rate
   opt2 = train.make_optimizer(config.Config(epochs=2, lr=0.05), steps_per_epoch=12)
   sched2 = opt2._learning_rate  # pylint: disable=protected-access  (the schedule itself)

@@ -4,7 +4,6 @@ ban_tf.evaluate reloads in a fresh process, and labels for classifying image fil
 One fashion_mnist run (tiny model, 2 generations, 2 epochs, ~30 s) is shared by the module.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -34,14 +33,27 @@ GENS = 2
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("run") / "fmnist")
-  main.run(config_lib.Config(dataset="fashion_mnist", data_dir=SHARED_TFDS, arch="tiny", gens=GENS,
-                             epochs=EPOCHS, batch_size=64, train_examples=256, val_examples=128,
-                             run_dir=path, verbose="0"))
+  main.run(
+    config_lib.Config(
+      dataset="fashion_mnist",
+      data_dir=SHARED_TFDS,
+      arch="tiny",
+      gens=GENS,
+      epochs=EPOCHS,
+      batch_size=64,
+      train_examples=256,
+      val_examples=128,
+      run_dir=path,
+      verbose="0",
+    )
+  )
   return path
 
 
 def _python(*args):
-  proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -61,8 +73,11 @@ def test_run_ends_with_its_report(run_dir):
 def _scalars(logdir):
   acc = ea.EventAccumulator(logdir, size_guidance={ea.TENSORS: 0})
   acc.Reload()
-  return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-          for tag in acc.Tags()["tensors"] if not tag.startswith("_hparams_")}
+  return {
+    tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+    for tag in acc.Tags()["tensors"]
+    if not tag.startswith("_hparams_")
+  }
 
 
 def test_tensorboard_runs_per_generation(run_dir):
@@ -77,8 +92,16 @@ def test_tensorboard_runs_per_generation(run_dir):
   assert not {"train/teacher_agreement", "train/kd_loss"} & tags[0]
   for t in tags[1:]:
     assert t == tags[1]
-    assert t - tags[0] == {"train/teacher_agreement", "train/kd_loss"} and tags[0] - t == {"train/label_loss"}
-  assert {"train/loss", "train/accuracy", "train/learning_rate", "val/accuracy", "test/error"} <= tags[0]
+    assert t - tags[0] == {"train/teacher_agreement", "train/kd_loss"} and tags[0] - t == {
+      "train/label_loss"
+    }
+  assert {
+    "train/loss",
+    "train/accuracy",
+    "train/learning_rate",
+    "val/accuracy",
+    "test/error",
+  } <= tags[0]
   for g, scalars in enumerate(per_gen):
     history = export.read_json(os.path.join(run_dir, f"gen_{g}", "history.json"))
     metrics = export.read_json(os.path.join(run_dir, f"gen_{g}", "metrics.json"))
@@ -89,7 +112,9 @@ def test_tensorboard_runs_per_generation(run_dir):
       else:
         assert steps == list(range(1, EPOCHS + 1)), tag  # step = epoch, 1-based
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history])
-    assert [v for _, v in scalars["val/accuracy"]] == pytest.approx([h["val_accuracy"] for h in history])
+    assert [v for _, v in scalars["val/accuracy"]] == pytest.approx(
+      [h["val_accuracy"] for h in history]
+    )
     assert scalars["test/error"][0][1] == pytest.approx(metrics["test_error"])
 
 
@@ -100,8 +125,9 @@ def test_evaluate_reloads_savedmodels_and_matches_results(run_dir, tmp_path):
   results = export.read_json(os.path.join(run_dir, "results.json"))
   assert len(evaluated["generations"]) == GENS + 1 == len(results["generations"])
   assert len(evaluated["ensembles"]) == len(results["ensembles"]) >= 1
-  for got, want in zip(evaluated["generations"] + evaluated["ensembles"],
-                       results["generations"] + results["ensembles"]):
+  for got, want in zip(
+    evaluated["generations"] + evaluated["ensembles"], results["generations"] + results["ensembles"]
+  ):
     assert abs(got["test_accuracy"] - want["test_accuracy"]) < 1e-6, (got, want)
     assert abs(got["test_error"] - want["test_error"]) < 1e-6
   assert "| BANE-2 | ensemble of 1,2 |" in stdout

@@ -51,14 +51,34 @@ def _corpus(directory):
 def _image_argv(tmp_path):
   if not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")):
     pytest.skip("no shared fashion_mnist")
-  return ["--task=image", "--dataset=fashion_mnist", f"--data_dir={SHARED_TFDS}", "--arch=tiny",
-          "--train_examples=256", "--val_examples=64", "--test_split=test[:512]", "--batch_size=64", "--lr=0.05"]
+  return [
+    "--task=image",
+    "--dataset=fashion_mnist",
+    f"--data_dir={SHARED_TFDS}",
+    "--arch=tiny",
+    "--train_examples=256",
+    "--val_examples=64",
+    "--test_split=test[:512]",
+    "--batch_size=64",
+    "--lr=0.05",
+  ]
 
 
 def _lm_argv(tmp_path):
   ptb = _corpus(str(tmp_path))
-  return ["--task=lm", "--dataset=ptb", f"--ptb_dir={ptb}", "--arch=lstm-1-16", "--batch_size=4", "--bptt=6",
-          "--lr=1.0", "--momentum=0", "--weight_decay=0", "--clip_norm=5", "--loss=ban_l"]
+  return [
+    "--task=lm",
+    "--dataset=ptb",
+    f"--ptb_dir={ptb}",
+    "--arch=lstm-1-16",
+    "--batch_size=4",
+    "--bptt=6",
+    "--lr=1.0",
+    "--momentum=0",
+    "--weight_decay=0",
+    "--clip_norm=5",
+    "--loss=ban_l",
+  ]
 
 
 _RUNS = {"image": _image_argv, "lm": _lm_argv}
@@ -80,14 +100,20 @@ def _snapshot(run_dir):
   for parent, _, files in os.walk(run_dir):
     rel = os.path.relpath(parent, run_dir)
     if rel.startswith(("gen_", "ensemble_")) and os.path.basename(rel) != "tb":
-      out.update({os.path.join(rel, f): os.stat(os.path.join(parent, f)).st_mtime_ns for f in files})
+      out.update(
+        {os.path.join(rel, f): os.stat(os.path.join(parent, f)).st_mtime_ns for f in files}
+      )
   return out
 
 
 def _snapshot_seeds(parent):
   """_snapshot of every seed's run directory, keyed by seed_S/."""
-  return {os.path.join(d, k): v for d in sorted(os.listdir(parent)) if d.startswith("seed_")
-          for k, v in _snapshot(os.path.join(parent, d)).items()}
+  return {
+    os.path.join(d, k): v
+    for d in sorted(os.listdir(parent))
+    if d.startswith("seed_")
+    for k, v in _snapshot(os.path.join(parent, d)).items()
+  }
 
 
 def _assert_png(path):
@@ -104,11 +130,21 @@ def test_kill_resume_rerun_evaluate_report(name, tmp_path, monkeypatch, capsys, 
   argv = _RUNS[name](tmp_path) + ["--gens=2", "--epochs=2", "--verbose=0", f"--run_dir={run_dir}"]
 
   # 1. Killed right after generation 1 saved its epoch-1 checkpoint.
-  env = dict(os.environ, BAN_TF_FAULT="kill_after_checkpoint@gen_1/epoch_1", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.main"] + argv, cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
+  env = dict(
+    os.environ, BAN_TF_FAULT="kill_after_checkpoint@gen_1/epoch_1", TF_CPP_MIN_LOG_LEVEL="2"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-m", "ban_tf.main"] + argv,
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == -9, proc.stderr[-3000:]
-  assert export.is_done(os.path.join(run_dir, "gen_0")) and not export.is_done(os.path.join(run_dir, "gen_1"))
+  assert export.is_done(os.path.join(run_dir, "gen_0")) and not export.is_done(
+    os.path.join(run_dir, "gen_1")
+  )
   gen0 = _snapshot(run_dir)
   gen0 = {k: v for k, v in gen0.items() if k.startswith("gen_0")}
 
@@ -117,7 +153,9 @@ def test_kill_resume_rerun_evaluate_report(name, tmp_path, monkeypatch, capsys, 
     code, out, err = _main(monkeypatch, capsys, argv)
   assert code == 0, err
   assert "gen 0 already done" in caplog.text and "gen 1: resuming from epoch 1" in caplog.text
-  assert {k: v for k, v in _snapshot(run_dir).items() if k.startswith("gen_0")} == gen0  # not retrained
+  assert {
+    k: v for k, v in _snapshot(run_dir).items() if k.startswith("gen_0")
+  } == gen0  # not retrained
   history = export.read_json(os.path.join(run_dir, "gen_1", "history.json"))
   assert [h["epoch"] for h in history] == [1, 2]
   results = export.read_json(os.path.join(run_dir, "results.json"))
@@ -138,11 +176,15 @@ def test_kill_resume_rerun_evaluate_report(name, tmp_path, monkeypatch, capsys, 
   # 3. evaluate: the SavedModels reproduce results.json, val and test, in the headline metric.
   evaluated = evaluate.evaluate_run(run_dir)
   assert evaluated["splits"] == ["val", "test"]
-  for got, want in zip(evaluated["generations"] + evaluated["ensembles"],
-                       results["generations"] + results["ensembles"]):
+  for got, want in zip(
+    evaluated["generations"] + evaluated["ensembles"], results["generations"] + results["ensembles"]
+  ):
     for key in (task.headline.key, "test_accuracy", "val_accuracy") + tuple(
-        m.key for m in task.extra_columns if m.derive is None):
-      np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} of {want}")
+      m.key for m in task.extra_columns if m.derive is None
+    ):
+      np.testing.assert_allclose(
+        got[key], want[key], rtol=2e-5, atol=1e-6, err_msg=f"{key} of {want}"
+      )
   table = evaluate.table(evaluated)
   assert task.headline.title in table and "| Teacher |" in table and "| BANE-2 |" in table
 
@@ -161,7 +203,9 @@ def _digests(run_dir):
     for f in files:
       if f not in (".lock", "log.txt") and not f.endswith(".hparams"):
         with open(os.path.join(parent, f), "rb") as fh:
-          out[os.path.relpath(os.path.join(parent, f), run_dir)] = hashlib.sha256(fh.read()).hexdigest()
+          out[os.path.relpath(os.path.join(parent, f), run_dir)] = hashlib.sha256(
+            fh.read()
+          ).hexdigest()
   return out
 
 
@@ -175,8 +219,14 @@ def test_seeds_summary_is_in_the_headline_metric(name, tmp_path, monkeypatch, ca
   task = tasks.get(name)
   parent = str(tmp_path / "seeds")
   replicas = _SEEDS_REPLICAS[name]
-  argv = _RUNS[name](tmp_path) + ["--gens=1", "--epochs=1", "--seeds=2", "--verbose=0", f"--run_dir={parent}",
-                                  f"--num_cpu_devices={replicas}"]
+  argv = _RUNS[name](tmp_path) + [
+    "--gens=1",
+    "--epochs=1",
+    "--seeds=2",
+    "--verbose=0",
+    f"--run_dir={parent}",
+    f"--num_cpu_devices={replicas}",
+  ]
   code, out, err = _main(monkeypatch, capsys, argv)
   assert code == 0, err
   assert out.splitlines()[0].endswith(f", {replicas} replica" + "s" * (replicas > 1)), out
@@ -200,15 +250,21 @@ def test_seeds_summary_is_in_the_headline_metric(name, tmp_path, monkeypatch, ca
   assert code == 0, err
   skipped = [l for l in out.splitlines() if l.endswith("done before, skipped")]
   assert [l.split()[:2] + l.split()[3:5] for l in skipped] == [
-      ["seed", str(s), "gen", f"{g}/1"] for s in (0, 100) for g in (0, 1)], out
+    ["seed", str(s), "gen", f"{g}/1"] for s in (0, 100) for g in (0, 1)
+  ], out
   assert not re.search(r" epoch \d+/\d+:", out) and "resuming" not in out, out
   assert _digests(parent) == before
   assert _snapshot_seeds(parent) == mtimes and mtimes
   assert md in out
   # ban_tf.report on the parent of the seed runs (the binary, as the README says).
   os.remove(os.path.join(parent, "report.png"))
-  proc = subprocess.run([sys.executable, "-m", "ban_tf.report", f"--run_dir={parent}", "--nohparams"], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "ban_tf.report", f"--run_dir={parent}", "--nohparams"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"{task.headline.title} mean ± std" in proc.stdout
   _assert_png(os.path.join(parent, "report.png"))

@@ -22,7 +22,9 @@ SHAPE = (16, 16, 3)
 def _model(policy, weights=None):
   keras.mixed_precision.set_global_policy(policy)
   keras.utils.set_random_seed(3)
-  model = models.build_model("preact-resnet-8", 10, SHAPE, mean=(120.0,) * 3, std=(60.0,) * 3, name="t")
+  model = models.build_model(
+    "preact-resnet-8", 10, SHAPE, mean=(120.0,) * 3, std=(60.0,) * 3, name="t"
+  )
   if weights is not None:
     model.set_weights(weights)
   return model

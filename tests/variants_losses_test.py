@@ -89,11 +89,15 @@ def _one_step(strategy, init, teacher_init, data, **kw):
   return [w.numpy() for w in d.train_variables], hist.history["loss"][0]
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(
+  "kw",
+  [
     {"loss": "cwtm"},
     {"loss": "ban", "feature_weight": 2.0},
     {"loss": "ban", "feature_weight": 2.0, "feature_projection": 6},
-], ids=["cwtm", "features", "features_projection"])
+  ],
+  ids=["cwtm", "features", "features_projection"],
+)
 def test_two_replica_update_equals_one_replica(kw):
   rng = np.random.default_rng(2)
   x = rng.uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
@@ -175,7 +179,9 @@ def test_dkpp_distiller_loss_golden_and_fresh_per_step():
   d.optimizer.iterations.assign(3)
   kd3 = float(d._terms(None, y, tf.constant(z), tf.constant(t))["kd"])
   again = float(d._terms(None, y, tf.constant(z), tf.constant(t))["kd"])
-  target = losses.dkpp_permute(tf.constant(_softmax(t)), tf.constant([9, 3 * 1024], tf.int64)).numpy()
+  target = losses.dkpp_permute(
+    tf.constant(_softmax(t)), tf.constant([9, 3 * 1024], tf.int64)
+  ).numpy()
   golden = -(target * np.log(_softmax(z))).sum(-1).mean()
   np.testing.assert_allclose(kd3, golden, rtol=1e-5)
   assert kd3 == again  # same seed and step: same permutation
@@ -197,8 +203,9 @@ def test_feature_l2_golden():
   d = _distiller("ban", feature_weight=1.0, feature_projection=12)
   kernel, bias = d.projection.get_weights()
   proj = fs[:, :6] @ kernel + bias
-  np.testing.assert_allclose(d.feature_term(tf.constant(fs[:, :6]), tf.constant(ft)),
-                             ((proj - ft) ** 2).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    d.feature_term(tf.constant(fs[:, :6]), tf.constant(ft)), ((proj - ft) ** 2).mean(), rtol=1e-5
+  )
   # Teacher features are constants for the student.
   ft_v = tf.Variable(ft)
   with tf.GradientTape() as tape:

@@ -30,7 +30,9 @@ def test_densenet_widths_and_match_resolution():
   # stem 2k; blocks 14/14/14 layers of growth 60, each compressed by 0.5.
   assert w == {"stem": 120, "blocks": (480, 660, 750), "features": 1500}
   assert models.resolve_arch("wrn-match-4", "densenet-90-60", 0.5) == "wrnw-4-120-240-330-375-1500"
-  assert models.resolve_arch("prebn-match-14", "densenet-90-60", 1) == "prebw-14-120-480-660-750-1500"
+  assert (
+    models.resolve_arch("prebn-match-14", "densenet-90-60", 1) == "prebw-14-120-480-660-750-1500"
+  )
   assert models.resolve_arch("wrn-28-10", None, 1) == "wrn-28-10"
   with pytest.raises(ValueError, match="DenseNet"):
     models.resolve_arch("wrn-match-1", "wrn-28-10", 1)
@@ -50,7 +52,9 @@ def test_explicit_width_models(arch):
 def test_copy_and_freeze():
   keras.utils.set_random_seed(0)
   teacher = models.build_model("densenet-10-4", 7, (16, 16, 1))
-  student = models.build_model(models.resolve_arch("wrn-match-1", "densenet-10-4", 0.5), 7, (16, 16, 1))
+  student = models.build_model(
+    models.resolve_arch("wrn-match-1", "densenet-10-4", 0.5), 7, (16, 16, 1)
+  )
   models.copy_and_freeze(student, teacher)
   for name in ("stem", "logits"):
     for a, b in zip(student.get_layer(name).get_weights(), teacher.get_layer(name).get_weights()):
@@ -62,11 +66,11 @@ def test_copy_and_freeze():
 
 def test_config_rules():
   bad = [
-      dict(arch="wrn-match-1"),  # no teacher
-      dict(arch="wrn-match-1", teacher_arch="wrn-28-1"),  # not a DenseNet teacher
-      dict(arch="wrn-28-1", student_width_ratio=0.5),  # ratio without a -match- student
-      dict(feature_projection=True),  # projection without the term
-      dict(seeds=0),
+    dict(arch="wrn-match-1"),  # no teacher
+    dict(arch="wrn-match-1", teacher_arch="wrn-28-1"),  # not a DenseNet teacher
+    dict(arch="wrn-28-1", student_width_ratio=0.5),  # ratio without a -match- student
+    dict(feature_projection=True),  # projection without the term
+    dict(seeds=0),
   ]
   for kw in bad:
     with pytest.raises(errors.UsageError):
@@ -79,34 +83,59 @@ def test_config_rules():
 
 def test_aggregate_mean_std():
   def res(errs):
-    gens = [{"gen": i, "arch": "tiny", "params": 1000, "test_error": e} for i, e in enumerate(errs[:2])]
+    gens = [
+      {"gen": i, "arch": "tiny", "params": 1000, "test_error": e} for i, e in enumerate(errs[:2])
+    ]
     ens = [{"name": "BANE-2", "members": [0, 1], "test_error": errs[2]}]
-    return {"generations": gens, "ensembles": ens,
-            "baseline": {"arch": "tiny", "params": 1000, "test_error": errs[3]}}
+    return {
+      "generations": gens,
+      "ensembles": ens,
+      "baseline": {"arch": "tiny", "params": 1000, "test_error": errs[3]},
+    }
+
   per_seed = [res([0.2, 0.1, 0.05, 0.3]), res([0.4, 0.2, 0.15, 0.5])]
   metric = tasks.get("image").headline
   rows = results.aggregate(per_seed, metric)
   assert [r["name"] for r in rows] == ["Teacher", "BAN-1", "BANE-2", "Baseline"]
   assert [r["key"] for r in rows] == ["Teacher", "BAN-1", "BANE-2", "Baseline"]
   np.testing.assert_allclose([r["mean"] for r in rows], [30, 15, 10, 40])
-  np.testing.assert_allclose([r["std"] for r in rows], np.std([[20, 10, 5, 30], [40, 20, 15, 50]],
-                                                              axis=0, ddof=1))
-  assert "| BANE-2 | ensemble of T,1 |  | 10.00 ± 7.07 | -20.00 | 2 | 5.00, 15.00 |" in results.aggregate_table(rows, metric)
+  np.testing.assert_allclose(
+    [r["std"] for r in rows], np.std([[20, 10, 5, 30], [40, 20, 15, 50]], axis=0, ddof=1)
+  )
+  assert (
+    "| BANE-2 | ensemble of T,1 |  | 10.00 ± 7.07 | -20.00 | 2 | 5.00, 15.00 |"
+    in results.aggregate_table(rows, metric)
+  )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
 def test_cross_arch_shared_features_seeds_baseline(tmp_path, monkeypatch):
   from ban_tf import data  # pylint: disable=g-import-not-at-top
+
   test_split = data.Dataset.test
   # Evaluate on 2 test batches, not 10k images: this test checks plumbing, not accuracy.
   monkeypatch.setattr(data.Dataset, "test", lambda self, b: test_split(self, b).take(2))
   run_dir = str(tmp_path / "run")
   cfg = config_lib.Config(
-      dataset="fashion_mnist", data_dir=SHARED_TFDS, train_examples=128, batch_size=64, epochs=1,
-      gens=1, teacher_arch="densenet-10-4", arch="wrn-match-1", student_width_ratio=0.5,
-      share_stem_head=True, feature_weight=0.5, feature_projection=True, seeds=2, baseline=True,
-      run_dir=run_dir, verbose="0", lr=0.05)
+    dataset="fashion_mnist",
+    data_dir=SHARED_TFDS,
+    train_examples=128,
+    batch_size=64,
+    epochs=1,
+    gens=1,
+    teacher_arch="densenet-10-4",
+    arch="wrn-match-1",
+    student_width_ratio=0.5,
+    share_stem_head=True,
+    feature_weight=0.5,
+    feature_projection=True,
+    seeds=2,
+    baseline=True,
+    run_dir=run_dir,
+    verbose="0",
+    lr=0.05,
+  )
   summary = main_lib.run(cfg)
   assert summary["seeds"] == [0, 100]
   assert [r["name"] for r in summary["rows"]] == ["Teacher", "BAN-1", "Baseline"]
@@ -129,8 +158,9 @@ def test_cross_arch_shared_features_seeds_baseline(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
     # The student's features endpoint reproduces its features layer; serve is unchanged.
     x = export.fingerprint_inputs((28, 28, 1))
-    layer = export.load_teacher(os.path.join(sub, "gen_1", "saved_model"), expected_classes=10,
-                                with_features=True)
+    layer = export.load_teacher(
+      os.path.join(sub, "gen_1", "saved_model"), expected_classes=10, with_features=True
+    )
     out = layer(x)
     feats = keras.Model(student.inputs, student.get_layer("features").output)(x)
     np.testing.assert_allclose(out["features"], feats, atol=1e-4)
@@ -140,13 +170,23 @@ def test_cross_arch_shared_features_seeds_baseline(tmp_path, monkeypatch):
   # Different feature widths without a projection, and an unshareable stem: one-line errors.
   sub = os.path.join(run_dir, "seed_0")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=128)
   teacher_path = os.path.join(sub, "gen_0", "saved_model")
   strategy = tf.distribute.get_strategy()
-  for kw, msg in [(dict(arch="tiny", feature_weight=0.5), "add --feature_projection"),
-                  (dict(arch="tiny", share_stem_head=True), "cannot share layer 'logits'")]:
-    bad = config_lib.Config(dataset="fashion_mnist", data_dir=SHARED_TFDS, train_examples=128,
-                            batch_size=64, epochs=1, teacher_arch="densenet-10-4", **kw)
+  for kw, msg in [
+    (dict(arch="tiny", feature_weight=0.5), "add --feature_projection"),
+    (dict(arch="tiny", share_stem_head=True), "cannot share layer 'logits'"),
+  ]:
+    bad = config_lib.Config(
+      dataset="fashion_mnist",
+      data_dir=SHARED_TFDS,
+      train_examples=128,
+      batch_size=64,
+      epochs=1,
+      teacher_arch="densenet-10-4",
+      **kw,
+    )
     with pytest.raises(errors.TeacherError, match=msg) as err:
       train.train_generation(bad, 1, strategy, ds, str(tmp_path / "bad"), teacher_path)
     assert "\n" not in str(err.value)

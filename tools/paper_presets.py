@@ -19,9 +19,9 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from ban_tf import lm_models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ban_tf import main  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ban_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import lm_models  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
+from ban_tf import main  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
+from ban_tf import models  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
 
 PRESET_DIR = os.path.join(REPO, "flags", "paper")
 PTB_VOCAB = 10000
@@ -29,13 +29,33 @@ _CLASSES = {"cifar10": 10, "cifar100": 100}
 
 # The paper's parameter count of the model each row's student is (paper.md, section 5).
 # Tables 2 and 3 print no counts: their DenseNets and WRNs are Table 1's.
-_TABLE1 = {"wrn-28-1": 0.38e6, "wrn-28-2": 1.48e6, "wrn-28-5": 9.16e6, "wrn-28-10": 36e6,
-           "densenet-112-33": 6.3e6, "densenet-90-60": 16.1e6, "densenet-80-80": 22.4e6,
-           "densenet-80-120": 50.4e6}
-_TABLE4 = {"0.5x-depth": 21.2e6, "2x-depth": 13.7e6, "3x-depth": 12.9e6, "4x-depth": 12.6e6,
-           "0.5x-compression": 5.1e6, "0.75x-compression": 10.1e6, "1.5x-compression": 80.5e6}
-_TABLE5 = {"pre-resnet-14-0.5": 7.3e6, "pre-resnet-14-1": 17.7e6, "wide-resnet-1-1": 20.9e6,
-           "match-wide-resnet-2-1": 43.1e6, "wide-resnet-4-0.5": 24.3e6, "wide-resnet-4-1": 87.3e6}
+_TABLE1 = {
+  "wrn-28-1": 0.38e6,
+  "wrn-28-2": 1.48e6,
+  "wrn-28-5": 9.16e6,
+  "wrn-28-10": 36e6,
+  "densenet-112-33": 6.3e6,
+  "densenet-90-60": 16.1e6,
+  "densenet-80-80": 22.4e6,
+  "densenet-80-120": 50.4e6,
+}
+_TABLE4 = {
+  "0.5x-depth": 21.2e6,
+  "2x-depth": 13.7e6,
+  "3x-depth": 12.9e6,
+  "4x-depth": 12.6e6,
+  "0.5x-compression": 5.1e6,
+  "0.75x-compression": 10.1e6,
+  "1.5x-compression": 80.5e6,
+}
+_TABLE5 = {
+  "pre-resnet-14-0.5": 7.3e6,
+  "pre-resnet-14-1": 17.7e6,
+  "wide-resnet-1-1": 20.9e6,
+  "match-wide-resnet-2-1": 43.1e6,
+  "wide-resnet-4-0.5": 24.3e6,
+  "wide-resnet-4-1": 87.3e6,
+}
 _TABLE6 = {"lstm": 52e6, "cnn-lstm": 19e6}
 
 
@@ -70,10 +90,10 @@ def rows():
   """One dict per preset: file, teacher, student, source, params, paper_params, diff, result."""
   out = []
   paths = sorted(glob.glob(os.path.join(PRESET_DIR, "*.flags")))
-  configs = {os.path.basename(p)[:-len(".flags")]: preset_config(p) for p in paths}
+  configs = {os.path.basename(p)[: -len(".flags")]: preset_config(p) for p in paths}
   by_run_dir = {c.run_dir: f"{n}.flags" for n, c in configs.items() if c.run_dir}
   for path in paths:
-    name = os.path.basename(path)[:-len(".flags")]
+    name = os.path.basename(path)[: -len(".flags")]
     cfg = configs[name]
     teacher, student = cfg.arch_for(0), cfg.arch_for(1)
     if cfg.task == "lm":
@@ -84,9 +104,18 @@ def rows():
     with open(path) as f:
       first = f.readline().strip()
     result = first.split(": ", 1)[1] if ": " in first else first
-    out.append({"file": name + ".flags", "teacher": teacher, "student": student,
-                "source": teacher_source(cfg, by_run_dir), "params": params,
-                "paper_params": paper, "diff": 100.0 * (params / paper - 1), "result": result})
+    out.append(
+      {
+        "file": name + ".flags",
+        "teacher": teacher,
+        "student": student,
+        "source": teacher_source(cfg, by_run_dir),
+        "params": params,
+        "paper_params": paper,
+        "diff": 100.0 * (params / paper - 1),
+        "result": result,
+      }
+    )
   return out
 
 
@@ -95,13 +124,22 @@ def _millions(n):
 
 
 def presets_table():
-  lines = ["| File | Teacher from | Arch (teacher -> student) | Parameters | Paper's | Diff | Paper's result |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| File | Teacher from | Arch (teacher -> student) | Parameters | Paper's | Diff | Paper's result |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in rows():
     arch = r["student"] if r["teacher"] == r["student"] else f"{r['teacher']} -> {r['student']}"
     source = f"`{r['source']}`" if r["source"].endswith(".flags") else r["source"]
-    cells = [f"`{r['file']}`", source, f"`{arch}`", _millions(r["params"]), f"{r['paper_params'] / 1e6:g}M",
-             f"{r['diff']:+.1f}%", r["result"].replace("|", "\\|")]
+    cells = [
+      f"`{r['file']}`",
+      source,
+      f"`{arch}`",
+      _millions(r["params"]),
+      f"{r['paper_params'] / 1e6:g}M",
+      f"{r['diff']:+.1f}%",
+      r["result"].replace("|", "\\|"),
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -14,7 +14,7 @@ task imports its data and model modules inside the methods that need them.
 from ban_tf import errors
 from ban_tf.tasks import image
 from ban_tf.tasks import lm
-from ban_tf.tasks.base import DataSpec  # pylint: disable=unused-import
+from ban_tf.tasks.base import DataSpec  # pylint: disable=unused-import  # noqa: F401
 from ban_tf.tasks.base import Task
 
 TASKS = {"image": image.ImageClassification(), "lm": lm.LanguageModel()}

@@ -28,6 +28,7 @@ class DataSpec:
     unit: what "one" counts in the splits' sizes: "examples" or "tokens".
     num_train, num_val, num_test: split sizes in `unit`s.
   """
+
   name: str
   input_shape: tuple
   input_dtype: str
@@ -47,6 +48,7 @@ class DataSpec:
   def example_inputs(self, n=4):
     """A fixed pseudo-random input batch (the SavedModel fingerprint's)."""
     from ban_tf import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
     tokens = self.input_high if self.input_dtype.startswith("int") else None
     return export.fingerprint_inputs(self.input_shape, n=n, num_tokens=tokens)
 
@@ -70,6 +72,7 @@ class Task:
     result_keys: metrics.json fields that results.json keeps per row, beyond the
       generic ones (gen, role, arch, params, epochs, seconds, seed, objective, teacher).
   """
+
   name = ""
   headline: results.Metric = None
   curve_label = ""  # y axis of `curve` in report plots
@@ -112,6 +115,7 @@ class Task:
     Keras loads it without importing ban_tf and gets the same outputs. Default: the
     fused BatchNormalization layers replaced (models.to_stock)."""
     from ban_tf import models  # pylint: disable=g-import-not-at-top
+
     return models.to_stock(model) if models.has_fused_layers(model) else model
 
   def carries_state(self, cfg) -> bool:
@@ -127,8 +131,14 @@ class Task:
   def train_data(self, cfg, dataset, *, seed, first_epoch):
     """Training batches for epochs [first_epoch, cfg.epochs), a function of (seed, epoch) only."""
     on_device = {"device_augment": True} if self.device_augment(cfg) else {}
-    ds, _ = dataset.train(cfg.batch_size, seed=seed, augment=cfg.resolved_augment, first_epoch=first_epoch,
-                          epochs=cfg.epochs, **on_device)
+    ds, _ = dataset.train(
+      cfg.batch_size,
+      seed=seed,
+      augment=cfg.resolved_augment,
+      first_epoch=first_epoch,
+      epochs=cfg.epochs,
+      **on_device,
+    )
     return ds
 
   def train_augmenter(self, cfg, dataset, seed):

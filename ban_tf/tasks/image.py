@@ -16,14 +16,18 @@ def _val_error(entry):
 
 
 TEST_ERROR = results.Metric("test_error", "Test error (%)", percent=True, text="test error")
-VAL_ERROR = results.Metric("val_error", "Val error (%)", percent=True, derive=_val_error, text="val error")
+VAL_ERROR = results.Metric(
+  "val_error", "Val error (%)", percent=True, derive=_val_error, text="val error"
+)
 
 
 def _check_widths(cfg):
   """--share_stem_head and --feature_weight (without --feature_projection) need the
   teacher's and the student's widths to agree: known from the names, so a misfit
   is refused before any training (BAN-k for k >= 2 is taught by the same arch)."""
-  if cfg.gens < 1 or not (cfg.share_stem_head or (cfg.feature_weight > 0 and not cfg.feature_projection)):
+  if cfg.gens < 1 or not (
+    cfg.share_stem_head or (cfg.feature_weight > 0 and not cfg.feature_projection)
+  ):
     return
   try:
     t_arch, s_arch = cfg.arch_for(0), cfg.arch_for(1)
@@ -32,17 +36,20 @@ def _check_widths(cfg):
     return  # a bad name: Config.validate reports it
   if cfg.share_stem_head and (t["stem"], t["features"]) != (s["stem"], s["features"]):
     raise errors.UsageError(
-        f"--share_stem_head: the teacher {t_arch} has stem width {t['stem']} and {t['features']} features but the "
-        f"student {s_arch} has {s['stem']} and {s['features']}: use a student with the teacher's widths "
-        "(e.g. --arch=wrn-match-U with a DenseNet --teacher_arch), or drop --share_stem_head")
+      f"--share_stem_head: the teacher {t_arch} has stem width {t['stem']} and {t['features']} features but the "
+      f"student {s_arch} has {s['stem']} and {s['features']}: use a student with the teacher's widths "
+      "(e.g. --arch=wrn-match-U with a DenseNet --teacher_arch), or drop --share_stem_head"
+    )
   if cfg.feature_weight > 0 and not cfg.feature_projection and t["features"] != s["features"]:
     raise errors.UsageError(
-        f"--feature_weight: the student {s_arch} has {s['features']} features but the teacher {t_arch} has "
-        f"{t['features']}: add --feature_projection, or use a student of the teacher's feature width")
+      f"--feature_weight: the student {s_arch} has {s['features']} features but the teacher {t_arch} has "
+      f"{t['features']}: add --feature_projection, or use a student of the teacher's feature width"
+    )
 
 
 class ImageClassification(base.Task):
   """--task=image."""
+
   name = "image"
   headline = TEST_ERROR
   extra_columns = (VAL_ERROR,)
@@ -52,38 +59,65 @@ class ImageClassification(base.Task):
     return archs.parse_arch(arch)
 
   def validate(self, cfg):
-    base.require(cfg.student_width_ratio == 1 or archs.is_match_arch(cfg.arch),
-                 f"--student_width_ratio={cfg.student_width_ratio} only applies to teacher-matched students: "
-                 "use --arch=wrn-match-U or prebn-match-U")
-    base.require(not archs.is_match_arch(cfg.teacher_arch or cfg.arch) or cfg.teacher_arch,
-                 f"--arch={cfg.arch}: a -match- student needs a DenseNet --teacher_arch")
-    base.require(0 < cfg.densenet_compression <= 1,
-                 f"--densenet_compression={cfg.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)")
+    base.require(
+      cfg.student_width_ratio == 1 or archs.is_match_arch(cfg.arch),
+      f"--student_width_ratio={cfg.student_width_ratio} only applies to teacher-matched students: "
+      "use --arch=wrn-match-U or prebn-match-U",
+    )
+    base.require(
+      not archs.is_match_arch(cfg.teacher_arch or cfg.arch) or cfg.teacher_arch,
+      f"--arch={cfg.arch}: a -match- student needs a DenseNet --teacher_arch",
+    )
+    base.require(
+      0 < cfg.densenet_compression <= 1,
+      f"--densenet_compression={cfg.densenet_compression}: must be in (0, 1] (DenseNet-BC: 0.5)",
+    )
     if cfg.densenet_compression != archs.DENSENET_COMPRESSION:
       try:
         archs.with_compression(cfg.arch, cfg.densenet_compression)
       except ValueError as e:
-        raise errors.UsageError(f"--densenet_compression={cfg.densenet_compression:g} applies to a "
-                                f"densenet-D-K --arch without a -c suffix: {e}") from None
+        raise errors.UsageError(
+          f"--densenet_compression={cfg.densenet_compression:g} applies to a "
+          f"densenet-D-K --arch without a -c suffix: {e}"
+        ) from None
     _check_widths(cfg)
 
   def load_data(self, cfg):
     from ban_tf import data  # pylint: disable=g-import-not-at-top
+
     return data.Dataset.from_config(cfg)
 
   def spec(self, dataset):
     info = dataset.info
     return base.DataSpec(
-        name=info.name, input_shape=tuple(info.image_shape), input_dtype="float32", input_high=255,
-        input_name="pixels", serving_shape=tuple(info.image_shape),
-        num_outputs=info.num_classes, output_shape=(info.num_classes,), class_names=tuple(info.class_names),
-        unit="examples", num_train=info.num_train, num_val=info.num_val, num_test=info.num_test)
+      name=info.name,
+      input_shape=tuple(info.image_shape),
+      input_dtype="float32",
+      input_high=255,
+      input_name="pixels",
+      serving_shape=tuple(info.image_shape),
+      num_outputs=info.num_classes,
+      output_shape=(info.num_classes,),
+      class_names=tuple(info.class_names),
+      unit="examples",
+      num_train=info.num_train,
+      num_val=info.num_val,
+      num_test=info.num_test,
+    )
 
   def build_model(self, arch, dataset, *, dropout, name):
     from ban_tf import models  # pylint: disable=g-import-not-at-top
+
     info = dataset.info
-    return models.build_model(arch, info.num_classes, info.image_shape, mean=info.mean, std=info.std,
-                              dropout=dropout, name=name)
+    return models.build_model(
+      arch,
+      info.num_classes,
+      info.image_shape,
+      mean=info.mean,
+      std=info.std,
+      dropout=dropout,
+      name=name,
+    )
 
   def device_augment(self, cfg):
     return cfg.device_augment
@@ -96,9 +130,12 @@ class ImageClassification(base.Task):
     """
     import keras  # pylint: disable=g-import-not-at-top
     from ban_tf import schedules  # pylint: disable=g-import-not-at-top
+
     boundaries = [max(1, int(round(m * cfg.epochs))) * steps_per_epoch for m in cfg.lr_milestones]
     schedule = schedules.StepDecay(cfg.lr, boundaries, cfg.lr_decay)
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return keras.optimizers.SGD(
+      learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
 
   def curve(self, history):
     """Per-epoch validation error (%), or training error without a val split."""

@@ -27,7 +27,9 @@ from ban_tf import results
 from ban_tf.tasks import base
 
 VOCAB_FILE = "vocab.txt"
-TEST_PERPLEXITY = results.Metric("test_perplexity", "Test perplexity", text="perplexity (per token)")
+TEST_PERPLEXITY = results.Metric(
+  "test_perplexity", "Test perplexity", text="perplexity (per token)"
+)
 VAL_PERPLEXITY = results.Metric("val_perplexity", "Val perplexity")
 
 
@@ -44,6 +46,7 @@ def read_vocab(directory):
 
 class LanguageModel(base.Task):
   """--task=lm."""
+
   name = "lm"
   headline = TEST_PERPLEXITY
   extra_columns = (VAL_PERPLEXITY,)
@@ -57,46 +60,94 @@ class LanguageModel(base.Task):
   def validate(self, cfg):
     need = base.require
     need(cfg.bptt >= 1, f"--bptt={cfg.bptt}: must be >= 1")
-    need(cfg.vocab_size == 0 or cfg.vocab_size >= 2,
-         f"--vocab_size={cfg.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)")
-    need(0 < cfg.lr_plateau_decay <= 1, f"--lr_plateau_decay={cfg.lr_plateau_decay}: must be in (0, 1]")
-    need(cfg.lr_plateau_min_delta >= 0, f"--lr_plateau_min_delta={cfg.lr_plateau_min_delta}: must be >= 0")
-    need(cfg.lr_plateau_reference in ("best", "previous"),  # schedules.plateau_lr
-         f"--lr_plateau_reference={cfg.lr_plateau_reference!r}: use best or previous")
+    need(
+      cfg.vocab_size == 0 or cfg.vocab_size >= 2,
+      f"--vocab_size={cfg.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)",
+    )
+    need(
+      0 < cfg.lr_plateau_decay <= 1, f"--lr_plateau_decay={cfg.lr_plateau_decay}: must be in (0, 1]"
+    )
+    need(
+      cfg.lr_plateau_min_delta >= 0,
+      f"--lr_plateau_min_delta={cfg.lr_plateau_min_delta}: must be >= 0",
+    )
+    need(
+      cfg.lr_plateau_reference in ("best", "previous"),  # schedules.plateau_lr
+      f"--lr_plateau_reference={cfg.lr_plateau_reference!r}: use best or previous",
+    )
     need(cfg.lm_state in ("carry", "reset"), f"--lm_state={cfg.lm_state!r}: use carry or reset")
-    need(cfg.dataset != "ptb" or cfg.ptb_dir,
-         "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt")
-    need(not cfg.train_examples and not cfg.val_examples,
-         "--train_examples/--val_examples are image-only: language models use the corpus' own splits")
-    need(not (cfg.image_folder or cfg.image_size or cfg.image_key or cfg.label_key or cfg.val_split
-              or cfg.train_split != "train" or cfg.test_split != "test"),
-         "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
-         "drop them with --task=lm")
-    need(not (cfg.feature_weight or cfg.share_stem_head or cfg.student_width_ratio != 1
-              or cfg.densenet_compression != 0.5),
-         "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
-         "drop them with --task=lm")
+    need(
+      cfg.dataset != "ptb" or cfg.ptb_dir,
+      "--dataset=ptb needs --ptb_dir=DIR holding ptb.train.txt, ptb.valid.txt, ptb.test.txt",
+    )
+    need(
+      not cfg.train_examples and not cfg.val_examples,
+      "--train_examples/--val_examples are image-only: language models use the corpus' own splits",
+    )
+    need(
+      not (
+        cfg.image_folder
+        or cfg.image_size
+        or cfg.image_key
+        or cfg.label_key
+        or cfg.val_split
+        or cfg.train_split != "train"
+        or cfg.test_split != "test"
+      ),
+      "--image_folder, --image_size, --*_split and --image_key/--label_key are image-only: "
+      "drop them with --task=lm",
+    )
+    need(
+      not (
+        cfg.feature_weight
+        or cfg.share_stem_head
+        or cfg.student_width_ratio != 1
+        or cfg.densenet_compression != 0.5
+      ),
+      "--feature_weight, --share_stem_head, --student_width_ratio and --densenet_compression are image-only: "
+      "drop them with --task=lm",
+    )
 
   def load_data(self, cfg):
     from ban_tf import text_data  # pylint: disable=g-import-not-at-top
-    return text_data.TextDataset(cfg.dataset, ptb_dir=cfg.ptb_dir, data_dir=cfg.data_dir,
-                                 vocab_size=cfg.vocab_size, bptt=cfg.bptt, state=cfg.lm_state)
+
+    return text_data.TextDataset(
+      cfg.dataset,
+      ptb_dir=cfg.ptb_dir,
+      data_dir=cfg.data_dir,
+      vocab_size=cfg.vocab_size,
+      bptt=cfg.bptt,
+      state=cfg.lm_state,
+    )
 
   def spec(self, dataset):
     info = dataset.info
     vocab = "".join(w + "\n" for w in info.vocab)
     return base.DataSpec(
-        name=info.name, input_shape=(info.bptt,), input_dtype="int32", input_high=len(info.vocab),
-        input_name="tokens", serving_shape=(None,),
-        num_outputs=len(info.vocab), output_shape=(None, len(info.vocab)), output_unit="words", assets=((VOCAB_FILE, vocab),),
-        unit="tokens", num_train=info.num_train, num_val=info.num_val, num_test=info.num_test)
+      name=info.name,
+      input_shape=(info.bptt,),
+      input_dtype="int32",
+      input_high=len(info.vocab),
+      input_name="tokens",
+      serving_shape=(None,),
+      num_outputs=len(info.vocab),
+      output_shape=(None, len(info.vocab)),
+      output_unit="words",
+      assets=((VOCAB_FILE, vocab),),
+      unit="tokens",
+      num_train=info.num_train,
+      num_val=info.num_val,
+      num_test=info.num_test,
+    )
 
   def build_model(self, arch, dataset, *, dropout, name):
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+
     return lm_models.build_model(arch, dataset.info.vocab, dropout=dropout, name=name)
 
   def stateful_model(self, model):
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+
     try:
       return lm_models.stateful(model)
     except ValueError:  # not one LM (a BANE ensemble: generations.build_stateful_ensemble)
@@ -105,6 +156,7 @@ class LanguageModel(base.Task):
   def stock_model(self, model):
     """Tied embedding / character CNN as stock layers (lm_models.to_stock)."""
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+
     return lm_models.to_stock(model)
 
   def carries_state(self, cfg):
@@ -114,17 +166,31 @@ class LanguageModel(base.Task):
     """SGD with a constant rate that `callbacks` drive; gradient clipping is in the Distiller."""
     del steps_per_epoch
     import keras  # pylint: disable=g-import-not-at-top
-    return keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0)
+
+    return keras.optimizers.SGD(
+      learning_rate=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+    )
 
   def callbacks(self, cfg, history, optimizer):
     from ban_tf import schedules  # pylint: disable=g-import-not-at-top
-    return [schedules.PlateauDecay(cfg.lr, cfg.lr_plateau_decay, cfg.lr_plateau_min_delta, history, optimizer,
-                                   reference=cfg.lr_plateau_reference)]
+
+    return [
+      schedules.PlateauDecay(
+        cfg.lr,
+        cfg.lr_plateau_decay,
+        cfg.lr_plateau_min_delta,
+        history,
+        optimizer,
+        reference=cfg.lr_plateau_reference,
+      )
+    ]
 
   def summarize(self, result):
-    return {f"{split}_perplexity": perplexity(result[f"{split}_loss"])
-            for split in ("val", "test") if f"{split}_loss" in result}
+    return {
+      f"{split}_perplexity": perplexity(result[f"{split}_loss"])
+      for split in ("val", "test")
+      if f"{split}_loss" in result
+    }
 
   def curve(self, history):
     hist = [h for h in history if "val_perplexity" in h]

@@ -16,7 +16,7 @@ def main():
         print("requirements.bzl only:", sorted(declared - pinned))
         print("Update PIP_PACKAGES in third_party/pip/requirements.bzl.")
         return 1
-    print("%d pip packages in sync" % len(declared))
+    print("%d pip packages in sync" % len(declared))  # noqa: UP031
     return 0
 
 
