@@ -377,9 +377,10 @@ def _run(cfg, console, keras, tf):
         f"run directory {run_dir} (config.json: every flag; {os.path.basename(log_path)}: "
         "every log line)"
       )
-      if cfg.seeds_note():
-        progress.print(cfg.seeds_note())
-        logging.info("%s", cfg.seeds_note())
+      note = cfg.seeds_note()  # one fixed --teacher under --seeds: the spread excludes it
+      if note:
+        progress.print(note)
+        logging.info("%s", note)
       logging.info("config: %s", cfg.to_json())
       logging.info(
         "strategy: %s with %d replica(s); task %s; data: %s",
