@@ -45,6 +45,8 @@ NON_EXPERIMENT_FIELDS = frozenset(
   }
 )
 STRATEGIES = ("auto", "multi_worker")
+# In --teacher, replaced by each --seeds run's base seed: one teacher per seed (docs/variants.md).
+TEACHER_SEED = "{seed}"
 
 
 def check_writable_dir(path: str, flag: str) -> None:
@@ -276,6 +278,53 @@ class Config:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
     return [self.seed + 100 * i for i in range(self.seeds)]
 
+  def for_seed(self, seed: int, parent: str) -> "Config":
+    """The one-seed run of base seed `seed` of a --seeds run whose directory is `parent`.
+
+    Its run directory is parent/seed_S; --student_seed moves with the base seed, so each
+    seed's students differ too. --teacher keeps its `{seed}` form (what config.json
+    stores, the same in every seed run); `resolved_teacher` is the path it imports.
+    """
+    student_seed = None if self.student_seed is None else self.student_seed + seed - self.seed
+    return dataclasses.replace(
+      self,
+      seed=seed,
+      seeds=1,
+      student_seed=student_seed,
+      run_dir=os.path.join(parent, f"seed_{seed}"),
+    )
+
+  def seed_runs(self) -> list:
+    """The one-seed Configs this command runs: itself (run_dir resolved) for --seeds=1,
+    else `for_seed` of every base seed under run_dir (generations.run_seeds)."""
+    run_dir = self.run_dir or self.default_run_dir()
+    if self.seeds == 1:
+      return [dataclasses.replace(self, run_dir=run_dir)]
+    return [self.for_seed(seed, run_dir) for seed in self.seed_list()]
+
+  @property
+  def resolved_teacher(self) -> Optional[str]:
+    """The --teacher path this (one-seed) run imports: `{seed}` replaced by its base seed."""
+    return self.teacher.replace(TEACHER_SEED, str(self.seed)) if self.teacher else None
+
+  @property
+  def teacher_per_seed(self) -> bool:
+    """Whether each base seed has its own teacher: trained by its run (no --teacher), or
+    --teacher with `{seed}`. False for one fixed --teacher shared by every seed, whose
+    seed spread then leaves out the teacher's own variance."""
+    return not self.teacher or TEACHER_SEED in self.teacher
+
+  def seeds_note(self) -> Optional[str]:
+    """The console line of a --seeds run that shares one fixed --teacher (None otherwise)."""
+    if self.seeds == 1 or self.teacher_per_seed:
+      return None
+    return (
+      f"--seeds={self.seeds} with one fixed --teacher: every seed's students learn from the same "
+      "teacher, so the spread excludes teacher variance; for one teacher per seed, train it with "
+      f"--seeds={self.seeds} and pass --teacher=<its run_dir>/seed_{TEACHER_SEED}/gen_0 "
+      "(docs/variants.md)"
+    )
+
   @property
   def data_name(self) -> str:
     """The tfds name, or the image folder's name."""
@@ -340,6 +389,62 @@ class Config:
     return sorted(k for k in keys if not same(k))
 
   # ---- validation -------------------------------------------------------------
+  def _check_teacher_paths(self) -> None:
+    """--teacher and its `{seed}` placeholder; every path a seed run imports exists.
+
+    Pure Python. `{seed}` belongs in --teacher only, with --seeds >= 2; any other brace
+    there is a malformed placeholder. Each seed run's path must exist unless that run
+    already imported it (it resumes from its gen_0 copy; pretrained.imported_into).
+    Raises errors.UsageError naming the first path at fault.
+    """
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.name != "teacher" and isinstance(value, str) and TEACHER_SEED in value:
+        raise errors.UsageError(
+          f"--{f.name}={value}: {TEACHER_SEED} is replaced in --teacher only (each --seeds run "
+          "already writes its own run_dir/seed_S/): drop it"
+        )
+    if not self.teacher:
+      return
+    rest = self.teacher.replace(TEACHER_SEED, "")
+    if "{" in rest or "}" in rest:
+      raise errors.UsageError(
+        f"--teacher={self.teacher}: a malformed placeholder; the only one is {TEACHER_SEED} (each "
+        "--seeds run's base seed), e.g. --teacher=runs/t/seed_{seed}/gen_0"
+      )
+    if TEACHER_SEED in self.teacher and self.seeds < 2:
+      raise errors.UsageError(
+        f"--teacher={self.teacher}: {TEACHER_SEED} takes one teacher per seed of --seeds=N: add "
+        "--seeds=N (N >= 2, as the teacher run had), or name one teacher"
+      )
+    run_dir = self.run_dir or self.default_run_dir()
+    for sub in self.seed_runs():
+      path = sub.resolved_teacher
+      if self.overwrite:  # --overwrite deletes the run directory before the teacher is read
+        real = os.path.realpath(path)
+        top = os.path.realpath(run_dir)
+        if real == top or real.startswith(top + os.sep):
+          raise errors.UsageError(
+            f"--teacher={path} is inside --run_dir={run_dir}, which --overwrite deletes: copy "
+            "the teacher out of it first, or pass another --run_dir"
+          )
+      if pretrained.imported_into(sub.run_dir, path):
+        continue
+      if self.teacher_per_seed and not os.path.exists(path):
+        seeds = ", ".join(map(str, self.seed_list()))
+        parent, _, _ = self.teacher.partition(f"seed_{TEACHER_SEED}")
+        make = (
+          f"one run of the teacher's flags with --seeds={self.seeds} --seed={self.seed} "
+          f"--run_dir={parent.rstrip('/')} makes them"
+          if f"seed_{TEACHER_SEED}" in self.teacher and parent
+          else "train one teacher per seed there first"
+        )
+        raise errors.UsageError(
+          f"--teacher={self.teacher}: {path} (seed {sub.seed}) does not exist; seeds {seeds} each "
+          f"need their own teacher: {make}"
+        )
+      pretrained.check_path(path)
+
   def check_paths(self) -> None:
     """The run directory (--run_dir or the default) can be created and written.
 
@@ -396,22 +501,7 @@ class Config:
       self.teacher or self.teacher_outputs == "logits",
       "--teacher_outputs says what a --teacher=PATH model outputs: add --teacher or drop it",
     )
-    if (
-      self.teacher and self.overwrite
-    ):  # --overwrite deletes the run directory before the teacher is read
-      run_dir = os.path.realpath(self.run_dir or self.default_run_dir())
-      inside = os.path.realpath(self.teacher) == run_dir or os.path.realpath(
-        self.teacher
-      ).startswith(run_dir + os.sep)
-      need(
-        not inside,
-        f"--teacher={self.teacher} is inside --run_dir={self.run_dir or self.default_run_dir()}, which "
-        "--overwrite deletes: copy the teacher out of it first, or pass another --run_dir",
-      )
-    if self.teacher and not pretrained.imported_into(
-      self.run_dir or self.default_run_dir(), self.teacher
-    ):
-      pretrained.check_path(self.teacher)
+    self._check_teacher_paths()
     need(
       self.train_examples >= 0, f"--train_examples={self.train_examples}: must be >= 0 (0 = all)"
     )

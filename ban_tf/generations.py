@@ -26,7 +26,6 @@ every row's headline metric (the task's: test error, or test perplexity).
 """
 
 import contextlib
-import dataclasses
 import os
 import re
 
@@ -278,7 +277,7 @@ def run(cfg, strategy, dataset, run):
       pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
       if console.progress():
         console.progress().skip(
-          cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.teacher}"
+          cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.resolved_teacher}"
         )
     else:
       if (
@@ -313,8 +312,10 @@ def run(cfg, strategy, dataset, run):
 def run_seeds(cfg, strategy, dataset, top):
   """--seeds=N: the whole run per base seed into top.path/seed_S/, then mean +- std.
 
-  The parent's results.json holds {"seeds", "metric", "rows"} (results.aggregate
-  of the task's headline metric); its results.md and report.png are report.py's.
+  The parent's results.json holds {"seeds", "teacher_per_seed", "metric", "rows"}
+  (results.aggregate of the task's headline metric; `teacher_per_seed`:
+  Config.teacher_per_seed); its results.md and report.png are report.py's. Each
+  seed run imports its own --teacher when it has `{seed}` (Config.for_seed).
   """
   from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
@@ -322,15 +323,7 @@ def run_seeds(cfg, strategy, dataset, top):
   spec = task.spec(dataset)
   per_seed = []
   for i, seed in enumerate(cfg.seed_list()):
-    # --student_seed moves with the base seed, so each seed's students differ too.
-    student_seed = None if cfg.student_seed is None else cfg.student_seed + seed - cfg.seed
-    sub = dataclasses.replace(
-      cfg,
-      seed=seed,
-      seeds=1,
-      student_seed=student_seed,
-      run_dir=os.path.join(top.path, f"seed_{seed}"),
-    )
+    sub = cfg.for_seed(seed, top.path)  # its own --student_seed and {seed} teacher
     logging.info("seed %d: %s", seed, sub.run_dir)
     if console.progress():
       console.progress().prefix = f"seed {seed} ({i + 1}/{cfg.seeds}) "
@@ -338,6 +331,8 @@ def run_seeds(cfg, strategy, dataset, top):
       per_seed.append(run(sub, strategy, dataset, sub_run))
   summary = {
     "seeds": cfg.seed_list(),
+    # False: one fixed --teacher for every seed (the spread excludes the teacher's variance).
+    "teacher_per_seed": cfg.teacher_per_seed,
     "metric": task.headline.key,
     "rows": results_lib.aggregate(per_seed, task.headline),
   }

@@ -102,7 +102,8 @@ def define_flags(fv=FLAGS):
   flags.field(
     "teacher",
     "[model] Use PATH as generation 0 instead of training one: a run's gen_k/ directory, a "
-    "SavedModel (serving_default: float32 pixels [N,H,W,C] in [0,255] -> logits) or a .keras file.",
+    "SavedModel (serving_default: float32 pixels [N,H,W,C] in [0,255] -> logits) or a .keras file; "
+    "with --seeds, {seed} in PATH is each seed's own (e.g. runs/t/seed_{seed}/gen_0).",
   )
   flags.field(
     "teacher_outputs",
@@ -355,10 +356,12 @@ def _run(cfg, console, keras, tf):
   spec = task.spec(dataset)
   dataset.steps_per_epoch(cfg.batch_size)  # validates the batch size
   run_dir = cfg.run_dir or cfg.default_run_dir()
-  if cfg.teacher and not pretrained.imported_into(run_dir, cfg.teacher):
-    pretrained.check_teacher(
-      cfg, spec
-    )  # before the run directory records it: a misfit changes nothing
+  checked = set()  # before the run directory records them: a misfit changes nothing
+  for sub in cfg.seed_runs():  # each seed's teacher ({seed}), or the one fixed teacher once
+    path = sub.resolved_teacher
+    if path and path not in checked and not pretrained.imported_into(sub.run_dir, path):
+      pretrained.check_teacher(sub, spec)
+      checked.add(path)
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)
@@ -374,6 +377,10 @@ def _run(cfg, console, keras, tf):
         f"run directory {run_dir} (config.json: every flag; {os.path.basename(log_path)}: "
         "every log line)"
       )
+      note = cfg.seeds_note()  # one fixed --teacher under --seeds: the spread excludes it
+      if note:
+        progress.print(note)
+        logging.info("%s", note)
       logging.info("config: %s", cfg.to_json())
       logging.info(
         "strategy: %s with %d replica(s); task %s; data: %s",

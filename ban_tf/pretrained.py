@@ -125,16 +125,16 @@ def check_source(cfg, gen_dir):
   fix = "restore it, or start over with --overwrite (or another --run_dir) to use the new one"
   if not recorded:
     raise errors.TeacherError(
-      f"{gen_dir} was trained by this run, not imported from --teacher={cfg.teacher}: "
+      f"{gen_dir} was trained by this run, not imported from --teacher={cfg.resolved_teacher}: "
       "drop --teacher to resume it, or start over with --overwrite"
     )
-  if not os.path.exists(cfg.teacher):
+  if not os.path.exists(cfg.resolved_teacher):
     return
-  _, src = check_path(cfg.teacher)
+  _, src = check_path(cfg.resolved_teacher)
   digest = source_sha256(src)
   if digest != recorded["sha256"]:
     raise errors.TeacherError(
-      f"--teacher={cfg.teacher} changed since this run imported it into {gen_dir} (sha256 {digest[:12]} "
+      f"--teacher={cfg.resolved_teacher} changed since this run imported it into {gen_dir} (sha256 {digest[:12]} "
       f"!= {recorded['sha256'][:12]}): {fix}"
     )
 
@@ -358,24 +358,24 @@ def _check_generation(cfg, src, spec):
   ) as e:  # its advice (retrain that generation) is for the run that made it
     reason = str(e).split(":")[0].replace(f"teacher SavedModel {src} ", "")
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       f"the ban_tf SavedModel {src} {reason}: it is damaged; restore it from its "
       "run, or pass another teacher",
     ) from None
   sig = loaded.signatures.get("serving_default")
   if sig is not None:
     ((_, sig_spec),) = dict(sig.structured_input_signature[1]).items()
-    _check_input(cfg.teacher, tuple(sig_spec.shape), spec)
+    _check_input(cfg.resolved_teacher, tuple(sig_spec.shape), spec)
     if set(sig.structured_outputs) == {export.PROBABILITIES}:
       raise _fail(
-        cfg.teacher,
+        cfg.resolved_teacher,
         "is a BANE ensemble (it serves probabilities, not a generation's logits): add "
         "--teacher_outputs=probabilities",
       )
-  _check_outputs(cfg.teacher, out, spec, "logits")
+  _check_outputs(cfg.resolved_teacher, out, spec, "logits")
   if cfg.feature_weight and not hasattr(loaded, export.BOTH):
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
       "by an older ban_tf), which --feature_weight reads: drop --feature_weight",
     )
@@ -383,13 +383,13 @@ def _check_generation(cfg, src, spec):
 
   if tasks.get(cfg.task).carries_state(cfg) and not hasattr(loaded, export.STATEFUL):
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
       "--lm_state=carry needs: add --lm_state=reset",
     )
   if cfg.share_stem_head and not os.path.exists(os.path.join(os.path.dirname(src), "model.keras")):
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
       "from: drop --share_stem_head",
     )
@@ -416,7 +416,7 @@ def _check_teacher_arch(cfg, facts):
   """A --teacher_arch given with a ban_tf generation must be the architecture it was trained as."""
   if cfg.teacher_arch and facts.get("arch") and facts["arch"] != cfg.arch_for(0):
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       f"was trained as {facts['arch']} but --teacher_arch={cfg.teacher_arch}: "
       f"pass --teacher_arch={facts['arch']} (or drop it)",
     )
@@ -447,7 +447,7 @@ def check_teacher(cfg, spec):
   """
   from ban_tf import export  # pylint: disable=g-import-not-at-top
 
-  kind, src = check_path(cfg.teacher)
+  kind, src = check_path(cfg.resolved_teacher)
   # A ban_tf SavedModel has its fingerprint (or, damaged, still its generation's metrics.json);
   # a plain SavedModel that merely sits in a saved_model/ folder is read like any other.
   fingerprinted = os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
@@ -464,18 +464,18 @@ def check_teacher(cfg, spec):
     cfg
   ):  # a model from elsewhere has no serve_stateful endpoint
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       f"--lm_state=carry feeds the teacher its own recurrent state, through the "
       f"'{export.STATEFUL}' endpoint only a ban_tf generation serves: add --lm_state=reset (every window "
       "starts from zeros), or use a ban_tf generation",
     )
   if cfg.feature_weight:  # before loading: what only a ban_tf generation serves
     raise _fail(
-      cfg.teacher,
+      cfg.resolved_teacher,
       f"--feature_weight matches the teacher's pooled features, which only a ban_tf "
       f"generation's SavedModel serves ('{export.BOTH}'): use one (RUN/gen_k), or drop --feature_weight",
     )
-  model, keras_model, facts = _adapter(cfg.teacher, kind, src, spec, cfg.teacher_outputs)
+  model, keras_model, facts = _adapter(cfg.resolved_teacher, kind, src, spec, cfg.teacher_outputs)
   if cfg.share_stem_head:
     from ban_tf import models  # pylint: disable=g-import-not-at-top
 
@@ -487,12 +487,12 @@ def check_teacher(cfg, spec):
         else "a logits .keras model with those layers (or a ban_tf generation)"
       )
       raise _fail(
-        cfg.teacher,
+        cfg.resolved_teacher,
         f"--share_stem_head copies the teacher's layers {', '.join(models.SHARED_LAYERS)}, "
         f"which this teacher does not have: pass {what}, or drop --share_stem_head",
       )
   _check_outputs(
-    cfg.teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs
+    cfg.resolved_teacher, model.predict(spec.example_inputs(), verbose=0), spec, cfg.teacher_outputs
   )
   # A ban_tf SavedModel read as probabilities (a BANE ensemble) is imported through the
   # adapter (log-probabilities), never copied as it is: its outputs are not logits.
@@ -578,8 +578,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
     "teacher": None,
     "pretrained": True,
     SOURCE_KEY: {
-      "path": os.path.abspath(cfg.teacher),
-      "given": cfg.teacher,
+      "path": os.path.abspath(cfg.resolved_teacher),
+      "given": cfg.resolved_teacher,
       "kind": kind,
       "outputs": cfg.teacher_outputs,
       "sha256": source_sha256(src),
@@ -610,7 +610,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   export.touch_done(out_dir)
   logging.info(
     "gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f",
-    cfg.teacher,
+    cfg.resolved_teacher,
     kind,
     result["test_accuracy"],
     task.headline.key,
@@ -621,7 +621,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
     logging.warning(
       "--teacher=%s scores %.4f test accuracy, near chance (%.4f): does it take raw pixels in "
       "[0, 255], as the data set gives them? (README 'Your own teacher')",
-      cfg.teacher,
+      cfg.resolved_teacher,
       result["test_accuracy"],
       chance,
     )

@@ -8,9 +8,11 @@ tools/paper_presets.py, whose table docs/presets.md must hold.
 """
 
 import dataclasses
+import functools
 import glob
 import os
 import re
+import shlex
 import sys
 
 import keras
@@ -35,10 +37,13 @@ PRESETS = sorted(
   )
   if not os.path.basename(p).startswith("table6_")
 )
+# Every preset, Table 6's too (for what needs no model built).
+_ALL_PRESETS = sorted(glob.glob(os.path.join(REPO, "flags", "paper", "*.flags")))
 _CLASSES = {"cifar10": 10, "cifar100": 100}
 _BUILT = set()
 
 
+@functools.cache  # a Config is frozen: parsed once per file
 def _config(path):
   fv = flags.FlagValues()
   main_lib.define_flags(fv)
@@ -239,3 +244,72 @@ def test_densenet_compression_scope():
   assert cfg.arch_for(0) == cfg.arch_for(2) == "densenet-10-4-c0.75"
   cfg = dataclasses.replace(cfg, teacher_arch="densenet-10-4")
   assert (cfg.arch_for(0), cfg.arch_for(1)) == ("densenet-10-4", "densenet-10-4-c0.75")
+
+
+def _header(path):
+  with open(path) as f:
+    lines = f.read().splitlines()
+  return lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+
+
+def _commands(header):
+  """The Configs of the `python -m ban_tf.main ...` lines of a header, parsed by the real flags
+  (run from the repository root, as the headers say)."""
+  out = []
+  for line in header:
+    if line.startswith("#   python -m ban_tf.main "):
+      fv = flags.FlagValues()
+      main_lib.define_flags(fv)
+      args = shlex.split(line[len("#   python -m ban_tf.main ") :])
+      args = [a.replace("--flagfile=", f"--flagfile={REPO}/", 1) for a in args]
+      fv(["prog", *args, "--ptb_dir=/ptb"])  # Table 6's (the header's first line says to add it)
+      out.append((args, main_lib.config_from_flags(fv)))
+  return out
+
+
+def test_every_header_ends_with_its_seeds_grade_commands():
+  """The generated lines (tools/paper_presets.py --headers) close every preset's header."""
+  configs = {os.path.basename(p)[: -len(".flags")]: _config(p) for p in _ALL_PRESETS}
+  for path in _ALL_PRESETS:
+    name = os.path.basename(path)[: -len(".flags")]
+    want = paper_presets.seeds_header(name, configs)
+    assert _header(path)[-len(want) :] == want, (
+      f"{name}: rerun python tools/paper_presets.py --headers"
+    )
+
+
+@pytest.mark.parametrize("path", _ALL_PRESETS, ids=os.path.basename)
+def test_seeds_grade_commands_are_literally_right(path):
+  """Each command of a header runs what it says: this preset (or its row's teacher preset)
+  with --seeds=N into its own run directory; a column's {seed} teacher of every seed is
+  generation 0 of that seed's run of the teacher command."""
+  name = os.path.basename(path)[: -len(".flags")]
+  cfg = _config(path)
+  commands = _commands(_header(path))
+  (args, mine), teacher_cmd = commands[-1], commands[:-1]
+  assert args[0] == f"--flagfile={REPO}/flags/paper/{name}.flags"
+  assert mine.seeds == paper_presets.SEEDS >= 2
+  # Its own run directory: the one-seed run's config.json (another --teacher) would refuse it.
+  assert mine.run_dir == (cfg.run_dir or f"runs/paper/{name}") + "_seeds" != cfg.run_dir
+  # Nothing else changes: the seeds-grade run is this preset's experiment.
+  same = dict(seeds=1, run_dir=cfg.run_dir, teacher=cfg.teacher, ptb_dir=cfg.ptb_dir)
+  assert dataclasses.replace(mine, **same) == cfg
+  if not cfg.teacher:
+    assert not teacher_cmd and mine.teacher_per_seed
+    return
+  ((targs, teacher),) = teacher_cmd
+  teacher_file, one_seed_teacher = _by_run_dir()[os.path.dirname(cfg.teacher)]
+  assert targs[0] == f"--flagfile={REPO}/flags/paper/{teacher_file}"
+  # The teacher preset's own header gives the same command.
+  assert _commands(_header(os.path.join(REPO, "flags", "paper", teacher_file))) == [
+    (targs, teacher)
+  ]
+  assert teacher.seeds == mine.seeds and teacher.gens == 0
+  assert teacher.run_dir == one_seed_teacher.run_dir + "_seeds"
+  assert mine.teacher == teacher.run_dir + "/seed_{seed}/gen_0"
+  assert mine.teacher_per_seed and mine.seeds_note() is None
+  # Every seed of the column imports generation 0 of the same seed's teacher run.
+  assert teacher.seed_list() == mine.seed_list()
+  for column, row in zip(mine.seed_runs(), teacher.seed_runs()):
+    assert column.seed == row.seed
+    assert column.resolved_teacher == os.path.join(row.run_dir, "gen_0")

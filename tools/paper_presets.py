@@ -1,6 +1,12 @@
 """Prints the markdown table of every paper preset: its model's parameters against the paper's.
 
   python tools/paper_presets.py > /tmp/presets.md   # the table of docs/presets.md
+  python tools/paper_presets.py --headers           # rewrites each preset's seeds-grade lines
+
+Each preset's header ends with its seeds-grade version (`seeds_header`): --seeds=SEEDS into
+its own run directory (`seeds_run_dir`), a column taking one teacher per seed from its row's
+teacher preset run the same way (--teacher=<that run>/seed_{seed}/gen_0). tests/presets_test.py
+fails when a file's lines differ from what this writes.
 
 One row per flags/paper/*.flags: the file, where its teacher comes from (the preset that
 trains a row's one teacher, which its students' --teacher names), the architecture
@@ -119,6 +125,81 @@ def rows():
   return out
 
 
+SEEDS = 5  # the N of every preset's seeds-grade commands
+SEEDS_MARK = "# Seeds-grade"  # the first line of the generated block
+_COMMAND = "#   python -m ban_tf.main "
+
+
+def seeds_run_dir(name, cfg):
+  """The run directory of preset `name`'s seeds-grade version: its --run_dir (default
+  runs/paper/<name>) + "_seeds", apart from its one-seed run, whose config.json differs."""
+  return (cfg.run_dir or f"runs/paper/{name}") + "_seeds"
+
+
+def _command(name, cfg, teacher=None):
+  args = [f"--flagfile=flags/paper/{name}.flags", f"--seeds={SEEDS}"]
+  args.append(f"--run_dir={seeds_run_dir(name, cfg)}")
+  if teacher:
+    args.append(f"--teacher={teacher}")
+  return _COMMAND + " ".join(args)
+
+
+def seeds_header(name, configs=None):
+  """The comment lines that end preset `name`'s header: how to run its seeds-grade version.
+
+  A row's teacher preset: itself with --seeds=SEEDS, and the --teacher its columns then take.
+  A column (--teacher=RUN/gen_0 of a teacher preset): that teacher preset with --seeds=SEEDS,
+  then this preset with --seeds=SEEDS --teacher=<the teacher's seeds run>/seed_{seed}/gen_0,
+  each seed's students learning from their own teacher. A preset that trains its own
+  teacher: itself with --seeds=SEEDS. `configs`: {name: Config} of every preset (read when None).
+  """
+  configs = configs or _configs()
+  cfg = configs[name]
+  doc = 'docs/presets.md "Seeds-grade runs"'
+  if cfg.teacher:
+    by_run_dir = {c.run_dir: n for n, c in configs.items() if c.run_dir}
+    row = by_run_dir[os.path.dirname(os.path.normpath(cfg.teacher))]
+    teacher = seeds_run_dir(row, configs[row]) + "/seed_{seed}/gen_0"
+    return [
+      f"{SEEDS_MARK} ({doc}): the row's teacher with --seeds={SEEDS}, then this column "
+      "with each seed's own teacher:",
+      _command(row, configs[row]),
+      _command(name, cfg, teacher),
+    ]
+  if cfg.gens == 0:
+    teacher = seeds_run_dir(name, cfg) + "/seed_{seed}/gen_0"
+    return [
+      f"{SEEDS_MARK} ({doc}): this teacher with --seeds={SEEDS}, then each column of the row "
+      f"with --seeds={SEEDS} --teacher={teacher} (its header has the command):",
+      _command(name, cfg),
+    ]
+  return [
+    f"{SEEDS_MARK} ({doc}): each seed trains its own teacher:",
+    _command(name, cfg),
+  ]
+
+
+def write_headers():
+  """Rewrites the seeds-grade block of every preset's header (after its other comments)."""
+  configs = _configs()
+  for name in configs:
+    path = os.path.join(PRESET_DIR, f"{name}.flags")
+    with open(path) as f:
+      lines = f.read().splitlines()
+    lines = [
+      line for line in lines if not (line.startswith(SEEDS_MARK) or line.startswith(_COMMAND))
+    ]
+    first_flag = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    lines[first_flag:first_flag] = seeds_header(name, configs)
+    with open(path, "w") as f:
+      f.write("\n".join(lines) + "\n")
+
+
+def _configs():
+  paths = sorted(glob.glob(os.path.join(PRESET_DIR, "*.flags")))
+  return {os.path.basename(p)[: -len(".flags")]: preset_config(p) for p in paths}
+
+
 def _millions(n):
   return f"{n / 1e6:.2f}M"
 
@@ -145,4 +226,7 @@ def presets_table():
 
 
 if __name__ == "__main__":
-  sys.stdout.write(presets_table())
+  if sys.argv[1:] == ["--headers"]:
+    write_headers()
+  else:
+    sys.stdout.write(presets_table())
