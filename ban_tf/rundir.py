@@ -16,23 +16,29 @@ Layout of a run directory (names: layout.py):
                      still hash to (manifest.py); the truth of what is finished
   log.txt            every log line of every process that used the directory (console.py)
   gen_k/             generation k: 0 = the teacher (trained, or imported with --teacher), k = BAN-k
-    saved_model/     fingerprinted SavedModel (export.py: endpoints, fingerprint.npz,
-                     labels.txt of the class names)
-    model.keras      the same model with stock Keras layers (where there is one)
+    saved_model/     fingerprinted SavedModel (export.py): serving_default {"pixels": float32
+                     raw pixels [N,H,W,C] in 0..255, or "tokens": int32 [N,T]} -> {"logits"};
+                     `serve` the same, bare; fingerprint.npz (its outputs on a fixed batch,
+                     re-checked before it teaches); labels.txt (class names, in output order)
+    model.keras      the same model with stock Keras layers (keras.saving.load_model, no ban_tf)
     vocab.txt, ...   the task's assets (DataSpec.assets)
     metrics.json     what it scored (val/test loss, accuracy, error, the task's derived
                      fields) and what it is (gen, role, arch, params, seed, objective,
-                     teacher; an imported teacher's `source`)
-    history.json     per-epoch logs of a trained model (epoch, losses, learning_rate, seconds)
-    ckpt/            epoch checkpoints (tf.train.CheckpointManager) while it trains;
-                     removed once it is DONE
-    DONE             written last
-  ensemble_k/        BANE-k, the mean probabilities of its members: saved_model/,
-                     metrics.json (name, members), DONE
+                     teacher; an imported teacher's `source`: path, as given, kind, sha256)
+    history.json     per epoch of a trained model: epoch, loss and its terms, accuracy,
+                     val_*, learning_rate, seconds
+    ckpt/            epoch checkpoints (tf.train.CheckpointManager, the last two) while it
+                     trains; removed once it is DONE
+    DONE             written last: a rerun skips it
+  ensemble_k/        BANE-k, the mean softmax of its members: saved_model/ ({"pixels"} ->
+                     {"probabilities"}), metrics.json (name, members), DONE
   baseline/          --baseline: BAN-1's architecture and seed on labels only; as gen_k/
-  tb/<row name>/     TensorBoard, one run per row: Teacher, BAN-k, BANE-k, Baseline
-  results.json       every row (collect_results: from the models' metrics.json)
-  results.md         the same as a table
+  tb/<row name>/     TensorBoard, one run per row (Teacher, BAN-k, BANE-k, Baseline): train/*,
+                     val/* (step = epoch), test/accuracy, test/error (step = epochs), an
+                     hparams session (report.py)
+  results.json       every row (generations.collect_results: from the finished models'
+                     metrics.json), the split sizes ("data") and epochs
+  results.md         the same as a table (also printed at the end of a run)
   report.png         report.py's figure
   seed_S/            --seeds: one run directory per base seed; the parent holds
                      config.json, results.json (mean and std), results.md, report.png
