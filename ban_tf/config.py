@@ -18,6 +18,7 @@ from typing import Optional
 
 from ban_tf import archs
 from ban_tf import errors
+from ban_tf import layout
 from ban_tf import pretrained
 from ban_tf import tasks
 
@@ -291,7 +292,7 @@ class Config:
       seed=seed,
       seeds=1,
       student_seed=student_seed,
-      run_dir=os.path.join(parent, f"seed_{seed}"),
+      run_dir=os.path.join(parent, layout.numbered(layout.SEED, seed)),
     )
 
   def seed_runs(self) -> list:

@@ -628,3 +628,31 @@ def _clip_global_norm(grads, clip_norm):
   grads, _ = tf.clip_by_global_norm(grads, clip_norm)
   # The optimizer sums the replicas' gradients again: each contributes 1/n.
   return [g / n for g in grads] if n > 1 else grads
+
+
+def evaluate_splits(model, dataset, batch_size, val_logs=None):
+  """{split}_loss and {split}_accuracy of a Distiller on val (when the data set has
+  one) and test: the final-epoch numbers (no selection on test, nor on val).
+
+  `val_logs`: the Keras logs of the final epoch (`val_label_loss`, `val_accuracy`),
+  when fit validated the very weights being evaluated: they are this same
+  Distiller.evaluate of the same val pipeline, so they are used as they are
+  instead of repeating the pass (the figures are identical; tests/tasks_contract_test.py
+  and tests/multireplica_test.py check them against the exported SavedModel).
+  """
+  out = {}
+  for split in ("val", "test"):
+    if split == "val" and val_logs and "val_label_loss" in val_logs and "val_accuracy" in val_logs:
+      out["val_loss"], out["val_accuracy"] = (
+        float(val_logs["val_label_loss"]),
+        float(val_logs["val_accuracy"]),
+      )
+      continue
+    ds = getattr(dataset, split)(batch_size)
+    if ds is None:
+      continue
+    res = model.evaluate(ds, verbose=0, return_dict=True)
+    out[f"{split}_loss"] = float(res["label_loss"])
+    out[f"{split}_accuracy"] = float(res["accuracy"])
+  out["test_error"] = 1.0 - out["test_accuracy"]
+  return out

@@ -15,7 +15,6 @@ so the numbers printed here check what was exported, not what was in memory.
 """
 
 import dataclasses
-import glob
 import os
 import re
 import sys
@@ -25,13 +24,15 @@ import tensorflow as tf
 
 from ban_tf import errors
 from ban_tf import export
+from ban_tf import layout
+from ban_tf import rundir
 
 SPLITS = ("test", "val")
 
 
 def load(path):
   """The SavedModel at `path` (its `serve` function); raises errors.UsageError."""
-  if not os.path.exists(os.path.join(path, "saved_model.pb")):
+  if not os.path.exists(os.path.join(path, layout.SAVED_MODEL_PB)):
     raise errors.UsageError(
       f"{path} is not a SavedModel directory (no saved_model.pb): pass gen_k/saved_model"
     )
@@ -92,17 +93,6 @@ def accuracy(model, dataset):
   return score(model, dataset)["accuracy"]
 
 
-def _numbered(run_dir, prefix):
-  """[(k, run_dir/{prefix}_k/saved_model)] of the directories that hold a SavedModel or
-  are finished (DONE): a finished one whose SavedModel is gone is reported, not skipped."""
-  found = []
-  for directory in glob.glob(os.path.join(run_dir, f"{prefix}_*")):
-    m = re.fullmatch(rf"{prefix}_(\d+)", os.path.basename(directory))
-    if m and (os.path.isdir(os.path.join(directory, "saved_model")) or export.is_done(directory)):
-      found.append((int(m.group(1)), os.path.join(directory, "saved_model")))
-  return sorted(found)
-
-
 def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   """Evaluates every gen_k/ and ensemble_k/ SavedModel of a run.
 
@@ -124,7 +114,6 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   """
   from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-  from ban_tf import manifest  # pylint: disable=g-import-not-at-top
 
   if split is not None and split not in SPLITS:
     raise errors.UsageError(
@@ -136,7 +125,8 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     raise errors.UsageError(
       f"--run_dir={run_dir} is not a directory: pass a run directory written by ban_tf.main"
     )
-  cfg_path = os.path.join(run_dir, "config.json")
+  run = rundir.RunFiles(run_dir)
+  cfg_path = run.config_path
   if not os.path.exists(cfg_path):
     raise errors.UsageError(
       f"{run_dir} has no config.json: pass a run directory written by ban_tf.main"
@@ -149,12 +139,8 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     raise errors.UsageError(
       f"{cfg_path} is damaged ({type(e).__name__}: not a ban_tf config): restore it"
     ) from None
-  if not _numbered(run_dir, "gen"):  # before the data set is read
-    seed_runs = sorted(
-      d
-      for d in os.listdir(run_dir)
-      if re.fullmatch(r"seed_\d+", d) and os.path.exists(os.path.join(run_dir, d, "config.json"))
-    )
+  if not run.exported(layout.GEN):  # before the data set is read
+    seed_runs = run.seed_runs()
     if seed_runs:
       raise errors.UsageError(
         f"{run_dir} is the parent of --seeds runs ({', '.join(seed_runs)}): evaluate one "
@@ -177,15 +163,15 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     )
   pipelines = {s: ds for s, ds in pipelines.items() if ds is not None}
 
-  def evaluated(path, probabilities):
+  def evaluated(model, probabilities):
     """The model's numbers, or {"damaged": why} when it is missing, unreadable, or not
     the model the run recorded (manifest.py): one damaged model never loses the table."""
-    name = os.path.basename(os.path.dirname(path))
+    path = model.read_saved_model
     rel = os.path.relpath(path, run_dir)
     try:
-      if not os.path.exists(os.path.join(path, "saved_model.pb")):
+      if not os.path.exists(os.path.join(path, layout.SAVED_MODEL_PB)):
         return {"damaged": f"{rel} is missing or incomplete (no saved_model.pb)"}
-      manifest.check(run_dir, name, os.path.dirname(path), saved_model=True)
+      model.check()
       loaded = load(path)
       entry = {}
       for s, ds in pipelines.items():
@@ -206,13 +192,9 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     entry.update(task.summarize(entry))
     return entry
 
-  def meta(path):
-    meta_path = os.path.join(os.path.dirname(path), "metrics.json")
-    try:
-      m = export.read_json(meta_path)
-      return m if isinstance(m, dict) else {}
-    except (OSError, ValueError):
-      return {}  # names and sizes only: the numbers come from the SavedModel
+  def meta(model):
+    m, _ = model.metrics_or_why()
+    return m or {}  # names and sizes only: the numbers come from the SavedModel
 
   out = {
     "task": task.name,
@@ -223,23 +205,23 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     "generations": [],
     "ensembles": [],
   }
-  for gen, path in _numbered(run_dir, "gen"):
-    m = meta(path)
+  for gen, model in run.exported(layout.GEN):
+    m = meta(model)
     out["generations"].append(
       {
         "gen": gen,
         "arch": m.get("arch", "?"),
         "params": m.get("params", 0),
-        **evaluated(path, probabilities=False),
+        **evaluated(model, probabilities=False),
       }
     )
-  for k, path in _numbered(run_dir, "ensemble"):
-    m = meta(path)  # ensembles serve mean probabilities (generations.build_ensemble)
+  for k, model in run.exported(layout.ENSEMBLE):
+    m = meta(model)  # ensembles serve mean probabilities (generations.build_ensemble)
     out["ensembles"].append(
       {
         "name": m.get("name", f"BANE-{k}"),
         "members": m.get("members", []),
-        **evaluated(path, probabilities=True),
+        **evaluated(model, probabilities=True),
       }
     )
   return out
@@ -324,7 +306,9 @@ def class_names(path, num_classes):
       names = [line.rstrip("\n") for line in f]
     if len(names) == num_classes:
       return names
-  cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.json")
+  cfg_path = rundir.RunFiles(
+    os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  ).config_path  # a run's gen_k/saved_model
   if os.path.exists(cfg_path):
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -449,10 +433,7 @@ def classify(saved_model, images, top_k=3, outputs="auto"):
   `outputs`: what serving_default returns where its output is not named logits or
   probabilities (see _classifier): auto, logits or probabilities.
   """
-  if not os.path.exists(os.path.join(saved_model, "saved_model.pb")) and os.path.exists(
-    os.path.join(saved_model, "saved_model", "saved_model.pb")
-  ):
-    saved_model = os.path.join(saved_model, "saved_model")
+  saved_model = layout.saved_model_of(saved_model) or saved_model
   model = load(saved_model)
   shape = input_shape(saved_model, model)
   batch = np.stack([load_image(p, shape) for p in images])
@@ -512,7 +493,7 @@ def main(argv, fv):
     f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n"
   )
   print(table(evaluated))
-  results_path = os.path.join(fv.run_dir, "results.json")
+  results_path = rundir.RunFiles(fv.run_dir).results_path
   if os.path.exists(results_path):
     try:
       diffs = differences(evaluated, export.read_json_checked(results_path, "not compared"))

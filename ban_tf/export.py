@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from ban_tf import errors
 from ban_tf import faults
+from ban_tf import layout
 from ban_tf import models
 
 SERVE = "serve"  # raw pixels -> logits tensor (every SavedModel; what ban_tf reads)
@@ -121,11 +122,11 @@ def read_json_checked(path, fix, expect=dict):
 
 def touch_done(directory):
   """Writes the DONE marker, the last file of a finished generation."""
-  write_text("done\n", os.path.join(directory, "DONE"))
+  write_text("done\n", os.path.join(directory, layout.DONE))
 
 
 def is_done(directory):
-  return os.path.exists(os.path.join(directory, "DONE"))
+  return os.path.exists(os.path.join(directory, layout.DONE))
 
 
 def fingerprint_inputs(input_shape, n=4, num_tokens=None):
@@ -259,7 +260,7 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4, loaded=None):
   missing, unreadable, or its outputs differ from the fingerprint.
   """
   fix = "delete its generation directory (its DONE marker) to retrain it, or use --overwrite"
-  if not os.path.exists(os.path.join(path, "saved_model.pb")):
+  if not os.path.exists(os.path.join(path, layout.SAVED_MODEL_PB)):
     raise errors.TeacherError(f"teacher SavedModel {path} is missing or incomplete: {fix}")
   fp = os.path.join(path, FINGERPRINT_FILE)
   if not os.path.exists(fp):

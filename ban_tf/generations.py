@@ -39,10 +39,10 @@ from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
-from ban_tf import manifest
 from ban_tf import pretrained
 from ban_tf import report
 from ban_tf import results as results_lib
+from ban_tf import rundir
 from ban_tf import tasks
 from ban_tf import train
 
@@ -96,20 +96,21 @@ def build_stateful_ensemble(members, name="ensemble_stateful"):
   return keras.Model([inputs, state], [mean, out], name=name)
 
 
-def _load_member(gen_dir):
-  """A generation as a keras.Model to logits: its model.keras, or (a --teacher imported
-  from a SavedModel, or one that outputs probabilities) its SavedModel's `serve` endpoint.
+def _load_member(member):
+  """A generation (a rundir.ModelDir) as a keras.Model to logits: its model.keras, or (a
+  --teacher imported from a SavedModel, or one that outputs probabilities) its SavedModel's
+  `serve` endpoint.
 
   Raises:
     errors.TeacherError: (one line) it cannot be loaded (a truncated zip, a bad config, ...).
   """
-  path = os.path.join(gen_dir, "model.keras")
+  path = member.read_keras
   try:
     if os.path.exists(path):
       return keras.saving.load_model(
         path, custom_objects={"StepDecay": train.StepDecay}, compile=False
       )
-    path = os.path.join(gen_dir, "saved_model")
+    path = member.read_saved_model
     layer = keras.layers.TFSMLayer(
       path, call_endpoint=export.SERVE, trainable=False, dtype="float32"
     )
@@ -120,16 +121,15 @@ def _load_member(gen_dir):
       "generation directory to retrain it, or --overwrite"
     ) from None
   inputs = keras.Input(shape=x.shape[1:], dtype=x.dtype.name)
-  return keras.Model(inputs, layer(inputs), name=os.path.basename(gen_dir))
+  return keras.Model(inputs, layer(inputs), name=member.name)
 
 
 def evaluate_ensemble(cfg, strategy, dataset, run, k):
   """Builds, evaluates and exports BANE-k; returns its metrics dict."""
   task = tasks.get(cfg.task)
-  out = run.ensemble_dir(k)
-  if export.is_done(run.read_ensemble_dir(k)) and k not in run.stale_ensembles:
-    return export.read_json(os.path.join(run.read_ensemble_dir(k), "metrics.json"))
-  os.makedirs(out, exist_ok=True)
+  out = run.ensemble(k)
+  if out.is_done and k not in run.stale_ensembles:
+    return out.read_metrics()  # checked readable on open
   gens = ensemble_members(k, cfg.ensemble_include_teacher)
   for g in gens:  # the members' model.keras must be the ones this run recorded
     run.check_member(g, keras=True)
@@ -137,7 +137,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   # strategy, no collectives); Keras cannot evaluate a plain model under MWMS.
   scope = contextlib.nullcontext() if cluster.is_multi_worker(strategy) else strategy.scope()
   with scope:
-    members = [_load_member(run.read_gen_dir(g)) for g in gens]
+    members = [_load_member(run.generation(g)) for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
     stateful = None
     if task.carries_state(cfg):  # every member carries its own state over the stream
@@ -151,20 +151,16 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
     scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity, stateful=stateful)
   result = dict(
-    name=f"BANE-{k}", members=gens, **train.evaluate_splits(scorer, dataset, cfg.batch_size)
+    name=f"BANE-{k}", members=gens, **distiller_lib.evaluate_splits(scorer, dataset, cfg.batch_size)
   )
-  train.finish(
+  out.seal(
     task,
     task.spec(dataset),
-    model,
-    out,
     result,
+    model=model,
     output_name=export.PROBABILITIES,
-    stateful=stateful,
+    stateful=stateful if stateful is not None else task.stateful_model(model),
   )
-  export.write_json(result, os.path.join(out, "metrics.json"))
-  manifest.record(run.path, f"ensemble_{k}", **manifest.digests(out, keras=False))
-  export.touch_done(out)
   run.stale_ensembles.discard(k)
   logging.info(
     "BANE-%d (generations %s): test accuracy %.4f, %s %.4f",
@@ -182,37 +178,30 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   return result
 
 
-def _readable(path):
-  """(the JSON object in `path`, None) or (None, why it cannot be used)."""
-  try:
-    return export.read_json_checked(path, "restore it, or delete its directory to retrain it"), None
-  except errors.UsageError as e:
-    return None, str(e)
-
-
 def collect_results(run):
   """The run's results dict, rebuilt from every readable file under run.read_path.
 
-  Rows: every generation and ensemble that is finished on disk (whatever --gens
-  this run has) or that the previous results.json held. A row whose files are
-  unreadable, or whose directory is no longer finished, keeps its previous values
-  (when there were any) and gets a "damaged" field saying why; results.py marks it.
+  Rows: every generation and ensemble that is finished on disk (DONE and recorded in
+  the manifest, whatever --gens this run has) or that the previous results.json held.
+  A row whose files are unreadable, or whose directory is no longer finished, keeps
+  its previous values (when there were any) and gets a "damaged" field saying why;
+  results.py marks it. A DONE directory the manifest does not record (a copy of
+  another generation's) is no row of this run.
   """
-  previous, why = _readable(os.path.join(run.read_path, "results.json"))
-  if why and os.path.exists(os.path.join(run.read_path, "results.json")):
-    logging.warning("%s: rebuilding it from the generation directories", why)
+  previous, why = _readable_results(run)
   previous = previous or {}
 
   def by(rows, key):
     return {key(r): r for r in rows if isinstance(r, dict)} if isinstance(rows, list) else {}
 
-  def row(directory, done, prev, stub, what):
+  def row(model, prev, stub, done=None):
+    done = model.is_finished if done is None else done
     if done:
-      entry, bad = _readable(os.path.join(directory, "metrics.json"))
+      entry, bad = model.metrics_or_why()
       if entry is not None:
         return entry
     else:
-      bad = f"{what} is not finished on disk (deleted, or being retrained)"
+      bad = f"{model.name} is not finished on disk (deleted, or being retrained)"
     if prev is None and not done:
       return None
     return dict(
@@ -222,13 +211,7 @@ def collect_results(run):
   out = {"generations": [], "ensembles": [], "baseline": None}
   prev_g = by(previous.get("generations"), lambda r: r.get("gen"))
   for k in sorted(set(run.finished_gens()) | {g for g in prev_g if isinstance(g, int)}):
-    r = row(
-      run.read_gen_dir(k),
-      export.is_done(run.read_gen_dir(k)),
-      prev_g.get(k),
-      {"gen": k},
-      f"gen_{k}",
-    )
+    r = row(run.generation(k), prev_g.get(k), {"gen": k})
     if r is not None:
       out["generations"].append(r)
   prev_e = by(previous.get("ensembles"), lambda r: r.get("name"))
@@ -238,35 +221,45 @@ def collect_results(run):
     if isinstance(n, str) and re.fullmatch(r"BANE-\d+", n)
   }
   for k in sorted(set(run.finished_ensembles()) | set(prev_e)):
-    d = run.read_ensemble_dir(k)
     stub = {
       "name": f"BANE-{k}",
       "members": prev_e.get(k, {}).get("members") or list(range(1, k + 1)),
     }
-    done = export.is_done(d) and k not in run.stale_ensembles
-    r = row(d, done, prev_e.get(k), stub, f"ensemble_{k}")
+    e = run.ensemble(k)
+    r = row(e, prev_e.get(k), stub, done=e.is_finished and k not in run.stale_ensembles)
     if r is not None:
       out["ensembles"].append(r)
-  bdir = os.path.join(run.read_path, "baseline")
+  b = run.baseline()
   prev_b = previous.get("baseline") if isinstance(previous.get("baseline"), dict) else None
-  if export.is_done(bdir) or prev_b:
-    out["baseline"] = row(bdir, export.is_done(bdir), prev_b, {"gen": "baseline"}, "baseline")
+  if b.is_finished or prev_b:
+    out["baseline"] = row(b, prev_b, {"gen": "baseline"})
   return out
+
+
+def _readable_results(run):
+  """(the previous results.json, None) or (None, why it cannot be used)."""
+  if not os.path.exists(run.results_path):
+    return None, None
+  try:
+    return export.read_json_checked(
+      run.results_path, "restore it, or delete its directory to retrain it"
+    ), None
+  except errors.UsageError as e:
+    logging.warning("%s: rebuilding it from the generation directories", e)
+    return None, str(e)
 
 
 def run(cfg, strategy, dataset, run):
   """Trains generations 0..cfg.gens into `run`, an open (locked) rundir.RunDir."""
   for gen in range(cfg.gens + 1):
-    done_dir = run.read_gen_dir(gen)
-    # Every worker reads the same teacher: the chief's export of the previous generation.
-    teacher_path = os.path.join(run.read_gen_dir(gen - 1), "saved_model") if gen > 0 else None
-    if export.is_done(done_dir):
+    model = run.generation(gen)
+    if model.is_done:
       logging.info(
         "gen %d already done: skipping (its SavedModel matched its fingerprint and the run's "
         "manifest)",
         gen,
       )
-      metrics = export.read_json(os.path.join(done_dir, "metrics.json"))  # checked readable on open
+      metrics = model.read_metrics()  # checked readable on open
       if console.progress():
         console.progress().skip(
           cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped"
@@ -274,18 +267,21 @@ def run(cfg, strategy, dataset, run):
     elif (
       gen == 0 and cfg.teacher
     ):  # a pretrained teacher: imported, checked and measured, not trained
-      pretrained.import_teacher(cfg, strategy, dataset, run.gen_dir(0))
+      pretrained.import_teacher(cfg, strategy, dataset, model)
       if console.progress():
         console.progress().skip(
           cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.resolved_teacher}"
         )
     else:
+      teacher_path = None
       if (
         gen > 0
       ):  # the teacher (and, for --share_stem_head, its model.keras) is this run's gen_{gen-1}
         run.check_member(gen - 1, keras=cfg.share_stem_head)
+        # Every worker reads the same teacher: the chief's export of the previous generation.
+        teacher_path = run.generation(gen - 1).read_saved_model
       spec = train.GenerationSpec.generation(
-        cfg, gen, run.gen_dir(gen), teacher_path, read_dir=done_dir
+        cfg, gen, model.path, teacher_path, read_dir=model.read
       )
       train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)  # the chief's gen_{gen} is complete before anyone reads it
@@ -293,14 +289,14 @@ def run(cfg, strategy, dataset, run):
       evaluate_ensemble(cfg, strategy, dataset, run, gen)
       cluster.barrier(strategy)
     report.write_results(run.path, collect_results(run), cfg, spec=run.spec)
-    faults.kill_if("kill_between_generations", f"gen_{gen}")
+    faults.kill_if("kill_between_generations", model.name)
   if cfg.baseline:
-    bdir, bdone = os.path.join(run.path, "baseline"), os.path.join(run.read_path, "baseline")
-    if export.is_done(bdone):
+    baseline = run.baseline()
+    if baseline.is_done:
       if console.progress():
         console.progress().skip(cfg.epochs, "baseline: done before, skipped")
     else:
-      spec = train.GenerationSpec.baseline(cfg, bdir, read_dir=bdone)
+      spec = train.GenerationSpec.baseline(cfg, baseline.path, read_dir=baseline.read)
       train.run_generation(cfg, spec, strategy, dataset)
     cluster.barrier(strategy)
   results = collect_results(run)
@@ -317,8 +313,6 @@ def run_seeds(cfg, strategy, dataset, top):
   Config.teacher_per_seed); its results.md and report.png are report.py's. Each
   seed run imports its own --teacher when it has `{seed}` (Config.for_seed).
   """
-  from ban_tf import rundir  # pylint: disable=g-import-not-at-top
-
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
   per_seed = []
@@ -336,6 +330,6 @@ def run_seeds(cfg, strategy, dataset, top):
     "metric": task.headline.key,
     "rows": results_lib.aggregate(per_seed, task.headline),
   }
-  export.write_json(summary, os.path.join(top.path, "results.json"))
+  top.write_results(summary)
   report.write_report(top.path, hparams=False)  # results.md and report.png of the seeds
   return summary

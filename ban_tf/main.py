@@ -408,7 +408,7 @@ def _run(cfg, console, keras, tf):
           f"no space left on the device of {run_dir}: free some space and rerun the same command "
           "(it resumes from the last good checkpoint, which is kept)"
         ) from None
-    print(open(os.path.join(write_dir, "results.md")).read())
+    print(open(run_handle.results_md_path).read())
   finally:
     cluster.remove_write_dir(write_dir, run_dir)
   return results

@@ -15,7 +15,9 @@ Entry fields (all optional; a check only compares the fields an entry has):
   fingerprint_sha256: sha256 of the SavedModel's fingerprint outputs
     (`fingerprint_digest`), i.e. of what the model computes, not of its files.
   keras_sha256: sha256 of the model.keras file's bytes (`file_digest`).
-  weights_sha256: train.weights_digest of the trained student (also in metrics.json).
+  weights_sha256: `weights_digest` of the trained student (also in metrics.json).
+  files_sha256: {file name: sha256} of the extra files sealed with the model
+    (rundir.ModelDir.seal's `extra_files`).
 Other entries may record anything else a run depends on, e.g. an external teacher
 SavedModel (`record(run_dir, "teacher", source=path, fingerprint_sha256=...)`).
 
@@ -28,8 +30,9 @@ import json
 import os
 
 from ban_tf import errors
+from ban_tf import layout
 
-FILE = "manifest.json"
+FILE = layout.MANIFEST
 VERSION = 1
 FINGERPRINT_FILE = "fingerprint.npz"  # export.FINGERPRINT_FILE (export imports TensorFlow)
 
@@ -106,10 +109,20 @@ def fingerprint_digest(saved_model):
   return h.hexdigest()
 
 
+def weights_digest(model):
+  """sha256 (hex) of every weight of a Keras model (trainable and BatchNorm statistics), in layer order."""
+  import numpy as np  # pylint: disable=g-import-not-at-top  (pretrained.py imports this module: stdlib only)
+
+  h = hashlib.sha256()
+  for w in model.get_weights():
+    h.update(np.ascontiguousarray(w).tobytes())
+  return h.hexdigest()
+
+
 def digests(gen_dir, keras=True):
   """The digests of a finished generation (or ensemble) directory, as an entry records them."""
-  out = {"fingerprint_sha256": fingerprint_digest(os.path.join(gen_dir, "saved_model"))}
-  keras_path = os.path.join(gen_dir, "model.keras")
+  out = {"fingerprint_sha256": fingerprint_digest(os.path.join(gen_dir, layout.SAVED_MODEL))}
+  keras_path = os.path.join(gen_dir, layout.KERAS)
   if keras and os.path.exists(keras_path):
     out["keras_sha256"] = file_digest(keras_path)
   return out
@@ -137,13 +150,13 @@ def check(run_dir, name, gen_dir, *, saved_model=True, keras=False):
     "generation and ensemble) to retrain it, or --overwrite"
   )
   if saved_model and "fingerprint_sha256" in entry:
-    sm = os.path.join(gen_dir, "saved_model")
+    sm = os.path.join(gen_dir, layout.SAVED_MODEL)
     if fingerprint_digest(sm) != entry["fingerprint_sha256"]:
       raise errors.TeacherError(
         f"{sm} is not the model this run recorded for {name} in {path(run_dir)}: {fix}"
       )
   if keras and "keras_sha256" in entry:
-    kp = os.path.join(gen_dir, "model.keras")
+    kp = os.path.join(gen_dir, layout.KERAS)
     if not os.path.exists(kp):
       raise errors.TeacherError(
         f"{kp} is missing: restore it, or delete {name}/ to retrain it, or --overwrite"
@@ -151,6 +164,12 @@ def check(run_dir, name, gen_dir, *, saved_model=True, keras=False):
     if file_digest(kp) != entry["keras_sha256"]:
       raise errors.TeacherError(
         f"{kp} is not the model.keras this run recorded for {name} in {path(run_dir)}: {fix}"
+      )
+  for fname, digest in (entry.get("files_sha256") or {}).items():
+    fp = os.path.join(gen_dir, fname)
+    if not os.path.exists(fp) or file_digest(fp) != digest:
+      raise errors.TeacherError(
+        f"{fp} is missing or not the file this run recorded for {name} in {path(run_dir)}: {fix}"
       )
   return True
 

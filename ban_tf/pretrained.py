@@ -33,6 +33,7 @@ import hashlib
 import os
 
 from ban_tf import errors
+from ban_tf import layout
 from ban_tf import manifest
 
 GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
@@ -57,9 +58,10 @@ def check_path(path):
       f"--teacher={path}: a file must be a .keras model; pass a SavedModel "
       "or a ban_tf generation directory as its directory"
     )
-  if os.path.exists(os.path.join(path, "saved_model", "saved_model.pb")):
-    return GENERATION, os.path.join(path, "saved_model")
-  if os.path.exists(os.path.join(path, "saved_model.pb")):
+  inner = os.path.join(path, layout.SAVED_MODEL)
+  if os.path.exists(os.path.join(inner, layout.SAVED_MODEL_PB)):
+    return GENERATION, inner
+  if os.path.exists(os.path.join(path, layout.SAVED_MODEL_PB)):
     return SAVED_MODEL, path
   raise errors.UsageError(
     f"--teacher={path}: holds neither saved_model.pb nor saved_model/ (a ban_tf gen_k/ "
@@ -78,11 +80,12 @@ def imported_into(run_dir, path):
   import glob  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
 
-  for gen_dir in [os.path.join(run_dir, "gen_0")] + glob.glob(
-    os.path.join(run_dir, "seed_*", "gen_0")
+  gen0 = layout.model_name(0)
+  for gen_dir in [os.path.join(run_dir, gen0)] + glob.glob(
+    os.path.join(run_dir, layout.numbered(layout.SEED, "*"), gen0)
   ):
-    metrics = os.path.join(gen_dir, "metrics.json")
-    if os.path.exists(os.path.join(gen_dir, "DONE")) and os.path.exists(metrics):
+    metrics = os.path.join(gen_dir, layout.METRICS)
+    if os.path.exists(os.path.join(gen_dir, layout.DONE)) and os.path.exists(metrics):
       with open(metrics) as f:
         source = json.load(f).get(SOURCE_KEY) or {}
         if source.get("path") == os.path.abspath(path) or source.get("given") == path:
@@ -118,7 +121,7 @@ def check_source(cfg, gen_dir):
   """
   from ban_tf import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
 
-  metrics_path = os.path.join(gen_dir, "metrics.json")
+  metrics_path = os.path.join(gen_dir, layout.METRICS)
   recorded = (
     export.read_json(metrics_path).get(SOURCE_KEY) if os.path.exists(metrics_path) else None
   )
@@ -325,26 +328,6 @@ def _param_count(fn):
   return int(sum(int(tf.size(v)) for v in variables))
 
 
-def _copy_tree(src, dst):
-  """Copies directory `src` to `dst` atomically (a temporary sibling, then a rename)."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
-
-  tmp = export._tmp_path(dst)  # pylint: disable=protected-access
-  shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(src, tmp)
-  export._replace_dir(tmp, dst)  # pylint: disable=protected-access
-
-
-def _copy_file(src, dst):
-  import shutil  # pylint: disable=g-import-not-at-top
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
-
-  tmp = export._tmp_path(dst)  # pylint: disable=protected-access
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
 def _check_generation(cfg, src, spec):
   """A ban_tf generation's SavedModel: its own fingerprint, input and outputs; its metrics' facts."""
   from ban_tf import export  # pylint: disable=g-import-not-at-top
@@ -387,13 +370,13 @@ def _check_generation(cfg, src, spec):
       f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
       "--lm_state=carry needs: add --lm_state=reset",
     )
-  if cfg.share_stem_head and not os.path.exists(os.path.join(os.path.dirname(src), "model.keras")):
+  if cfg.share_stem_head and not os.path.exists(layout.beside(src, layout.KERAS)):
     raise _fail(
       cfg.resolved_teacher,
       "has no model.keras beside its saved_model/, which --share_stem_head copies layers "
       "from: drop --share_stem_head",
     )
-  metrics = os.path.join(os.path.dirname(src), "metrics.json")
+  metrics = layout.beside(src, layout.METRICS)
   if not os.path.exists(metrics):
     return {}
   m = export.read_json(metrics)
@@ -402,14 +385,6 @@ def _check_generation(cfg, src, spec):
     for k in ("arch", "params", "seed", "epochs", "seconds", "objective", "weights_sha256")
     if k in m
   }
-
-
-def _copy_generation(src, out_dir):
-  """Copies a ban_tf generation's saved_model/ (every endpoint) and model.keras into out_dir."""
-  _copy_tree(src, os.path.join(out_dir, "saved_model"))
-  keras_path = os.path.join(os.path.dirname(src), "model.keras")
-  if os.path.exists(keras_path):
-    _copy_file(keras_path, os.path.join(out_dir, "model.keras"))
 
 
 def _check_teacher_arch(cfg, facts):
@@ -451,8 +426,8 @@ def check_teacher(cfg, spec):
   # A ban_tf SavedModel has its fingerprint (or, damaged, still its generation's metrics.json);
   # a plain SavedModel that merely sits in a saved_model/ folder is read like any other.
   fingerprinted = os.path.exists(os.path.join(src, export.FINGERPRINT_FILE))
-  is_ban_tf = (fingerprinted and os.path.basename(os.path.normpath(src)) == "saved_model") or (
-    kind == GENERATION and os.path.exists(os.path.join(os.path.dirname(src), "metrics.json"))
+  is_ban_tf = (fingerprinted and os.path.basename(os.path.normpath(src)) == layout.SAVED_MODEL) or (
+    kind == GENERATION and os.path.exists(layout.beside(src, layout.METRICS))
   )
   if is_ban_tf and cfg.teacher_outputs == "logits":
     facts = _check_generation(cfg, src, spec)
@@ -499,13 +474,14 @@ def check_teacher(cfg, spec):
   return Checked(SAVED_MODEL if kind == GENERATION else kind, src, facts, model, keras_model)
 
 
-def import_teacher(cfg, strategy, dataset, out_dir):
-  """Makes --teacher generation 0 in `out_dir` (gen_0/); returns its metrics dict.
+def import_teacher(cfg, strategy, dataset, out):
+  """Makes --teacher generation 0 in `out` (the run's gen_0/, a rundir.ModelDir); returns its metrics dict.
 
-  Checks the model against the data set, writes gen_0/saved_model (fingerprinted)
-  and model.keras where there is one, measures its val and test accuracy (and the
-  task's derived metrics, e.g. perplexity) with the same Distiller evaluation as
-  every generation, then writes metrics.json and the DONE marker last.
+  Checks the model against the data set, then seals it (rundir.ModelDir.seal):
+  gen_0/saved_model (fingerprinted; a ban_tf generation's copied as it is) and
+  model.keras where there is one, its val and test accuracy (and the task's derived
+  metrics, e.g. perplexity) measured through that copy with the same Distiller
+  evaluation as every generation, then metrics.json, the manifest entry and DONE.
 
   Raises:
     errors.TeacherError: a model that cannot be read or does not fit the data set.
@@ -518,55 +494,42 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
-  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
   checked = check_teacher(cfg, spec)
   kind, src, facts = checked.kind, checked.src, dict(checked.facts)
-  os.makedirs(out_dir, exist_ok=True)
-  sm_out = os.path.join(out_dir, "saved_model")
-  if kind == GENERATION:
-    _copy_generation(src, out_dir)
-    if (
-      spec.class_names
-    ):  # this data set's names (the teacher's run may have had others for its outputs)
-      export.write_text(
-        "".join(f"{n}\n" for n in spec.class_names), os.path.join(sm_out, export.LABELS_FILE)
+  if kind != GENERATION and checked.keras_model is not None:
+    facts["weights_sha256"] = manifest.weights_digest(checked.keras_model)
+
+  def measure(sm_out):
+    """Evaluated through its gen_0 copy, as the next generation will be taught by it."""
+    multi_worker = cluster.is_multi_worker(strategy)
+    layer = export.load_teacher(sm_out, None if multi_worker else strategy)
+    scope = contextlib.nullcontext() if multi_worker else strategy.scope()
+    stateful = None
+    if task.carries_state(cfg):  # scored like every generation: over the stream, carrying its state
+      stateful = export.load_teacher(sm_out, None if multi_worker else strategy, stateful=True)
+    with scope:
+      inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
+      state = None
+      if stateful is not None:
+        state = distiller_lib.CarriedState(
+          export.stateful_call(stateful),
+          stateful.state_size,
+          tf.distribute.get_strategy().num_replicas_in_sync,
+          1,
+        )
+      scorer = distiller_lib.Distiller(
+        keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity, state=state
       )
-  else:
-    export.export_saved_model(
-      checked.model, sm_out, spec.input_shape, class_names=spec.class_names, spec=spec
-    )
-    if checked.keras_model is not None:
-      export.save_keras(task.stock_model(checked.keras_model), os.path.join(out_dir, "model.keras"))
-      facts["weights_sha256"] = train.weights_digest(checked.keras_model)
-  for name, text in spec.assets:
-    export.write_text(text, os.path.join(out_dir, name))
-  # Evaluated through its gen_0 copy, as the next generation will be taught by it.
-  multi_worker = cluster.is_multi_worker(strategy)
-  layer = export.load_teacher(sm_out, None if multi_worker else strategy)
-  scope = contextlib.nullcontext() if multi_worker else strategy.scope()
-  stateful = None
-  if task.carries_state(cfg):  # scored like every generation: over the stream, carrying its state
-    stateful = export.load_teacher(sm_out, None if multi_worker else strategy, stateful=True)
-  with scope:
-    inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
-    state = None
-    if stateful is not None:
-      state = distiller_lib.CarriedState(
-        export.stateful_call(stateful),
-        stateful.state_size,
-        tf.distribute.get_strategy().num_replicas_in_sync,
-        1,
-      )
-    scorer = distiller_lib.Distiller(
-      keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity, state=state
-    )
-    scorer.compile()
+      scorer.compile()
+    out = distiller_lib.evaluate_splits(scorer, dataset, cfg.batch_size)
+    out["seconds"] = facts.get("seconds", time.time() - t0)
+    return out
+
   result = {
     "gen": 0,
     "role": "teacher",
@@ -587,27 +550,19 @@ def import_teacher(cfg, strategy, dataset, out_dir):
   }
   if facts.get("weights_sha256"):
     result["weights_sha256"] = facts["weights_sha256"]
-  result.update(train.evaluate_splits(scorer, dataset, cfg.batch_size))
-  derived = task.summarize(result)
-  result.update(derived)
-  result["seconds"] = facts.get("seconds", time.time() - t0)
-  writer = tf.summary.create_file_writer(  # run_dir/tb/Teacher (results.tensorboard_dir)
-    results_lib.tensorboard_dir(
-      os.path.dirname(os.path.abspath(out_dir)), results_lib.generation_name(0)
-    )
+  copied = kind == GENERATION  # a ban_tf generation: every endpoint as it is, with model.keras
+  out.seal(
+    task,
+    spec,
+    result,
+    model=None if copied else checked.model,
+    copy_from=src if copied else None,
+    keras_model=None if copied else checked.keras_model,
+    stateful=None,
+    measure=measure,
+    summary_step=0,  # run_dir/tb/Teacher
+    record={SOURCE_KEY: result[SOURCE_KEY]},  # where it came from
   )
-  with writer.as_default(step=0):
-    tf.summary.scalar("test/accuracy", result["test_accuracy"])
-    tf.summary.scalar("test/error", result["test_error"])
-    for key in derived:
-      split, name = key.split("_", 1)
-      tf.summary.scalar(f"{split}/final_{name}", result[key])
-  writer.flush()
-  export.write_json(result, os.path.join(out_dir, "metrics.json"))
-  # Bound to the run before DONE, as a trained generation is (manifest.py); `source`: where it came from.
-  run_dir, name = os.path.split(os.path.abspath(out_dir))
-  manifest.record(run_dir, name, source=result[SOURCE_KEY], **manifest.digests(out_dir))
-  export.touch_done(out_dir)
   logging.info(
     "gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f",
     cfg.resolved_teacher,

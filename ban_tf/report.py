@@ -30,7 +30,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import export  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import layout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PNG = "report.png"
@@ -51,12 +53,13 @@ class Run:
 
 def load_run(path):
   """Reads a run directory; raises errors.UsageError when it holds no results."""
-  res_path = os.path.join(path, "results.json")
+  files = rundir.RunFiles(path)
+  res_path = files.results_path
   if not os.path.exists(res_path):
     raise errors.UsageError(
       f"{path} has no results.json: pass a run directory whose first generation finished"
     )
-  cfg_path = os.path.join(path, "config.json")
+  cfg_path = files.config_path
   cfg = export.read_json_checked(cfg_path, "restore it") if os.path.exists(cfg_path) else {}
   results = export.read_json_checked(
     res_path, "rerun the training command to rebuild it from the generations"
@@ -67,10 +70,12 @@ def load_run(path):
     )
   histories = {}
   for g in results["generations"]:
-    hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
-    if os.path.exists(hist):
+    model = files.generation(g["gen"])
+    if os.path.exists(model.history_path):
       try:
-        histories[g["gen"]] = export.read_json_checked(hist, "its curve is left out", expect=list)
+        histories[g["gen"]] = export.read_json_checked(
+          model.history_path, "its curve is left out", expect=list
+        )
       except errors.UsageError as e:
         logging.warning("%s", e)
   return Run(path, cfg, results, histories)
@@ -78,7 +83,7 @@ def load_run(path):
 
 def _is_single_run(path):
   """A run directory (its results.json has generations), not a --seeds parent's summary."""
-  res_path = os.path.join(path, "results.json")
+  res_path = rundir.RunFiles(path).results_path
   return os.path.exists(res_path) and "generations" in export.read_json_checked(
     res_path, "rerun the training command to rebuild it from the generations"
   )
@@ -89,7 +94,7 @@ def find_runs(path):
   (the seed_S/ runs of a --seeds parent, or any parent of run directories)."""
   if _is_single_run(path):
     return [path]
-  subs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", "results.json")))
+  subs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", layout.RESULTS_JSON)))
   subs = [p for p in subs if _is_single_run(p)]
   if not subs:
     raise errors.UsageError(
@@ -425,7 +430,7 @@ def write_hparams(run):
     if g.get("damaged") or "arch" not in g:
       continue  # a damaged row: no session (its numbers may be missing)
     name = results_lib.generation_name(g["gen"])
-    writer = fresh_writer(results_lib.tensorboard_dir(run.path, name))
+    writer = fresh_writer(rundir.tensorboard_dir(run.path, name))
     session(writer, _session_hparams(run, g, False), f"{trial}/{name}")
     writer.close()
   for e in run.results["ensembles"]:
@@ -433,7 +438,7 @@ def write_hparams(run):
       continue
     k = max(e["members"])
     name = e.get("name") or f"BANE-{k}"
-    logdir = results_lib.tensorboard_dir(run.path, name)
+    logdir = rundir.tensorboard_dir(run.path, name)
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
     writer = tf.summary.create_file_writer(logdir)
     session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
@@ -485,11 +490,10 @@ def write_results(run_dir, results, cfg, spec=None):
     "epochs": cfg.epochs,
     "data": results_lib.data_sizes(spec) if spec is not None else results.get("data"),
   }
-  export.write_json(clean, os.path.join(run_dir, "results.json"))
   text = results_lib.title(cfg, task.headline, data=clean["data"]) + results_lib.table(
     clean, task.headline, task.extra_columns
   )
-  export.write_text(text, os.path.join(run_dir, "results.md"))
+  rundir.RunFiles(run_dir).write_results(clean, text)
   return clean
 
 
@@ -526,13 +530,13 @@ def write_report(run_dirs, out_dir=None, hparams=True):
       + f"Runs: {names}.\n\n"
       + results_lib.aggregate_table(aggregate(runs), task.headline)
     )
-    export.write_text(text, os.path.join(out_dir, "results.md"))
+    export.write_text(text, rundir.RunFiles(out_dir).results_md_path)
   png = os.path.join(out_dir, PNG)
   plot(runs, png)
   if hparams:
     for r in runs:
       write_hparams(r)
-  return {"results_md": os.path.join(out_dir, "results.md"), "png": png}
+  return {"results_md": rundir.RunFiles(out_dir).results_md_path, "png": png}
 
 
 if __name__ == "__main__":

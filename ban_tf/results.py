@@ -16,7 +16,6 @@ gen 0..N], "ensembles": [metrics of BANE-2..N], "baseline": metrics or None}.
 """
 
 import dataclasses
-import os
 import statistics
 from typing import Callable, Optional
 
@@ -71,12 +70,6 @@ class Row:
 def generation_name(gen) -> str:
   """The row name of generation `gen`: 0 -> Teacher, k -> BAN-k, "baseline" -> Baseline."""
   return "Baseline" if gen == "baseline" else "Teacher" if gen == 0 else f"BAN-{gen}"
-
-
-def tensorboard_dir(run_path: str, name: str) -> str:
-  """The TensorBoard run of one row (generation, ensemble, baseline): run_path/tb/<row name>,
-  so TensorBoard names its runs tb/Teacher, tb/BAN-1, tb/BANE-2, tb/Baseline."""
-  return os.path.join(run_path, "tb", name)
 
 
 def rows(results: dict) -> list:

@@ -13,18 +13,13 @@ so a generation interrupted at epoch e continues from e as if never stopped.
 """
 
 import dataclasses
-import glob
-import hashlib
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from typing import Optional, Union
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -33,10 +28,12 @@ from ban_tf import distiller as distiller_lib
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import faults
+from ban_tf import layout
 from ban_tf import losses
 from ban_tf import manifest
 from ban_tf import models
 from ban_tf import results as results_lib
+from ban_tf import rundir
 from ban_tf import tasks
 from ban_tf.schedules import StepDecay  # pylint: disable=unused-import  (custom object of old checkpoints)
 
@@ -54,7 +51,7 @@ class GenerationSpec:
       baseline: BAN-1's seed).
     objective: the resolved losses.Objective (labels only for the teacher and baseline).
     teacher_path: the previous generation's SavedModel, or None.
-    out_dir: where this generation writes (gen_k/, baseline/).
+    out_dir: where this generation writes (gen_k/, baseline/; `store` is its handle).
     read_dir: where it resumes from: out_dir, except on a multi-worker non-chief,
       which writes privately and resumes from the chief's directory.
     dropout: cfg.dropout_for(gen): --teacher_dropout for generation 0 when given.
@@ -100,17 +97,16 @@ class GenerationSpec:
     )
 
   @property
+  def store(self) -> rundir.ModelDir:
+    """The generation's directory handle (rundir.py): its files, checkpoints and seal."""
+    return rundir.ModelDir.at(
+      self.out_dir, self.read_dir, row=results_lib.generation_name(self.gen)
+    )
+
+  @property
   def index(self) -> int:
     """The generation number the logs and fault hooks use (the baseline counts as 1)."""
     return 1 if self.gen == "baseline" else self.gen
-
-
-def weights_digest(model):
-  """sha256 of every weight (trainable and BatchNorm statistics), in layer order."""
-  h = hashlib.sha256()
-  for w in model.get_weights():
-    h.update(np.ascontiguousarray(w).tobytes())
-  return h.hexdigest()
 
 
 def make_optimizer(cfg, steps_per_epoch):
@@ -149,7 +145,7 @@ class EpochState(keras.callbacks.Callback):
   step schedule may already give the next epoch's rate).
 
   Args:
-    gen_dir: the generation's directory (history.json, checkpoints).
+    store: the generation's rundir.ModelDir (history.json, checkpoints).
     manager: its tf.train.CheckpointManager; epoch_var: the checkpointed epoch.
     history: the live list of per-epoch entries (resumed ones first).
     writer: the generation's TensorBoard summary writer.
@@ -160,10 +156,10 @@ class EpochState(keras.callbacks.Callback):
   """
 
   def __init__(
-    self, gen_dir, manager, epoch_var, history, writer, optimizer, quiet_tags=(), gen=None, epochs=0
+    self, store, manager, epoch_var, history, writer, optimizer, quiet_tags=(), gen=None, epochs=0
   ):
     super().__init__()
-    self.gen_dir, self.manager, self.epoch_var = gen_dir, manager, epoch_var
+    self.store, self.manager, self.epoch_var = store, manager, epoch_var
     self.history, self.writer, self.optimizer = history, writer, optimizer
     self.quiet_tags, self.gen, self.epochs = frozenset(quiet_tags), gen, epochs
     self.diverged = None
@@ -173,7 +169,7 @@ class EpochState(keras.callbacks.Callback):
     self._lr = None
 
   def _where(self, epoch):
-    return f"{os.path.basename(self.gen_dir)}/epoch_{epoch + 1}"
+    return f"{self.store.name}/epoch_{epoch + 1}"
 
   def _current_lr(self):
     return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
@@ -209,10 +205,10 @@ class EpochState(keras.callbacks.Callback):
     self.writer.flush()
     # history.json first: on resume it is cut back to the checkpoint's epoch, so it
     # always covers every checkpointed epoch whenever the process dies (TensorBoard
-    # too: tensorboard_from_checkpoint).
+    # too: rundir.truncate_tensorboard).
     self.history[:] = [h for h in self.history if h["epoch"] <= epoch] + [entry]
-    export.write_json(self.history, os.path.join(self.gen_dir, "history.json"))
-    faults.disk_fault_if(self._where(epoch), self.gen_dir)
+    self.store.write_history(self.history)
+    faults.disk_fault_if(self._where(epoch), self.store.path)
     self.epoch_var.assign(epoch + 1)
     # CheckpointManager updates its `checkpoint` index only after the new files are
     # complete, and deletes old ones only then: a failed save keeps the last good one.
@@ -249,56 +245,6 @@ def quiet_tags(objective, has_teacher):
   return out
 
 
-def tensorboard_from_checkpoint(logdir, last_epoch):
-  """Cuts a generation's TensorBoard events back to the checkpointed epochs (step <= last_epoch).
-
-  Epoch e's scalars are written before its checkpoint; a run stopped in between
-  (disk full, a kill) would write them again when it resumes, leaving two points
-  per (tag, step); likewise test/*, written after the last epoch but before the
-  generation is DONE. TensorBoard only purges such orphans for TF1's session-log
-  events, so the events files are rewritten here (atomically, one file) keeping
-  every record whose step is <= last_epoch, test/* left out. Hparams files
-  (report.py) are left alone.
-  """
-  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
-
-  files = sorted(
-    f
-    for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))
-    if not f.endswith(".hparams")
-  )
-  if not files:
-    return
-  kept, dropped = [], 0
-  for path in files:
-    for record in tf.data.TFRecordDataset(path):
-      event = event_pb2.Event.FromString(record.numpy())
-      # test/* is written once, after the last epoch (finish): a rerun that gets there writes it again.
-      if event.HasField("summary") and (
-        event.step > last_epoch or any(v.tag.startswith("test/") for v in event.summary.value)
-      ):
-        dropped += 1
-      else:
-        kept.append(record.numpy())
-  if not dropped:
-    return
-  out = os.path.join(logdir, os.path.basename(files[-1]) + ".resumed")
-  tmp = out + ".tmp"
-  with tf.io.TFRecordWriter(tmp) as w:
-    for record in kept:
-      w.write(record)
-  for path in files:
-    os.remove(path)
-  os.replace(tmp, out)
-  logging.info(
-    "%s: dropped %d TensorBoard points after epoch %d (written before a checkpoint that "
-    "was never saved)",
-    logdir,
-    dropped,
-    last_epoch,
-  )
-
-
 def _verbose(cfg):
   """Keras' verbosity: the progress bar on a terminal; elsewhere the console line per epoch says it all."""
   if cfg.verbose != "auto":
@@ -306,13 +252,8 @@ def _verbose(cfg):
   return 1 if sys.stdout.isatty() else 0
 
 
-def _teacher_keras_path(teacher_path):
-  """gen_{k-1}/model.keras next to gen_{k-1}/saved_model (for --share_stem_head)."""
-  return os.path.join(os.path.dirname(os.path.abspath(teacher_path)), "model.keras")
-
-
 def _share_stem_head(student, teacher_path):
-  path = _teacher_keras_path(teacher_path)
+  path = layout.beside(teacher_path, layout.KERAS)  # gen_{k-1}/model.keras beside its saved_model
   if not os.path.exists(path):
     raise errors.TeacherError(
       f"--share_stem_head needs the teacher's {path}: retrain that generation "
@@ -417,105 +358,14 @@ def _build(cfg, task, gen, strategy, dataset, steps):
   return _Built(student, model, optimizer, epoch_var, ckpt)
 
 
-def _ckpt_number(prefix):
-  m = re.search(r"-(\d+)$", prefix)
-  return int(m.group(1)) if m else -1
-
-
-def _checkpoints(ckpt_dir):
-  """(checkpoint prefixes in `ckpt_dir`, newest first; whether its index is damaged).
-
-  The prefixes: those the `checkpoint` index names (even when their files are gone)
-  and every ckpt-N.index file (even when the index is damaged or lost track of it).
-  """
-  found, damaged = set(), False
-  try:
-    state = tf.train.get_checkpoint_state(ckpt_dir)
-    why = "unparsable" if state is None else ""
-  except Exception as e:  # pylint: disable=broad-except  (a damaged index: text-proto parse errors)
-    state, why = None, type(e).__name__
-  if state is None and os.path.exists(os.path.join(ckpt_dir, "checkpoint")):
-    logging.warning(
-      "%s/checkpoint is damaged (%s): using the checkpoint files it should list",
-      os.path.join(os.path.basename(os.path.dirname(ckpt_dir)), "ckpt"),
-      why,
-    )
-    damaged = True
-  if state is not None:
-    for p in list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]:
-      if p:
-        found.add(os.path.join(ckpt_dir, os.path.basename(p)))
-  for index in glob.glob(os.path.join(ckpt_dir, "ckpt-*.index")):
-    found.add(index[: -len(".index")])
-  return sorted(found, key=_ckpt_number, reverse=True), damaged
-
-
 def _restore(gen, built):
-  """(first epoch to train, history so far) from the newest readable checkpoint in gen.read_dir.
-
-  A newest checkpoint that is missing (its index entry dangling) or unreadable
-  (truncated, emptied) is skipped with a warning and the previous one is used;
-  where this process owns the directory, the damaged files are removed and the
-  index is rewritten to the checkpoint used, so the next save and every later
-  rerun see a consistent directory. Raises errors.RunDirError when checkpoints
-  exist but none is readable, or when history.json is damaged.
-  """
-  ckpt_dir = os.path.join(gen.read_dir, "ckpt")
-  candidates, bad_index = _checkpoints(ckpt_dir) if os.path.isdir(ckpt_dir) else ([], False)
-  if not candidates:
-    return 0, []
-  where = os.path.basename(gen.read_dir)
-  latest, skipped = None, []
-  for prefix in candidates:
-    name = f"{where}/ckpt/{os.path.basename(prefix)}"
-    if not os.path.exists(prefix + ".index"):
-      skipped.append((prefix, f"{name} is missing (its index entry is dangling)"))
-      continue
-    try:
-      built.ckpt.restore(prefix).assert_existing_objects_matched()
-    except Exception as e:  # pylint: disable=broad-except  (DataLossError, NotFoundError, AssertionError, ...)
-      skipped.append((prefix, f"{name} is unreadable ({type(e).__name__})"))
-      continue
-    latest = prefix
-    break
-  fix = (
-    f"delete {gen.read_dir}/ckpt and {gen.read_dir}/history.json to retrain this generation from "
-    "epoch 0, or --overwrite"
-  )
+  """(first epoch to train, history so far) from the newest readable checkpoint in gen.read_dir
+  (rundir.ModelDir.restore: fallback and repair; .history: cut back to it)."""
+  latest = gen.store.restore(built.ckpt, label=f"gen {gen.gen}")
   if latest is None:
-    raise errors.RunDirError(
-      f"{ckpt_dir} holds no readable checkpoint ("
-      + "; ".join(why for _, why in skipped)
-      + f"): {fix}"
-    )
-  for _prefix, why in skipped:
-    logging.warning(
-      "gen %s: %s: resuming from the previous checkpoint, %s",
-      gen.gen,
-      why,
-      os.path.basename(latest),
-    )
-  if (skipped or bad_index) and gen.read_dir == gen.out_dir:
-    # Repair: drop the damaged files, point the index at `latest`.
-    for prefix, _ in skipped:
-      for path in glob.glob(prefix + ".index") + glob.glob(prefix + ".data-*"):
-        os.remove(path)
-    kept = [p for p in candidates if p not in {q for q, _ in skipped}]
-    tf.compat.v1.train.update_checkpoint_state(
-      ckpt_dir,
-      os.path.basename(latest),
-      all_model_checkpoint_paths=[os.path.basename(p) for p in reversed(kept)],
-    )
+    return 0, []
   initial_epoch = int(built.epoch_var.numpy())
-  history = []
-  hist_path = os.path.join(gen.read_dir, "history.json")
-  if os.path.exists(hist_path):
-    entries = export.read_json_checked(hist_path, f"restore it, or {fix}", expect=list)
-    if not all(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in entries):
-      raise errors.RunDirError(
-        f"{hist_path} is damaged (entries without an epoch): restore it, or {fix}"
-      )
-    history = [h for h in entries if h["epoch"] <= initial_epoch]
+  history = gen.store.history(initial_epoch)
   logging.info("gen %s: resuming from epoch %d (%s)", gen.gen, initial_epoch, latest)
   return initial_epoch, history
 
@@ -523,7 +373,7 @@ def _restore(gen, built):
 def _diverged(gen, state, epoch_var):
   good = int(epoch_var.numpy())
   kept = (
-    f"its last good checkpoint (epoch {good}) is kept in {gen.out_dir}/ckpt"
+    f"its last good checkpoint (epoch {good}) is kept in {gen.out_dir}/{layout.CKPT}"
     if good
     else "it has no good checkpoint yet"
   )
@@ -534,87 +384,23 @@ def _diverged(gen, state, epoch_var):
   )
 
 
-def evaluate_splits(model, dataset, batch_size, val_logs=None):
-  """{split}_loss and {split}_accuracy of a Distiller on val (when the data set has
-  one) and test: the final-epoch numbers (no selection on test, nor on val).
-
-  `val_logs`: the Keras logs of the final epoch (`val_label_loss`, `val_accuracy`),
-  when fit validated the very weights being evaluated: they are this same
-  Distiller.evaluate of the same val pipeline, so they are used as they are
-  instead of repeating the pass (the figures are identical; tests/tasks_contract_test.py
-  and tests/multireplica_test.py check them against the exported SavedModel).
-  """
-  out = {}
-  for split in ("val", "test"):
-    if split == "val" and val_logs and "val_label_loss" in val_logs and "val_accuracy" in val_logs:
-      out["val_loss"], out["val_accuracy"] = (
-        float(val_logs["val_label_loss"]),
-        float(val_logs["val_accuracy"]),
-      )
-      continue
-    ds = getattr(dataset, split)(batch_size)
-    if ds is None:
-      continue
-    res = model.evaluate(ds, verbose=0, return_dict=True)
-    out[f"{split}_loss"] = float(res["label_loss"])
-    out[f"{split}_accuracy"] = float(res["accuracy"])
-  out["test_error"] = 1.0 - out["test_accuracy"]
-  return out
-
-
-def finish(
-  task, spec, model, out_dir, result, writer=None, step=0, output_name=export.LOGITS, stateful=None
-):
-  """Adds the task's derived metrics, logs test scalars, exports, writes metrics.json and DONE.
-
-  Shared by generations and BANE ensembles. `model` is what the SavedModel serves
-  (`output_name`: export.LOGITS, or export.PROBABILITIES for ensembles); `stateful`
-  its stateful form (default: the task's, if any), served as `serve_stateful`.
-  """
-  if stateful is None:
-    stateful = task.stateful_model(model)
-  derived = task.summarize(result)
-  result.update(derived)
-  if writer is not None:
-    with writer.as_default(step=step):
-      tf.summary.scalar("test/accuracy", result["test_accuracy"])
-      tf.summary.scalar("test/error", result["test_error"])
-      for key in derived:
-        split, name = key.split("_", 1)
-        tf.summary.scalar(f"{split}/final_{name}", result[key])
-    writer.flush()
-  export.export_saved_model(
-    model,
-    os.path.join(out_dir, "saved_model"),
-    spec.input_shape,
-    class_names=spec.class_names,
-    output_name=output_name,
-    spec=spec,
-    stateful=stateful,
-  )
-  for name, text in spec.assets:
-    export.write_text(text, os.path.join(out_dir, name))
-
-
 def run_generation(cfg, gen, strategy, dataset):
   """Trains the generation `gen` (a GenerationSpec) into gen.out_dir; returns its metrics dict."""
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)
-  os.makedirs(gen.out_dir, exist_ok=True)
+  store = gen.store
+  store.make()
   keras.utils.set_random_seed(gen.seed)  # fresh, differently seeded student per generation
   steps = dataset.steps_per_epoch(cfg.batch_size)
   built = _build(cfg, task, gen, strategy, dataset, steps)
   initial_epoch, history = _restore(gen, built)  # before the manager reads the (repaired) index
-  manager = tf.train.CheckpointManager(built.ckpt, os.path.join(gen.out_dir, "ckpt"), max_to_keep=2)
+  manager = store.checkpoint_manager(built.ckpt)
   # Built once, from the first epoch still to train (per-epoch shuffles: see data.py).
   train_ds = task.train_data(cfg, dataset, seed=gen.seed, first_epoch=initial_epoch)
-  tb_dir = results_lib.tensorboard_dir(
-    os.path.dirname(gen.out_dir), results_lib.generation_name(gen.gen)
-  )
-  tensorboard_from_checkpoint(tb_dir, initial_epoch)  # each (tag, step) once after a resume
-  writer = tf.summary.create_file_writer(tb_dir)
+  store.truncate_tensorboard(initial_epoch)  # each (tag, step) once after a resume
+  writer = store.summary_writer()
   state = EpochState(
-    gen.out_dir,
+    store,
     manager,
     built.epoch_var,
     history,
@@ -671,25 +457,24 @@ def run_generation(cfg, gen, strategy, dataset):
     "teacher": gen.teacher_path,
     "epochs": cfg.epochs,
     "seconds": sum(h["seconds"] for h in state.history) or time.time() - t0,
-    "weights_sha256": weights_digest(built.student),
+    "weights_sha256": manifest.weights_digest(built.student),
   }
   # The final epoch's validation (this process's fit, or history.json when resumed
   # after it) ran on exactly these weights: nothing changes them after that epoch's
   # checkpoint. Reused, not measured twice.
   last = state.history[-1] if state.history and state.history[-1]["epoch"] == cfg.epochs else None
-  result.update(evaluate_splits(built.model, dataset, cfg.batch_size, val_logs=last))
+  result.update(distiller_lib.evaluate_splits(built.model, dataset, cfg.batch_size, val_logs=last))
   if state.history:
     result["final_train"] = {k: v for k, v in state.history[-1].items() if not k.startswith("val_")}
-  finish(task, spec, built.student, gen.out_dir, result, writer, cfg.epochs)
-  export.save_keras(task.stock_model(built.student), os.path.join(gen.out_dir, "model.keras"))
-  export.write_json(result, os.path.join(gen.out_dir, "metrics.json"))
-  # Bound to the run outside the generation directory, before DONE (manifest.py).
-  run_dir, name = os.path.split(os.path.abspath(gen.out_dir))
-  manifest.record(
-    run_dir, name, weights_sha256=result["weights_sha256"], **manifest.digests(gen.out_dir)
+  store.seal(
+    task,
+    spec,
+    result,
+    model=built.student,
+    keras_model=built.student,
+    summary_step=cfg.epochs,
+    record={"weights_sha256": result["weights_sha256"]},
   )
-  export.touch_done(gen.out_dir)
-  shutil.rmtree(os.path.join(gen.out_dir, "ckpt"), ignore_errors=True)
   logging.info(
     "gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s",
     gen.gen,

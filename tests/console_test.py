@@ -243,7 +243,7 @@ def test_bare_verbose_flag_is_accepted():
 
 def test_tensorboard_cut_back_to_the_checkpoint(tmp_path):
   """Epochs after the checkpoint and test/* (written after the last epoch, before DONE) go; the rest stays."""
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  from ban_tf import rundir  # pylint: disable=g-import-not-at-top
 
   logdir = str(tmp_path / "tb")
   writer = tf.summary.create_file_writer(logdir)
@@ -252,8 +252,8 @@ def test_tensorboard_cut_back_to_the_checkpoint(tmp_path):
       tf.summary.scalar("train/loss", 1.0 / step, step=step)
     tf.summary.scalar("test/error", 0.5, step=3)
   writer.close()
-  train.tensorboard_from_checkpoint(logdir, 3)  # killed during the export: all epochs checkpointed
+  rundir.truncate_tensorboard(logdir, 3)  # killed during the export: all epochs checkpointed
   assert _scalars(logdir) == {"train/loss": [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]}
-  train.tensorboard_from_checkpoint(logdir, 1)
+  rundir.truncate_tensorboard(logdir, 1)
   assert _scalars(logdir) == {"train/loss": [(1, 1.0)]}
   assert len(os.listdir(logdir)) == 1  # one events file, no temporary left

@@ -94,7 +94,7 @@ def test_two_generations_and_ensemble(tmp_path):
       assert os.path.exists(os.path.join(gdir, name)), name
     assert os.path.isdir(
       os.path.join(run_dir, "tb", "Teacher" if gen == 0 else f"BAN-{gen}")
-    )  # results.tensorboard_dir
+    )  # rundir.tensorboard_dir
     assert lm.read_vocab(gdir) == vocab
     metrics = export.read_json(os.path.join(gdir, "metrics.json"))
     model = keras.saving.load_model(os.path.join(gdir, "model.keras"), compile=False)

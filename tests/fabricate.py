@@ -1,0 +1,125 @@
+"""Run directories made without training, through the same writer as real runs (rundir.py).
+
+`finished_run` seals tiny untrained models with made-up metrics into a run directory
+exactly as training does (ModelDir.seal: SavedModel, model.keras, metrics.json, the
+manifest entry, DONE), so damaged-file, manifest and results cases run in seconds on a
+copy. `partial_generation` leaves a generation stopped after some epochs: real epoch
+checkpoints (tf.train.CheckpointManager, as train.py writes them) and history.json,
+for checkpoint fallback and repair cases that run in milliseconds.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ban_tf import config as config_lib
+from ban_tf import export
+from ban_tf import manifest
+from ban_tf import rundir
+from ban_tf import tasks
+from ban_tf.tasks import base
+
+NUM_CLASSES = 3
+SPEC = base.DataSpec(
+  name="fake",
+  input_shape=(4, 4, 1),
+  input_dtype="float32",
+  input_high=255,
+  input_name="pixels",
+  serving_shape=(4, 4, 1),
+  num_outputs=NUM_CLASSES,
+  output_shape=(NUM_CLASSES,),
+  class_names=("a", "b", "c"),
+)
+
+
+def config(gens=2, **kwargs):
+  """The Config a fabricated run records (config.json); `gens` as --gens."""
+  return config_lib.Config(arch="tiny", dataset="fake", epochs=1, gens=gens, **kwargs)
+
+
+def tiny_model(seed):
+  """A 51-parameter classifier of SPEC's inputs, initialised from `seed` (distinct fingerprints)."""
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input(SPEC.input_shape, name="pixels")
+  x = keras.layers.Flatten()(inputs)
+  x = keras.layers.Rescaling(1.0 / 255, name="features")(x)
+  return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, name="logits")(x), name=f"m{seed}")
+
+
+def fake_metrics(gen, accuracy):
+  return {
+    "gen": gen,
+    "role": "baseline" if gen == "baseline" else "teacher" if gen == 0 else f"BAN-{gen}",
+    "arch": "tiny",
+    "params": 51,
+    "seed": 0,
+    "epochs": 1,
+    "seconds": 1.0,
+    "test_loss": 1.0,
+    "test_accuracy": accuracy,
+    "test_error": 1.0 - accuracy,
+  }
+
+
+def finished_run(path, gens=2, ensembles=True, baseline=False):
+  """A finished run in `path`: gen_0..gen_{gens}, ensemble_2..gens, optionally baseline/,
+  results.json and results.md; every model sealed by ModelDir.seal. Returns `path`."""
+  task = tasks.get("image")
+  cfg = config(gens=gens, baseline=baseline)
+  # Local imports: generations and report pull in the whole binary (only this helper needs them).
+  from ban_tf import generations  # pylint: disable=g-import-not-at-top
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+
+  with rundir.RunDir(path, cfg, spec=SPEC) as run:
+    models = {}
+    for k in list(range(gens + 1)) + (["baseline"] if baseline else []):
+      model = models[k] = tiny_model(seed=7 if k == "baseline" else k)
+      g = run.generation(k)
+      g.make()
+      g.write_history([{"epoch": 1, "loss": 1.0, "learning_rate": 0.1, "seconds": 1.0}])
+      result = fake_metrics(k, 0.5 + 0.1 * (k if k != "baseline" else 0))
+      result["weights_sha256"] = manifest.weights_digest(model)
+      g.seal(
+        task,
+        SPEC,
+        result,
+        model=model,
+        keras_model=model,
+        record={"weights_sha256": result["weights_sha256"]},
+      )
+    for k in range(2, gens + 1) if ensembles else ():
+      members = list(range(1, k + 1))
+      ensemble = generations.build_ensemble([models[m] for m in members], name=f"bane_{k}")
+      result = {"name": f"BANE-{k}", "members": members, "test_accuracy": 0.8, "test_error": 0.2}
+      run.ensemble(k).seal(task, SPEC, result, model=ensemble, output_name=export.PROBABILITIES)
+    report.write_results(run.path, generations.collect_results(run), cfg, spec=SPEC)
+  return path
+
+
+def checkpoint(seed=0):
+  """(tf.train.Checkpoint, its epoch variable, its model) as train.make_checkpoint lays one out."""
+  model = tiny_model(seed)
+  epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+  return (
+    tf.train.Checkpoint(student=model, variables=list(model.variables), epoch=epoch),
+    epoch,
+    model,
+  )
+
+
+def partial_generation(model_dir, epochs=2):
+  """`model_dir` (a rundir.ModelDir) stopped after `epochs` epochs: ckpt-1..ckpt-{epochs}
+  (the last two kept, as training keeps them) and history.json of those epochs."""
+  ckpt, epoch, model = checkpoint()
+  model_dir.make()
+  manager = model_dir.checkpoint_manager(ckpt)
+  history = []
+  for e in range(1, epochs + 1):
+    for w in model.weights:
+      w.assign(w + np.float32(e))  # each epoch's weights differ
+    history.append({"epoch": e, "loss": 1.0 / e, "learning_rate": 0.1, "seconds": 1.0})
+    model_dir.write_history(history)
+    epoch.assign(e)
+    manager.save(checkpoint_number=e)
+  return model
