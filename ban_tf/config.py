@@ -433,11 +433,12 @@ class Config:
         continue
       if self.teacher_per_seed and not os.path.exists(path):
         seeds = ", ".join(map(str, self.seed_list()))
-        parent, _, _ = self.teacher.partition(f"seed_{TEACHER_SEED}")
+        seed_dir = layout.numbered(layout.SEED, TEACHER_SEED)  # seed_{seed}
+        parent, _, _ = self.teacher.partition(seed_dir)
         make = (
           f"one run of the teacher's flags with --seeds={self.seeds} --seed={self.seed} "
           f"--run_dir={parent.rstrip('/')} makes them"
-          if f"seed_{TEACHER_SEED}" in self.teacher and parent
+          if seed_dir in self.teacher and parent
           else "train one teacher per seed there first"
         )
         raise errors.UsageError(
