@@ -237,3 +237,47 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
       f"over runs; per-run tables in their own results.md. {DELTA_LEGEND}\n\n"
     )
   return f"{head}, seed {cfg.seed}\n\n{setup}Final-epoch {what}; no checkpoint selection. {DELTA_LEGEND}\n\n"
+
+
+def _fmt_vs(c: Optional[dict], fallback: Optional[float]) -> tuple:
+  """(Δ [95% CI], p, verdict) cells of a comparison (stats.Comparison.to_json()), or the
+  difference of means alone (`fallback`) when there is no paired comparison."""
+  if not c:
+    return ("" if fallback is None else f"{fallback:+.2f}"), "", ""
+  lo, hi = c["ci95"]
+  ci = "undefined" if lo is None or hi is None else f"{lo:+.2f}, {hi:+.2f}"
+  p = "" if c.get("p") is None else f"{c['p']:.3g}"
+  return f"{c['delta']:+.2f} [{ci}]", p, c["verdict"]
+
+
+def comparison_table(rows: list, metric: Metric) -> str:
+  """Markdown of report.compare's rows: the headline (mean ± std over seeds, or one run's
+  value), Δ vs the row's teacher with its 95% CI, p and verdict, Δ vs its Baseline, runs.
+
+  A row without a paired comparison (no stored per-example outputs) shows the difference
+  of means alone, and no p or verdict.
+  """
+  means = {r["name"]: r["mean"] for r in rows}
+  lines = [
+    f"| Model | Arch | Params | {metric.title} | Δ vs teacher [95% CI] | p | Verdict "
+    "| Δ vs baseline [95% CI] | p | Verdict | Runs |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    value = f"{r['mean']:.2f} ± {r['std']:.2f}" if r["n"] > 1 else f"{r['mean']:.2f}"
+    t = means.get(r.get("teacher")) if r["key"] != "Teacher" else None
+    vs_t = _fmt_vs(r.get("vs_teacher"), None if t is None else r["mean"] - t)
+    base = next(
+      (
+        b["mean"]
+        for b in rows
+        if b["key"] == "Baseline"
+        and b["run"] == r["run"]
+        and r["key"] not in ("Teacher", "Baseline")
+      ),
+      None,
+    )
+    vs_b = _fmt_vs(r.get("vs_baseline"), None if base is None else r["mean"] - base)
+    cells = [r["name"], r["arch"], r["params"], value, *vs_t, *vs_b, str(r["n"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

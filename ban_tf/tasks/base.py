@@ -71,6 +71,9 @@ class Task:
       history.json), exp of the mean cross-entropy.
     result_keys: metrics.json fields that results.json keeps per row, beyond the
       generic ones (gen, role, arch, params, epochs, seconds, seed, objective, teacher).
+    test_set_fields: the config.json fields that decide which test examples a run is
+      scored on (beside --task and the test size results.json records): runs that
+      agree on them can be compared example by example (report.py).
   """
 
   name = ""
@@ -79,6 +82,7 @@ class Task:
   perplexity = False  # evaluation also reports perplexity (Distiller(perplexity=True))
   extra_columns = ()
   result_keys = ()
+  test_set_fields = ("dataset",)
 
   # ---- validation (no TensorFlow) ---------------------------------------------
   def parse_arch(self, arch: str) -> dict:

@@ -54,6 +54,15 @@ class ImageClassification(base.Task):
   headline = TEST_ERROR
   extra_columns = (VAL_ERROR,)
   result_keys = ("test_accuracy", "test_error", "val_accuracy")
+  # --train_examples, --val_examples, --train_split only change what is trained on.
+  test_set_fields = (
+    "dataset",
+    "image_folder",
+    "test_split",
+    "image_size",
+    "image_key",
+    "label_key",
+  )
 
   def parse_arch(self, arch):
     return archs.parse_arch(arch)

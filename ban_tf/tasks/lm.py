@@ -52,6 +52,9 @@ class LanguageModel(base.Task):
   extra_columns = (VAL_PERPLEXITY,)
   result_keys = ("test_accuracy", "test_error", "val_accuracy", "val_perplexity", "test_perplexity")
   curve_label = "validation perplexity"
+  # The vocabulary decides which test words are <unk>; --bptt and --lm_state change how the
+  # same tokens are scored, not which (--ptb_dir is a path: the test size catches other text).
+  test_set_fields = ("dataset", "vocab_size")
   perplexity = True
 
   def parse_arch(self, arch):
