@@ -164,23 +164,6 @@ def _check_seeds_once(runs):
     seen[seed] = r.path
 
 
-def check_one_experiment(runs):
-  """Raises errors.UsageError unless the runs are seeds of one experiment.
-
-  A mean ± std is only a seed spread when every run trained the same recipe
-  (`experiment_diff` empty) and each seed counts once (a copied run directory
-  passed beside its original would be counted twice).
-  """
-  for r in runs:
-    diff = experiment_diff(runs[0], r)
-    if diff:
-      raise errors.UsageError(
-        f"{runs[0].path} and {r.path} are different experiments ({_shown(runs[0], r, diff)}): "
-        "summarise the seeds of one experiment at a time"
-      )
-  _check_seeds_once(runs)
-
-
 def test_set_diff(a, b):
   """What makes the test examples of runs `a` and `b` differ: [(what, value in a, value in b)].
 
@@ -353,7 +336,6 @@ def compare(groups, task):
   for g in groups:
     ids = frozenset(teacher_id(r) for r in g.runs)
     known = None not in ids
-    baseline = None
     for a in results_lib.aggregate([r.results for r in g.runs], task.headline):
       row = dict(
         a,
@@ -371,17 +353,15 @@ def compare(groups, task):
         teacher_of[id(g)] = (row, g, fixed)
         if known:
           shared[ids] = teacher_of[id(g)]
-      if a["key"] == "Baseline":
-        baseline = row
-      out.append((row, g, baseline))
+      out.append((row, g))
   teacher_rows = {id(t[0]): t[0] for t in teacher_of.values()}
   if len(teacher_rows) == 1:
     only = next(iter(teacher_rows.values()))
     only["name"] = only["name"].replace(f"Teacher ({only['run']})", "Teacher", 1)
   rows = []
-  for row, g, _ in out:
+  for row, g in out:
     t_row, t_group, fixed = teacher_of.get(id(g), (None, None, False))
-    has_baseline = any(r["key"] == "Baseline" and gg is g for r, gg, _ in out)
+    has_baseline = any(r["key"] == "Baseline" and gg is g for r, gg in out)
     row["teacher"] = t_row["name"] if t_row else None
     row["vs_teacher"] = row["vs_baseline"] = None
     if t_row is not None and row["key"] != "Teacher":

@@ -182,20 +182,25 @@ def test_missing_results_is_a_usage_error(tmp_path):
     report.write_report(str(tmp_path))
 
 
-def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
-  """A mean ± std over runs of different recipes, or over one run and its copy, is no seed spread."""
+def test_summary_refuses_a_seed_twice_and_compares_other_experiments(tmp_path):
+  """A mean ± std over one run and its copy is no seed spread; runs of different recipes on one
+  test set are compared row by row (they used to be refused as "different experiments")."""
   a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16])
-  other = _fake_run(str(tmp_path / "other"), 1, [0.2, 0.18, 0.17, 0.16], epochs=1)
-  with pytest.raises(errors.UsageError, match=r"different experiments \(--epochs 3 vs 1\)"):
-    report.write_report([a, other], str(tmp_path / "out"), hparams=False)
   copy = _fake_run(str(tmp_path / "copy"), 0, [0.2, 0.18, 0.17, 0.16])
   with pytest.raises(errors.UsageError, match="both seed 0"):
     report.write_report([a, copy], str(tmp_path / "out"), hparams=False)
   assert not os.path.exists(tmp_path / "out")  # refused before anything is written
+  other = _fake_run(str(tmp_path / "other"), 1, [0.3, 0.18, 0.17, 0.16], epochs=1)
+  out = report.write_report([a, other], str(tmp_path / "out"), hparams=False)
+  md = open(out["results_md"]).read()
+  assert "- other: " in md and "--epochs 3 vs 1" in md  # what the second run changes
+  # Different teachers (no shared gen_0 recorded): one Teacher row per run.
+  assert "| Teacher (a) |" in md and "| Teacher (other) |" in md and "| BAN-1 (other) |" in md
   # --seeds=2 --student_seed=11 writes seed_0 (students from 11) and seed_100 (from 111): one experiment.
   s0 = _fake_run(str(tmp_path / "s0"), 0, [0.2, 0.18, 0.17, 0.16], student_seed=11)
   s100 = _fake_run(str(tmp_path / "s100"), 100, [0.2, 0.18, 0.17, 0.16], student_seed=111)
-  report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
+  report.write_report([s0, s100], str(tmp_path / "out2"), hparams=False)
+  assert "± 0.00" in open(os.path.join(tmp_path, "out2", "results.md")).read()  # a seed summary
   for path in (
     s0,
     s100,
@@ -203,12 +208,13 @@ def test_summary_refuses_other_experiments_and_a_seed_twice(tmp_path):
     cfg = json.load(open(os.path.join(path, "config.json")))
     with open(os.path.join(path, "config.json"), "w") as f:
       json.dump(dict(cfg, removed_flag=path), f)
-  report.write_report([s0, s100], str(tmp_path / "out"), hparams=False)
+  report.write_report([s0, s100], str(tmp_path / "out2"), hparams=False)
+  assert len(report.group_experiments([report.load_run(p) for p in (s0, s100)])) == 1
   s1 = _fake_run(str(tmp_path / "s1"), 1, [0.2, 0.18, 0.17, 0.16], student_seed=11)
-  with pytest.raises(
-    errors.UsageError, match=r"different experiments \(--student_seed seed\+11 vs seed\+10\)"
-  ):
-    report.write_report([s0, s1], str(tmp_path / "out2"), hparams=False)
+  assert report.experiment_diff(report.load_run(s0), report.load_run(s1)) == ["student_seed"]
+  assert "--student_seed seed+11 vs seed+10" in report._shown(
+    report.load_run(s0), report.load_run(s1), ["student_seed"]
+  )
 
 
 def test_summary_row_of_one_run_shows_no_spread(tmp_path):
@@ -321,3 +327,132 @@ def test_plot_shows_baseline_and_seed_spread(tmp_path):
   assert (
     legends["spread_points"] == 2 * 5
   )  # every run's value of Teacher, BAN-1, BAN-2, BANE-2, Baseline
+
+
+def _run(
+  path, values, *, seed=0, metric="test_error", teacher_sha=None, data=None, baseline=None, **flags
+):
+  """A run dir with generations 0..len(values)-1 (and BANE-2 when there are 2 students), each
+  row's `metric` from `values`; `teacher_sha`: its gen_0's fingerprint in manifest.json
+  (the same in runs that share one --teacher); `flags`: its config.json."""
+  os.makedirs(path)
+  flags = dict(dict(dataset="fashion_mnist", arch="tiny", epochs=2), **flags)
+  cfg = config_lib.Config(gens=len(values) - 1, seed=seed, run_dir=path, **flags)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f)
+
+  def entry(v, **more):
+    return dict({metric: v, "arch": cfg.arch, "params": 1490}, **more)
+
+  gens = [
+    entry(v, gen=g, role="teacher" if g == 0 else f"BAN-{g}", seed=seed + g)
+    for g, v in enumerate(values)
+  ]
+  ens = [dict(entry(values[-1] - 0.01), name="BANE-2", members=[1, 2])] if len(values) == 3 else []
+  base = entry(baseline, gen="baseline", role="baseline") if baseline is not None else None
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump(
+      {"generations": gens, "ensembles": ens, "baseline": base, "seed": seed, "data": data}, f
+    )
+  if teacher_sha:
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+      json.dump({"version": 1, "entries": {"gen_0": {"fingerprint_sha256": teacher_sha}}}, f)
+  return path
+
+
+_DATA = {"unit": "examples", "train": 500, "val": 0, "test": 1000}
+
+
+def _table2_row(tmp_path, **ban_l_flags):
+  """A Table 2 row: the teacher's run and two objectives taught by it (one with a Baseline)."""
+  teacher = _run(str(tmp_path / "t2_tiny_teacher"), [0.30], teacher_sha="T", data=_DATA)
+  common = dict(teacher=os.path.join(teacher, "gen_0"), teacher_sha="T", data=_DATA)
+  ban = _run(str(tmp_path / "t2_tiny_ban"), [0.30, 0.25], loss="ban", **common)
+  ban_l = _run(
+    str(tmp_path / "t2_tiny_ban_l"),
+    [0.30, 0.27],
+    loss="ban_l",
+    baseline=0.29,
+    **dict(common, **ban_l_flags),
+  )
+  return teacher, ban, ban_l
+
+
+def test_cross_objective_report_shares_the_teacher(tmp_path):
+  """A Table 2 row from three runs (teacher, --loss=ban, --loss=ban_l with a different
+  --train_examples, which changes nothing on test): one table, the shared teacher once."""
+  runs = _table2_row(tmp_path, train_examples=400)
+  out = report.write_report(list(runs), str(tmp_path / "row"), hparams=False)
+  md = open(out["results_md"]).read()
+  assert md.count("| Teacher") == 1, md
+  assert "| Teacher | tiny | 1.5k | 30.00 |  |" in md  # one model: no spread
+  assert "| BAN-1 (ban) | tiny | 1.5k | 25.00 | -5.00 |" in md
+  assert "| BAN-1 (ban_l) | tiny | 1.5k | 27.00 | -3.00 |  |  | -2.00 |" in md  # vs its Baseline
+  assert "| Baseline (ban_l) | tiny | 1.5k | 29.00 | -1.00 |" in md
+  assert "- ban_l: " in md and "--loss ban vs ban_l" in md  # what the run changes (vs the first)
+  res = json.load(open(os.path.join(tmp_path, "row", "results.json")))
+  assert res["compared"] == list(runs) and res["metric"] == "test_error"
+  by_name = {r["name"]: r for r in res["rows"]}
+  assert set(by_name) == {"Teacher", "BAN-1 (ban)", "BAN-1 (ban_l)", "Baseline (ban_l)"}
+  assert by_name["BAN-1 (ban)"]["teacher"] == "Teacher" and by_name["Teacher"]["n"] == 1
+  assert by_name["BAN-1 (ban)"]["vs_teacher"] is None  # no stored per-example outputs here
+  _assert_png(out["png"])
+  # A rerun replaces the comparison; a run's or a --seeds summary's results.json is never replaced.
+  report.write_report(list(runs), str(tmp_path / "row"), hparams=False)
+  with pytest.raises(errors.UsageError, match="holds a run's results"):
+    report.write_report(list(runs), runs[1], hparams=False)
+
+
+def test_comparison_refuses_different_test_sets(tmp_path):
+  teacher, ban, _ = _table2_row(tmp_path)
+  other = _run(
+    str(tmp_path / "other"), [0.3, 0.2], teacher_sha="T", data=_DATA, test_split="train[:10%]"
+  )
+  with pytest.raises(
+    errors.UsageError, match=r"different test sets \(--test_split test vs train\[:10%\]\)"
+  ):
+    report.write_report([teacher, ban, other], str(tmp_path / "out"), hparams=False)
+  small = _run(str(tmp_path / "small"), [0.3, 0.2], data=dict(_DATA, test=500), loss="cwtm")
+  with pytest.raises(errors.UsageError, match=r"different test sets \(test size 1000 vs 500\)"):
+    report.write_report([ban, small], str(tmp_path / "out"), hparams=False)
+  assert not os.path.exists(tmp_path / "out")  # refused before anything is written
+  # A run and its copy inside a --seeds summary (the parent and one of its seed runs): still refused.
+  seeds = tmp_path / "seeds"
+  for s in (0, 100):
+    _run(str(seeds / f"seed_{s}"), [0.3, 0.2], seed=s, loss="cwtm")
+  with pytest.raises(errors.UsageError, match="both seed 0"):
+    report.write_report([str(seeds), str(seeds / "seed_0"), ban], str(tmp_path / "out"))
+
+
+def test_cross_objective_report_of_language_models(tmp_path):
+  lm = dict(task="lm", dataset="tiny_shakespeare", arch="lstm-1-8", metric="test_perplexity")
+  data = {"unit": "tokens", "train": 9000, "val": 900, "test": 1000}
+  a = _run(str(tmp_path / "lm_ban"), [120.0, 110.0], teacher_sha="L", data=data, **lm)
+  b = _run(
+    str(tmp_path / "lm_ban_l"), [120.0, 115.5], teacher_sha="L", data=data, loss="ban_l", **lm
+  )
+  md = open(report.write_report([a, b], str(tmp_path / "cmp"), hparams=False)["results_md"]).read()
+  assert "Test perplexity" in md and md.count("| Teacher") == 1
+  assert "| BAN-1 (ban_l) | lstm-1-8 | 1.5k | 115.50 | -4.50 |" in md
+  c = _run(
+    str(tmp_path / "lm_vocab"), [90.0, 80.0], teacher_sha="M", data=data, vocab_size=50, **lm
+  )
+  with pytest.raises(errors.UsageError, match=r"different test sets \(--vocab_size 0 vs 50\)"):
+    report.write_report([a, c], str(tmp_path / "cmp2"), hparams=False)
+  with pytest.raises(errors.UsageError, match="mix tasks"):
+    report.write_report([a, _table2_row(tmp_path)[1]], str(tmp_path / "cmp3"), hparams=False)
+
+
+def test_group_labels_strip_what_the_names_share(tmp_path):
+  def labels(paths):
+    groups = [report.Group([], p) for p in paths]
+    return [g.label for g in report.group_labels(groups)]
+
+  assert labels(["r/table2_d-80_teacher", "r/table2_d-80_ban", "r/table2_d-80_ban_l"]) == [
+    "teacher",
+    "ban",
+    "ban_l",
+  ]
+  assert labels(["r/cifar10-tiny-ban-seed0", "r/cifar10-tiny-kd-seed0"]) == ["ban", "kd"]
+  assert labels(["x/ban/seeds", "y/cwtm/seeds"]) == ["x/ban", "y/cwtm"]  # same names: paths
+  assert labels(["a/run"]) == ["run"]
