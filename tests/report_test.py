@@ -19,6 +19,7 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 from ban_tf import config as config_lib
 from ban_tf import errors
 from ban_tf import report
+from ban_tf import tasks
 from tests.conftest import REPO
 
 
@@ -456,3 +457,105 @@ def test_group_labels_strip_what_the_names_share(tmp_path):
   assert labels(["r/cifar10-tiny-ban-seed0", "r/cifar10-tiny-kd-seed0"]) == ["ban", "kd"]
   assert labels(["x/ban/seeds", "y/cwtm/seeds"]) == ["x/ban", "y/cwtm"]  # same names: paths
   assert labels(["a/run"]) == ["run"]
+
+
+def _vs(delta, lo, hi, verdict):
+  return {"delta": delta, "ci95": [lo, hi], "p": 0.01, "n": 1000, "method": "m", "verdict": verdict}
+
+
+def _with_comparisons(path):
+  """Adds vs_teacher to BAN-1 (better), BAN-2 (no difference) and BANE-2 (worse) of a _fake_run."""
+  res = json.load(open(os.path.join(path, "results.json")))
+  res["generations"][1]["vs_teacher"] = _vs(-2.0, -3.0, -1.0, "better")
+  res["generations"][2]["vs_teacher"] = _vs(-0.5, -1.5, 0.5, "no difference detected")
+  res["ensembles"][0]["vs_teacher"] = _vs(1.0, 0.25, 2.0, "worse")
+  json.dump(res, open(os.path.join(path, "results.json"), "w"))
+  return path
+
+
+def _scalars(logdir, tag):
+  """{step: value} of `tag` in logdir's event files."""
+  out = {}
+  for p in glob.glob(os.path.join(logdir, "*tfevents*")):
+    for e in tf.compat.v1.train.summary_iterator(p):
+      for v in e.summary.value:
+        if v.tag == tag:
+          out[e.step] = float(tf.make_ndarray(v.tensor))
+  return out
+
+
+def test_tensorboard_series_over_generations_text_and_shown_columns(tmp_path):
+  from tensorboard.plugins.hparams import backend_context
+
+  path = _with_comparisons(
+    _fake_run(str(tmp_path / "run"), 0, [0.3, 0.25, 0.2, 0.15], baseline=0.28)
+  )
+  run = report.load_run(path)
+  report.write_hparams(run)
+  report.write_hparams(run)  # a rerun replaces, not appends
+  tb = lambda name: os.path.join(path, "tb", name)  # noqa: E731
+  tag = "by_generation/test_error"
+  assert _scalars(tb("generations"), tag) == pytest.approx({0: 30.0, 1: 25.0, 2: 20.0})
+  assert _scalars(tb("ensembles"), tag) == pytest.approx({2: 15.0})
+  assert _scalars(tb("baseline"), tag) == pytest.approx({1: 28.0})
+  delta = "by_generation/delta_vs_teacher"
+  assert _scalars(tb("generations"), delta) == pytest.approx({1: -2.0, 2: -0.5})
+  assert _scalars(tb("generations_ci95_low"), delta) == pytest.approx({1: -3.0, 2: -1.5})
+  assert _scalars(tb("generations_ci95_high"), delta) == pytest.approx({1: -1.0, 2: 0.5})
+  assert _scalars(tb("ensembles_ci95_high"), delta) == pytest.approx({2: 2.0})
+  texts = [
+    tf.make_ndarray(v.tensor).item().decode()
+    for p in glob.glob(os.path.join(tb("generations"), "*tfevents*"))
+    for e in tf.compat.v1.train.summary_iterator(p)
+    for v in e.summary.value
+    if v.tag == "results"
+  ]
+  assert len(texts) == 1 and "| BAN-2 | tiny | 1.5k | 20.00 | -10.00 |" in texts[0]
+  # HParams: the experiment marks role, gen (and loss, seed, experiment) `differs`; TensorBoard's
+  # backend sorts differing hparams first and its dashboard shows the first 5 columns.
+  infos = []
+  for p in glob.glob(os.path.join(tb("BAN-1"), "*tfevents*")):
+    for e in tf.compat.v1.train.summary_iterator(p):
+      for v in e.summary.value:
+        if v.tag == hp_metadata.EXPERIMENT_TAG:
+          infos.append(hp_metadata.parse_experiment_plugin_data(v.metadata.plugin_data.content))
+  assert len(infos) == 1
+  backend_context._sort_and_reduce_to_hparams_limit(infos[0])
+  shown = [i.name for i in infos[0].hparam_infos][:5]
+  assert {"role", "gen", "loss", "experiment", "seed"} == set(shown), shown
+
+
+def test_plot_draws_ci_and_verdict(tmp_path):
+  run = report.load_run(
+    _with_comparisons(_fake_run(str(tmp_path / "run"), 0, [0.3, 0.25, 0.2, 0.15]))
+  )
+  legends = {}
+  report.plot([run], str(tmp_path / "r.png"), legends=legends)
+  assert legends["deltas"] == {
+    "BAN-1": pytest.approx((-2.0, -3.0, -1.0, "better")),
+    "BAN-2": pytest.approx((-0.5, -1.5, 0.5, "no difference detected")),
+    "BANE-2": pytest.approx((1.0, 0.25, 2.0, "worse")),
+  }
+  rows = [
+    dict(name="Teacher", key="Teacher", mean=30.0, std=0.0, vs_teacher=None),
+    dict(name="BAN-1 (ban)", key="BAN-1", mean=25.0, std=1.5, vs_teacher=_vs(-5, -6, -4, "better")),
+    dict(
+      name="BAN-1 (kd)",
+      key="BAN-1",
+      mean=31.0,
+      std=0.0,
+      vs_teacher=_vs(1, None, None, "no difference detected"),
+    ),
+  ]
+  legends = {}
+  report.plot_comparison(rows, str(tmp_path / "c.png"), tasks.get("image"), legends=legends)
+  assert legends["values"] == {
+    "Teacher": pytest.approx((30.0, 0.0)),
+    "BAN-1 (ban)": pytest.approx((25.0, 1.5)),
+    "BAN-1 (kd)": pytest.approx((31.0, 0.0)),
+  }
+  assert legends["deltas"] == {
+    "BAN-1 (ban)": pytest.approx((-5.0, -6.0, -4.0, "better")),
+    "BAN-1 (kd)": (1.0, None, None, "no difference detected"),  # an undefined CI: a bare point
+  }
+  _assert_png(str(tmp_path / "c.png"))
