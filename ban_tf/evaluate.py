@@ -58,29 +58,11 @@ def score(model, dataset, probabilities=False, stateful=False):
   Returns:
     {"loss": nats per label, "accuracy": fraction, "count": labels scored}.
   """
+  from ban_tf.tasks import base  # pylint: disable=g-import-not-at-top
+
   ce = correct = count = 0.0
-  state = None
-  for batch in dataset:
-    x, y = batch[0], batch[1].numpy()
-    w = batch[2].numpy().astype(np.float64) if len(batch) > 2 else np.ones(y.shape[:1])
-    w = np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - 1)), y.shape).reshape(-1)
-    if stateful:
-      fn = getattr(model, export.STATEFUL)
-      if state is None:
-        size = fn.concrete_functions[0].structured_input_signature[0][1].shape[-1]
-        state = tf.zeros([x.shape[0], size])
-      res = fn(x, state)
-      state = res["state"]
-      out = next(v for k, v in res.items() if k != "state").numpy().astype(np.float64)
-    else:
-      out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
-    out = out.reshape(-1, out.shape[-1])
-    y = y.reshape(-1)
-    if probabilities:
-      log_p = np.log(np.maximum(out, 1e-30))
-    else:
-      m = out.max(-1, keepdims=True)
-      log_p = out - m - np.log(np.exp(out - m).sum(-1, keepdims=True))
+  for out, y, w in base.serve_batches(model, dataset, stateful=stateful):
+    log_p = base.log_probabilities(out, probabilities)
     ce -= float(np.sum(w * np.take_along_axis(log_p, y[:, None], -1)[:, 0]))
     correct += float(np.sum(w * (np.argmax(out, -1) == y)))
     count += float(w.sum())

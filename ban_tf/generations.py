@@ -163,6 +163,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     output_name=export.PROBABILITIES,
     stateful=stateful,
   )
+  task.store_predictions(cfg, dataset, out, probabilities=True)  # per-example outputs
   export.write_json(result, os.path.join(out, "metrics.json"))
   manifest.record(run.path, f"ensemble_{k}", **manifest.digests(out, keras=False))
   export.touch_done(out)

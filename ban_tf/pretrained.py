@@ -603,6 +603,7 @@ def import_teacher(cfg, strategy, dataset, out_dir):
       split, name = key.split("_", 1)
       tf.summary.scalar(f"{split}/final_{name}", result[key])
   writer.flush()
+  task.store_predictions(cfg, dataset, out_dir)  # per-example outputs (predictions.py)
   export.write_json(result, os.path.join(out_dir, "metrics.json"))
   # Bound to the run before DONE, as a trained generation is (manifest.py); `source`: where it came from.
   run_dir, name = os.path.split(os.path.abspath(out_dir))

@@ -30,7 +30,11 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import export  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import manifest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import predictions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ban_tf import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PNG = "report.png"
@@ -281,52 +285,17 @@ def teacher_id(run):
   return gen0.get("weights_sha256")
 
 
-def _paired(task, a, key_a, b, key_b):
-  """stats.Comparison of row `key_a` of run `a` against row `key_b` of run `b` on their shared
-  test examples, from their stored per-example outputs; None when either has none."""
-  del task, a, key_a, b, key_b
-  return None
-
-
-def _vs(task, group, key, ref_group, ref_key, fixed_ref):
-  """The comparison of `key` (every run of `group`) with `ref_key` (of `ref_group`), as JSON.
-
-  One run: the paired comparison over test examples. Several seeds: the per-seed paired
-  deltas with a t-interval (stats.over_seeds); `fixed_ref`: one reference model for every
-  seed (its variance is excluded). None when a needed stored output is missing.
-  """
-  from ban_tf import stats  # pylint: disable=g-import-not-at-top
-
-  pairs = []
-  for i, r in enumerate(group.runs):
-    ref = ref_group.runs[0] if fixed_ref else ref_group.runs[min(i, len(ref_group.runs) - 1)]
-    if not any(row.key == key for row in results_lib.rows(r.results)):
-      continue
-    c = _paired(task, r, key, ref, ref_key)
-    if c is None:
-      return None
-    pairs.append(c)
-  if not pairs:
-    return None
-  if len(pairs) == 1:
-    return pairs[0].to_json()
-  includes = (
-    "one fixed reference model for every seed: excludes its variance"
-    if fixed_ref
-    else "the reference resampled per seed"
-  )
-  return stats.over_seeds([c.delta for c in pairs], includes=includes).to_json()
-
-
 def compare(groups, task):
   """The rows of a comparison of several experiments scored on one test set.
 
-  Each group's rows (results.aggregate over its seeds) are named "<row> (<group label>)".
+  Each group's rows (`aggregate` over its seeds) are named "<row> (<group label>)".
   Teacher rows of groups whose generation 0 is the same model (`teacher_id`: one set of
   models) are one row, shown once (with one model in it: its value, n = 1); when the
   table has one Teacher row it is named "Teacher". Each row carries `vs_teacher`
-  (against its group's teacher) and `vs_baseline` (against its group's Baseline) as
-  stats.Comparison.to_json(), or None without stored per-example outputs.
+  (against its run's gen_0: the shared Teacher row's model when it is shared) and
+  `vs_baseline` (against its run's Baseline): one run, the paired comparison over the
+  test examples its results.json holds (`attach_comparisons`); several seeds, the
+  over-seed interval of those (`aggregate`); None without stored per-example outputs.
 
   Returns:
     [{"name", "key", "run" (group label), "runs" (paths), "arch", "params", "n", "metric",
@@ -336,46 +305,191 @@ def compare(groups, task):
   for g in groups:
     ids = frozenset(teacher_id(r) for r in g.runs)
     known = None not in ids
-    for a in results_lib.aggregate([r.results for r in g.runs], task.headline):
-      row = dict(
-        a,
+    own = {r.key: r.entry for r in results_lib.rows(g.runs[0].results)}
+    for a in aggregate(g.runs, task.headline):
+      row = {k: v for k, v in a.items() if not k.startswith("deltas_") and k != "shared"}
+      row.update(
         name=a["name"].replace(a["key"], f"{a['key']} ({g.label})", 1),
         run=g.label,
         runs=[r.path for r in g.runs],
       )
+      for field, _ in results_lib.REFERENCES:
+        row[field] = (
+          own.get(a["key"], {}).get(field) if len(g.runs) == 1 else a.get(field)
+        ) or None
       if a["key"] == "Teacher":
         if known and ids in shared:
           teacher_of[id(g)] = shared[ids]
           continue  # the same model as an earlier group's Teacher row
-        fixed = known and len(ids) == 1  # one model, however many seeds imported it
-        if fixed:
+        if known and len(ids) == 1:  # one model, however many seeds imported it
           row.update(n=1, std=0.0, values=row["values"][:1], mean=row["values"][0])
-        teacher_of[id(g)] = (row, g, fixed)
+        teacher_of[id(g)] = row
         if known:
-          shared[ids] = teacher_of[id(g)]
+          shared[ids] = row
       out.append((row, g))
-  teacher_rows = {id(t[0]): t[0] for t in teacher_of.values()}
+  teacher_rows = {id(t): t for t in teacher_of.values()}
   if len(teacher_rows) == 1:
     only = next(iter(teacher_rows.values()))
     only["name"] = only["name"].replace(f"Teacher ({only['run']})", "Teacher", 1)
-  rows = []
   for row, g in out:
-    t_row, t_group, fixed = teacher_of.get(id(g), (None, None, False))
-    has_baseline = any(r["key"] == "Baseline" and gg is g for r, gg in out)
-    row["teacher"] = t_row["name"] if t_row else None
-    row["vs_teacher"] = row["vs_baseline"] = None
-    if t_row is not None and row["key"] != "Teacher":
-      row["vs_teacher"] = _vs(task, g, row["key"], t_group, "Teacher", fixed)
-    if has_baseline and row["key"] not in ("Teacher", "Baseline"):
-      row["vs_baseline"] = _vs(task, g, row["key"], g, "Baseline", False)
-    rows.append(row)
-  return rows
+    row["teacher"] = teacher_of[id(g)]["name"] if id(g) in teacher_of else None
+  return [row for row, _ in out]
+
+
+def teacher_sharing(runs):
+  """(shared, includes): whether every run's gen_0 is the same imported model (the sha256 of
+  its --teacher source in gen_0/metrics.json), and what an over-seed interval vs the teacher
+  therefore covers, in words."""
+  sources = []
+  for r in runs:
+    try:
+      m = export.read_json(os.path.join(r.path, "gen_0", "metrics.json"))
+    except (OSError, ValueError):
+      m = {}
+    src = m.get(pretrained.SOURCE_KEY) if isinstance(m, dict) else None
+    sources.append(src.get("sha256") if isinstance(src, dict) else None)
+  n = len(runs)
+  if n > 1 and sources[0] is not None and len(set(sources)) == 1:
+    return True, (
+      f"one fixed teacher shared by all {n} seed runs (their gen_0 is the same imported "
+      "model): the interval covers the students' seed variance, not the teacher's"
+    )
+  if any(sources):
+    return False, (
+      "each seed run imported its own teacher: the interval covers teacher and student variance"
+    )
+  return False, (
+    "each seed run trained its own teacher: the interval covers teacher and student seed variance"
+  )
 
 
 def aggregate(runs, metric=None):
-  """results.aggregate of the runs' `metric` (default: their task's headline)."""
+  """results.aggregate of the runs' `metric` (default: their task's headline), with the
+  over-seed comparisons: per row, `vs_teacher` / `vs_baseline` = stats.over_seeds of the
+  runs' paired deltas (when every run has one), and `shared` on the Teacher row when all
+  runs share one imported teacher (teacher_sharing)."""
   metric = metric or task_of(runs).headline
-  return results_lib.aggregate([r.results for r in runs], metric)
+  agg = results_lib.aggregate([r.results for r in runs], metric)
+  shared, includes = teacher_sharing(runs)
+  for a in agg:
+    if a["key"] == "Teacher" and shared:
+      a["shared"] = True
+    for field, ref in results_lib.REFERENCES:
+      deltas = a.get(f"deltas_{field}") or []
+      if deltas and len(deltas) == a["n"]:
+        what = includes if ref == "teacher" else "row and Baseline retrained per seed; " + includes
+        a[field] = stats.over_seeds(deltas, includes=what).to_json()
+  return agg
+
+
+def model_dirs(run_path, results):
+  """[(row key, manifest name, directory, serves probabilities)] of a run's finished models."""
+  out = []
+  for g in results.get("generations", []):
+    out.append((results_lib.generation_name(g["gen"]), f"gen_{g['gen']}", False))
+  for e in results.get("ensembles", []):
+    key = e.get("name") or f"BANE-{max(e['members'])}"
+    out.append((key, f"ensemble_{key.split('-')[1]}", True))
+  if results.get("baseline"):
+    out.append(("Baseline", "baseline", False))
+  return [(key, name, os.path.join(run_path, name), probs) for key, name, probs in out]
+
+
+def ensure_predictions(run_path, cfg, results, dataset=None):
+  """Computes the per-example outputs (predictions.py) of every finished model of a run that
+  lacks them (a run made before they were stored) from its SavedModel, and records them in
+  the manifest; no retraining. Returns the manifest names computed.
+
+  The data set is loaded only when something is missing (`dataset`: already loaded). When
+  the data cannot be loaded, or a SavedModel is damaged, it logs why and leaves those
+  rows without paired statistics.
+  """
+  task = tasks.get(cfg.task)
+  missing = [
+    (name, d, probs)
+    for _, name, d, probs in model_dirs(run_path, results)
+    if export.is_done(d) and not predictions.exists(d)
+  ]
+  done = []
+  if not missing:
+    return done
+  try:
+    dataset = dataset or task.load_data(cfg)
+  except errors.UsageError as e:
+    logging.warning("per-example outputs not computed (no paired statistics): %s", e)
+    return done
+  for name, d, probs in missing:
+    try:
+      task.store_predictions(cfg, dataset, d, probabilities=probs)
+    except errors.UsageError as e:
+      logging.warning("%s: per-example outputs not computed: %s", name, e)
+      continue
+    manifest.add_predictions(run_path, name, d)
+    done.append(name)
+  return done
+
+
+def attach_comparisons(run_path, task, results, seed=0):
+  """Adds `vs_teacher` and `vs_baseline` (stats.Comparison JSON, row minus reference, on the
+  test split) to every row of `results` whose model and reference have stored outputs.
+
+  Raises:
+    errors.UsageError: a stored outputs file is damaged or not the one the manifest recorded.
+  """
+  entries = {}
+  for r in results_lib.rows(results):
+    entries[r.key] = r.entry
+    for field, _ in results_lib.REFERENCES:
+      r.entry.pop(field, None)
+  outputs = {}
+  for key, name, d, _ in model_dirs(run_path, results):
+    if key in entries and not entries[key].get("damaged") and predictions.exists(d):
+      manifest.check_predictions(run_path, name, d)
+      outputs[key] = predictions.read(d, task.prediction_arrays).get("test")
+  for field, ref in results_lib.REFERENCES:
+    ref_key = ref.capitalize()
+    if outputs.get(ref_key) is None:
+      continue
+    for key, out in outputs.items():
+      if key == ref_key or out is None:
+        continue
+      try:
+        entries[key][field] = task.compare(out, outputs[ref_key], seed=seed).to_json()
+      except ValueError as e:
+        logging.warning("%s vs %s: no paired statistics: %s", key, ref, e)
+  return results
+
+
+def comparisons_note(results):
+  """The lines under a table with paired comparisons: how they were computed, and LEGEND."""
+  first = next(
+    (
+      r.entry[f]
+      for r in results_lib.rows(results)
+      for f, _ in results_lib.REFERENCES
+      if r.entry.get(f)
+    ),
+    None,
+  )
+  if first is None:
+    return ""
+  return (
+    f"\nΔ [95% CI] and p: {first['method']}, on the {first['n']} test {first.get('unit', '')} "
+    f"both models scored (row minus reference; p from the paired test). {stats.LEGEND}\n"
+  )
+
+
+def seeds_note(agg):
+  """The lines under an over-seed table: the method, which variance it includes, LEGEND."""
+  first = next(
+    (a[f] for a in agg for f, _ in results_lib.REFERENCES if a.get(f)),
+    None,
+  )
+  if first is None:
+    return ""
+  teacher = next((a["vs_teacher"] for a in agg if a.get("vs_teacher")), None)
+  includes = f" Variance included: {teacher['includes']}." if teacher else ""
+  return f"\nΔ over seeds: {first['method']} (row_s minus reference_s per seed).{includes} {stats.LEGEND}\n"
 
 
 def curve(history, task=None):
@@ -907,6 +1021,7 @@ def write_results(run_dir, results, cfg, spec=None):
   """
   task = tasks.get(cfg.task)
   keep = _GENERIC_KEYS + ("name", "members") + tuple(task.result_keys)
+  keep += tuple(f for f, _ in results_lib.REFERENCES)
   clean = {
     "generations": [{k: g[k] for k in keep if k in g} for g in results["generations"]],
     "ensembles": [{k: e[k] for k in keep if k in e} for e in results["ensembles"]],
@@ -920,9 +1035,12 @@ def write_results(run_dir, results, cfg, spec=None):
     "epochs": cfg.epochs,
     "data": results_lib.data_sizes(spec) if spec is not None else results.get("data"),
   }
+  attach_comparisons(run_dir, task, clean)
   export.write_json(clean, os.path.join(run_dir, "results.json"))
-  text = results_lib.title(cfg, task.headline, data=clean["data"]) + results_lib.table(
-    clean, task.headline, task.extra_columns
+  text = (
+    results_lib.title(cfg, task.headline, data=clean["data"])
+    + results_lib.table(clean, task.headline, task.extra_columns)
+    + comparisons_note(clean)
   )
   export.write_text(text, os.path.join(run_dir, "results.md"))
   return clean
@@ -1026,10 +1144,16 @@ def write_report(run_dirs, out_dir=None, hparams=True):
   task = task_of(runs)
   if len(runs) == 1 and out_dir is None:
     out_dir = runs[0].path
-    write_results(out_dir, runs[0].results, config_from_dict(runs[0].config))
+    cfg = config_from_dict(runs[0].config)
+    ensure_predictions(out_dir, cfg, runs[0].results)
+    runs[0].results = write_results(out_dir, runs[0].results, cfg)
   else:
     check_one_test_set(runs)
-    groups = group_experiments(runs)
+    groups = group_experiments(runs)  # refuses a seed twice before any work
+    for r in runs:  # each run's paired deltas, from its stored (or now computed) outputs
+      r_cfg = config_from_dict(r.config)
+      ensure_predictions(r.path, r_cfg, r.results)
+      r.results = write_results(r.path, r.results, r_cfg)
     out_dir = out_dir or default_out
     if len(groups) > 1:
       return _write_comparison(groups, task, out_dir, hparams)
@@ -1037,10 +1161,12 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     cfg = config_from_dict(runs[0].config)
     seeds = [r.config.get("seed", "?") for r in runs]
     names = ", ".join(os.path.basename(os.path.normpath(r.path)) for r in runs)
+    agg = aggregate(runs)
     text = (
       results_lib.title(cfg, task.headline, seeds=seeds, data=runs[0].results.get("data"))
       + f"Runs: {names}.\n\n"
-      + results_lib.aggregate_table(aggregate(runs), task.headline)
+      + results_lib.aggregate_table(agg, task.headline)
+      + seeds_note(agg)
     )
     export.write_text(text, os.path.join(out_dir, "results.md"))
   png = os.path.join(out_dir, PNG)

@@ -55,6 +55,7 @@ class Comparison:
     verdict: `verdict(ci95)`.
     unit: what `n` counts ("examples", "tokens", "seeds").
     includes: for over-seed comparisons, which variance the interval includes.
+    detail: row-specific counts behind `p` (McNemar's discordant pairs b and c).
   """
 
   delta: float
@@ -65,9 +66,11 @@ class Comparison:
   verdict: str
   unit: str = ""
   includes: str = ""
+  detail: str = ""
 
   def to_json(self) -> dict:
-    """{"delta", "ci95": [lo, hi], "p", "n", "method", "verdict"} (+ "unit", "includes" when set).
+    """{"delta", "ci95": [lo, hi], "p", "n", "method", "verdict"} (+ "unit", "includes",
+    "detail" when set).
 
     Non-finite numbers (an undefined interval or p) are written as null: JSON has no inf/NaN.
     """
@@ -83,6 +86,8 @@ class Comparison:
       out["unit"] = self.unit
     if self.includes:
       out["includes"] = self.includes
+    if self.detail:
+      out["detail"] = self.detail
     return out
 
 
@@ -162,10 +167,10 @@ def paired_classification(
     ci95=ci,
     p=p,
     n=n,
-    method=f"paired bootstrap over examples ({resamples}, seed {seed}) + exact McNemar "
-    f"(b={b}, c={c})",
+    method=f"paired bootstrap over examples ({resamples} resamples, seed {seed}) + exact McNemar",
     verdict=verdict(ci),
     unit="examples",
+    detail=f"b={b} (reference right, row wrong), c={c} (reference wrong, row right)",
   )
 
 
@@ -242,10 +247,11 @@ def paired_lm(
     ci95=ci,
     p=p,
     n=t,
-    method=f"paired bootstrap over {n_sent} sentences ({resamples}, seed {seed}) + sign-flip "
+    method=f"paired bootstrap over sentences ({resamples} resamples, seed {seed}) + sign-flip "
     f"randomization test over sentences ({resamples}, seed {seed + 1})",
     verdict=verdict(ci),
     unit="tokens",
+    detail=f"{n_sent} sentences",
   )
 
 

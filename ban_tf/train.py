@@ -682,6 +682,7 @@ def run_generation(cfg, gen, strategy, dataset):
     result["final_train"] = {k: v for k, v in state.history[-1].items() if not k.startswith("val_")}
   finish(task, spec, built.student, gen.out_dir, result, writer, cfg.epochs)
   export.save_keras(task.stock_model(built.student), os.path.join(gen.out_dir, "model.keras"))
+  task.store_predictions(cfg, dataset, gen.out_dir)  # per-example outputs (predictions.py)
   export.write_json(result, os.path.join(gen.out_dir, "metrics.json"))
   # Bound to the run outside the generation directory, before DONE (manifest.py).
   run_dir, name = os.path.split(os.path.abspath(gen.out_dir))

@@ -510,7 +510,8 @@ def test_tensorboard_series_over_generations_text_and_shown_columns(tmp_path):
     for v in e.summary.value
     if v.tag == "results"
   ]
-  assert len(texts) == 1 and "| BAN-2 | tiny | 1.5k | 20.00 | -10.00 |" in texts[0]
+  row = "| BAN-2 | tiny | 1.5k | 20.00 | -0.50 [-1.50, +0.50] | 0.010 | no difference detected |"
+  assert len(texts) == 1 and row in texts[0], texts
   # HParams: the experiment marks role, gen (and loss, seed, experiment) `differs`; TensorBoard's
   # backend sorts differing hparams first and its dashboard shows the first 5 columns.
   infos = []

@@ -71,7 +71,7 @@ def test_known_difference_matches_loop_bootstrap_and_binomial_tail():
   assert c.p == pytest.approx(_mcnemar_exact(3, 25), rel=1e-12)
   assert c.p < 1e-4
   assert c.verdict == "better"
-  assert "b=3, c=25" in c.method
+  assert c.detail.startswith("b=3 ") and "c=25 " in c.detail
 
 
 def test_uneven_discordant_split():
@@ -170,7 +170,7 @@ def test_lm_sentence_bootstrap_matches_loop():
   c = stats.paired_lm(row, ref, ids, seed=4, resamples=300)
   assert c.delta == pytest.approx(math.exp(row.mean()) - math.exp(ref.mean()), rel=1e-12)
   assert c.ci95 == pytest.approx(_loop_lm(row.tolist(), ref.tolist(), ids.tolist(), 4, 300))
-  assert c.n == len(row) and "30 sentences" in c.method
+  assert c.n == len(row) and c.detail == "30 sentences"
 
 
 def test_lm_resamples_sentences_not_tokens():
