@@ -150,9 +150,11 @@ def _flag_value(config, k):
 
 
 def _shown(a, b, keys):
-  return ", ".join(
-    f"--{k} {_flag_value(a.config, k)} vs {_flag_value(b.config, k)}" for k in keys[:3]
-  )
+  def show(config, k):
+    v = _flag_value(config, k)
+    return "(none)" if v is None or v == "" else v
+
+  return ", ".join(f"--{k} {show(a.config, k)} vs {show(b.config, k)}" for k in keys[:3])
 
 
 def _check_seeds_once(runs):

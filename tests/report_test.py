@@ -5,6 +5,7 @@ The end-to-end path (a real run writes its report) is in run_outputs_test.py.
 
 import glob
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 import tensorflow as tf
 from PIL import Image
 from tensorboard.plugins.hparams import metadata as hp_metadata
@@ -432,9 +434,39 @@ def test_cross_objective_report_of_language_models(tmp_path):
   b = _run(
     str(tmp_path / "lm_ban_l"), [120.0, 115.5], teacher_sha="L", data=data, loss="ban_l", **lm
   )
+  # Stored per-token NLLs (3 sentences of 4 tokens): Δ perplexity = exp(mean) - exp(mean).
+  from ban_tf import predictions
+
+  sentence = np.repeat(np.arange(3, dtype=np.int32), 4)
+  nll = {
+    (a, 0): np.full(12, 4.0),
+    (b, 0): np.full(12, 4.0),
+    (a, 1): np.full(12, 3.9),
+    (b, 1): np.linspace(3.6, 4.6, 12),  # mean 4.1: worse on average, mixed per sentence
+  }
+  for (run, gen), v in nll.items():
+    os.makedirs(os.path.join(run, f"gen_{gen}"), exist_ok=True)
+    predictions.write(
+      os.path.join(run, f"gen_{gen}"),
+      {
+        "test": {
+          "nll": v.astype(np.float32),
+          "labels": np.arange(12, dtype=np.int32),
+          "sentence": sentence,
+        }
+      },
+      task="lm",
+    )
   md = open(report.write_report([a, b], str(tmp_path / "cmp"), hparams=False)["results_md"]).read()
   assert "Test perplexity" in md and md.count("| Teacher") == 1
-  assert "| BAN-1 (ban_l) | lstm-1-8 | 1.5k | 115.50 | -4.50 |" in md
+  rows = {
+    r["name"]: r for r in json.load(open(os.path.join(tmp_path, "cmp", "results.json")))["rows"]
+  }
+  for run, name in ((a, "BAN-1 (ban)"), (b, "BAN-1 (ban_l)")):
+    golden = math.exp(float(np.mean(nll[(run, 1)].astype(np.float32)))) - math.exp(4.0)
+    assert rows[name]["vs_teacher"]["delta"] == pytest.approx(golden, rel=1e-4), name
+  assert rows["BAN-1 (ban)"]["vs_teacher"]["verdict"] == "better"  # every token better
+  assert "| BAN-1 (ban_l) | lstm-1-8 | 1.5k | 115.50 | " in md
   c = _run(
     str(tmp_path / "lm_vocab"), [90.0, 80.0], teacher_sha="M", data=data, vocab_size=50, **lm
   )
@@ -560,3 +592,77 @@ def test_plot_draws_ci_and_verdict(tmp_path):
     "BAN-1 (kd)": (1.0, None, None, "no difference detected"),  # an undefined CI: a bare point
   }
   _assert_png(str(tmp_path / "c.png"))
+
+
+def _store(run, gen, correct):
+  """gen_<gen>/predictions.npz of an image model right exactly where `correct` (labels all 0)."""
+  from ban_tf import predictions
+
+  correct = np.asarray(correct, dtype=bool)
+  predicted = np.where(correct, 0, 1).astype(np.int32)
+  probs = np.eye(10, dtype=np.float16)[predicted]
+  os.makedirs(os.path.join(run, f"gen_{gen}"), exist_ok=True)
+  predictions.write(
+    os.path.join(run, f"gen_{gen}"),
+    {
+      "test": {
+        "probabilities": probs,
+        "labels": np.zeros(len(correct), np.int32),
+        "predicted": predicted,
+      }
+    },
+    task="image",
+  )
+
+
+def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path):
+  """Rows of two objectives against their one teacher, from stored per-example outputs:
+  Δ and the exact McNemar p against an independent computation (math.comb), and the
+  over-seed interval of a --seeds column."""
+  n = 200
+  idx = np.arange(n)
+  teacher_ok = idx < 150  # 25% error
+  ban_ok = (idx < 140) | ((idx >= 150) & (idx < 180))  # b = 10 lost, c = 30 gained: 15% error
+  ban_l_ok = (idx < 149) | (idx == 150)  # b = 1, c = 1: 25% error
+  teacher, ban, ban_l = _table2_row(tmp_path)
+  for run in (teacher, ban, ban_l):
+    _store(run, 0, teacher_ok)
+  _store(ban, 1, ban_ok)
+  _store(ban_l, 1, ban_l_ok)
+  seeds = tmp_path / "t2_tiny_cwtm"  # a --seeds=2 column: per-seed deltas -8 and -2 points
+  for s, gained in ((0, 16), (100, 4)):
+    path = _run(
+      str(seeds / f"seed_{s}"),
+      [0.25, 0.25 - gained / n],
+      seed=s,
+      loss="cwtm",
+      teacher=os.path.join(teacher, "gen_0"),
+      teacher_sha="T",
+      data=_DATA,
+    )
+    _store(path, 0, teacher_ok)
+    _store(path, 1, teacher_ok | (idx >= 200 - gained))
+  out = report.write_report([teacher, ban, ban_l, str(seeds)], str(tmp_path / "row"), hparams=False)
+  res = json.load(open(os.path.join(tmp_path, "row", "results.json")))
+  rows = {r["name"]: r for r in res["rows"]}
+  vs = rows["BAN-1 (ban)"]["vs_teacher"]
+  golden_p = 2 * sum(math.comb(40, k) for k in range(11)) / 2**40  # McNemar: 10 of 40 discordant
+  assert vs["delta"] == pytest.approx(-10.0) and vs["p"] == pytest.approx(golden_p, rel=1e-9)
+  assert vs["verdict"] == "better" and vs["ci95"][1] < 0 and vs["n"] == n
+  vs = rows["BAN-1 (ban_l)"]["vs_teacher"]
+  assert vs["delta"] == 0.0 and vs["p"] == 1.0 and vs["verdict"] == "no difference detected"
+  assert vs["ci95"][0] < 0 < vs["ci95"][1]
+  vs = rows["BAN-1 (cwtm)"]["vs_teacher"]
+  half = scipy_stats.t.ppf(0.975, 1) * statistics.stdev([-8.0, -2.0]) / math.sqrt(2)
+  assert vs["delta"] == pytest.approx(-5.0) and vs["n"] == 2
+  assert vs["ci95"] == pytest.approx([-5.0 - half, -5.0 + half])
+  assert rows["Teacher"]["vs_teacher"] is None and rows["BAN-1 (cwtm)"]["teacher"] == "Teacher"
+  md = open(out["results_md"]).read()
+  assert md.count("| Teacher") == 1
+  assert f"| BAN-1 (ban) | tiny | 1.5k | 25.00 | -10.00 [{vs_ci(rows['BAN-1 (ban)'])}] |" in md
+  assert "| no difference detected |" in md and "Verdict:" in md  # the legend line
+
+
+def vs_ci(row):
+  lo, hi = row["vs_teacher"]["ci95"]
+  return f"{lo:+.2f}, {hi:+.2f}"
