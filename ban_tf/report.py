@@ -860,78 +860,98 @@ def experiment_config(names, metrics):
   return pb.SerializeToString()
 
 
-def write_generation_series(run):
-  """The rows of one run as TensorBoard series over the generation index, and its table as text.
+def _family(key):
+  """The series a row belongs to over the generation index, and its step there."""
+  if key == "Baseline":
+    return "baseline", 1  # BAN-1's architecture and seed
+  return ("ensembles" if key.startswith("BANE") else "generations"), results_lib.gen_of(key)
 
-  tb/generations: Teacher at step 0, BAN-k at step k; tb/ensembles: BANE-k at step k;
-  tb/baseline: the Baseline at step 1 (BAN-1's architecture and seed). Tags:
-  `by_generation/<headline key>` (table units: % for errors), and, for rows with a paired
-  comparison in results.json, `by_generation/delta_vs_teacher` with its 95% CI bounds as
-  the series tb/<series>_ci95_low and _ci95_high (the bounds then are the extremes of the
-  chart, so "ignore outliers" trims them, not the estimates). tb/generations also holds
-  the results table (`results`, markdown text, step 0). Replaced on a rerun.
+
+def write_series(logdir, metric, points, text=None):
+  """Rows as TensorBoard series over the generation index (step = generation).
+
+  Args:
+    logdir: the parent of the series' TensorBoard runs (<logdir>/generations,
+      /ensembles, /baseline and their _ci95_low/_ci95_high); they are replaced.
+    metric: the headline results.Metric (tag `by_generation/<metric.key>`, table units).
+    points: [(row key, value or None, vs_teacher JSON or None)]: Teacher at step 0, BAN-k
+      and BANE-k at k, the Baseline at 1; a row's `vs_teacher` adds
+      `by_generation/delta_vs_teacher` and its 95% CI bounds as the series
+      <series>_ci95_low and _ci95_high (the bounds then are the chart's extremes, so
+      "ignore outliers" trims them, not the estimates).
+    text: markdown written to <logdir>/generations as the text summary `results` (step 0).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  task = task_of([run])
-  metric = task.headline
-  series = {name: [] for name in SERIES_DIRS}
-  for r in results_lib.rows(run.results):
-    if r.entry.get("damaged"):
-      continue
-    family = (
-      "baseline"
-      if r.key == "Baseline"
-      else "ensembles"
-      if r.key.startswith("BANE")
-      else "generations"
-    )
-    step = 1 if r.key == "Baseline" else results_lib.gen_of(r.key)
-    series[family].append((step, metric.value(r.entry), r.entry.get("vs_teacher")))
   for name in SERIES_DIRS:
     for suffix in ("", "_ci95_low", "_ci95_high"):
-      shutil.rmtree(results_lib.tensorboard_dir(run.path, name + suffix), ignore_errors=True)
-  for name, points in series.items():
-    if not points:
-      continue
-    writers = {}
+      shutil.rmtree(os.path.join(logdir, name + suffix), ignore_errors=True)
+  writers = {}
 
-    def writer(suffix, name=name, writers=writers):
-      if suffix not in writers:
-        writers[suffix] = tf.summary.create_file_writer(
-          results_lib.tensorboard_dir(run.path, name + suffix)
-        )
-      return writers[suffix]
+  def scalar(run, step, tag, value):
+    if run not in writers:
+      writers[run] = tf.summary.create_file_writer(os.path.join(logdir, run))
+    with writers[run].as_default(step=step):
+      tf.summary.scalar(tag, value)
 
-    for step, value, vs in points:
-      if value is not None:
-        with writer("").as_default(step=step):
-          tf.summary.scalar(f"by_generation/{metric.key}", value)
-      if vs and vs.get("delta") is not None:
-        with writer("").as_default(step=step):
-          tf.summary.scalar("by_generation/delta_vs_teacher", vs["delta"])
-        for suffix, bound in zip(("_ci95_low", "_ci95_high"), vs["ci95"]):
-          if bound is not None:
-            with writer(suffix).as_default(step=step):
-              tf.summary.scalar("by_generation/delta_vs_teacher", bound)
-    if name == "generations":
-      table = results_lib.table(run.results, metric, task.extra_columns)
-      with writer("").as_default(step=0):
-        tf.summary.text("results", table)
-    for w in writers.values():
-      w.close()
+  for key, value, vs in points:
+    family, step = _family(key)
+    if value is not None:
+      scalar(family, step, f"by_generation/{metric.key}", value)
+    if vs and vs.get("delta") is not None:
+      scalar(family, step, "by_generation/delta_vs_teacher", vs["delta"])
+      for suffix, bound in zip(("_ci95_low", "_ci95_high"), vs["ci95"]):
+        if bound is not None:
+          scalar(family + suffix, step, "by_generation/delta_vs_teacher", bound)
+  if text is not None:
+    w = writers.get("generations") or tf.summary.create_file_writer(
+      os.path.join(logdir, "generations")
+    )
+    writers["generations"] = w
+    with w.as_default(step=0):
+      tf.summary.text("results", text)
+  for w in writers.values():
+    w.close()
 
 
-def write_comparison_summary(out_dir, text):
-  """A comparison's results.md as TensorBoard text (out_dir/tb/comparison, tag `comparison`, step 0)."""
+def write_generation_series(run):
+  """One run's rows as series over the generation index in its tb/ (`write_series`:
+  tb/generations, tb/ensembles, tb/baseline), with its results table as text."""
+  task = task_of([run])
+  points = [
+    (r.key, task.headline.value(r.entry), r.entry.get("vs_teacher"))
+    for r in results_lib.rows(run.results)
+    if not r.entry.get("damaged")
+  ]
+  write_series(
+    os.path.join(run.path, "tb"),
+    task.headline,
+    points,
+    text=results_lib.table(run.results, task.headline, task.extra_columns),
+  )
+
+
+def write_comparison_summary(out_dir, rows, groups, task, text):
+  """A comparison in TensorBoard (out_dir/tb): its results.md as text (tb/comparison, tag
+  `comparison`, step 0), and per compared run the rows as series over the generation index
+  (tb/<run label>/generations, ...: `write_series`, the shared Teacher at step 0 of each;
+  over several seeds the mean), so the runs' lines overlay in one chart."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  logdir = results_lib.tensorboard_dir(out_dir, "comparison")
+  root = os.path.join(out_dir, "tb")
+  logdir = os.path.join(root, "comparison")
   shutil.rmtree(logdir, ignore_errors=True)
   writer = tf.summary.create_file_writer(logdir)
   with writer.as_default(step=0):
     tf.summary.text("comparison", text)
   writer.close()
+  for g in groups:
+    own = [r for r in rows if r["run"] == g.label and r["key"] != "Teacher"]
+    teacher = next((r for r in rows if r["name"] == (own[0]["teacher"] if own else None)), None)
+    points = [
+      (r["key"], r["mean"], r.get("vs_teacher")) for r in ([teacher] if teacher else []) + own
+    ]
+    write_series(os.path.join(root, g.label), task.headline, points)
 
 
 def write_hparams(run):
@@ -1119,7 +1139,7 @@ def _write_comparison(groups, task, out_dir, hparams):
   png = os.path.join(out_dir, PNG)
   plot_comparison(rows, png, task, title=text.splitlines()[0].lstrip("# "))
   if hparams:
-    write_comparison_summary(out_dir, text)
+    write_comparison_summary(out_dir, rows, groups, task, text)
     for g in groups:
       for r in g.runs:
         write_hparams(r)

@@ -415,6 +415,22 @@ def test_comparison_refuses_different_test_sets(tmp_path):
     errors.UsageError, match=r"different test sets \(--test_split test vs train\[:10%\]\)"
   ):
     report.write_report([teacher, ban, other], str(tmp_path / "out"), hparams=False)
+  proc = subprocess.run(  # the command: one error line, exit 2, nothing written
+    [
+      sys.executable,
+      "-m",
+      "ban_tf.report",
+      f"--run_dirs={ban},{other}",
+      f"--out_dir={tmp_path / 'out'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  errors_ = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 2 and len(errors_) == 1, proc.stderr[-2000:]
+  assert "--test_split test vs train[:10%]" in errors_[0] and "Traceback" not in proc.stderr
   small = _run(str(tmp_path / "small"), [0.3, 0.2], data=dict(_DATA, test=500), loss="cwtm")
   with pytest.raises(errors.UsageError, match=r"different test sets \(test size 1000 vs 500\)"):
     report.write_report([ban, small], str(tmp_path / "out"), hparams=False)
@@ -642,7 +658,7 @@ def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path)
     )
     _store(path, 0, teacher_ok)
     _store(path, 1, teacher_ok | (idx >= 200 - gained))
-  out = report.write_report([teacher, ban, ban_l, str(seeds)], str(tmp_path / "row"), hparams=False)
+  out = report.write_report([teacher, ban, ban_l, str(seeds)], str(tmp_path / "row"))
   res = json.load(open(os.path.join(tmp_path, "row", "results.json")))
   rows = {r["name"]: r for r in res["rows"]}
   vs = rows["BAN-1 (ban)"]["vs_teacher"]
@@ -661,6 +677,27 @@ def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path)
   assert md.count("| Teacher") == 1
   assert f"| BAN-1 (ban) | tiny | 1.5k | 25.00 | -10.00 [{vs_ci(rows['BAN-1 (ban)'])}] |" in md
   assert "| no difference detected |" in md and "Verdict:" in md  # the legend line
+  # TensorBoard: each compared run's rows over the generation index, from the shared teacher.
+  tb = os.path.join(tmp_path, "row", "tb")
+  assert _scalars(os.path.join(tb, "ban", "generations"), "by_generation/test_error") == (
+    pytest.approx({0: 30.0, 1: 25.0})
+  )
+  assert _scalars(os.path.join(tb, "cwtm", "generations"), "by_generation/test_error") == (
+    pytest.approx({0: 30.0, 1: 20.0})  # the mean over its seeds
+  )
+  delta = "by_generation/delta_vs_teacher"
+  assert _scalars(os.path.join(tb, "ban", "generations"), delta) == pytest.approx({1: -10.0})
+  lo, hi = rows["BAN-1 (ban)"]["vs_teacher"]["ci95"]
+  assert _scalars(os.path.join(tb, "ban", "generations_ci95_low"), delta) == pytest.approx({1: lo})
+  assert _scalars(os.path.join(tb, "ban", "generations_ci95_high"), delta) == pytest.approx({1: hi})
+  texts = [
+    tf.make_ndarray(v.tensor).item().decode()
+    for p in glob.glob(os.path.join(tb, "comparison", "*tfevents*"))
+    for e in tf.compat.v1.train.summary_iterator(p)
+    for v in e.summary.value
+    if v.tag == "comparison"
+  ]
+  assert len(texts) == 1 and "| BAN-1 (ban) | tiny | 1.5k | 25.00 | -10.00 [" in texts[0]
 
 
 def vs_ci(row):
