@@ -99,7 +99,9 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   Returns:
     A dict shaped like results.json: "generations" and "ensembles", each with
     {split}_loss, {split}_accuracy, {split}_error and the task's derived fields
-    (perplexities), plus gen/arch/params or name/members; "splits" and "task".
+    (perplexities), plus gen/arch/params or name/members; "splits" and "task";
+    "predictions_computed": the models whose per-example outputs (predictions.py)
+    were missing and are now computed from their SavedModels and stored.
 
   Raises:
     errors.UsageError: not a run directory, no such split, nothing exported.
@@ -224,6 +226,15 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
         **evaluated(path, probabilities=True),
       }
     )
+  # Per-example outputs (predictions.py) of models finished before they were stored.
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+
+  rows = {
+    "generations": [g for g in out["generations"] if not g.get("damaged")],
+    "ensembles": [e for e in out["ensembles"] if not e.get("damaged")],
+    "baseline": {"gen": "baseline"} if export.is_done(os.path.join(run_dir, "baseline")) else None,
+  }
+  out["predictions_computed"] = report.ensure_predictions(run_dir, cfg, rows, dataset)
   return out
 
 
@@ -494,6 +505,11 @@ def main(argv, fv):
     f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n"
   )
   print(table(evaluated))
+  if evaluated.get("predictions_computed"):
+    print(
+      "per-example outputs computed and stored (predictions.npz) for "
+      + ", ".join(evaluated["predictions_computed"])
+    )
   results_path = os.path.join(fv.run_dir, "results.json")
   if os.path.exists(results_path):
     try:

@@ -340,7 +340,11 @@ def run_seeds(cfg, strategy, dataset, top):
   summary = {
     "seeds": cfg.seed_list(),
     "metric": task.headline.key,
-    "rows": results_lib.aggregate(per_seed, task.headline),
+    # Mean ± std, and the over-seed paired deltas (report.aggregate, from each seed's results.json).
+    "rows": report.aggregate(
+      [report.load_run(os.path.join(top.path, f"seed_{s}")) for s in cfg.seed_list()],
+      task.headline,
+    ),
   }
   export.write_json(summary, os.path.join(top.path, "results.json"))
   report.write_report(top.path, hparams=False)  # results.md and report.png of the seeds
