@@ -661,7 +661,7 @@ VERDICT_STYLE = {  # stats.verdict -> marker colour in report.png
 }
 
 
-def draw_deltas(ax, names, comparisons, unit):
+def draw_deltas(ax, names, comparisons, unit, references=()):
   """Δ vs teacher per row with its 95% CI as error bars, coloured by verdict (one legend entry
   per verdict); rows without a paired comparison are left out (said in the title).
 
@@ -670,6 +670,7 @@ def draw_deltas(ax, names, comparisons, unit):
     names: row names (x tick labels).
     comparisons: stats.Comparison.to_json() per row, or None.
     unit: the Δ's unit for the y label.
+    references: names of rows that are references (teachers): no comparison expected.
 
   Returns:
     {row name: (delta, lo, hi, verdict)} as drawn (read back from the error bars; lo/hi
@@ -708,9 +709,10 @@ def draw_deltas(ax, names, comparisons, unit):
   ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
   ax.set_xlim(-0.5, len(names) - 0.5)
   ax.set_ylabel(f"Δ vs teacher ({unit}; positive = worse)")
-  missing = sum(1 for c in comparisons if not c)
+  missing = sum(1 for n, c in zip(names, comparisons) if not c and n not in references)
   ax.set_title(
-    "Δ vs teacher, 95% CI" + (f" ({missing} rows without stored outputs)" if missing else "")
+    "Δ vs teacher, 95% CI"
+    + (f" ({missing} row{'s' if missing > 1 else ''} without stored outputs)" if missing else "")
   )
   ax.grid(alpha=0.3)
   if drawn:
@@ -756,7 +758,8 @@ def plot_comparison(rows, path, task, title="", legends=None):
   ax_v.set_title(f"Final {metric.text or metric.title} (± std over seeds; dashed: teacher)")
   ax_v.grid(alpha=0.3)
   unit = "points" if metric.percent else metric.title
-  drawn = draw_deltas(ax_d, names, [r.get("vs_teacher") for r in rows], unit)
+  teachers_ = [r["name"] for r in rows if r["key"] == "Teacher"]
+  drawn = draw_deltas(ax_d, names, [r.get("vs_teacher") for r in rows], unit, teachers_)
   fig.suptitle(title)
   fig.tight_layout()
   if legends is not None:
