@@ -59,29 +59,11 @@ def score(model, dataset, probabilities=False, stateful=False):
   Returns:
     {"loss": nats per label, "accuracy": fraction, "count": labels scored}.
   """
+  from ban_tf.tasks import base  # pylint: disable=g-import-not-at-top
+
   ce = correct = count = 0.0
-  state = None
-  for batch in dataset:
-    x, y = batch[0], batch[1].numpy()
-    w = batch[2].numpy().astype(np.float64) if len(batch) > 2 else np.ones(y.shape[:1])
-    w = np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - 1)), y.shape).reshape(-1)
-    if stateful:
-      fn = getattr(model, export.STATEFUL)
-      if state is None:
-        size = fn.concrete_functions[0].structured_input_signature[0][1].shape[-1]
-        state = tf.zeros([x.shape[0], size])
-      res = fn(x, state)
-      state = res["state"]
-      out = next(v for k, v in res.items() if k != "state").numpy().astype(np.float64)
-    else:
-      out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
-    out = out.reshape(-1, out.shape[-1])
-    y = y.reshape(-1)
-    if probabilities:
-      log_p = np.log(np.maximum(out, 1e-30))
-    else:
-      m = out.max(-1, keepdims=True)
-      log_p = out - m - np.log(np.exp(out - m).sum(-1, keepdims=True))
+  for out, y, w in base.serve_batches(model, dataset, stateful=stateful):
+    log_p = base.log_probabilities(out, probabilities)
     ce -= float(np.sum(w * np.take_along_axis(log_p, y[:, None], -1)[:, 0]))
     correct += float(np.sum(w * (np.argmax(out, -1) == y)))
     count += float(w.sum())
@@ -107,7 +89,9 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   Returns:
     A dict shaped like results.json: "generations" and "ensembles", each with
     {split}_loss, {split}_accuracy, {split}_error and the task's derived fields
-    (perplexities), plus gen/arch/params or name/members; "splits" and "task".
+    (perplexities), plus gen/arch/params or name/members; "splits" and "task";
+    "predictions_computed": the models whose per-example outputs (predictions.py)
+    were missing and are now computed from their SavedModels and stored.
 
   Raises:
     errors.UsageError: not a run directory, no such split, nothing exported.
@@ -224,6 +208,15 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
         **evaluated(model, probabilities=True),
       }
     )
+  # Per-example outputs (predictions.py) of models finished before they were stored.
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+
+  rows = {
+    "generations": [g for g in out["generations"] if not g.get("damaged")],
+    "ensembles": [e for e in out["ensembles"] if not e.get("damaged")],
+    "baseline": {"gen": "baseline"} if export.is_done(os.path.join(run_dir, "baseline")) else None,
+  }
+  out["predictions_computed"] = report.ensure_predictions(run_dir, cfg, rows, dataset)
   return out
 
 
@@ -493,6 +486,11 @@ def main(argv, fv):
     f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n"
   )
   print(table(evaluated))
+  if evaluated.get("predictions_computed"):
+    print(
+      "per-example outputs computed and stored (predictions.npz) for "
+      + ", ".join(evaluated["predictions_computed"])
+    )
   results_path = rundir.RunFiles(fv.run_dir).results_path
   if os.path.exists(results_path):
     try:

@@ -26,6 +26,7 @@ every row's headline metric (the task's: test error, or test perplexity).
 """
 
 import contextlib
+import functools
 import os
 import re
 
@@ -160,6 +161,7 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
     model=model,
     output_name=export.PROBABILITIES,
     stateful=stateful if stateful is not None else task.stateful_model(model),
+    outputs=functools.partial(task.store_predictions, cfg, dataset, probabilities=True),
   )
   run.stale_ensembles.discard(k)
   logging.info(
@@ -328,7 +330,11 @@ def run_seeds(cfg, strategy, dataset, top):
     # False: one fixed --teacher for every seed (the spread excludes the teacher's variance).
     "teacher_per_seed": cfg.teacher_per_seed,
     "metric": task.headline.key,
-    "rows": results_lib.aggregate(per_seed, task.headline),
+    # Mean ± std, and the over-seed paired deltas (report.aggregate, from each seed's results.json).
+    "rows": report.aggregate(
+      [report.load_run(top.seed_run(s)) for s in cfg.seed_list()],
+      task.headline,
+    ),
   }
   top.write_results(summary)
   report.write_report(top.path, hparams=False)  # results.md and report.png of the seeds

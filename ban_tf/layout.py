@@ -28,6 +28,7 @@ KERAS = "model.keras"  # the same model for plain Keras (stock layers)
 METRICS = "metrics.json"  # what the model scored, and what it is (arch, seed, objective, ...)
 HISTORY = "history.json"  # per-epoch logs of a trained model
 CKPT = "ckpt"  # epoch checkpoints while a model trains (removed once it is DONE)
+PREDICTIONS = "predictions.npz"  # per-example outputs on test (and val): predictions.py
 DONE = "DONE"  # written last: the model is finished
 
 

@@ -18,6 +18,7 @@ Entry fields (all optional; a check only compares the fields an entry has):
   weights_sha256: `weights_digest` of the trained student (also in metrics.json).
   files_sha256: {file name: sha256} of the extra files sealed with the model
     (rundir.ModelDir.seal's `extra_files`).
+  predictions_sha256: sha256 of the per-example outputs file's bytes (predictions.py).
 Other entries may record anything else a run depends on, e.g. an external teacher
 SavedModel (`record(run_dir, "teacher", source=path, fingerprint_sha256=...)`).
 
@@ -35,6 +36,7 @@ from ban_tf import layout
 FILE = layout.MANIFEST
 VERSION = 1
 FINGERPRINT_FILE = "fingerprint.npz"  # export.FINGERPRINT_FILE (export imports TensorFlow)
+PREDICTIONS_FILE = layout.PREDICTIONS
 
 
 def path(run_dir):
@@ -125,7 +127,38 @@ def digests(gen_dir, keras=True):
   keras_path = os.path.join(gen_dir, layout.KERAS)
   if keras and os.path.exists(keras_path):
     out["keras_sha256"] = file_digest(keras_path)
+  pred = os.path.join(gen_dir, PREDICTIONS_FILE)
+  if os.path.exists(pred):
+    out["predictions_sha256"] = file_digest(pred)
   return out
+
+
+def add_predictions(run_dir, name, gen_dir):
+  """Records gen_dir's predictions file in the entry `name` (outputs computed after the run
+  finished: `python -m ban_tf.report` / `ban_tf.evaluate` on a run made before they were
+  stored). Nothing is recorded when the manifest has no such entry."""
+  entries = read(run_dir)
+  if name in entries:
+    record(
+      run_dir,
+      name,
+      **entries[name],
+      predictions_sha256=file_digest(os.path.join(gen_dir, PREDICTIONS_FILE)),
+    )
+
+
+def check_predictions(run_dir, name, gen_dir):
+  """Raises errors.UsageError unless gen_dir's predictions file hashes to the manifest's entry
+  (when the entry records one)."""
+  entry = read(run_dir).get(name) or {}
+  pred = os.path.join(gen_dir, PREDICTIONS_FILE)
+  if "predictions_sha256" in entry and os.path.exists(pred):
+    if file_digest(pred) != entry["predictions_sha256"]:
+      raise errors.UsageError(
+        f"{pred} is not the file this run recorded for {name} in {path(run_dir)} (replaced or "
+        "damaged): delete it, and `python -m ban_tf.report --run_dir=<run>` recomputes it from "
+        "the SavedModel"
+      )
 
 
 def check(run_dir, name, gen_dir, *, saved_model=True, keras=False):

@@ -29,6 +29,7 @@ replaced since is refused (`check_source`) instead of mixing two teachers in one
 Top-level imports are the standard library only: `Config.validate` calls `check_path`.
 """
 
+import functools
 import hashlib
 import os
 
@@ -562,6 +563,7 @@ def import_teacher(cfg, strategy, dataset, out):
     measure=measure,
     summary_step=0,  # run_dir/tb/Teacher
     record={SOURCE_KEY: result[SOURCE_KEY]},  # where it came from
+    outputs=functools.partial(task.store_predictions, cfg, dataset),
   )
   logging.info(
     "gen 0 (teacher) from --teacher=%s (%s): test accuracy %.4f, %s %.4f",

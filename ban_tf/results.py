@@ -105,20 +105,55 @@ def _fmt(v: Optional[float]) -> str:
   return "" if v is None else f"{v:.2f}"
 
 
+REFERENCES = (("vs_teacher", "teacher"), ("vs_baseline", "baseline"))
+
+
+def _p(p) -> str:
+  if p is None:
+    return ""
+  return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def comparison_cells(c: Optional[dict]) -> list:
+  """[Δ with its 95% CI, p, verdict] of a stats.Comparison.to_json() (blank cells for None)."""
+  if not c:
+    return ["", "", ""]
+  lo, hi = c["ci95"]
+  ci = "" if lo is None or hi is None else f" [{lo:+.2f}, {hi:+.2f}]"
+  return [f"{c['delta']:+.2f}{ci}", _p(c.get("p")), c["verdict"]]
+
+
+def _comparison_columns(entries) -> list:
+  """The (field, reference) pairs of REFERENCES that some entry carries."""
+  return [(f, ref) for f, ref in REFERENCES if any(e.get(f) for e in entries)]
+
+
 def table(results: dict, headline: Metric, extra=()) -> str:
   """The per-run markdown table: headline, delta vs the teacher, then `extra` columns.
 
+  Rows that carry paired comparisons (`vs_teacher`, `vs_baseline`: stats.Comparison
+  JSON, added by report.write_results from the stored per-example outputs) get Δ
+  with its 95% CI, p and verdict per reference instead of the plain difference.
   Extra columns that no row has are left out.
   """
   rs = rows(results)
   base = headline.value(rs[0].entry) if rs and rs[0].key == "Teacher" else None
   extra = [m for m in extra if any(m.value(r.entry) is not None for r in rs)]
-  head = ["Model", "Arch", "Params", headline.title, "Δ vs teacher"] + [m.title for m in extra]
+  paired = _comparison_columns([r.entry for r in rs])
+  compared = []
+  for _, ref in paired:
+    compared += [f"Δ vs {ref} [95% CI]", "p", f"vs {ref}"]
+  if not paired:
+    compared = ["Δ vs teacher"]
+  head = ["Model", "Arch", "Params", headline.title] + compared + [m.title for m in extra]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rs:
     v = headline.value(r.entry)
-    delta = "" if base is None or v is None or r.key == "Teacher" else f"{v - base:+.2f}"
-    cells = [r.label, r.arch, r.params, _fmt(v), delta] + [_fmt(m.value(r.entry)) for m in extra]
+    if paired:
+      cells = [c for f, _ in paired for c in comparison_cells(r.entry.get(f))]
+    else:
+      cells = ["" if base is None or v is None or r.key == "Teacher" else f"{v - base:+.2f}"]
+    cells = [r.label, r.arch, r.params, _fmt(v)] + cells + [_fmt(m.value(r.entry)) for m in extra]
     lines.append("| " + " | ".join(cells) + " |")
   notes = [f"- {r.key}: {r.entry['damaged']}" for r in rs if r.entry.get("damaged")]
   if notes:
@@ -139,9 +174,12 @@ def aggregate(per_run: list, metric: Metric) -> list:
 
   Returns:
     [{"name": label, "key", "arch", "params", "n", "metric": metric.key,
-      "mean", "std", "values": [per run]}].
+      "mean", "std", "values": [per run], "deltas_vs_teacher": [per run],
+      "deltas_vs_baseline": [per run]}]; the deltas are the runs' paired Δ
+    (`vs_teacher`/`vs_baseline` of their results.json), one per run that has it.
   """
   order, values, first = [], {}, {}
+  deltas = {}
   for results in per_run:
     for r in rows(results):
       v = metric.value(r.entry)
@@ -150,7 +188,11 @@ def aggregate(per_run: list, metric: Metric) -> list:
       if r.key not in values:
         order.append(r.key)
         values[r.key], first[r.key] = [], r
+        deltas[r.key] = {f: [] for f, _ in REFERENCES}
       values[r.key].append(v)
+      for f, _ in REFERENCES:
+        if r.entry.get(f) and r.entry[f].get("delta") is not None:
+          deltas[r.key][f].append(r.entry[f]["delta"])
   out = []
   for key in order:
     v = values[key]
@@ -167,25 +209,41 @@ def aggregate(per_run: list, metric: Metric) -> list:
         "std": statistics.stdev(v) if len(v) > 1 else 0.0,
         "values": list(v),
       }
+      | {f"deltas_{f}": deltas[key][f] for f, _ in REFERENCES}
     )
   return out
 
 
 def aggregate_table(agg: list, metric: Metric) -> str:
-  """Markdown of `aggregate`: mean ± std (a row only one run has: its value, "(one run)"),
-  delta vs the teacher's mean, per-run values."""
+  """Markdown of `aggregate`: mean ± std (a row only one run has: its value, "(one run)"; a
+  row marked "shared", one model in every run: its value, "(one model, shared by N runs)"),
+  delta vs the teacher's mean, or, for rows with over-seed comparisons (`vs_teacher`,
+  `vs_baseline`: stats.over_seeds JSON added by report.aggregate), the mean per-seed paired
+  Δ with its 95% t-interval, p and verdict; per-run values."""
   base = next((a["mean"] for a in agg if a["key"] == "Teacher"), None)
-  lines = [
-    f"| Model | Arch | Params | {metric.title} mean ± std | Δ vs teacher | Runs | Per run |",
-    "|---|---|---|---|---|---|---|",
-  ]
+  paired = _comparison_columns(agg)
+  compared = []
+  for _, ref in paired:
+    compared += [f"Δ vs {ref}, mean over seeds [95% CI]", "p", f"vs {ref}"]
+  if not paired:
+    compared = ["Δ vs teacher"]
+  head = ["Model", "Arch", "Params", f"{metric.title} mean ± std"] + compared + ["Runs", "Per run"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for a in agg:
-    delta = "" if base is None or a["key"] == "Teacher" else f"{a['mean'] - base:+.2f}"
+    if paired:
+      cells = [c for f, _ in paired for c in comparison_cells(a.get(f))]
+    else:
+      cells = ["" if base is None or a["key"] == "Teacher" else f"{a['mean'] - base:+.2f}"]
     each = ", ".join(_fmt(v) for v in a["values"])
-    spread = f"{a['mean']:.2f} ± {a['std']:.2f}" if a["n"] > 1 else f"{a['mean']:.2f} (one run)"
-    lines.append(
-      f"| {a['name']} | {a['arch']} | {a['params']} | {spread} | {delta} | {a['n']} | {each} |"
-    )
+    if a.get("shared"):
+      spread = f"{a['mean']:.2f} (one model, shared by {a['n']} runs)"
+      each = _fmt(a["values"][0])
+    elif a["n"] > 1:
+      spread = f"{a['mean']:.2f} ± {a['std']:.2f}"
+    else:
+      spread = f"{a['mean']:.2f} (one run)"
+    row = [a["name"], a["arch"], a["params"], spread] + cells + [str(a["n"]), each]
+    lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -230,3 +288,43 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
       f"over runs; per-run tables in their own results.md. {DELTA_LEGEND}\n\n"
     )
   return f"{head}, seed {cfg.seed}\n\n{setup}Final-epoch {what}; no checkpoint selection. {DELTA_LEGEND}\n\n"
+
+
+def _vs_cells(c: Optional[dict], fallback: Optional[float]) -> list:
+  """`comparison_cells`, or the difference of means alone (`fallback`) without a paired comparison."""
+  if c:
+    return comparison_cells(c)
+  return ["" if fallback is None else f"{fallback:+.2f}", "", ""]
+
+
+def comparison_table(rows: list, metric: Metric) -> str:
+  """Markdown of report.compare's rows: the headline (mean ± std over seeds, or one run's
+  value), Δ vs the row's teacher with its 95% CI, p and verdict, Δ vs its Baseline, runs.
+
+  A row without a paired comparison (no stored per-example outputs) shows the difference
+  of means alone, and no p or verdict.
+  """
+  means = {r["name"]: r["mean"] for r in rows}
+  lines = [
+    f"| Model | Arch | Params | {metric.title} | Δ vs teacher [95% CI] | p | Verdict "
+    "| Δ vs baseline [95% CI] | p | Verdict | Runs |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    value = f"{r['mean']:.2f} ± {r['std']:.2f}" if r["n"] > 1 else f"{r['mean']:.2f}"
+    t = means.get(r.get("teacher")) if r["key"] != "Teacher" else None
+    vs_t = _vs_cells(r.get("vs_teacher"), None if t is None else r["mean"] - t)
+    base = next(
+      (
+        b["mean"]
+        for b in rows
+        if b["key"] == "Baseline"
+        and b["run"] == r["run"]
+        and r["key"] not in ("Teacher", "Baseline")
+      ),
+      None,
+    )
+    vs_b = _vs_cells(r.get("vs_baseline"), None if base is None else r["mean"] - base)
+    cells = [r["name"], r["arch"], r["params"], value, *vs_t, *vs_b, str(r["n"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

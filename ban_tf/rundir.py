@@ -27,17 +27,22 @@ Layout of a run directory (names: layout.py):
                      teacher; an imported teacher's `source`: path, as given, kind, sha256)
     history.json     per epoch of a trained model: epoch, loss and its terms, accuracy,
                      val_*, learning_rate, seconds
+    predictions.npz  per-example outputs on test (and val) for paired statistics: probabilities
+                     and labels, or per-token NLL and sentence ids (predictions.py)
     ckpt/            epoch checkpoints (tf.train.CheckpointManager, the last two) while it
                      trains; removed once it is DONE
     DONE             written last: a rerun skips it
   ensemble_k/        BANE-k, the mean softmax of its members: saved_model/ ({"pixels"} ->
-                     {"probabilities"}), metrics.json (name, members), DONE
+                     {"probabilities"}), predictions.npz, metrics.json (name, members), DONE
   baseline/          --baseline: BAN-1's architecture and seed on labels only; as gen_k/
   tb/<row name>/     TensorBoard, one run per row (Teacher, BAN-k, BANE-k, Baseline): train/*,
                      val/* (step = epoch), test/accuracy, test/error (step = epochs), an
-                     hparams session (report.py)
+                     hparams session (report.py); tb/generations/, tb/ensembles/, tb/baseline/:
+                     the rows as series over the generation index, and the table as text
   results.json       every row (generations.collect_results: from the finished models'
-                     metrics.json), the split sizes ("data") and epochs
+                     metrics.json) with its paired comparison "vs_teacher"/"vs_baseline"
+                     (delta, ci95, p, n, method, verdict: stats.py), the split sizes
+                     ("data") and epochs
   results.md         the same as a table (also printed at the end of a run)
   report.png         report.py's figure
   seed_S/            --seeds: one run directory per base seed; the parent holds
@@ -47,7 +52,7 @@ A model is finished when its DONE marker exists and the manifest records it (a r
 directory written before manifests: DONE alone, until it is opened and the finished
 models are recorded). Sealing writes, in this order: the SavedModel (exported, or
 copied), its assets and model.keras; then (optionally) figures measured through that
-copy; metrics.json; the manifest entry; DONE. A process killed anywhere in between
+copy; the per-example outputs; metrics.json; the manifest entry; DONE. A process killed anywhere in between
 leaves a model that is not finished, and a rerun redoes it.
 """
 
@@ -309,6 +314,7 @@ class ModelDir:
     summary_step=None,
     record=None,
     extra_files=(),
+    outputs=None,
   ):
     """Writes a finished model, in the one order every model is sealed; returns `result`.
 
@@ -324,7 +330,10 @@ class ModelDir:
        scalars (test/accuracy, test/error, {split}/final_<derived>) in the model's
        TensorBoard run at that step.
     4. `extra_files`: (file name, write(path)) pairs, each written atomically into the
-       model directory and its sha256 recorded in the manifest entry (`files_sha256`).
+       model directory and its sha256 recorded in the manifest entry (`files_sha256`);
+       `outputs(model_dir)`: writes the per-example outputs (layout.PREDICTIONS,
+       predictions.py) through the written SavedModel (task.store_predictions); its sha256
+       is recorded in the entry as `predictions_sha256` (manifest.digests).
     5. metrics.json (`result`); 6. the manifest entry: the digests, `record` and the
        extra files'; 7. DONE; then the training checkpoints are removed.
     """
@@ -374,6 +383,8 @@ class ModelDir:
       write(tmp)
       os.replace(tmp, path)
       files[name] = manifest.file_digest(path)
+    if outputs is not None:
+      outputs(self.path)
     export.write_json(result, os.path.join(self.path, layout.METRICS))
     # Bound to the run outside the model directory, before DONE (manifest.py).
     fields = dict(record or {}, **manifest.digests(self.path))

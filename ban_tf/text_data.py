@@ -207,6 +207,24 @@ class TextDataset:
       ds = d if ds is None else ds.concatenate(d)
     return ds.prefetch(tf.data.AUTOTUNE)
 
+  def eval_sentences(self, split, batch_size):
+    """int32 [scored tokens]: the sentence of each token `val`/`test` score, in their order.
+
+    A sentence is one line of the corpus (a PTB line; a non-empty line of a tfds
+    text, e.g. a verse or speech line of tiny_shakespeare), numbered from 0 in
+    corpus order; its <eos> belongs to it. The order follows the pipeline: the
+    stream under carry, each window's [rows, T] targets row-major under reset.
+    """
+    ids = self.ids[split]
+    eos = self.info.vocab.index(EOS)
+    sentence = np.concatenate([[0], np.cumsum(ids[:-1] == eos)]).astype(np.int32)
+    if self.state == "carry":
+      return sentence
+    positions = batchify(np.arange(len(ids)), batch_size)
+    return np.concatenate(
+      [sentence[y.reshape(-1)] for _, y in windows(positions, self.info.bptt, full_only=False)]
+    )
+
   def eval_tokens(self, split, batch_size):
     """The number of tokens `val`/`test` score (carry: all; reset: the rows' tail and firsts are not)."""
     if self.state == "carry":

@@ -13,6 +13,7 @@ so a generation interrupted at epoch e continues from e as if never stopped.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -474,6 +475,7 @@ def run_generation(cfg, gen, strategy, dataset):
     keras_model=built.student,
     summary_step=cfg.epochs,
     record={"weights_sha256": result["weights_sha256"]},
+    outputs=functools.partial(task.store_predictions, cfg, dataset),
   )
   logging.info(
     "gen %s (%s) done: test accuracy %.4f, %s %.4f, weights sha256 %s",

@@ -351,10 +351,13 @@ def _lm_argv(directory):
   ]
 
 
+_SERIES = ("generations", "ensembles", "baseline")  # report.SERIES_DIRS
+
+
 def _files(run_dir):
   """{file: (sha256, mtime_ns)} of a run directory, but for what every process rewrites by
   design: the lock, log.txt (appended) and report.py's TensorBoard files (the hparams
-  sessions and the ensembles' runs, tb/BANE-k, replaced whole)."""
+  sessions, the ensembles' runs tb/BANE-k and the series over generations, replaced whole)."""
   out = {}
   for parent, _, names in os.walk(run_dir):
     for name in names:
@@ -364,6 +367,7 @@ def _files(run_dir):
         name in (".lock", "log.txt")
         or name.endswith(".hparams")
         or rel.startswith(os.path.join("tb", "BANE-"))
+        or (rel.startswith("tb" + os.sep) and rel.split(os.sep)[1].split("_ci95")[0] in _SERIES)
       ):
         continue
       with open(path, "rb") as f:

@@ -83,7 +83,9 @@ def _scalars(logdir):
 def test_tensorboard_runs_per_generation(run_dir):
   # One TensorBoard run per generation, named by its row: tb/Teacher, tb/BAN-1, ...
   names = ["Teacher"] + [f"BAN-{g}" for g in range(1, GENS + 1)]
-  assert sorted(os.listdir(os.path.join(run_dir, "tb"))) == sorted(names + ["BANE-2"])
+  # ... and report.py's series over the generation index (tb/generations, tb/ensembles).
+  series = ["generations", "ensembles"]
+  assert sorted(os.listdir(os.path.join(run_dir, "tb"))) == sorted(names + ["BANE-2"] + series)
   per_gen = [_scalars(os.path.join(run_dir, "tb", n)) for n in names]
   tags = [set(s) for s in per_gen]
   # The same tags in every generation (so TensorBoard overlays them), except that only

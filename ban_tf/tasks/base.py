@@ -1,6 +1,9 @@
 """The Task protocol and DataSpec: what generic code may ask of a task (see tasks/__init__)."""
 
 import dataclasses
+import os
+
+import numpy as np
 
 from ban_tf import errors
 from ban_tf import results
@@ -71,6 +74,9 @@ class Task:
       history.json), exp of the mean cross-entropy.
     result_keys: metrics.json fields that results.json keeps per row, beyond the
       generic ones (gen, role, arch, params, epochs, seconds, seed, objective, teacher).
+    test_set_fields: the config.json fields that decide which test examples a run is
+      scored on (beside --task and the test size results.json records): runs that
+      agree on them can be compared example by example (report.py).
   """
 
   name = ""
@@ -79,6 +85,7 @@ class Task:
   perplexity = False  # evaluation also reports perplexity (Distiller(perplexity=True))
   extra_columns = ()
   result_keys = ()
+  test_set_fields = ("dataset",)
 
   # ---- validation (no TensorFlow) ---------------------------------------------
   def parse_arch(self, arch: str) -> dict:
@@ -163,6 +170,112 @@ class Task:
   def curve(self, history: list):
     """(epochs, values, what) of one generation's history.json for report plots."""
     raise NotImplementedError
+
+  # ---- per-example outputs (predictions.py) and paired comparisons (stats.py) ------
+  prediction_arrays = ()  # the arrays every split of a predictions.npz holds (predictions.py)
+
+  def per_example(self, model, dataset, split, batch_size, *, probabilities, stateful):
+    """One split's per-example outputs of a loaded SavedModel, as predictions.py stores them.
+
+    Args:
+      model: tf.saved_model.load of a run's SavedModel (its `serve`, or `serve_stateful`).
+      dataset: the task's data set (load_data); `split` is "test" or "val".
+      batch_size: the run's evaluation batch size (the layout the reported numbers used).
+      probabilities: the model serves probabilities (a BANE ensemble), not logits.
+      stateful: carry the state over the split's consecutive windows (carries_state).
+
+    Returns:
+      {array name: numpy array} (`prediction_arrays`), in the pipeline's order,
+      padding left out.
+    """
+    raise NotImplementedError
+
+  def headline_from(self, outputs: dict) -> float:
+    """The headline metric (table units) recomputed from one split's stored outputs."""
+    raise NotImplementedError
+
+  def compare(self, row: dict, ref: dict, *, seed: int = 0):
+    """stats.Comparison of two models' stored outputs of one split (row minus ref, headline units).
+
+    Raises:
+      ValueError: the two were not scored on the same examples (labels differ).
+    """
+    raise NotImplementedError
+
+  def store_predictions(self, cfg, dataset, model_dir, *, probabilities=False):
+    """Computes model_dir/predictions.npz from model_dir/saved_model (test, and val when the
+    data set has one), scored as the run's evaluation scores; returns its path.
+
+    Raises:
+      errors.UsageError: the SavedModel cannot be loaded (evaluate.load's message).
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from ban_tf import predictions  # pylint: disable=g-import-not-at-top
+
+    saved = os.path.join(model_dir, "saved_model")
+    if not os.path.exists(os.path.join(saved, "saved_model.pb")):
+      raise errors.UsageError(
+        f"{saved} is missing: its per-example outputs cannot be computed; restore it, or retrain it"
+      )
+    try:
+      model = tf.saved_model.load(saved)
+    except Exception as e:  # pylint: disable=broad-except  (truncated proto, scrambled variables)
+      raise errors.UsageError(
+        f"{saved} cannot be loaded ({type(e).__name__}): it is damaged; restore it, or retrain it"
+      ) from None
+    splits = {}
+    for split in ("test", "val"):
+      if getattr(dataset, split)(cfg.batch_size) is None:
+        continue
+      splits[split] = self.per_example(
+        model,
+        dataset,
+        split,
+        cfg.batch_size,
+        probabilities=probabilities,
+        stateful=self.carries_state(cfg),
+      )
+    return predictions.write(model_dir, splits, task=self.name)
+
+
+def serve_batches(model, batches, *, stateful=False):
+  """Yields (outputs float64 [M, V], labels int [M], weights float64 [M]) per batch of a loaded
+  SavedModel over (inputs, labels[, weights]) batches, one row per scored label.
+
+  An image batch gives M = N examples; a language-model batch [N, T] gives M = N * T
+  tokens (row-major), each token weighted by its row's weight. Without weights
+  every label weighs 1; weight 0 is padding (data.Dataset pads the last batch).
+  `stateful`: call `serve_stateful`, carrying the state from batch to batch (the
+  batches are consecutive windows of the same rows, --lm_state=carry); else `serve`.
+  Used by evaluate.score and the tasks' `per_example`, so both score alike.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+
+  state = None
+  for batch in batches:
+    x, y = batch[0], np.asarray(batch[1])
+    w = np.asarray(batch[2]).astype(np.float64) if len(batch) > 2 else np.ones(y.shape[:1])
+    w = np.broadcast_to(w.reshape(w.shape + (1,) * (y.ndim - 1)), y.shape).reshape(-1)
+    if stateful:
+      fn = getattr(model, export.STATEFUL)
+      if state is None:
+        size = fn.concrete_functions[0].structured_input_signature[0][1].shape[-1]
+        state = tf.zeros([x.shape[0], size])
+      res = fn(x, state)
+      state = res["state"]
+      out = next(v for k, v in res.items() if k != "state").numpy().astype(np.float64)
+    else:
+      out = getattr(model, export.SERVE)(x).numpy().astype(np.float64)
+    yield out.reshape(-1, out.shape[-1]), y.reshape(-1), w
+
+
+def log_probabilities(out, probabilities):
+  """log p [M, V] (float64) of `serve_batches` outputs: logits (log-softmax) or probabilities."""
+  if probabilities:
+    return np.log(np.maximum(out, 1e-30))
+  m = out.max(-1, keepdims=True)
+  return out - m - np.log(np.exp(out - m).sum(-1, keepdims=True))
 
 
 def require(cond, msg):

@@ -4,6 +4,8 @@ Outputs are class logits [N, C]; the headline metric is the final-epoch top-1 te
 error (%), as in the paper's Tables 1-5. SavedModels carry labels.txt (class names).
 """
 
+import numpy as np
+
 from ban_tf import archs
 from ban_tf import errors
 from ban_tf import results
@@ -54,6 +56,15 @@ class ImageClassification(base.Task):
   headline = TEST_ERROR
   extra_columns = (VAL_ERROR,)
   result_keys = ("test_accuracy", "test_error", "val_accuracy")
+  # --train_examples, --val_examples, --train_split only change what is trained on.
+  test_set_fields = (
+    "dataset",
+    "image_folder",
+    "test_split",
+    "image_size",
+    "image_key",
+    "label_key",
+  )
 
   def parse_arch(self, arch):
     return archs.parse_arch(arch)
@@ -145,3 +156,39 @@ class ImageClassification(base.Task):
     return epochs, err, "val" if key == "val_accuracy" else "train"
 
   curve_label = "error (%)"
+
+  prediction_arrays = ("probabilities", "labels", "predicted")
+
+  def per_example(self, model, dataset, split, batch_size, *, probabilities, stateful):
+    """{"probabilities": float16 [N, C], "labels": int32 [N], "predicted": int32 [N]}.
+
+    `predicted` is the argmax of the served float32 outputs (what the reported
+    accuracy counts: Distiller's top-1 and evaluate.score); padding is dropped.
+    """
+    del stateful  # classifiers carry no state
+    probs, labels, predicted = [], [], []
+    for out, y, w in base.serve_batches(model, getattr(dataset, split)(batch_size)):
+      keep = w > 0
+      out, y = out[keep], y[keep]
+      predicted.append(np.argmax(out, -1))
+      probs.append(out if probabilities else np.exp(base.log_probabilities(out, False)))
+      labels.append(y)
+    return {
+      "probabilities": np.concatenate(probs).astype(np.float16),
+      "labels": np.concatenate(labels).astype(np.int32),
+      "predicted": np.concatenate(predicted).astype(np.int32),
+    }
+
+  def headline_from(self, outputs):
+    """Test error (%) of stored outputs: 100 * mean(predicted != labels)."""
+    return 100.0 * float(np.mean(outputs["predicted"] != outputs["labels"]))
+
+  def compare(self, row, ref, *, seed=0):
+    """Δ top-1 error (percentage points): paired bootstrap over examples + exact McNemar."""
+    from ban_tf import stats  # pylint: disable=g-import-not-at-top
+
+    if not np.array_equal(row["labels"], ref["labels"]):
+      raise ValueError("the two models were not scored on the same examples (labels differ)")
+    return stats.paired_classification(
+      row["predicted"] == row["labels"], ref["predicted"] == ref["labels"], seed=seed
+    )

@@ -22,6 +22,8 @@ perplexities in history.json, so a resumed generation replays it exactly.
 import math
 import os
 
+import numpy as np
+
 from ban_tf import archs
 from ban_tf import results
 from ban_tf.tasks import base
@@ -52,6 +54,9 @@ class LanguageModel(base.Task):
   extra_columns = (VAL_PERPLEXITY,)
   result_keys = ("test_accuracy", "test_error", "val_accuracy", "val_perplexity", "test_perplexity")
   curve_label = "validation perplexity"
+  # The vocabulary decides which test words are <unk>; --bptt and --lm_state change how the
+  # same tokens are scored, not which (--ptb_dir is a path: the test size catches other text).
+  test_set_fields = ("dataset", "vocab_size")
   perplexity = True
 
   def parse_arch(self, arch):
@@ -195,3 +200,46 @@ class LanguageModel(base.Task):
   def curve(self, history):
     hist = [h for h in history if "val_perplexity" in h]
     return [h["epoch"] for h in hist], [h["val_perplexity"] for h in hist], "val"
+
+  prediction_arrays = ("nll", "labels", "sentence")
+
+  def per_example(self, model, dataset, split, batch_size, *, probabilities, stateful):
+    """{"nll": float32 [T], "labels": int32 [T], "sentence": int32 [T]} of every scored token.
+
+    Scored as the run's evaluation scores them (text_data.TextDataset.val/test:
+    one stream with the state carried under --lm_state=carry, the rows' windows
+    under reset), so exp(mean nll) is the reported perplexity. `sentence` is each
+    token's line of the corpus (text_data.TextDataset.eval_sentences).
+    """
+    nll, labels = [], []
+    batches = getattr(dataset, split)(batch_size)
+    for out, y, _ in base.serve_batches(model, batches, stateful=stateful):
+      log_p = base.log_probabilities(out, probabilities)
+      nll.append(-np.take_along_axis(log_p, y[:, None].astype(np.int64), -1)[:, 0])
+      labels.append(y)
+    sentence = dataset.eval_sentences(split, batch_size)
+    labels = np.concatenate(labels).astype(np.int32)
+    if sentence.shape != labels.shape:
+      raise ValueError(
+        f"{split}: {labels.size} scored tokens but {sentence.size} sentence ids (layout mismatch)"
+      )
+    return {
+      "nll": np.concatenate(nll).astype(np.float32),
+      "labels": labels,
+      "sentence": sentence.astype(np.int32),
+    }
+
+  def headline_from(self, outputs):
+    """Perplexity of stored outputs: exp(mean nll) (float64 mean)."""
+    return perplexity(float(np.mean(outputs["nll"], dtype=np.float64)))
+
+  def compare(self, row, ref, *, seed=0):
+    """Δ perplexity: paired bootstrap over sentences + sign-flip randomization test."""
+    from ban_tf import stats  # pylint: disable=g-import-not-at-top
+
+    if not (
+      np.array_equal(row["labels"], ref["labels"])
+      and np.array_equal(row["sentence"], ref["sentence"])
+    ):
+      raise ValueError("the two models were not scored on the same tokens (labels differ)")
+    return stats.paired_lm(row["nll"], ref["nll"], row["sentence"], seed=seed)

@@ -21,6 +21,7 @@ PIP_PACKAGES = [
     "psutil",
     "pytest",
     "pytest_xdist",
+    "scipy",
     "tensorboard",
     "tensorflow",
     "tensorflow_datasets",
