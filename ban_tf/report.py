@@ -283,7 +283,7 @@ def teacher_id(run):
   from ban_tf import manifest  # pylint: disable=g-import-not-at-top
 
   try:
-    entry = manifest.read(run.path).get("gen_0", {})
+    entry = manifest.read(run.path).get(layout.model_name(0), {})
   except errors.UsageError:
     entry = {}
   if entry.get("fingerprint_sha256"):
@@ -350,7 +350,7 @@ def teacher_sharing(runs):
   sources = []
   for r in runs:
     try:
-      m = export.read_json(os.path.join(r.path, "gen_0", "metrics.json"))
+      m = export.read_json(os.path.join(r.path, layout.model_name(0), layout.METRICS))
     except (OSError, ValueError):
       m = {}
     src = m.get(pretrained.SOURCE_KEY) if isinstance(m, dict) else None
@@ -393,10 +393,10 @@ def model_dirs(run_path, results):
   """[(row key, manifest name, directory, serves probabilities)] of a run's finished models."""
   out = []
   for g in results.get("generations", []):
-    out.append((results_lib.generation_name(g["gen"]), f"gen_{g['gen']}", False))
+    out.append((results_lib.generation_name(g["gen"]), layout.model_name(g["gen"]), False))
   for e in results.get("ensembles", []):
     key = e.get("name") or f"BANE-{max(e['members'])}"
-    out.append((key, f"ensemble_{key.split('-')[1]}", True))
+    out.append((key, layout.numbered(layout.ENSEMBLE, key.split("-")[1]), True))
   if results.get("baseline"):
     out.append(("Baseline", "baseline", False))
   return [(key, name, os.path.join(run_path, name), probs) for key, name, probs in out]
@@ -932,7 +932,7 @@ def write_generation_series(run):
     if not r.entry.get("damaged")
   ]
   write_series(
-    os.path.join(run.path, "tb"),
+    os.path.join(run.path, layout.TENSORBOARD),
     task.headline,
     points,
     text=results_lib.table(run.results, task.headline, task.extra_columns),
@@ -946,7 +946,7 @@ def write_comparison_summary(out_dir, rows, groups, task, text):
   over several seeds the mean), so the runs' lines overlay in one chart."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  root = os.path.join(out_dir, "tb")
+  root = os.path.join(out_dir, layout.TENSORBOARD)
   logdir = os.path.join(root, "comparison")
   shutil.rmtree(logdir, ignore_errors=True)
   writer = tf.summary.create_file_writer(logdir)
@@ -1081,7 +1081,7 @@ COMPARED_KEY = "compared"  # a comparison's results.json: {"compared", "metric",
 def _check_comparison_out_dir(out_dir):
   """A comparison's results.json may only replace an earlier comparison's (never a run's or a
   --seeds summary's)."""
-  path = os.path.join(out_dir, "results.json")
+  path = os.path.join(out_dir, layout.RESULTS_JSON)
   if not os.path.exists(path):
     return
   held = export.read_json_checked(path, "delete it or pass another --out_dir")
@@ -1140,9 +1140,9 @@ def _write_comparison(groups, task, out_dir, hparams):
       "data": groups[0].runs[0].results.get("data"),
       "rows": rows,
     },
-    os.path.join(out_dir, "results.json"),
+    os.path.join(out_dir, layout.RESULTS_JSON),
   )
-  export.write_text(text, os.path.join(out_dir, "results.md"))
+  export.write_text(text, os.path.join(out_dir, layout.RESULTS_MD))
   png = os.path.join(out_dir, PNG)
   plot_comparison(rows, png, task, title=text.splitlines()[0].lstrip("# "))
   if hparams:
@@ -1150,7 +1150,7 @@ def _write_comparison(groups, task, out_dir, hparams):
     for g in groups:
       for r in g.runs:
         write_hparams(r)
-  return {"results_md": os.path.join(out_dir, "results.md"), "png": png}
+  return {"results_md": os.path.join(out_dir, layout.RESULTS_MD), "png": png}
 
 
 def write_report(run_dirs, out_dir=None, hparams=True):

@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from ban_tf import errors
+from ban_tf import layout
 from ban_tf import results
 
 
@@ -212,8 +213,8 @@ class Task:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from ban_tf import predictions  # pylint: disable=g-import-not-at-top
 
-    saved = os.path.join(model_dir, "saved_model")
-    if not os.path.exists(os.path.join(saved, "saved_model.pb")):
+    saved = os.path.join(model_dir, layout.SAVED_MODEL)
+    if not os.path.exists(os.path.join(saved, layout.SAVED_MODEL_PB)):
       raise errors.UsageError(
         f"{saved} is missing: its per-example outputs cannot be computed; restore it, or retrain it"
       )
