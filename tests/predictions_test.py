@@ -282,10 +282,11 @@ def test_image_outputs_reproduce_the_reported_errors(image_runs, replicas):
     assert set(out) == {"test", "val"}
     assert out["test"]["labels"].shape == (100,) and out["val"]["labels"].shape == (50,)
     assert out["test"]["probabilities"].dtype == np.float16
-    # The reported error (the Distiller's, on `replicas` replicas) from the stored outputs.
-    assert task.headline_from(out["test"]) == pytest.approx(100 * rows[key]["test_error"], abs=1e-9)
+    # The reported error (the Distiller's, on `replicas` replicas; 1 - float32 accuracy) from the
+    # stored outputs: the same count of wrong examples (one example = 1 point of 100, 2 of 50).
+    assert task.headline_from(out["test"]) == pytest.approx(100 * rows[key]["test_error"], abs=1e-4)
     assert task.headline_from(out["val"]) == pytest.approx(
-      100 * (1 - rows[key]["val_accuracy"]), abs=1e-9
+      100 * (1 - rows[key]["val_accuracy"]), abs=1e-4
     )
     np.testing.assert_allclose(
       out["test"]["probabilities"].astype(np.float32).sum(-1), 1, atol=5e-3
@@ -300,17 +301,28 @@ def test_image_outputs_reproduce_the_reported_errors(image_runs, replicas):
 
 
 @pytest.mark.slow
-def test_one_and_two_replicas_store_the_same_outputs(image_runs):
-  a = predictions.read(os.path.join(image_runs[1], "gen_0"))
-  b = predictions.read(os.path.join(image_runs[2], "gen_0"))
-  for split in ("test", "val"):
-    np.testing.assert_array_equal(a[split]["labels"], b[split]["labels"])
-    np.testing.assert_array_equal(a[split]["predicted"], b[split]["predicted"])
-    np.testing.assert_allclose(
-      a[split]["probabilities"].astype(np.float32),
-      b[split]["probabilities"].astype(np.float32),
-      atol=2e-3,
-    )
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_outputs_stored_under_replicas_equal_a_one_device_recomputation(
+  image_runs, replicas, tmp_path
+):
+  """What a run on 1 or 2 replicas stored equals the SavedModel's outputs recomputed here, on
+  one device with the default strategy (the runs' weights differ: training on 2 replicas sums
+  gradients in another order, so the two runs' outputs are not compared with each other)."""
+  from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+
+  run_dir = image_runs[replicas]
+  cfg = config_lib.Config.from_dict(json.load(open(os.path.join(run_dir, "config.json"))))
+  task = tasks.get("image")
+  dataset = task.load_data(cfg)
+  for name in _MODELS.values():
+    copy = tmp_path / name
+    shutil.copytree(os.path.join(run_dir, name, "saved_model"), copy / "saved_model")
+    task.store_predictions(cfg, dataset, str(copy))
+    stored, again = predictions.read(os.path.join(run_dir, name)), predictions.read(str(copy))
+    for split in ("test", "val"):
+      for k in task.prediction_arrays:
+        np.testing.assert_array_equal(stored[split][k], again[split][k])
 
 
 @pytest.mark.slow

@@ -84,7 +84,8 @@ def test_tensorboard_runs_per_generation(run_dir):
   # One TensorBoard run per generation, named by its row: tb/Teacher, tb/BAN-1, ...
   names = ["Teacher"] + [f"BAN-{g}" for g in range(1, GENS + 1)]
   # ... and report.py's series over the generation index (tb/generations, tb/ensembles).
-  series = ["generations", "ensembles"]
+  # with the 95% CI bounds of each row's paired Δ vs the teacher (_ci95_low, _ci95_high).
+  series = [f + b for f in ("generations", "ensembles") for b in ("", "_ci95_low", "_ci95_high")]
   assert sorted(os.listdir(os.path.join(run_dir, "tb"))) == sorted(names + ["BANE-2"] + series)
   per_gen = [_scalars(os.path.join(run_dir, "tb", n)) for n in names]
   tags = [set(s) for s in per_gen]

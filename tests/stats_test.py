@@ -111,11 +111,11 @@ def test_ten_thousand_examples_ten_thousand_resamples_is_fast():
   rng = np.random.default_rng(0)
   ref = rng.random(10000) < 0.9
   row = np.where(rng.random(10000) < 0.05, ~ref, ref)
-  t = time.perf_counter()
+  t = time.process_time()  # CPU time: the shared machine's load does not count against it
   c = stats.paired_classification(row, ref, resamples=10000)
-  elapsed = time.perf_counter() - t
+  elapsed = time.process_time() - t
   assert c.n == 10000 and c.ci95[0] < c.delta < c.ci95[1]
-  assert elapsed < 5.0, elapsed  # ~0.8 s measured on the shared 2-core machine
+  assert elapsed < 5.0, elapsed  # 0.8 s wall measured on a quiet moment of the 2-core machine
 
 
 def test_bad_shapes_raise():
