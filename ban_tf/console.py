@@ -168,6 +168,27 @@ def log_file(directory):
       root.addHandler(buffer)
 
 
+# ---- the binaries' entry point ---------------------------------------------------------
+
+
+def run_app(main, **kwargs):
+  """absl's app.run(main, **kwargs) for ban_tf's binaries (main, evaluate, report).
+
+  A reader of stdout that goes away early (`python -m ban_tf.main --help | head`)
+  ends the binary quietly, as it ends a C tool: exit code 141 (128 + SIGPIPE), no
+  BrokenPipeError traceback. A training run stopped this way resumes like a killed one.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  try:
+    app.run(main, **kwargs)
+  except BrokenPipeError:
+    # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
+
+
 # ---- interruption -------------------------------------------------------------------
 
 

@@ -21,10 +21,15 @@ import re
 import sys
 
 import numpy as np
-import tensorflow as tf
 
-from ban_tf import errors
-from ban_tf import export
+from ban_tf import console
+
+if __name__ == "__main__":  # the binary: TensorFlow's start-up noise stays off the console
+  console.import_tensorflow("auto")
+import tensorflow as tf  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from ban_tf import errors  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import export  # noqa: E402  # pylint: disable=wrong-import-position
 
 SPLITS = ("test", "val")
 
@@ -585,7 +590,6 @@ def cli(argv, fv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
 
@@ -603,4 +607,4 @@ if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it opens at INFO
     sys.exit(cli(argv, flags.FLAGS))
 
-  app.run(_main, flags_parser=_parse)
+  console.run_app(_main, flags_parser=_parse)

@@ -12,7 +12,6 @@ import re
 import sys
 import typing
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -446,5 +445,7 @@ def _parse(argv):
 
 
 if __name__ == "__main__":
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
+
   define_flags()
-  app.run(main, flags_parser=_parse)
+  console.run_app(main, flags_parser=_parse)

@@ -14,6 +14,7 @@ mean and the sample standard deviation (ddof=1) of each model's headline metric
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ def load_run(path):
     raise errors.UsageError(
       f"{path} holds the summary of several runs, not one run: pass it as --run_dir"
     )
+  _check_numbers(res_path, results)
   histories = {}
   for g in results["generations"]:
     hist = os.path.join(path, f"gen_{g['gen']}", "history.json")
@@ -74,6 +76,36 @@ def load_run(path):
       except errors.UsageError as e:
         logging.warning("%s", e)
   return Run(path, cfg, results, histories)
+
+
+# The rows' fields that are numbers (or null); anything else in them is a damaged results.json.
+_NUMBER_KEYS = ("params", "epochs", "seconds")
+_NUMBER_SUFFIXES = ("_accuracy", "_error", "_perplexity", "_loss")
+
+
+def _check_numbers(path, results):
+  """Raises errors.RunDirError naming the first row field of results.json that should be a
+  number and is not (e.g. "test_error": "abc"), instead of a ValueError deep in a table."""
+  rows = list(results.get("generations") or []) + list(results.get("ensembles") or [])
+  rows += [results["baseline"]] if isinstance(results.get("baseline"), dict) else []
+  for row in rows:
+    if not isinstance(row, dict):
+      raise errors.RunDirError(
+        f"{path} is damaged (a row is {type(row).__name__}, not an object): rerun the training "
+        "command to rebuild it from the generations"
+      )
+    for key, value in row.items():
+      numeric = key in _NUMBER_KEYS or key.endswith(_NUMBER_SUFFIXES)
+      if (
+        numeric
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, (int, float)))
+      ):
+        name = row.get("name") or row.get("role") or row.get("gen")
+        raise errors.RunDirError(
+          f"{path} is damaged ({name}'s {key} is {value!r}, not a number): rerun the training "
+          "command to rebuild it from the generations"
+        )
 
 
 def _is_single_run(path):
@@ -307,12 +339,10 @@ def plot(runs, path, legends=None):
       curves=list(labels),
       spread_points=spread,
     )
-  tmp = os.path.join(
-    os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}"
-  )
-  fig.savefig(tmp, dpi=110, format="png")
+  png = io.BytesIO()
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
+  export.write_bytes(png.getvalue(), path)
   return labels
 
 
@@ -381,6 +411,15 @@ def _metrics(task):
   return names
 
 
+def _file_writer(tf, logdir, **kwargs):
+  """tf.summary.create_file_writer, whose failure (TF's PermissionDeniedError on a read-only
+  directory) is the OSError every other write of the report raises."""
+  try:
+    return tf.summary.create_file_writer(logdir, **kwargs)
+  except tf.errors.OpError as e:
+    raise OSError(None, e.message.rsplit(";", 1)[-1].strip(), logdir) from None
+
+
 def write_hparams(run):
   """One hparams session per generation, baseline and ensemble, in its TensorBoard run (tb/<row name>).
 
@@ -404,7 +443,7 @@ def write_hparams(run):
   def fresh_writer(logdir):
     for old in glob.glob(os.path.join(logdir, "*" + HPARAMS_SUFFIX)):
       os.remove(old)
-    return tf.summary.create_file_writer(logdir, filename_suffix=HPARAMS_SUFFIX)
+    return _file_writer(tf, logdir, filename_suffix=HPARAMS_SUFFIX)
 
   def session(writer, hparams, trial):
     with writer.as_default():
@@ -435,7 +474,7 @@ def write_hparams(run):
     name = e.get("name") or f"BANE-{k}"
     logdir = results_lib.tensorboard_dir(run.path, name)
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
-    writer = tf.summary.create_file_writer(logdir)
+    writer = _file_writer(tf, logdir)
     session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
     with writer.as_default(step=epochs):
       for key, tag in (
@@ -510,6 +549,21 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     paths = [p for d in run_dirs for p in find_runs(d)]
     default_out = os.path.commonpath([os.path.abspath(p) for p in paths])
   runs = [load_run(p) for p in paths]
+  try:
+    return _write_report(runs, out_dir, default_out, hparams)
+  except OSError as e:  # read-only directory, a directory where a file goes, a full disk
+    where = e.filename2 or e.filename or out_dir or default_out
+    if os.path.basename(where).startswith(".tmp-"):  # export's temporary file: its directory failed
+      where = os.path.dirname(where)
+    raise errors.UsageError(
+      f"cannot write {where} ({type(e).__name__}: {e.strerror or e}): make it writable (fix "
+      "the permissions, or remove what is in the way), or write elsewhere with --out_dir=DIR "
+      "--nohparams"
+    ) from None
+
+
+def _write_report(runs, out_dir, default_out, hparams):
+  """write_report once the runs are read: every file it writes."""
   task = task_of(runs)
   if len(runs) == 1 and out_dir is None:
     out_dir = runs[0].path
@@ -538,7 +592,6 @@ def write_report(run_dirs, out_dir=None, hparams=True):
 if __name__ == "__main__":
   import sys  # pylint: disable=g-import-not-at-top
 
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string(
@@ -565,4 +618,6 @@ if __name__ == "__main__":
     print(open(out["results_md"]).read())
     print(f"wrote {out['results_md']} and {out['png']}")
 
-  app.run(main)
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
+
+  console.run_app(main)

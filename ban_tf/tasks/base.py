@@ -169,3 +169,9 @@ def require(cond, msg):
   """Raises errors.UsageError(msg) unless cond."""
   if not cond:
     raise errors.UsageError(msg)
+
+
+def non_default(cfg, names):
+  """The fields among `names` whose value in the Config `cfg` is not the field's default."""
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+  return [n for n in names if getattr(cfg, n) != defaults[n]]
