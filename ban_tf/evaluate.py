@@ -346,7 +346,8 @@ def class_names(path, num_classes):
 
 
 def load_image(path, shape):
-  """Raw 0..255 float32 pixels of an image file, converted and resized to (H, W, C)."""
+  """Raw 0..255 float32 pixels of an image file, EXIF orientation applied, converted and
+  resized to (H, W, C). Raises errors.UsageError (an unreadable or oversized file)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   if len(shape) != 3:  # a language model's [T] tokens, a flattened [H*W] vector, ...
@@ -359,12 +360,19 @@ def load_image(path, shape):
     raise errors.UsageError(
       f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported"
     )
+  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as im:
-      im = im.convert("L" if c == 1 else "RGB")
+      # Upright, as a photo viewer (and an --image_folder run, data.pil_pixels) reads it.
+      im = ImageOps.exif_transpose(im).convert("L" if c == 1 else "RGB")
       if im.size != (w, h):
         im = im.resize((w, h), Image.BILINEAR)
       pixels = np.asarray(im, dtype=np.float32)
+  except Image.DecompressionBombError as e:
+    raise errors.UsageError(
+      f"{path}: too large to decode safely ({e}): pass a smaller image"
+    ) from None
   except (OSError, ValueError) as e:
     raise errors.UsageError(
       f"{path}: not a readable image ({type(e).__name__}): pass PNG or JPEG files"
@@ -510,11 +518,14 @@ def main(argv, fv):
     for path, top in classify(fv.saved_model, fv.images, fv.top_k, outputs):
       print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
     return
+  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
+
   evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
   damaged = [e for e in evaluated["generations"] + evaluated["ensembles"] if e.get("damaged")]
   print(
-    f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), {len(evaluated['generations'])} generations "
-    f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n"
+    f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), "
+    f"{results_lib.plural(len(evaluated['generations']), 'generation')} and "
+    f"{results_lib.plural(len(evaluated['ensembles']), 'ensemble')} reloaded from their SavedModels\n"
   )
   print(table(evaluated))
   results_path = os.path.join(fv.run_dir, "results.json")

@@ -307,7 +307,14 @@ def plot(runs, path, legends=None):
         alpha=0.2,
       )
     labels.append(label)
-  ax_curve.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  # Whole epochs only: MaxNLocator(integer=True) falls back to fractions when the x range is
+  # under 1 (a 1-epoch run's single point), so few epochs get a tick at every epoch.
+  last = max((len(line.get_xdata()) for line in ax_curve.get_lines()), default=0)
+  ax_curve.xaxis.set_major_locator(
+    matplotlib.ticker.MultipleLocator(1)
+    if last <= 10
+    else matplotlib.ticker.MaxNLocator(integer=True)
+  )
   ax_curve.set_xlabel("epoch")
   ax_curve.set_ylabel(task.curve_label)
   ax_curve.set_title(
@@ -330,11 +337,17 @@ def plot(runs, path, legends=None):
   fig.suptitle(
     f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
     f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
-    f"(T={cfg.get('temperature', '?')}), {cfg.get('epochs', '?')} epochs, {seeds}"
+    f"(T={cfg.get('temperature', '?')}), {results_lib.plural(cfg.get('epochs', '?'), 'epoch')}, {seeds}"
   )
   fig.tight_layout()
   if legends is not None:
+    fig.canvas.draw()
     legends.update(
+      epoch_ticks=[
+        float(t)
+        for t in ax_curve.get_xticks()
+        if ax_curve.get_xlim()[0] <= t <= ax_curve.get_xlim()[1]
+      ],
       summary=[t.get_text() for t in ax_err.get_legend().get_texts()],
       curves=list(labels),
       spread_points=spread,

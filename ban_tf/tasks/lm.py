@@ -27,10 +27,11 @@ from ban_tf import results
 from ban_tf.tasks import base
 
 VOCAB_FILE = "vocab.txt"
+# `text` names the split: the console's "done: test perplexity (per token) 141.20, val perplexity ...".
 TEST_PERPLEXITY = results.Metric(
-  "test_perplexity", "Test perplexity", text="perplexity (per token)"
+  "test_perplexity", "Test perplexity", text="test perplexity (per token)"
 )
-VAL_PERPLEXITY = results.Metric("val_perplexity", "Val perplexity")
+VAL_PERPLEXITY = results.Metric("val_perplexity", "Val perplexity", text="val perplexity")
 
 
 def perplexity(mean_ce):
