@@ -433,7 +433,10 @@ def _fail(msg):
 
 
 def _parse(argv):
+  from ban_tf import flagfile  # pylint: disable=g-import-not-at-top
+
   argv = [a if a != "--verbose" else "--verbose=1" for a in argv]  # a bare --verbose: details back
+  argv = flagfile.resolve_argv(argv)  # --flagfile=flags/...: ban_tf's own, when not under the cwd
   if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
     print(grouped_help(FLAGS))
     sys.exit(0)
