@@ -591,8 +591,9 @@ def check_image(path):
   try:
     with Image.open(path) as im:
       fmt, (w, h), mode = im.format, im.size, im.mode
-      orientation = 1
+      orientation, scan = 1, 0
       if fmt in ("JPEG", "MPO"):
+        scan = im.fp.tell()  # Pillow has read the markers up to the main image's scan data
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
       if fmt in ("BMP", "GIF"):
         im.load()
@@ -610,11 +611,8 @@ def check_image(path):
         im.verify()
     except _PIL_ERRORS as e:
       fail(f"a damaged PNG ({type(e).__name__}: {str(e)[:120]})")
-  elif _DECODABLE[fmt] == "JPEG":
-    with open(path, "rb") as f:
-      f.seek(max(os.path.getsize(path) - 2, 0))
-      if f.read() != b"\xff\xd9":
-        fail("a truncated JPEG (no end-of-image marker)")
+  elif _DECODABLE[fmt] == "JPEG" and not _jpeg_ends(path, scan):
+    fail("a truncated JPEG (no end-of-image marker after its image data)")
   rotated = orientation in range(2, 9)
   return ImageFacts(
     size=(w, h) if orientation in (5, 6, 7, 8) else (h, w),
@@ -622,6 +620,22 @@ def check_image(path):
     via_pil=fmt == "BMP" or rotated,
     rotated=rotated,
   )
+
+
+def _jpeg_ends(path, scan):
+  """Whether a JPEG's image data, which starts at byte `scan`, ends with the end-of-image
+  marker FF D9. Fast path: the file's last two bytes. Else (data appended after the image,
+  e.g. a phone's motion-photo video) the last FF D9 must lie after `scan`: inside the
+  entropy-coded data FF is always followed by 00 or a restart marker, so it is the image's
+  end, not one of an earlier thumbnail's."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(size - 2, 0))
+    if f.read() == b"\xff\xd9":
+      return True
+    f.seek(scan)
+    return f.read().rfind(b"\xff\xd9") >= 0
 
 
 def pil_pixels(path, channels):

@@ -62,6 +62,17 @@ def test_truncated_jpeg_is_named(tmp_path):
     data.Dataset(None, image_folder=root)
 
 
+def test_jpeg_with_data_after_its_end_is_accepted(tmp_path):
+  """A phone's motion photo: a video appended after the JPEG's end-of-image marker; TensorFlow
+  decodes the JPEG (the check must not take it for a truncated one)."""
+  root = _folder(tmp_path, ext=".jpg", size=(48, 64))
+  with open(os.path.join(root, "test", "emu", "000.jpg"), "ab") as f:
+    f.write(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+  ds = data.Dataset(None, image_folder=root)
+  x, _ = _all(ds.test(6))
+  assert x.shape == (6, 48, 64, 3)
+
+
 @pytest.mark.parametrize("mode", ["L", "1", "P"])
 def test_greyscale_and_palette_bmps_decode_as_pillow_reads_them(tmp_path, mode):
   """TensorFlow's decode_bmp refuses 8- and 1-bit BMPs ('channels must be 0, 3 or 4 for
