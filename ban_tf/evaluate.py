@@ -322,8 +322,11 @@ def input_shape(path, model=None):
 
 
 def class_names(path, num_classes):
-  """labels.txt beside the SavedModel, else the run's tfds data set, else class_0..."""
+  """labels.txt inside the SavedModel (or beside it, gen_k/labels.txt), else the run's tfds
+  data set, else class_0..."""
   labels = os.path.join(path, export.LABELS_FILE)
+  if not os.path.exists(labels):
+    labels = os.path.join(os.path.dirname(os.path.normpath(path)), export.LABELS_FILE)
   if os.path.exists(labels):
     with open(labels) as f:
       names = [line.rstrip("\n") for line in f]

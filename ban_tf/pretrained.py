@@ -566,8 +566,8 @@ def import_teacher(cfg, strategy, dataset, out_dir):
     if checked.keras_model is not None:
       export.save_keras(task.stock_model(checked.keras_model), os.path.join(out_dir, "model.keras"))
       facts["weights_sha256"] = train.weights_digest(checked.keras_model)
-  for name, text in spec.assets:
-    export.write_text(text, os.path.join(out_dir, name))
+  for name, text in spec.assets:  # inside the SavedModel, as an image model's labels.txt
+    export.write_text(text, os.path.join(sm_out, name))
   # Evaluated through its gen_0 copy, as the next generation will be taught by it.
   multi_worker = cluster.is_multi_worker(strategy)
   layer = export.load_teacher(sm_out, None if multi_worker else strategy)

@@ -592,8 +592,8 @@ def finish(
     spec=spec,
     stateful=stateful,
   )
-  for name, text in spec.assets:
-    export.write_text(text, os.path.join(out_dir, name))
+  for name, text in spec.assets:  # inside the SavedModel, as an image model's labels.txt
+    export.write_text(text, os.path.join(out_dir, "saved_model", name))
 
 
 def run_generation(cfg, gen, strategy, dataset):

@@ -442,3 +442,19 @@ def test_counts_have_their_grammar():
   assert "1 epoch per generation" in results.title(cfg, lm.TEST_PERPLEXITY)
   assert lm.TEST_PERPLEXITY.text.startswith("test perplexity")  # the split is named
   assert lm.VAL_PERPLEXITY.text.startswith("val perplexity")
+
+
+def test_vocab_and_labels_are_read_from_inside_or_beside_the_saved_model(tmp_path):
+  """New runs write vocab.txt inside saved_model/ (as labels.txt); runs before wrote it beside."""
+  from ban_tf.tasks import lm  # pylint: disable=g-import-not-at-top
+
+  new, old = tmp_path / "new" / "gen_0", tmp_path / "old" / "gen_0"
+  (new / "saved_model").mkdir(parents=True)
+  (old / "saved_model").mkdir(parents=True)
+  (new / "saved_model" / "vocab.txt").write_text("<unk>\n<eos>\nthe\n")
+  (old / "vocab.txt").write_text("<unk>\n<eos>\na\n")
+  assert lm.read_vocab(str(new)) == ("<unk>", "<eos>", "the")
+  assert lm.read_vocab(str(new / "saved_model")) == ("<unk>", "<eos>", "the")
+  assert lm.read_vocab(str(old)) == ("<unk>", "<eos>", "a")
+  (old / "labels.txt").write_text("cat\ndog\n")
+  assert evaluate.class_names(str(old / "saved_model"), 2) == ["cat", "dog"]
