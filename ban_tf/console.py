@@ -45,23 +45,43 @@ def import_tensorflow(verbose):
   file during the import; its text is kept for the log file (`startup_text`) and
   replayed on stderr if the import fails. TF_CPP_MIN_LOG_LEVEL=3 (unless set by the
   user) hides the C++ logs that come later (e.g. cuInit failing on a machine
-  without GPU). Does nothing when TensorFlow is already imported or when verbose.
+  without GPU). Does nothing when TensorFlow is already imported; when verbose, it
+  removes the quiet first import that `import ban_tf` arranges for library use
+  (ban_tf/__init__.py), so that TensorFlow prints what it prints.
   """
-  global _startup_text
-  if is_verbose(verbose) or "tensorflow" in sys.modules:
+  if is_verbose(verbose):
+    import ban_tf  # pylint: disable=g-import-not-at-top
+
+    ban_tf.uninstall_quiet_import()
+    return
+  if "tensorflow" in sys.modules:
+    return
+  with quiet_import():
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import keras  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+
+
+@contextlib.contextmanager
+def quiet_import():
+  """File descriptor 2 into a temporary file for the block (an import of TensorFlow);
+  its text is kept for the log file (`startup_text`), and replayed on stderr if the
+  block fails. Nested: only the outermost redirects."""
+  global _startup_text, _quiet_depth
+  if _quiet_depth:
+    yield
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   sys.stderr.flush()
   saved = os.dup(2)
+  _quiet_depth += 1
   with tempfile.TemporaryFile() as tmp:
     os.dup2(tmp.fileno(), 2)
     ok = False
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-      import keras  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-
+      yield
       ok = True
     finally:
+      _quiet_depth -= 1
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
@@ -69,6 +89,9 @@ def import_tensorflow(verbose):
       _startup_text = startup_lines(tmp.read().decode(errors="replace"))
       if not ok:
         sys.stderr.write(_startup_text)
+
+
+_quiet_depth = 0
 
 
 _startup_text = ""

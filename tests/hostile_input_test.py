@@ -458,3 +458,37 @@ def test_vocab_and_labels_are_read_from_inside_or_beside_the_saved_model(tmp_pat
   assert lm.read_vocab(str(old)) == ("<unk>", "<eos>", "a")
   (old / "labels.txt").write_text("cat\ndog\n")
   assert evaluate.class_names(str(old / "saved_model"), 2) == ["cat", "dog"]
+
+
+def test_tensorflow_start_up_noise_stays_off_the_console_unless_verbose(tmp_path):
+  """Was ~9 lines of TensorFlow's C++ banner on stderr for the Python API and ban_tf.evaluate
+  (the training binary already kept it for log.txt); --verbose still shows it."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  banner = "All log messages before absl::InitializeLog()"
+
+  def stderr(args):
+    proc = subprocess.run(
+      [sys.executable] + args,
+      cwd=str(tmp_path),
+      env=dict(env, PYTHONPATH=REPO),
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    return proc.stderr
+
+  api = stderr(["-c", "from ban_tf import distiller; import keras; print(keras.__version__)"])
+  assert banner not in api and "I0000" not in api, api
+  bad_data = [
+    "-m",
+    "ban_tf.main",
+    "--arch=tiny",
+    "--data_dir=/no/such/dir",
+    f"--run_dir={tmp_path}/r",
+  ]
+  quiet = stderr(bad_data)
+  assert quiet.strip().splitlines() == [
+    "error: --data_dir=/no/such/dir does not exist: point it at a prepared TFDS directory, "
+    "or create it to let tfds download into it"
+  ], quiet
+  assert banner in stderr(bad_data + ["--verbose=1"])
