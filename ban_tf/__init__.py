@@ -2,6 +2,7 @@
 
 import os as _os
 import platform as _platform
+import sys as _sys
 
 # TensorFlow's oneDNN kernels are off by default on x86 CPUs without AVX-512/AMX (e.g.
 # AVX2-only AMD EPYC), and there its own convolution kernels are ~1.6x slower for the
@@ -19,3 +20,53 @@ def onednn_enabled():
     return bool(_pywrap_util_port.IsMklEnabled())
   except (ImportError, AttributeError):
     return None
+
+
+class _QuietTensorFlowImport:
+  """A sys.meta_path finder that runs TensorFlow's first import under console.quiet_import:
+  its C++ start-up banner (about 9 lines on stderr) goes to console.startup_text instead,
+  for library use (`from ban_tf import distiller` before TensorFlow is imported) as for the
+  binaries. Removed after that import, and by console.import_tensorflow(verbose) when the
+  user asked for every line."""
+
+  def find_spec(self, name, path=None, target=None):
+    del path, target
+    if name != "tensorflow":
+      return None
+    uninstall_quiet_import()
+    import importlib.util  # pylint: disable=g-import-not-at-top
+
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.loader is not None:
+      spec.loader = _QuietLoader(spec.loader)
+    return spec
+
+
+class _QuietLoader:
+  def __init__(self, loader):
+    self._loader = loader
+
+  def create_module(self, spec):
+    return self._loader.create_module(spec)
+
+  def exec_module(self, module):
+    from ban_tf import console  # pylint: disable=g-import-not-at-top
+
+    with console.quiet_import():
+      self._loader.exec_module(module)
+
+  def __getattr__(self, name):  # resources and the rest: the real loader's
+    return getattr(self._loader, name)
+
+
+_HOOK = _QuietTensorFlowImport()
+
+
+def uninstall_quiet_import():
+  """Lets TensorFlow's import print what it prints (--verbose)."""
+  if _HOOK in _sys.meta_path:
+    _sys.meta_path.remove(_HOOK)
+
+
+if "tensorflow" not in _sys.modules:
+  _sys.meta_path.insert(0, _HOOK)

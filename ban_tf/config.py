@@ -13,6 +13,7 @@ task's `validate` (tasks/).
 
 import dataclasses
 import json
+import math
 import os
 from typing import Optional
 
@@ -48,6 +49,9 @@ NON_EXPERIMENT_FIELDS = frozenset(
 STRATEGIES = ("auto", "multi_worker")
 # In --teacher, replaced by each --seeds run's base seed: one teacher per seed (docs/variants.md).
 TEACHER_SEED = "{seed}"
+# Every seed a run uses goes to keras.utils.set_random_seed (and NumPy's RandomState),
+# which take 0 <= seed < 2**32.
+SEED_RANGE = (0, 2**32 - 1)
 
 
 def check_writable_dir(path: str, flag: str) -> None:
@@ -326,6 +330,21 @@ class Config:
       "(docs/variants.md)"
     )
 
+  def all_seeds(self) -> dict:
+    """{seed: what uses it} for every seed the run derives: each --seeds base seed
+    (seed + 100 i) and, per base, every generation's (seed_for: base + k, or the
+    --student_seed moved with the base + k - 1) and the baseline's."""
+    out = {}
+    for base in self.seed_list():
+      student = None if self.student_seed is None else self.student_seed + base - self.seed
+      sub = dataclasses.replace(self, seed=base, student_seed=student, seeds=1)
+      at = f" of base seed {base}" if self.seeds > 1 else ""
+      for gen in range(self.gens + 1):
+        out.setdefault(sub.seed_for(gen), f"generation {gen}{at}")
+      if self.baseline:
+        out.setdefault(sub.seed_for("baseline"), f"the baseline{at}")
+    return out
+
   @property
   def data_name(self) -> str:
     """The tfds name, or the image folder's name."""
@@ -447,6 +466,26 @@ class Config:
         )
       pretrained.check_path(path)
 
+  def _validate_seeds(self, need) -> None:
+    """Every seed the run derives (all_seeds) is in SEED_RANGE; checked before anything is written."""
+    low, high = SEED_RANGE
+    need(low <= self.seed <= high, f"--seed={self.seed}: must be in [{low}, {high}]")
+    need(
+      self.student_seed is None or low <= self.student_seed <= high,
+      f"--student_seed={self.student_seed}: must be in [{low}, {high}]",
+    )
+    if self.gens < 0 or self.seeds < 1:  # their own checks name them
+      return
+    for seed, user in self.all_seeds().items():
+      need(
+        low <= seed <= high,
+        f"--seed={self.seed}"
+        + (f" --student_seed={self.student_seed}" if self.student_seed is not None else "")
+        + f" --gens={self.gens}"
+        + (f" --seeds={self.seeds}" if self.seeds > 1 else "")
+        + f" gives {user} the seed {seed}, outside [{low}, {high}]: use a smaller seed",
+      )
+
   def check_paths(self) -> None:
     """The run directory (--run_dir or the default) can be created and written.
 
@@ -463,6 +502,14 @@ class Config:
       if not cond:
         raise errors.UsageError(msg)
 
+    for f in dataclasses.fields(
+      self
+    ):  # nan and inf pass every comparison below (or fail it obscurely)
+      values = getattr(self, f.name)
+      values = values if isinstance(values, tuple) else (values,)
+      bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+      need(not bad, f"--{f.name}={bad[0] if bad else ''}: must be a finite number")
+    self._validate_seeds(need)
     need(self.gens >= 0, f"--gens={self.gens}: must be >= 0 (0 trains only the teacher)")
     need(self.epochs >= 1, f"--epochs={self.epochs}: must be >= 1")
     need(self.batch_size >= 1, f"--batch_size={self.batch_size}: must be >= 1")
@@ -538,9 +585,10 @@ class Config:
       f"--image_folder={self.image_folder} and --dataset={self.dataset} both name the data: drop one",
     )
     need(
-      all(0 < m <= 1 for m in self.lr_milestones)
-      and list(self.lr_milestones) == sorted(self.lr_milestones),
-      f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use increasing fractions of the epochs in (0, 1]",
+      all(0 < m < 1 for m in self.lr_milestones)
+      and all(a < b for a, b in zip(self.lr_milestones, self.lr_milestones[1:])),
+      f"--lr_milestones={','.join(map(str, self.lr_milestones))}: use strictly increasing "
+      "fractions of the epochs in (0, 1), e.g. 0.3,0.6,0.8",
     )
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
     need(self.num_cpu_devices >= 0, f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
@@ -580,6 +628,11 @@ class Config:
     need(
       self.gens >= 1 or not (self.baseline or self.share_stem_head or self.feature_weight),
       "--baseline, --share_stem_head and --feature_weight need students: use --gens >= 1",
+    )
+    need(
+      self.gens >= 1 or not self.ensemble_include_teacher,
+      "--ensemble_include_teacher adds the teacher to the BANE-k ensembles of students, and "
+      "--gens=0 trains none: use --gens >= 1 or drop it",
     )
     need(self.task in TASKS, f"--task={self.task!r}: use one of {', '.join(TASKS)}")
     need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")

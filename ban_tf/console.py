@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import logging as std_logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -44,33 +45,71 @@ def import_tensorflow(verbose):
   file during the import; its text is kept for the log file (`startup_text`) and
   replayed on stderr if the import fails. TF_CPP_MIN_LOG_LEVEL=3 (unless set by the
   user) hides the C++ logs that come later (e.g. cuInit failing on a machine
-  without GPU). Does nothing when TensorFlow is already imported or when verbose.
+  without GPU). Does nothing when TensorFlow is already imported; when verbose, it
+  removes the quiet first import that `import ban_tf` arranges for library use
+  (ban_tf/__init__.py), so that TensorFlow prints what it prints.
   """
-  global _startup_text
-  if is_verbose(verbose) or "tensorflow" in sys.modules:
+  if is_verbose(verbose):
+    import ban_tf  # pylint: disable=g-import-not-at-top
+
+    ban_tf.uninstall_quiet_import()
+    return
+  if "tensorflow" in sys.modules:
+    return
+  with quiet_import():
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import keras  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+
+
+@contextlib.contextmanager
+def quiet_import():
+  """File descriptor 2 into a temporary file for the block (an import of TensorFlow);
+  its text is kept for the log file (`startup_text`), and replayed on stderr if the
+  block fails. Nested: only the outermost redirects."""
+  global _startup_text, _quiet_depth
+  if _quiet_depth:
+    yield
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   sys.stderr.flush()
   saved = os.dup(2)
+  _quiet_depth += 1
   with tempfile.TemporaryFile() as tmp:
     os.dup2(tmp.fileno(), 2)
     ok = False
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-      import keras  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-
+      yield
       ok = True
     finally:
+      _quiet_depth -= 1
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
       tmp.seek(0)
-      _startup_text = tmp.read().decode(errors="replace")
+      _startup_text = startup_lines(tmp.read().decode(errors="replace"))
       if not ok:
         sys.stderr.write(_startup_text)
 
 
+_quiet_depth = 0
+
+
 _startup_text = ""
+_STARTED = time.time()  # the process's start, near enough: the log file's header gives it
+# A C++ log line's prefix: severity, date or 0000, time, thread id (absl's LOG format).
+_CPP_PREFIX = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ")
+
+
+def startup_lines(text):
+  """`text` without repeated lines: TensorFlow loads two libraries that each print the same
+  start-up banner; lines equal but for their C++ log prefix's time count as repeats."""
+  seen, out = set(), []
+  for line in text.splitlines(keepends=True):
+    key = _CPP_PREFIX.sub(r"\1 ", line)
+    if key not in seen:
+      seen.add(key)
+      out.append(line)
+  return "".join(out)
 
 
 class _Buffer(std_logging.Handler):
@@ -87,6 +126,16 @@ class _Buffer(std_logging.Handler):
 _session = None
 
 
+class _ConsoleFormat(std_logging.Formatter):
+  """A console record as the binary's own lines are: `warning: ...` (like `error: ...`)."""
+
+  def format(self, record):
+    return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+_CONSOLE_FORMAT = _ConsoleFormat()
+
+
 @contextlib.contextmanager
 def quiet_logs(verbose):
   """The console keeps warnings (all with `verbose`); every record waits for `log_file`.
@@ -94,7 +143,8 @@ def quiet_logs(verbose):
   Python logs (absl, Keras, TensorFlow, tfds) all reach the root logger, where
   absl's handler writes them to stderr: that handler is raised to WARNING unless
   `verbose` (or absl's --logtostderr / --alsologtostderr), and a buffer keeps every record for log.txt, which opens only once the
-  run directory is checked and locked (a refused run writes nothing).
+  run directory is checked and locked (a refused run writes nothing). The console then
+  shows a warning as `warning: MESSAGE`, the form of the binary's `error: ...` lines.
   """
   global _session
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -107,14 +157,17 @@ def quiet_logs(verbose):
   _session = {"buffer": buffer}
   logging.set_verbosity(logging.INFO)
   tf.get_logger().setLevel(std_logging.INFO)
+  formatter = absl_handler.python_handler.formatter
   if (
     not is_verbose(verbose) and not _absl_flag("logtostderr") and not _absl_flag("alsologtostderr")
   ):
     absl_handler.setLevel(std_logging.WARNING)
+    absl_handler.python_handler.setFormatter(_CONSOLE_FORMAT)  # "warning: ...", as "error: ..."
   try:
     yield
   finally:
     root.removeHandler(buffer)
+    absl_handler.python_handler.setFormatter(formatter)
     absl_handler.setLevel(saved[0])
     logging.set_verbosity(saved[1])
     tf.get_logger().setLevel(saved[2])
@@ -145,10 +198,9 @@ def log_file(directory):
   )
   handler.setLevel(std_logging.DEBUG)
   with open(path, "a", encoding="utf-8") as f:
-    f.write(
-      f"==== {datetime.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: "
-      f"{' '.join(sys.argv)}\n"
-    )
+    # The process's start: the records kept since (buffered) follow with their own times.
+    started = datetime.datetime.fromtimestamp(_STARTED).isoformat(timespec="seconds")
+    f.write(f"==== {started} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     if _startup_text:
       f.write("(printed while TensorFlow was imported)\n" + _startup_text)
   root = std_logging.getLogger()
@@ -166,6 +218,27 @@ def log_file(directory):
     handler.close()
     if buffer is not None:
       root.addHandler(buffer)
+
+
+# ---- the binaries' entry point ---------------------------------------------------------
+
+
+def run_app(main, **kwargs):
+  """absl's app.run(main, **kwargs) for ban_tf's binaries (main, evaluate, report).
+
+  A reader of stdout that goes away early (`python -m ban_tf.main --help | head`)
+  ends the binary quietly, as it ends a C tool: exit code 141 (128 + SIGPIPE), no
+  BrokenPipeError traceback. A training run stopped this way resumes like a killed one.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  try:
+    app.run(main, **kwargs)
+  except BrokenPipeError:
+    # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + signal.SIGPIPE)
 
 
 # ---- interruption -------------------------------------------------------------------
@@ -214,6 +287,12 @@ def interrupted_line(exc=None) -> str:
 # ---- run-level progress ---------------------------------------------------------------
 
 
+def _count(n, word):
+  from ban_tf import results  # pylint: disable=g-import-not-at-top
+
+  return results.plural(n, word)
+
+
 def _hms(seconds) -> str:
   return str(datetime.timedelta(seconds=int(round(max(seconds, 0)))))
 
@@ -254,7 +333,7 @@ class Progress:
       first_epoch >= epochs
     ):  # interrupted after its last epoch: only evaluation and export are left
       self.where = self._after_training(gen, epochs)
-      resumed = f" (all {epochs} epochs trained before: evaluating and exporting)"
+      resumed = f" (all {_count(epochs, 'epoch')} trained before: evaluating and exporting)"
     else:
       self.where = f"{os.path.basename(gen.out_dir)} epoch {first_epoch + 1}"
       resumed = f" (resuming at epoch {first_epoch + 1})" if first_epoch else ""
@@ -262,7 +341,7 @@ class Progress:
 
   @staticmethod
   def _after_training(gen, epochs):
-    return f"{os.path.basename(gen.out_dir)} evaluation (all {epochs} epochs trained)"
+    return f"{os.path.basename(gen.out_dir)} evaluation (all {_count(epochs, 'epoch')} trained)"
 
   def epoch_begin(self, gen, epoch):
     self.where = f"{os.path.basename(gen.out_dir)} epoch {epoch + 1}"
@@ -323,10 +402,12 @@ def summary_line(cfg, replicas, spec) -> str:
   """The one-line config summary (config.json holds every field)."""
   teacher = cfg.teacher_label  # the architecture, or "<file> (pretrained)" with --teacher
   arch = cfg.arch_for(1) if teacher == cfg.arch_for(1) else f"{teacher} -> {cfg.arch_for(1)}"
+  from ban_tf import results  # pylint: disable=g-import-not-at-top
+
   sizes = f"{spec.num_train}/{spec.num_val}/{spec.num_test} {spec.unit}"
   seeds = f"seeds {','.join(map(str, cfg.seed_list()))}" if cfg.seeds > 1 else f"seed {cfg.seed}"
   return (
-    f"{spec.name} (train/val/test {sizes}), {arch}, {cfg.gens} generation(s) of {cfg.resolved_loss} "
-    f"(T={cfg.temperature:g}), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, {seeds}, "
+    f"{spec.name} (train/val/test {sizes}), {arch}, {results.plural(cfg.gens, 'generation')} of {cfg.resolved_loss} "
+    f"(T={cfg.temperature:g}), {results.plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}, lr {cfg.lr:g}, {seeds}, "
     f"{replicas} replica{'s' if replicas > 1 else ''}"
   )

@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -549,10 +550,108 @@ def _folder_files(directory):
   }
 
 
-def _folder_source(root, image_size):
-  """DIR/{train,test[,val]}/<class>/<image>; classes from train/'s folder names."""
+@dataclasses.dataclass(frozen=True)
+class ImageFacts:
+  """What check_image found: size (H, W) as decoded (EXIF orientation applied), whether
+  the file is greyscale, whether Pillow decodes it (pil_pixels), whether it is rotated."""
+
+  size: tuple
+  grey: bool
+  via_pil: bool
+  rotated: bool
+
+
+_EXIF_ORIENTATION = 0x0112  # 1 = upright; 5-8 swap width and height
+# Pillow raises many kinds for a damaged file (OSError, SyntaxError, EOFError, ValueError,
+# struct.error, ...): any of them means the file does not decode.
+_PIL_ERRORS = (Exception,)
+
+
+def check_image(path):
+  """Checks that an image file decodes, without decoding every pixel where a cheaper check suffices.
+
+  Per format (measured cost per file in docs/reliability.md): PNG: Image.verify()
+  (every chunk's CRC up to IEND: a truncated or damaged file fails); JPEG: the header
+  and the end-of-image marker (a truncated file lacks it); BMP and GIF: decoded
+  (cheap; TensorFlow's decode_bmp refuses 1- and 8-bit BMPs, so Pillow decodes every
+  BMP, pil_pixels). Every format: Pillow's decompression-bomb limit
+  (Image.MAX_IMAGE_PIXELS x 2) on the declared size; the EXIF orientation of a JPEG
+  (a rotated one is decoded by Pillow, upright).
+
+  Returns:
+    ImageFacts.
+  Raises:
+    errors.DataError: one line naming the file and the fix.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
+  def fail(why):
+    raise errors.DataError(f"{path}: {why}: remove or replace it")
+
+  try:
+    with Image.open(path) as im:
+      fmt, (w, h), mode = im.format, im.size, im.mode
+      orientation, scan = 1, 0
+      if fmt in ("JPEG", "MPO"):
+        scan = im.fp.tell()  # Pillow has read the markers up to the main image's scan data
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+      if fmt in ("BMP", "GIF"):
+        im.load()
+  except Image.DecompressionBombError as e:
+    fail(f"too large to decode safely ({e})")
+  except _PIL_ERRORS as e:  # Pillow raises many kinds for a damaged file
+    fail(f"not a readable image ({type(e).__name__}: {str(e)[:120]})")
+  if fmt not in _DECODABLE:  # tf.io.decode_image would stop the run later, with a traceback
+    raise errors.DataError(
+      f"{path}: a {fmt} image under an image name: convert it to PNG or JPEG, or remove it"
+    )
+  if fmt == "PNG":
+    try:
+      with Image.open(path) as im:
+        im.verify()
+    except _PIL_ERRORS as e:
+      fail(f"a damaged PNG ({type(e).__name__}: {str(e)[:120]})")
+  elif _DECODABLE[fmt] == "JPEG" and not _jpeg_ends(path, scan):
+    fail("a truncated JPEG (no end-of-image marker after its image data)")
+  rotated = orientation in range(2, 9)
+  return ImageFacts(
+    size=(w, h) if orientation in (5, 6, 7, 8) else (h, w),
+    grey=mode in ("1", "L", "I", "I;16", "F"),
+    via_pil=fmt == "BMP" or rotated,
+    rotated=rotated,
+  )
+
+
+def _jpeg_ends(path, scan):
+  """Whether a JPEG's image data, which starts at byte `scan`, ends with the end-of-image
+  marker FF D9. Fast path: the file's last two bytes. Else (data appended after the image,
+  e.g. a phone's motion-photo video) the last FF D9 must lie after `scan`: inside the
+  entropy-coded data FF is always followed by 00 or a restart marker, so it is the image's
+  end, not one of an earlier thumbnail's."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(size - 2, 0))
+    if f.read() == b"\xff\xd9":
+      return True
+    f.seek(scan)
+    return f.read().rfind(b"\xff\xd9") >= 0
+
+
+def pil_pixels(path, channels):
+  """uint8 [H, W, channels] pixels of an image file decoded by Pillow, EXIF orientation applied
+  (what the folder pipeline uses for BMPs and rotated JPEGs)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as im:
+    im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
+    pixels = np.asarray(im, dtype=np.uint8)
+  return pixels[..., None] if channels == 1 else pixels
+
+
+def _folder_source(root, image_size):
+  """DIR/{train,test[,val]}/<class>/<image>; classes from train/'s folder names."""
   fix = (
     "lay it out as DIR/train/<class>/*.png and DIR/test/<class>/*.png (optional DIR/val/<class>/*)"
   )
@@ -585,24 +684,32 @@ def _folder_source(root, image_size):
         f"--image_folder: {split}/ has classes {extra} that train/ does not: "
         "give every class training images, or remove them"
       )
-  # Image headers only (no pixels): the common size and the colour mode.
-  sizes, grey = set(), True
+  # Every file is checked here, before any training, for what decoding it later needs
+  # (check_image): the common size and the colour mode; which files Pillow decodes.
+  sizes, grey, via_pil, rotated, shapes = set(), True, set(), [], {}
   for per_class in files.values():
     for paths in per_class.values():
       for path in paths:
-        try:
-          with Image.open(path) as im:
-            fmt = im.format
-            sizes.add((im.height, im.width))
-            grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
-        except (OSError, ValueError) as e:
-          raise errors.DataError(
-            f"{path}: not a readable image ({type(e).__name__}): remove or replace it"
-          ) from None
-        if fmt not in _DECODABLE:  # tf.io.decode_image would stop the run later, with a traceback
-          raise errors.DataError(
-            f"{path}: a {fmt} image under an image name: convert it to PNG or JPEG, or remove it"
-          )
+        fact = check_image(path)
+        sizes.add(fact.size)
+        shapes[path] = fact.size
+        grey = grey and fact.grey
+        if fact.via_pil:
+          via_pil.add(path)
+        if fact.rotated:
+          rotated.append(path)
+  if len(class_names) < 2:
+    raise errors.DataError(
+      f"--image_folder={root}: train/ has one class ({class_names[0]}), so every prediction would "
+      "be right: a classifier needs two or more class folders"
+    )
+  if rotated:
+    absl_logging.warning(
+      "--image_folder: %d JPEG file(s) carry an EXIF orientation (e.g. %s): read upright, as a "
+      "photo viewer shows them",
+      len(rotated),
+      rotated[0],
+    )
   if not image_size:
     if len(sizes) > 1:
       raise errors.DataError(
@@ -611,6 +718,24 @@ def _folder_source(root, image_size):
       )
     image_size = next(iter(sizes))
   channels = 1 if grey else 3
+  h, w = image_size
+  squashed = [p for p, (ph, pw) in shapes.items() if abs(ph * w - pw * h) > 0.01 * ph * w]
+  if squashed:
+    absl_logging.warning(
+      "--image_size=%d,%d resizes every image to exactly %dx%d (H x W) without keeping its "
+      "proportions: %d of %d images have another aspect ratio (e.g. %s, %dx%d) and are squashed; "
+      "crop them to %d:%d first to avoid that",
+      h,
+      w,
+      h,
+      w,
+      len(squashed),
+      len(shapes),
+      squashed[0],
+      *shapes[squashed[0]],
+      h,
+      w,
+    )
 
   resize = _resizer(tuple(image_size)) if sizes != {tuple(image_size)} else None
 
@@ -627,12 +752,31 @@ def _folder_source(root, image_size):
       order = np.random.RandomState(_FOLDER_ORDER_SEED).permutation(len(paths))
       paths, labels = [paths[i] for i in order], [labels[i] for i in order]
 
-    def decode(path, label):
-      image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-      return image, label
+    def tf_decode(path):
+      return tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
-    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    def pil_decode(path):
+      image = tf.numpy_function(
+        lambda p: pil_pixels(p.decode(), channels), [path], tf.uint8, stateful=False
+      )
+      image.set_shape([None, None, channels])
+      return image
+
+    pil = [p in via_pil for p in paths]
+    if any(pil):  # BMPs and rotated JPEGs: Pillow; the rest as before, so old runs read the same
+
+      def decode(path, label, use_pil):
+        return tf.cond(use_pil, lambda: pil_decode(path), lambda: tf_decode(path)), label
+
+      ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64), pil))
+      ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    else:
+      ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
+      ds = ds.map(
+        lambda path, label: (tf_decode(path), label),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+      )
     if resize:
       ds = ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True)
     shape = tuple(image_size) + (channels,)
@@ -699,14 +843,15 @@ def _open_builder(name, data_dir):
       raise errors.DataError(
         f"dataset {name!r} is not prepared in {where} and cannot be downloaded "
         f"({_DOWNLOAD_PROBE[0]} is unreachable): pass --data_dir pointing at a prepared "
-        "TFDS directory, or run once with internet access"
+        "TFDS directory, or run once with internet access (README: 'Data sets offline')"
       )
     try:
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       raise errors.DataError(
         f"dataset {name!r} is not prepared in {where} and could not be downloaded ({_short(e)}): "
-        "connect to the internet once, or pass --data_dir pointing at a prepared TFDS directory"
+        "connect to the internet once, or pass --data_dir pointing at a prepared TFDS directory "
+        "(README: 'Data sets offline')"
       ) from None
   return builder
 

@@ -20,12 +20,17 @@ import re
 import sys
 
 import numpy as np
-import tensorflow as tf
 
-from ban_tf import errors
-from ban_tf import export
-from ban_tf import layout
-from ban_tf import rundir
+from ban_tf import console
+
+if __name__ == "__main__":  # the binary: TensorFlow's start-up noise stays off the console
+  console.import_tensorflow("auto")
+import tensorflow as tf  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from ban_tf import errors  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import export  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import layout  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import rundir  # noqa: E402  # pylint: disable=wrong-import-position
 
 SPLITS = ("test", "val")
 
@@ -292,8 +297,11 @@ def input_shape(path, model=None):
 
 
 def class_names(path, num_classes):
-  """labels.txt beside the SavedModel, else the run's tfds data set, else class_0..."""
+  """labels.txt inside the SavedModel (or beside it, gen_k/labels.txt), else the run's tfds
+  data set, else class_0..."""
   labels = os.path.join(path, export.LABELS_FILE)
+  if not os.path.exists(labels):
+    labels = os.path.join(os.path.dirname(os.path.normpath(path)), export.LABELS_FILE)
   if os.path.exists(labels):
     with open(labels) as f:
       names = [line.rstrip("\n") for line in f]
@@ -318,7 +326,8 @@ def class_names(path, num_classes):
 
 
 def load_image(path, shape):
-  """Raw 0..255 float32 pixels of an image file, converted and resized to (H, W, C)."""
+  """Raw 0..255 float32 pixels of an image file, EXIF orientation applied, converted and
+  resized to (H, W, C). Raises errors.UsageError (an unreadable or oversized file)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   if len(shape) != 3:  # a language model's [T] tokens, a flattened [H*W] vector, ...
@@ -331,12 +340,19 @@ def load_image(path, shape):
     raise errors.UsageError(
       f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported"
     )
+  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as im:
-      im = im.convert("L" if c == 1 else "RGB")
+      # Upright, as a photo viewer (and an --image_folder run, data.pil_pixels) reads it.
+      im = ImageOps.exif_transpose(im).convert("L" if c == 1 else "RGB")
       if im.size != (w, h):
         im = im.resize((w, h), Image.BILINEAR)
       pixels = np.asarray(im, dtype=np.float32)
+  except Image.DecompressionBombError as e:
+    raise errors.UsageError(
+      f"{path}: too large to decode safely ({e}): pass a smaller image"
+    ) from None
   except (OSError, ValueError) as e:
     raise errors.UsageError(
       f"{path}: not a readable image ({type(e).__name__}): pass PNG or JPEG files"
@@ -479,11 +495,14 @@ def main(argv, fv):
     for path, top in classify(fv.saved_model, fv.images, fv.top_k, outputs):
       print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
     return
+  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
+
   evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
   damaged = [e for e in evaluated["generations"] + evaluated["ensembles"] if e.get("damaged")]
   print(
-    f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), {len(evaluated['generations'])} generations "
-    f"and {len(evaluated['ensembles'])} ensembles reloaded from their SavedModels\n"
+    f"{fv.run_dir}: {' and '.join(evaluated['splits'])} split(s), "
+    f"{results_lib.plural(len(evaluated['generations']), 'generation')} and "
+    f"{results_lib.plural(len(evaluated['ensembles']), 'ensemble')} reloaded from their SavedModels\n"
   )
   print(table(evaluated))
   if evaluated.get("predictions_computed"):
@@ -564,7 +583,6 @@ def cli(argv, fv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
 
@@ -582,4 +600,4 @@ if __name__ == "__main__":
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it opens at INFO
     sys.exit(cli(argv, flags.FLAGS))
 
-  app.run(_main, flags_parser=_parse)
+  console.run_app(_main, flags_parser=_parse)

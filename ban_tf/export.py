@@ -6,6 +6,7 @@ and is not. A generation's SavedModel carries a fingerprint (its logits on a fix
 pseudo-random batch) that is re-checked before it teaches the next generation.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,22 +73,36 @@ def _replace_dir(tmp, path):
 
 
 def write_json(obj, path):
-  tmp = _tmp_path(path)
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """`obj` as indented JSON into `path`, atomically (write_text)."""
+  write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 def write_text(text, path):
+  """`text` into `path` atomically: a fsynced temporary sibling renamed into place.
+
+  Raises OSError when it cannot be written (no permission, `path` is a directory, a
+  full disk), leaving `path` as it was and no temporary file behind.
+  """
+  _write_atomic(text, path, "w")
+
+
+def write_bytes(data, path):
+  """`data` (bytes) into `path` atomically, as write_text does."""
+  _write_atomic(data, path, "wb")
+
+
+def _write_atomic(content, path, mode):
   tmp = _tmp_path(path)
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, mode) as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def read_json(path):

@@ -12,7 +12,6 @@ import re
 import sys
 import typing
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -441,7 +440,10 @@ def _fail(msg):
 
 
 def _parse(argv):
+  from ban_tf import flagfile  # pylint: disable=g-import-not-at-top
+
   argv = [a if a != "--verbose" else "--verbose=1" for a in argv]  # a bare --verbose: details back
+  argv = flagfile.resolve_argv(argv)  # --flagfile=flags/...: ban_tf's own, when not under the cwd
   if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
     print(grouped_help(FLAGS))
     sys.exit(0)
@@ -453,5 +455,7 @@ def _parse(argv):
 
 
 if __name__ == "__main__":
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
+
   define_flags()
-  app.run(main, flags_parser=_parse)
+  console.run_app(main, flags_parser=_parse)

@@ -31,6 +31,7 @@ Top-level imports are the standard library only: `Config.validate` calls `check_
 
 import functools
 import hashlib
+import math
 import os
 
 from ban_tf import errors
@@ -475,6 +476,27 @@ def check_teacher(cfg, spec):
   return Checked(SAVED_MODEL if kind == GENERATION else kind, src, facts, model, keras_model)
 
 
+# One-sided z of a binomial count above chance; 3.09 ~ p = 0.001 (normal approximation).
+_CHANCE_Z = 3.09
+
+
+def near_chance(accuracy, num_classes, count):
+  """Whether a top-1 `accuracy` over `count` examples is not clearly above chance (1/classes).
+
+  A one-sided test of the correct count k = accuracy x count against Binomial(count,
+  1/classes) by its normal approximation: near chance when z = (k - count p) /
+  sqrt(count p (1 - p)) < 3.09 (p ~ 0.001). So a weak but working teacher passes
+  (30% on 4 classes: z = 3.7 on 1000 examples, 11.5 on 10000), while a teacher that
+  reads the pixels wrongly (near-constant outputs: accuracy ~ 1/classes) is flagged;
+  on a very small test set nothing is clearly above chance, and it says so.
+  """
+  p = 1.0 / max(num_classes, 1)
+  if count <= 0 or p >= 1:
+    return False
+  z = (accuracy - p) * count / math.sqrt(count * p * (1 - p))
+  return z < _CHANCE_Z
+
+
 def import_teacher(cfg, strategy, dataset, out):
   """Makes --teacher generation 0 in `out` (the run's gen_0/, a rundir.ModelDir); returns its metrics dict.
 
@@ -574,12 +596,17 @@ def import_teacher(cfg, strategy, dataset, out):
     result[task.headline.key],
   )
   chance = 1.0 / max(spec.num_outputs, 1)
-  if spec.output_unit == "classes" and result["test_accuracy"] < 1.5 * chance:
+  if spec.output_unit == "classes" and near_chance(
+    result["test_accuracy"], spec.num_outputs, spec.num_test
+  ):
     logging.warning(
-      "--teacher=%s scores %.4f test accuracy, near chance (%.4f): does it take raw pixels in "
-      "[0, 255], as the data set gives them? (README 'Your own teacher')",
+      "--teacher=%s scores %.4f test accuracy on %d examples, not clearly above chance (%.4f for "
+      "%d classes): does it take raw pixels in [0, 255], as the data set gives them? (README "
+      "'Your own teacher')",
       cfg.resolved_teacher,
       result["test_accuracy"],
+      spec.num_test,
       chance,
+      spec.num_outputs,
     )
   return result

@@ -14,6 +14,7 @@ mean and the sample standard deviation (ddof=1) of each model's headline metric
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ def load_run(path):
     raise errors.UsageError(
       f"{path} holds the summary of several runs, not one run: pass it as --run_dir"
     )
+  _check_numbers(res_path, results)
   histories = {}
   for g in results["generations"]:
     model = files.generation(g["gen"])
@@ -83,6 +85,36 @@ def load_run(path):
       except errors.UsageError as e:
         logging.warning("%s", e)
   return Run(path, cfg, results, histories)
+
+
+# The rows' fields that are numbers (or null); anything else in them is a damaged results.json.
+_NUMBER_KEYS = ("params", "epochs", "seconds")
+_NUMBER_SUFFIXES = ("_accuracy", "_error", "_perplexity", "_loss")
+
+
+def _check_numbers(path, results):
+  """Raises errors.RunDirError naming the first row field of results.json that should be a
+  number and is not (e.g. "test_error": "abc"), instead of a ValueError deep in a table."""
+  rows = list(results.get("generations") or []) + list(results.get("ensembles") or [])
+  rows += [results["baseline"]] if isinstance(results.get("baseline"), dict) else []
+  for row in rows:
+    if not isinstance(row, dict):
+      raise errors.RunDirError(
+        f"{path} is damaged (a row is {type(row).__name__}, not an object): rerun the training "
+        "command to rebuild it from the generations"
+      )
+    for key, value in row.items():
+      numeric = key in _NUMBER_KEYS or key.endswith(_NUMBER_SUFFIXES)
+      if (
+        numeric
+        and value is not None
+        and (isinstance(value, bool) or not isinstance(value, (int, float)))
+      ):
+        name = row.get("name") or row.get("role") or row.get("gen")
+        raise errors.RunDirError(
+          f"{path} is damaged ({name}'s {key} is {value!r}, not a number): rerun the training "
+          "command to rebuild it from the generations"
+        )
 
 
 def _is_single_run(path):
@@ -614,7 +646,14 @@ def plot(runs, path, legends=None):
         alpha=0.2,
       )
     labels.append(label)
-  ax_curve.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  # Whole epochs only: MaxNLocator(integer=True) falls back to fractions when the x range is
+  # under 1 (a 1-epoch run's single point), so few epochs get a tick at every epoch.
+  last = max((len(line.get_xdata()) for line in ax_curve.get_lines()), default=0)
+  ax_curve.xaxis.set_major_locator(
+    matplotlib.ticker.MultipleLocator(1)
+    if last <= 10
+    else matplotlib.ticker.MaxNLocator(integer=True)
+  )
   ax_curve.set_xlabel("epoch")
   ax_curve.set_ylabel(task.curve_label)
   ax_curve.set_title(
@@ -637,7 +676,7 @@ def plot(runs, path, legends=None):
   fig.suptitle(
     f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
     f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
-    f"(T={cfg.get('temperature', '?')}), {cfg.get('epochs', '?')} epochs, {seeds}"
+    f"(T={cfg.get('temperature', '?')}), {results_lib.plural(cfg.get('epochs', '?'), 'epoch')}, {seeds}"
   )
   drawn = {}
   if show_deltas:
@@ -649,7 +688,13 @@ def plot(runs, path, legends=None):
     )
   fig.tight_layout()
   if legends is not None:
+    fig.canvas.draw()
     legends.update(
+      epoch_ticks=[
+        float(t)
+        for t in ax_curve.get_xticks()
+        if ax_curve.get_xlim()[0] <= t <= ax_curve.get_xlim()[1]
+      ],
       summary=[t.get_text() for t in ax_err.get_legend().get_texts()],
       curves=list(labels),
       spread_points=spread,
@@ -726,12 +771,12 @@ def draw_deltas(ax, names, comparisons, unit, references=()):
 
 
 def _save(fig, path):
-  tmp = os.path.join(
-    os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}"
-  )
-  fig.savefig(tmp, dpi=110, format="png")
+  """Writes the figure to `path` atomically (export.write_bytes: no temporary file is left
+  behind when the write fails)."""
+  png = io.BytesIO()
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
+  export.write_bytes(png.getvalue(), path)
 
 
 def plot_comparison(rows, path, task, title="", legends=None):
@@ -898,7 +943,7 @@ def write_series(logdir, metric, points, text=None):
 
   def scalar(run, step, tag, value):
     if run not in writers:
-      writers[run] = tf.summary.create_file_writer(os.path.join(logdir, run))
+      writers[run] = _file_writer(tf, os.path.join(logdir, run))
     with writers[run].as_default(step=step):
       tf.summary.scalar(tag, value)
 
@@ -912,9 +957,7 @@ def write_series(logdir, metric, points, text=None):
         if bound is not None:
           scalar(family + suffix, step, "by_generation/delta_vs_teacher", bound)
   if text is not None:
-    w = writers.get("generations") or tf.summary.create_file_writer(
-      os.path.join(logdir, "generations")
-    )
+    w = writers.get("generations") or _file_writer(tf, os.path.join(logdir, "generations"))
     writers["generations"] = w
     with w.as_default(step=0):
       tf.summary.text("results", text)
@@ -949,7 +992,7 @@ def write_comparison_summary(out_dir, rows, groups, task, text):
   root = os.path.join(out_dir, layout.TENSORBOARD)
   logdir = os.path.join(root, "comparison")
   shutil.rmtree(logdir, ignore_errors=True)
-  writer = tf.summary.create_file_writer(logdir)
+  writer = _file_writer(tf, logdir)
   with writer.as_default(step=0):
     tf.summary.text("comparison", text)
   writer.close()
@@ -960,6 +1003,15 @@ def write_comparison_summary(out_dir, rows, groups, task, text):
       (r["key"], r["mean"], r.get("vs_teacher")) for r in ([teacher] if teacher else []) + own
     ]
     write_series(os.path.join(root, g.label), task.headline, points)
+
+
+def _file_writer(tf, logdir, **kwargs):
+  """tf.summary.create_file_writer, whose failure (TF's PermissionDeniedError on a read-only
+  directory) is the OSError every other write of the report raises."""
+  try:
+    return tf.summary.create_file_writer(logdir, **kwargs)
+  except tf.errors.OpError as e:
+    raise OSError(None, e.message.rsplit(";", 1)[-1].strip(), logdir) from None
 
 
 def write_hparams(run):
@@ -985,7 +1037,7 @@ def write_hparams(run):
   def fresh_writer(logdir):
     for old in glob.glob(os.path.join(logdir, "*" + HPARAMS_SUFFIX)):
       os.remove(old)
-    return tf.summary.create_file_writer(logdir, filename_suffix=HPARAMS_SUFFIX)
+    return _file_writer(tf, logdir, filename_suffix=HPARAMS_SUFFIX)
 
   def session(writer, hparams, trial):
     with writer.as_default():
@@ -1013,7 +1065,7 @@ def write_hparams(run):
     name = e.get("name") or f"BANE-{k}"
     logdir = rundir.tensorboard_dir(run.path, name)
     shutil.rmtree(logdir, ignore_errors=True)  # written only here
-    writer = tf.summary.create_file_writer(logdir)
+    writer = _file_writer(tf, logdir)
     session(writer, _session_hparams(run, e, True), f"{trial}/{name}")
     with writer.as_default(step=epochs):
       for key, tag in (
@@ -1170,6 +1222,21 @@ def write_report(run_dirs, out_dir=None, hparams=True):
     paths = [p for d in run_dirs for p in find_runs(d)]
     default_out = os.path.commonpath([os.path.abspath(p) for p in paths])
   runs = [load_run(p) for p in paths]
+  try:
+    return _write_report(runs, out_dir, default_out, hparams)
+  except OSError as e:  # read-only directory, a directory where a file goes, a full disk
+    where = e.filename2 or e.filename or out_dir or default_out
+    if os.path.basename(where).startswith(".tmp-"):  # export's temporary file: its directory failed
+      where = os.path.dirname(where)
+    raise errors.UsageError(
+      f"cannot write {where} ({type(e).__name__}: {e.strerror or e}): make it writable (fix "
+      "the permissions, or remove what is in the way), or write elsewhere with --out_dir=DIR "
+      "--nohparams"
+    ) from None
+
+
+def _write_report(runs, out_dir, default_out, hparams):
+  """write_report once the runs are read: every file it writes."""
   task = task_of(runs)
   if len(runs) == 1 and out_dir is None:
     out_dir = runs[0].path
@@ -1209,7 +1276,6 @@ def write_report(run_dirs, out_dir=None, hparams=True):
 if __name__ == "__main__":
   import sys  # pylint: disable=g-import-not-at-top
 
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string(
@@ -1236,4 +1302,6 @@ if __name__ == "__main__":
     print(open(out["results_md"]).read())
     print(f"wrote {out['results_md']} and {out['png']}")
 
-  app.run(main)
+  from ban_tf import console  # pylint: disable=g-import-not-at-top
+
+  console.run_app(main)

@@ -253,6 +253,11 @@ DELTA_LEGEND = (
 )
 
 
+def plural(n, word: str) -> str:
+  """'1 epoch', '3 epochs': a count with its noun (an English -s plural)."""
+  return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def data_sizes(spec) -> dict:
   """What results.json records of the data: {"unit", "train", "val", "test"} (a tasks.DataSpec)."""
   return {"unit": spec.unit, "train": spec.num_train, "val": spec.num_val, "test": spec.num_test}
@@ -281,7 +286,9 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
     else ""
   )
   seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {cfg.seed}"
-  setup = f"Data: {cfg.data_name}{sizes}; {cfg.epochs} epochs per generation; {seed_text}.\n\n"
+  setup = (
+    f"Data: {cfg.data_name}{sizes}; {plural(cfg.epochs, 'epoch')} per generation; {seed_text}.\n\n"
+  )
   if seeds:
     return (
       f"{head}, seeds {', '.join(map(str, seeds))}\n\n{setup}Final-epoch {what}, mean ± std (ddof=1) "

@@ -359,8 +359,8 @@ class ModelDir:
         spec=spec,
         stateful=task.stateful_model(model) if stateful is _TASK else stateful,
       )
-    for name, text in spec.assets:
-      export.write_text(text, os.path.join(self.path, name))
+    for name, text in spec.assets:  # inside the SavedModel, as an image model's labels.txt
+      export.write_text(text, os.path.join(self.saved_model, name))
     if keras_model is not None:
       export.save_keras(task.stock_model(keras_model), os.path.join(self.path, layout.KERAS))
     if measure is not None:

@@ -67,9 +67,25 @@ class TextInfo:
 
 
 def read_lines_ptb(path):
-  """Token lists of a Mikolov-format file (one sentence per line, space separated)."""
-  with open(path, encoding="utf-8") as f:
-    return [line.split() + [EOS] for line in f if line.strip()]
+  """Token lists of a Mikolov-format file (one sentence per line, space separated).
+
+  The file is UTF-8; a leading byte-order mark (U+FEFF, as some Windows editors write)
+  is dropped, not read as a word.
+
+  Raises:
+    errors.DataError: the file is not UTF-8 (naming the byte offset of the first bad byte).
+  """
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise errors.DataError(
+      f"{path}: byte {e.start} (0x{raw[e.start]:02x}) is not UTF-8: convert the file to UTF-8 "
+      "(e.g. iconv -f latin1 -t utf-8)"
+    ) from None
+  lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as text mode reads them
+  return [line.split() + [EOS] for line in lines if line.strip()]
 
 
 def tokenize_text(text):
@@ -158,7 +174,8 @@ class TextDataset:
     else:
       order = np.concatenate(
         [
-          np.random.RandomState(seed * 1000003 + e).permutation(len(wins))
+          # RandomState takes seeds < 2**32; the modulus keeps every smaller value as it was.
+          np.random.RandomState((seed * 1000003 + e) % 2**32).permutation(len(wins))
           for e in range(first_epoch, epochs)
         ]
         or [np.zeros([0], np.int64)]
@@ -262,7 +279,7 @@ def _read_tfds(name, data_dir):
   if not builder.is_prepared():
     raise errors.DataError(
       f"dataset {name!r} is not prepared in {data_dir or 'the default tfds directory'}: "
-      "pass --data_dir pointing at a prepared TFDS directory"
+      "pass --data_dir pointing at a prepared TFDS directory (README: 'Data sets offline')"
     )
   out = {}
   for key, split in _TFDS_SPLITS.items():

@@ -185,7 +185,7 @@ def test_binary_console_is_quiet_fits_a_screen_and_sigterm_exits_143(tmp_path):
   out = proc.stdout.splitlines()
   assert len(out) <= 12, proc.stdout
   assert out[0].startswith(
-    "fashion_mnist (train/val/test 256/0/10000 examples), tiny, 1 generation(s) of ban"
+    "fashion_mnist (train/val/test 256/0/10000 examples), tiny, 1 generation of ban"
   )
   assert out[2] == "gen 0/1 teacher: tiny (1.5k params), labels only, no teacher, seed 0"
   assert (

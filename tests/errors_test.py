@@ -126,7 +126,9 @@ def test_dataset_not_prepared_offline_fails_fast(monkeypatch, capsys, caplog, tm
       BASE + [f"--run_dir={tmp_path / 'run'}", f"--data_dir={empty}", "--dataset=mnist"],
     )
   assert code == 2
-  _one_error_line(err, "'mnist' is not prepared", "cannot be downloaded", "--data_dir")
+  _one_error_line(
+    err, "'mnist' is not prepared", "cannot be downloaded", "--data_dir", "'Data sets offline'"
+  )
   # Only our line: not tfds' "Variant folder ... has no dataset_info.json" before it.
   assert not [r.getMessage() for r in caplog.records if "dataset_info.json" in r.getMessage()]
   assert time.time() - t0 < 60  # tfds' own retries take minutes

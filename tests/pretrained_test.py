@@ -596,14 +596,14 @@ def test_language_model_teacher_from_a_run(tmp_path, monkeypatch, capsys):
   a, b = (export.read_json(os.path.join(d, "gen_0", "metrics.json")) for d in (first, second))
   for key in ("test_perplexity", "val_perplexity", "test_accuracy"):
     assert b[key] == pytest.approx(a[key], rel=1e-6), key
-  assert os.path.exists(os.path.join(second, "gen_0", "vocab.txt"))
+  assert os.path.exists(os.path.join(second, "gen_0", "saved_model", "vocab.txt"))
   assert export.is_done(os.path.join(second, "gen_1"))
   # A language model from elsewhere has no serve_stateful endpoint: --lm_state=carry (the default)
   # is refused before anything is written (once: after gen_0 was exported, advising to retrain
   # it); --lm_state=reset imports it.
   import keras  # pylint: disable=g-import-not-at-top
 
-  vocab = len(open(os.path.join(first, "gen_0", "vocab.txt")).read().splitlines())
+  vocab = len(open(os.path.join(first, "gen_0", "saved_model", "vocab.txt")).read().splitlines())
   tokens = keras.Input((None,), dtype="int32")
   plain = keras.Model(tokens, keras.layers.Dense(vocab)(keras.layers.Embedding(vocab, 4)(tokens)))
   plain.export(str(tmp_path / "plain_lm"), verbose=False)

@@ -23,7 +23,7 @@ check() {  # $1: mode (wheel|editable); $2: where ban_tf must be imported from
   site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   echo "$deps" > "$site/ci_deps.pth"  # the dependencies, without reinstalling them
   if [ "$1" = wheel ]; then  # from a copy: setuptools leaves build/ where it builds
-    mkdir "$tmp/src" && cp -r "$ws/pyproject.toml" "$ws/README.md" "$ws/ban_tf" "$tmp/src/"
+    mkdir "$tmp/src" && cp -r "$ws/pyproject.toml" "$ws/README.md" "$ws/ban_tf" "$ws/flags" "$tmp/src/"
     "$venv/bin/python" -m pip install -q --no-deps "$tmp/src"
   else
     "$venv/bin/python" -m pip install -q --no-deps -e "$ws"
@@ -48,6 +48,15 @@ PY
   help="$(cd "$tmp" && "$venv/bin/python" -m ban_tf.main --help)"
   echo "${help%%$'\n'*}"
   grep -q -- "--image_folder" <<<"$help"
+  # The flagfiles: the installed copy (wheel) or the checkout's (editable), from outside both.
+  local smoke
+  smoke="$(cd "$tmp" && "$venv/bin/python" -m ban_tf.flagfile smoke)"
+  if [ "$1" = wheel ]; then
+    [[ "$smoke" == "$venv/share/ban_tf/flags/smoke.flags" ]] || { echo "flagfile at $smoke"; exit 1; }
+  else
+    [[ "$smoke" == "$ws/flags/smoke.flags" ]] || { echo "flagfile at $smoke"; exit 1; }
+  fi
+  echo "flagfile: $smoke"
 }
 
 check wheel "$tmp/wheel"

@@ -27,8 +27,9 @@ class DataSpec:
       next-token logits (None: one per input position).
     output_unit: what the outputs score: "classes" or "words".
     class_names: written to labels.txt inside image SavedModels (may be empty).
-    assets: ((file name, text), ...) written beside every exported SavedModel
-      (the vocabulary of a language model: vocab.txt).
+    assets: ((file name, text), ...) written inside every exported SavedModel, beside
+      its saved_model.pb as labels.txt is (the vocabulary of a language model:
+      vocab.txt; runs before issue 23 have it beside the SavedModel, gen_k/vocab.txt).
     unit: what "one" counts in the splits' sizes: "examples" or "tokens".
     num_train, num_val, num_test: split sizes in `unit`s.
   """
@@ -283,3 +284,9 @@ def require(cond, msg):
   """Raises errors.UsageError(msg) unless cond."""
   if not cond:
     raise errors.UsageError(msg)
+
+
+def non_default(cfg, names):
+  """The fields among `names` whose value in the Config `cfg` is not the field's default."""
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+  return [n for n in names if getattr(cfg, n) != defaults[n]]

@@ -49,6 +49,18 @@ def _check_widths(cfg):
     )
 
 
+# The language model's own flags (tasks/lm.py): refused on an image run, where they would do nothing.
+_LM_FLAGS = (
+  "ptb_dir",
+  "vocab_size",
+  "bptt",
+  "lm_state",
+  "lr_plateau_decay",
+  "lr_plateau_min_delta",
+  "lr_plateau_reference",
+)
+
+
 class ImageClassification(base.Task):
   """--task=image."""
 
@@ -70,6 +82,12 @@ class ImageClassification(base.Task):
     return archs.parse_arch(arch)
 
   def validate(self, cfg):
+    given = base.non_default(cfg, _LM_FLAGS)
+    base.require(
+      not given,
+      f"--{', --'.join(given)} {'applies' if len(given) == 1 else 'apply'} to language models "
+      "only: add --task=lm, or drop " + ("it" if len(given) == 1 else "them"),
+    )
     base.require(
       cfg.student_width_ratio == 1 or archs.is_match_arch(cfg.arch),
       f"--student_width_ratio={cfg.student_width_ratio} only applies to teacher-matched students: "

@@ -3,7 +3,8 @@
 Outputs are next-token logits [N, T, V] and labels [N, T] token ids; the Distiller
 averages every loss term per token (distiller.py). The headline metric is the
 final-epoch test perplexity per token, exp(mean token cross-entropy), as in the
-paper's Table 6. SavedModels take int32 token ids and carry vocab.txt beside them.
+paper's Table 6. SavedModels take int32 token ids and carry vocab.txt inside them
+(saved_model/vocab.txt, as an image SavedModel carries labels.txt).
 
 Hidden state (--lm_state): `carry` (default) carries every LSTM state across the
 consecutive windows of each batch row, for the student and the teacher (its
@@ -29,10 +30,11 @@ from ban_tf import results
 from ban_tf.tasks import base
 
 VOCAB_FILE = "vocab.txt"
+# `text` names the split: the console's "done: test perplexity (per token) 141.20, val perplexity ...".
 TEST_PERPLEXITY = results.Metric(
-  "test_perplexity", "Test perplexity", text="perplexity (per token)"
+  "test_perplexity", "Test perplexity", text="test perplexity (per token)"
 )
-VAL_PERPLEXITY = results.Metric("val_perplexity", "Val perplexity")
+VAL_PERPLEXITY = results.Metric("val_perplexity", "Val perplexity", text="val perplexity")
 
 
 def perplexity(mean_ce):
@@ -41,9 +43,20 @@ def perplexity(mean_ce):
 
 
 def read_vocab(directory):
-  """The vocabulary a run wrote beside its SavedModel (gen_k/vocab.txt)."""
-  with open(os.path.join(directory, VOCAB_FILE), encoding="utf-8") as f:
-    return tuple(line.rstrip("\n") for line in f)
+  """The vocabulary a run wrote with its SavedModel: `directory` is gen_k/ or its saved_model/.
+
+  Read from saved_model/vocab.txt (where runs write it, as image runs write labels.txt),
+  else from gen_k/vocab.txt (where runs before issue 23 wrote it).
+  """
+  for path in (
+    os.path.join(directory, "saved_model", VOCAB_FILE),
+    os.path.join(directory, VOCAB_FILE),
+    os.path.join(os.path.dirname(os.path.normpath(directory)), VOCAB_FILE),
+  ):
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f)
+  raise FileNotFoundError(os.path.join(directory, "saved_model", VOCAB_FILE))
 
 
 class LanguageModel(base.Task):

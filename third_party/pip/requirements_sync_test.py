@@ -1,18 +1,20 @@
-"""PIP_PACKAGES in requirements.bzl must match requirements.txt."""
+"""PIP_PACKAGES in requirements.bzl must match requirements.txt and requirements-test.txt."""
 import re
 import sys
 
 
 def main():
     declared = set(sys.argv[1:])
-    with open("requirements.txt", encoding="utf-8") as f:  # runfiles-relative
-        pinned = {
-            re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower().replace("-", "_").replace(".", "_")
-            for line in f
-            if line.strip() and not line.lstrip().startswith("#")
-        }
+    pinned = set()
+    for name in ("requirements.txt", "requirements-test.txt"):  # runfiles-relative
+        with open(name, encoding="utf-8") as f:
+            pinned |= {
+                re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower().replace("-", "_").replace(".", "_")
+                for line in f
+                if line.strip() and not line.lstrip().startswith(("#", "-r "))
+            }
     if declared != pinned:
-        print("requirements.txt only:", sorted(pinned - declared))
+        print("requirements*.txt only:", sorted(pinned - declared))
         print("requirements.bzl only:", sorted(declared - pinned))
         print("Update PIP_PACKAGES in third_party/pip/requirements.bzl.")
         return 1
