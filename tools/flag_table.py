@@ -28,7 +28,7 @@ do not edit by hand (tests/help_test.py fails when this page is stale). -->
 `python -m ban_tf.main --help` lists the flags grouped by purpose, one line each (`--helpfull`
 adds absl's own). Flags can also come from a file: `--flagfile=flags/cifar10.flags`. A bad value
 is a one-line `error: ...` naming the fix, exit code 2, and nothing is written. Which flags may
-change when a run resumes: [run_directory.md](run_directory.md#interrupting-and-resuming).
+change when a run resumes: [reliability.md](reliability.md#how-a-rerun-resumes).
 
 """
 
