@@ -11,7 +11,8 @@ back to a checkpoint on resume.
 Layout of a run directory (names: layout.py):
 
   .lock              the fcntl lock: "pid P on HOST" of the process using the directory
-  config.json        the resolved flags (Config.to_dict); a rerun must match its experiment
+  config.json        the resolved flags (Config.to_dict; data paths absolute); a rerun must
+                     match its experiment
   manifest.json      per finished model (gen_k, ensemble_k, baseline): the digests it must
                      still hash to (manifest.py); the truth of what is finished
   log.txt            every log line of every process that used the directory (console.py)
@@ -19,9 +20,9 @@ Layout of a run directory (names: layout.py):
     saved_model/     fingerprinted SavedModel (export.py): serving_default {"pixels": float32
                      raw pixels [N,H,W,C] in 0..255, or "tokens": int32 [N,T]} -> {"logits"};
                      `serve` the same, bare; fingerprint.npz (its outputs on a fixed batch,
-                     re-checked before it teaches); labels.txt (class names, in output order)
+                     re-checked before it teaches); labels.txt (class names, in output order);
+                     the task's assets (DataSpec.assets: vocab.txt of a language model)
     model.keras      the same model with stock Keras layers (keras.saving.load_model, no ban_tf)
-    vocab.txt, ...   the task's assets (DataSpec.assets)
     metrics.json     what it scored (val/test loss, accuracy, error, the task's derived
                      fields) and what it is (gen, role, arch, params, seed, objective,
                      teacher; an imported teacher's `source`: path, as given, kind, sha256)

@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from ban_tf import archs
+from ban_tf import layout
 from ban_tf import results
 from ban_tf.tasks import base
 
@@ -46,17 +47,17 @@ def read_vocab(directory):
   """The vocabulary a run wrote with its SavedModel: `directory` is gen_k/ or its saved_model/.
 
   Read from saved_model/vocab.txt (where runs write it, as image runs write labels.txt),
-  else from gen_k/vocab.txt (where runs before issue 23 wrote it).
+  else from gen_k/vocab.txt (where older runs wrote it).
   """
   for path in (
-    os.path.join(directory, "saved_model", VOCAB_FILE),
+    os.path.join(directory, layout.SAVED_MODEL, VOCAB_FILE),
     os.path.join(directory, VOCAB_FILE),
     os.path.join(os.path.dirname(os.path.normpath(directory)), VOCAB_FILE),
   ):
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         return tuple(line.rstrip("\n") for line in f)
-  raise FileNotFoundError(os.path.join(directory, "saved_model", VOCAB_FILE))
+  raise FileNotFoundError(os.path.join(directory, layout.SAVED_MODEL, VOCAB_FILE))
 
 
 class LanguageModel(base.Task):
