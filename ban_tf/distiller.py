@@ -91,7 +91,9 @@ class Distiller(keras.Model):
       returns {"logits", "features"}).
     feature_projection: None, or the teacher's feature width: adds a learned Dense
       projection from the student's features to it.
-    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
+    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.): the
+      true gradient's norm, also under loss scaling (mixed_float16's LossScaleOptimizer),
+      where the scaled gradient is clipped at clip_norm times the loss scale.
     augment: None, or a callable (images, example indices) -> float32 images run on
       each training batch inside the compiled step (data.augment_batch); training
       elements are then (images, labels, example indices), as
@@ -393,8 +395,8 @@ class Distiller(keras.Model):
       scaled = self.optimizer.scale_loss(contribution)
     variables = self.train_variables
     grads = tape.gradient(scaled, variables)
-    if self.clip_norm > 0:
-      grads = _clip_global_norm(grads, self.clip_norm)
+    if self.clip_norm > 0:  # the gradients are loss-scaled (fp16): clip them at the scaled norm
+      grads = _clip_global_norm(grads, self.clip_norm * self.optimizer.scale_loss(1.0))
     self.optimizer.apply_gradients(zip(grads, variables))
     if _num_replicas() > 1:
       self._average_statistics()
