@@ -75,8 +75,17 @@ def _replica_id():
   return tf.cast(rid, tf.int64)
 
 
+# keras.distillation.Distiller's own arguments: a call meant for it is refused, not misread.
+_KERAS_DISTILLER_ARGS = ("distillation_losses", "distillation_loss_weights", "student_loss_weight")
+
+
 class Distiller(keras.Model):
   """Trains `student`; `teacher` (or None) is a frozen callable returning logits.
+
+  The order is (student, teacher), the reverse of Keras' own
+  `keras.distillation.Distiller(teacher, student, distillation_losses, ...)`: name
+  them (`Distiller(student=..., teacher=...)`) when both are at hand. Keras'
+  argument names (`distillation_losses`, ...) raise a ValueError saying so.
 
   Args:
     student: a keras.Model mapping raw pixels to logits.
@@ -110,7 +119,8 @@ class Distiller(keras.Model):
       "probabilities" (a ban_tf BANE ensemble), else its only entry.
 
   Raises:
-    ValueError: teacher_outputs is neither "logits" nor "probabilities".
+    ValueError: teacher_outputs is neither "logits" nor "probabilities"; an argument of
+      keras.distillation.Distiller.
   """
 
   def __init__(
@@ -133,6 +143,13 @@ class Distiller(keras.Model):
     teacher_outputs="logits",
     **kwargs,
   ):
+    keras_args = [k for k in _KERAS_DISTILLER_ARGS if k in kwargs]
+    if keras_args:
+      raise ValueError(
+        f"Distiller: {', '.join(keras_args)} belong to keras.distillation.Distiller(teacher, "
+        "student, ...); ban_tf's is Distiller(student, teacher=..., loss=..., temperature=..., "
+        "kd_weight=..., label_weight=...): use one or the other"
+      )
     super().__init__(**kwargs)
     if teacher_outputs not in ("logits", "probabilities"):
       raise ValueError(
@@ -207,7 +224,8 @@ class Distiller(keras.Model):
     `metrics` are extra metrics, updated with the labels as given and the student's
     logits (use their from_logits form where one exists) in fit and evaluate, and
     logged beside the Distiller's own. Raises ValueError for `loss`, `loss_weights`
-    or `weighted_metrics`.
+    or `weighted_metrics`, and for a metric named as one of the Distiller's own
+    (e.g. "accuracy"), which would replace it in the logs.
     """
     if loss is not None or kwargs.get("loss_weights") is not None or weighted_metrics is not None:
       raise ValueError(
@@ -215,7 +233,28 @@ class Distiller(keras.Model):
         "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
         "pass only optimizer=, metrics= and execution options"
       )
+    own = {m.name for m in self._own_metrics()}
+    for m in keras.tree.flatten(metrics) if metrics is not None else []:
+      name = m if isinstance(m, str) else getattr(m, "name", getattr(m, "__name__", None))
+      if name in own:
+        raise ValueError(
+          f"Distiller.compile: metrics=[{m!r}] would be logged as '{name}', the key of the "
+          "Distiller's own metric of that name (the student's, on every example): drop it, or "
+          "name yours otherwise, e.g. keras.metrics.SparseCategoricalAccuracy(name='top1')"
+        )
     super().compile(optimizer, *args, metrics=metrics, **kwargs)
+
+  def _own_metrics(self):
+    return [
+      self.loss_tracker,
+      self.kd_tracker,
+      self.label_tracker,
+      self.l2_tracker,
+      self.acc_tracker,
+      self.agree_tracker,
+      self.feature_tracker,
+      self.ppl_tracker,
+    ]
 
   def save(self, *args, **kwargs):  # pylint: disable=unused-argument
     """Refused: a Distiller is a training harness (student + frozen teacher)."""
