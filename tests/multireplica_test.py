@@ -30,8 +30,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from ban_tf import distiller as distiller_lib
+from ban_tf import main as main_lib
 from ban_tf import models
 from tests.conftest import REPO, SHARED_TFDS, run_main, strategy_for
 
@@ -535,6 +537,63 @@ def test_run_matrix_on_several_replicas(
     assert "| BAN-1 |" in md and ("| BANE-2 |" in md) == (gens >= 2), md
     with open(paths["png"], "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_execution_steps_divide_the_epoch():
+  from ban_tf import train  # pylint: disable=g-import-not-at-top
+
+  got = [
+    train.execution_steps(r, n) for r, n in ((3, 8), (8, 8), (100, 8), (1, 8), (5, 7), (4, 12))
+  ]
+  assert got == [2, 8, 8, 1, 1, 4]
+
+
+def _iterations(prefix):
+  """The optimizer's step counter saved in checkpoint `prefix`."""
+  reader = tf.train.load_checkpoint(prefix)
+  (key,) = [k for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/_iterations/")]
+  return int(reader.get_tensor(key))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "task,replicas", [("image", 1), ("image", 2), ("lm", 3)], ids=lambda v: str(v)
+)
+def test_steps_per_execution_keeps_epoch_boundaries(task, replicas, tmp_path, monkeypatch, capsys):
+  """--steps_per_execution that does not divide the steps per epoch (3 with 8) once moved every
+  epoch boundary (steps 9, 18, 24 instead of 8, 16, 24), and so validation, checkpoints, history
+  and the schedules. Now: epoch 2's checkpoint is taken at step 2 x steps, and a run stopped there
+  and resumed with another value (it is not an experiment flag) is bit-identical to one run
+  with 1 step per call (--deterministic)."""
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+
+  base = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + [
+    "--gens=0",
+    "--epochs=3",
+    "--deterministic",
+    "--verbose=0",
+    f"--num_cpu_devices={replicas}",
+  ]
+  fv = flags.FlagValues()
+  main_lib.define_flags(fv)
+  fv(["prog"] + base)
+  cfg = main_lib.config_from_flags(fv)
+  steps = tasks.get(cfg.task).load_data(cfg).steps_per_epoch(cfg.batch_size)
+  per_call = next(k for k in range(3, steps) if steps % k)  # moved the boundaries once
+  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+  main = lambda run_dir, k: run_main(
+    monkeypatch, capsys, base + [f"--steps_per_execution={k}", f"--run_dir={run_dir}"]
+  )
+  _check_ok(main(whole, 1))
+  monkeypatch.setenv("BAN_TF_FAULT", "enospc@gen_0/epoch_3")  # stops where epoch 3 is saved
+  code, _, err = main(broken, per_call)
+  monkeypatch.delenv("BAN_TF_FAULT")
+  assert code == 2 and "no space left" in err, err
+  assert _iterations(os.path.join(broken, "gen_0", "ckpt", "ckpt-2")) == 2 * steps
+  _check_ok(main(broken, per_call + 1))  # resumed with yet another value
+  want, got = _outputs(whole, 0, whole, broken), _outputs(broken, 0, whole, broken)
+  for key in want:
+    assert got[key] == want[key], key
 
 
 def _check_ok(result):
