@@ -308,24 +308,20 @@ class Distiller(keras.Model):
       self._evaluating = False
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy
-    # scope from the first input batch, which it gets by reducing the replicas' shares
-    # with MEAN: that fails under MultiWorkerMirroredStrategy (PerReplica inputs
-    # cannot be converted), and under MirroredStrategy when the shares differ in size
-    # (a first batch smaller than the global batch). Nothing here needs that build
-    # under MWMS (student, teacher, trackers and optimizer exist before fit, and the
-    # step builds the rest when it is traced); elsewhere replica 0's share, which is
-    # never empty, has the structure and dtypes the build needs.
+    # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy scope
+    # from a first input batch, which it draws from the epoch's distributed iterator and
+    # then drops: a second iterator over the same pipeline, alive (prefetching, and
+    # writing the evaluation pipeline's shared in-memory cache, data.py) while the one
+    # that is scored starts. Under load that intermittently scored a wrong count on 2
+    # replicas (issue 23: 388/516 for 379/512). The build only needs the batch's
+    # structure, shapes and dtypes, which the pipeline's element_spec gives without
+    # drawing anything. Under MultiWorkerMirroredStrategy nothing here needs that build
+    # (student, teacher, trackers and optimizer exist before fit, and the step builds
+    # the rest when it is traced).
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       return
     if iterator is not None and self._distribute_strategy is not None:
-      for _, _, it in iterator:
-        local = self.distribute_strategy.experimental_local_results
-        data_batch = keras.tree.map_structure(
-          lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,  # noqa: B023
-          next(it),
-        )
-        break
+      data_batch = iterator.data_adapter.get_tf_dataset().element_spec
       iterator = None
     super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 

@@ -617,6 +617,71 @@ def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
   np.testing.assert_allclose(row["val_perplexity"], want, rtol=1e-5)
 
 
+# ---- evaluation reads its pipeline once (issue 23's intermittent 2-replica count) -----------------------
+def _scorer(strategy, seed=5):
+  with strategy.scope():
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(6, 3, activation="relu")(x / 255))
+    model = distiller_lib.Distiller(keras.Model(x, keras.layers.Dense(5)(h)))
+    model.compile()
+  return model
+
+
+def _images(n, seed=0):
+  rng = np.random.RandomState(seed)
+  return rng.randint(0, 256, (n, 8, 8, 3)).astype(np.float32), rng.randint(0, 5, n).astype(np.int32)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_evaluation_draws_its_input_once(replicas):
+  """Distiller.evaluate iterates its input once. Keras' symbolic build once drew a first batch
+  from a second iterator over it, left running (prefetching, and writing the evaluation
+  pipeline's shared in-memory cache) while the scored one started: under load the Teacher row
+  was scored 388/516 where plain Keras gives 379/512. A source that refuses a second pass
+  catches the second iterator every time."""
+  x, y = _images(50)
+  passes = []
+
+  def once():
+    passes.append(1)
+    assert len(passes) == 1, "the evaluation input was iterated twice"
+    yield from zip(x, y, np.ones(len(y), np.float32))
+
+  spec = (
+    tf.TensorSpec((8, 8, 3), tf.float32),
+    tf.TensorSpec((), tf.int32),
+    tf.TensorSpec((), tf.float32),
+  )
+  pad = (np.zeros((1, 8, 8, 3), np.float32), np.zeros(1, np.int32), np.zeros(1, np.float32))
+  ds = (
+    tf.data.Dataset.from_generator(once, output_signature=spec)
+    .concatenate(tf.data.Dataset.from_tensor_slices(pad).repeat(4))  # 54: 3 full batches of 18
+    .batch(18)
+  )
+  model = _scorer(strategy_for(replicas))
+  got = model.evaluate(ds, verbose=0, return_dict=True)
+  want = np.mean(np.argmax(model.student(tf.constant(x)).numpy(), -1) == y)
+  assert passes == [1] and got["accuracy"] == pytest.approx(want, abs=1e-7)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_repeated_evaluations_of_a_padded_cached_split_are_exact(replicas):
+  """20 evaluations on 2 and 3 replicas of the data.py pipeline (cached, last batch padded with
+  zero-weight examples): every one gives NumPy's count on the real examples."""
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+
+  x, y = _images(100, seed=1)
+  fake = type("D", (), {"info": type("I", (), {"image_shape": (8, 8, 3)})()})()
+  src = tf.data.Dataset.from_tensor_slices((x.astype(np.uint8), y))
+  model = _scorer(strategy_for(replicas))
+  want = np.mean(np.argmax(model.student(tf.constant(x)).numpy(), -1) == y)
+  for _ in range(20):
+    ds = data.Dataset._eval(fake, src, 100, 24)  # pylint: disable=protected-access  (4 x 24 + 4 padded)
+    got = model.evaluate(ds, verbose=0, return_dict=True)["accuracy"]
+    assert got == pytest.approx(want, abs=1e-7)
+
+
 # ---- data.py: the padded evaluation pipeline ---------------------------------------------------------
 @pytest.mark.parametrize("n,batch", [(13, 6), (12, 6), (4, 6)])
 def test_eval_pipeline_pads_last_batch_with_zero_weights(n, batch):
