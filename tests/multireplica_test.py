@@ -562,9 +562,11 @@ def _iterations(prefix):
 def test_steps_per_execution_keeps_epoch_boundaries(task, replicas, tmp_path, monkeypatch, capsys):
   """--steps_per_execution that does not divide the steps per epoch (3 with 8) once moved every
   epoch boundary (steps 9, 18, 24 instead of 8, 16, 24), and so validation, checkpoints, history
-  and the schedules. Now: epoch 2's checkpoint is taken at step 2 x steps, and a run stopped there
-  and resumed with another value (it is not an experiment flag) is bit-identical to one run
-  with 1 step per call (--deterministic)."""
+  and the schedules. Now epoch 2's checkpoint is taken at step 2 x steps, and a run stopped there
+  and resumed is bit-identical to an uninterrupted one (--deterministic). On one replica the
+  value may change on resume and the uninterrupted run has 1 step per call: bit-identical too.
+  On several, a compiled call of k steps rounds the image step's sums differently (last bits of
+  the losses, seen on 2 replicas), so both runs use the same value there."""
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
   base = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + [
@@ -584,13 +586,14 @@ def test_steps_per_execution_keeps_epoch_boundaries(task, replicas, tmp_path, mo
   main = lambda run_dir, k: run_main(
     monkeypatch, capsys, base + [f"--steps_per_execution={k}", f"--run_dir={run_dir}"]
   )
-  _check_ok(main(whole, 1))
+  one = replicas == 1
+  _check_ok(main(whole, 1 if one else per_call))
   monkeypatch.setenv("BAN_TF_FAULT", "enospc@gen_0/epoch_3")  # stops where epoch 3 is saved
   code, _, err = main(broken, per_call)
   monkeypatch.delenv("BAN_TF_FAULT")
   assert code == 2 and "no space left" in err, err
   assert _iterations(os.path.join(broken, "gen_0", "ckpt", "ckpt-2")) == 2 * steps
-  _check_ok(main(broken, per_call + 1))  # resumed with yet another value
+  _check_ok(main(broken, per_call + 1 if one else per_call))  # one replica: yet another value
   want, got = _outputs(whole, 0, whole, broken), _outputs(broken, 0, whole, broken)
   for key in want:
     assert got[key] == want[key], key
