@@ -636,10 +636,6 @@ class Config:
     )
     need(self.task in TASKS, f"--task={self.task!r}: use one of {', '.join(TASKS)}")
     need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")
-    need(
-      not (self.clip_norm and self.mixed_precision == "fp16"),
-      "--clip_norm does not support --mixed_precision=fp16 (loss-scaled gradients): use bf16 or none",
-    )
     task = tasks.get(self.task)
     task.validate(self)
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):

@@ -75,8 +75,17 @@ def _replica_id():
   return tf.cast(rid, tf.int64)
 
 
+# keras.distillation.Distiller's own arguments: a call meant for it is refused, not misread.
+_KERAS_DISTILLER_ARGS = ("distillation_losses", "distillation_loss_weights", "student_loss_weight")
+
+
 class Distiller(keras.Model):
   """Trains `student`; `teacher` (or None) is a frozen callable returning logits.
+
+  The order is (student, teacher), the reverse of Keras' own
+  `keras.distillation.Distiller(teacher, student, distillation_losses, ...)`: name
+  them (`Distiller(student=..., teacher=...)`) when both are at hand. Keras'
+  argument names (`distillation_losses`, ...) raise a ValueError saying so.
 
   Args:
     student: a keras.Model mapping raw pixels to logits.
@@ -91,7 +100,9 @@ class Distiller(keras.Model):
       returns {"logits", "features"}).
     feature_projection: None, or the teacher's feature width: adds a learned Dense
       projection from the student's features to it.
-    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.).
+    clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.): the
+      true gradient's norm, also under loss scaling (mixed_float16's LossScaleOptimizer),
+      where the scaled gradient is clipped at clip_norm times the loss scale.
     augment: None, or a callable (images, example indices) -> float32 images run on
       each training batch inside the compiled step (data.augment_batch); training
       elements are then (images, labels, example indices), as
@@ -108,7 +119,8 @@ class Distiller(keras.Model):
       "probabilities" (a ban_tf BANE ensemble), else its only entry.
 
   Raises:
-    ValueError: teacher_outputs is neither "logits" nor "probabilities".
+    ValueError: teacher_outputs is neither "logits" nor "probabilities"; an argument of
+      keras.distillation.Distiller.
   """
 
   def __init__(
@@ -131,6 +143,13 @@ class Distiller(keras.Model):
     teacher_outputs="logits",
     **kwargs,
   ):
+    keras_args = [k for k in _KERAS_DISTILLER_ARGS if k in kwargs]
+    if keras_args:
+      raise ValueError(
+        f"Distiller: {', '.join(keras_args)} belong to keras.distillation.Distiller(teacher, "
+        "student, ...); ban_tf's is Distiller(student, teacher=..., loss=..., temperature=..., "
+        "kd_weight=..., label_weight=...): use one or the other"
+      )
     super().__init__(**kwargs)
     if teacher_outputs not in ("logits", "probabilities"):
       raise ValueError(
@@ -205,7 +224,8 @@ class Distiller(keras.Model):
     `metrics` are extra metrics, updated with the labels as given and the student's
     logits (use their from_logits form where one exists) in fit and evaluate, and
     logged beside the Distiller's own. Raises ValueError for `loss`, `loss_weights`
-    or `weighted_metrics`.
+    or `weighted_metrics`, and for a metric named as one of the Distiller's own
+    (e.g. "accuracy"), which would replace it in the logs.
     """
     if loss is not None or kwargs.get("loss_weights") is not None or weighted_metrics is not None:
       raise ValueError(
@@ -213,7 +233,28 @@ class Distiller(keras.Model):
         "set by Distiller(student, teacher, loss=..., temperature=..., kd_weight=..., label_weight=...); "
         "pass only optimizer=, metrics= and execution options"
       )
+    own = {m.name for m in self._own_metrics()}
+    for m in keras.tree.flatten(metrics) if metrics is not None else []:
+      name = m if isinstance(m, str) else getattr(m, "name", getattr(m, "__name__", None))
+      if name in own:
+        raise ValueError(
+          f"Distiller.compile: metrics=[{m!r}] would be logged as '{name}', the key of the "
+          "Distiller's own metric of that name (the student's, on every example): drop it, or "
+          "name yours otherwise, e.g. keras.metrics.SparseCategoricalAccuracy(name='top1')"
+        )
     super().compile(optimizer, *args, metrics=metrics, **kwargs)
+
+  def _own_metrics(self):
+    return [
+      self.loss_tracker,
+      self.kd_tracker,
+      self.label_tracker,
+      self.l2_tracker,
+      self.acc_tracker,
+      self.agree_tracker,
+      self.feature_tracker,
+      self.ppl_tracker,
+    ]
 
   def save(self, *args, **kwargs):  # pylint: disable=unused-argument
     """Refused: a Distiller is a training harness (student + frozen teacher)."""
@@ -267,24 +308,20 @@ class Distiller(keras.Model):
       self._evaluating = False
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy
-    # scope from the first input batch, which it gets by reducing the replicas' shares
-    # with MEAN: that fails under MultiWorkerMirroredStrategy (PerReplica inputs
-    # cannot be converted), and under MirroredStrategy when the shares differ in size
-    # (a first batch smaller than the global batch). Nothing here needs that build
-    # under MWMS (student, teacher, trackers and optimizer exist before fit, and the
-    # step builds the rest when it is traced); elsewhere replica 0's share, which is
-    # never empty, has the structure and dtypes the build needs.
+    # Keras' TF trainer (3.15) "symbolically builds" a model created in a strategy scope
+    # from a first input batch, which it draws from the epoch's distributed iterator and
+    # then drops: a second iterator over the same pipeline, alive (prefetching, and
+    # writing the evaluation pipeline's shared in-memory cache, data.py) while the one
+    # that is scored starts. Under load that intermittently scored a wrong count on 2
+    # replicas (issue 23: 388/516 for 379/512). The build only needs the batch's
+    # structure, shapes and dtypes, which the pipeline's element_spec gives without
+    # drawing anything. Under MultiWorkerMirroredStrategy nothing here needs that build
+    # (student, teacher, trackers and optimizer exist before fit, and the step builds
+    # the rest when it is traced).
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       return
     if iterator is not None and self._distribute_strategy is not None:
-      for _, _, it in iterator:
-        local = self.distribute_strategy.experimental_local_results
-        data_batch = keras.tree.map_structure(
-          lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,  # noqa: B023
-          next(it),
-        )
-        break
+      data_batch = iterator.data_adapter.get_tf_dataset().element_spec
       iterator = None
     super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
@@ -393,8 +430,8 @@ class Distiller(keras.Model):
       scaled = self.optimizer.scale_loss(contribution)
     variables = self.train_variables
     grads = tape.gradient(scaled, variables)
-    if self.clip_norm > 0:
-      grads = _clip_global_norm(grads, self.clip_norm)
+    if self.clip_norm > 0:  # the gradients are loss-scaled (fp16): clip them at the scaled norm
+      grads = _clip_global_norm(grads, self.clip_norm * self.optimizer.scale_loss(1.0))
     self.optimizer.apply_gradients(zip(grads, variables))
     if _num_replicas() > 1:
       self._average_statistics()

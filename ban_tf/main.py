@@ -185,7 +185,11 @@ def define_flags(fv=FLAGS):
     "(default: per-replica batch statistics, moving statistics averaged every step).",
   )
   flags.field("overwrite", "[run] Delete an existing --run_dir and start over.")
-  flags.field("steps_per_execution", "[run] Train steps per compiled call.")
+  flags.field(
+    "steps_per_execution",
+    "[run] Train steps per compiled call (the largest divisor of the steps per epoch not above "
+    "it: epochs end where they would with 1).",
+  )
   flags.field("jit_compile", "[run] Compile the train step with XLA.")
   flags.field("mixed_precision", "[run] none|bf16|fp16.")
   flags.field(

@@ -674,7 +674,7 @@ def plot(runs, path, legends=None):
   )
   teacher = os.path.basename(os.path.normpath(cfg["teacher"])) if cfg.get("teacher") else None
   fig.suptitle(
-    f"{cfg.get('dataset', '?')}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
+    f"{config_from_dict(cfg).data_name}{sizes}: {teacher or cfg.get('teacher_arch') or cfg.get('arch', '?')} -> "
     f"{cfg.get('arch', '?')}, {cfg.get('resolved', {}).get('loss', cfg.get('loss', '?'))} "
     f"(T={cfg.get('temperature', '?')}), {results_lib.plural(cfg.get('epochs', '?'), 'epoch')}, {seeds}"
   )
@@ -851,7 +851,7 @@ def experiment_id(config: dict) -> str:
     else f"{config['teacher_arch']}-to-{config['arch']}"
   )
   loss = config.get("resolved", {}).get("loss", config.get("loss", "?"))
-  return f"{config.get('dataset', '?')}-{arch}-{loss}-{digest}"
+  return f"{config_from_dict(config).data_name}-{arch}-{loss}-{digest}"
 
 
 def _session_hparams(run, entry, ensemble):
@@ -872,7 +872,7 @@ def _session_hparams(run, entry, ensemble):
       "loss": obj["loss"],
       "temperature": float(obj["temperature"]),
       "seed": int(cfg.get("seed", 0)),
-      "dataset": cfg.get("dataset", ""),
+      "dataset": config_from_dict(cfg).data_name,
       "experiment": experiment_id(cfg),
     }
   )
@@ -1112,7 +1112,7 @@ def write_results(run_dir, results, cfg, spec=None):
       if results.get("baseline")
       else None
     ),
-    "dataset": cfg.dataset,
+    "dataset": cfg.data_name,
     "seed": cfg.seed,
     "epochs": cfg.epochs,
     "data": results_lib.data_sizes(spec) if spec is not None else results.get("data"),

@@ -115,6 +115,21 @@ def make_optimizer(cfg, steps_per_epoch):
   return tasks.get(cfg.task).make_optimizer(cfg, steps_per_epoch)
 
 
+def execution_steps(requested, steps_per_epoch):
+  """Train steps per compiled call: the largest divisor of `steps_per_epoch` <= `requested`.
+
+  Keras runs whole calls of `steps_per_execution` steps and counts an epoch in calls,
+  so a value that does not divide the epoch moves every epoch boundary (3 with 8 steps
+  per epoch: epochs ended after steps 9, 18, 24), and with it validation, checkpoints,
+  history and the schedules. A divisor keeps them where one step per call puts them,
+  so the flag changes nothing trained.
+  """
+  requested, steps_per_epoch = int(requested), int(steps_per_epoch)
+  return max(
+    d for d in range(1, max(min(requested, steps_per_epoch), 1) + 1) if steps_per_epoch % d == 0
+  )
+
+
 def make_checkpoint(student, optimizer, epoch_var, projection=None):
   """What an epoch checkpoint holds: everything that resuming must restore.
 
@@ -349,9 +364,16 @@ def _build(cfg, task, gen, strategy, dataset, steps):
       state=state,
     )
     optimizer = task.make_optimizer(cfg, steps)
-    model.compile(
-      optimizer=optimizer, steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile
-    )
+    per_call = execution_steps(cfg.steps_per_execution, steps)
+    if per_call != cfg.steps_per_execution:
+      logging.info(
+        "--steps_per_execution=%d does not divide the %d steps of an epoch: %d steps per call, "
+        "so that epochs end where they would with 1",
+        cfg.steps_per_execution,
+        steps,
+        per_call,
+      )
+    model.compile(optimizer=optimizer, steps_per_execution=per_call, jit_compile=cfg.jit_compile)
     # model.optimizer: `optimizer` itself, or (fp16) Keras' LossScaleOptimizer around it.
     model.optimizer.build(model.train_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)

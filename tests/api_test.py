@@ -108,6 +108,34 @@ def test_compile_loss_and_save_say_what_to_do_instead(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_student_and_teacher_by_keyword_and_keras_arguments_refused():
+  """ban_tf's order is (student, teacher), Keras' keras.distillation.Distiller's (teacher,
+  student, distillation_losses, ...): keywords name them either way round; a call meant for
+  Keras' class is refused, not read with the two models swapped."""
+  s, t = _net(0), _net(1)
+  by_keyword = distiller.Distiller(teacher=t, student=s, loss="kd")
+  assert by_keyword.student is s and by_keyword.teacher is t and not t.trainable
+  positional = distiller.Distiller(s, t)
+  assert positional.student is s and positional.teacher is t
+  for kw in (dict(distillation_losses=[]), dict(student_loss_weight=0.5)):
+    with pytest.raises(
+      ValueError, match=r"belong to keras.distillation.Distiller\(teacher, student"
+    ):
+      distiller.Distiller(_net(1), _net(0), **kw)
+
+
+@pytest.mark.parametrize(
+  "metric", ["accuracy", keras.metrics.SparseCategoricalAccuracy(name="accuracy"), "loss"]
+)
+def test_compiled_metric_named_as_the_distillers_own_is_refused(metric):
+  """compile(metrics=["accuracy"]) would log under the Distiller's own `accuracy` key (one of
+  the two silently replaced the other); refused, naming the way out. Other names log beside."""
+  model = distiller.Distiller(_net(0), _net(1))
+  with pytest.raises(ValueError, match=r"the Distiller's own metric of that name.*name='top1'"):
+    model.compile(optimizer="sgd", metrics=[metric])
+  model.compile(optimizer="sgd", metrics=["acc", keras.metrics.SparseCategoricalAccuracy()])
+
+
 def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
   """A ban_tf SavedModel's serving_default ({"logits"}) and a plain Keras export's
   ({"output_0"}) both teach through TFSMLayer."""

@@ -288,6 +288,7 @@ def test_image_folder_end_to_end_through_main_and_evaluate(tmp_path, monkeypatch
   monkeypatch.chdir("/")  # once: "--image_folder=pets does not exist"
   again = evaluate.evaluate_run(run_dir, "val")
   stored = json.load(open(os.path.join(run_dir, "results.json")))
+  assert stored["dataset"] == "pets"  # the folder's name, as results.md says (once: "cifar10")
   for got, want in zip(again["generations"], stored["generations"]):
     assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-6)
   os.rename(os.path.join(root, "val"), os.path.join(str(tmp_path), "val_moved"))

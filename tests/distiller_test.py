@@ -185,3 +185,31 @@ def test_one_vs_two_replicas_same_update(teacher_dir, loss, temperature, label_w
     np.testing.assert_allclose(
       logs2[key], logs1[key], rtol=1e-5, err_msg=key
     )  # true, unscaled values
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_clip_norm_clips_the_unscaled_gradient_under_mixed_float16(replicas):
+  """clip_norm bounds the true gradient's norm under mixed_float16 too: one SGD step (lr 1)
+  moves the weights by clip_norm, as in float32 (once: the loss-scaled gradient was clipped,
+  so the step was 1/32768 of it)."""
+
+  def step_norm(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+      with strategy_for(replicas).scope():
+        student = plain_net(7, "student_net")
+        model = distiller_lib.Distiller(student, clip_norm=0.01)
+        model.compile(optimizer=keras.optimizers.SGD(1.0))
+      scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+      assert scaled == (policy == "mixed_float16")
+      before = [w.numpy() for w in student.trainable_weights]
+      x, y = batch()
+      model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+      delta = [w.numpy() - b for w, b in zip(student.trainable_weights, before)]
+      return float(np.sqrt(sum(np.sum(np.square(d, dtype=np.float64)) for d in delta)))
+    finally:
+      keras.mixed_precision.set_global_policy("float32")
+
+  f32, f16 = step_norm("float32"), step_norm("mixed_float16")
+  assert f32 == pytest.approx(0.01, rel=1e-4)  # the unclipped gradient is far longer
+  assert f16 == pytest.approx(f32, rel=1e-3)

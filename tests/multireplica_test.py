@@ -30,8 +30,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from ban_tf import distiller as distiller_lib
+from ban_tf import main as main_lib
 from ban_tf import models
 from tests.conftest import REPO, SHARED_TFDS, run_main, strategy_for
 
@@ -541,6 +543,66 @@ def test_run_matrix_on_several_replicas(
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_execution_steps_divide_the_epoch():
+  from ban_tf import train  # pylint: disable=g-import-not-at-top
+
+  got = [
+    train.execution_steps(r, n) for r, n in ((3, 8), (8, 8), (100, 8), (1, 8), (5, 7), (4, 12))
+  ]
+  assert got == [2, 8, 8, 1, 1, 4]
+
+
+def _iterations(prefix):
+  """The optimizer's step counter saved in checkpoint `prefix`."""
+  reader = tf.train.load_checkpoint(prefix)
+  (key,) = [k for k in reader.get_variable_to_shape_map() if k.startswith("optimizer/_iterations/")]
+  return int(reader.get_tensor(key))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "task,replicas", [("image", 1), ("image", 2), ("lm", 3)], ids=lambda v: str(v)
+)
+def test_steps_per_execution_keeps_epoch_boundaries(task, replicas, tmp_path, monkeypatch, capsys):
+  """--steps_per_execution that does not divide the steps per epoch (3 with 8) once moved every
+  epoch boundary (steps 9, 18, 24 instead of 8, 16, 24), and so validation, checkpoints, history
+  and the schedules. Now epoch 2's checkpoint is taken at step 2 x steps, and a run stopped there
+  and resumed is bit-identical to an uninterrupted one (--deterministic). On one replica the
+  value may change on resume and the uninterrupted run has 1 step per call: bit-identical too.
+  On several, a compiled call of k steps rounds the image step's sums differently (last bits of
+  the losses, seen on 2 replicas), so both runs use the same value there."""
+  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+
+  base = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + [
+    "--gens=0",
+    "--epochs=3",
+    "--deterministic",
+    "--verbose=0",
+    f"--num_cpu_devices={replicas}",
+  ]
+  fv = flags.FlagValues()
+  main_lib.define_flags(fv)
+  fv(["prog"] + base)
+  cfg = main_lib.config_from_flags(fv)
+  steps = tasks.get(cfg.task).load_data(cfg).steps_per_epoch(cfg.batch_size)
+  per_call = next(k for k in range(3, steps) if steps % k)  # moved the boundaries once
+  whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+  main = lambda run_dir, k: run_main(
+    monkeypatch, capsys, base + [f"--steps_per_execution={k}", f"--run_dir={run_dir}"]
+  )
+  one = replicas == 1
+  _check_ok(main(whole, 1 if one else per_call))
+  monkeypatch.setenv("BAN_TF_FAULT", "enospc@gen_0/epoch_3")  # stops where epoch 3 is saved
+  code, _, err = main(broken, per_call)
+  monkeypatch.delenv("BAN_TF_FAULT")
+  assert code == 2 and "no space left" in err, err
+  assert _iterations(os.path.join(broken, "gen_0", "ckpt", "ckpt-2")) == 2 * steps
+  _check_ok(main(broken, per_call + 1 if one else per_call))  # one replica: yet another value
+  want, got = _outputs(whole, 0, whole, broken), _outputs(broken, 0, whole, broken)
+  for key in want:
+    assert got[key] == want[key], key
+
+
 def _check_ok(result):
   code, out, err = result
   assert code == 0, err
@@ -560,6 +622,71 @@ def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
   ]
   want = lm_ref._numpy_perplexity(members, ids["val"], _LM_BATCH, _LM_BPTT, state)  # pylint: disable=protected-access
   np.testing.assert_allclose(row["val_perplexity"], want, rtol=1e-5)
+
+
+# ---- evaluation reads its pipeline once (issue 23's intermittent 2-replica count) -----------------------
+def _scorer(strategy, seed=5):
+  with strategy.scope():
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(6, 3, activation="relu")(x / 255))
+    model = distiller_lib.Distiller(keras.Model(x, keras.layers.Dense(5)(h)))
+    model.compile()
+  return model
+
+
+def _images(n, seed=0):
+  rng = np.random.RandomState(seed)
+  return rng.randint(0, 256, (n, 8, 8, 3)).astype(np.float32), rng.randint(0, 5, n).astype(np.int32)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_evaluation_draws_its_input_once(replicas):
+  """Distiller.evaluate iterates its input once. Keras' symbolic build once drew a first batch
+  from a second iterator over it, left running (prefetching, and writing the evaluation
+  pipeline's shared in-memory cache) while the scored one started: under load the Teacher row
+  was scored 388/516 where plain Keras gives 379/512. A source that refuses a second pass
+  catches the second iterator every time."""
+  x, y = _images(50)
+  passes = []
+
+  def once():
+    passes.append(1)
+    assert len(passes) == 1, "the evaluation input was iterated twice"
+    yield from zip(x, y, np.ones(len(y), np.float32))
+
+  spec = (
+    tf.TensorSpec((8, 8, 3), tf.float32),
+    tf.TensorSpec((), tf.int32),
+    tf.TensorSpec((), tf.float32),
+  )
+  pad = (np.zeros((1, 8, 8, 3), np.float32), np.zeros(1, np.int32), np.zeros(1, np.float32))
+  ds = (
+    tf.data.Dataset.from_generator(once, output_signature=spec)
+    .concatenate(tf.data.Dataset.from_tensor_slices(pad).repeat(4))  # 54: 3 full batches of 18
+    .batch(18)
+  )
+  model = _scorer(strategy_for(replicas))
+  got = model.evaluate(ds, verbose=0, return_dict=True)
+  want = np.mean(np.argmax(model.student(tf.constant(x)).numpy(), -1) == y)
+  assert passes == [1] and got["accuracy"] == pytest.approx(want, abs=1e-7)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_repeated_evaluations_of_a_padded_cached_split_are_exact(replicas):
+  """20 evaluations on 2 and 3 replicas of the data.py pipeline (cached, last batch padded with
+  zero-weight examples): every one gives NumPy's count on the real examples."""
+  from ban_tf import data  # pylint: disable=g-import-not-at-top
+
+  x, y = _images(100, seed=1)
+  fake = type("D", (), {"info": type("I", (), {"image_shape": (8, 8, 3)})()})()
+  src = tf.data.Dataset.from_tensor_slices((x.astype(np.uint8), y))
+  model = _scorer(strategy_for(replicas))
+  want = np.mean(np.argmax(model.student(tf.constant(x)).numpy(), -1) == y)
+  for _ in range(20):
+    ds = data.Dataset._eval(fake, src, 100, 24)  # pylint: disable=protected-access  (4 x 24 + 4 padded)
+    got = model.evaluate(ds, verbose=0, return_dict=True)["accuracy"]
+    assert got == pytest.approx(want, abs=1e-7)
 
 
 # ---- data.py: the padded evaluation pipeline ---------------------------------------------------------

@@ -247,6 +247,26 @@ def _session_hparams(logdir):
   return found[0]
 
 
+def test_image_folder_run_is_named_by_its_folder(tmp_path):
+  """results.json, the HParams `dataset` and the trial id name an --image_folder run by the
+  folder (Config.data_name), as the console and results.md do (once: "cifar10", the unused
+  --dataset default)."""
+  path = _fake_run(str(tmp_path / "run"), 3, [0.3, 0.25, 0.2, 0.15])
+  cfg_path = os.path.join(path, "config.json")
+  cfg = dict(json.load(open(cfg_path)), image_folder=str(tmp_path / "pets"))
+  del cfg["dataset"]  # as --image_folder leaves it: the default
+  json.dump(cfg, open(cfg_path, "w"))
+  run = report.load_run(path)
+  assert report.experiment_id(run.config).startswith("pets-tiny-ban-")
+  report.write_hparams(run)
+  hp = _session_hparams(os.path.join(path, "tb", "BAN-1"))
+  assert hp["dataset"] == "pets" and hp["_trial"].startswith("pets-tiny-ban-"), hp
+  results = json.load(open(os.path.join(path, "results.json")))
+  report.write_results(path, results, config_lib.Config.from_dict(cfg))
+  assert json.load(open(os.path.join(path, "results.json")))["dataset"] == "pets"
+  assert open(os.path.join(path, "results.md")).read().startswith("# pets:")
+
+
 def test_hparams_one_session_per_generation_and_ensemble(tmp_path):
   path = _fake_run(str(tmp_path / "run"), 3, [0.3, 0.25, 0.2, 0.15])
   run = report.load_run(path)
