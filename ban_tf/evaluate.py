@@ -188,8 +188,8 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
       manifest.check(run_dir, name, os.path.dirname(path), saved_model=True)
       loaded = load(path)
       entry = {}
-      for s, ds in pipelines.items():
-        res = score(loaded, ds, probabilities, stateful=task.carries_state(cfg))
+      for s, ds in pipelines.items():  # carrying the state over the stream where the task does
+        res = task.carry(cfg).score(score, loaded, ds, probabilities)
         entry.update(
           {
             f"{s}_loss": res["loss"],

@@ -118,10 +118,13 @@ class Task:
 
     return models.to_stock(model) if models.has_fused_layers(model) else model
 
-  def carries_state(self, cfg) -> bool:
-    """Whether the models carry their state across consecutive batches (then the
-    teacher is loaded through `serve_stateful`, and evaluation runs over streams)."""
-    return False
+  def carry(self, cfg):
+    """What the models do with their state between batches (carry.py): carry.Reset()
+    (nothing carried) unless the task says otherwise. Generic code calls it; it never
+    asks the task which mode it is in."""
+    from ban_tf import carry  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
+    return carry.Reset()
 
   # ---- training -------------------------------------------------------------------
   def device_augment(self, cfg) -> bool:
