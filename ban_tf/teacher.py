@@ -204,8 +204,7 @@ class Teacher:
     feature_dim = export.teacher_feature_dim(path, loaded=loaded) if with_features else None
     state_size = export.state_size(path, loaded=loaded) if stateful else None
     if stateful:
-      concrete = fn if hasattr(fn, "structured_outputs") else fn.concrete_functions[0]
-      key, probabilities = choose_output(list(concrete.structured_outputs))
+      key, probabilities = choose_output(list(_concrete(fn).structured_outputs))
 
       def read(x, state):
         if state is None:  # a window on its own: the zero state (what `serve` computes)
@@ -229,7 +228,7 @@ class Teacher:
     teacher = cls(
       read,
       probabilities=probabilities,
-      variables=getattr(loaded, "variables", ()),
+      variables=_concrete(fn).variables,  # what the endpoint reads
       source_path=os.path.abspath(path),
       feature_dim=feature_dim,
       state_size=state_size,
@@ -317,12 +316,16 @@ class Teacher:
     return teacher
 
 
+def _concrete(fn):
+  """A restored endpoint's (first) concrete function; a signature is one already."""
+  return fn if hasattr(fn, "structured_outputs") else fn.concrete_functions[0]
+
+
 def _output_keys(model):
   """The keys of `model`'s dict output when known without calling it; else None."""
   fn = getattr(model, "call_endpoint_fn", None)  # keras.layers.TFSMLayer (public attribute)
   if fn is not None:
-    concrete = fn if hasattr(fn, "structured_outputs") else fn.concrete_functions[0]
-    out = concrete.structured_outputs
+    out = _concrete(fn).structured_outputs
     return list(out) if isinstance(out, dict) else None
   return None
 
