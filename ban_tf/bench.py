@@ -12,7 +12,7 @@ It measures, in one process and with the training binary's own flags (so
   (a) supervised: the Distiller with `teacher=None`, i.e. generation 0's step;
   (b) distill: the same Distiller taught by a SavedModel of the same
       architecture, exported to a temporary directory and loaded from disk with
-      `export.load_teacher` (a TFSMLayer called inside the compiled step);
+      `teacher.Teacher.load` (its SavedModel endpoint called inside the compiled step);
   (c) input: `data.Dataset.train` alone (decode, per-epoch shuffle, batching, and
       per-example augmentation unless it runs in the step), whole epochs, on the
       real data set, both ways: `input_host_aug_img_s` (augmenting on the host) and
@@ -314,6 +314,7 @@ def run(
   from absl import logging  # pylint: disable=g-import-not-at-top
   from ban_tf import data  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import main  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
@@ -382,7 +383,7 @@ def run(
       export.export_saved_model(
         teacher_model, os.path.join(tmp, "teacher"), spec.input_shape, spec=spec
       )
-      teacher = export.load_teacher(
+      teacher = teacher_lib.Teacher.load(
         os.path.join(tmp, "teacher"), strategy, expected_classes=spec.num_outputs
       )
       with strategy.scope():
@@ -406,7 +407,7 @@ def run(
             ).student
           low_teacher.set_weights(teacher_model.get_weights())
           export.export_saved_model(low_teacher, os.path.join(tmp, "teacher_low"), info.image_shape)
-          low = export.load_teacher(
+          low = teacher_lib.Teacher.load(
             os.path.join(tmp, "teacher_low"), strategy, expected_classes=info.num_classes
           )
           with strategy.scope():
@@ -568,8 +569,8 @@ def whole_run(cfg, out=sys.stdout):
 
   Phases: startup (process start to here: interpreter, TensorFlow and Keras
   imports), data_open (tfds builder, split counts, channel statistics), pipeline
-  (building the epoch pipelines), teacher_load (SavedModel fingerprint check and
-  TFSMLayer), train (Keras fit minus what is below: the training steps, including
+  (building the epoch pipelines), teacher_load (SavedModel load and
+  fingerprint check: teacher.Teacher.load), train (Keras fit minus what is below: the training steps, including
   tracing, and the input waits), eval (validation each epoch, final test/val),
   checkpoint_tb (history.json, TensorBoard scalars and the epoch checkpoint),
   export (SavedModel with fingerprint, model.keras), ensemble (BANE loading and
@@ -582,6 +583,7 @@ def whole_run(cfg, out=sys.stdout):
   from ban_tf import data  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller  # pylint: disable=g-import-not-at-top
   from ban_tf import export  # pylint: disable=g-import-not-at-top
+  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
   from ban_tf import main  # pylint: disable=g-import-not-at-top
   from ban_tf import report  # pylint: disable=g-import-not-at-top
@@ -601,7 +603,7 @@ def whole_run(cfg, out=sys.stdout):
   patches = [
     clock.wrap(data.Dataset, "__init__", "data_open"),
     clock.wrap(data.Dataset, "train", "pipeline"),
-    clock.wrap(export, "load_teacher", "teacher_load"),
+    clock.wrap(teacher_lib.Teacher, "load", "teacher_load"),
     clock.wrap(distiller.Distiller, "fit", "train"),
     clock.wrap(distiller.Distiller, "evaluate", "eval"),
     clock.wrap(train.EpochState, "on_epoch_end", "checkpoint_tb", before=count_epoch),

@@ -55,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from ban_tf import losses
+from ban_tf import teacher as teacher_lib
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -89,15 +90,17 @@ class Distiller(keras.Model):
 
   Args:
     student: a keras.Model mapping raw pixels to logits.
-    teacher: None (generation 0: labels only) or a frozen layer/model such as the
-      previous generation's SavedModel loaded with keras.layers.TFSMLayer.
+    teacher: None (generation 0: labels only), a teacher.Teacher (Teacher.load of the
+      previous generation's SavedModel), or a frozen keras.Model, keras.layers.TFSMLayer
+      or callable, which teacher.Teacher.wrap turns into one (what it outputs is decided
+      there, once; the step only calls it).
     loss: one of ban, ban_l, kd, cwtm, dkpp (see losses.py); ignored without teacher.
     temperature, kd_weight, label_weight: the objective's constants.
     weight_decay: coupled L2 coefficient: adds 0.5 * wd * sum ||w||^2 over the
       student's trainable variables.
     seed: base seed of the DKPP permutation RNG.
     feature_weight: weight of the activation-matching term (needs a teacher that
-      returns {"logits", "features"}).
+      hands on features: Teacher.load(with_features=True)).
     feature_projection: None, or the teacher's feature width: adds a learned Dense
       projection from the student's features to it.
     clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.): the
@@ -151,14 +154,11 @@ class Distiller(keras.Model):
         "kd_weight=..., label_weight=...): use one or the other"
       )
     super().__init__(**kwargs)
-    if teacher_outputs not in ("logits", "probabilities"):
-      raise ValueError(
-        f"Distiller: teacher_outputs={teacher_outputs!r}: use 'logits' or 'probabilities'"
-      )
-    self.teacher_outputs_kind = teacher_outputs
+    teacher_lib.check_outputs(teacher_outputs)
     self.state = state
     self.student = student
-    self.teacher = teacher
+    # What the teacher outputs is decided here, once (teacher.py): the step only calls it.
+    self.teacher = None if teacher is None else teacher_lib.Teacher.wrap(teacher, teacher_outputs)
     self.feature_weight = float(feature_weight) if teacher is not None else 0.0
     self.projection = None
     if self.feature_weight:
@@ -173,8 +173,6 @@ class Distiller(keras.Model):
           int(feature_projection), dtype="float32", name="feature_projection"
         )
         self.projection.build((None, student.get_layer("features").output.shape[-1]))
-    if teacher is not None:
-      teacher.trainable = False
     self.loss_name = loss if teacher is not None else "labels"
     self.temperature = float(temperature)
     self.kd_weight = float(kd_weight) if teacher is not None else 0.0
@@ -337,29 +335,8 @@ class Distiller(keras.Model):
     return self.student(x, training=training)
 
   def teacher_logits(self, x):
-    return self.teacher_outputs(x)[0]
-
-  def teacher_outputs(self, x):
-    """(logits, features or None). Inference mode, never differentiated."""
-    out = self.teacher(x, training=False)
-    feats = None
-    kind = self.teacher_outputs_kind
-    if isinstance(
-      out, dict
-    ):  # a TFSMLayer: {"logits", "features"}, {"probabilities"}, or one output of any name
-      feats = (
-        tf.stop_gradient(tf.cast(out["features"], tf.float32)) if self.feature_weight else None
-      )
-      if "logits" in out or ("probabilities" not in out and len(out) != 1):
-        out, kind = out["logits"], "logits"
-      elif "probabilities" in out:
-        out, kind = out["probabilities"], "probabilities"
-      else:
-        out = next(iter(out.values()))
-    out = tf.cast(out, tf.float32)
-    if kind == "probabilities":
-      out = _safe_log(out)
-    return tf.stop_gradient(out), feats
+    """The teacher's float32 logits on `x` (teacher.Outputs.logits), never differentiated."""
+    return self.teacher(x).logits
 
   def feature_term(self, s_feats, t_feats):
     """Per-replica contribution of the activation-matching term."""
@@ -405,13 +382,13 @@ class Distiller(keras.Model):
     y = self._class_ids(y_given)
     if self.augment is not None:  # on-device augmentation of the uint8 batch
       x = self.augment(x, data[2])
+    t_logits = t_feats = None
     if self.state is not None:
       reset = tf.equal(self.optimizer.iterations % self.state.steps_per_epoch, 0)
-      t_logits, t_feats = (
-        (self.state.teacher_step(x, reset), None) if self.teacher is not None else (None, None)
-      )
-    else:
-      t_logits, t_feats = self.teacher_outputs(x) if self.teacher is not None else (None, None)
+      if self.teacher is not None:
+        t_logits = self.state.teacher_step(x, reset)
+    elif self.teacher is not None:
+      t_logits, t_feats, _ = self.teacher(x)
     with tf.GradientTape() as tape:
       if self.state is not None:
         logits = self.state.student_step(x, reset, training=True)
@@ -501,9 +478,9 @@ class CarriedState:
       batch_size / replicas consecutive rows of it (tf.distribute splits every batch
       that way), and their states.
     steps_per_epoch: the state restarts from zeros at every step that is a multiple of it.
-    teacher: None, or a callable (x, state) -> {"logits", "state"} (the teacher
-      SavedModel's `serve_stateful` endpoint) with `teacher_state_size`.
-    teacher_state_size: the teacher's S.
+    teacher: None, or a stateful teacher.Teacher (teacher(x, state) -> Outputs with the
+      next state: Teacher.load(stateful=True), the SavedModel's `serve_stateful`).
+    teacher_state_size: the teacher's S (default: teacher.state_size).
 
   Create it inside the strategy scope the Distiller is built in. Raises ValueError when
   the batch does not split evenly over the replicas.
@@ -531,6 +508,8 @@ class CarriedState:
       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
     )
     self.student_state = tf.Variable(tf.zeros([rows, state_size]), name="student_state", **local)
+    if teacher is not None and not teacher_state_size:
+      teacher_state_size = teacher.state_size
     self.teacher_state = (
       tf.Variable(tf.zeros([rows, teacher_state_size]), name="teacher_state", **local)
       if teacher is not None
@@ -552,8 +531,8 @@ class CarriedState:
   def teacher_step(self, x, reset):
     """The teacher's float32 logits on this replica's rows, carrying the teacher's own state."""
     out = self.teacher(x, self._read(self.teacher_state, reset))
-    self.teacher_state.assign(tf.cast(out["state"], tf.float32))
-    return tf.stop_gradient(tf.cast(out["logits"], tf.float32))
+    self.teacher_state.assign(out.state)
+    return out.logits
 
   def score(self, stream):
     """{"label_loss", "accuracy", "perplexity"} of the student over `stream`.
@@ -631,8 +610,7 @@ def probability_scorer(model, perplexity=False, stateful=None):
   return scorer
 
 
-def _safe_log(p):
-  return keras.ops.log(keras.ops.maximum(p, 1e-30))
+_safe_log = teacher_lib.log_probabilities
 
 
 def moving_statistics(model):

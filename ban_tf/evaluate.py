@@ -163,8 +163,8 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
       model.check()
       loaded = load(path)
       entry = {}
-      for s, ds in pipelines.items():
-        res = score(loaded, ds, probabilities, stateful=task.carries_state(cfg))
+      for s, ds in pipelines.items():  # carrying the state over the stream where the task does
+        res = task.carry(cfg).score(score, loaded, ds, probabilities)
         entry.update(
           {
             f"{s}_loss": res["loss"],

@@ -1,4 +1,4 @@
-"""Atomic on-disk outputs: SavedModels, .keras files, JSON; loading teachers.
+"""Atomic on-disk outputs: SavedModels, .keras files, JSON; SavedModel checks (teacher.py loads teachers).
 
 Everything is first written to a temporary sibling path and then renamed into
 place, so a killed process never leaves a file or directory that looks complete
@@ -12,7 +12,6 @@ import os
 import shutil
 
 import keras
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -270,7 +269,7 @@ def verify_saved_model(path, rtol=1e-4, atol=1e-4, loaded=None):
   """Re-checks a SavedModel against its stored fingerprint.
 
   `loaded`: the tf.saved_model.load object of `path` when the caller already holds
-  one (load_teacher: the teacher layer's own), so the check runs on what is used.
+  one (teacher.Teacher.load: the teacher's own), so the check runs on what is used.
   Raises errors.TeacherError (one line, naming the fix) when the directory is
   missing, unreadable, or its outputs differ from the fingerprint.
   """
@@ -321,7 +320,7 @@ def compute_dtype_of(fn):
   "float32", "bfloat16", "float16", or "unknown" when it has none. A model built
   under a mixed policy exports a graph that computes in the low precision (with
   float32 logits); a float32 model exports a float32 graph. `fn`: an endpoint of
-  tf.saved_model.load(...) (e.g. a TFSMLayer's call_endpoint_fn).
+  tf.saved_model.load(...) (e.g. the one a teacher.Teacher calls).
   """
   concrete = fn if hasattr(fn, "graph") else fn.get_concrete_function()
   graph_def = concrete.graph.as_graph_def()
@@ -345,87 +344,3 @@ def state_size(path, loaded=None):
   fn = getattr(loaded, STATEFUL)
   concrete = fn if hasattr(fn, "structured_input_signature") else fn.concrete_functions[0]
   return int(concrete.structured_input_signature[0][1].shape[-1])
-
-
-def stateful_call(layer):
-  """A stateful teacher layer (load_teacher(stateful=True)) as ([tokens, state], training) -> (logits, state)."""
-
-  def call(inputs, training=False):
-    del training  # a SavedModel endpoint runs in inference mode
-    out = layer.call_endpoint_fn(*inputs)
-    return next(v for k, v in out.items() if k != "state"), out["state"]
-
-  return call
-
-
-def load_teacher(path, strategy=None, expected_classes=None, with_features=False, stateful=False):
-  """The teacher for the next generation: the SavedModel as a frozen TFSMLayer.
-
-  With `with_features` the layer calls the `logits_and_features` endpoint and
-  returns {"logits", "features"}; its `feature_dim` attribute gives the width.
-  With `stateful` it wraps `serve_stateful` instead: `layer.call_endpoint_fn(tokens,
-  state)` returns {"logits", "state"}, and `layer.state_size` is S.
-
-  Precision: the layer runs the graph the teacher was exported with, inside the
-  student's compiled (and, with --jit_compile, XLA-compiled) train step. Every
-  generation of a run shares --mixed_precision (an experiment field), so a teacher
-  trained under a mixed policy already computes its convolutions at the student's
-  compute precision, and only its float32 logits leave it: the KD target is
-  computed from them in float32 (distiller.teacher_outputs). `compute_dtype_found`
-  records what the graph computes in; a float32 teacher under a mixed policy is
-  logged as a warning (tests/export_test.py bounds the bf16 teacher's KD target
-  against the float32 teacher's).
-  Call this outside any strategy scope: the fingerprint check runs the SavedModel
-  eagerly, which fails inside a MirroredStrategy scope (lessons-from-peers.md,
-  4.3). The layer itself is created inside `strategy.scope()` so its variables
-  are mirrored, and must then only be called from fit/evaluate/predict.
-  """
-  if tf.distribute.has_strategy():
-    raise RuntimeError(
-      "load_teacher must be called outside strategy.scope(); pass the strategy instead"
-    )
-  try:
-    with (strategy or tf.distribute.get_strategy()).scope():
-      # float32 whatever the global policy: the `serve` signature takes float32 pixels,
-      # and a mixed policy would otherwise autocast the input to bf16/fp16 and fail.
-      endpoint = STATEFUL if stateful else BOTH if with_features else SERVE
-      layer = keras.layers.TFSMLayer(
-        path, call_endpoint=endpoint, trainable=False, name="teacher", dtype="float32"
-      )
-  except Exception:  # pylint: disable=broad-except
-    # Missing, damaged, or without the endpoint: the checks below name which (one line).
-    verify_saved_model(path)
-    if with_features:
-      teacher_feature_dim(path)
-    if stateful:
-      state_size(path)
-    raise errors.TeacherError(
-      f"teacher SavedModel {path} cannot be loaded: delete its generation "
-      "directory (its DONE marker) to retrain it, or use --overwrite"
-    ) from None
-  # The SavedModel is read once: the fingerprint check, the class count and the feature
-  # width run on the layer's own restored object (outside the scope: eager calls fail
-  # inside a MirroredStrategy scope), so what is checked is what teaches. Keras'
-  # TFSMLayer keeps that object as `_reloaded_obj`; without it, a separate load checks.
-  loaded = getattr(layer, "_reloaded_obj", None)
-  out = verify_saved_model(path, loaded=loaded)
-  if expected_classes is not None and out.shape[-1] != expected_classes:
-    raise errors.TeacherError(
-      f"teacher {path} outputs {out.shape[-1]} classes but the student has {expected_classes}: "
-      "use a teacher trained on the same data set"
-    )
-  feature_dim = teacher_feature_dim(path, loaded=loaded) if with_features else None
-  teacher_state = state_size(path, loaded=loaded) if stateful else None
-  layer.source_path = os.path.abspath(path)
-  layer.state_size = teacher_state  # stateful: call layer.call_endpoint_fn(tokens, state)
-  layer.feature_dim = feature_dim
-  layer.compute_dtype_found = compute_dtype_of(layer.call_endpoint_fn)
-  student_dtype = keras.mixed_precision.global_policy().compute_dtype
-  if layer.compute_dtype_found == "float32" and student_dtype != "float32":
-    logging.warning(
-      "teacher %s computes in float32 while the student computes in %s: it was exported "
-      "without --mixed_precision; the distillation step is slower than it need be",
-      path,
-      student_dtype,
-    )
-  return layer

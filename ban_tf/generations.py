@@ -34,6 +34,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from ban_tf import carry
 from ban_tf import cluster
 from ban_tf import console
 from ban_tf import distiller as distiller_lib
@@ -140,15 +141,15 @@ def evaluate_ensemble(cfg, strategy, dataset, run, k):
   with scope:
     members = [_load_member(run.generation(g)) for g in gens]
     model = build_ensemble(members, name=f"bane_{k}")
-    stateful = None
-    if task.carries_state(cfg):  # every member carries its own state over the stream
-      views = [task.stateful_model(m) for m in members]
-      if any(v is None for v in views):
-        raise errors.TeacherError(
-          f"BANE-{k}: generation {gens[views.index(None)]} has no model.keras to carry the LSTM state with "
-          "(a --teacher imported from a SavedModel): drop --ensemble_include_teacher or use --lm_state=reset"
-        )
-      stateful = build_stateful_ensemble(views, name=f"bane_{k}_stateful")
+    try:  # where the task carries state, every member carries its own over the stream
+      stateful = task.carry(cfg).ensemble(
+        members, lambda views: build_stateful_ensemble(views, name=f"bane_{k}_stateful")
+      )
+    except carry.MissingState as e:
+      raise errors.TeacherError(
+        f"BANE-{k}: generation {gens[e.index]} has no model.keras to carry the LSTM state with "
+        "(a --teacher imported from a SavedModel): drop --ensemble_include_teacher or use --lm_state=reset"
+      ) from None
     # The Distiller's weighted, replica-summed metrics (data.py pads the last batch).
     scorer = distiller_lib.probability_scorer(model, perplexity=task.perplexity, stateful=stateful)
   result = dict(

@@ -42,7 +42,6 @@ GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
 SOURCE_KEY = (
   "source"  # gen_0/metrics.json: {"path" (absolute), "given", "kind", "outputs", "sha256"}
 )
-_PROBABILITY_FLOOR = 1e-30  # log(0) guard for probability teachers (as distiller._safe_log)
 
 
 def check_path(path):
@@ -246,9 +245,10 @@ def _adapter(path, kind, src, spec, outputs):
   """(keras.Model from the data set's inputs to float32 logits, its .keras model or None, facts)."""
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
 
   def log_probs(p):
-    return keras.ops.log(keras.ops.maximum(keras.ops.cast(p, "float32"), _PROBABILITY_FLOOR))
+    return teacher_lib.log_probabilities(keras.ops.cast(p, "float32"))
 
   inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype, name=spec.input_name)
   if kind == KERAS:
@@ -290,27 +290,9 @@ def _adapter(path, kind, src, spec, outputs):
   name, sig_spec, key = _signature_io(loaded, path, outputs)
   _check_input(path, tuple(sig_spec.shape), spec)
 
-  class _Signature(keras.layers.TFSMLayer):
-    """serving_default, fed the data set's inputs cast to its dtype, returning output `key` as logits."""
-
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      # The signature itself, called by its input name. TFSMLayer prefers an attribute of
-      # the same name, whose Python argument name may differ (Keras' ExportArchive: `x`
-      # for a signature input named `pixels`, as in every ban_tf SavedModel).
-      self.call_endpoint_fn = self._reloaded_obj.signatures["serving_default"]
-
-    def call(self, x, training=False):  # pylint: disable=unused-argument
-      y = self.call_endpoint_fn(**{name: tf.cast(x, sig_spec.dtype)})[key]
-      y = tf.cast(y, tf.float32)
-      return tf.math.log(tf.maximum(y, _PROBABILITY_FLOOR)) if outputs == "probabilities" else y
-
-    def compute_output_shape(self, input_shape):
-      return (input_shape[0],) + tuple(spec.output_shape)
-
-  layer = _Signature(
-    src, call_endpoint="serving_default", trainable=False, name="teacher_signature", dtype="float32"
-  )
+  # What it outputs is decided here, once: serving_default by its input name, output `key`.
+  feed = teacher_lib.Teacher.signature(loaded, name, sig_spec.dtype, key, outputs)
+  layer = teacher_lib.TeacherLayer(feed, spec.output_shape, name="teacher_signature")
   facts = {
     "arch": os.path.basename(os.path.normpath(src if kind != GENERATION else os.path.dirname(src))),
     "params": _param_count(loaded.signatures["serving_default"]),
@@ -366,12 +348,9 @@ def _check_generation(cfg, src, spec):
     )
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
-  if tasks.get(cfg.task).carries_state(cfg) and not hasattr(loaded, export.STATEFUL):
-    raise _fail(
-      cfg.resolved_teacher,
-      f"serves no '{export.STATEFUL}' endpoint (exported by an older ban_tf), which "
-      "--lm_state=carry needs: add --lm_state=reset",
-    )
+  tasks.get(cfg.task).carry(cfg).check_generation_teacher(
+    loaded, lambda what: _fail(cfg.resolved_teacher, what)
+  )
   if cfg.share_stem_head and not os.path.exists(layout.beside(src, layout.KERAS)):
     raise _fail(
       cfg.resolved_teacher,
@@ -437,15 +416,10 @@ def check_teacher(cfg, spec):
     return Checked(GENERATION, src, facts)
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
-  if tasks.get(cfg.task).carries_state(
-    cfg
-  ):  # a model from elsewhere has no serve_stateful endpoint
-    raise _fail(
-      cfg.resolved_teacher,
-      f"--lm_state=carry feeds the teacher its own recurrent state, through the "
-      f"'{export.STATEFUL}' endpoint only a ban_tf generation serves: add --lm_state=reset (every window "
-      "starts from zeros), or use a ban_tf generation",
-    )
+  # A model from elsewhere has no serve_stateful endpoint: refused where state is carried.
+  tasks.get(cfg.task).carry(cfg).check_foreign_teacher(
+    lambda what: _fail(cfg.resolved_teacher, what)
+  )
   if cfg.feature_weight:  # before loading: what only a ban_tf generation serves
     raise _fail(
       cfg.resolved_teacher,
@@ -512,12 +486,11 @@ def import_teacher(cfg, strategy, dataset, out):
   import contextlib  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from ban_tf import cluster  # pylint: disable=g-import-not-at-top
   from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   task = tasks.get(cfg.task)
@@ -530,23 +503,16 @@ def import_teacher(cfg, strategy, dataset, out):
   def measure(sm_out):
     """Evaluated through its gen_0 copy, as the next generation will be taught by it."""
     multi_worker = cluster.is_multi_worker(strategy)
-    layer = export.load_teacher(sm_out, None if multi_worker else strategy)
+    carry = task.carry(cfg)  # scored like every generation (a stream, carrying its state, or not)
+    feed = carry.load_teacher(sm_out, None if multi_worker else strategy)
     scope = contextlib.nullcontext() if multi_worker else strategy.scope()
-    stateful = None
-    if task.carries_state(cfg):  # scored like every generation: over the stream, carrying its state
-      stateful = export.load_teacher(sm_out, None if multi_worker else strategy, stateful=True)
     with scope:
       inputs = keras.Input(shape=spec.input_shape, dtype=spec.input_dtype)
-      state = None
-      if stateful is not None:
-        state = distiller_lib.CarriedState(
-          export.stateful_call(stateful),
-          stateful.state_size,
-          tf.distribute.get_strategy().num_replicas_in_sync,
-          1,
-        )
+      scored = teacher_lib.TeacherLayer(feed, spec.output_shape, name="teacher")(inputs)
       scorer = distiller_lib.Distiller(
-        keras.Model(inputs, layer(inputs), name="teacher"), perplexity=task.perplexity, state=state
+        keras.Model(inputs, scored, name="teacher"),
+        perplexity=task.perplexity,
+        state=carry.scoring_state(feed),
       )
       scorer.compile()
     out = distiller_lib.evaluate_splits(scorer, dataset, cfg.batch_size)

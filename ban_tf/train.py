@@ -27,7 +27,6 @@ from absl import logging
 from ban_tf import console
 from ban_tf import distiller as distiller_lib
 from ban_tf import errors
-from ban_tf import export
 from ban_tf import faults
 from ban_tf import layout
 from ban_tf import losses
@@ -301,17 +300,17 @@ class _Built:
 
 
 def _build(cfg, task, gen, strategy, dataset, steps):
-  """Teacher (from disk), fresh student, Distiller, optimizer and checkpoint."""
+  """Teacher (from disk, teacher.Teacher), fresh student, Distiller, optimizer and checkpoint."""
   spec = task.spec(dataset)
   obj = gen.objective
   teacher = None
-  if gen.teacher_path:  # outside the scope: load_teacher runs the SavedModel eagerly to verify it
-    teacher = export.load_teacher(
+  carry = task.carry(cfg)  # what the models do with their state between batches
+  if gen.teacher_path:  # outside the scope: Teacher.load runs the SavedModel eagerly to verify it
+    teacher = carry.load_teacher(
       gen.teacher_path,
       strategy,
       expected_classes=spec.num_outputs,
       with_features=obj.feature_weight > 0,
-      stateful=task.carries_state(cfg),
     )
   with strategy.scope():
     name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
@@ -331,22 +330,12 @@ def _build(cfg, task, gen, strategy, dataset, steps):
           )
       if obj.share_stem_head:
         _share_stem_head(student, gen.teacher_path)
-    state = None
-    if task.carries_state(cfg):  # the task's stateful view of the student; the teacher's endpoint
-      stateful = task.stateful_model(student)
-      try:
-        state = distiller_lib.CarriedState(
-          stateful,
-          stateful.inputs[1].shape[-1],
-          cfg.batch_size,
-          steps,
-          teacher=teacher.call_endpoint_fn if teacher is not None else None,
-          teacher_state_size=teacher.state_size if teacher is not None else 0,
-        )
-      except ValueError as e:
-        raise errors.UsageError(
-          f"--batch_size={cfg.batch_size}: {e}: use a multiple of the replica count"
-        ) from None
+    try:  # the task's stateful view of the student and the teacher's own state, or None
+      state = carry.training_state(student, cfg.batch_size, steps, teacher)
+    except ValueError as e:
+      raise errors.UsageError(
+        f"--batch_size={cfg.batch_size}: {e}: use a multiple of the replica count"
+      ) from None
     model = distiller_lib.Distiller(
       student,
       teacher,

@@ -11,6 +11,7 @@ import tensorflow as tf
 from ban_tf import distiller
 from ban_tf import errors
 from ban_tf import export
+from ban_tf import teacher as teacher_lib
 from tests.conftest import REPO
 from tests.conftest import strategy_for
 
@@ -151,7 +152,7 @@ def test_saved_model_teachers_with_named_or_any_single_output(tmp_path):
 
 
 def test_load_teacher_of_a_foreign_saved_model_says_what_reads_it(tmp_path):
-  """export.load_teacher checks a ban_tf fingerprint; a plain Keras export has none (once: a
+  """Teacher.load checks a ban_tf fingerprint; a plain Keras export has none (once: a
   FileNotFoundError advising to retrain a generation)."""
   _net(5).export(str(tmp_path / "plain"), verbose=False)
   with pytest.raises(
@@ -159,7 +160,7 @@ def test_load_teacher_of_a_foreign_saved_model_says_what_reads_it(tmp_path):
     match=r"has no fingerprint.npz: one not exported by ban_tf is read with "
     r"keras.layers.TFSMLayer\(path, call_endpoint='serving_default'\)",
   ):
-    export.load_teacher(str(tmp_path / "plain"))
+    teacher_lib.Teacher.load(str(tmp_path / "plain"))
 
 
 def test_probability_teachers_teach_their_log_probabilities(tmp_path):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from ban_tf import distiller as distiller_lib
 from ban_tf import export
 from ban_tf import models
+from ban_tf import teacher as teacher_lib
 from tests import losses_test as ref
 from tests.conftest import strategy_for
 
@@ -50,7 +51,7 @@ def one_step(
   lr=0.1,
 ):
   x, y = batch()
-  teacher = export.load_teacher(teacher_dir, strategy) if teacher_dir else None
+  teacher = teacher_lib.Teacher.load(teacher_dir, strategy) if teacher_dir else None
   with strategy.scope():
     student = plain_net(7, "student_net")
     model = distiller_lib.Distiller(
@@ -152,7 +153,7 @@ def test_teacher_batchnorm_statistics_do_not_move(tmp_path):
   path = str(tmp_path / "saved_model")
   export.export_saved_model(net, path, SHAPE)
   student = models.build_model("tiny", NUM_CLASSES, SHAPE, name="student_tiny")
-  teacher = export.load_teacher(path)
+  teacher = teacher_lib.Teacher.load(path)
   model = distiller_lib.Distiller(student, teacher)
   model.compile(optimizer=keras.optimizers.SGD(0.1))
   t_before = [v.numpy().copy() for v in teacher.variables]
@@ -161,7 +162,7 @@ def test_teacher_batchnorm_statistics_do_not_move(tmp_path):
   assert all(np.array_equal(a, v.numpy()) for a, v in zip(t_before, teacher.variables))
   # And its outputs still equal the SavedModel's own.
   np.testing.assert_allclose(
-    teacher(tf.constant(x)).numpy(), net(x, training=False).numpy(), atol=1e-5
+    teacher(tf.constant(x)).logits.numpy(), net(x, training=False).numpy(), atol=1e-5
   )
 
 

@@ -11,6 +11,7 @@ from ban_tf import errors
 from ban_tf import export
 from ban_tf import generations
 from ban_tf import models
+from ban_tf import teacher as teacher_lib
 
 SHAPE = (12, 12, 3)
 
@@ -30,8 +31,8 @@ def test_export_reload_identical_logits(tmp_path):
   want = model(x, training=False).numpy()
   loaded = tf.saved_model.load(path)
   np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), want, atol=1e-5)
-  layer = export.load_teacher(path, expected_classes=5)
-  np.testing.assert_allclose(layer(tf.constant(x)).numpy(), want, atol=1e-5)
+  layer = teacher_lib.Teacher.load(path, expected_classes=5)
+  np.testing.assert_allclose(layer(tf.constant(x)).logits.numpy(), want, atol=1e-5)
   assert layer.source_path == os.path.abspath(path)
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]  # no temporary left behind
 
@@ -93,8 +94,8 @@ def test_saved_model_of_an_older_ban_tf_still_verifies_and_teaches(tmp_path):
   x = export.fingerprint_inputs(SHAPE)
   np.savez(os.path.join(path, export.FINGERPRINT_FILE), inputs=x, outputs=model(x).numpy())
   np.testing.assert_allclose(export.verify_saved_model(path), model(x).numpy(), atol=1e-5)
-  layer = export.load_teacher(path, expected_classes=5)
-  np.testing.assert_allclose(layer(tf.constant(x)).numpy(), model(x).numpy(), atol=1e-5)
+  layer = teacher_lib.Teacher.load(path, expected_classes=5)
+  np.testing.assert_allclose(layer(tf.constant(x)).logits.numpy(), model(x).numpy(), atol=1e-5)
 
 
 _PLAIN_KERAS = """
@@ -240,11 +241,11 @@ def test_fingerprint_detects_a_changed_model(tmp_path):
 
 def test_missing_and_mismatched_teacher(tmp_path):
   with pytest.raises(errors.TeacherError, match="missing"):
-    export.load_teacher(str(tmp_path / "nope"))
+    teacher_lib.Teacher.load(str(tmp_path / "nope"))
   path = str(tmp_path / "saved_model")
   export.export_saved_model(tiny(4, "b"), path, SHAPE)
   with pytest.raises(errors.TeacherError, match="5 classes but the student has 10"):
-    export.load_teacher(path, expected_classes=10)
+    teacher_lib.Teacher.load(path, expected_classes=10)
 
 
 @pytest.mark.parametrize("with_features", [False, True])
@@ -260,7 +261,7 @@ def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(
   monkeypatch.setattr(
     tf.saved_model, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k)
   )
-  layer = export.load_teacher(path, expected_classes=5, with_features=with_features)
+  layer = teacher_lib.Teacher.load(path, expected_classes=5, with_features=with_features)
   assert loads == [path]  # fingerprint, class count, feature width and the layer: one read
   assert layer.feature_dim == (
     model.get_layer("features").output.shape[-1] if with_features else None
@@ -270,7 +271,7 @@ def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(
   data = dict(np.load(fp))
   np.savez(fp, inputs=data["inputs"], outputs=data["outputs"] + 1.0)
   with pytest.raises(errors.TeacherError, match="fingerprint"):
-    export.load_teacher(path, expected_classes=5, with_features=with_features)
+    teacher_lib.Teacher.load(path, expected_classes=5, with_features=with_features)
 
 
 def test_load_teacher_without_the_features_endpoint_says_so(tmp_path):
@@ -281,7 +282,7 @@ def test_load_teacher_without_the_features_endpoint_says_so(tmp_path):
   )  # no "features" layer
   export.export_saved_model(plain, path, SHAPE)
   with pytest.raises(errors.TeacherError, match="no 'logits_and_features' endpoint"):
-    export.load_teacher(path, with_features=True)
+    teacher_lib.Teacher.load(path, with_features=True)
 
 
 def test_export_replaces_atomically(tmp_path):

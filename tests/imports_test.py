@@ -152,6 +152,7 @@ GENERIC = (
   "generations",
   "train",
   "distiller",
+  "teacher",
   "export",
   "rundir",
   "evaluate",

@@ -17,6 +17,7 @@ from ban_tf import schedules
 from ban_tf.tasks import lm
 from ban_tf import main
 from ban_tf import text_data
+from ban_tf import teacher as teacher_lib
 
 pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
 
@@ -108,9 +109,11 @@ def test_two_generations_and_ensemble(tmp_path):
       np.testing.assert_allclose(saved["generations"][gen][key], want, rtol=1e-4)
     assert 1.0 < metrics["test_perplexity"] < len(vocab)  # learned something
     # The SavedModel (the next teacher) maps ids [N, T] to the same logits [N, T, V].
-    teacher = export.load_teacher(os.path.join(gdir, "saved_model"), expected_classes=len(vocab))
+    teacher = teacher_lib.Teacher.load(
+      os.path.join(gdir, "saved_model"), expected_classes=len(vocab)
+    )
     x = data.ids["test"][:20].reshape(2, 10)
-    np.testing.assert_allclose(teacher(x).numpy(), model(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(teacher(x).logits.numpy(), model(x).numpy(), atol=1e-5)
     history = export.read_json(os.path.join(gdir, "history.json"))
     ppls = [h["val_perplexity"] for h in history]
     for e, h in enumerate(history):  # the plateau schedule, replayed from val perplexity

@@ -20,6 +20,7 @@ from ban_tf import lm_models
 from ban_tf import tasks
 from ban_tf import text_data
 from ban_tf import train
+from ban_tf import teacher as teacher_lib
 from tests.conftest import strategy_for
 
 V = 13
@@ -67,7 +68,7 @@ def test_carried_windows_equal_one_call_on_the_stream(arch, vocab):
 
 
 def _teacher_fn(teacher_stateful):
-  return lambda x, s: dict(zip(("logits", "state"), teacher_stateful([x, s], training=False)))
+  return teacher_lib.Teacher.wrap(teacher_stateful, stateful=True)
 
 
 def _train(replicas, rows, steps_per_epoch, lr=0.5, with_teacher=True, seed=4):
@@ -232,15 +233,15 @@ def test_stateful_endpoint_reproduces_the_model(tmp_path):
   path = str(tmp_path / "saved_model")
   export.export_saved_model(model, path, spec=spec, stateful=task.stateful_model(model))
   assert export.state_size(path) == 32
-  teacher = export.load_teacher(path, expected_classes=len(vocab), stateful=True)
+  teacher = teacher_lib.Teacher.load(path, expected_classes=len(vocab), stateful=True)
   assert teacher.state_size == 32
   ids = np.random.RandomState(3).randint(0, len(vocab), (2, 11)).astype(np.int32)
   s = tf.zeros([2, 32])
   parts = []
   for a in range(0, 11, 4):
-    out = teacher.call_endpoint_fn(tf.constant(ids[:, a : a + 4]), s)
-    s = out["state"]
-    parts.append(out["logits"].numpy())
+    out = teacher(tf.constant(ids[:, a : a + 4]), s)
+    s = out.state
+    parts.append(out.logits.numpy())
   np.testing.assert_allclose(np.concatenate(parts, 1), model(ids).numpy(), atol=1e-5)
   # ban_tf.evaluate's stateful scoring of consecutive windows: NumPy CE of one call.
   loaded = evaluate.load(path)
@@ -258,7 +259,7 @@ def test_stateful_endpoint_reproduces_the_model(tmp_path):
   old = str(tmp_path / "stateless")
   export.export_saved_model(model, old, spec=spec)
   with pytest.raises(Exception, match="serve_stateful"):
-    export.load_teacher(old, stateful=True)
+    teacher_lib.Teacher.load(old, stateful=True)
 
 
 def test_resume_from_an_epoch_checkpoint_is_exact(tmp_path):

@@ -20,6 +20,7 @@ from ban_tf import tasks
 from ban_tf import lm_models
 from ban_tf import main
 from ban_tf import text_data
+from ban_tf import teacher as teacher_lib
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
 from tests.conftest import strategy_for
@@ -304,11 +305,11 @@ def test_export_round_trip_ids_to_logits(tmp_path, arch):
   fingerprint = export.export_saved_model(model, path, (5,), spec=spec)
   data = np.load(os.path.join(path, export.FINGERPRINT_FILE))
   assert data["inputs"].dtype == np.int32 and fingerprint.shape == (4, 5, len(vocab))
-  teacher = export.load_teacher(path, expected_classes=len(vocab))
+  teacher = teacher_lib.Teacher.load(path, expected_classes=len(vocab))
   x = np.random.RandomState(0).randint(0, len(vocab), (3, 9)).astype(np.int32)  # another T
-  np.testing.assert_allclose(teacher(x).numpy(), model(x).numpy(), atol=1e-5)
+  np.testing.assert_allclose(teacher(x).logits.numpy(), model(x).numpy(), atol=1e-5)
   with pytest.raises(errors.TeacherError, match="outputs 32 classes"):
-    export.load_teacher(path, expected_classes=7)
+    teacher_lib.Teacher.load(path, expected_classes=7)
 
 
 # ---- flags and the Table 6 presets ---------------------------------------------------------------

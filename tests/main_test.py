@@ -14,6 +14,7 @@ from ban_tf import data
 from ban_tf import errors
 from ban_tf import export
 from ban_tf import main
+from ban_tf import teacher as teacher_lib
 from tests.conftest import REPO
 
 
@@ -120,13 +121,13 @@ def test_binary_exit_code_2_one_line_and_nothing_written(tmp_path):
 def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
   """`--gens=2` through main.run: the whole run-dir contract, teachers read from disk."""
   loaded = []
-  real_load = export.load_teacher
+  real_load = teacher_lib.Teacher.load
 
   def spy(path, *args, **kwargs):
     loaded.append(os.path.abspath(path))
     return real_load(path, *args, **kwargs)
 
-  monkeypatch.setattr(export, "load_teacher", spy)
+  monkeypatch.setattr(teacher_lib.Teacher, "load", spy)
   # tfds' mock replaces download_and_prepare; our fail-fast network probe must not stop it.
   monkeypatch.setattr(data, "_online", lambda: True)
   run_dir = str(tmp_path / "run")

@@ -15,6 +15,7 @@ from ban_tf import distiller
 from ban_tf import export
 from ban_tf import losses
 from ban_tf import models
+from ban_tf import teacher as teacher_lib
 
 SHAPE = (16, 16, 3)
 
@@ -41,8 +42,8 @@ def teachers(tmp_path_factory):
     export.export_saved_model(f32, str(root / "f32"), SHAPE)
     bf16 = _model("mixed_bfloat16", f32.get_weights())
     export.export_saved_model(bf16, str(root / "bf16"), SHAPE)
-    t32 = export.load_teacher(str(root / "f32"), expected_classes=10)
-    t16 = export.load_teacher(str(root / "bf16"), expected_classes=10)
+    t32 = teacher_lib.Teacher.load(str(root / "f32"), expected_classes=10)
+    t16 = teacher_lib.Teacher.load(str(root / "bf16"), expected_classes=10)
     yield t32, t16
   finally:
     keras.mixed_precision.set_global_policy("float32")
@@ -64,8 +65,8 @@ def test_kd_target_of_bf16_teacher_is_float32_and_close_to_float32_teacher(teach
     d32 = distiller.Distiller(student, t32)
     d16 = distiller.Distiller(student, t16)
     # Inside a compiled function, as in the train step.
-    l32 = tf.function(lambda v: d32.teacher_outputs(v)[0])(x)
-    l16 = tf.function(lambda v: d16.teacher_outputs(v)[0])(x)
+    l32 = tf.function(lambda v: d32.teacher_logits(v))(x)
+    l16 = tf.function(lambda v: d16.teacher_logits(v))(x)
   finally:
     keras.mixed_precision.set_global_policy("float32")
   assert l16.dtype == tf.float32 and l32.dtype == tf.float32

@@ -20,6 +20,7 @@ from ban_tf import tasks
 from ban_tf import main as main_lib
 from ban_tf import models
 from ban_tf import train
+from ban_tf import teacher as teacher_lib
 from tests.conftest import SHARED_TFDS
 
 _HAS_DATA = os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist"))
@@ -158,13 +159,13 @@ def test_cross_arch_shared_features_seeds_baseline(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
     # The student's features endpoint reproduces its features layer; serve is unchanged.
     x = export.fingerprint_inputs((28, 28, 1))
-    layer = export.load_teacher(
+    layer = teacher_lib.Teacher.load(
       os.path.join(sub, "gen_1", "saved_model"), expected_classes=10, with_features=True
     )
     out = layer(x)
     feats = keras.Model(student.inputs, student.get_layer("features").output)(x)
-    np.testing.assert_allclose(out["features"], feats, atol=1e-4)
-    np.testing.assert_allclose(out["logits"], student(x), atol=1e-4)
+    np.testing.assert_allclose(out.features, feats, atol=1e-4)
+    np.testing.assert_allclose(out.logits, student(x), atol=1e-4)
     assert layer.feature_dim == 9
 
   # Different feature widths without a projection, and an unshareable stem: one-line errors.

@@ -127,10 +127,13 @@ class Task:
 
     return models.to_stock(model) if models.has_fused_layers(model) else model
 
-  def carries_state(self, cfg) -> bool:
-    """Whether the models carry their state across consecutive batches (then the
-    teacher is loaded through `serve_stateful`, and evaluation runs over streams)."""
-    return False
+  def carry(self, cfg):
+    """What the models do with their state between batches (carry.py): carry.Reset()
+    (nothing carried) unless the task says otherwise. Generic code calls it; it never
+    asks the task which mode it is in."""
+    from ban_tf import carry  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
+    return carry.Reset()
 
   # ---- training -------------------------------------------------------------------
   def device_augment(self, cfg) -> bool:
@@ -184,7 +187,7 @@ class Task:
       dataset: the task's data set (load_data); `split` is "test" or "val".
       batch_size: the run's evaluation batch size (the layout the reported numbers used).
       probabilities: the model serves probabilities (a BANE ensemble), not logits.
-      stateful: carry the state over the split's consecutive windows (carries_state).
+      stateful: carry the state over the split's consecutive windows (carry.Carry).
 
     Returns:
       {array name: numpy array} (`prediction_arrays`), in the pipeline's order,
@@ -225,17 +228,13 @@ class Task:
       raise errors.UsageError(
         f"{saved} cannot be loaded ({type(e).__name__}): it is damaged; restore it, or retrain it"
       ) from None
+    carry = self.carry(cfg)  # scored as the run's evaluation scores (a stream, or windows)
     splits = {}
     for split in ("test", "val"):
       if getattr(dataset, split)(cfg.batch_size) is None:
         continue
-      splits[split] = self.per_example(
-        model,
-        dataset,
-        split,
-        cfg.batch_size,
-        probabilities=probabilities,
-        stateful=self.carries_state(cfg),
+      splits[split] = carry.per_example(
+        self.per_example, model, dataset, split, cfg.batch_size, probabilities
       )
     return predictions.write(model_dir, splits, task=self.name)
 

@@ -178,8 +178,12 @@ class LanguageModel(base.Task):
 
     return lm_models.to_stock(model)
 
-  def carries_state(self, cfg):
-    return cfg.lm_state == "carry"
+  def carry(self, cfg):
+    """--lm_state=carry: the student and the teacher (its `serve_stateful`) carry their
+    state across windows, and evaluation runs over streams; reset: nothing carried."""
+    from ban_tf import carry  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
+    return carry.Carry(self.stateful_model) if cfg.lm_state == "carry" else carry.Reset()
 
   def make_optimizer(self, cfg, steps_per_epoch):
     """SGD with a constant rate that `callbacks` drive; gradient clipping is in the Distiller."""
