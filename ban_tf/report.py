@@ -1101,6 +1101,14 @@ def write_results(run_dir, results, cfg, spec=None):
   `spec`: the run's tasks.DataSpec, for the split sizes; None keeps those that
   `results` already holds (a report redone from results.json).
   """
+  clean, text = results_with_comparisons(run_dir, results, cfg, spec)
+  rundir.RunFiles(run_dir).write_results(clean, text)
+  return clean
+
+
+def results_with_comparisons(run_dir, results, cfg, spec=None):
+  """(results.json's dict, results.md's text) of one run, each row with its paired comparisons
+  (from the run's stored per-example outputs); writes nothing."""
   task = tasks.get(cfg.task)
   keep = _GENERIC_KEYS + ("name", "members") + tuple(task.result_keys)
   keep += tuple(f for f, _ in results_lib.REFERENCES)
@@ -1123,8 +1131,7 @@ def write_results(run_dir, results, cfg, spec=None):
     + results_lib.table(clean, task.headline, task.extra_columns)
     + comparisons_note(clean)
   )
-  rundir.RunFiles(run_dir).write_results(clean, text)
-  return clean
+  return clean, text
 
 
 COMPARED_KEY = "compared"  # a comparison's results.json: {"compared", "metric", "data", "rows"}
@@ -1249,7 +1256,8 @@ def _write_report(runs, out_dir, default_out, hparams):
     for r in runs:  # each run's paired deltas, from its stored (or now computed) outputs
       r_cfg = config_from_dict(r.config)
       ensure_predictions(r.path, r_cfg, r.results)
-      r.results = write_results(r.path, r.results, r_cfg)
+      # In memory: a summary writes to out_dir (and hparams when asked), not into its runs.
+      r.results, _ = results_with_comparisons(r.path, r.results, r_cfg)
     out_dir = out_dir or default_out
     if len(groups) > 1:
       return _write_comparison(groups, task, out_dir, hparams)
