@@ -288,7 +288,7 @@ def _jpeg_folder(root, size=32, per_class=(("train", 12), ("test", 4)), classes=
 
 _E2E = [
   "--arch=keras:MobileNetV3Small",
-  "--gens=2",
+  "--gens=1",
   "--epochs=2",
   "--batch_size=12",
   "--lr=0.01",
@@ -329,7 +329,7 @@ def _json(run_dir, rel):
 
 @pytest.mark.slow
 def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(tmp_path):
-  """keras:MobileNetV3Small, two generations on a folder of generated JPEGs: killed mid-
+  """keras:MobileNetV3Small, teacher and BAN-1 on a folder of generated JPEGs: killed mid-
   generation 1 and resumed equals the uninterrupted run; a rerun trains nothing; the
   SavedModel serves raw pixels and model.keras loads in plain Keras with equal outputs."""
   import json  # pylint: disable=g-import-not-at-top
@@ -348,10 +348,10 @@ def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(tmp_pa
   proc = _e2e_run(folder, killed)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "gen 1: resuming from epoch 1" in proc.stderr, proc.stderr[-3000:]
-  for rel in ("results.json", "gen_1/metrics.json", "gen_2/history.json", "gen_2/metrics.json"):
+  for rel in ("results.json", "gen_0/metrics.json", "gen_1/history.json", "gen_1/metrics.json"):
     assert _json(killed, rel) == _json(full, rel), rel
   fp = [
-    np.load(os.path.join(d, "gen_2", "saved_model", "fingerprint.npz"))["outputs"]
+    np.load(os.path.join(d, "gen_1", "saved_model", "fingerprint.npz"))["outputs"]
     for d in (full, killed)
   ]
   np.testing.assert_array_equal(fp[0], fp[1])
@@ -384,7 +384,7 @@ print(json.dumps({"keras": model.predict(x, verbose=0).tolist(),
 """
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   out = subprocess.run(
-    [sys.executable, "-c", script, os.path.join(full, "gen_2"), str(tmp_path / "x.npy")],
+    [sys.executable, "-c", script, os.path.join(full, "gen_1"), str(tmp_path / "x.npy")],
     cwd=str(tmp_path),
     env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"),
     capture_output=True,
