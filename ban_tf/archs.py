@@ -7,12 +7,17 @@ language models) parse with the same functions.
 Image classifiers (`parse_arch`, `resolve_arch`): wrn-D-K, densenet-D-K,
 preact-resnet-D, tiny, explicit widths wrnw-/prebw-..., and the teacher-matched
 students wrn-match-U / prebn-match-U (see models.py for what they build).
+Keras Applications (`KERAS_APPLICATIONS`): keras:NAME builds keras.applications.NAME
+(models.build_keras_application); the names, the input scaling each family expects,
+minimum sizes and widths are listed here without importing Keras (tests/backbones_test.py
+checks them against keras.applications).
 Language models (`parse_lm_arch`): lstm-L-H and cnn-lstm[-small|-large] (see
 lm_models.py).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 
@@ -23,7 +28,8 @@ ARCH_HELP = (
   "preact-resnet-D (D = 6n+2, e.g. preact-resnet-20), tiny, "
   "and explicit widths wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (U units per stage, "
   "stem S, stage widths W, optional final 1x1 conv to F channels), or the teacher-matched "
-  "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch)"
+  "students wrn-match-U / prebn-match-U (students only: widths from a DenseNet --teacher_arch), "
+  "or keras:NAME, a Keras Applications backbone (e.g. keras:ResNet50; --help lists them)"
 )
 
 _WRN_RE = re.compile(r"^wrn-(\d+)-(\d+)$")
@@ -53,7 +59,10 @@ def parse_arch(arch: str) -> dict:
     densenet: "depth", "growth", "layers_per_block" (tuple of 3), "compression";
     preact_resnet: "depth", "blocks_per_stage";
     wrn_widths / preact_bottleneck: "units" (per stage), "stem", "widths" (3),
-    "out" (width of the final 1x1 conv, or None).
+    "out" (width of the final 1x1 conv, or None);
+    keras (keras:NAME): "application" (the keras.applications name), "scaling",
+    "min_size", "pooled", "last_point", "features", "backbone_params" (see
+    KERAS_APPLICATIONS).
 
   Raises:
     ValueError: unknown family or invalid depth/width, with a one-line fix.
@@ -61,6 +70,8 @@ def parse_arch(arch: str) -> dict:
   if not isinstance(arch, str):
     raise _bad(str(arch), "expected a string")
   a = arch.strip().lower()
+  if a.startswith(KERAS_PREFIX):
+    return _parse_keras(arch)
   if a == "tiny":
     return {"family": "tiny", "name": "tiny"}
   if m := _WRN_RE.match(a):
@@ -111,6 +122,13 @@ def parse_arch(arch: str) -> dict:
       arch,
       "a -match- student needs a DenseNet teacher: resolve it with "
       "models.resolve_arch(arch, teacher_arch, ratio) (--arch with --teacher_arch)",
+    )
+  keras_like = difflib.get_close_matches(a, list(_KERAS_LOWER), n=1, cutoff=0.8)
+  if keras_like:
+    raise _bad(
+      arch,
+      f"unknown architecture name (a Keras application? --arch={KERAS_PREFIX}"
+      f"{_KERAS_LOWER[keras_like[0]]})",
     )
   raise _bad(arch, "unknown or malformed architecture name")
 
@@ -208,6 +226,8 @@ def widths(arch: str) -> dict:
   """
   spec = parse_arch(arch)
   family = spec["family"]
+  if family == "keras":  # no "stem" layer: its first conv differs by family (see models.py)
+    return {"stem": None, "features": spec["features"]}
   if family == "tiny":
     return {"stem": 8, "features": 16}
   if family == "densenet":
@@ -266,6 +286,11 @@ def param_count(arch: str, num_classes: int, channels: int = 3) -> int:
   """
   spec = parse_arch(arch)
   family = spec["family"]
+  if family == "keras":  # channels: grey images are replicated to RGB inside the model
+    n, c = spec["backbone_params"], spec["pooled"]
+    if spec["last_point"]:
+      n, c = n + c * spec["last_point"] + spec["last_point"], spec["last_point"]
+    return n + c * num_classes + num_classes
   if family == "tiny":
     c, n = 16, 9 * channels * 8 + 2 * 8 + 9 * 8 * 16  # its second BN is the final one
   elif family == "densenet":
@@ -329,6 +354,128 @@ def _widths_resnet_params(spec, channels):
     n += 2 * c + c * spec["out"]
     c = spec["out"]
   return c, n
+
+
+# ---- Keras Applications (keras:NAME) ------------------------------------------
+KERAS_PREFIX = "keras:"
+# How raw pixels in [0, 255] become what each family was designed (and its ImageNet weights
+# trained) for, i.e. keras.applications.<family>.preprocess_input:
+#   "builtin": the model rescales itself (include_preprocessing=True: MobileNetV3, EfficientNetV2,
+#     ConvNeXt; EfficientNet B0-B7 always);
+#   "tf": x / 127.5 - 1;  "torch": (x / 255 - ImageNet mean) / ImageNet std;
+#   "caffe": RGB -> BGR, minus the ImageNet BGR mean (no scaling).
+KERAS_SCALING = ("builtin", "tf", "torch", "caffe")
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # "torch" mode, fractions of 255
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # "caffe" mode, pixel units
+# MobileNetV3's classifier has a 1x1 conv to this width (with hard-swish) after pooling,
+# which include_top=False leaves out: ban_tf adds it back as the "features" layer.
+MOBILENET_V3_LAST_POINT = {"MobileNetV3Small": 1024, "MobileNetV3Large": 1280}
+# name: (input scaling, minimum H and W (imagenet_utils.obtain_input_shape's min_size),
+#        pooled width of the backbone without its top, its trainable parameters).
+# Widths and counts measured from keras.applications 3.15 (weights=None, include_top=False,
+# pooling="avg"); tests/backbones_test.py checks every entry against a build.
+KERAS_APPLICATIONS = {
+  "ConvNeXtBase": ("builtin", 32, 1024, 87_566_464),
+  "ConvNeXtLarge": ("builtin", 32, 1536, 196_230_336),
+  "ConvNeXtSmall": ("builtin", 32, 768, 49_454_688),
+  "ConvNeXtTiny": ("builtin", 32, 768, 27_820_128),
+  "ConvNeXtXLarge": ("builtin", 32, 2048, 348_147_968),
+  "DenseNet121": ("torch", 32, 1024, 6_953_856),
+  "DenseNet169": ("torch", 32, 1664, 12_484_480),
+  "DenseNet201": ("torch", 32, 1920, 18_092_928),
+  "EfficientNetB0": ("builtin", 32, 1280, 4_007_548),
+  "EfficientNetB1": ("builtin", 32, 1280, 6_513_184),
+  "EfficientNetB2": ("builtin", 32, 1408, 7_700_994),
+  "EfficientNetB3": ("builtin", 32, 1536, 10_696_232),
+  "EfficientNetB4": ("builtin", 32, 1792, 17_548_616),
+  "EfficientNetB5": ("builtin", 32, 2048, 28_340_784),
+  "EfficientNetB6": ("builtin", 32, 2304, 40_735_704),
+  "EfficientNetB7": ("builtin", 32, 2560, 63_786_960),
+  "EfficientNetV2B0": ("builtin", 32, 1280, 5_858_704),
+  "EfficientNetV2B1": ("builtin", 32, 1280, 6_860_052),
+  "EfficientNetV2B2": ("builtin", 32, 1408, 8_687_086),
+  "EfficientNetV2B3": ("builtin", 32, 1536, 12_821_406),
+  "EfficientNetV2L": ("builtin", 32, 1280, 117_234_272),
+  "EfficientNetV2M": ("builtin", 32, 1280, 52_858_356),
+  "EfficientNetV2S": ("builtin", 32, 1280, 20_177_488),
+  "InceptionResNetV2": ("tf", 75, 1536, 54_276_192),
+  "InceptionV3": ("tf", 75, 2048, 21_768_352),
+  "MobileNet": ("tf", 32, 1024, 3_206_976),
+  "MobileNetV2": ("tf", 32, 1280, 2_223_872),
+  "MobileNetV3Large": ("builtin", 32, 960, 2_971_952),
+  "MobileNetV3Small": ("builtin", 32, 576, 927_008),
+  "NASNetLarge": ("tf", 32, 4032, 84_720_150),
+  "NASNetMobile": ("tf", 32, 1056, 4_232_978),
+  "ResNet101": ("caffe", 32, 2048, 42_552_832),
+  "ResNet101V2": ("tf", 32, 2048, 42_528_896),
+  "ResNet152": ("caffe", 32, 2048, 58_219_520),
+  "ResNet152V2": ("tf", 32, 2048, 58_187_904),
+  "ResNet50": ("caffe", 32, 2048, 23_534_592),
+  "ResNet50V2": ("tf", 32, 2048, 23_519_360),
+  "VGG16": ("caffe", 32, 512, 14_714_688),
+  "VGG19": ("caffe", 32, 512, 20_024_384),
+  "Xception": ("tf", 71, 2048, 20_806_952),
+}
+_KERAS_LOWER = {k.lower(): k for k in KERAS_APPLICATIONS}
+KERAS_HELP = ", ".join(KERAS_APPLICATIONS)
+
+
+def _parse_keras(arch: str) -> dict:
+  """`keras:NAME` (NAME case-insensitive) -> its KERAS_APPLICATIONS entry as a dict."""
+  given = arch.strip()[len(KERAS_PREFIX) :].strip()
+  app = _KERAS_LOWER.get(given.lower())
+  if app is None:
+    close = difflib.get_close_matches(given.lower(), list(_KERAS_LOWER), n=4, cutoff=0.5)
+    hint = (
+      "close matches: " + ", ".join(KERAS_PREFIX + _KERAS_LOWER[c] for c in close)
+      if close
+      else f"the names are {KERAS_HELP}"
+    )
+    raise ValueError(f"Bad arch {arch!r}: {given!r} is not a Keras application; {hint}")
+  scaling, min_size, pooled, params = KERAS_APPLICATIONS[app]
+  last_point = MOBILENET_V3_LAST_POINT.get(app)
+  return {
+    "family": "keras",
+    "application": app,
+    "name": "keras_" + app.lower(),
+    "scaling": scaling,
+    "min_size": min_size,
+    "pooled": pooled,
+    "last_point": last_point,
+    "features": last_point or pooled,
+    "backbone_params": params,
+  }
+
+
+def is_keras_arch(arch) -> bool:
+  """Whether `arch` names a Keras Applications backbone (keras:NAME)."""
+  return isinstance(arch, str) and arch.strip().lower().startswith(KERAS_PREFIX)
+
+
+def check_image_size(arch: str, image_shape) -> None:
+  """Raises ValueError (one line) if a keras:NAME backbone cannot take `image_shape`.
+
+  Args:
+    arch: any image architecture name (the built-in ones take any size and channels).
+    image_shape: (H, W) or (H, W, C) of the data set's images.
+
+  Raises:
+    ValueError: H or W below the family's minimum (32, or 71 / 75 for Xception /
+      Inception), or C not 1 (grey, replicated to RGB inside the model) or 3.
+  """
+  if not is_keras_arch(arch):
+    return
+  spec = parse_arch(arch)
+  h, w = int(image_shape[0]), int(image_shape[1])
+  m = spec["min_size"]
+  if min(h, w) < m:
+    raise ValueError(
+      f"{arch} needs images of at least {m}x{m} pixels, got {h}x{w}: "
+      f"pass --image_size={max(h, m)},{max(w, m)} (or larger)"
+    )
+  if len(image_shape) > 2 and int(image_shape[2]) not in (1, 3):
+    raise ValueError(f"{arch} takes RGB (or grey) images, got {image_shape[2]} channels")
 
 
 # ---- language models ------------------------------------------------------------

@@ -19,7 +19,10 @@ It measures, in one process and with the training binary's own flags (so
       `input_device_aug_img_s` (uint8 only: the host pipeline's ceiling when the
       step augments); `input_img_s` is the one `--device_augment` selects;
   (d) augment: `data.augment_batch` alone, compiled, on one batch: what
-      `--device_augment` adds to every step.
+      `--device_augment` adds to every step;
+  (e) input, uncached (`input_decode_img_s`): reading and decoding the stored
+      images without the pipeline's in-memory cache (the first epoch; every epoch
+      of a data set larger than memory): a JPEG folder's decode ceiling.
 
 With `--device_augment` (the default) (a) and (b) include the in-step augmentation
 of a uint8 batch, as in training.
@@ -30,7 +33,7 @@ executions; (a) and (b) repetitions alternate, so a change in machine load hits
 both. The last line is machine-readable:
 
   supervised_img_s=... distill_img_s=... input_img_s=... ratio=... peak_rss_mb=...
-  input_host_aug_img_s=... input_device_aug_img_s=... augment_img_s=...
+  input_host_aug_img_s=... input_device_aug_img_s=... augment_img_s=... input_decode_img_s=...
 
 `ratio` is the distillation step time over the supervised step time (FLOPs
 alone give about 4/3). The input figures are `nan` for `--dataset=synthetic`.
@@ -70,6 +73,7 @@ RESULT_KEYS = (
   "input_host_aug_img_s",
   "input_device_aug_img_s",
   "augment_img_s",
+  "input_decode_img_s",
 )
 
 
@@ -276,6 +280,23 @@ def time_input(dataset, cfg, reps, input_batches, device_augment=False):
   return _median_rate(samples, cfg.batch_size), build_s, steps
 
 
+def time_decode(dataset, cfg, reps, input_batches):
+  """Median images/s of reading and decoding the training images, uncached and batched
+  (`data.Dataset.train_source`): the host's ceiling when nothing is cached (image folders
+  of JPEGs: file reads and JPEG decoding, plus the resize to --image_size)."""
+  per_rep = input_batches or dataset.steps_per_epoch(cfg.batch_size)
+  ds = dataset.train_source().repeat().batch(cfg.batch_size).prefetch(2)
+  it = iter(ds)
+  next(it)  # warm-up: threads and the first files
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(per_rep):
+      next(it)
+    samples.append((per_rep, time.perf_counter() - t0))
+  return _median_rate(samples, cfg.batch_size)
+
+
 def time_augment(images, indices, seed, mode, reps, steps):
   """Median images/s of `data.augment_batch` alone, compiled, on one batch (in-step cost)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -460,10 +481,16 @@ def run(
       results["input_img_s"] = results[
         "input_device_aug_img_s" if on_device else "input_host_aug_img_s"
       ]
+      results["input_decode_img_s"] = time_decode(dataset, cfg, reps, input_batches)
+      say(
+        f"{'input, uncached':>19}: {results['input_decode_img_s']:8.1f} img/s  (reading and "
+        "decoding the stored images, no cache: the first epoch, or every epoch of a data set "
+        "larger than memory)"
+      )
     else:
       results["input_img_s"] = results["input_device_aug_img_s"] = results[
         "input_host_aug_img_s"
-      ] = float("nan")
+      ] = results["input_decode_img_s"] = float("nan")
       say("     input: not measured (--dataset=synthetic)")
   results["peak_rss_mb"] = peak_rss_mb()
   keys = RESULT_KEYS

@@ -52,6 +52,7 @@ TEACHER_SEED = "{seed}"
 # Every seed a run uses goes to keras.utils.set_random_seed (and NumPy's RandomState),
 # which take 0 <= seed < 2**32.
 SEED_RANGE = (0, 2**32 - 1)
+LR_SCHEDULES = ("step", "cosine")
 
 
 def check_writable_dir(path: str, flag: str) -> None:
@@ -122,6 +123,9 @@ class Config:
   densenet_compression: float = 0.5  # transition compression of a DenseNet --arch (Table 4)
   dropout: float = 0.0
   teacher_dropout: Optional[float] = None  # generation 0's dropout; None = --dropout
+  # keras:NAME backbones' initial weights: imagenet or a weights file of the backbone without
+  # its top (every generation; classifier fresh). None: from scratch, as the paper's BAN.
+  init_weights: Optional[str] = None
   # Generation 0 from PATH instead of training it: a run's gen_k/, a SavedModel or a .keras file.
   teacher: Optional[str] = None
   teacher_outputs: str = "logits"  # what --teacher outputs: logits | probabilities
@@ -145,6 +149,9 @@ class Config:
     default=(0.3, 0.6, 0.8), metadata={"hint": "comma-separated fractions of the epochs"}
   )
   lr_decay: float = 0.2
+  # image: step (x lr_decay at each milestone) | cosine (Keras CosineDecay to 0 at the end).
+  lr_schedule: str = "step"
+  warmup_epochs: int = 0  # image: linear warm-up from 0 to --lr over the first N epochs
   # lm: lr x lr_plateau_decay whenever val perplexity does not improve by > min_delta.
   lr_plateau_decay: float = 0.25
   lr_plateau_min_delta: float = 0.0
@@ -195,9 +202,10 @@ class Config:
       "image_folder",
       "data_dir",
       "ptb_dir",
+      "init_weights",
     ):  # absolute in config.json: evaluate and resume
       if (
-        kwargs.get(name) and "://" not in kwargs[name]
+        kwargs.get(name) and "://" not in kwargs[name] and kwargs[name] != "imagenet"
       ):  # work from any directory (gs://... as given)
         kwargs[name] = os.path.abspath(kwargs[name])
     return cls(**kwargs)
@@ -367,6 +375,7 @@ class Config:
 
   def default_run_dir(self) -> str:
     arch = self.arch if not self.teacher_arch else f"{self.teacher_arch}-to-{self.arch}"
+    arch = arch.replace(":", "_")  # keras:NAME
     return os.path.join(
       "runs", f"{self.data_name.replace('/', '_')}-{arch}-{self.resolved_loss}-seed{self.seed}"
     )
@@ -591,6 +600,14 @@ class Config:
       "fractions of the epochs in (0, 1), e.g. 0.3,0.6,0.8",
     )
     need(0 < self.lr_decay <= 1, f"--lr_decay={self.lr_decay}: must be in (0, 1]")
+    need(
+      self.lr_schedule in LR_SCHEDULES,
+      f"--lr_schedule={self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}",
+    )
+    need(
+      0 <= self.warmup_epochs < self.epochs,
+      f"--warmup_epochs={self.warmup_epochs}: must be in [0, --epochs={self.epochs})",
+    )
     need(self.num_cpu_devices >= 0, f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
     need(
       self.strategy in STRATEGIES,
@@ -636,6 +653,17 @@ class Config:
     )
     need(self.task in TASKS, f"--task={self.task!r}: use one of {', '.join(TASKS)}")
     need(self.clip_norm >= 0, f"--clip_norm={self.clip_norm}: must be >= 0 (0 = off)")
+    if self.init_weights:
+      need(
+        any(archs.is_keras_arch(a) for a in (self.arch, self.teacher_arch) if a),
+        f"--init_weights={self.init_weights} initialises keras:NAME backbones: use "
+        "--arch=keras:NAME (or drop --init_weights)",
+      )
+      need(
+        self.init_weights == "imagenet" or os.path.isfile(self.init_weights),
+        f"--init_weights={self.init_weights}: no such file: pass imagenet or a weights file of the "
+        "backbone without its top (.h5 or .weights.h5)",
+      )
     task = tasks.get(self.task)
     task.validate(self)
     for flag, arch, gen in (("--teacher_arch", self.teacher_arch, 0), ("--arch", self.arch, 1)):

@@ -218,6 +218,11 @@ class Dataset:
     ds = ds.map(_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _distributable(ds.prefetch(AUTOTUNE)), steps
 
+  def train_source(self):
+    """The training examples as read and decoded, in their fixed order: (uint8 image
+    [H, W, C], int64 label), uncached, unshuffled, unaugmented (what ban_tf.bench times)."""
+    return self._train_src.take(self.info.num_train)
+
   def train_augmenter(self, seed, augment):
     """The in-step half of `train(device_augment=True)`: (uint8 images, indices) -> float32."""
     return functools.partial(augment_batch, seed=int(seed), mode=augment)

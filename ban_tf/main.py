@@ -26,6 +26,8 @@ def define_flags(fv=FLAGS):
   One flag per config.Config field, with the field's name, type and default (the
   one source of defaults); only the help text is written here.
   """
+  from ban_tf import archs  # pylint: disable=g-import-not-at-top  (pure Python: the keras:NAME list)
+
   flags = _Definer(fv)
   # Data.
   flags.field("task", "[data] image (classification) or lm (word-level language modelling).")
@@ -69,10 +71,17 @@ def define_flags(fv=FLAGS):
     "arch",
     "[model] Student architecture: wrn-D-K, densenet-D-K, preact-resnet-D, tiny, "
     "wrn-match-U / prebn-match-U (widths from a DenseNet --teacher_arch), "
-    "wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (explicit widths); "
+    "wrnw-U-S-W1-W2-W3[-F] / prebw-U-S-W1-W2-W3[-F] (explicit widths), "
+    f"keras:NAME (a fresh Keras Applications backbone, docs/backbones.md: {archs.KERAS_HELP}); "
     "lm: lstm-L-H, cnn-lstm[-small|-large].",
   )
   flags.field("teacher_arch", "[model] Generation 0's architecture (default: --arch).")
+  flags.field(
+    "init_weights",
+    "[model] keras:NAME only: every generation's backbone starts from these weights instead of "
+    "from scratch (the paper's BAN): imagenet (Keras' file in ~/.keras/models; offline it must be "
+    "there) or a weights file of the backbone without its top; the classifier starts fresh.",
+  )
   flags.field(
     "student_width_ratio",
     "[model] wrn-match-U / prebn-match-U students: stage widths = ratio x the DenseNet "
@@ -143,6 +152,15 @@ def define_flags(fv=FLAGS):
     "[optim] LR decay points as fractions of --epochs (rounded to whole epochs, >= 1).",
   )
   flags.field("lr_decay", "[optim] LR multiplier at each milestone.")
+  flags.field(
+    "lr_schedule",
+    "[optim] image: step (x --lr_decay at each --lr_milestones) or cosine (Keras CosineDecay "
+    "from --lr to 0 over the epochs after the warm-up).",
+  )
+  flags.field(
+    "warmup_epochs",
+    "[optim] image: linear warm-up from 0 to --lr over the first N epochs (Goyal et al. 2017: 5).",
+  )
   flags.field("lr_plateau_decay", "[optim] lm: LR multiplier when val perplexity does not improve.")
   flags.field("lr_plateau_min_delta", "[optim] lm: improvement in val perplexity that counts.")
   flags.field(

@@ -37,10 +37,14 @@ Explicit layers `densenet-L1-L2-L3-K` keep any other reading reachable (the prev
 `-cTHETA` suffix sets the transitions' compression (default 0.5; `--densenet_compression`).
 Parameter counts: `param_count` (pure Python, equal to `count_params` of the built model);
 docs/presets.md compares every preset with the paper.
+
+Keras Applications (`keras:NAME`, `build_keras_application`): a fresh keras.applications
+backbone behind the same contract; docs/backbones.md.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import keras
@@ -51,7 +55,11 @@ import tensorflow as tf
 # config validation and presets use them); re-exported here.
 from ban_tf.archs import (  # noqa: F401  (re-exported)
   ARCH_HELP,
+  CAFFE_MEAN_BGR,
   DENSENET_COMPRESSION,
+  IMAGENET_MEAN_RGB,
+  IMAGENET_STD_RGB,
+  check_image_size,
   densenet_layers,
   densenet_widths,
   is_match_arch,
@@ -166,10 +174,18 @@ def synchronize_batchnorm(model: keras.Model) -> int:
   device or in inference. Saved in model.keras (the layer config). Returns the
   number of layers switched.
   """
-  layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  layers = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
   for layer in layers:
     layer.synchronized = True
   return len(layers)
+
+
+def _all_layers(model):
+  """The layers of `model` and of the models nested in it (a keras:NAME backbone)."""
+  for layer in model.layers:
+    yield layer
+    if isinstance(layer, keras.Model):
+      yield from _all_layers(layer)
 
 
 def has_fused_layers(model: keras.Model) -> bool:
@@ -302,6 +318,7 @@ def build_model(
   std=None,
   dropout: float = 0.0,
   name: str | None = None,
+  init_weights: str | None = None,
 ) -> keras.Model:
   """Builds a functional classifier from raw pixels to logits.
 
@@ -315,13 +332,17 @@ def build_model(
       conv of a bottleneck layer; tiny: after the first conv). 0 disables it.
     name: model name; defaults to the arch with "-" -> "_", e.g. "wrn_28_10". Give distinct
       names to models nested in one ensemble.
+    init_weights: keras:NAME only: the backbone's initial weights (see
+      `build_keras_application`); mean and std are ignored there (each family scales
+      raw pixels its own way).
 
   Returns:
     A `keras.Model` mapping float32 [N, H, W, C] to float32 logits [N, num_classes], with
     layers "stem", "features" and "logits".
 
   Raises:
-    ValueError: bad arch name, num_classes, input_shape, mean/std or dropout.
+    ValueError: bad arch name, num_classes, input_shape, mean/std or dropout; an input
+      a keras:NAME backbone cannot take (`check_image_size`).
   """
   spec = parse_arch(arch)
   if int(num_classes) < 1:
@@ -330,6 +351,10 @@ def build_model(
     raise ValueError(f"input_shape must be (H, W, C), got {input_shape}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  if spec["family"] == "keras":
+    return build_keras_application(
+      arch, num_classes, input_shape, dropout=dropout, name=name, init_weights=init_weights
+    )
   channels = int(input_shape[-1])
   mean = np.zeros(channels) if mean is None else np.asarray(mean, dtype=np.float64).reshape(-1)
   std = np.full(channels, 255.0) if std is None else np.asarray(std, dtype=np.float64).reshape(-1)
@@ -360,6 +385,184 @@ def build_model(
   features = keras.layers.GlobalAveragePooling2D(name="features")(x)
   logits = keras.layers.Dense(int(num_classes), dtype="float32", name="logits")(features)
   return keras.Model(inputs, logits, name=name or spec["name"])
+
+
+BACKBONE = "backbone"  # the nested keras.applications model of a keras:NAME arch
+
+
+def _scaling_layer(scaling):
+  """Raw [0, 255] RGB -> what the family expects (preprocess_input's mode), as one stock
+  float32 layer (so model.keras loads in plain Keras), or None ("builtin")."""
+  if scaling == "tf":  # x / 127.5 - 1
+    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, dtype="float32", name="preprocess")
+  if scaling == "torch":  # (x / 255 - mean) / std, in pixel units
+    mean = [255.0 * m for m in IMAGENET_MEAN_RGB]
+    var = [(255.0 * s) ** 2 for s in IMAGENET_STD_RGB]
+    return keras.layers.Normalization(mean=mean, variance=var, dtype="float32", name="preprocess")
+  if scaling == "caffe":  # RGB -> BGR minus the BGR mean: a frozen 3x3 permutation plus bias
+    return keras.layers.Dense(3, trainable=False, dtype="float32", name="preprocess")
+  return None
+
+
+def build_keras_application(
+  arch: str,
+  num_classes: int,
+  input_shape: tuple[int, int, int],
+  *,
+  dropout: float = 0.0,
+  name: str | None = None,
+  init_weights: str | None = None,
+) -> keras.Model:
+  """A keras.applications backbone (`keras:NAME`) behind ban_tf's model contract.
+
+  pixels float32 [N, H, W, C] in [0, 255] -> (C == 1: replicated to RGB) -> the
+  family's input scaling (`archs.KERAS_SCALING`: keras.applications.<family>.
+  preprocess_input's mode as a stock layer "preprocess", or the model's own
+  include_preprocessing layers) -> the backbone (include_top=False, pooling="avg",
+  the nested layer "backbone", BatchNormalization layers fused as in the other archs)
+  -> "features" (the pooled vector; MobileNetV3: plus its classifier's 1x1 conv to
+  1024 / 1280 with hard-swish, as Keras' include_top has it) -> Dropout(`dropout`,
+  the classifier dropout; Keras' include_top uses 0.2 for EfficientNet / MobileNetV3)
+  -> "logits" (Dense, float32). Trainable parameters equal keras.applications' own
+  include_top=True model for `num_classes` (except VGG, whose two 4096-wide fully
+  connected layers are replaced by global pooling) and `archs.param_count`.
+
+  No "stem" layer: the families' first convolutions differ (Config validation
+  refuses --share_stem_head for them).
+
+  Args:
+    arch: keras:NAME (archs.KERAS_APPLICATIONS).
+    num_classes: number of logits.
+    input_shape: (H, W, C), fixed in the model; H, W >= the family's minimum.
+    dropout: classifier dropout rate in [0, 1).
+    name: model name (default keras_<name>).
+    init_weights: None (fresh, as in the paper), or a weights file of the backbone
+      without its top (.h5 as Keras Applications ships them, or .weights.h5 saved
+      from keras.applications.NAME(weights=None, include_top=False, pooling="avg")).
+
+  Raises:
+    ValueError: a bad name, an input it cannot take, or weights that do not fit.
+  """
+  spec = parse_arch(arch)
+  if spec["family"] != "keras":
+    raise ValueError(f"{arch!r} is not a keras:NAME architecture")
+  check_image_size(arch, input_shape)
+  h, w, channels = (int(v) for v in input_shape)
+  inputs = keras.Input(shape=(h, w, channels), dtype="float32", name="pixels")
+  x = inputs
+  if channels == 1:
+    x = keras.layers.Concatenate(dtype="float32", name="grey_to_rgb")([x, x, x])
+  scale = _scaling_layer(spec["scaling"])
+  if scale is not None:
+    x = scale(x)
+  builder = getattr(keras.applications, spec["application"])
+  if init_weights == "imagenet":
+    path, url = imagenet_weights_file(arch, input_shape)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(missing_imagenet_message(arch, path, url))
+  try:
+    backbone = builder(
+      weights=init_weights or None,
+      include_top=False,
+      pooling="avg",
+      input_shape=(h, w, 3),
+      name=BACKBONE,
+    )
+  except (ValueError, OSError) as e:
+    if not init_weights:
+      raise
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ValueError(
+      f"--init_weights={init_weights} does not fit {arch}'s backbone ({first}): pass the "
+      f"weights of keras.applications.{spec['application']}(include_top=False)"
+    ) from None
+  backbone = _fused(backbone)
+  x = backbone(x)
+  if spec["last_point"]:
+    x = keras.layers.Dense(spec["last_point"], name="last_point")(x)
+    x = keras.layers.Activation("hard_swish", name="features")(x)
+  else:
+    x = keras.layers.Identity(name="features")(x)
+  if dropout:
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+  logits = keras.layers.Dense(int(num_classes), dtype="float32", name="logits")(x)
+  model = keras.Model(inputs, logits, name=name or spec["name"])
+  if spec["scaling"] == "caffe":
+    perm = np.zeros((3, 3), np.float32)
+    perm[[0, 1, 2], [2, 1, 0]] = 1.0  # output channel j = input channel 2 - j
+    scale.set_weights([perm, -np.asarray(CAFFE_MEAN_BGR, np.float32)])
+  return model
+
+
+def missing_imagenet_message(arch, path, url):
+  return (
+    f"--init_weights=imagenet: {arch}'s ImageNet weights are not in {path} and are not "
+    f"downloaded here: fetch them on a machine with internet access (curl -o {path} {url}), "
+    "or pass --init_weights=FILE"
+  )
+
+
+class _Found(Exception):
+  pass
+
+
+def imagenet_weights_file(arch: str, input_shape) -> tuple[str, str]:
+  """(local path, URL) of keras:NAME's ImageNet weights without the top, as Keras names them.
+
+  Keras Applications fetch them with keras.utils.get_file into
+  <Keras home (~/.keras)>/models/<file>, and use that file without a download when it is
+  there. The file name depends on the family and its options (MobileNet: width and input
+  size), so it is taken from Keras itself: the application is built with
+  weights="imagenet" while get_file is intercepted (keras.src.utils.file_utils, the module
+  every application calls), which records the request and stops before any download.
+  Costs one build of the backbone.
+  """
+  from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top  (see above)
+
+  spec = parse_arch(arch)
+  seen = {}
+
+  def record(fname=None, origin=None, cache_subdir="datasets", cache_dir=None, **_):
+    seen.update(fname=fname or os.path.basename(origin), origin=origin, sub=cache_subdir)
+    seen["dir"] = cache_dir
+    raise _Found
+
+  real = file_utils.get_file
+  file_utils.get_file = record
+  try:
+    getattr(keras.applications, spec["application"])(
+      weights="imagenet",
+      include_top=False,
+      pooling="avg",
+      input_shape=(int(input_shape[0]), int(input_shape[1]), 3),
+    )
+  except _Found:
+    pass
+  finally:
+    file_utils.get_file = real
+  if not seen:
+    raise ValueError(f"{arch}: Keras Applications publish no ImageNet weights for it")
+  from keras.src.backend import config as keras_config  # pylint: disable=g-import-not-at-top
+
+  home = os.path.expanduser(seen["dir"] or keras_config.keras_home())  # KERAS_HOME or ~/.keras
+  if not os.access(home, os.W_OK):  # as get_file falls back
+    home = os.path.join("/tmp", ".keras")
+  return os.path.join(home, seen["sub"], seen["fname"]), seen["origin"]
+
+
+def _fused(backbone):
+  """`backbone` with each BatchNormalization a FusedBatchNormalization (same weights)."""
+  if not any(type(l) is keras.layers.BatchNormalization for l in backbone.layers):
+    return backbone
+
+  def clone(layer):
+    if type(layer) is keras.layers.BatchNormalization:
+      return FusedBatchNormalization.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+  fused = keras.models.clone_model(backbone, clone_function=clone)
+  fused.set_weights(backbone.get_weights())
+  return fused
 
 
 SHARED_LAYERS = ("stem", "logits")

@@ -286,9 +286,13 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
     else ""
   )
   seed_text = f"seeds {', '.join(map(str, seeds))}" if seeds else f"seed {cfg.seed}"
-  setup = (
-    f"Data: {cfg.data_name}{sizes}; {plural(cfg.epochs, 'epoch')} per generation; {seed_text}.\n\n"
+  start = (
+    f"; every generation's backbone starts from {cfg.init_weights} weights (not the paper's "
+    "from-scratch BAN)"
+    if getattr(cfg, "init_weights", None)
+    else ""
   )
+  setup = f"Data: {cfg.data_name}{sizes}; {plural(cfg.epochs, 'epoch')} per generation{start}; {seed_text}.\n\n"
   if seeds:
     return (
       f"{head}, seeds {', '.join(map(str, seeds))}\n\n{setup}Final-epoch {what}, mean ± std (ddof=1) "

@@ -13,12 +13,17 @@ import tensorflow as tf
 
 @keras.saving.register_keras_serializable(package="ban_tf")
 class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
-  """lr * decay^(number of boundaries passed); boundaries in optimizer steps."""
+  """lr * decay^(number of boundaries passed); boundaries in optimizer steps.
 
-  def __init__(self, lr, boundaries, decay):
+  With `warmup_steps` > 0 the rate first rises linearly, lr * step / warmup_steps (as
+  keras.optimizers.schedules.CosineDecay's warm-up from 0), then steps as above.
+  """
+
+  def __init__(self, lr, boundaries, decay, warmup_steps=0):
     self.lr = float(lr)
     self.boundaries = [int(b) for b in boundaries]
     self.decay = float(decay)
+    self.warmup_steps = int(warmup_steps)
 
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
@@ -27,10 +32,18 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
       if self.boundaries
       else 0.0
     )
-    return self.lr * tf.pow(self.decay, passed)
+    lr = self.lr * tf.pow(self.decay, passed)
+    if self.warmup_steps:
+      lr = tf.where(step < self.warmup_steps, self.lr * step / self.warmup_steps, lr)
+    return lr
 
   def get_config(self):
-    return {"lr": self.lr, "boundaries": self.boundaries, "decay": self.decay}
+    return {
+      "lr": self.lr,
+      "boundaries": self.boundaries,
+      "decay": self.decay,
+      "warmup_steps": self.warmup_steps,
+    }
 
 
 def plateau_lr(lr, val_perplexities, decay, min_delta=0.0, reference="best"):

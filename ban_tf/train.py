@@ -313,8 +313,10 @@ def _build(cfg, task, gen, strategy, dataset, steps):
       with_features=obj.feature_weight > 0,
     )
   with strategy.scope():
-    name = f"gen{gen.index}_" + gen.arch.replace("-", "_")
-    student = task.build_model(gen.arch, dataset, dropout=gen.dropout, name=name)
+    name = f"gen{gen.index}_" + gen.arch.replace("-", "_").replace(":", "_")
+    student = task.build_model(
+      gen.arch, dataset, dropout=gen.dropout, name=name, init_weights=cfg.init_weights
+    )
     if cfg.sync_batchnorm:  # any BatchNormalization layers (none in the language models)
       models.synchronize_batchnorm(student)
     projection = None

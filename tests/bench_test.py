@@ -20,6 +20,7 @@ KEYS = (
   "input_host_aug_img_s",
   "input_device_aug_img_s",
   "augment_img_s",
+  "input_decode_img_s",
 )
 
 

@@ -313,3 +313,48 @@ def test_seeds_grade_commands_are_literally_right(path):
   for column, row in zip(mine.seed_runs(), teacher.seed_runs()):
     assert column.seed == row.seed
     assert column.resolved_teacher == os.path.join(row.run_dir, "gen_0")
+
+
+_RECIPES = sorted(
+  glob.glob(os.path.join(REPO, "flags", "imagenet_*.flags"))
+  + glob.glob(os.path.join(REPO, "flags", "imagenette_*.flags"))
+)
+
+
+def test_imagenet_style_recipes_exist():
+  names = [os.path.basename(p) for p in _RECIPES]
+  assert "imagenet_resnet50.flags" in names
+  assert any(n.startswith("imagenette_") for n in names)
+
+
+@pytest.mark.parametrize("path", _RECIPES, ids=os.path.basename)
+def test_imagenet_style_recipe(path):
+  """The ImageNet-style recipes (issue 24) parse, validate without TensorFlow, name a
+  keras:NAME backbone and follow the standard ResNet-50 recipe's optimisation: SGD
+  momentum 0.9 (no Nesterov), lr 0.1 x batch/256, linear warm-up, weight decay 1e-4;
+  their headers state the expected Teacher accuracy's source, the cost and the hardware."""
+  from ban_tf import archs  # pylint: disable=g-import-not-at-top
+
+  header = "".join(l for l in open(path) if l.startswith("#"))
+  for part in ("Expected Teacher", "Cost and hardware"):
+    assert part in header, (path, part)
+  cfg = _config(path)
+  cfg.validate()
+  assert archs.is_keras_arch(cfg.arch) and cfg.image_size
+  archs.check_image_size(cfg.arch, cfg.image_size)
+  assert cfg.lr == pytest.approx(0.1 * cfg.batch_size / 256)
+  assert (cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.9, False, 1e-4)
+  assert cfg.warmup_epochs > 0 and cfg.lr_schedule in ("step", "cosine")
+  assert cfg.init_weights is None  # from scratch, as the paper's BAN
+  if os.path.basename(path) == "imagenet_resnet50.flags":
+    assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.image_size) == (
+      "keras:ResNet50",
+      90,
+      256,
+      (224, 224),
+    )
+    # Step decay /10 at epochs 30, 60 and 80, as tasks/image.py rounds the milestones.
+    assert [int(round(m * cfg.epochs)) for m in cfg.lr_milestones] == [30, 60, 80]
+    assert cfg.lr_decay == 0.1
+  else:
+    assert cfg.image_size == (160, 160)

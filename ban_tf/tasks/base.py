@@ -107,10 +107,12 @@ class Task:
   def spec(self, dataset) -> DataSpec:
     raise NotImplementedError
 
-  def build_model(self, arch, dataset, *, dropout, name):
+  def build_model(self, arch, dataset, *, dropout, name, init_weights=None):
     """A functional keras.Model from the inputs `spec` describes to float32 logits.
 
-    Image models also have "stem", "features" and "logits" layers (models.py).
+    Image models also have "features" and "logits" layers, and the CIFAR zoo "stem"
+    (models.py). `init_weights` (--init_weights): a pretrained backbone's weights, or None.
+    Raises errors.UsageError on weights that cannot be used.
     """
     raise NotImplementedError
 

@@ -61,6 +61,19 @@ _LM_FLAGS = (
 )
 
 
+def _check_imagenet_file(arch, image_shape):
+  """errors.UsageError naming where Keras looks, unless `arch`'s ImageNet weights are there."""
+  import os  # pylint: disable=g-import-not-at-top
+  from ban_tf import models  # pylint: disable=g-import-not-at-top
+
+  try:
+    path, url = models.imagenet_weights_file(arch, image_shape)
+  except ValueError as e:
+    raise errors.UsageError(f"--init_weights=imagenet: {e}") from None
+  if not os.path.isfile(path):
+    raise errors.UsageError(models.missing_imagenet_message(arch, path, url))
+
+
 class ImageClassification(base.Task):
   """--task=image."""
 
@@ -109,12 +122,35 @@ class ImageClassification(base.Task):
           f"--densenet_compression={cfg.densenet_compression:g} applies to a "
           f"densenet-D-K --arch without a -c suffix: {e}"
         ) from None
+    keras_archs = [
+      a for a in (cfg.teacher_arch, cfg.arch) if a is not None and archs.is_keras_arch(a)
+    ]
+    base.require(
+      not (cfg.share_stem_head and keras_archs),
+      f'--share_stem_head: {keras_archs[0] if keras_archs else ""} has no shared "stem" layer '
+      "(Keras Applications' first convolutions differ by family): drop --share_stem_head",
+    )
+    if cfg.image_size:
+      for a in keras_archs:
+        try:
+          archs.check_image_size(a, cfg.image_size)
+        except ValueError as e:
+          raise errors.UsageError(str(e)) from None
     _check_widths(cfg)
 
   def load_data(self, cfg):
     from ban_tf import data  # pylint: disable=g-import-not-at-top
 
-    return data.Dataset.from_config(cfg)
+    dataset = data.Dataset.from_config(cfg)
+    # Before any training: a keras:NAME's minimum size, and its ImageNet weights on disk.
+    for arch in {cfg.arch_for(gen) for gen in ((0, 1) if cfg.gens else (0,))}:
+      try:
+        archs.check_image_size(arch, dataset.info.image_shape)
+      except ValueError as e:
+        raise errors.UsageError(f"{dataset.info.name}: {e}") from None
+      if cfg.init_weights == "imagenet" and archs.is_keras_arch(arch):
+        _check_imagenet_file(arch, dataset.info.image_shape)
+    return dataset
 
   def spec(self, dataset):
     info = dataset.info
@@ -134,25 +170,35 @@ class ImageClassification(base.Task):
       num_test=info.num_test,
     )
 
-  def build_model(self, arch, dataset, *, dropout, name):
+  def build_model(self, arch, dataset, *, dropout, name, init_weights=None):
     from ban_tf import models  # pylint: disable=g-import-not-at-top
 
     info = dataset.info
-    return models.build_model(
-      arch,
-      info.num_classes,
-      info.image_shape,
-      mean=info.mean,
-      std=info.std,
-      dropout=dropout,
-      name=name,
-    )
+    try:
+      return models.build_model(
+        arch,
+        info.num_classes,
+        info.image_shape,
+        mean=info.mean,
+        std=info.std,
+        dropout=dropout,
+        name=name,
+        init_weights=init_weights if archs.is_keras_arch(arch) else None,
+      )
+    except FileNotFoundError as e:  # --init_weights=imagenet offline
+      raise errors.UsageError(str(e)) from None
+    except ValueError as e:
+      if init_weights and archs.is_keras_arch(arch):  # weights that do not fit
+        raise errors.UsageError(str(e)) from None
+      raise
 
   def device_augment(self, cfg):
     return cfg.device_augment
 
   def make_optimizer(self, cfg, steps_per_epoch):
-    """SGD (Nesterov) with the step schedule: x lr_decay at each milestone fraction of the epochs.
+    """SGD (Nesterov) with the step schedule: x lr_decay at each milestone fraction of the epochs,
+    or --lr_schedule=cosine (keras CosineDecay); either after --warmup_epochs of linear warm-up.
+    Both are functions of the optimizer's step, so a resumed run replays them exactly.
 
     A milestone is rounded to a whole epoch, never epoch 0: with --epochs=1 the default
     0.3 would round to 0 and the first epoch would never see --lr.
@@ -160,8 +206,17 @@ class ImageClassification(base.Task):
     import keras  # pylint: disable=g-import-not-at-top
     from ban_tf import schedules  # pylint: disable=g-import-not-at-top
 
-    boundaries = [max(1, int(round(m * cfg.epochs))) * steps_per_epoch for m in cfg.lr_milestones]
-    schedule = schedules.StepDecay(cfg.lr, boundaries, cfg.lr_decay)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.lr_schedule == "cosine":  # Keras' own: linear warm-up 0 -> lr, then cosine to 0
+      schedule = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else cfg.lr,
+        decay_steps=cfg.epochs * steps_per_epoch - warmup,
+        warmup_target=cfg.lr if warmup else None,
+        warmup_steps=warmup,
+      )
+    else:
+      boundaries = [max(1, int(round(m * cfg.epochs))) * steps_per_epoch for m in cfg.lr_milestones]
+      schedule = schedules.StepDecay(cfg.lr, boundaries, cfg.lr_decay, warmup_steps=warmup)
     return keras.optimizers.SGD(
       learning_rate=schedule, momentum=cfg.momentum, nesterov=cfg.nesterov
     )

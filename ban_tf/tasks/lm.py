@@ -80,6 +80,11 @@ class LanguageModel(base.Task):
     need = base.require
     need(cfg.bptt >= 1, f"--bptt={cfg.bptt}: must be >= 1")
     need(
+      cfg.lr_schedule == "step" and cfg.warmup_epochs == 0,
+      "--lr_schedule and --warmup_epochs set image schedules; language models decay on "
+      "plateaus (--lr_plateau_decay): drop them",
+    )
+    need(
       cfg.vocab_size == 0 or cfg.vocab_size >= 2,
       f"--vocab_size={cfg.vocab_size}: must be 0 (all words) or >= 2 (<unk> and <eos>)",
     )
@@ -159,7 +164,8 @@ class LanguageModel(base.Task):
       num_test=info.num_test,
     )
 
-  def build_model(self, arch, dataset, *, dropout, name):
+  def build_model(self, arch, dataset, *, dropout, name, init_weights=None):
+    del init_weights  # image backbones only (Config.validate)
     from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
 
     return lm_models.build_model(arch, dataset.info.vocab, dropout=dropout, name=name)
