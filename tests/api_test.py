@@ -115,9 +115,15 @@ def test_student_and_teacher_by_keyword_and_keras_arguments_refused():
   Keras' class is refused, not read with the two models swapped."""
   s, t = _net(0), _net(1)
   by_keyword = distiller.Distiller(teacher=t, student=s, loss="kd")
-  assert by_keyword.student is s and by_keyword.teacher is t and not t.trainable
+
+  # The Distiller wraps its teacher once (teacher.Teacher.wrap): it reads t's weights, not s's.
+  def teacher_weights(d):
+    return [id(v) for v in d.teacher.variables]
+
+  assert by_keyword.student is s and teacher_weights(by_keyword) == [id(v) for v in t.variables]
+  assert not t.trainable
   positional = distiller.Distiller(s, t)
-  assert positional.student is s and positional.teacher is t
+  assert positional.student is s and teacher_weights(positional) == [id(v) for v in t.variables]
   for kw in (dict(distillation_losses=[]), dict(student_loss_weight=0.5)):
     with pytest.raises(
       ValueError, match=r"belong to keras.distillation.Distiller\(teacher, student"

@@ -278,7 +278,7 @@ def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypat
   assert f"| {100 * (1 - want['test_accuracy']):.2f} |" in row
   assert f"{label} (pretrained) teacher -> tiny students" in out  # results.md
   assert (
-    f"{label} (pretrained) -> tiny, {gens} generation(s)" in out + err
+    f"{label} (pretrained) -> tiny, {gens} generation{'' if gens == 1 else 's'}" in out + err
   )  # the console's summary line
   assert os.path.exists(os.path.join(run_dir, "report.png"))
   results = export.read_json(os.path.join(run_dir, "results.json"))
