@@ -848,7 +848,7 @@ def _open_builder(name, data_dir):
       raise errors.DataError(
         f"dataset {name!r} is not prepared in {where} and cannot be downloaded "
         f"({_DOWNLOAD_PROBE[0]} is unreachable): pass --data_dir pointing at a prepared "
-        "TFDS directory, or run once with internet access (README: 'Data sets offline')"
+        "TFDS directory, or run once with internet access (docs/data.md: 'tfds data sets', preparing one offline)"
       )
     try:
       builder.download_and_prepare()
@@ -856,7 +856,7 @@ def _open_builder(name, data_dir):
       raise errors.DataError(
         f"dataset {name!r} is not prepared in {where} and could not be downloaded ({_short(e)}): "
         "connect to the internet once, or pass --data_dir pointing at a prepared TFDS directory "
-        "(README: 'Data sets offline')"
+        "(docs/data.md: 'tfds data sets', preparing one offline)"
       ) from None
   return builder
 

@@ -307,7 +307,7 @@ def make_strategy(num_cpu_devices=0, kind="auto"):
     if not os.environ.get("TF_CONFIG"):
       raise errors.UsageError(
         "--strategy=multi_worker needs the TF_CONFIG environment variable "
-        "(cluster and task; see README 'Several hosts')"
+        "(cluster and task; see docs/distribution.md 'Launching on several hosts')"
       )
     return cluster.make_strategy()
   if num_cpu_devices > 1:

@@ -567,8 +567,8 @@ def import_teacher(cfg, strategy, dataset, out):
   ):
     logging.warning(
       "--teacher=%s scores %.4f test accuracy on %d examples, not clearly above chance (%.4f for "
-      "%d classes): does it take raw pixels in [0, 255], as the data set gives them? (README "
-      "'Your own teacher')",
+      "%d classes): does it take raw pixels in [0, 255], as the data set gives them? "
+      "(docs/teacher.md)",
       cfg.resolved_teacher,
       result["test_accuracy"],
       spec.num_test,

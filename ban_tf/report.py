@@ -1299,6 +1299,8 @@ if __name__ == "__main__":
   FLAGS = flags.FLAGS
 
   def main(argv):
+    # tfds logs every file it opens at INFO (when outputs of an old run are computed), as evaluate.
+    logging.set_verbosity(logging.WARNING)
     if len(argv) > 1 or bool(FLAGS.run_dir) == bool(FLAGS.run_dirs):
       print("error: pass exactly one of --run_dir=DIR or --run_dirs=A,B,...", file=sys.stderr)
       sys.exit(2)

@@ -279,7 +279,7 @@ def _read_tfds(name, data_dir):
   if not builder.is_prepared():
     raise errors.DataError(
       f"dataset {name!r} is not prepared in {data_dir or 'the default tfds directory'}: "
-      "pass --data_dir pointing at a prepared TFDS directory (README: 'Data sets offline')"
+      "pass --data_dir pointing at a prepared TFDS directory (docs/data.md: 'tfds data sets', preparing one offline)"
     )
   out = {}
   for key, split in _TFDS_SPLITS.items():

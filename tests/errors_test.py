@@ -127,7 +127,11 @@ def test_dataset_not_prepared_offline_fails_fast(monkeypatch, capsys, caplog, tm
     )
   assert code == 2
   _one_error_line(
-    err, "'mnist' is not prepared", "cannot be downloaded", "--data_dir", "'Data sets offline'"
+    err,
+    "'mnist' is not prepared",
+    "cannot be downloaded",
+    "--data_dir",
+    "docs/data.md: 'tfds data sets'",
   )
   # Only our line: not tfds' "Variant folder ... has no dataset_info.json" before it.
   assert not [r.getMessage() for r in caplog.records if "dataset_info.json" in r.getMessage()]
