@@ -531,6 +531,32 @@ def seeds_note(agg):
   return f"\nΔ over seeds: {first['method']} (row_s minus reference_s per seed).{includes} {stats.LEGEND}\n"
 
 
+def methods_note(rows):
+  """The lines under a comparison table: how each row's Δ, CI and p were computed.
+
+  A comparison mixes one-seed runs (paired bootstrap + McNemar over test examples) and --seeds
+  runs (t-interval over per-seed deltas), so each method is named with the rows that use it
+  (and, over seeds, which variance its interval includes).
+
+  Args:
+    rows: the comparison's row dicts ("name", "vs_teacher", "vs_baseline": Comparison JSON or None).
+  """
+  methods = {}
+  for r in rows:
+    for field, _ in results_lib.REFERENCES:
+      c = r.get(field)
+      if c:
+        names = methods.setdefault((c["method"], c.get("includes", "")), [])
+        if r["name"] not in names:
+          names.append(r["name"])
+  lines = [
+    f"- {', '.join(names)}: {method}"
+    + (f" (row_s minus reference_s per seed; variance included: {includes})" if includes else "")
+    for (method, includes), names in methods.items()
+  ]
+  return "\nΔ [95% CI] and p:\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def curve(history, task=None):
   """(epochs, values, source) of one generation's history for the curves panel (task.curve)."""
   epochs, values, source = (task or tasks.get("image")).curve(history)
@@ -1188,6 +1214,7 @@ def _write_comparison(groups, task, out_dir, hparams):
   text = (
     comparison_title(groups, task)
     + results_lib.comparison_table(rows, task.headline)
+    + methods_note(rows)
     + "\n"
     + stats.LEGEND
     + "\n"

@@ -697,6 +697,10 @@ def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path)
   assert md.count("| Teacher") == 1
   assert f"| BAN-1 (ban) | tiny | 1.5k | 25.00 | -10.00 [{vs_ci(rows['BAN-1 (ban)'])}] |" in md
   assert "| no difference detected |" in md and "Verdict:" in md  # the legend line
+  # Each row's method is named under the table (one-seed rows and the --seeds column differ).
+  assert f"- BAN-1 (ban), BAN-1 (ban_l): {rows['BAN-1 (ban)']['vs_teacher']['method']}\n" in md
+  cwtm = rows["BAN-1 (cwtm)"]["vs_teacher"]
+  assert f"- BAN-1 (cwtm): {cwtm['method']} (" in md and cwtm["includes"] in md
   # TensorBoard: each compared run's rows over the generation index, from the shared teacher.
   tb = os.path.join(tmp_path, "row", "tb")
   assert _scalars(os.path.join(tb, "ban", "generations"), "by_generation/test_error") == (
