@@ -485,6 +485,11 @@ def attach_comparisons(run_path, task, results, seed=0):
     if key in entries and not entries[key].get("damaged") and predictions.exists(d):
       manifest.check_predictions(run_path, name, d)
       outputs[key] = predictions.read(d, task.prediction_arrays).get("test")
+      if outputs[key] is None:  # every model stores its test outputs: the file is not whole
+        raise errors.UsageError(
+          f"{predictions.path(d)} holds no test outputs (damaged or replaced): delete it, and "
+          "`python -m ban_tf.report --run_dir=<run>` recomputes it from the SavedModel"
+        )
   for field, ref in results_lib.REFERENCES:
     ref_key = ref.capitalize()
     if outputs.get(ref_key) is None:

@@ -651,6 +651,21 @@ def _store(run, gen, correct):
   )
 
 
+def test_outputs_without_the_test_split_are_a_usage_error(tmp_path):
+  """A predictions.npz that holds only val outputs (replaced by hand) is an error naming the fix,
+  not a row silently left without its paired statistics."""
+  from ban_tf import predictions
+
+  _, ban, _ = _table2_row(tmp_path)
+  n = 200
+  _store(ban, 0, np.arange(n) < 150)
+  _store(ban, 1, np.arange(n) < 140)
+  d = os.path.join(ban, "gen_1")
+  predictions.write(d, {"val": predictions.read(d)["test"]}, task="image")
+  with pytest.raises(errors.UsageError, match="holds no test outputs.*delete it"):
+    report.write_report(ban, hparams=False)
+
+
 def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path):
   """Rows of two objectives against their one teacher, from stored per-example outputs:
   Δ and the exact McNemar p against an independent computation (math.comb), and the
