@@ -139,12 +139,11 @@ def add_predictions(run_dir, name, gen_dir):
   stored). Nothing is recorded when the manifest has no such entry."""
   entries = read(run_dir)
   if name in entries:
-    record(
-      run_dir,
-      name,
-      **entries[name],
-      predictions_sha256=file_digest(os.path.join(gen_dir, PREDICTIONS_FILE)),
+    # Replaces the digest an entry may already hold (its file was damaged, deleted, recomputed).
+    fields = dict(
+      entries[name], predictions_sha256=file_digest(os.path.join(gen_dir, PREDICTIONS_FILE))
     )
+    record(run_dir, name, **fields)
 
 
 def check_predictions(run_dir, name, gen_dir):

@@ -485,6 +485,11 @@ def attach_comparisons(run_path, task, results, seed=0):
     if key in entries and not entries[key].get("damaged") and predictions.exists(d):
       manifest.check_predictions(run_path, name, d)
       outputs[key] = predictions.read(d, task.prediction_arrays).get("test")
+      if outputs[key] is None:  # every model stores its test outputs: the file is not whole
+        raise errors.UsageError(
+          f"{predictions.path(d)} holds no test outputs (damaged or replaced): delete it, and "
+          "`python -m ban_tf.report --run_dir=<run>` recomputes it from the SavedModel"
+        )
   for field, ref in results_lib.REFERENCES:
     ref_key = ref.capitalize()
     if outputs.get(ref_key) is None:
@@ -529,6 +534,32 @@ def seeds_note(agg):
   teacher = next((a["vs_teacher"] for a in agg if a.get("vs_teacher")), None)
   includes = f" Variance included: {teacher['includes']}." if teacher else ""
   return f"\nΔ over seeds: {first['method']} (row_s minus reference_s per seed).{includes} {stats.LEGEND}\n"
+
+
+def methods_note(rows):
+  """The lines under a comparison table: how each row's Δ, CI and p were computed.
+
+  A comparison mixes one-seed runs (paired bootstrap + McNemar over test examples) and --seeds
+  runs (t-interval over per-seed deltas), so each method is named with the rows that use it
+  (and, over seeds, which variance its interval includes).
+
+  Args:
+    rows: the comparison's row dicts ("name", "vs_teacher", "vs_baseline": Comparison JSON or None).
+  """
+  methods = {}
+  for r in rows:
+    for field, _ in results_lib.REFERENCES:
+      c = r.get(field)
+      if c:
+        names = methods.setdefault((c["method"], c.get("includes", "")), [])
+        if r["name"] not in names:
+          names.append(r["name"])
+  lines = [
+    f"- {', '.join(names)}: {method}"
+    + (f" (row_s minus reference_s per seed; variance included: {includes})" if includes else "")
+    for (method, includes), names in methods.items()
+  ]
+  return "\nΔ [95% CI] and p:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def curve(history, task=None):
@@ -1188,6 +1219,7 @@ def _write_comparison(groups, task, out_dir, hparams):
   text = (
     comparison_title(groups, task)
     + results_lib.comparison_table(rows, task.headline)
+    + methods_note(rows)
     + "\n"
     + stats.LEGEND
     + "\n"

@@ -56,6 +56,27 @@ def test_manifest_names_the_same_file():
   assert manifest.PREDICTIONS_FILE == predictions.FILE
 
 
+def test_recomputed_file_replaces_the_recorded_digest(tmp_path):
+  # The fix a damaged file's error names: delete it; the report recomputes it and records the new
+  # file's digest in place of the old one (an entry that already recorded one must not break it).
+  run_dir = str(tmp_path)
+  gen = os.path.join(run_dir, "gen_1")
+  os.makedirs(gen)
+  predictions.write(gen, {"test": _arrays(seed=0)}, task="image")
+  manifest.record(run_dir, "gen_1", fingerprint="f", predictions_sha256="0" * 64)
+  with pytest.raises(errors.UsageError, match="not the file this run recorded"):
+    manifest.check_predictions(run_dir, "gen_1", gen)
+  os.remove(predictions.path(gen))
+  predictions.write(gen, {"test": _arrays(seed=1)}, task="image")
+  manifest.add_predictions(run_dir, "gen_1", gen)
+  entry = manifest.read(run_dir)["gen_1"]
+  assert entry == {
+    "fingerprint": "f",
+    "predictions_sha256": manifest.file_digest(predictions.path(gen)),
+  }
+  manifest.check_predictions(run_dir, "gen_1", gen)  # no error: the new file is the recorded one
+
+
 def test_write_refuses_ragged_or_empty_splits(tmp_path):
   bad = _arrays(5)
   bad["labels"] = bad["labels"][:4]

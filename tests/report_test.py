@@ -651,6 +651,21 @@ def _store(run, gen, correct):
   )
 
 
+def test_outputs_without_the_test_split_are_a_usage_error(tmp_path):
+  """A predictions.npz that holds only val outputs (replaced by hand) is an error naming the fix,
+  not a row silently left without its paired statistics."""
+  from ban_tf import predictions
+
+  _, ban, _ = _table2_row(tmp_path)
+  n = 200
+  _store(ban, 0, np.arange(n) < 150)
+  _store(ban, 1, np.arange(n) < 140)
+  d = os.path.join(ban, "gen_1")
+  predictions.write(d, {"val": predictions.read(d)["test"]}, task="image")
+  with pytest.raises(errors.UsageError, match="holds no test outputs.*delete it"):
+    report.write_report(ban, hparams=False)
+
+
 def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path):
   """Rows of two objectives against their one teacher, from stored per-example outputs:
   Δ and the exact McNemar p against an independent computation (math.comb), and the
@@ -697,6 +712,10 @@ def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path)
   assert md.count("| Teacher") == 1
   assert f"| BAN-1 (ban) | tiny | 1.5k | 25.00 | -10.00 [{vs_ci(rows['BAN-1 (ban)'])}] |" in md
   assert "| no difference detected |" in md and "Verdict:" in md  # the legend line
+  # Each row's method is named under the table (one-seed rows and the --seeds column differ).
+  assert f"- BAN-1 (ban), BAN-1 (ban_l): {rows['BAN-1 (ban)']['vs_teacher']['method']}\n" in md
+  cwtm = rows["BAN-1 (cwtm)"]["vs_teacher"]
+  assert f"- BAN-1 (cwtm): {cwtm['method']} (" in md and cwtm["includes"] in md
   # TensorBoard: each compared run's rows over the generation index, from the shared teacher.
   tb = os.path.join(tmp_path, "row", "tb")
   assert _scalars(os.path.join(tb, "ban", "generations"), "by_generation/test_error") == (
