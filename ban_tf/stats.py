@@ -35,9 +35,10 @@ _CHUNK_ELEMENTS = 4_000_000  # index-matrix elements per chunk (~16 MB of int32)
 
 LEGEND = (
   "Verdict: `better` / `worse` = the 95% CI of Δ (row minus reference; positive = worse) lies "
-  "entirely below / above 0; `no difference detected` = the CI contains 0 (the data cannot tell "
-  "the two apart; not evidence that they are equal)."
+  "entirely below / above 0 and the paired test's p < 0.05; `no difference detected` otherwise "
+  "(the data cannot tell the two apart; not evidence that they are equal)."
 )
+ALPHA = 0.05  # the paired test's level that a verdict also needs (the CI is the 95% one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Comparison:
     p: two-sided p-value of "no difference" (method's test), or None.
     n: number of test examples, sentences' tokens, or seeds the comparison used.
     method: how it was computed, in words (resamples, seed, test).
-    verdict: `verdict(ci95)`.
+    verdict: `verdict(ci95, p)`.
     unit: what `n` counts ("examples", "tokens", "seeds").
     includes: for over-seed comparisons, which variance the interval includes.
     detail: row-specific counts behind `p` (McNemar's discordant pairs b and c).
@@ -95,9 +96,16 @@ def _finite(v):
   return None if v is None or not math.isfinite(v) else float(v)
 
 
-def verdict(ci95) -> str:
-  """ "better" (hi < 0), "worse" (lo > 0), else "no difference detected" (the CI contains 0)."""
+def verdict(ci95, p=None) -> str:
+  """ "better" (hi < 0), "worse" (lo > 0), else "no difference detected" (the CI contains 0).
+
+  With a paired test's `p`, a verdict also needs p < ALPHA: near the boundary a percentile
+  bootstrap CI (few discordant pairs) can exclude 0 while the exact test does not reject, and
+  the table then says "no difference detected" rather than a verdict its own p contradicts.
+  """
   lo, hi = ci95
+  if p is not None and not p < ALPHA:
+    return "no difference detected"
   if hi is not None and hi < 0:
     return "better"
   if lo is not None and lo > 0:
@@ -168,7 +176,7 @@ def paired_classification(
     p=p,
     n=n,
     method=f"paired bootstrap over examples ({resamples} resamples, seed {seed}) + exact McNemar",
-    verdict=verdict(ci),
+    verdict=verdict(ci, p),
     unit="examples",
     detail=f"b={b} (reference right, row wrong), c={c} (reference wrong, row right)",
   )
@@ -249,7 +257,7 @@ def paired_lm(
     n=t,
     method=f"paired bootstrap over sentences ({resamples} resamples, seed {seed}) + sign-flip "
     f"randomization test over sentences ({resamples}, seed {seed + 1})",
-    verdict=verdict(ci),
+    verdict=verdict(ci, p),
     unit="tokens",
     detail=f"{n_sent} sentences",
   )
@@ -290,7 +298,9 @@ def over_seeds(deltas, *, includes: str) -> Comparison:
     p=p,
     n=n,
     method=f"mean of {n} per-seed paired deltas, 95% t-interval (ddof=1) + one-sample t-test",
-    verdict=verdict(ci),
+    # Identical deltas over seeds leave the t-test undefined (zero variance): no verdict from a
+    # zero-width interval of a handful of seeds.
+    verdict=verdict(ci, p) if p is not None else "no difference detected",
     unit="seeds",
     includes=includes,
   )

@@ -254,3 +254,26 @@ def test_verdict_and_json():
 
   assert json.loads(json.dumps(j, allow_nan=False)) == j
   assert "better" in stats.LEGEND and "no difference detected" in stats.LEGEND
+
+
+def test_no_verdict_when_the_paired_test_does_not_reject():
+  """Few discordant pairs: the percentile bootstrap CI can exclude 0 while the exact McNemar
+  test does not reject (b=30, c=16 of 2000: p = 0.054 by math.comb); the verdict follows both,
+  so a row never reads "worse" beside p > 0.05."""
+  row, ref = _pairs(1900, 30, 16, 54)
+  got = stats.paired_classification(row, ref, seed=0, resamples=2000)
+  assert got.p == pytest.approx(_mcnemar_exact(30, 16), rel=1e-12)
+  assert 0.05 < got.p < 0.06
+  assert got.ci95[0] > 0  # the bootstrap interval alone would say "worse"
+  assert got.verdict == "no difference detected"
+  assert stats.verdict((0.1, 1.0), p=0.054) == "no difference detected"
+  assert stats.verdict((0.1, 1.0), p=0.01) == "worse"
+  assert stats.verdict((-1.0, -0.1), p=0.049) == "better"
+
+
+def test_identical_deltas_over_seeds_give_no_verdict():
+  """Two seeds with the same Δ (deltas come in 0.01-point steps): zero variance leaves the
+  t-test undefined, so no verdict from the zero-width interval."""
+  got = stats.over_seeds([0.01, 0.01], includes="x")
+  assert got.p is None and got.ci95 == (0.01, 0.01)
+  assert got.verdict == "no difference detected"
