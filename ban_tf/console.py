@@ -233,7 +233,13 @@ def run_app(main, **kwargs):
   from absl import app  # pylint: disable=g-import-not-at-top
 
   try:
-    app.run(main, **kwargs)
+    try:
+      app.run(main, **kwargs)
+    finally:
+      # What is still buffered (a --help shorter than the buffer, printed before absl's exit)
+      # is written here, where a closed pipe is caught, not at interpreter exit, where Python
+      # prints "Exception ignored ... BrokenPipeError".
+      sys.stdout.flush()
   except BrokenPipeError:
     # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
     devnull = os.open(os.devnull, os.O_WRONLY)
