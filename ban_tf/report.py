@@ -42,6 +42,7 @@ from ban_tf import tasks  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 PNG = "report.png"
 HPARAMS_SUFFIX = ".hparams"  # event files written here; replaced, not appended, on a rerun
+SERIES_SUFFIX = ".series"  # the generation series' event files: replaced on every report too
 HPARAM_NAMES = ("gen", "role", "arch", "loss", "temperature", "seed", "dataset")
 METRICS = ("test/error", "test/accuracy")
 
@@ -974,7 +975,7 @@ def write_series(logdir, metric, points, text=None):
 
   def scalar(run, step, tag, value):
     if run not in writers:
-      writers[run] = _file_writer(tf, os.path.join(logdir, run))
+      writers[run] = _file_writer(tf, os.path.join(logdir, run), filename_suffix=SERIES_SUFFIX)
     with writers[run].as_default(step=step):
       tf.summary.scalar(tag, value)
 
@@ -988,7 +989,9 @@ def write_series(logdir, metric, points, text=None):
         if bound is not None:
           scalar(family + suffix, step, "by_generation/delta_vs_teacher", bound)
   if text is not None:
-    w = writers.get("generations") or _file_writer(tf, os.path.join(logdir, "generations"))
+    w = writers.get("generations") or _file_writer(
+      tf, os.path.join(logdir, "generations"), filename_suffix=SERIES_SUFFIX
+    )
     writers["generations"] = w
     with w.as_default(step=0):
       tf.summary.text("results", text)

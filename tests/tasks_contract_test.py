@@ -197,11 +197,12 @@ def test_kill_resume_rerun_evaluate_report(name, tmp_path, monkeypatch, capsys, 
 
 def _digests(run_dir):
   """{file: sha256} of a run directory but for what every process rewrites by design:
-  the lock, log.txt (appended) and TensorBoard's hparams sessions."""
+  the lock, log.txt (appended) and TensorBoard's report summaries (hparams sessions and the
+  generation series, replaced on every report)."""
   out = {}
   for parent, _, files in os.walk(run_dir):
     for f in files:
-      if f not in (".lock", "log.txt") and not f.endswith(".hparams"):
+      if f not in (".lock", "log.txt") and not f.endswith((".hparams", ".series")):
         with open(os.path.join(parent, f), "rb") as fh:
           out[os.path.relpath(os.path.join(parent, f), run_dir)] = hashlib.sha256(
             fh.read()
