@@ -289,7 +289,7 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
   start = (
     f"; every generation's backbone starts from {cfg.init_weights} weights (not the paper's "
     "from-scratch BAN)"
-    if getattr(cfg, "init_weights", None)
+    if cfg.init_weights
     else ""
   )
   setup = f"Data: {cfg.data_name}{sizes}; {plural(cfg.epochs, 'epoch')} per generation{start}; {seed_text}.\n\n"
