@@ -570,7 +570,8 @@ def test_steps_per_execution_keeps_epoch_boundaries(task, replicas, tmp_path, mo
   and resumed is bit-identical to an uninterrupted one (--deterministic). On one replica the
   value may change on resume and the uninterrupted run has 1 step per call: bit-identical too.
   On several, a compiled call of k steps rounds the image step's sums differently (last bits of
-  the losses, seen on 2 replicas), so both runs use the same value there."""
+  the losses, seen on 2 replicas), so both runs use the same value there, and the logged
+  training means are compared to one float32 ulp (_assert_equal_but_training_logs_to_an_ulp)."""
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
   base = (_IMAGE if task == "image" else _lm_argv(str(tmp_path))) + [
@@ -600,7 +601,39 @@ def test_steps_per_execution_keeps_epoch_boundaries(task, replicas, tmp_path, mo
   _check_ok(main(broken, per_call + 1 if one else per_call))  # one replica: yet another value
   want, got = _outputs(whole, 0, whole, broken), _outputs(broken, 0, whole, broken)
   for key in want:
-    assert got[key] == want[key], key
+    if one:
+      assert got[key] == want[key], key
+    else:
+      _assert_equal_but_training_logs_to_an_ulp(got[key], want[key], key)
+
+
+def _assert_equal_but_training_logs_to_an_ulp(got, want, where, logged=False):
+  """got == want exactly, except the training epochs' logged means (history.json rows,
+  metrics.json's final_train), which may differ by one float32 ulp.
+
+  Why: seen once in CI (2 replicas, under load): epoch 2's history `loss`
+  2.2083215713500977 vs 2.2083218097686768, one float32 ulp, with every weight, checkpoint,
+  evaluation and the other logged means bit-identical; not reproduced in 4 repeats under
+  load 17 nor in 4 in-process repeats. The likely cause (not proven): a call of k > 1 steps
+  is Keras' tf.while_loop over a tf.cond holding the step, whose iterations TensorFlow may
+  overlap (a stateless loop condition), so the order in which the steps' values are added
+  into a metric's running total is not fixed. Weights (fingerprint), evaluations and counts
+  stay exact here.
+  """
+  logged = logged or where.endswith("history.json")
+  if isinstance(want, dict):
+    assert isinstance(got, dict) and got.keys() == want.keys(), where
+    for k in want:
+      inner = logged or k == "final_train"
+      _assert_equal_but_training_logs_to_an_ulp(got[k], want[k], f"{where}/{k}", inner)
+  elif isinstance(want, list):
+    assert isinstance(got, list) and len(got) == len(want), where
+    for i, (g, w) in enumerate(zip(got, want)):
+      _assert_equal_but_training_logs_to_an_ulp(g, w, f"{where}[{i}]", logged)
+  elif logged and isinstance(want, float) and isinstance(got, float):
+    np.testing.assert_array_max_ulp(np.float32(got), np.float32(want), maxulp=1)
+  else:
+    assert got == want, (where, got, want)
 
 
 def _check_ok(result):
