@@ -484,6 +484,7 @@ def attach_comparisons(run_path, task, results, seed=0):
   outputs = {}
   for key, name, d, _ in model_dirs(run_path, results):
     if key in entries and not entries[key].get("damaged") and predictions.exists(d):
+      predictions.check_path(d)  # a directory in its place: not hashed as if it were a file
       manifest.check_predictions(run_path, name, d)
       outputs[key] = predictions.read(d, task.prediction_arrays).get("test")
       if outputs[key] is None:  # every model stores its test outputs: the file is not whole
