@@ -119,25 +119,57 @@ def test_every_seeds_teacher_must_exist(tmp_path, monkeypatch):
   _fake_generation("t/seed_0/gen_0")
   with pytest.raises(errors.UsageError) as err:
     _validate(teacher="t/seed_{seed}/gen_0", seeds=3, run_dir="r")
-  # The first missing one, and the command that makes them all.
+  # Every missing one, the paths looked for, and the command that makes them all.
   assert str(err.value) == (
-    "--teacher=t/seed_{seed}/gen_0: t/seed_100/gen_0 (seed 100) does not exist; seeds 0, 100, "
-    "200 each need their own teacher: one run of the teacher's flags with --seeds=3 --seed=0 "
-    "--run_dir=t makes them"
+    "--teacher=t/seed_{seed}/gen_0: the teachers of seeds 100, 200 are missing (looked for "
+    "t/seed_100/gen_0, t/seed_200/gen_0); seeds 0, 100, 200 each need their own teacher: one "
+    "run of the teacher's flags with --seeds=3 --seed=0 --run_dir=t makes them"
   )
   _fake_generation("t/seed_100/gen_0")
   _fake_generation("t/seed_200/gen_0")
   _validate(teacher="t/seed_{seed}/gen_0", seeds=3, run_dir="r")
   # Another base seed names other teachers.
-  with pytest.raises(errors.UsageError, match=r"t/seed_300/gen_0 \(seed 300\) does not exist"):
+  with pytest.raises(
+    errors.UsageError, match=r"the teacher of seed 300 is missing \(looked for t/seed_300/gen_0\)"
+  ):
     _validate(teacher="t/seed_{seed}/gen_0", seeds=3, seed=100, run_dir="r")
   # Without the seed_{seed} form there is no teacher command to name.
-  with pytest.raises(errors.UsageError, match="x_0.keras .seed 0. does not exist.*train one"):
+  with pytest.raises(
+    errors.UsageError,
+    match="seeds 0, 100 are missing .looked for x_0.keras, x_100.keras.*train one",
+  ):
     _validate(teacher="x_{seed}.keras", seeds=2, run_dir="r")
   # A resolved path that exists but is no teacher: check_path's error, naming it.
   os.makedirs("t/seed_300/gen_0")
   with pytest.raises(errors.UsageError, match="--teacher=t/seed_300/gen_0: holds neither"):
     _validate(teacher="t/seed_{seed}/gen_0", seeds=3, seed=100, run_dir="r")
+
+
+def test_teachers_of_another_base_seed_are_named_with_the_seed_that_uses_them(
+  tmp_path, monkeypatch
+):
+  """--seeds=2 --seed=1 with teachers made by --seeds=2 --seed=0 (seed_0, seed_100): the error
+  names the missing seeds (1, 101) and the paths looked for, says which seeds the parent does
+  hold and the --seed that uses them; it no longer suggests the teacher run --seed=1 into the
+  directory that holds seed 0's run (which would not make them there)."""
+  monkeypatch.chdir(tmp_path)
+  for s in (0, 100):
+    _fake_generation(f"t/seed_{s}/gen_0")
+  with pytest.raises(errors.UsageError) as err:
+    _validate(teacher="t/seed_{seed}/gen_0", seeds=2, seed=1, run_dir="r")
+  assert str(err.value) == (
+    "--teacher=t/seed_{seed}/gen_0: the teachers of seeds 1, 101 are missing (looked for "
+    "t/seed_1/gen_0, t/seed_101/gen_0); seeds 1, 101 each need their own teacher: t holds the "
+    "teachers of seeds 0, 100: pass --seed=0 to use them, or make the missing ones with one run "
+    "of the teacher's flags with --seeds=2 --seed=1 --run_dir=<a new directory> and pass "
+    "--teacher=<it>/seed_{seed}/gen_0"
+  )
+  # Only some of another base's teachers: no --seed to suggest, the teacher run still named.
+  with pytest.raises(errors.UsageError) as err:
+    _validate(teacher="t/seed_{seed}/gen_0", seeds=3, seed=100, run_dir="r")
+  assert "the teachers of seeds 200, 300 are missing" in str(err.value)
+  assert "t holds the teachers of seeds 0: make the missing ones with" in str(err.value)
+  assert "--seed=0 to use" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_an_imported_seeds_teacher_may_be_gone(tmp_path, monkeypatch):
@@ -148,7 +180,9 @@ def test_an_imported_seeds_teacher_may_be_gone(tmp_path, monkeypatch):
   _validate(teacher="t/seed_{seed}/gen_0", seeds=2, run_dir="r")
   # Seed 0's import does not excuse seed 100's missing teacher (the fixed form neither).
   shutil.rmtree("t/seed_100")
-  with pytest.raises(errors.UsageError, match=r"t/seed_100/gen_0 \(seed 100\) does not exist"):
+  with pytest.raises(
+    errors.UsageError, match=r"seed 100 is missing \(looked for t/seed_100/gen_0\)"
+  ):
     _validate(teacher="t/seed_{seed}/gen_0", seeds=2, run_dir="r")
   with pytest.raises(errors.UsageError, match="--teacher=t/seed_0/gen_0: no such file"):
     _validate(teacher="t/seed_0/gen_0", seeds=2, run_dir="r2")
@@ -174,7 +208,7 @@ def test_binary_refuses_before_anything_is_written(tmp_path, monkeypatch, capsys
   assert (
     code == 2 and len(lines) == 1 and lines[0].startswith("error: --teacher=t/seed_{seed}/gen_0:")
   )
-  assert "t/seed_100/gen_0 (seed 100) does not exist" in lines[0]
+  assert "the teacher of seed 100 is missing (looked for t/seed_100/gen_0)" in lines[0]
   assert not os.path.exists("r")
 
 
