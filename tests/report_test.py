@@ -783,3 +783,70 @@ def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path)
 def vs_ci(row):
   lo, hi = row["vs_teacher"]["ci95"]
   return f"{lo:+.2f}, {hi:+.2f}"
+
+
+class _StubImages:
+  """The data set `tasks.get("image").load_data` returns for a fabricated run (tests/fabricate.py's
+  4x4x1 inputs, 3 classes): 60 test examples, no validation split."""
+
+  def __init__(self, n=60):
+    rng = np.random.default_rng(0)
+    self.x = rng.uniform(0, 255, (n, 4, 4, 1)).astype(np.float32)
+    self.y = rng.integers(0, 3, n).astype(np.int32)
+
+  def test(self, batch_size):
+    ds = tf.data.Dataset.from_tensor_slices((self.x, self.y, np.ones(len(self.y), np.float32)))
+    return ds.batch(batch_size)
+
+  def val(self, batch_size):
+    del batch_size
+    return None
+
+
+def test_evaluate_prints_the_reports_comparisons(tmp_path, monkeypatch, capsys):
+  """`ban_tf.evaluate --run_dir` prints each row's Δ vs teacher (and vs baseline) with its 95% CI,
+  p and verdict, the cells results.md has, and the method/legend lines (it printed the plain
+  difference of the two errors: "-5.00", no CI, p or verdict)."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  from ban_tf import evaluate  # pylint: disable=g-import-not-at-top
+  from tests import fabricate  # pylint: disable=g-import-not-at-top
+
+  run = fabricate.finished_run(str(tmp_path / "run"), gens=2, baseline=True)
+  monkeypatch.setattr(tasks.get("image"), "load_data", lambda cfg: _StubImages())
+  fv = types.SimpleNamespace(
+    run_dir=run, saved_model=None, split=None, data_dir=None, batch_size=0, output_json=None
+  )
+  evaluate.main(["evaluate"], fv)  # computes the outputs the fabricated run lacks, then compares
+  out = capsys.readouterr().out
+  md = open(report.write_report(run, hparams=False)["results_md"]).read()
+
+  def cells(text):
+    """{row: its Δ, p and verdict cells (vs teacher, vs baseline)} of a results table."""
+    rows = [
+      [c.strip() for c in line.strip().strip("|").split("|")]
+      for line in text.splitlines()
+      if line.startswith("| ")
+    ]
+    head = rows[0]
+    start = head.index("Δ vs teacher [95% CI]")
+    return {r[0]: r[start : start + 6] for r in rows[1:]}, head[start : start + 6]
+
+  got, head = cells(out)
+  want, want_head = cells(md)
+  assert (
+    head
+    == want_head
+    == ["Δ vs teacher [95% CI]", "p", "vs teacher"]
+    + [
+      "Δ vs baseline [95% CI]",
+      "p",
+      "vs baseline",
+    ]
+  )
+  assert set(got) == {"Teacher", "BAN-1", "BAN-2", "BANE-2"}
+  for row, c in got.items():
+    assert c == want[row], row
+  assert got["BAN-1"][0].count("[") == 1 and got["BAN-1"][2] in report.VERDICT_STYLE
+  note = report.comparisons_note(json.load(open(os.path.join(run, "results.json"))))
+  assert note and note in out  # the method and legend lines, as under results.md's table
