@@ -287,6 +287,18 @@ class Config:
       return f"{os.path.basename(os.path.normpath(self.teacher))} (pretrained)"
     return self.arch_for(0)
 
+  def trains(self, gen) -> bool:
+    """Whether this run trains generation `gen` (0..gens, or "baseline"): every one but an
+    imported --teacher (generation 0, whose epochs this run never trains)."""
+    return not (gen == 0 and self.teacher)
+
+  @property
+  def trained_epochs(self) -> int:
+    """The epochs this command trains, its progress total (console.Progress): per base seed,
+    --epochs of every generation it `trains` and of the baseline."""
+    per_seed = sum(self.trains(g) for g in range(self.gens + 1)) + (1 if self.baseline else 0)
+    return per_seed * self.epochs * self.seeds
+
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
     return [self.seed + 100 * i for i in range(self.seeds)]

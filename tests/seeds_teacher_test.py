@@ -8,6 +8,7 @@ fashion_mnist (tiny arch, 256 examples, 1 epoch): a --seeds=2 teacher run, then
 recorded and announced as fixed.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -78,6 +79,14 @@ def test_placeholder_resolves_per_seed():
   one = config_lib.Config(teacher="t.keras")
   (only,) = one.seed_runs()
   assert only.run_dir == one.default_run_dir() and only.resolved_teacher == "t.keras"
+
+
+def test_progress_total_counts_only_the_epochs_this_run_trains():
+  """An imported --teacher's epochs are not this run's to train (console.Progress's total)."""
+  cfg = config_lib.Config(arch="tiny", gens=2, epochs=3, seeds=2, baseline=True)
+  assert cfg.trained_epochs == (3 + 1) * 3 * 2 and cfg.trains(0) and cfg.trains("baseline")
+  taught = dataclasses.replace(cfg, teacher="t/seed_{seed}/gen_0")
+  assert taught.trained_epochs == (2 + 1) * 3 * 2 and not taught.trains(0) and taught.trains(1)
 
 
 def test_teacher_per_seed_and_the_fixed_teacher_note():
@@ -234,6 +243,10 @@ def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, c
   code, out, err = run_main(monkeypatch, capsys, argv)
   assert code == 0, err
   assert "one fixed --teacher" not in out
+  # Progress counts the 2 epochs this run trains (BAN-1 of each seed), not the imported teachers'
+  # (it said 2/4 and 4/4: gen 0's epochs counted as done out of a total that held them).
+  counts = [line.rsplit("(", 1)[1] for line in out.splitlines() if "BAN-1 epoch 1/1:" in line]
+  assert counts == ["1/2 epochs)", "2/2 epochs)"], out
   sha = {}
   for seed in (0, 100):
     src = _source(students, seed)
