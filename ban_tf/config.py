@@ -287,6 +287,18 @@ class Config:
       return f"{os.path.basename(os.path.normpath(self.teacher))} (pretrained)"
     return self.arch_for(0)
 
+  def trains(self, gen) -> bool:
+    """Whether this run trains generation `gen` (0..gens, or "baseline"): every one but an
+    imported --teacher (generation 0, whose epochs this run never trains)."""
+    return not (gen == 0 and self.teacher)
+
+  @property
+  def trained_epochs(self) -> int:
+    """The epochs this command trains, its progress total (console.Progress): per base seed,
+    --epochs of every generation it `trains` and of the baseline."""
+    per_seed = sum(self.trains(g) for g in range(self.gens + 1)) + (1 if self.baseline else 0)
+    return per_seed * self.epochs * self.seeds
+
   def seed_list(self) -> list:
     """Base seeds of a --seeds=N run: seed, seed + 100, ... (generation k adds k)."""
     return [self.seed + 100 * i for i in range(self.seeds)]
@@ -447,6 +459,7 @@ class Config:
         "--seeds=N (N >= 2, as the teacher run had), or name one teacher"
       )
     run_dir = self.run_dir or self.default_run_dir()
+    missing = []  # (seed, path) of every seed run whose own teacher is not there
     for sub in self.seed_runs():
       path = sub.resolved_teacher
       if self.overwrite:  # --overwrite deletes the run directory before the teacher is read
@@ -460,20 +473,50 @@ class Config:
       if pretrained.imported_into(sub.run_dir, path):
         continue
       if self.teacher_per_seed and not os.path.exists(path):
-        seeds = ", ".join(map(str, self.seed_list()))
-        seed_dir = layout.numbered(layout.SEED, TEACHER_SEED)  # seed_{seed}
-        parent, _, _ = self.teacher.partition(seed_dir)
-        make = (
-          f"one run of the teacher's flags with --seeds={self.seeds} --seed={self.seed} "
-          f"--run_dir={parent.rstrip('/')} makes them"
-          if seed_dir in self.teacher and parent
-          else "train one teacher per seed there first"
-        )
-        raise errors.UsageError(
-          f"--teacher={self.teacher}: {path} (seed {sub.seed}) does not exist; seeds {seeds} each "
-          f"need their own teacher: {make}"
-        )
+        missing.append((sub.seed, path))
+        continue
       pretrained.check_path(path)
+    if missing:
+      raise errors.UsageError(self._missing_teachers(missing))
+
+  def _missing_teachers(self, missing) -> str:
+    """The one-line error for seed runs whose `{seed}` teacher is missing: which seeds, the
+    paths looked for, and the fix. When the teachers' parent holds the teachers of other
+    seeds (a teacher run made with another --seed), it names them and the --seed that uses
+    them, rather than a teacher run that would not make the missing ones there."""
+    s = "s" if len(missing) > 1 else ""
+    head = (
+      f"--teacher={self.teacher}: the teacher{s} of seed{s} "
+      f"{', '.join(str(seed) for seed, _ in missing)} {'are' if s else 'is'} missing (looked "
+      f"for {', '.join(path for _, path in missing)}); seeds "
+      f"{', '.join(map(str, self.seed_list()))} each need their own teacher: "
+    )
+    seed_dir = layout.numbered(layout.SEED, TEACHER_SEED)  # seed_{seed}
+    parent, _, _ = self.teacher.partition(seed_dir)
+    parent = parent.rstrip("/")
+    if seed_dir not in self.teacher or not parent:
+      return head + "train one teacher per seed there first"
+    make = f"one run of the teacher's flags with --seeds={self.seeds} --seed={self.seed}"
+    prefix = layout.numbered(layout.SEED, "")
+    found = set()
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+      number = name[len(prefix) :] if name.startswith(prefix) else ""
+      if number.isdigit() and os.path.exists(self.teacher.replace(TEACHER_SEED, number)):
+        found.add(int(number))
+    others = sorted(found - set(self.seed_list()))
+    if not others:
+      return head + f"{make} --run_dir={parent} makes them"
+    base = others[0]
+    use = (
+      f"pass --seed={base} to use them, or "
+      if all(base + 100 * i in found for i in range(self.seeds))
+      else ""
+    )
+    return head + (
+      f"{parent} holds the teachers of seeds {', '.join(map(str, others))}: {use}make the "
+      f"missing ones with {make} --run_dir=<a new directory> and pass "
+      f"--teacher=<it>/{seed_dir}/gen_0"
+    )
 
   def _validate_seeds(self, need) -> None:
     """Every seed the run derives (all_seeds) is in SEED_RANGE; checked before anything is written."""

@@ -308,7 +308,8 @@ class Progress:
 
   ETA = (wall time since the run started / epochs trained so far in this process) x
   epochs still to train: it includes evaluation and export time, and epochs that a
-  resumed run finds done count as done.
+  resumed run finds done count as done. Only epochs this run trains are counted
+  (Config.trained_epochs: an imported --teacher's never are).
   """
 
   def __init__(self, total_epochs, gens, out=None):

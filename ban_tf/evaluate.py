@@ -96,7 +96,9 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     {split}_loss, {split}_accuracy, {split}_error and the task's derived fields
     (perplexities), plus gen/arch/params or name/members; "splits" and "task";
     "predictions_computed": the models whose per-example outputs (predictions.py)
-    were missing and are now computed from their SavedModels and stored.
+    were missing and are now computed from their SavedModels and stored. With the test
+    split, each row's `vs_teacher` / `vs_baseline` (report.attach_comparisons: what
+    results.json holds), or "comparisons_error": why a stored outputs file cannot be used.
 
   Raises:
     errors.UsageError: not a run directory, no such split, nothing exported.
@@ -222,6 +224,13 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
     "baseline": {"gen": "baseline"} if export.is_done(os.path.join(run_dir, "baseline")) else None,
   }
   out["predictions_computed"] = report.ensure_predictions(run_dir, cfg, rows, dataset)
+  if "test" in pipelines:
+    # Δ vs teacher (and vs baseline) with its 95% CI, p and verdict, from the stored per-example
+    # outputs: the report's computation (results.md's numbers), written onto the rows above.
+    try:
+      report.attach_comparisons(run_dir, task, rows)
+    except errors.UsageError as e:  # a damaged outputs file: the table stands, the error follows
+      out["comparisons_error"] = str(e)
   return out
 
 
@@ -504,7 +513,9 @@ def main(argv, fv):
     f"{results_lib.plural(len(evaluated['generations']), 'generation')} and "
     f"{results_lib.plural(len(evaluated['ensembles']), 'ensemble')} reloaded from their SavedModels\n"
   )
-  print(table(evaluated))
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+
+  print(table(evaluated) + report.comparisons_note(evaluated))
   if evaluated.get("predictions_computed"):
     print(
       "per-example outputs computed and stored (predictions.npz) for "
@@ -532,6 +543,8 @@ def main(argv, fv):
       + (", ..." if len(damaged) > 1 else "")
       + "): see the damaged rows above"
     )
+  if evaluated.get("comparisons_error"):  # the table above stands without paired statistics
+    raise errors.UsageError(evaluated["comparisons_error"])
 
 
 def define_flags(fv):

@@ -263,17 +263,18 @@ def run(cfg, strategy, dataset, run):
         gen,
       )
       metrics = model.read_metrics()  # checked readable on open
-      if console.progress():
+      if console.progress():  # an imported teacher's epochs were never this run's to train
         console.progress().skip(
-          cfg.epochs, f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped"
+          cfg.epochs if cfg.trains(gen) else 0,
+          f"gen {gen}/{cfg.gens} {metrics.get('role', gen)}: done before, skipped",
         )
     elif (
       gen == 0 and cfg.teacher
     ):  # a pretrained teacher: imported, checked and measured, not trained
       pretrained.import_teacher(cfg, strategy, dataset, model)
       if console.progress():
-        console.progress().skip(
-          cfg.epochs, f"gen 0/{cfg.gens} teacher: imported from {cfg.resolved_teacher}"
+        console.progress().skip(  # not trained here: no epochs counted (Config.trained_epochs)
+          0, f"gen 0/{cfg.gens} teacher: imported from {cfg.resolved_teacher}"
         )
     else:
       teacher_path = None

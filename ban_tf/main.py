@@ -386,12 +386,11 @@ def _run(cfg, console, keras, tf):
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
   # (saving and evaluating are collective) and read what they need from run_dir.
   write_dir = cluster.write_dir(run_dir, strategy)
-  generations_per_seed = cfg.gens + 1 + (1 if cfg.baseline else 0)
   try:
     with (
       rundir.RunDir(write_dir, cfg, spec=spec, read_path=run_dir) as run_handle,
       console.log_file(write_dir) as log_path,
-      console.run_progress(generations_per_seed * cfg.epochs * cfg.seeds, cfg.gens) as progress,
+      console.run_progress(cfg.trained_epochs, cfg.gens) as progress,
     ):
       progress.print(console.summary_line(cfg, strategy.num_replicas_in_sync, spec))
       progress.print(

@@ -43,6 +43,18 @@ def exists(model_dir: str) -> bool:
   return os.path.exists(path(model_dir))
 
 
+def check_path(model_dir: str) -> None:
+  """Raises errors.RunDirError when model_dir/predictions.npz is a directory (a damaged or
+  hostile run directory), naming it and the fix; before anything reads or writes it (`read`,
+  `write`, rundir.ModelDir.make before a model trains, report.attach_comparisons)."""
+  p = path(model_dir)
+  if os.path.isdir(p):
+    raise errors.RunDirError(
+      f"{p} is a directory where the model's per-example outputs file belongs (a damaged run "
+      f"directory): remove it (rm -r {p}) and rerun; the file is recomputed from the SavedModel"
+    )
+
+
 def write(model_dir: str, splits: dict, *, task: str) -> str:
   """Writes model_dir/predictions.npz atomically; returns its path.
 
@@ -54,7 +66,10 @@ def write(model_dir: str, splits: dict, *, task: str) -> str:
 
   Raises:
     ValueError: an empty split, or arrays of a split with different lengths.
+    errors.RunDirError: the file's place is taken by a directory (`check_path`); nothing
+      is written.
   """
+  check_path(model_dir)
   arrays = {}
   for split, named in splits.items():
     _check_split(split, named, "write")
@@ -91,8 +106,10 @@ def read(model_dir: str, required=()) -> dict:
     errors.UsageError: no such file, or it is damaged (not an .npz, no readable meta,
       a split or array missing, arrays of a split with different lengths, NaN NLLs):
       the message names the file and the fix (delete it: `python -m ban_tf.report`
-      or `ban_tf.evaluate --run_dir` recompute it from the SavedModel).
+      or `ban_tf.evaluate --run_dir` recompute it from the SavedModel); a directory in
+      its place (`check_path`).
   """
+  check_path(model_dir)
   p = path(model_dir)
   fix = "delete it, and `python -m ban_tf.report --run_dir=<run>` recomputes it from the SavedModel"
   if not os.path.exists(p):

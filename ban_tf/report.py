@@ -247,7 +247,7 @@ def check_one_test_set(runs):
 class Group:
   """The seeds of one experiment among the runs of a report.
 
-  path: the run directory, or the common parent of its seed runs.
+  path: the run directory, or the common parent of its seed runs (absolute).
   label: how its rows are told apart in a comparison (`group_labels`).
   """
 
@@ -273,7 +273,9 @@ def group_experiments(runs):
   out = []
   for g in groups:
     _check_seeds_once(g)
-    path = g[0].path if len(g) == 1 else os.path.commonpath([os.path.abspath(r.path) for r in g])
+    # Absolute, however the runs were given (relative, absolute, a parent or its seed runs): a
+    # comparison's heading and results.json name every run one way, valid from any directory.
+    path = os.path.commonpath([os.path.abspath(r.path) for r in g])
     out.append(Group(g, path))
   return out
 
@@ -330,7 +332,8 @@ def compare(groups, task):
 
   Each group's rows (`aggregate` over its seeds) are named "<row> (<group label>)".
   Teacher rows of groups whose generation 0 is the same model (`teacher_id`: one set of
-  models) are one row, shown once (with one model in it: its value, n = 1); when the
+  models) are one row, shown once (with one model in it: its value, n = 1, and
+  `shared_by` = the number of runs whose gen_0 it is, when more than one); when the
   table has one Teacher row it is named "Teacher". Each row carries `vs_teacher`
   (against its run's gen_0: the shared Teacher row's model when it is shared) and
   `vs_baseline` (against its run's Baseline): one run, the paired comparison over the
@@ -338,8 +341,9 @@ def compare(groups, task):
   over-seed interval of those (`aggregate`); None without stored per-example outputs.
 
   Returns:
-    [{"name", "key", "run" (group label), "runs" (paths), "arch", "params", "n", "metric",
-      "mean", "std", "values", "teacher" (its reference row's name), "vs_teacher", "vs_baseline"}].
+    [{"name", "key", "run" (group label), "runs" (absolute paths), "arch", "params", "n",
+      "metric", "mean", "std", "values", "teacher" (its reference row's name), "vs_teacher",
+      "vs_baseline"}], and "shared_by" on a Teacher row that is one model of several runs.
   """
   out, teacher_of, shared = [], {}, {}
   for g in groups:
@@ -351,7 +355,7 @@ def compare(groups, task):
       row.update(
         name=a["name"].replace(a["key"], f"{a['key']} ({g.label})", 1),
         run=g.label,
-        runs=[r.path for r in g.runs],
+        runs=[os.path.abspath(r.path) for r in g.runs],
       )
       for field, _ in results_lib.REFERENCES:
         row[field] = (
@@ -360,9 +364,13 @@ def compare(groups, task):
       if a["key"] == "Teacher":
         if known and ids in shared:
           teacher_of[id(g)] = shared[ids]
+          if "shared_by" in shared[ids]:
+            shared[ids]["shared_by"] += len(g.runs)
           continue  # the same model as an earlier group's Teacher row
         if known and len(ids) == 1:  # one model, however many seeds imported it
-          row.update(n=1, std=0.0, values=row["values"][:1], mean=row["values"][0])
+          row.update(
+            n=1, std=0.0, values=row["values"][:1], mean=row["values"][0], shared_by=len(g.runs)
+          )
         teacher_of[id(g)] = row
         if known:
           shared[ids] = row
@@ -373,6 +381,8 @@ def compare(groups, task):
     only["name"] = only["name"].replace(f"Teacher ({only['run']})", "Teacher", 1)
   for row, g in out:
     row["teacher"] = teacher_of[id(g)]["name"] if id(g) in teacher_of else None
+    if row.get("shared_by", 0) < 2:
+      row.pop("shared_by", None)  # one model in one run: nothing shared
   return [row for row, _ in out]
 
 
@@ -484,6 +494,7 @@ def attach_comparisons(run_path, task, results, seed=0):
   outputs = {}
   for key, name, d, _ in model_dirs(run_path, results):
     if key in entries and not entries[key].get("damaged") and predictions.exists(d):
+      predictions.check_path(d)  # a directory in its place: not hashed as if it were a file
       manifest.check_predictions(run_path, name, d)
       outputs[key] = predictions.read(d, task.prediction_arrays).get("test")
       if outputs[key] is None:  # every model stores its test outputs: the file is not whole
@@ -1229,7 +1240,7 @@ def _write_comparison(groups, task, out_dir, hparams):
   )
   export.write_json(
     {
-      COMPARED_KEY: [g.path for g in groups],
+      COMPARED_KEY: [g.path for g in groups],  # absolute (group_experiments)
       "metric": task.headline.key,
       "data": groups[0].runs[0].results.get("data"),
       "rows": rows,

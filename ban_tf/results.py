@@ -313,7 +313,9 @@ def comparison_table(rows: list, metric: Metric) -> str:
   value), Δ vs the row's teacher with its 95% CI, p and verdict, Δ vs its Baseline, runs.
 
   A row without a paired comparison (no stored per-example outputs) shows the difference
-  of means alone, and no p or verdict.
+  of means alone, and no p or verdict. A Teacher row that is one model of several runs
+  (`shared_by`) is shown as `aggregate_table` shows one: "(one model, shared by N runs)",
+  Runs = N.
   """
   means = {r["name"]: r["mean"] for r in rows}
   lines = [
@@ -323,6 +325,9 @@ def comparison_table(rows: list, metric: Metric) -> str:
   ]
   for r in rows:
     value = f"{r['mean']:.2f} ± {r['std']:.2f}" if r["n"] > 1 else f"{r['mean']:.2f}"
+    runs = r["n"]
+    if r.get("shared_by", 0) > 1:
+      value, runs = f"{r['mean']:.2f} (one model, shared by {r['shared_by']} runs)", r["shared_by"]
     t = means.get(r.get("teacher")) if r["key"] != "Teacher" else None
     vs_t = _vs_cells(r.get("vs_teacher"), None if t is None else r["mean"] - t)
     base = next(
@@ -336,6 +341,6 @@ def comparison_table(rows: list, metric: Metric) -> str:
       None,
     )
     vs_b = _vs_cells(r.get("vs_baseline"), None if base is None else r["mean"] - base)
-    cells = [r["name"], r["arch"], r["params"], value, *vs_t, *vs_b, str(r["n"])]
+    cells = [r["name"], r["arch"], r["params"], value, *vs_t, *vs_b, str(runs)]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

@@ -71,6 +71,7 @@ from ban_tf import errors
 from ban_tf import export
 from ban_tf import layout
 from ban_tf import manifest
+from ban_tf import predictions
 from ban_tf import pretrained
 from ban_tf import results as results_lib
 
@@ -138,7 +139,10 @@ class ModelDir:
     return tensorboard_dir(self.run_path, self.row)
 
   def make(self):
+    """Creates the model directory; raises errors.RunDirError when a directory holds the place
+    of its per-example outputs file (predictions.check_path), before a model is trained."""
     os.makedirs(self.path, exist_ok=True)
+    predictions.check_path(self.path)
 
   # ---- reading --------------------------------------------------------------------
   @property

@@ -408,7 +408,8 @@ def test_cross_objective_report_shares_the_teacher(tmp_path):
   out = report.write_report(list(runs), str(tmp_path / "row"), hparams=False)
   md = open(out["results_md"]).read()
   assert md.count("| Teacher") == 1, md
-  assert "| Teacher | tiny | 1.5k | 30.00 |  |" in md  # one model: no spread
+  # One model (the teacher's run and the two taught by it): no spread, said as a seeds summary says it.
+  assert "| Teacher | tiny | 1.5k | 30.00 (one model, shared by 3 runs) |  |" in md
   assert "| BAN-1 (ban) | tiny | 1.5k | 25.00 | -5.00 |" in md
   assert "| BAN-1 (ban_l) | tiny | 1.5k | 27.00 | -3.00 |  |  | -2.00 |" in md  # vs its Baseline
   assert "| Baseline (ban_l) | tiny | 1.5k | 29.00 | -1.00 |" in md
@@ -418,12 +419,49 @@ def test_cross_objective_report_shares_the_teacher(tmp_path):
   by_name = {r["name"]: r for r in res["rows"]}
   assert set(by_name) == {"Teacher", "BAN-1 (ban)", "BAN-1 (ban_l)", "Baseline (ban_l)"}
   assert by_name["BAN-1 (ban)"]["teacher"] == "Teacher" and by_name["Teacher"]["n"] == 1
+  assert by_name["Teacher"]["shared_by"] == 3 and "shared_by" not in by_name["BAN-1 (ban)"]
   assert by_name["BAN-1 (ban)"]["vs_teacher"] is None  # no stored per-example outputs here
   _assert_png(out["png"])
   # A rerun replaces the comparison; a run's or a --seeds summary's results.json is never replaced.
   report.write_report(list(runs), str(tmp_path / "row"), hparams=False)
   with pytest.raises(errors.UsageError, match="holds a run's results"):
     report.write_report(list(runs), runs[1], hparams=False)
+
+
+def test_comparison_says_a_fixed_teacher_is_one_model_and_names_runs_one_way(tmp_path, monkeypatch):
+  """A --seeds column that imported one fixed teacher, beside a run with its own teacher, given
+  as a relative parent and an absolute run: its Teacher row says "(one model, shared by 2
+  runs)" with Runs = 2, as the seeds summary does (it said Runs = 1 and nothing else), and the
+  heading and results.json name every run by its absolute path (a --seeds parent was absolute,
+  a single run as given)."""
+  monkeypatch.chdir(tmp_path)
+  for s in (0, 100):
+    _run(
+      f"x_fixed/seed_{s}",
+      [0.30, 0.25 + s / 10000],
+      seed=s,
+      teacher="/t/gen_0",
+      teacher_sha="F",
+      data=_DATA,
+    )
+  _run("x_own", [0.31, 0.27], teacher_sha="O", data=_DATA, loss="ban_l", baseline=0.29)
+  out = report.write_report(["x_fixed", "x_own"], "cmp", hparams=False)
+  md = open(out["results_md"]).read()
+  fixed, own = str(tmp_path / "x_fixed"), str(tmp_path / "x_own")
+  assert f"- fixed: {fixed} (seeds 0, 100)\n" in md
+  assert f"- own: {own} (seed 0; " in md
+  lines = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+  assert lines["| Teacher (fixed)"] == (
+    "| Teacher (fixed) | tiny | 1.5k | 30.00 (one model, shared by 2 runs) |  |  |  |  |  |  | 2 |"
+  )
+  assert lines["| Teacher (own)"].endswith("| 31.00 |  |  |  |  |  |  | 1 |")  # one run, one model
+  assert lines["| BAN-1 (fixed)"].startswith("| BAN-1 (fixed) | tiny | 1.5k | 25.50 ± 0.71 |")
+  res = json.load(open(tmp_path / "cmp" / "results.json"))
+  assert res["compared"] == [fixed, own]
+  rows = {r["name"]: r for r in res["rows"]}
+  assert rows["Teacher (fixed)"]["shared_by"] == 2 and rows["Teacher (fixed)"]["n"] == 1
+  assert rows["BAN-1 (fixed)"]["runs"] == [f"{fixed}/seed_0", f"{fixed}/seed_100"]
+  assert rows["BAN-1 (own)"]["runs"] == [own] and "shared_by" not in rows["Teacher (own)"]
 
 
 def test_comparison_refuses_different_test_sets(tmp_path):
@@ -745,3 +783,70 @@ def test_cross_objective_report_pairs_each_row_with_the_shared_teacher(tmp_path)
 def vs_ci(row):
   lo, hi = row["vs_teacher"]["ci95"]
   return f"{lo:+.2f}, {hi:+.2f}"
+
+
+class _StubImages:
+  """The data set `tasks.get("image").load_data` returns for a fabricated run (tests/fabricate.py's
+  4x4x1 inputs, 3 classes): 60 test examples, no validation split."""
+
+  def __init__(self, n=60):
+    rng = np.random.default_rng(0)
+    self.x = rng.uniform(0, 255, (n, 4, 4, 1)).astype(np.float32)
+    self.y = rng.integers(0, 3, n).astype(np.int32)
+
+  def test(self, batch_size):
+    ds = tf.data.Dataset.from_tensor_slices((self.x, self.y, np.ones(len(self.y), np.float32)))
+    return ds.batch(batch_size)
+
+  def val(self, batch_size):
+    del batch_size
+    return None
+
+
+def test_evaluate_prints_the_reports_comparisons(tmp_path, monkeypatch, capsys):
+  """`ban_tf.evaluate --run_dir` prints each row's Δ vs teacher (and vs baseline) with its 95% CI,
+  p and verdict, the cells results.md has, and the method/legend lines (it printed the plain
+  difference of the two errors: "-5.00", no CI, p or verdict)."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  from ban_tf import evaluate  # pylint: disable=g-import-not-at-top
+  from tests import fabricate  # pylint: disable=g-import-not-at-top
+
+  run = fabricate.finished_run(str(tmp_path / "run"), gens=2, baseline=True)
+  monkeypatch.setattr(tasks.get("image"), "load_data", lambda cfg: _StubImages())
+  fv = types.SimpleNamespace(
+    run_dir=run, saved_model=None, split=None, data_dir=None, batch_size=0, output_json=None
+  )
+  evaluate.main(["evaluate"], fv)  # computes the outputs the fabricated run lacks, then compares
+  out = capsys.readouterr().out
+  md = open(report.write_report(run, hparams=False)["results_md"]).read()
+
+  def cells(text):
+    """{row: its Δ, p and verdict cells (vs teacher, vs baseline)} of a results table."""
+    rows = [
+      [c.strip() for c in line.strip().strip("|").split("|")]
+      for line in text.splitlines()
+      if line.startswith("| ")
+    ]
+    head = rows[0]
+    start = head.index("Δ vs teacher [95% CI]")
+    return {r[0]: r[start : start + 6] for r in rows[1:]}, head[start : start + 6]
+
+  got, head = cells(out)
+  want, want_head = cells(md)
+  assert (
+    head
+    == want_head
+    == ["Δ vs teacher [95% CI]", "p", "vs teacher"]
+    + [
+      "Δ vs baseline [95% CI]",
+      "p",
+      "vs baseline",
+    ]
+  )
+  assert set(got) == {"Teacher", "BAN-1", "BAN-2", "BANE-2"}
+  for row, c in got.items():
+    assert c == want[row], row
+  assert got["BAN-1"][0].count("[") == 1 and got["BAN-1"][2] in report.VERDICT_STYLE
+  note = report.comparisons_note(json.load(open(os.path.join(run, "results.json"))))
+  assert note and note in out  # the method and legend lines, as under results.md's table

@@ -402,3 +402,51 @@ def test_history_is_cut_back_to_the_checkpoint(partial):
   )
   assert [h["epoch"] for h in partial.history(3)] == [1, 2, 3]
   assert partial.history(0) == []
+
+
+# ---- per-example outputs whose place is taken by a directory ----------------------
+
+
+def _store_outputs(run, gen):
+  """gen_<gen>/predictions.npz of 6 fabricated test examples, recorded in the manifest."""
+  from ban_tf import predictions  # pylint: disable=g-import-not-at-top
+
+  d = os.path.join(run, f"gen_{gen}")
+  predicted = np.arange(6, dtype=np.int32) % fabricate.NUM_CLASSES
+  predicted[:gen] = 0  # each generation right on a different set
+  test = {
+    "probabilities": np.eye(fabricate.NUM_CLASSES, dtype=np.float16)[predicted],
+    "labels": np.arange(6, dtype=np.int32) % fabricate.NUM_CLASSES,
+    "predicted": predicted,
+  }
+  predictions.write(d, {"test": test}, task="image")
+  manifest.add_predictions(run, f"gen_{gen}", d)
+  return d
+
+
+def test_outputs_file_that_is_a_directory_is_one_line_on_read_and_write(run_copy):
+  """A predictions.npz that is a directory (damaged or hostile run directory): one line naming
+  it and the fix (remove it), on the report's read path (it used to be hashed and reported as
+  a write error, "cannot write ...: make it writable") and on every write path (before a
+  model trains; nothing half-written)."""
+  from ban_tf import predictions  # pylint: disable=g-import-not-at-top
+  from ban_tf import report  # pylint: disable=g-import-not-at-top
+
+  for gen in (0, 1):
+    d = _store_outputs(run_copy, gen)
+  report.write_report(run_copy, hparams=False)  # whole: the report reads them
+  os.remove(predictions.path(d))
+  os.makedirs(os.path.join(predictions.path(d), "junk"))
+  before = _snapshot(run_copy)
+  fix = rf"{predictions.path(d)} is a directory .*: remove it \(rm -r {predictions.path(d)}\)"
+  with pytest.raises(errors.RunDirError, match=fix) as err:
+    report.write_report(run_copy, hparams=False)
+  assert "\n" not in str(err.value) and "cannot write" not in str(err.value)
+  with pytest.raises(errors.RunDirError, match=fix):
+    predictions.read(d)
+  with pytest.raises(errors.RunDirError, match=fix):
+    predictions.write(d, {"test": {"labels": np.zeros(2, np.int32)}}, task="image")
+  with pytest.raises(errors.RunDirError, match=fix):  # a generation about to train
+    rundir.RunFiles(run_copy).generation(1).make()
+  assert _snapshot(run_copy) == before  # nothing written, no temporary file left
+  assert os.listdir(predictions.path(d)) == ["junk"]

@@ -8,6 +8,7 @@ fashion_mnist (tiny arch, 256 examples, 1 epoch): a --seeds=2 teacher run, then
 recorded and announced as fixed.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -80,6 +81,14 @@ def test_placeholder_resolves_per_seed():
   assert only.run_dir == one.default_run_dir() and only.resolved_teacher == "t.keras"
 
 
+def test_progress_total_counts_only_the_epochs_this_run_trains():
+  """An imported --teacher's epochs are not this run's to train (console.Progress's total)."""
+  cfg = config_lib.Config(arch="tiny", gens=2, epochs=3, seeds=2, baseline=True)
+  assert cfg.trained_epochs == (3 + 1) * 3 * 2 and cfg.trains(0) and cfg.trains("baseline")
+  taught = dataclasses.replace(cfg, teacher="t/seed_{seed}/gen_0")
+  assert taught.trained_epochs == (2 + 1) * 3 * 2 and not taught.trains(0) and taught.trains(1)
+
+
 def test_teacher_per_seed_and_the_fixed_teacher_note():
   assert config_lib.Config(seeds=3).teacher_per_seed  # each seed trains its own teacher
   fixed = config_lib.Config(teacher="runs/t/gen_0", seeds=3)
@@ -119,25 +128,57 @@ def test_every_seeds_teacher_must_exist(tmp_path, monkeypatch):
   _fake_generation("t/seed_0/gen_0")
   with pytest.raises(errors.UsageError) as err:
     _validate(teacher="t/seed_{seed}/gen_0", seeds=3, run_dir="r")
-  # The first missing one, and the command that makes them all.
+  # Every missing one, the paths looked for, and the command that makes them all.
   assert str(err.value) == (
-    "--teacher=t/seed_{seed}/gen_0: t/seed_100/gen_0 (seed 100) does not exist; seeds 0, 100, "
-    "200 each need their own teacher: one run of the teacher's flags with --seeds=3 --seed=0 "
-    "--run_dir=t makes them"
+    "--teacher=t/seed_{seed}/gen_0: the teachers of seeds 100, 200 are missing (looked for "
+    "t/seed_100/gen_0, t/seed_200/gen_0); seeds 0, 100, 200 each need their own teacher: one "
+    "run of the teacher's flags with --seeds=3 --seed=0 --run_dir=t makes them"
   )
   _fake_generation("t/seed_100/gen_0")
   _fake_generation("t/seed_200/gen_0")
   _validate(teacher="t/seed_{seed}/gen_0", seeds=3, run_dir="r")
   # Another base seed names other teachers.
-  with pytest.raises(errors.UsageError, match=r"t/seed_300/gen_0 \(seed 300\) does not exist"):
+  with pytest.raises(
+    errors.UsageError, match=r"the teacher of seed 300 is missing \(looked for t/seed_300/gen_0\)"
+  ):
     _validate(teacher="t/seed_{seed}/gen_0", seeds=3, seed=100, run_dir="r")
   # Without the seed_{seed} form there is no teacher command to name.
-  with pytest.raises(errors.UsageError, match="x_0.keras .seed 0. does not exist.*train one"):
+  with pytest.raises(
+    errors.UsageError,
+    match="seeds 0, 100 are missing .looked for x_0.keras, x_100.keras.*train one",
+  ):
     _validate(teacher="x_{seed}.keras", seeds=2, run_dir="r")
   # A resolved path that exists but is no teacher: check_path's error, naming it.
   os.makedirs("t/seed_300/gen_0")
   with pytest.raises(errors.UsageError, match="--teacher=t/seed_300/gen_0: holds neither"):
     _validate(teacher="t/seed_{seed}/gen_0", seeds=3, seed=100, run_dir="r")
+
+
+def test_teachers_of_another_base_seed_are_named_with_the_seed_that_uses_them(
+  tmp_path, monkeypatch
+):
+  """--seeds=2 --seed=1 with teachers made by --seeds=2 --seed=0 (seed_0, seed_100): the error
+  names the missing seeds (1, 101) and the paths looked for, says which seeds the parent does
+  hold and the --seed that uses them; it no longer suggests the teacher run --seed=1 into the
+  directory that holds seed 0's run (which would not make them there)."""
+  monkeypatch.chdir(tmp_path)
+  for s in (0, 100):
+    _fake_generation(f"t/seed_{s}/gen_0")
+  with pytest.raises(errors.UsageError) as err:
+    _validate(teacher="t/seed_{seed}/gen_0", seeds=2, seed=1, run_dir="r")
+  assert str(err.value) == (
+    "--teacher=t/seed_{seed}/gen_0: the teachers of seeds 1, 101 are missing (looked for "
+    "t/seed_1/gen_0, t/seed_101/gen_0); seeds 1, 101 each need their own teacher: t holds the "
+    "teachers of seeds 0, 100: pass --seed=0 to use them, or make the missing ones with one run "
+    "of the teacher's flags with --seeds=2 --seed=1 --run_dir=<a new directory> and pass "
+    "--teacher=<it>/seed_{seed}/gen_0"
+  )
+  # Only some of another base's teachers: no --seed to suggest, the teacher run still named.
+  with pytest.raises(errors.UsageError) as err:
+    _validate(teacher="t/seed_{seed}/gen_0", seeds=3, seed=100, run_dir="r")
+  assert "the teachers of seeds 200, 300 are missing" in str(err.value)
+  assert "t holds the teachers of seeds 0: make the missing ones with" in str(err.value)
+  assert "--seed=0 to use" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_an_imported_seeds_teacher_may_be_gone(tmp_path, monkeypatch):
@@ -148,7 +189,9 @@ def test_an_imported_seeds_teacher_may_be_gone(tmp_path, monkeypatch):
   _validate(teacher="t/seed_{seed}/gen_0", seeds=2, run_dir="r")
   # Seed 0's import does not excuse seed 100's missing teacher (the fixed form neither).
   shutil.rmtree("t/seed_100")
-  with pytest.raises(errors.UsageError, match=r"t/seed_100/gen_0 \(seed 100\) does not exist"):
+  with pytest.raises(
+    errors.UsageError, match=r"seed 100 is missing \(looked for t/seed_100/gen_0\)"
+  ):
     _validate(teacher="t/seed_{seed}/gen_0", seeds=2, run_dir="r")
   with pytest.raises(errors.UsageError, match="--teacher=t/seed_0/gen_0: no such file"):
     _validate(teacher="t/seed_0/gen_0", seeds=2, run_dir="r2")
@@ -174,7 +217,7 @@ def test_binary_refuses_before_anything_is_written(tmp_path, monkeypatch, capsys
   assert (
     code == 2 and len(lines) == 1 and lines[0].startswith("error: --teacher=t/seed_{seed}/gen_0:")
   )
-  assert "t/seed_100/gen_0 (seed 100) does not exist" in lines[0]
+  assert "the teacher of seed 100 is missing (looked for t/seed_100/gen_0)" in lines[0]
   assert not os.path.exists("r")
 
 
@@ -200,6 +243,10 @@ def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, c
   code, out, err = run_main(monkeypatch, capsys, argv)
   assert code == 0, err
   assert "one fixed --teacher" not in out
+  # Progress counts the 2 epochs this run trains (BAN-1 of each seed), not the imported teachers'
+  # (it said 2/4 and 4/4: gen 0's epochs counted as done out of a total that held them).
+  counts = [line.rsplit("(", 1)[1] for line in out.splitlines() if "BAN-1 epoch 1/1:" in line]
+  assert counts == ["1/2 epochs)", "2/2 epochs)"], out
   sha = {}
   for seed in (0, 100):
     src = _source(students, seed)
