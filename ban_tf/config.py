@@ -20,7 +20,7 @@ from typing import Optional
 from ban_tf import archs
 from ban_tf import errors
 from ban_tf import layout
-from ban_tf import pretrained
+from ban_tf import checks
 from ban_tf import tasks
 
 TEACHER_OUTPUTS = ("logits", "probabilities")
@@ -423,7 +423,7 @@ class Config:
 
     Pure Python. `{seed}` belongs in --teacher only, with --seeds >= 2; any other brace
     there is a malformed placeholder. Each seed run's path must exist unless that run
-    already imported it (it resumes from its gen_0 copy; pretrained.imported_into).
+    already imported it (it resumes from its gen_0 copy; checks.imported_into).
     Raises errors.UsageError naming the first path at fault.
     """
     for f in dataclasses.fields(self):
@@ -457,7 +457,7 @@ class Config:
             f"--teacher={path} is inside --run_dir={run_dir}, which --overwrite deletes: copy "
             "the teacher out of it first, or pass another --run_dir"
           )
-      if pretrained.imported_into(sub.run_dir, path):
+      if checks.imported_into(sub.run_dir, path):
         continue
       if self.teacher_per_seed and not os.path.exists(path):
         seeds = ", ".join(map(str, self.seed_list()))
@@ -473,7 +473,7 @@ class Config:
           f"--teacher={self.teacher}: {path} (seed {sub.seed}) does not exist; seeds {seeds} each "
           f"need their own teacher: {make}"
         )
-      pretrained.check_path(path)
+      checks.check_path(path)
 
   def _validate_seeds(self, need) -> None:
     """Every seed the run derives (all_seeds) is in SEED_RANGE; checked before anything is written."""

@@ -28,13 +28,13 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ban_tf import checks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import export  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import layout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import manifest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import predictions  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ban_tf import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -386,7 +386,7 @@ def teacher_sharing(runs):
       m = export.read_json(os.path.join(r.path, layout.model_name(0), layout.METRICS))
     except (OSError, ValueError):
       m = {}
-    src = m.get(pretrained.SOURCE_KEY) if isinstance(m, dict) else None
+    src = m.get(checks.SOURCE_KEY) if isinstance(m, dict) else None
     sources.append(src.get("sha256") if isinstance(src, dict) else None)
   n = len(runs)
   if n > 1 and sources[0] is not None and len(set(sources)) == 1:
