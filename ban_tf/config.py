@@ -245,7 +245,7 @@ class Config:
 
   def objective(self):
     """What a student generation optimises: the one resolved losses.Objective."""
-    from ban_tf import losses  # pylint: disable=g-import-not-at-top  (TensorFlow; not needed to validate)
+    from ban_tf import losses  # lazy: TensorFlow; validation runs before it loads
 
     return losses.Objective(
       loss=self.resolved_loss,
