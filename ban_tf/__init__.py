@@ -1,5 +1,6 @@
 """ban_tf: Born-Again Networks (Furlanello et al., ICML 2018) in TensorFlow/Keras."""
 
+import importlib.util as _importlib_util
 import os as _os
 import platform as _platform
 import sys as _sys
@@ -15,7 +16,7 @@ if _platform.machine().lower() in ("x86_64", "amd64"):
 def onednn_enabled():
   """Whether TensorFlow's oneDNN CPU kernels are on in this process (None: unknown)."""
   try:
-    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    from tensorflow.python.util import _pywrap_util_port  # lazy: `import ban_tf` loads no TF
 
     return bool(_pywrap_util_port.IsMklEnabled())
   except (ImportError, AttributeError):
@@ -34,9 +35,7 @@ class _QuietTensorFlowImport:
     if name != "tensorflow":
       return None
     uninstall_quiet_import()
-    import importlib.util  # pylint: disable=g-import-not-at-top
-
-    spec = importlib.util.find_spec(name)
+    spec = _importlib_util.find_spec(name)
     if spec is not None and spec.loader is not None:
       spec.loader = _QuietLoader(spec.loader)
     return spec
@@ -50,7 +49,7 @@ class _QuietLoader:
     return self._loader.create_module(spec)
 
   def exec_module(self, module):
-    from ban_tf import console  # pylint: disable=g-import-not-at-top
+    from ban_tf import console  # lazy: console (absl): only at TensorFlow's first import
 
     with console.quiet_import():
       self._loader.exec_module(module)

@@ -47,6 +47,7 @@ run directory) and splits the wall time into phases (`whole_run`), ending with
 """
 
 import contextlib
+import dataclasses
 import os
 import resource
 import shutil
@@ -54,11 +55,17 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl import app
 from absl import flags
+from absl import logging
+import numpy as np
 
 import ban_tf
+from ban_tf import errors
+from ban_tf import main as main_lib
+from ban_tf import tasks
 
 FLAGS = flags.FLAGS
 
@@ -79,12 +86,10 @@ RESULT_KEYS = (
 
 def define_flags(fv=FLAGS):
   """The training binary's flags plus the benchmark's own."""
-  from ban_tf import main  # pylint: disable=g-import-not-at-top
-
-  main.define_flags(fv)
+  main_lib.define_flags(fv)
   fv.set_default("dataset", "synthetic")
   fv.set_default("epochs", 200)
-  d = main._Definer(fv)  # pylint: disable=protected-access
+  d = main_lib._Definer(fv)  # pylint: disable=protected-access
   d.DEFINE_integer("steps", 30, "[bench] Timed train steps per repetition.")
   d.DEFINE_integer("reps", 5, "[bench] Repetitions; the median is reported.")
   d.DEFINE_integer("warmup", 3, "[bench] Untimed executions before timing (tracing, caches).")
@@ -124,7 +129,7 @@ def peak_rss_mb():
 
 def describe_device():
   """One line: the device the steps run on and the thread settings."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # lazy: TensorFlow; bench's flag errors come before it
 
   gpus = tf.config.list_physical_devices("GPU")
   if gpus:
@@ -146,7 +151,7 @@ def describe_device():
 
 
 def _fixed_batch_iterator(model, batch):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # lazy: TensorFlow; bench's flag errors come before it
 
   ds = tf.data.Dataset.from_tensors(tuple(batch)).repeat()
   return iter(model.distribute_strategy.experimental_distribute_dataset(ds))
@@ -177,10 +182,9 @@ class StepTimer:
 
 
 def _build_distiller(cfg, dataset, teacher, steps_per_epoch, seed, augment=None):
-  from ban_tf import distiller  # pylint: disable=g-import-not-at-top
-  from ban_tf import losses  # pylint: disable=g-import-not-at-top
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
+  from ban_tf import distiller  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import losses  # lazy: TensorFlow; bench's flag errors come before it
+  import keras  # lazy: TensorFlow; bench's flag errors come before it
 
   task = tasks.get(cfg.task)
   keras.utils.set_random_seed(seed)
@@ -208,8 +212,7 @@ def _build_distiller(cfg, dataset, teacher, steps_per_epoch, seed, augment=None)
 
 def _build_keras_baseline(cfg, dataset, steps_per_epoch):
   """The student under plain `compile(loss=...)`: Keras' own train_step."""
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
+  import keras  # lazy: TensorFlow; bench's flag errors come before it
 
   task = tasks.get(cfg.task)
   keras.utils.set_random_seed(cfg.seed)
@@ -299,8 +302,8 @@ def time_decode(dataset, cfg, reps, input_batches):
 
 def time_augment(images, indices, seed, mode, reps, steps):
   """Median images/s of `data.augment_batch` alone, compiled, on one batch (in-step cost)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import data  # lazy: TensorFlow; bench's flag errors come before it
 
   fn = tf.function(lambda x, i: tf.reduce_sum(data.augment_batch(x, i, seed, mode)))
   images, indices = tf.constant(images), tf.constant(indices)
@@ -329,15 +332,11 @@ def run(
   out=sys.stdout,
 ):
   """Runs the benchmark; prints a report and returns the figures as a dict."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ban_tf import data  # pylint: disable=g-import-not-at-top
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
-  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-  from ban_tf import main  # pylint: disable=g-import-not-at-top
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  import keras  # lazy: TensorFlow; bench's flag errors come before it
+  import tensorflow as tf  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import data  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import export  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import teacher as teacher_lib  # lazy: TensorFlow; bench's flag errors come before it
 
   def say(*a):
     print(*a, file=out, flush=True)
@@ -345,7 +344,7 @@ def run(
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING)  # tfds and SavedModel export log every file at INFO
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
-  strategy = main.make_strategy(cfg.num_cpu_devices)
+  strategy = main_lib.make_strategy(cfg.num_cpu_devices)
   if cfg.mixed_precision != "none":
     keras.mixed_precision.set_global_policy(
       "mixed_bfloat16" if cfg.mixed_precision == "bf16" else "mixed_float16"
@@ -560,8 +559,6 @@ class PhaseClock:
   @contextlib.contextmanager
   def wrap(self, owner, attr, name, before=None):
     """Times every call of owner.attr as `name` (calling `before(*args)` first) meanwhile."""
-    from unittest import mock  # pylint: disable=g-import-not-at-top
-
     original = getattr(owner, attr)
 
     def timed(*args, **kwargs):
@@ -605,16 +602,13 @@ def whole_run(cfg, out=sys.stdout):
   report (report.png, hparams), other. Returns the figures as a dict and ends with
   one machine-readable line.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ban_tf import data  # pylint: disable=g-import-not-at-top
-  from ban_tf import distiller  # pylint: disable=g-import-not-at-top
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
-  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-  from ban_tf import generations  # pylint: disable=g-import-not-at-top
-  from ban_tf import main  # pylint: disable=g-import-not-at-top
-  from ban_tf import report  # pylint: disable=g-import-not-at-top
-  from ban_tf import train  # pylint: disable=g-import-not-at-top
+  from ban_tf import data  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import distiller  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import export  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import teacher as teacher_lib  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import generations  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import report  # lazy: TensorFlow; bench's flag errors come before it
+  from ban_tf import train  # lazy: TensorFlow; bench's flag errors come before it
 
   startup = process_age_s()
   t0 = time.perf_counter()
@@ -644,7 +638,7 @@ def whole_run(cfg, out=sys.stdout):
       for p in patches:
         stack.enter_context(p)
       with contextlib.redirect_stdout(sys.stderr):  # the results table is not the report
-        main.run(cfg)
+        main_lib.run(cfg)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   run_s = time.perf_counter() - t0
@@ -682,9 +676,8 @@ def tfds_mock(num_examples):
 
   Mock data needs no download, so data.py's offline probe is bypassed meanwhile.
   """
-  from unittest import mock  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from ban_tf import data  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # lazy: tfds; bench's flag errors come before it
+  from ban_tf import data  # lazy: TensorFlow; bench's flag errors come before it
 
   with (
     mock.patch.object(data, "_online", return_value=True),
@@ -694,9 +687,6 @@ def tfds_mock(num_examples):
 
 
 def main(argv):
-  from ban_tf import errors  # pylint: disable=g-import-not-at-top
-  from ban_tf import main as main_lib  # pylint: disable=g-import-not-at-top
-
   if len(argv) > 1:
     main_lib._fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")  # pylint: disable=protected-access
   try:
@@ -704,7 +694,7 @@ def main(argv):
     if FLAGS.steps < 1 or FLAGS.reps < 1 or FLAGS.warmup < 0:
       raise errors.UsageError("--steps and --reps must be >= 1 and --warmup >= 0")
     shape = tuple(int(s) for s in FLAGS.image_shape)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # lazy: TensorFlow, once the flags above are checked
 
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
     tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)

@@ -20,7 +20,7 @@ from typing import Optional
 from ban_tf import archs
 from ban_tf import errors
 from ban_tf import layout
-from ban_tf import pretrained
+from ban_tf import checks
 from ban_tf import tasks
 
 TEACHER_OUTPUTS = ("logits", "probabilities")
@@ -245,7 +245,7 @@ class Config:
 
   def objective(self):
     """What a student generation optimises: the one resolved losses.Objective."""
-    from ban_tf import losses  # pylint: disable=g-import-not-at-top  (TensorFlow; not needed to validate)
+    from ban_tf import losses  # lazy: TensorFlow; validation runs before it loads
 
     return losses.Objective(
       loss=self.resolved_loss,
@@ -435,7 +435,7 @@ class Config:
 
     Pure Python. `{seed}` belongs in --teacher only, with --seeds >= 2; any other brace
     there is a malformed placeholder. Each seed run's path must exist unless that run
-    already imported it (it resumes from its gen_0 copy; pretrained.imported_into).
+    already imported it (it resumes from its gen_0 copy; checks.imported_into).
     Raises errors.UsageError naming the first path at fault.
     """
     for f in dataclasses.fields(self):
@@ -470,12 +470,12 @@ class Config:
             f"--teacher={path} is inside --run_dir={run_dir}, which --overwrite deletes: copy "
             "the teacher out of it first, or pass another --run_dir"
           )
-      if pretrained.imported_into(sub.run_dir, path):
+      if checks.imported_into(sub.run_dir, path):
         continue
       if self.teacher_per_seed and not os.path.exists(path):
         missing.append((sub.seed, path))
         continue
-      pretrained.check_path(path)
+      checks.check_path(path)
     if missing:
       raise errors.UsageError(self._missing_teachers(missing))
 

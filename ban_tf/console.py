@@ -26,7 +26,12 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 from absl import logging
+
+import ban_tf
+from ban_tf import results
 
 LOG_FILE = "log.txt"
 
@@ -50,15 +55,13 @@ def import_tensorflow(verbose):
   (ban_tf/__init__.py), so that TensorFlow prints what it prints.
   """
   if is_verbose(verbose):
-    import ban_tf  # pylint: disable=g-import-not-at-top
-
     ban_tf.uninstall_quiet_import()
     return
   if "tensorflow" in sys.modules:
     return
   with quiet_import():
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-    import keras  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import tensorflow  # lazy: this function is TensorFlow's quiet first import  # noqa: F401
+    import keras  # lazy: this function is TensorFlow's quiet first import  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -147,7 +150,7 @@ def quiet_logs(verbose):
   shows a warning as `warning: MESSAGE`, the form of the binary's `error: ...` lines.
   """
   global _session
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # lazy: TensorFlow; console is on main's TF-free flag path
 
   root = std_logging.getLogger()
   absl_handler = logging.get_absl_handler()
@@ -176,8 +179,6 @@ def quiet_logs(verbose):
 
 def _absl_flag(name):
   """The value of absl's own flag `name` (e.g. --logtostderr asks for every log line), or None."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   try:
     return flags.FLAGS[name].value if flags.FLAGS.is_parsed() else None
   except KeyError:
@@ -230,8 +231,6 @@ def run_app(main, **kwargs):
   ends the binary quietly, as it ends a C tool: exit code 141 (128 + SIGPIPE), no
   BrokenPipeError traceback. A training run stopped this way resumes like a killed one.
   """
-  from absl import app  # pylint: disable=g-import-not-at-top
-
   try:
     try:
       app.run(main, **kwargs)
@@ -294,8 +293,6 @@ def interrupted_line(exc=None) -> str:
 
 
 def _count(n, word):
-  from ban_tf import results  # pylint: disable=g-import-not-at-top
-
   return results.plural(n, word)
 
 
@@ -409,8 +406,6 @@ def summary_line(cfg, replicas, spec) -> str:
   """The one-line config summary (config.json holds every field)."""
   teacher = cfg.teacher_label  # the architecture, or "<file> (pretrained)" with --teacher
   arch = cfg.arch_for(1) if teacher == cfg.arch_for(1) else f"{teacher} -> {cfg.arch_for(1)}"
-  from ban_tf import results  # pylint: disable=g-import-not-at-top
-
   sizes = f"{spec.num_train}/{spec.num_val}/{spec.num_test} {spec.unit}"
   seeds = f"seeds {','.join(map(str, cfg.seed_list()))}" if cfg.seeds > 1 else f"seed {cfg.seed}"
   return (

@@ -31,6 +31,8 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
+from PIL import ImageOps
 
 from ban_tf import errors
 
@@ -588,7 +590,6 @@ def check_image(path):
   Raises:
     errors.DataError: one line naming the file and the fix.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
 
   def fail(why):
     raise errors.DataError(f"{path}: {why}: remove or replace it")
@@ -646,9 +647,6 @@ def _jpeg_ends(path, scan):
 def pil_pixels(path, channels):
   """uint8 [H, W, channels] pixels of an image file decoded by Pillow, EXIF orientation applied
   (what the folder pipeline uses for BMPs and rotated JPEGs)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
-
   with Image.open(path) as im:
     im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
     pixels = np.asarray(im, dtype=np.uint8)

@@ -20,6 +20,9 @@ import re
 import sys
 
 import numpy as np
+from absl import flags
+from PIL import Image
+from PIL import ImageOps
 
 from ban_tf import console
 
@@ -27,10 +30,14 @@ if __name__ == "__main__":  # the binary: TensorFlow's start-up noise stays off 
   console.import_tensorflow("auto")
 import tensorflow as tf  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ban_tf import config as config_lib  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import errors  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import export  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import layout  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import results as results_lib  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import rundir  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import tasks  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf.tasks import base  # noqa: E402  # pylint: disable=wrong-import-position
 
 SPLITS = ("test", "val")
 
@@ -64,8 +71,6 @@ def score(model, dataset, probabilities=False, stateful=False):
   Returns:
     {"loss": nats per label, "accuracy": fraction, "count": labels scored}.
   """
-  from ban_tf.tasks import base  # pylint: disable=g-import-not-at-top
-
   ce = correct = count = 0.0
   for out, y, w in base.serve_batches(model, dataset, stateful=stateful):
     log_p = base.log_probabilities(out, probabilities)
@@ -103,9 +108,6 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
   Raises:
     errors.UsageError: not a run directory, no such split, nothing exported.
   """
-  from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
   if split is not None and split not in SPLITS:
     raise errors.UsageError(
       f"--split={split}: use test or val (the training split is not evaluated)"
@@ -216,7 +218,7 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
       }
     )
   # Per-example outputs (predictions.py) of models finished before they were stored.
-  from ban_tf import report  # pylint: disable=g-import-not-at-top
+  from ban_tf import report  # lazy: report (matplotlib, SciPy: ~0.75 s CPU): --images needs none
 
   rows = {
     "generations": [g for g in out["generations"] if not g.get("damaged")],
@@ -236,12 +238,9 @@ def evaluate_run(run_dir, split=None, data_dir=None, batch_size=None):
 
 def table(evaluated):
   """The run's results table (results.table, the task's columns) of an evaluate_run result."""
-  from ban_tf import results  # pylint: disable=g-import-not-at-top
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
   task = tasks.get(evaluated.get("task", "image"))
   if evaluated["splits"] != ["val"]:
-    return results.table(evaluated, task.headline, task.extra_columns)
+    return results_lib.table(evaluated, task.headline, task.extra_columns)
 
   # Only the val split: it goes in the table's main column, and only there.
   def as_test(entry):
@@ -253,7 +252,7 @@ def table(evaluated):
     "generations": [as_test(g) for g in evaluated["generations"]],
     "ensembles": [as_test(e) for e in evaluated["ensembles"]],
   }
-  return results.table(as_results, task.headline).replace("Test ", "Val ")
+  return results_lib.table(as_results, task.headline).replace("Test ", "Val ")
 
 
 def differences(evaluated, results):
@@ -262,8 +261,6 @@ def differences(evaluated, results):
   Fields: {split}_accuracy and the task's headline and extra metrics (e.g.
   test_perplexity) of the evaluated splits.
   """
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
   task = tasks.get(evaluated.get("task", "image"))
   fields = [f"{s}_accuracy" for s in evaluated["splits"]]
   fields += [
@@ -321,7 +318,7 @@ def class_names(path, num_classes):
   ).config_path  # a run's gen_k/saved_model
   if os.path.exists(cfg_path):
     try:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      import tensorflow_datasets as tfds  # lazy: tfds (~0.4 s CPU): class names only
 
       cfg = export.read_json(cfg_path)
       names = list(
@@ -337,8 +334,6 @@ def class_names(path, num_classes):
 def load_image(path, shape):
   """Raw 0..255 float32 pixels of an image file, EXIF orientation applied, converted and
   resized to (H, W, C). Raises errors.UsageError (an unreadable or oversized file)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   if len(shape) != 3:  # a language model's [T] tokens, a flattened [H*W] vector, ...
     raise errors.UsageError(
       f"the model takes inputs of shape {tuple(shape)} per example, not images [H, W, C]: "
@@ -349,8 +344,6 @@ def load_image(path, shape):
     raise errors.UsageError(
       f"the model takes {c}-channel images: only 1 (grey) or 3 (RGB) are supported"
     )
-  from PIL import ImageOps  # pylint: disable=g-import-not-at-top
-
   try:
     with Image.open(path) as im:
       # Upright, as a photo viewer (and an --image_folder run, data.pil_pixels) reads it.
@@ -504,8 +497,6 @@ def main(argv, fv):
     for path, top in classify(fv.saved_model, fv.images, fv.top_k, outputs):
       print(f"{path}: " + ", ".join(f"{name} ({p:.3f})" for name, p in top))
     return
-  from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top
-
   evaluated = evaluate_run(fv.run_dir, fv.split or None, fv.data_dir, fv.batch_size)
   damaged = [e for e in evaluated["generations"] + evaluated["ensembles"] if e.get("damaged")]
   print(
@@ -549,8 +540,6 @@ def main(argv, fv):
 
 def define_flags(fv):
   """The binary's flags, on `fv` (absl FlagValues; tests pass a fresh one)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   d = lambda define, *a: define(*a, flag_values=fv)
   d(
     flags.DEFINE_string,
@@ -596,7 +585,6 @@ def cli(argv, fv):
 
 
 if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   define_flags(flags.FLAGS)

@@ -3,7 +3,7 @@
 The layout itself (what each file holds, who writes it, in which order) is described
 once, in rundir.py's docstring; rundir.py's handles are the only writers and readers.
 This leaf holds only the names and the pure-Python path arithmetic that the
-TensorFlow-free checks need too (pretrained.check_path, reached from Config.validate;
+TensorFlow-free checks need too (checks.check_path, reached from Config.validate;
 manifest.py). `tests/layout_test.py` keeps every other module from spelling a name.
 """
 

@@ -16,6 +16,13 @@ from absl import flags
 from absl import logging
 
 import ban_tf
+from ban_tf import archs
+from ban_tf import checks
+from ban_tf import config as config_lib
+from ban_tf import console
+from ban_tf import errors
+from ban_tf import flagfile
+from ban_tf import tasks
 
 FLAGS = flags.FLAGS
 
@@ -26,8 +33,6 @@ def define_flags(fv=FLAGS):
   One flag per config.Config field, with the field's name, type and default (the
   one source of defaults); only the help text is written here.
   """
-  from ban_tf import archs  # pylint: disable=g-import-not-at-top  (pure Python: the keras:NAME list)
-
   flags = _Definer(fv)
   # Data.
   flags.field("task", "[data] image (classification) or lm (word-level language modelling).")
@@ -269,8 +274,6 @@ class _Definer:
 
   def field(self, name, help_text):
     """The flag of config.Config's field `name`: its type and default come from the field."""
-    from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-
     f = {f.name: f for f in dataclasses.fields(config_lib.Config)}[name]
     default, kind = f.default, f.type
     if typing.get_origin(kind) is typing.Union:  # Optional[X]: an X flag whose default is None
@@ -289,8 +292,6 @@ class _Definer:
 
 def config_from_flags(fv):
   """config.Config.from_flags(fv): the Config of the parsed flags."""
-  from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-
   return config_lib.Config.from_flags(fv)
 
 
@@ -299,9 +300,8 @@ def make_strategy(num_cpu_devices=0, kind="auto"):
 
   kind="multi_worker" gives a MultiWorkerMirroredStrategy configured from TF_CONFIG.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ban_tf import cluster  # pylint: disable=g-import-not-at-top
-  from ban_tf import errors  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # lazy: TensorFlow; a bad flag errors before it loads
+  from ban_tf import cluster  # lazy: TensorFlow; a bad flag errors before it loads
 
   if kind == "multi_worker":
     if not os.environ.get("TF_CONFIG"):
@@ -343,13 +343,11 @@ def run(cfg):
   # Validate before importing TensorFlow: a bad flag is reported at once, cleanly.
   cfg.validate(num_replicas=max(cfg.num_cpu_devices, 1))
   cfg.check_paths()
-  from ban_tf import console  # pylint: disable=g-import-not-at-top
-
   console.import_tensorflow(
     cfg.verbose
   )  # before anything else loads it: its start-up noise goes to log.txt
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import keras  # lazy: loaded quietly just above, after validation
+  import tensorflow as tf  # lazy: loaded quietly just above, after validation
 
   with console.quiet_logs(cfg.verbose):
     return _run(cfg, console, keras, tf)
@@ -357,12 +355,10 @@ def run(cfg):
 
 def _run(cfg, console, keras, tf):
   """run() once TensorFlow is imported and the console quiet."""
-  from ban_tf import cluster  # pylint: disable=g-import-not-at-top
-  from ban_tf import errors  # pylint: disable=g-import-not-at-top
-  from ban_tf import generations  # pylint: disable=g-import-not-at-top
-  from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
-  from ban_tf import rundir  # pylint: disable=g-import-not-at-top
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+  from ban_tf import cluster  # lazy: TensorFlow; a bad flag errors before it loads
+  from ban_tf import generations  # lazy: TensorFlow; a bad flag errors before it loads
+  from ban_tf import pretrained  # lazy: TensorFlow; a bad flag errors before it loads
+  from ban_tf import rundir  # lazy: TensorFlow; a bad flag errors before it loads
 
   strategy = make_strategy(cfg.num_cpu_devices, cfg.strategy)
   cfg.validate(num_replicas=strategy.num_replicas_in_sync)
@@ -380,7 +376,7 @@ def _run(cfg, console, keras, tf):
   checked = set()  # before the run directory records them: a misfit changes nothing
   for sub in cfg.seed_runs():  # each seed's teacher ({seed}), or the one fixed teacher once
     path = sub.resolved_teacher
-    if path and path not in checked and not pretrained.imported_into(sub.run_dir, path):
+    if path and path not in checked and not checks.imported_into(sub.run_dir, path):
       pretrained.check_teacher(sub, spec)
       checked.add(path)
   # Multi-worker: only the chief writes run_dir; the others write a private temp dir
@@ -435,9 +431,6 @@ def _run(cfg, console, keras, tf):
 
 
 def main(argv):
-  from ban_tf import console  # pylint: disable=g-import-not-at-top
-  from ban_tf import errors  # pylint: disable=g-import-not-at-top
-
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
   try:
@@ -461,8 +454,6 @@ def _fail(msg):
 
 
 def _parse(argv):
-  from ban_tf import flagfile  # pylint: disable=g-import-not-at-top
-
   argv = [a if a != "--verbose" else "--verbose=1" for a in argv]  # a bare --verbose: details back
   argv = flagfile.resolve_argv(argv)  # --flagfile=flags/...: ban_tf's own, when not under the cwd
   if any(a in ("--help", "-help", "-h", "--helpshort", "-?") for a in argv[1:]):
@@ -476,7 +467,5 @@ def _parse(argv):
 
 
 if __name__ == "__main__":
-  from ban_tf import console  # pylint: disable=g-import-not-at-top
-
   define_flags()
   console.run_app(main, flags_parser=_parse)

@@ -30,6 +30,8 @@ import hashlib
 import json
 import os
 
+import numpy as np
+
 from ban_tf import errors
 from ban_tf import layout
 
@@ -95,8 +97,6 @@ def fingerprint_digest(saved_model):
   Raises:
     errors.TeacherError: no readable fingerprint.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top  (pretrained.py imports this module: stdlib only)
-
   fp = os.path.join(saved_model, FINGERPRINT_FILE)
   try:
     with np.load(fp) as data:
@@ -113,8 +113,6 @@ def fingerprint_digest(saved_model):
 
 def weights_digest(model):
   """sha256 (hex) of every weight of a Keras model (trainable and BatchNorm statistics), in layer order."""
-  import numpy as np  # pylint: disable=g-import-not-at-top  (pretrained.py imports this module: stdlib only)
-
   h = hashlib.sha256()
   for w in model.get_weights():
     h.update(np.ascontiguousarray(w).tobytes())

@@ -517,7 +517,7 @@ def imagenet_weights_file(arch: str, input_shape) -> tuple[str, str]:
   every application calls), which records the request and stops before any download.
   Costs one build of the backbone.
   """
-  from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top  (see above)
+  from keras.src.utils import file_utils  # lazy: Keras-private; only here
 
   spec = parse_arch(arch)
   seen = {}
@@ -542,7 +542,7 @@ def imagenet_weights_file(arch: str, input_shape) -> tuple[str, str]:
     file_utils.get_file = real
   if not seen:
     raise ValueError(f"{arch}: Keras Applications publish no ImageNet weights for it")
-  from keras.src.backend import config as keras_config  # pylint: disable=g-import-not-at-top
+  from keras.src.backend import config as keras_config  # lazy: Keras-private; only here
 
   home = os.path.expanduser(seen["dir"] or keras_config.keras_home())  # KERAS_HOME or ~/.keras
   if not os.access(home, os.W_OK):  # as get_file falls back

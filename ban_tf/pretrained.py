@@ -26,91 +26,31 @@ on every resume), `model.keras` where there is one, and `metrics.json` with its 
 the path and the sha256 of its bytes, so that a rerun whose --teacher file was
 replaced since is refused (`check_source`) instead of mixing two teachers in one run.
 
-Top-level imports are the standard library only: `Config.validate` calls `check_path`.
+What needs no TensorFlow (which form PATH is, whether a run already imported it, the
+source digest) is in checks.py, which `Config.validate` calls before TensorFlow loads.
 """
 
+import contextlib
 import functools
-import hashlib
 import math
 import os
+import time
 
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ban_tf import cluster
+from ban_tf import distiller as distiller_lib
 from ban_tf import errors
+from ban_tf import export
 from ban_tf import layout
 from ban_tf import manifest
-
-GENERATION, SAVED_MODEL, KERAS = "generation", "saved_model", "keras"
-SOURCE_KEY = (
-  "source"  # gen_0/metrics.json: {"path" (absolute), "given", "kind", "outputs", "sha256"}
-)
-
-
-def check_path(path):
-  """(kind, saved_model_dir or .keras path) of a --teacher PATH; pure Python.
-
-  Raises:
-    errors.UsageError: PATH does not exist, or is none of the accepted forms.
-  """
-  if not os.path.exists(path):
-    raise errors.UsageError(f"--teacher={path}: no such file or directory")
-  if os.path.isfile(path):
-    if path.endswith(".keras"):
-      return KERAS, path
-    raise errors.UsageError(
-      f"--teacher={path}: a file must be a .keras model; pass a SavedModel "
-      "or a ban_tf generation directory as its directory"
-    )
-  inner = os.path.join(path, layout.SAVED_MODEL)
-  if os.path.exists(os.path.join(inner, layout.SAVED_MODEL_PB)):
-    return GENERATION, inner
-  if os.path.exists(os.path.join(path, layout.SAVED_MODEL_PB)):
-    return SAVED_MODEL, path
-  raise errors.UsageError(
-    f"--teacher={path}: holds neither saved_model.pb nor saved_model/ (a ban_tf gen_k/ "
-    "directory): pass a SavedModel directory, a generation directory or a .keras file"
-  )
-
-
-def imported_into(run_dir, path):
-  """Whether a run directory (or one of its seed_S/ runs) already holds `path` as its gen_0.
-
-  Such a run resumes without the file: its gen_0/ holds the copy the students learned from.
-  `path` matches the absolute path recorded, or the --teacher text as given (a relative
-  path rerun from another directory, where it names nothing or, if it names a file,
-  `check_source` compares its bytes).
-  """
-  import glob  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-
-  gen0 = layout.model_name(0)
-  for gen_dir in [os.path.join(run_dir, gen0)] + glob.glob(
-    os.path.join(run_dir, layout.numbered(layout.SEED, "*"), gen0)
-  ):
-    metrics = os.path.join(gen_dir, layout.METRICS)
-    if os.path.exists(os.path.join(gen_dir, layout.DONE)) and os.path.exists(metrics):
-      with open(metrics) as f:
-        source = json.load(f).get(SOURCE_KEY) or {}
-        if source.get("path") == os.path.abspath(path) or source.get("given") == path:
-          return True
-  return False
-
-
-def source_sha256(path):
-  """sha256 over a file's bytes, or a directory's files (relative names and bytes, sorted)."""
-  h = hashlib.sha256()
-  if os.path.isfile(path):
-    files = [(os.path.basename(path), path)]
-  else:
-    files = sorted(
-      (os.path.relpath(os.path.join(d, f), path), os.path.join(d, f))
-      for d, _, names in os.walk(path)
-      for f in names
-    )
-  for rel, full in files:
-    h.update(rel.encode() + b"\0")
-    with open(full, "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
-  return h.hexdigest()
+from ban_tf import models
+from ban_tf import tasks
+from ban_tf import teacher as teacher_lib
+from ban_tf.checks import GENERATION, KERAS, SAVED_MODEL, SOURCE_KEY, check_path, source_sha256
 
 
 def check_source(cfg, gen_dir):
@@ -120,8 +60,6 @@ def check_source(cfg, gen_dir):
   bytes changed, or another path, is not: the students trained so far learned from
   the old one. Raises errors.TeacherError (one line, naming the fix).
   """
-  from ban_tf import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
-
   metrics_path = os.path.join(gen_dir, layout.METRICS)
   recorded = (
     export.read_json(metrics_path).get(SOURCE_KEY) if os.path.exists(metrics_path) else None
@@ -208,8 +146,6 @@ def _check_input(path, shape, spec):
 
 
 def _check_outputs(path, out, spec, outputs):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   if not spec.matches_outputs(out.shape):
     raise _fail(
       path,
@@ -243,9 +179,6 @@ def _check_outputs(path, out, spec, outputs):
 
 def _adapter(path, kind, src, spec, outputs):
   """(keras.Model from the data set's inputs to float32 logits, its .keras model or None, facts)."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
 
   def log_probs(p):
     return teacher_lib.log_probabilities(keras.ops.cast(p, "float32"))
@@ -306,17 +239,12 @@ def _param_count(fn):
   The signature's own variables: a tf.Module saved with tf.saved_model.save has no
   `variables` attribute, and a Keras export's also lists BatchNorm moving statistics.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   variables = fn.trainable_variables or fn.variables
   return int(sum(int(tf.size(v)) for v in variables))
 
 
 def _check_generation(cfg, src, spec):
   """A ban_tf generation's SavedModel: its own fingerprint, input and outputs; its metrics' facts."""
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   try:
     out = export.verify_saved_model(src)
     loaded = tf.saved_model.load(src)
@@ -346,8 +274,6 @@ def _check_generation(cfg, src, spec):
       f"serves no '{export.BOTH}' endpoint (a model without a features layer, or exported "
       "by an older ban_tf), which --feature_weight reads: drop --feature_weight",
     )
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
   tasks.get(cfg.task).carry(cfg).check_generation_teacher(
     loaded, lambda what: _fail(cfg.resolved_teacher, what)
   )
@@ -401,8 +327,6 @@ def check_teacher(cfg, spec):
   Raises:
     errors.TeacherError: a model that cannot be read or does not fit the data set.
   """
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
-
   kind, src = check_path(cfg.resolved_teacher)
   # A ban_tf SavedModel has its fingerprint (or, damaged, still its generation's metrics.json);
   # a plain SavedModel that merely sits in a saved_model/ folder is read like any other.
@@ -414,8 +338,6 @@ def check_teacher(cfg, spec):
     facts = _check_generation(cfg, src, spec)
     _check_teacher_arch(cfg, facts)
     return Checked(GENERATION, src, facts)
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
   # A model from elsewhere has no serve_stateful endpoint: refused where state is carried.
   tasks.get(cfg.task).carry(cfg).check_foreign_teacher(
     lambda what: _fail(cfg.resolved_teacher, what)
@@ -428,8 +350,6 @@ def check_teacher(cfg, spec):
     )
   model, keras_model, facts = _adapter(cfg.resolved_teacher, kind, src, spec, cfg.teacher_outputs)
   if cfg.share_stem_head:
-    from ban_tf import models  # pylint: disable=g-import-not-at-top
-
     names = {layer.name for layer in keras_model.layers} if keras_model is not None else set()
     if not set(models.SHARED_LAYERS) <= names:
       what = (
@@ -483,15 +403,6 @@ def import_teacher(cfg, strategy, dataset, out):
   Raises:
     errors.TeacherError: a model that cannot be read or does not fit the data set.
   """
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ban_tf import cluster  # pylint: disable=g-import-not-at-top
-  from ban_tf import distiller as distiller_lib  # pylint: disable=g-import-not-at-top
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
-
   t0 = time.time()
   task = tasks.get(cfg.task)
   spec = task.spec(dataset)

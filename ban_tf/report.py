@@ -27,14 +27,17 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ban_tf import checks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import export  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import layout  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import manifest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import predictions  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ban_tf import pretrained  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import results as results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ban_tf import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -315,8 +318,6 @@ def teacher_id(run):
   """The run's generation 0 as a model: its manifest's fingerprint_sha256 (what the SavedModel
   computes; a --teacher copy of a generation has its source's), else metrics.json's
   weights_sha256; None when neither is recorded (then it is not matched across runs)."""
-  from ban_tf import manifest  # pylint: disable=g-import-not-at-top
-
   try:
     entry = manifest.read(run.path).get(layout.model_name(0), {})
   except errors.UsageError:
@@ -396,7 +397,7 @@ def teacher_sharing(runs):
       m = export.read_json(os.path.join(r.path, layout.model_name(0), layout.METRICS))
     except (OSError, ValueError):
       m = {}
-    src = m.get(pretrained.SOURCE_KEY) if isinstance(m, dict) else None
+    src = m.get(checks.SOURCE_KEY) if isinstance(m, dict) else None
     sources.append(src.get("sha256") if isinstance(src, dict) else None)
   n = len(runs)
   if n > 1 and sources[0] is not None and len(set(sources)) == 1:
@@ -941,9 +942,6 @@ def experiment_config(names, metrics):
   """The serialized hparams experiment summary (hp.hparams_config_pb) with SHOWN_HPARAMS marked
   `differs` (they do differ between the sessions of a run), so the HParams table shows them
   without checking their boxes."""
-  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
-  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
-
   pb = hp.hparams_config_pb(
     hparams=[hp.HParam(n) for n in names],
     metrics=[hp.Metric(m, display_name=m) for m in metrics],
@@ -977,8 +975,6 @@ def write_series(logdir, metric, points, text=None):
       "ignore outliers" trims them, not the estimates).
     text: markdown written to <logdir>/generations as the text summary `results` (step 0).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   for name in SERIES_DIRS:
     for suffix in ("", "_ci95_low", "_ci95_high"):
       shutil.rmtree(os.path.join(logdir, name + suffix), ignore_errors=True)
@@ -1032,8 +1028,6 @@ def write_comparison_summary(out_dir, rows, groups, task, text):
   `comparison`, step 0), and per compared run the rows as series over the generation index
   (tb/<run label>/generations, ...: `write_series`, the shared Teacher at step 0 of each;
   over several seeds the mean), so the runs' lines overlay in one chart."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   root = os.path.join(out_dir, layout.TENSORBOARD)
   logdir = os.path.join(root, "comparison")
   shutil.rmtree(logdir, ignore_errors=True)
@@ -1070,9 +1064,6 @@ def write_hparams(run):
   test and validation scalars the generation's run already holds (written here
   for ensembles). Files this function wrote before are replaced.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
-
   task = task_of([run])
   metrics = _metrics(task)
   names = (
@@ -1224,8 +1215,6 @@ def comparison_title(groups, task):
 
 def _write_comparison(groups, task, out_dir, hparams):
   """results.md, results.json and report.png of a comparison (write_report with several experiments)."""
-  from ban_tf import stats  # pylint: disable=g-import-not-at-top
-
   _check_comparison_out_dir(out_dir)
   group_labels(groups)
   rows = compare(groups, task)

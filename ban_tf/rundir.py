@@ -66,6 +66,7 @@ import socket
 
 from absl import logging
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
 from ban_tf import errors
 from ban_tf import export
@@ -764,8 +765,6 @@ def truncate_tensorboard(logdir, last_epoch):
   every record whose step is <= last_epoch, test/* left out. Hparams files
   (report.py) are left alone.
   """
-  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top  (TF's proto, only here)
-
   files = sorted(
     f
     for f in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*"))

@@ -263,7 +263,7 @@ def _read_ptb(ptb_dir):
 
 
 def _read_tfds(name, data_dir):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # lazy: tfds (~0.4 s CPU): --dataset=ptb reads text files
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)

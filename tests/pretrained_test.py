@@ -226,17 +226,17 @@ def test_overwrite_never_deletes_the_teacher(tmp_path):
 
 
 def test_content_digest_sees_every_byte_and_name(tmp_path):
-  from ban_tf import pretrained  # pylint: disable=g-import-not-at-top
+  from ban_tf import checks  # pylint: disable=g-import-not-at-top
 
   d = tmp_path / "sm"
   (d / "variables").mkdir(parents=True)
   (d / "saved_model.pb").write_bytes(b"graph")
   (d / "variables" / "v").write_bytes(b"1234")
-  first = pretrained.source_sha256(str(d))
+  first = checks.source_sha256(str(d))
   (d / "variables" / "v").write_bytes(b"1235")
-  second = pretrained.source_sha256(str(d))
+  second = checks.source_sha256(str(d))
   (d / "variables" / "v").rename(d / "variables" / "w")
-  assert len({first, second, pretrained.source_sha256(str(d))}) == 3
+  assert len({first, second, checks.source_sha256(str(d))}) == 3
 
 
 # ---- end to end ---------------------------------------------------------------------

@@ -15,10 +15,10 @@ import shutil
 
 import pytest
 
+from ban_tf import checks
 from ban_tf import config as config_lib
 from ban_tf import errors
 from ban_tf import export
-from ban_tf import pretrained
 from tests.conftest import SHARED_TFDS
 from tests.conftest import run_main
 
@@ -40,17 +40,17 @@ _ARGS = [
 
 
 def _fake_generation(path):
-  """A directory pretrained.check_path takes for a ban_tf generation (nothing is loaded)."""
+  """A directory checks.check_path takes for a ban_tf generation (nothing is loaded)."""
   os.makedirs(os.path.join(path, "saved_model"), exist_ok=True)
   open(os.path.join(path, "saved_model", "saved_model.pb"), "w").close()
 
 
 def _fake_import(run_dir, teacher):
-  """run_dir/gen_0 as a finished import of `teacher` (what pretrained.imported_into reads)."""
+  """run_dir/gen_0 as a finished import of `teacher` (what checks.imported_into reads)."""
   gen0 = os.path.join(run_dir, "gen_0")
   os.makedirs(gen0)
   with open(os.path.join(gen0, "metrics.json"), "w") as f:
-    json.dump({pretrained.SOURCE_KEY: {"path": os.path.abspath(teacher), "given": teacher}}, f)
+    json.dump({checks.SOURCE_KEY: {"path": os.path.abspath(teacher), "given": teacher}}, f)
   open(os.path.join(gen0, "DONE"), "w").close()
 
 
@@ -252,7 +252,7 @@ def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, c
     src = _source(students, seed)
     own = os.path.join(teacher_seeds, f"seed_{seed}", "gen_0")
     assert src["path"] == os.path.abspath(own) and src["given"] == own  # the resolved path
-    assert src["sha256"] == pretrained.source_sha256(os.path.join(own, "saved_model"))
+    assert src["sha256"] == checks.source_sha256(os.path.join(own, "saved_model"))
     sha[seed] = src["sha256"]
     # config.json keeps the placeholder (every seed run the same experiment as the parent's).
     with open(os.path.join(students, f"seed_{seed}", "config.json")) as f:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ban_tf import errors
 from ban_tf import layout
+from ban_tf import predictions
 from ban_tf import results
 
 
@@ -52,7 +53,7 @@ class DataSpec:
 
   def example_inputs(self, n=4):
     """A fixed pseudo-random input batch (the SavedModel fingerprint's)."""
-    from ban_tf import export  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from ban_tf import export  # lazy: TensorFlow; config validation imports tasks
 
     tokens = self.input_high if self.input_dtype.startswith("int") else None
     return export.fingerprint_inputs(self.input_shape, n=n, num_tokens=tokens)
@@ -125,7 +126,7 @@ class Task:
     """`model` with stock Keras layers only: what model.keras holds, so that plain
     Keras loads it without importing ban_tf and gets the same outputs. Default: the
     fused BatchNormalization layers replaced (models.to_stock)."""
-    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    from ban_tf import models  # lazy: TensorFlow; config validation imports tasks
 
     return models.to_stock(model) if models.has_fused_layers(model) else model
 
@@ -133,7 +134,7 @@ class Task:
     """What the models do with their state between batches (carry.py): carry.Reset()
     (nothing carried) unless the task says otherwise. Generic code calls it; it never
     asks the task which mode it is in."""
-    from ban_tf import carry  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from ban_tf import carry  # lazy: TensorFlow; config validation imports tasks
 
     return carry.Reset()
 
@@ -216,8 +217,7 @@ class Task:
     Raises:
       errors.UsageError: the SavedModel cannot be loaded (evaluate.load's message).
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from ban_tf import predictions  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # lazy: TensorFlow; config validation imports tasks
 
     saved = os.path.join(model_dir, layout.SAVED_MODEL)
     if not os.path.exists(os.path.join(saved, layout.SAVED_MODEL_PB)):
@@ -252,8 +252,8 @@ def serve_batches(model, batches, *, stateful=False):
   batches are consecutive windows of the same rows, --lm_state=carry); else `serve`.
   Used by evaluate.score and the tasks' `per_example`, so both score alike.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ban_tf import export  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # lazy: TensorFlow; config validation imports tasks
+  from ban_tf import export  # lazy: TensorFlow; config validation imports tasks
 
   state = None
   for batch in batches:

@@ -4,6 +4,8 @@ Outputs are class logits [N, C]; the headline metric is the final-epoch top-1 te
 error (%), as in the paper's Tables 1-5. SavedModels carry labels.txt (class names).
 """
 
+import os
+
 import numpy as np
 
 from ban_tf import archs
@@ -63,8 +65,7 @@ _LM_FLAGS = (
 
 def _check_imagenet_file(arch, image_shape):
   """errors.UsageError naming where Keras looks, unless `arch`'s ImageNet weights are there."""
-  import os  # pylint: disable=g-import-not-at-top
-  from ban_tf import models  # pylint: disable=g-import-not-at-top
+  from ban_tf import models  # lazy: TensorFlow; config validation imports tasks
 
   try:
     path, url = models.imagenet_weights_file(arch, image_shape)
@@ -139,7 +140,7 @@ class ImageClassification(base.Task):
     _check_widths(cfg)
 
   def load_data(self, cfg):
-    from ban_tf import data  # pylint: disable=g-import-not-at-top
+    from ban_tf import data  # lazy: TensorFlow; config validation imports tasks
 
     dataset = data.Dataset.from_config(cfg)
     # Before any training: a keras:NAME's minimum size, and its ImageNet weights on disk.
@@ -171,7 +172,7 @@ class ImageClassification(base.Task):
     )
 
   def build_model(self, arch, dataset, *, dropout, name, init_weights=None):
-    from ban_tf import models  # pylint: disable=g-import-not-at-top
+    from ban_tf import models  # lazy: TensorFlow; config validation imports tasks
 
     info = dataset.info
     try:
@@ -203,8 +204,8 @@ class ImageClassification(base.Task):
     A milestone is rounded to a whole epoch, never epoch 0: with --epochs=1 the default
     0.3 would round to 0 and the first epoch would never see --lr.
     """
-    import keras  # pylint: disable=g-import-not-at-top
-    from ban_tf import schedules  # pylint: disable=g-import-not-at-top
+    import keras  # lazy: TensorFlow; config validation imports tasks
+    from ban_tf import schedules  # lazy: TensorFlow; config validation imports tasks
 
     warmup = cfg.warmup_epochs * steps_per_epoch
     if cfg.lr_schedule == "cosine":  # Keras' own: linear warm-up 0 -> lr, then cosine to 0
@@ -258,7 +259,7 @@ class ImageClassification(base.Task):
 
   def compare(self, row, ref, *, seed=0):
     """Δ top-1 error (percentage points): paired bootstrap over examples + exact McNemar."""
-    from ban_tf import stats  # pylint: disable=g-import-not-at-top
+    from ban_tf import stats  # lazy: SciPy (~1 s CPU); config validation imports tasks
 
     if not np.array_equal(row["labels"], ref["labels"]):
       raise ValueError("the two models were not scored on the same examples (labels differ)")

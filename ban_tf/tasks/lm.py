@@ -133,7 +133,7 @@ class LanguageModel(base.Task):
     )
 
   def load_data(self, cfg):
-    from ban_tf import text_data  # pylint: disable=g-import-not-at-top
+    from ban_tf import text_data  # lazy: TensorFlow; config validation imports tasks
 
     return text_data.TextDataset(
       cfg.dataset,
@@ -166,12 +166,12 @@ class LanguageModel(base.Task):
 
   def build_model(self, arch, dataset, *, dropout, name, init_weights=None):
     del init_weights  # image backbones only (Config.validate)
-    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    from ban_tf import lm_models  # lazy: TensorFlow; config validation imports tasks
 
     return lm_models.build_model(arch, dataset.info.vocab, dropout=dropout, name=name)
 
   def stateful_model(self, model):
-    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    from ban_tf import lm_models  # lazy: TensorFlow; config validation imports tasks
 
     try:
       return lm_models.stateful(model)
@@ -180,28 +180,28 @@ class LanguageModel(base.Task):
 
   def stock_model(self, model):
     """Tied embedding / character CNN as stock layers (lm_models.to_stock)."""
-    from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
+    from ban_tf import lm_models  # lazy: TensorFlow; config validation imports tasks
 
     return lm_models.to_stock(model)
 
   def carry(self, cfg):
     """--lm_state=carry: the student and the teacher (its `serve_stateful`) carry their
     state across windows, and evaluation runs over streams; reset: nothing carried."""
-    from ban_tf import carry  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    from ban_tf import carry  # lazy: TensorFlow; config validation imports tasks
 
     return carry.Carry(self.stateful_model) if cfg.lm_state == "carry" else carry.Reset()
 
   def make_optimizer(self, cfg, steps_per_epoch):
     """SGD with a constant rate that `callbacks` drive; gradient clipping is in the Distiller."""
     del steps_per_epoch
-    import keras  # pylint: disable=g-import-not-at-top
+    import keras  # lazy: TensorFlow; config validation imports tasks
 
     return keras.optimizers.SGD(
       learning_rate=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
     )
 
   def callbacks(self, cfg, history, optimizer):
-    from ban_tf import schedules  # pylint: disable=g-import-not-at-top
+    from ban_tf import schedules  # lazy: TensorFlow; config validation imports tasks
 
     return [
       schedules.PlateauDecay(
@@ -259,7 +259,7 @@ class LanguageModel(base.Task):
 
   def compare(self, row, ref, *, seed=0):
     """Δ perplexity: paired bootstrap over sentences + sign-flip randomization test."""
-    from ban_tf import stats  # pylint: disable=g-import-not-at-top
+    from ban_tf import stats  # lazy: SciPy (~1 s CPU); config validation imports tasks
 
     if not (
       np.array_equal(row["labels"], ref["labels"])
