@@ -34,6 +34,7 @@ from ban_tf import config as config_lib  # noqa: E402  # pylint: disable=wrong-i
 from ban_tf import errors  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import export  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import layout  # noqa: E402  # pylint: disable=wrong-import-position
+from ban_tf import report  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import results as results_lib  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import rundir  # noqa: E402  # pylint: disable=wrong-import-position
 from ban_tf import tasks  # noqa: E402  # pylint: disable=wrong-import-position
@@ -504,8 +505,6 @@ def main(argv, fv):
     f"{results_lib.plural(len(evaluated['generations']), 'generation')} and "
     f"{results_lib.plural(len(evaluated['ensembles']), 'ensemble')} reloaded from their SavedModels\n"
   )
-  from ban_tf import report  # pylint: disable=g-import-not-at-top
-
   print(table(evaluated) + report.comparisons_note(evaluated))
   if evaluated.get("predictions_computed"):
     print(

@@ -6,6 +6,7 @@ and Bazel refuses cycles, and a lazy import that closes a cycle is still one.
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -100,10 +101,100 @@ def test_validation_imports_no_tensorflow():
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+LAZY = re.compile(r"#\s*lazy:\s*\S.{7,}")  # `# lazy: <why this import is not at the top>`
+
+
+def unexplained_lazy_imports(source, name="<source>"):
+  """["name:line: import ..."] of the imports inside a function whose lines carry no
+  `# lazy: <reason>` comment (a function-local import must buy something: say what)."""
+  lines = source.splitlines()
+  found = []
+  for fn in ast.walk(ast.parse(source, name)):
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(fn):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+          text = lines[node.lineno - 1 : node.end_lineno]
+          if not any(LAZY.search(line) for line in text):
+            found.append(f"{name}:{node.lineno}: {text[0].strip()}")
+  return sorted(set(found))
+
+
+def test_unexplained_lazy_imports_finds_one():
+  src = (
+    "import os\n"
+    "def f():\n"
+    "  import json\n"
+    "  import numpy as np  # lazy: NumPy off the flag path\n"
+    "  def g():\n"
+    "    from a import b  # pylint: disable=g-import-not-at-top\n"
+    "  return os, json, np\n"
+  )
+  assert unexplained_lazy_imports(src, "m.py") == [
+    "m.py:3: import json",
+    "m.py:6: from a import b  # pylint: disable=g-import-not-at-top",
+  ]
+
+
+def test_every_function_local_import_says_why():
+  """Imports belong at the top; one inside a function must give its reason on its line.
+
+  The reasons that hold: TensorFlow, tfds or SciPy kept off a path that must stay light
+  (flag errors in main and bench, Config validation and the tasks it imports, `import
+  ban_tf`), and Keras-private paths kept to the one function that needs them.
+  """
+  found = []
+  for path in sorted(_modules().values()):
+    found += unexplained_lazy_imports(open(path).read(), os.path.relpath(path, REPO))
+  assert not found, "add '# lazy: <reason>' or move to the top:\n" + "\n".join(found)
+
+
+def test_checks_module_is_light():
+  """checks.py (what runs before TensorFlow loads) imports only the standard library and leaves."""
+  assert import_graph()["ban_tf.checks"] <= {"ban_tf.errors", "ban_tf.layout"}
+  heavy = {"tensorflow", "keras", "numpy", "tensorflow_datasets", "matplotlib", "scipy"}
+  assert not _imported_modules(os.path.join(PKG, "checks.py")) & heavy
+
+
+def test_bad_paths_and_flags_fail_without_tensorflow(tmp_path):
+  """main.run's and bench's usage errors (a --teacher path, a bad flag) come before
+  TensorFlow, tfds, matplotlib or SciPy load: one `error:` line in well under a second."""
+  code = f"""
+import sys
+from absl import flags
+from ban_tf import bench, errors, main
+fv = flags.FlagValues()
+main.define_flags(fv)
+for argv in (["--teacher={tmp_path}/none"], ["--teacher={tmp_path}"], ["--epochs=0"]):
+  fv.unparse_flags()
+  fv(["main", "--run_dir={tmp_path}/run"] + argv)
+  try:
+    main.run(main.config_from_flags(fv))
+    raise AssertionError(argv)
+  except errors.UsageError as e:
+    print(e)
+bench.define_flags()
+bench.FLAGS(["bench", "--steps=0"])
+try:
+  bench.main(["bench"])
+except SystemExit as e:
+  assert e.code == 2, e.code
+heavy = sorted(m for m in sys.modules
+               if m.split(".")[0] in ("tensorflow", "keras", "tensorflow_datasets", "matplotlib", "scipy"))
+assert not heavy, heavy[:5]
+"""
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout.splitlines()
+  assert out[0] == f"--teacher={tmp_path}/none: no such file or directory", out
+  assert out[1].startswith(f"--teacher={tmp_path}: holds neither saved_model.pb"), out
+  assert out[2].startswith("--epochs=0: must be >= 1"), out
+  assert "error: --steps and --reps must be >= 1" in proc.stderr, proc.stderr
+
+
 def _build_libraries():
   """{target: (srcs, deps)} of BUILD's py_library rules (deps: local ":name" labels only)."""
-  import re  # pylint: disable=g-import-not-at-top
-
   text = open(os.path.join(REPO, "BUILD")).read()
   out = {}
   for block in re.findall(r"py_library\((.*?)\n\)", text, re.S):
@@ -199,8 +290,6 @@ def test_build_test_targets_reach_every_module_they_import():
   Bazel runs a test with only its deps' files: a missing dep fails there (after ~10
   minutes of CI) while pytest passes. This finds it in a second.
   """
-  import re  # pylint: disable=g-import-not-at-top
-
   text = open(os.path.join(REPO, "BUILD")).read()
   libs = _build_libraries()
   target_of = _target_of(libs)

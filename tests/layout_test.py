@@ -21,7 +21,7 @@ PREFIXES = ("gen_", "ensemble_", "seed_")
 
 # (module, literal): why it may stay there.
 ALLOWED = {
-  ("pretrained", "saved_model"): "a --teacher kind (metrics.json source.kind), not a path",
+  ("checks", "saved_model"): "a --teacher kind (metrics.json source.kind), not a path",
   ("evaluate", "saved_model"): "the --saved_model flag's name",
 }
 
