@@ -466,8 +466,7 @@ def build_keras_application(
       include_top=False,
       pooling="avg",
       input_shape=(h, w, 3),
-      name=BACKBONE,
-    )
+    )  # no name=: EfficientNetV2's constructors read it as their block table's key
   except (ValueError, OSError) as e:
     if not init_weights:
       raise
@@ -476,6 +475,7 @@ def build_keras_application(
       f"--init_weights={init_weights} does not fit {arch}'s backbone ({first}): pass the "
       f"weights of keras.applications.{spec['application']}(include_top=False)"
     ) from None
+  backbone.name = BACKBONE
   backbone = _fused(backbone)
   x = backbone(x)
   if spec["last_point"]:
