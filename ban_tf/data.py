@@ -26,6 +26,11 @@ The Inception-style random-resized crop (`augment="inception"`) draws its crop w
 on the host on either path (`inception_window`, a few integers per example); the pixel
 work (crop, resize, flip: `crop_resize_flip`) is integer arithmetic, so it is the same
 bits on the host and in the step on any device (tests/inception_test.py).
+
+Memory: a split whose decoded pixels fit in _CACHE_BYTES is cached in memory after its
+first pass; a larger one (ImageNet at 224x224: ~193 GB) is read and decoded from its
+files on every pass, and its training shuffle buffer holds at most _STREAM_SHUFFLE_BYTES
+of pixels (`shuffle_buffer`). Either way the order is a function of (seed, epoch).
 """
 
 import dataclasses
@@ -44,6 +49,13 @@ from ban_tf import errors
 AUTOTUNE = tf.data.AUTOTUNE
 _STATS_EXAMPLES = 10000  # training examples used for the per-channel mean/std
 _SHUFFLE_BUFFER = 100000
+# Splits whose decoded pixels exceed this are streamed from their files every epoch
+# instead of being cached in memory (CIFAR-10: 153 MB; imagenette at 160 px: 0.7 GB).
+_CACHE_BYTES = 4 << 30
+# A streamed training split's shuffle buffer: at most this many bytes of pixels (7,133
+# ImageNet images at 224x224x3). tfds writes its records in a shuffled order and a
+# folder's files are put in a pseudo-random one, so a window of the stream suffices.
+_STREAM_SHUFFLE_BYTES = 1 << 30
 # Where tfds downloads most data sets from; checked before a download is tried, so
 # an offline machine fails in seconds instead of retrying for minutes.
 _DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
@@ -207,14 +219,16 @@ class Dataset:
     """
     n = self.info.num_train
     steps = self.steps_per_epoch(batch_size)
-    base = self._train_src.take(n).cache()
+    base = self._train_src.take(n)
+    cached, buffer = shuffle_buffer(n, self._example_bytes(self._train_src))
+    base = base.cache() if cached else base
     h, w, _ = self.info.image_shape
     per_epoch = steps * batch_size
 
     def shuffled(epoch):  # a Python-int seed per epoch: order depends on (seed, epoch) only
-      return base.shuffle(
-        min(n, _SHUFFLE_BUFFER), seed=seed * 1000003 + epoch, reshuffle_each_iteration=False
-      ).take(per_epoch)
+      return base.shuffle(buffer, seed=seed * 1000003 + epoch, reshuffle_each_iteration=False).take(
+        per_epoch
+      )
 
     ds = shuffled(first_epoch)
     for epoch in range(first_epoch + 1, epochs):
@@ -246,6 +260,10 @@ class Dataset:
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _distributable(ds.prefetch(AUTOTUNE)), steps
+
+  def _example_bytes(self, src):
+    """Bytes of one decoded example's pixels, as stored (image_shape x the dtype's size)."""
+    return int(np.prod(self.info.image_shape)) * src.element_spec[0].dtype.size
 
   def train_source(self):
     """The training examples as read and decoded, in their fixed order: (uint8 image
@@ -284,15 +302,34 @@ class Dataset:
         tf.constant(0.0),
       )
       ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-    ds = (
-      ds.cache()
-      .batch(batch_size)
-      .map(lambda x, y, w: (tf.cast(x, tf.float32), y, w), num_parallel_calls=AUTOTUNE)
+    if n * self._example_bytes(src) <= _CACHE_BYTES:  # else read from the files each time
+      ds = ds.cache()
+    ds = ds.batch(batch_size).map(
+      lambda x, y, w: (tf.cast(x, tf.float32), y, w), num_parallel_calls=AUTOTUNE
     )
     return _distributable(ds.prefetch(AUTOTUNE))
 
   def test_labels(self):
     return np.concatenate([y.numpy() for _, y in self._test_src.batch(4096)])
+
+
+def shuffle_buffer(num_examples, example_bytes):
+  """Whether a training split is cached in memory, and its shuffle buffer (examples).
+
+  A split of at most _CACHE_BYTES of pixels is cached and shuffled in a buffer of up to
+  _SHUFFLE_BUFFER examples (the whole of any CIFAR-sized set); a larger one is streamed
+  from its files every epoch through a buffer of at most _STREAM_SHUFFLE_BYTES.
+
+  Args:
+    num_examples: the training examples (int).
+    example_bytes: one example's decoded pixels in bytes (int).
+  Returns:
+    (cached: bool, buffer: int >= 1).
+  """
+  buffer = min(num_examples, _SHUFFLE_BUFFER)
+  if num_examples * example_bytes <= _CACHE_BYTES:
+    return True, buffer
+  return False, max(1, min(buffer, _STREAM_SHUFFLE_BYTES // example_bytes))
 
 
 def augment_image(image, seed, mode, size, pad=4):
@@ -366,6 +403,26 @@ def inception_window(seed, size):
   )
   flip = tf.random.stateless_uniform([], seed=seed + [0, _FLIP_SEED_OFFSET]) < 0.5
   return tf.cast(tf.concat([begin[:2], extent[:2], tf.cast(flip, tf.int32)[None]], 0), tf.int64)
+
+
+def augment_keys(seed, indices, mode, size):
+  """The keys `augment_batch` takes for examples of these global indices.
+
+  Args:
+    seed: the run's seed (int). indices: int64 [B]. mode: an --augment mode.
+    size: (H, W) of the stored images.
+  Returns:
+    int64 [B] (the indices themselves), or with inception int64 [B, 5], each index's
+    `inception_window`, as `Dataset.train(device_augment=True)` sends them.
+  """
+  indices = tf.cast(indices, tf.int64)
+  if mode != "inception":
+    return indices
+  return tf.map_fn(
+    lambda i: inception_window(tf.stack([tf.constant(seed, tf.int64), i]), size),
+    indices,
+    fn_output_signature=tf.int64,
+  )
 
 
 def _axis_taps(start, extent, out):

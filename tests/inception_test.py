@@ -98,6 +98,12 @@ def test_augment_batch_equals_host_augment_image(seed):
   assert (got != images.astype(np.float32)).reshape(24, -1).any(1).sum() > 12
 
 
+def test_augment_keys_are_the_windows_the_pipeline_sends():
+  keys = data.augment_keys(3, tf.range(5, 9), "inception", (28, 28)).numpy()
+  np.testing.assert_array_equal(keys, _windows(3, np.arange(5, 9), (28, 28)))
+  np.testing.assert_array_equal(data.augment_keys(3, tf.range(4), "flip_crop", (28, 28)), range(4))
+
+
 @pytest.fixture(scope="module")
 def fmnist():
   return data.Dataset(
@@ -150,6 +156,57 @@ def test_training_on_either_path_gives_identical_weights(fmnist):
 
   for a, b in zip(fit(False), fit(True)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_shuffle_buffer_caches_what_fits_and_streams_the_rest():
+  cifar = 32 * 32 * 3
+  assert data.shuffle_buffer(50000, cifar) == (True, 50000)  # cached, shuffled whole
+  assert data.shuffle_buffer(200000, cifar) == (True, 100000)
+  # ImageNet at 224 px (1.28M x 150,528 bytes, ~193 GB): streamed, a 1 GiB buffer.
+  assert data.shuffle_buffer(1281167, 224 * 224 * 3) == (False, (1 << 30) // (224 * 224 * 3))
+  assert data.shuffle_buffer(10, 1 << 40) == (False, 1)
+
+
+def _counted(ds):
+  """`ds` with a counter of the examples read from it (a Python side effect per read)."""
+  reads = []
+
+  def tick(x, y):
+    n = tf.py_function(lambda: reads.append(1) or 0, [], tf.int32)
+    with tf.control_dependencies([n]):
+      return tf.identity(x), y
+
+  return ds.map(tick), reads
+
+
+def test_a_split_larger_than_the_cache_budget_streams_in_the_same_order(monkeypatch):
+  """Over _CACHE_BYTES the training split is re-read every epoch (not cached) and, with a
+  buffer as large as the cached one, the batches are the same, also from a resumed epoch,
+  on the host and the device-augment path alike."""
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64)
+  ds._train_src, reads = _counted(ds._train_src)
+  for device in (False, True):
+    kw = dict(seed=5, augment="inception", epochs=3, device_augment=device)
+    monkeypatch.setattr(data, "_CACHE_BYTES", 4 << 30)
+    del reads[:]
+    cached = _batches(ds.train(16, **kw)[0])
+    assert len(reads) == 64  # read once, then served from memory
+    monkeypatch.setattr(data, "_CACHE_BYTES", 64 * 28 * 28 - 1)
+    del reads[:]
+    streamed = _batches(ds.train(16, **kw)[0])
+    assert len(reads) == 3 * 64  # every epoch from the source
+    resumed = _batches(ds.train(16, **kw, first_epoch=2)[0])
+    assert len(cached) == len(streamed) == 12 and len(resumed) == 4
+    for a, b in zip(cached + cached[8:], streamed + resumed):
+      for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    monkeypatch.setattr(data, "_STREAM_SHUFFLE_BYTES", 8 * 28 * 28)  # an 8-example window
+    small = _batches(ds.train(16, **kw)[0])
+    monkeypatch.undo()
+    assert not np.array_equal(small[0][1], cached[0][1])  # another order of the same examples
+    assert sorted(np.concatenate([b[1] for b in small[:4]])) == sorted(
+      np.concatenate([b[1] for b in cached[:4]])
+    )
 
 
 def _pil_center_crop(pixels, size, fraction=0.875):
@@ -235,12 +292,23 @@ def test_inception_is_an_augment_flag_value():
   assert data.eval_crop_for(parse().resolved_augment) is None  # the CIFAR default: unchanged
 
 
-def test_mock_imagenette_end_to_end(imagenette_files, monkeypatch, tmp_path):
-  """A tiny run on variable-size JPEGs: inception training (in the step) and evaluation."""
-  monkeypatch.setattr(data, "_online", lambda: True)
-  cut = []
-  real = data.crop_resize_flip
-  monkeypatch.setattr(data, "crop_resize_flip", lambda *a: cut.append(a[1].shape) or real(*a))
+def test_resume_with_another_augment_is_refused():
+  """--augment changes what is trained: a rerun that changes it is another experiment
+  (rundir refuses a run directory whose config.json differs in it)."""
+  stored = parse("--augment=flip_crop").to_dict()
+  assert parse("--augment=inception").experiment_diff(stored) == ["augment", "resolved"]
+  assert parse("--augment=flip_crop").experiment_diff(stored) == []
+
+
+def test_mock_imagenette_end_to_end(monkeypatch, tmp_path):
+  """A tiny run on tfds' own mock of imagenette (tfds.testing.mock_data: random images of
+  random sizes 5..49 px through the builder's as_dataset and feature decoding, as a user's
+  tfds.load): inception training in the step, resize + centre-crop evaluation."""
+  monkeypatch.setattr(data, "_online", lambda: True)  # the mock is not "prepared"
+  cut, centred = [], []
+  real_cut, real_centre = data.crop_resize_flip, data._center_cropper
+  monkeypatch.setattr(data, "crop_resize_flip", lambda *a: cut.append(a[1].shape) or real_cut(*a))
+  monkeypatch.setattr(data, "_center_cropper", lambda *a: centred.append(a) or real_centre(*a))
   run_dir = str(tmp_path / "run")
   cfg = parse(
     "--dataset=imagenette/160px-v2",
@@ -254,13 +322,14 @@ def test_mock_imagenette_end_to_end(imagenette_files, monkeypatch, tmp_path):
     f"--run_dir={run_dir}",
     "--verbose=0",
   )
-  with tfds.testing.mock_data(as_dataset_fn=_mock_as_dataset(imagenette_files)):
+  with tfds.testing.mock_data(num_examples=24):
     main.run(cfg)
   assert cut and cut[0][-1] == 5  # the step cut (top, left, height, width, flip) windows
+  assert centred == [((32, 32), data.EVAL_CROP)]  # the test split: resize + centre crop
   stored = json.load(open(os.path.join(run_dir, "config.json")))
   assert stored["augment"] == stored["resolved"]["augment"] == "inception"
-  metrics = json.load(open(os.path.join(run_dir, "gen_0", "metrics.json")))
   history = json.load(open(os.path.join(run_dir, "gen_0", "history.json")))
   assert [h["epoch"] for h in history] == [1]
   assert os.path.exists(os.path.join(run_dir, "gen_0", "DONE"))
-  assert json.dumps(metrics).count("test") > 0
+  results = open(os.path.join(run_dir, "results.md")).read()
+  assert "24 train / 0 val / 24 test examples; Inception-style random-resized crop" in results
