@@ -3,8 +3,9 @@
 Training: the Inception-style random-resized crop + flip (data.inception_window,
 data.crop_resize_flip), on the host or in the train step, bit-identical and a function
 of (seed, example index) only. Evaluation: resize (proportions kept) + centre crop
-(data.EVAL_CROP), checked against Pillow. A tfds mock imagenette of variable-size JPEGs
-through main.run.
+(data.EVAL_CROP), checked against Pillow on variable-size JPEGs (a custom tfds mock, so
+the pixels are known). tfds' own mock of imagenette through main.run. Splits larger
+than the cache budget stream from their source in the same order.
 """
 
 import io
