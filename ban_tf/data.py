@@ -153,8 +153,9 @@ class Dataset:
       )
     num_train = train_examples or available
     _check_disjoint(source.get("rows"), num_train)
-    if val_examples:
-      self._val_src = self._train_src.skip(total - val_examples)
+    if val_examples:  # the last examples of the training split, evaluated as the test split
+      held_out = source.get("held_out") or self._train_src
+      self._val_src = held_out.skip(total - val_examples)
     num_val = _count(self._val_src) if self._val_src is not None else 0
     mean, std = _channel_stats(
       self._train_src.take(min(num_train, _STATS_EXAMPLES)), image_shape[-1]
@@ -701,6 +702,8 @@ def _tfds_source(
   return {
     "name": name,
     "train": split("--train_split", train_split, evaluated=False),
+    # --val_examples' hold-out, cut as evaluation cuts images (None: as training does).
+    "held_out": split("--train_split", train_split) if crop else None,
     "test": split("--test_split", test_split),
     "val": split("--val_split", val_split) if val_split else None,
     "val_name": f"--val_split={val_split}",
@@ -976,7 +979,7 @@ def _folder_source(root, image_size, eval_crop=None):
   resize = _resizer(tuple(image_size)) if sizes != {tuple(image_size)} else None
   crop = _center_cropper(tuple(image_size), eval_crop) if eval_crop else None
 
-  def split_ds(split):
+  def split_ds(split, evaluated=None):
     if split not in files:
       return None
     # Files in sorted order (classes, then names). The training files are then put in
@@ -1014,7 +1017,7 @@ def _folder_source(root, image_size, eval_crop=None):
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
       )
-    fit = crop if crop and split != "train" else resize
+    fit = crop if crop and (split != "train" if evaluated is None else evaluated) else resize
     if fit:
       ds = ds.map(fit, num_parallel_calls=AUTOTUNE, deterministic=True)
     shape = tuple(image_size) + (channels,)
@@ -1023,6 +1026,8 @@ def _folder_source(root, image_size, eval_crop=None):
   return {
     "name": os.path.basename(os.path.normpath(root)),
     "train": split_ds("train"),
+    # --val_examples' hold-out, cut as evaluation cuts images (None: as training does).
+    "held_out": split_ds("train", evaluated=True) if crop else None,
     "test": split_ds("test"),
     "val": split_ds("val"),
     "val_name": os.path.join(root, "val"),

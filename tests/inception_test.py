@@ -222,6 +222,22 @@ def _pil_center_crop(pixels, size, fraction=0.875):
   return out[top : top + size[0], left : left + size[1]]
 
 
+def test_held_out_validation_examples_are_centre_cropped_like_the_test_split():
+  """--val_examples holds out the last training examples: with inception they are
+  evaluated as the test split is (resize + centre crop), not as training stores them."""
+  ds = data.Dataset(
+    "fashion_mnist", SHARED_TFDS, train_examples=32, val_examples=8, eval_crop=data.EVAL_CROP
+  )
+  raw = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=32, val_examples=8)
+  got = np.concatenate([x.numpy() for x, _, _ in ds.val(8)])
+  stored = np.concatenate([x.numpy() for x, _, _ in raw.val(8)])  # the 28x28 images as stored
+  assert got.shape == stored.shape == (8, 28, 28, 1)
+  for k in range(8):  # resized to 32x32 (28 / 0.875), the central 28x28 kept
+    want = _pil_center_crop(stored[k].astype(np.uint8), (28, 28)).astype(np.float32)
+    assert np.abs(got[k] - want).max() <= 1.0, k
+  assert np.abs(got - stored).mean() > 2.0  # not the stored images
+
+
 def _jpeg(pixels):
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
