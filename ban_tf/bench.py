@@ -370,7 +370,9 @@ def run(
       rng = np.random.default_rng(cfg.seed)
       x = rng.integers(0, 256, (cfg.batch_size,) + info.image_shape).astype(np.uint8)
       y = rng.integers(0, num_classes, (cfg.batch_size,)).astype(np.int32)
-      idx = np.arange(cfg.batch_size, dtype=np.int64)
+      idx = data.augment_keys(
+        cfg.seed, np.arange(cfg.batch_size), cfg.resolved_augment, info.image_shape[:2]
+      ).numpy()
       steps_per_epoch = 50000 // cfg.batch_size
     else:
       dataset = source = data.Dataset.from_config(cfg)

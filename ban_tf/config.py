@@ -26,7 +26,7 @@ from ban_tf import tasks
 TEACHER_OUTPUTS = ("logits", "probabilities")
 LOSSES = ("ban", "ban_l", "kd", "cwtm", "dkpp")
 TASKS = tuple(tasks.TASKS)
-AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop")
+AUGMENTS = ("auto", "none", "crop", "flip", "flip_crop", "inception")
 # Data sets whose labels change under a horizontal flip (digits, text).
 _NO_FLIP = ("mnist", "svhn_cropped", "emnist", "kmnist", "binarized_mnist")
 

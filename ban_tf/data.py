@@ -3,7 +3,10 @@
 Sources: a tfds data set by name (any split names and slices, e.g. `train[:90%]`;
 any image/label feature names), or a folder DIR/{train,test[,val]}/<class>/<image>
 (decoded with tf.io.decode_image, files in sorted order).
-Images of varying size are resized to one size (`image_size`).
+Images of varying size are resized to one size (`image_size`). With
+`eval_crop` (--augment=inception) the validation and test images are instead
+resized, keeping their proportions, to cover image_size / eval_crop and their
+centre cut out (`_center_cropper`), as ImageNet evaluation does.
 
 Splits: the first `num_train` examples of the train split train the model; the
 validation split is a named one (`val_split`, DIR/val) or the last `num_val`
@@ -19,6 +22,15 @@ in the compiled train step (`augment_batch`, `device_augment=True`): the host th
 only reads uint8 pixels, shuffles and batches, and sends each batch with the global
 index of its examples. Both draw the same crop offsets and flips from the same
 (seed, example index) and give bit-identical float32 images (tests/data_test.py).
+The Inception-style random-resized crop (`augment="inception"`) draws its crop window
+on the host on either path (`inception_window`, a few integers per example); the pixel
+work (crop, resize, flip: `crop_resize_flip`) is integer arithmetic, so it is the same
+bits on the host and in the step on any device (tests/inception_test.py).
+
+Memory: a split whose decoded pixels fit in _CACHE_BYTES is cached in memory after its
+first pass; a larger one (ImageNet at 224x224: ~193 GB) is read and decoded from its
+files on every pass, and its training shuffle buffer holds at most _STREAM_SHUFFLE_BYTES
+of pixels (`shuffle_buffer`). Either way the order is a function of (seed, epoch).
 """
 
 import dataclasses
@@ -39,6 +51,13 @@ from ban_tf import errors
 AUTOTUNE = tf.data.AUTOTUNE
 _STATS_EXAMPLES = 10000  # training examples used for the per-channel mean/std
 _SHUFFLE_BUFFER = 100000
+# Splits whose decoded pixels exceed this are streamed from their files every epoch
+# instead of being cached in memory (CIFAR-10: 153 MB; imagenette at 160 px: 0.7 GB).
+_CACHE_BYTES = 4 << 30
+# A streamed training split's shuffle buffer: at most this many bytes of pixels (7,133
+# ImageNet images at 224x224x3). tfds writes its records in a shuffled order and a
+# folder's files are put in a pseudo-random one, so a window of the stream suffices.
+_STREAM_SHUFFLE_BYTES = 1 << 30
 # Where tfds downloads most data sets from; checked before a download is tried, so
 # an offline machine fails in seconds instead of retrying for minutes.
 _DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
@@ -74,6 +93,10 @@ class Dataset:
       pixels); () keeps the data set's own size, which must then be fixed.
     image_key, label_key: the tfds features holding the image and the class label
       (default "image" and "label").
+    eval_crop: None, or the central fraction (0.875 for ImageNet) the validation and
+      test images keep: each is resized (bilinear, antialiased, proportions kept) to
+      cover image_size / eval_crop, then its centre image_size cut out; None: they are
+      resized to image_size like the training images. `eval_crop_for(augment)`.
 
   Raises:
     errors.DataError / errors.UsageError: one line naming the fix.
@@ -93,12 +116,21 @@ class Dataset:
     image_size=(),
     image_key=None,
     label_key=None,
+    eval_crop=None,
   ):
     if image_folder:
-      source = _folder_source(image_folder, tuple(image_size))
+      source = _folder_source(image_folder, tuple(image_size), eval_crop)
     else:
       source = _tfds_source(
-        name, data_dir, train_split, val_split, test_split, tuple(image_size), image_key, label_key
+        name,
+        data_dir,
+        train_split,
+        val_split,
+        test_split,
+        tuple(image_size),
+        image_key,
+        label_key,
+        eval_crop,
       )
     name, image_shape = source["name"], source["image_shape"]
     self._train_src = source["train"]
@@ -123,8 +155,9 @@ class Dataset:
       )
     num_train = train_examples or available
     _check_disjoint(source.get("rows"), num_train)
-    if val_examples:
-      self._val_src = self._train_src.skip(total - val_examples)
+    if val_examples:  # the last examples of the training split, evaluated as the test split
+      held_out = source.get("held_out") or self._train_src
+      self._val_src = held_out.skip(total - val_examples)
     num_val = _count(self._val_src) if self._val_src is not None else 0
     mean, std = _channel_stats(
       self._train_src.take(min(num_train, _STATS_EXAMPLES)), image_shape[-1]
@@ -157,6 +190,7 @@ class Dataset:
       image_size=tuple(get("image_size") or ()),
       image_key=get("image_key"),
       label_key=get("label_key"),
+      eval_crop=eval_crop_for(get("augment")),
     )
 
   # ---- pipelines --------------------------------------------------------------
@@ -175,25 +209,29 @@ class Dataset:
     Args:
       batch_size: global batch size.
       seed: the run's seed; with the epoch it fixes the order and the augmentation.
-      augment: none | crop | flip | flip_crop.
+      augment: none | crop | flip | flip_crop | inception.
       first_epoch, epochs: the epochs [first_epoch, epochs) to produce.
       device_augment: if False, elements are (float32 images [B, H, W, C] augmented
         on the host, int32 labels [B]); if True, (uint8 images [B, H, W, C] as
-        stored, int32 labels [B], int64 global example indices [B]), to be passed
-        through `augment_batch(images, indices, seed, augment)` inside the step.
+        stored, int32 labels [B], int64 keys), to be passed through
+        `augment_batch(images, keys, seed, augment)` inside the step. The keys are
+        the global example indices [B]; with inception, each example's crop window
+        and flip [B, 5] (`inception_window`), drawn here from the same (seed, index).
 
     Returns (dataset, steps_per_epoch).
     """
     n = self.info.num_train
     steps = self.steps_per_epoch(batch_size)
-    base = self._train_src.take(n).cache()
+    base = self._train_src.take(n)
+    cached, buffer = shuffle_buffer(n, self._example_bytes(self._train_src))
+    base = base.cache() if cached else base
     h, w, _ = self.info.image_shape
     per_epoch = steps * batch_size
 
     def shuffled(epoch):  # a Python-int seed per epoch: order depends on (seed, epoch) only
-      return base.shuffle(
-        min(n, _SHUFFLE_BUFFER), seed=seed * 1000003 + epoch, reshuffle_each_iteration=False
-      ).take(per_epoch)
+      return base.shuffle(buffer, seed=seed * 1000003 + epoch, reshuffle_each_iteration=False).take(
+        per_epoch
+      )
 
     ds = shuffled(first_epoch)
     for epoch in range(first_epoch + 1, epochs):
@@ -201,9 +239,15 @@ class Dataset:
     seed = int(seed)
     ds = ds.enumerate(start=first_epoch * per_epoch)  # i = global example index
     if device_augment:
+      if augment == "inception":  # the window is drawn here, the pixels are cut in the step
+        ds = ds.map(
+          lambda i, ex: (inception_window(tf.stack([tf.constant(seed, tf.int64), i]), (h, w)), ex),
+          num_parallel_calls=AUTOTUNE,
+          deterministic=True,
+        )
 
-      def split(i, example):
-        return example[0], tf.cast(example[1], tf.int32), i
+      def split(key, example):
+        return example[0], tf.cast(example[1], tf.int32), key
 
       ds = ds.batch(batch_size, drop_remainder=True).map(
         split, num_parallel_calls=AUTOTUNE, deterministic=True
@@ -220,13 +264,17 @@ class Dataset:
     ds = ds.map(_to_float, num_parallel_calls=AUTOTUNE, deterministic=True)
     return _distributable(ds.prefetch(AUTOTUNE)), steps
 
+  def _example_bytes(self, src):
+    """Bytes of one decoded example's pixels, as stored (image_shape x the dtype's size)."""
+    return int(np.prod(self.info.image_shape)) * src.element_spec[0].dtype.size
+
   def train_source(self):
     """The training examples as read and decoded, in their fixed order: (uint8 image
     [H, W, C], int64 label), uncached, unshuffled, unaugmented (what ban_tf.bench times)."""
     return self._train_src.take(self.info.num_train)
 
   def train_augmenter(self, seed, augment):
-    """The in-step half of `train(device_augment=True)`: (uint8 images, indices) -> float32."""
+    """The in-step half of `train(device_augment=True)`: (uint8 images, keys) -> float32."""
     return functools.partial(augment_batch, seed=int(seed), mode=augment)
 
   def val(self, batch_size):
@@ -257,10 +305,10 @@ class Dataset:
         tf.constant(0.0),
       )
       ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
-    ds = (
-      ds.cache()
-      .batch(batch_size)
-      .map(lambda x, y, w: (tf.cast(x, tf.float32), y, w), num_parallel_calls=AUTOTUNE)
+    if n * self._example_bytes(src) <= _CACHE_BYTES:  # else read from the files each time
+      ds = ds.cache()
+    ds = ds.batch(batch_size).map(
+      lambda x, y, w: (tf.cast(x, tf.float32), y, w), num_parallel_calls=AUTOTUNE
     )
     return _distributable(ds.prefetch(AUTOTUNE))
 
@@ -268,9 +316,42 @@ class Dataset:
     return np.concatenate([y.numpy() for _, y in self._test_src.batch(4096)])
 
 
+def shuffle_buffer(num_examples, example_bytes):
+  """Whether a training split is cached in memory, and its shuffle buffer (examples).
+
+  A split of at most _CACHE_BYTES of pixels is cached and shuffled in a buffer of up to
+  _SHUFFLE_BUFFER examples (the whole of any CIFAR-sized set); a larger one is streamed
+  from its files every epoch through a buffer of at most _STREAM_SHUFFLE_BYTES.
+
+  Args:
+    num_examples: the training examples (int).
+    example_bytes: one example's decoded pixels in bytes (int).
+  Returns:
+    (cached: bool, buffer: int >= 1).
+  """
+  buffer = min(num_examples, _SHUFFLE_BUFFER)
+  if num_examples * example_bytes <= _CACHE_BYTES:
+    return True, buffer
+  return False, max(1, min(buffer, _STREAM_SHUFFLE_BYTES // example_bytes))
+
+
 def augment_image(image, seed, mode, size, pad=4):
-  """CIFAR augmentation: reflect-pad by `pad`, random crop back, random h-flip."""
+  """One example's augmentation on the host.
+
+  CIFAR (crop, flip, flip_crop): reflect-pad by `pad`, random crop back, random
+  h-flip; returns the image's dtype. inception: `inception_window` then
+  `crop_resize_flip`; returns float32 [size[0], size[1], C].
+
+  Args:
+    image: [H, W, C] pixels as stored (uint8).
+    seed: int64 [2], (the run's seed, the example's global index).
+    mode: none | crop | flip | flip_crop | inception.
+    size: (H, W), the output size (the stored size).
+  """
   seed = tf.cast(seed, tf.int64)
+  if mode == "inception":
+    window = inception_window(seed, size)
+    return crop_resize_flip(image[None], window[None], size)[0]
   if mode in ("crop", "flip_crop"):
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
     image = tf.image.stateless_random_crop(
@@ -279,6 +360,132 @@ def augment_image(image, seed, mode, size, pad=4):
   if mode in ("flip", "flip_crop"):
     image = tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 7919])
   return image
+
+
+# The Inception-style random-resized crop (Szegedy et al. 2015, "Going deeper with
+# convolutions", section 6; TF-slim's inception_preprocessing): a window of 8%-100% of
+# the image's area and aspect ratio 3/4-4/3, resized to the output size, then h-flip.
+INCEPTION_AREA = (0.08, 1.0)
+INCEPTION_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+INCEPTION_ATTEMPTS = 10  # then the whole image
+EVAL_CROP = 0.875  # the central fraction evaluation keeps (resize to 256, crop 224)
+_WEIGHT_BITS = 8  # crop_resize_flip's fixed-point interpolation weights: multiples of 1/256
+
+
+def eval_crop_for(augment):
+  """The `Dataset(eval_crop=...)` that goes with an --augment mode: EVAL_CROP for inception."""
+  return EVAL_CROP if augment == "inception" else None
+
+
+def inception_window(seed, size):
+  """One example's random-resized-crop window and flip, drawn from its seed.
+
+  tf.image.stateless_sample_distorted_bounding_box (the whole image as the box, any
+  overlap accepted) draws the window: its aspect ratio uniform in INCEPTION_ASPECT,
+  its area a fraction INCEPTION_AREA of the image's; after INCEPTION_ATTEMPTS windows
+  that do not fit it falls back to the whole image. The flip is the draw
+  tf.image.stateless_random_flip_left_right makes from seed + [0, 7919] (the CIFAR
+  modes' flip seed).
+
+  Args:
+    seed: int64 [2], (the run's seed, the example's global index).
+    size: (H, W) of the stored image the window is cut from (static ints).
+  Returns:
+    int64 [5]: (top, left, height, width, flip in {0, 1}), in pixels.
+  """
+  seed = tf.cast(seed, tf.int64)
+  begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+    tf.constant([size[0], size[1], 1], tf.int32),
+    tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    seed=seed,
+    min_object_covered=0.0,
+    aspect_ratio_range=INCEPTION_ASPECT,
+    area_range=INCEPTION_AREA,
+    max_attempts=INCEPTION_ATTEMPTS,
+    use_image_if_no_bounding_boxes=True,
+  )
+  flip = tf.random.stateless_uniform([], seed=seed + [0, _FLIP_SEED_OFFSET]) < 0.5
+  return tf.cast(tf.concat([begin[:2], extent[:2], tf.cast(flip, tf.int32)[None]], 0), tf.int64)
+
+
+def augment_keys(seed, indices, mode, size):
+  """The keys `augment_batch` takes for examples of these global indices.
+
+  Args:
+    seed: the run's seed (int). indices: int64 [B]. mode: an --augment mode.
+    size: (H, W) of the stored images.
+  Returns:
+    int64 [B] (the indices themselves), or with inception int64 [B, 5], each index's
+    `inception_window`, as `Dataset.train(device_augment=True)` sends them.
+  """
+  indices = tf.cast(indices, tf.int64)
+  if mode != "inception":
+    return indices
+  return tf.map_fn(
+    lambda i: inception_window(tf.stack([tf.constant(seed, tf.int64), i]), size),
+    indices,
+    fn_output_signature=tf.int64,
+  )
+
+
+def _axis_taps(start, extent, out):
+  """Bilinear taps of one axis: out positions sampling [start, start + extent) of `stored`.
+
+  Half-pixel centres, as tf.image.resize: output k samples start + (k + 0.5) * extent /
+  out - 0.5, clamped to the window's edge pixels. In integers: the position is
+  start + floor(q / 2out) + (q mod 2out) / 2out with q = (2k + 1) * extent - out.
+
+  Args: start, extent: int64 [B]; out: an int. Returns (i0, i1, the weight of i1 rounded
+  to a multiple of 1/2**_WEIGHT_BITS, in those units), int64 [B, out] each.
+  """
+  q = (2 * tf.range(out, dtype=tf.int64)[None, :] + 1) * extent[:, None] - out
+  base, frac = tf.math.floordiv(q, 2 * out), tf.math.floormod(q, 2 * out)
+  lo, hi = start[:, None], start[:, None] + extent[:, None] - 1
+  i0 = tf.clip_by_value(start[:, None] + base, lo, hi)
+  i1 = tf.clip_by_value(start[:, None] + base + 1, lo, hi)
+  return i0, i1, tf.math.floordiv(frac * (1 << _WEIGHT_BITS) + out, 2 * out)
+
+
+def crop_resize_flip(images, windows, size):
+  """Cuts each image's window, resizes it to `size` (bilinear) and flips it if asked.
+
+  Our own interpolation, in integer arithmetic, rather than tf.image.crop_and_resize:
+  the same bits on the host (the per-example path) and in the train step on any device
+  (float interpolation may differ in the last bit between a CPU and a GPU, e.g. fused
+  multiply-adds), which the host/device equivalence and resume across the two paths
+  need. The weights are rounded to multiples of 1/256 (at most 1/512 from
+  tf.image.resize's), so a pixel differs from tf.image.resize(method="bilinear") of
+  the cut window by less than 1 (of 255).
+
+  Args:
+    images: uint8 (any integer dtype) [B, H0, W0, C].
+    windows: int64 [B, 5], (top, left, height, width, flip) per image (`inception_window`).
+    size: (H, W), the output size.
+  Returns:
+    float32 [B, H, W, C], each value a multiple of 2**-16 in [0, 255].
+  """
+  h, w = size
+  windows = tf.cast(windows, tf.int64)
+  r0, r1, wr = _axis_taps(windows[:, 0], windows[:, 2], h)
+  c0, c1, wc = _axis_taps(windows[:, 1], windows[:, 3], w)
+  flip = tf.cast(windows[:, 4:5], tf.bool)
+  c0, c1, wc = (tf.where(flip, tf.reverse(t, axis=[1]), t) for t in (c0, c1, wc))
+  one = 1 << _WEIGHT_BITS
+  pixels = tf.cast(images, tf.int32)
+
+  def mix(a, b, wb, axis):  # (one - wb) * a + wb * b, broadcast along the other axes
+    wb = tf.cast(wb, tf.int32)
+    wb = wb[:, :, None, None] if axis == 1 else wb[:, None, :, None]
+    return (one - wb) * a + wb * b
+
+  rows = mix(
+    tf.gather(pixels, r0, axis=1, batch_dims=1), tf.gather(pixels, r1, axis=1, batch_dims=1), wr, 1
+  )
+  out = mix(
+    tf.gather(rows, c0, axis=2, batch_dims=1), tf.gather(rows, c1, axis=2, batch_dims=1), wc, 2
+  )
+  # < 255 * 2**16 < 2**24: exact in float32, and the power-of-two scale is exact too.
+  return tf.cast(out, tf.float32) * (1.0 / (one * one))
 
 
 # Philox-4x32-10 (Salmon et al. 2011), the generator behind TensorFlow's stateless
@@ -346,14 +553,18 @@ def augment_batch(images, indices, seed, mode, pad=4):
 
   Args:
     images: uint8 (or any real dtype) [B, H, W, C], as stored.
-    indices: int64 [B], each example's global index (the host path's `i`).
+    indices: int64 [B], each example's global index (the host path's `i`); with
+      inception, int64 [B, 5] crop windows (`inception_window`), the keys
+      `Dataset.train(device_augment=True)` sends.
     seed: the run's seed (a Python int), as passed to `Dataset.train`.
-    mode: none | crop | flip | flip_crop.
+    mode: none | crop | flip | flip_crop | inception.
     pad: reflection padding of the crop, as in `augment_image`.
 
   Returns:
     float32 [B, H, W, C], bit-identical to `augment_image` on each example.
   """
+  if mode == "inception":
+    return crop_resize_flip(images, indices, (images.shape[1], images.shape[2]))
   images = tf.cast(images, tf.float32)
   if mode not in ("crop", "flip", "flip_crop"):
     return images
@@ -411,8 +622,27 @@ def _resizer(size):
   return resize
 
 
+def _center_cropper(size, fraction):
+  """Evaluation's resize and centre crop: each image is resized (bilinear, antialiased,
+  its proportions kept) to the smallest size covering floor(size / fraction), e.g.
+  shorter side 256 for 224 at 0.875, and its central `size` cut out, rounded back to
+  uint8 pixels (tests/inception_test.py checks it against Pillow)."""
+  th, tw = (int(s / fraction + 1e-9) for s in size)
+
+  def crop(image, label):
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
+    scale = tf.maximum(th / shape[0], tw / shape[1])
+    new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), tf.constant(size, tf.int32))
+    image = tf.image.resize(image, new, method="bilinear", antialias=True)
+    top, left = (new[0] - size[0]) // 2, (new[1] - size[1]) // 2
+    image = image[top : top + size[0], left : left + size[1]]
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
+  return crop
+
+
 def _tfds_source(
-  name, data_dir, train_split, val_split, test_split, image_size, image_key, label_key
+  name, data_dir, train_split, val_split, test_split, image_size, image_key, label_key, eval_crop
 ):
   builder = _builder(name, data_dir)
   features = builder.info.features
@@ -447,8 +677,9 @@ def _tfds_source(
       f"dataset {name!r} has images with a varying number of channels: unsupported"
     )
   resize = _resizer(image_size) if image_size and tuple(image_size) != shape[:2] else None
+  crop = _center_cropper(tuple(image_size) or shape[:2], eval_crop) if eval_crop else None
 
-  def split(flag, spec):
+  def split(flag, spec, evaluated=True):
     try:
       # try_autocache=False: the pipeline caches explicitly where it wants to; tfds'
       # own cache of small sets, read partly (take), warns of a truncated cache.
@@ -463,7 +694,8 @@ def _tfds_source(
     ds = ds.map(
       lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=AUTOTUNE, deterministic=True
     )
-    return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True) if resize else ds
+    fit = crop if crop and evaluated else resize
+    return ds.map(fit, num_parallel_calls=AUTOTUNE, deterministic=True) if fit else ds
 
   label = features[label_key]
   specs = {"train": ("--train_split", train_split), "test": ("--test_split", test_split)}
@@ -471,7 +703,9 @@ def _tfds_source(
     specs["val"] = ("--val_split", val_split)
   return {
     "name": name,
-    "train": split("--train_split", train_split),
+    "train": split("--train_split", train_split, evaluated=False),
+    # --val_examples' hold-out, cut as evaluation cuts images (None: as training does).
+    "held_out": split("--train_split", train_split) if crop else None,
     "test": split("--test_split", test_split),
     "val": split("--val_split", val_split) if val_split else None,
     "val_name": f"--val_split={val_split}",
@@ -653,7 +887,7 @@ def pil_pixels(path, channels):
   return pixels[..., None] if channels == 1 else pixels
 
 
-def _folder_source(root, image_size):
+def _folder_source(root, image_size, eval_crop=None):
   """DIR/{train,test[,val]}/<class>/<image>; classes from train/'s folder names."""
   fix = (
     "lay it out as DIR/train/<class>/*.png and DIR/test/<class>/*.png (optional DIR/val/<class>/*)"
@@ -741,8 +975,9 @@ def _folder_source(root, image_size):
     )
 
   resize = _resizer(tuple(image_size)) if sizes != {tuple(image_size)} else None
+  crop = _center_cropper(tuple(image_size), eval_crop) if eval_crop else None
 
-  def split_ds(split):
+  def split_ds(split, evaluated=None):
     if split not in files:
       return None
     # Files in sorted order (classes, then names). The training files are then put in
@@ -780,14 +1015,17 @@ def _folder_source(root, image_size):
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
       )
-    if resize:
-      ds = ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True)
+    fit = crop if crop and (split != "train" if evaluated is None else evaluated) else resize
+    if fit:
+      ds = ds.map(fit, num_parallel_calls=AUTOTUNE, deterministic=True)
     shape = tuple(image_size) + (channels,)
     return ds.map(lambda x, y: (tf.ensure_shape(x, shape), y))
 
   return {
     "name": os.path.basename(os.path.normpath(root)),
     "train": split_ds("train"),
+    # --val_examples' hold-out, cut as evaluation cuts images (None: as training does).
+    "held_out": split_ds("train", evaluated=True) if crop else None,
     "test": split_ds("test"),
     "val": split_ds("val"),
     "val_name": os.path.join(root, "val"),

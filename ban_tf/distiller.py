@@ -106,10 +106,10 @@ class Distiller(keras.Model):
     clip_norm: if > 0, clip the global gradient to this L2 norm (Zaremba et al.): the
       true gradient's norm, also under loss scaling (mixed_float16's LossScaleOptimizer),
       where the scaled gradient is clipped at clip_norm times the loss scale.
-    augment: None, or a callable (images, example indices) -> float32 images run on
-      each training batch inside the compiled step (data.augment_batch); training
-      elements are then (images, labels, example indices), as
-      data.Dataset.train(device_augment=True) makes them.
+    augment: None, or a callable (images, keys) -> float32 images run on each
+      training batch inside the compiled step (data.augment_batch); training
+      elements are then (images, labels, keys: the example indices, or their crop
+      windows), as data.Dataset.train(device_augment=True) makes them.
     state: None, or a CarriedState: the student (and the teacher) carry their
       state across consecutive batches, and evaluation runs over streams.
     perplexity: also report `perplexity` (exp of the mean cross-entropy) in

@@ -54,7 +54,11 @@ def define_flags(fv=FLAGS):
   flags.field("image_size", "[data] H,W: resize every image (needed when sizes vary).")
   flags.field("image_key", "[data] tfds feature holding the image (default image).")
   flags.field("label_key", "[data] tfds feature holding the class label (default label).")
-  flags.field("augment", "[data] auto|none|crop|flip|flip_crop (auto: no flips for digits).")
+  flags.field(
+    "augment",
+    "[data] auto|none|crop|flip|flip_crop|inception (auto: no flips for digits; inception: "
+    "random-resized crop + flip, resize + centre-crop evaluation; docs/data.md).",
+  )
   flags.field(
     "device_augment",
     "[data] Augment inside the compiled train step (the host only "

@@ -292,7 +292,14 @@ def title(cfg, metric: Metric, seeds=None, data=None) -> str:
     if cfg.init_weights
     else ""
   )
-  setup = f"Data: {cfg.data_name}{sizes}; {plural(cfg.epochs, 'epoch')} per generation{start}; {seed_text}.\n\n"
+  # The CIFAR-style augmentations are the default and the paper's; the ImageNet-style one,
+  # which also changes how the test images are cut, is named.
+  aug = (
+    "; Inception-style random-resized crop + flip, resize + centre-crop evaluation"
+    if cfg.resolved_augment == "inception"
+    else ""
+  )
+  setup = f"Data: {cfg.data_name}{sizes}{aug}; {plural(cfg.epochs, 'epoch')} per generation{start}; {seed_text}.\n\n"
   if seeds:
     return (
       f"{head}, seeds {', '.join(map(str, seeds))}\n\n{setup}Final-epoch {what}, mean ± std (ddof=1) "

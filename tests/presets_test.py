@@ -346,6 +346,7 @@ def test_imagenet_style_recipe(path):
   assert (cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.9, False, 1e-4)
   assert cfg.warmup_epochs > 0 and cfg.lr_schedule in ("step", "cosine")
   assert cfg.init_weights is None  # from scratch, as the paper's BAN
+  assert cfg.resolved_augment == "inception"  # random-resized crop + flip, centre-crop evaluation
   if os.path.basename(path) == "imagenet_resnet50.flags":
     assert (cfg.arch, cfg.epochs, cfg.batch_size, cfg.image_size) == (
       "keras:ResNet50",
