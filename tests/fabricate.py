@@ -5,13 +5,10 @@ exactly as training does (ModelDir.seal: SavedModel, model.keras, metrics.json, 
 manifest entry, DONE), so damaged-file, manifest and results cases run in seconds on a
 copy; given the Config of real flags (conftest.config_of), the run is one that main()
 and ban_tf.evaluate accept as that experiment's (its models fit the data set's shape, and
-their per-example outputs are stored as training stores them, so a rerun computes
-nothing). `partial_generation` leaves a generation stopped after some epochs: real epoch
+each has its per-example outputs, so a rerun computes nothing). `partial_generation` leaves a generation stopped after some epochs: real epoch
 checkpoints (tf.train.CheckpointManager, as train.py writes them) and history.json,
 for checkpoint fallback and repair cases that run in milliseconds.
 """
-
-import functools
 
 import keras
 import numpy as np
@@ -20,6 +17,7 @@ import tensorflow as tf
 from ban_tf import config as config_lib
 from ban_tf import export
 from ban_tf import manifest
+from ban_tf import predictions
 from ban_tf import rundir
 from ban_tf import tasks
 from ban_tf.tasks import base
@@ -80,24 +78,64 @@ def fake_history(cfg, accuracy):
   return out
 
 
+def split_arrays(dataset, batch_size):
+  """{split: (images, labels)} of a data.Dataset's test and val examples (the val split
+  when it has one), read once, in its evaluation order, padding dropped."""
+  out = {}
+  for split in ("test", "val"):
+    batches = getattr(dataset, split)(batch_size)
+    if batches is None:
+      continue
+    xs, ys = [], []
+    for batch in batches:
+      x, y = np.asarray(batch[0]), np.asarray(batch[1])
+      keep = np.asarray(batch[2]) > 0 if len(batch) > 2 else np.ones(len(y), bool)
+      xs.append(x[keep])
+      ys.append(y[keep])
+    out[split] = (np.concatenate(xs), np.concatenate(ys))
+  return out
+
+
+def store_outputs(model, splits, probabilities):
+  """seal's `outputs`: writes predictions.npz (predictions.write, the arrays of
+  tasks/image.py's per_example) of the Keras `model` on `splits` (split_arrays). The
+  shortcut past task.store_predictions (which reloads the SavedModel and reads the data
+  set again for every model) is the point: one read of the data for the whole run.
+  `probabilities`: the model outputs probabilities (an ensemble), else logits."""
+
+  def write(model_dir):
+    arrays = {}
+    for split, (x, y) in splits.items():
+      out = model.predict(x, batch_size=256, verbose=0).astype(np.float64)
+      probs = out if probabilities else np.exp(out - out.max(-1, keepdims=True))
+      probs = probs / probs.sum(-1, keepdims=True)
+      arrays[split] = {
+        "probabilities": probs.astype(np.float16),
+        "labels": y.astype(np.int32),
+        "predicted": np.argmax(out, -1).astype(np.int32),
+      }
+    return predictions.write(model_dir, arrays, task="image")
+
+  return write
+
+
 def finished_run(path, gens=2, ensembles=True, baseline=False, cfg=None):
   """A finished run in `path`: gen_0..gen_{gens}, ensemble_2..gens, optionally baseline/,
   results.json and results.md; every model sealed by ModelDir.seal. Returns `path`.
 
   `cfg`: the image experiment it records (config.json; its models fit cfg's data set,
-  loaded as main() loads it, and each model's predictions.npz is computed on it through
-  task.store_predictions, as training does); default: config(gens, baseline), on SPEC's
-  made-up data, without predictions.npz.
+  loaded as main() loads it, and each model's predictions.npz holds its outputs on that
+  data set's test and val examples: store_outputs); default: config(gens, baseline), on
+  SPEC's made-up data, without predictions.npz.
   """
   task = tasks.get("image")
   dataset = None if cfg is None else task.load_data(cfg)
   spec = SPEC if cfg is None else task.spec(dataset)
+  splits = None if cfg is None else split_arrays(dataset, cfg.batch_size)
   cfg = cfg or config(gens=gens, baseline=baseline)
 
-  def outputs(probabilities):
-    if dataset is None:
-      return None
-    return functools.partial(task.store_predictions, cfg, dataset, probabilities=probabilities)
+  def outputs(model, probabilities):
+    return None if splits is None else store_outputs(model, splits, probabilities)
 
   # Local imports: generations and report pull in the whole binary (only this helper needs them).
   from ban_tf import generations  # pylint: disable=g-import-not-at-top
@@ -120,7 +158,7 @@ def finished_run(path, gens=2, ensembles=True, baseline=False, cfg=None):
         model=model,
         keras_model=model,
         record={"weights_sha256": result["weights_sha256"]},
-        outputs=outputs(False),
+        outputs=outputs(model, False),
       )
     for k in range(2, gens + 1) if ensembles else ():
       members = list(range(1, k + 1))
@@ -132,7 +170,7 @@ def finished_run(path, gens=2, ensembles=True, baseline=False, cfg=None):
         result,
         model=ensemble,
         output_name=export.PROBABILITIES,
-        outputs=outputs(True),
+        outputs=outputs(ensemble, True),
       )
     report.write_results(run.path, generations.collect_results(run), cfg, spec=spec)
   return path
