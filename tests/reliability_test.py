@@ -2,10 +2,9 @@
 
 Every input is a case with its exit code and its one `error: ...` line (or, where
 the damage is recovered, its warning). Damaged finished runs are copies of conftest's
-fabricated_image_run (Teacher, BAN-1, BAN-2 and BANE-2 sealed without training); a
-rebuilt ensemble's figures need trained members, so that case copies conftest's
-finished_image_run. Checkpoint fallback is training, so two small runs are made once per
-module, in-process:
+fabricated_image_run (Teacher, BAN-1, BAN-2 and BANE-2 sealed without training, with
+their true test accuracies). Checkpoint fallback is training, so two small runs are made
+once per module, in-process:
   partial:   a teacher stopped by a full disk before epoch 3's checkpoint, so
              gen_0/ckpt holds ckpt-1 and ckpt-2 and no generation is DONE;
   reference: the same teacher uninterrupted, which a recovered resume must equal.
@@ -194,9 +193,9 @@ def test_damaged_finished_run_is_refused_and_changes_nothing(
 
 
 def test_damaged_ensemble_metrics_is_rebuilt_with_a_warning(
-  finished_image_run, tmp_path, monkeypatch, capsys, caplog
+  finished, tmp_path, monkeypatch, capsys, caplog
 ):
-  run = _copy(finished_image_run, tmp_path)
+  run = _copy(finished, tmp_path)
   _write("ensemble_2/metrics.json", b"not json")(run)
   before = _rows(run)[1]["BANE-2"]
   with caplog.at_level(logging.WARNING, logger="absl"):
