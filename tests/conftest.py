@@ -5,6 +5,7 @@ configuration can still be applied.
 """
 
 import os
+import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -98,8 +99,13 @@ def run_main(monkeypatch, capsys, argv):
 
 
 def run_main_once(argv, env=None):
-  """call_main for module-scoped fixtures (no function-scoped monkeypatch there): `env`
-  set while it runs; FLAGS and the environment restored after. Returns the exit code."""
+  """call_main for module- and session-scoped fixtures (no function-scoped monkeypatch
+  there): `env` set while it runs; FLAGS, the environment and TF's op determinism
+  (--deterministic turns it on; such a fixture is set up before the autouse fixture
+  above) restored after. Returns the exit code."""
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+
+  was = tf_config.is_op_determinism_enabled()
   mp = pytest.MonkeyPatch()
   for key, value in (env or {}).items():
     mp.setenv(key, value)
@@ -107,3 +113,93 @@ def run_main_once(argv, env=None):
     return call_main(mp, argv)
   finally:
     mp.undo()
+    if tf_config.is_op_determinism_enabled() and not was:
+      tf_config.disable_op_determinism()
+
+
+def config_of(argv):
+  """The config.Config the binary's main() makes of `argv` (its flags, parsed on their own
+  FlagValues): what a run directory fabricated for a main() call must record."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ban_tf import main  # pylint: disable=g-import-not-at-top
+
+  fv = flags.FlagValues()
+  main.define_flags(fv)
+  fv(["ban_tf"] + argv)
+  return main.config_from_flags(fv)
+
+
+# ---- one tiny run per task, shared ------------------------------------------------
+# The argument lists of the tests' tiny runs (add --gens, --run_dir, and what a test
+# varies). Image: 256 fashion_mnist training images (64 more held out for val), 256 test
+# images, the 1.5k-parameter `tiny` CNN, 3 epochs (the last two checkpoints differ from
+# the final weights), --deterministic (a resumed run equals an uninterrupted one).
+IMAGE_ARGS = [
+  f"--data_dir={SHARED_TFDS}",
+  "--dataset=fashion_mnist",
+  "--arch=tiny",
+  "--train_examples=256",
+  "--val_examples=64",
+  "--test_split=test[:256]",
+  "--batch_size=32",
+  "--epochs=3",
+  "--verbose=0",
+  "--deterministic",
+]
+_LM_WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
+
+
+def lm_args(ptb_dir):
+  """The tiny language-model run's arguments, over a generated PTB-format corpus written
+  into `ptb_dir` (200/40/40 lines of 3-8 words of a 15-word vocabulary, seeded)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.RandomState(0)
+  os.makedirs(ptb_dir, exist_ok=True)
+  for name, lines in (("train", 200), ("valid", 40), ("test", 40)):
+    with open(os.path.join(ptb_dir, f"ptb.{name}.txt"), "w") as f:
+      for _ in range(lines):
+        f.write(" " + " ".join(str(w) for w in rng.choice(_LM_WORDS, rng.randint(3, 9))) + " \n")
+  return [
+    "--task=lm",
+    "--dataset=ptb",
+    f"--ptb_dir={ptb_dir}",
+    "--arch=lstm-1-16",
+    "--batch_size=4",
+    "--bptt=6",
+    "--lr=1.0",
+    "--momentum=0",
+    "--weight_decay=0",
+    "--clip_norm=5",
+    "--loss=ban_l",
+    "--epochs=2",
+    "--verbose=0",
+  ]
+
+
+def copy_run(src, tmp_path, name="run"):
+  """A copy of the run directory `src` at tmp_path/name (to damage, resume or rerun)."""
+  dst = str(tmp_path / name)
+  shutil.copytree(src, dst)
+  return dst
+
+
+@pytest.fixture(scope="session")
+def finished_image_run(tmp_path_factory):
+  """A finished, trained image run: IMAGE_ARGS + --gens=2 (Teacher, BAN-1, BAN-2, BANE-2),
+  made once per test process, in it. Read it in place; copy_run it before changing anything."""
+  run_dir = str(tmp_path_factory.mktemp("finished_image") / "run")
+  assert run_main_once(IMAGE_ARGS + ["--gens=2", f"--run_dir={run_dir}"]) == 0
+  return run_dir
+
+
+@pytest.fixture(scope="session")
+def fabricated_image_run(tmp_path_factory):
+  """A finished image run of IMAGE_ARGS + --gens=2 made without training
+  (tests/fabricate.py: untrained models of fashion_mnist's shape, made-up metrics, sealed
+  by the same writer): main() and ban_tf.evaluate accept it as the run of those flags.
+  Copy it (copy_run) before changing anything."""
+  from tests import fabricate  # pylint: disable=g-import-not-at-top
+
+  run_dir = str(tmp_path_factory.mktemp("fabricated_image") / "run")
+  return fabricate.finished_run(run_dir, gens=2, cfg=config_of(IMAGE_ARGS + ["--gens=2"]))

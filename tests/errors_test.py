@@ -4,7 +4,9 @@ Every bad input must end the binary with exit code 2 and one `error: ...` line o
 stderr that names the fix, and must leave the run directory as it was (not created,
 or unchanged apart from its lock file, which records the current holder). Most
 cases call `main.main` in this process with its own FlagValues (cheap); two
-subprocess tests prove the same through the real binary.
+subprocess tests prove the same through the real binary. Damaged and refused runs are
+copies of conftest's fabricated finished run (no training); only the cases whose behaviour
+is training (a full disk, divergence, NaN) train a tiny teacher.
 """
 
 import hashlib
@@ -21,20 +23,13 @@ import pytest
 
 from ban_tf import errors
 from ban_tf import main
-from tests.conftest import REPO, SHARED_TFDS
+from tests.conftest import IMAGE_ARGS
+from tests.conftest import REPO
+from tests.conftest import copy_run
 from tests.conftest import run_main
-from tests.conftest import run_main_once
 
-BASE = [
-  f"--data_dir={SHARED_TFDS}",
-  "--dataset=fashion_mnist",
-  "--arch=tiny",
-  "--train_examples=256",
-  "--batch_size=32",
-  "--epochs=1",
-  "--gens=0",
-  "--verbose=0",
-]
+BASE = IMAGE_ARGS + ["--epochs=1", "--gens=0"]  # a teacher of one epoch
+FINISHED = IMAGE_ARGS + ["--gens=2"]  # the flags of conftest's fabricated_image_run
 
 
 def _main(monkeypatch, capsys, argv):
@@ -155,20 +150,10 @@ def test_bad_flag_through_the_binary_exits_2():
 # ---- an existing run directory: refused runs change nothing ----------------------
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """A finished teacher-only run (gen 0 DONE), made in-process once."""
-  run_dir = str(tmp_path_factory.mktemp("finished") / "run")
-  assert run_main_once(BASE + [f"--run_dir={run_dir}"]) == 0
-  assert os.path.exists(os.path.join(run_dir, "gen_0", "DONE"))
-  return run_dir
-
-
 @pytest.fixture
-def run_copy(finished, tmp_path):
-  path = str(tmp_path / "run")
-  shutil.copytree(finished, path)
-  return path
+def run_copy(fabricated_image_run, tmp_path):
+  """A finished run of FINISHED (Teacher, BAN-1, BAN-2, BANE-2), made without training."""
+  return copy_run(fabricated_image_run, tmp_path)
 
 
 def _corrupt(run_dir, how):
@@ -212,7 +197,7 @@ def test_broken_teacher_is_refused_before_anything_is_written(
 ):
   _corrupt(run_copy, how)
   before = _snapshot(run_copy)
-  code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--gens=1"])
+  code, err = _main(monkeypatch, capsys, FINISHED + [f"--run_dir={run_copy}", "--gens=3"])
   assert code == 2
   _one_error_line(err, "gen_0/saved_model", *needles)
   assert _snapshot(run_copy) == before
@@ -220,19 +205,19 @@ def test_broken_teacher_is_refused_before_anything_is_written(
 
 def test_changed_experiment_flag_is_refused_unless_overwrite(monkeypatch, capsys, run_copy):
   before = _snapshot(run_copy)
-  code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--lr=0.05"])
+  code, err = _main(monkeypatch, capsys, FINISHED + [f"--run_dir={run_copy}", "--lr=0.05"])
   assert code == 2
   _one_error_line(err, "differs in lr", "--overwrite")
   assert _snapshot(run_copy) == before
   # A logging-only flag is allowed and retrains nothing.
-  code, err = _main(monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--verbose=2"])
+  code, err = _main(monkeypatch, capsys, FINISHED + [f"--run_dir={run_copy}", "--verbose=2"])
   assert code == 0, err
   after = _snapshot(run_copy)
   trained = lambda snap: {
-    k: v for k, v in snap.items() if k.startswith("gen_0") and "/tb/" not in k
+    k: v for k, v in snap.items() if k.startswith(("gen_", "ensemble_")) and "/tb/" not in k
   }
   assert trained(after) == trained(before)  # (TensorBoard hparams are rewritten by the report)
-  # --overwrite starts over with the new value.
+  # --overwrite starts over with the new value (here a one-epoch teacher).
   code, err = _main(
     monkeypatch, capsys, BASE + [f"--run_dir={run_copy}", "--lr=0.05", "--overwrite"]
   )

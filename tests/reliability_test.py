@@ -1,12 +1,14 @@
 """Damaged files, swapped models, bad paths and lost rows (issue 16, docs/reliability.md).
 
 Every input is a case with its exit code and its one `error: ...` line (or, where
-the damage is recovered, its warning). Two small runs are made once per module,
-in-process, and copied per case:
-  finished: teacher, BAN-1, BAN-2 and BANE-2, one epoch each;
-  partial:  a teacher stopped by a full disk before epoch 3's checkpoint, so
-            gen_0/ckpt holds ckpt-1 and ckpt-2 and no generation is DONE;
-and one uninterrupted 3-epoch teacher, the reference a recovered resume must equal.
+the damage is recovered, its warning). Damaged finished runs are copies of conftest's
+fabricated_image_run (Teacher, BAN-1, BAN-2 and BANE-2 sealed without training, with
+their true test accuracies). Checkpoint fallback is training, so two small runs are made
+once per module, in-process:
+  partial:   a teacher stopped by a full disk before epoch 3's checkpoint, so
+             gen_0/ckpt holds ckpt-1 and ckpt-2 and no generation is DONE;
+  reference: the same teacher uninterrupted, which a recovered resume must equal.
+Each kind of checkpoint damage, and the repair, is a unit test in rundir_test.py.
 """
 
 import json
@@ -21,23 +23,15 @@ import pytest
 from ban_tf import config as config_lib
 from ban_tf import evaluate
 from ban_tf import main
+from tests.conftest import IMAGE_ARGS
 from tests.conftest import SHARED_TFDS
+from tests.conftest import copy_run
 from tests.conftest import run_main
 from tests.conftest import run_main_once
 
-BASE = [
-  f"--data_dir={SHARED_TFDS}",
-  "--dataset=fashion_mnist",
-  "--arch=tiny",
-  "--train_examples=256",
-  "--test_split=test[:256]",
-  "--batch_size=32",
-  "--epochs=1",
-  "--verbose=0",
-  "--deterministic",
-]
-FINISHED = BASE + ["--gens=2"]
-PARTIAL = [a for a in BASE if a != "--epochs=1"] + ["--epochs=3", "--gens=0"]
+FINISHED = IMAGE_ARGS + ["--gens=2"]  # the flags of conftest's finished runs
+PARTIAL = IMAGE_ARGS + ["--gens=0"]  # a 3-epoch teacher
+BASE = IMAGE_ARGS + ["--epochs=1", "--val_examples=0"]  # for refusals before any training
 
 
 def _main(argv, monkeypatch, capsys):
@@ -73,11 +67,10 @@ def _make(tmp_path_factory, name, argv, fault=None):
   return run_dir
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  run_dir = _make(tmp_path_factory, "finished", FINISHED)
-  assert os.path.exists(os.path.join(run_dir, "ensemble_2", "DONE"))
-  return run_dir
+@pytest.fixture
+def finished(fabricated_image_run):
+  """A finished run of FINISHED, made without training (read it; _copy it to damage it)."""
+  return fabricated_image_run
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +93,7 @@ def reference(tmp_path_factory):
 
 
 def _copy(src, tmp_path):
-  dst = str(tmp_path / "run")
-  shutil.copytree(src, dst)
-  return dst
+  return copy_run(src, tmp_path)
 
 
 def _read(path):
@@ -365,45 +356,13 @@ def _empty_newest_index(ckpt):
   os.truncate(os.path.join(ckpt, "ckpt-2.index"), 0)
 
 
-def _delete_newest(ckpt):  # the `checkpoint` index still names it
-  for name in os.listdir(ckpt):
-    if name.startswith("ckpt-2."):
-      os.remove(os.path.join(ckpt, name))
-
-
-def _garble_index(ckpt):  # the index file itself: files are found without it
-  with open(os.path.join(ckpt, "checkpoint"), "w") as f:
-    f.write("model_checkpoint_path: {{{ garbage")
-  _delete_newest(ckpt)
-
-
-@pytest.mark.parametrize(
-  "damage,why",
-  [
-    (_truncate_newest_data, "gen_0/ckpt/ckpt-2 is unreadable"),
-    (_empty_newest_index, "gen_0/ckpt/ckpt-2 is unreadable"),
-    (_delete_newest, "gen_0/ckpt/ckpt-2 is missing (its index entry is dangling)"),
-    (_garble_index, "gen_0/ckpt/checkpoint is damaged"),
-  ],
-  ids=["truncated_data", "empty_index", "deleted", "garbled_index"],
-)
-def test_unreadable_newest_checkpoint_falls_back_and_resumes_bit_identically(
-  partial, reference, tmp_path, monkeypatch, capsys, caplog, damage, why
+def test_unreadable_newest_checkpoint_falls_back_repairs_and_resumes_bit_identically(
+  partial, reference, tmp_path, monkeypatch, capsys, caplog
 ):
-  run = _copy(partial, tmp_path)
-  damage(os.path.join(run, "gen_0", "ckpt"))
-  with caplog.at_level(logging.INFO, logger="absl"):
-    code, err = _main(PARTIAL + [f"--run_dir={run}"], monkeypatch, capsys)
-  assert code == 0, err
-  assert why in caplog.text
-  assert "gen 0: resuming from epoch 1" in caplog.text
-  metrics = json.load(open(os.path.join(run, "gen_0", "metrics.json")))
-  assert metrics["weights_sha256"] == reference["weights_sha256"]
-  assert metrics["test_accuracy"] == reference["test_accuracy"]
-
-
-def test_dangling_index_is_repaired_before_training(partial, tmp_path, monkeypatch, capsys):
-  """After the fallback the index names only readable checkpoints (a kill right then resumes cleanly)."""
+  """main() falls back from a truncated ckpt-2 to ckpt-1, repairs the index before training
+  (a kill right then resumes cleanly), and the resumed teacher equals the uninterrupted one.
+  Every other kind of damage (an empty index file, a deleted newest checkpoint, a garbled
+  `checkpoint` file) takes the same fallback: rundir_test's unit tests."""
   from ban_tf import train  # pylint: disable=g-import-not-at-top
 
   run = _copy(partial, tmp_path)
@@ -418,11 +377,17 @@ def test_dangling_index_is_repaired_before_training(partial, tmp_path, monkeypat
     return out
 
   monkeypatch.setattr(train, "_restore", restore_then_look)
-  code, err = _main(PARTIAL + [f"--run_dir={run}"], monkeypatch, capsys)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    code, err = _main(PARTIAL + [f"--run_dir={run}"], monkeypatch, capsys)
   assert code == 0, err
+  assert "gen_0/ckpt/ckpt-2 is unreadable" in caplog.text
+  assert "gen 0: resuming from epoch 1" in caplog.text
   index, files = seen[0]
   assert 'model_checkpoint_path: "ckpt-1"' in index and "ckpt-2" not in index
   assert not [f for f in files if f.startswith("ckpt-2")]
+  metrics = json.load(open(os.path.join(run, "gen_0", "metrics.json")))
+  assert metrics["weights_sha256"] == reference["weights_sha256"]
+  assert metrics["test_accuracy"] == reference["test_accuracy"]
 
 
 @pytest.mark.parametrize(

@@ -22,20 +22,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import REPO, SHARED_TFDS
+from tests.conftest import IMAGE_ARGS
+from tests.conftest import REPO
+from tests.conftest import SHARED_TFDS
 
-ARGS = [
-  f"--data_dir={SHARED_TFDS}",
-  "--dataset=fashion_mnist",
-  "--arch=tiny",
-  "--train_examples=256",
-  "--batch_size=32",
-  "--epochs=2",
-  "--gens=1",
-  "--dropout=0.2",
-  "--deterministic",
-  "--verbose=2",
-]
+# The shared tiny run (256 test images, --deterministic) with 2 epochs, a student, dropout
+# (its RNG state must resume too) and the log lines the test reads.
+ARGS = IMAGE_ARGS + ["--epochs=2", "--gens=1", "--dropout=0.2", "--verbose=2"]
+TEST_SPLIT = next(a for a in IMAGE_ARGS if a.startswith("--test_split=")).split("=", 1)[1]
 
 
 def _cmd(run_dir):
@@ -203,7 +197,7 @@ def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path,
   """Resuming builds the (per-epoch shuffled) training pipeline once, from the next epoch."""
   from ban_tf import config, data, export, train  # pylint: disable=g-import-not-at-top
 
-  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64)
+  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64, test_split=TEST_SPLIT)
   calls = []
   real_train = ds.train
   monkeypatch.setattr(ds, "train", lambda *a, **kw: calls.append(kw) or real_train(*a, **kw))
@@ -241,7 +235,9 @@ def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_p
   import keras  # pylint: disable=g-import-not-at-top
   from ban_tf import config, data, distiller, export, train  # pylint: disable=g-import-not-at-top
 
-  ds = data.Dataset("fashion_mnist", SHARED_TFDS, train_examples=64, val_examples=48)
+  ds = data.Dataset(
+    "fashion_mnist", SHARED_TFDS, train_examples=64, val_examples=48, test_split=TEST_SPLIT
+  )
   cfg = config.Config(arch="tiny", batch_size=32, epochs=2)
   passes = []
   real_evaluate = distiller.Distiller.evaluate

@@ -1,7 +1,8 @@
 """What a real (tiny) run leaves for users: report, TensorBoard events, SavedModels that
 ban_tf.evaluate reloads in a fresh process, and labels for classifying image files.
 
-One fashion_mnist run (tiny model, 2 generations, 2 epochs, ~30 s) is shared by the module.
+The run is conftest's finished_image_run (IMAGE_ARGS + --gens=2: tiny model, 2
+generations, 3 epochs), trained once per test process and shared with the other files.
 """
 
 import os
@@ -16,38 +17,23 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from ban_tf import config as config_lib
 from ban_tf import errors
 from ban_tf import evaluate
 from ban_tf import export
-from ban_tf import main
+from tests.conftest import IMAGE_ARGS
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
 
 pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
 
-EPOCHS = 2
+EPOCHS = int(next(a for a in IMAGE_ARGS if a.startswith("--epochs=")).split("=")[1])
 GENS = 2
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("run") / "fmnist")
-  main.run(
-    config_lib.Config(
-      dataset="fashion_mnist",
-      data_dir=SHARED_TFDS,
-      arch="tiny",
-      gens=GENS,
-      epochs=EPOCHS,
-      batch_size=64,
-      train_examples=256,
-      val_examples=128,
-      run_dir=path,
-      verbose="0",
-    )
-  )
-  return path
+@pytest.fixture
+def run_dir(finished_image_run):
+  """The finished run (read only)."""
+  return finished_image_run
 
 
 def _python(*args):
