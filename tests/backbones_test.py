@@ -295,7 +295,6 @@ def _jpeg_folder(root, size=32, per_class=(("train", 12), ("test", 4)), classes=
 
 _E2E = [
   "--arch=keras:MobileNetV3Small",
-  "--gens=1",
   "--epochs=2",
   "--batch_size=12",
   "--lr=0.01",
@@ -335,26 +334,44 @@ def _json(run_dir, rel):
 
 
 @pytest.mark.slow
-def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(tmp_path):
+def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(
+  tmp_path, monkeypatch, capsys, caplog
+):
   """keras:MobileNetV3Small, teacher and BAN-1 on a folder of generated JPEGs: killed mid-
   generation 1 and resumed equals the uninterrupted run; a rerun trains nothing; the
-  SavedModel serves raw pixels and model.keras loads in plain Keras with equal outputs."""
+  SavedModel serves raw pixels and model.keras loads in plain Keras with equal outputs.
+
+  The teacher is trained once (--gens=0) and copied: both runs extend it with --gens=1, as
+  multireplica_test's run matrix does. Only the killed run is a process of its own (a real
+  SIGKILL); the others run main() in this process.
+  """
   import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
+  from tests.conftest import run_main  # pylint: disable=g-import-not-at-top
+
   folder = _jpeg_folder(str(tmp_path / "jpegs"))
-  full = str(tmp_path / "full")
-  proc = _e2e_run(folder, full)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  killed = str(tmp_path / "killed")
-  proc = _e2e_run(folder, killed, fault="kill_after_checkpoint@gen_1/epoch_1")
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+
+  def main(run_dir, gens=1):
+    argv = [f"--image_folder={folder}", f"--run_dir={run_dir}"] + _E2E + [f"--gens={gens}"]
+    code, out, err = run_main(monkeypatch, capsys, argv)
+    assert code == 0, err[-3000:]
+    return out + err
+
+  main(full, gens=0)
+  shutil.copytree(full, killed)
+  assert "Epoch " in main(full)  # --verbose=2 prints Keras' epochs (the rerun's check below)
+  proc = _e2e_run(folder, killed, fault="kill_after_checkpoint@gen_1/epoch_1", extra=["--gens=1"])
   assert proc.returncode < 0, proc.stderr[-3000:]
   assert os.path.exists(os.path.join(killed, "gen_0", "DONE"))
   assert not os.path.exists(os.path.join(killed, "gen_1", "DONE"))
-  proc = _e2e_run(folder, killed)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "gen 1: resuming from epoch 1" in proc.stderr, proc.stderr[-3000:]
+  with caplog.at_level(logging.INFO, logger="absl"):
+    main(killed)
+  assert "gen 1: resuming from epoch 1" in caplog.text, caplog.text[-3000:]
   for rel in ("results.json", "gen_0/metrics.json", "gen_1/history.json", "gen_1/metrics.json"):
     assert _json(killed, rel) == _json(full, rel), rel
   fp = [
@@ -362,8 +379,7 @@ def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(tmp_pa
     for d in (full, killed)
   ]
   np.testing.assert_array_equal(fp[0], fp[1])
-  proc = _e2e_run(folder, full)  # rerun: everything done
-  assert proc.returncode == 0 and "Epoch " not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+  assert "Epoch " not in main(full)  # rerun: everything done
   assert _json(full, "results.json") == _json(killed, "results.json")
   # Serving and plain Keras, in a process that cannot import ban_tf.
   from PIL import Image  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,8 @@
 """End to end: main.run on a tiny PTB-format corpus, teacher + 2 BAN+L generations.
 
 Checks the disk contract and recomputes every reported perplexity with NumPy from the
-saved models on the Zaremba evaluation layout.
+saved models on the Zaremba evaluation layout. The run (e2e_runs.lm_run) is trained once per
+test process: predictions_test reads it too.
 """
 
 import json
@@ -11,79 +12,27 @@ import keras
 import numpy as np
 import pytest
 
-from ban_tf import config
 from ban_tf import export
 from ban_tf import schedules
 from ban_tf.tasks import lm
-from ban_tf import main
 from ban_tf import text_data
 from ban_tf import teacher as teacher_lib
+from tests import e2e_runs
 
 pytestmark = pytest.mark.slow  # end to end: trains and exports (pytest -m "not slow" skips it)
 
-_WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
+_numpy_perplexity = e2e_runs.numpy_perplexity
 
 
-def _corpus(directory, seed=0):
-  rng = np.random.RandomState(seed)
-  for name, lines in (("train", 300), ("valid", 50), ("test", 50)):
-    with open(os.path.join(directory, f"ptb.{name}.txt"), "w") as f:
-      for _ in range(lines):
-        # A little structure to learn: "the" is followed by a noun.
-        words = [str(w) for w in rng.choice(_WORDS, rng.randint(3, 9))]
-        words = [w if i == 0 or words[i - 1] != "the" else "cat" for i, w in enumerate(words)]
-        f.write(" " + " ".join(words) + " \n")
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+  return e2e_runs.lm_run(tmp_path_factory)  # shared with predictions_test
 
 
-def _numpy_perplexity(models, ids, batch, bptt, state="carry"):
-  """exp(mean token CE) of the mean of the models' softmax over every eval window.
-
-  carry (--lm_state's default): one stateless call on the whole stream [<eos>] + ids,
-  which is what carrying the state over its windows must equal; reset: the rows' windows.
-  """
-  total, count = 0.0, 0
-  if state == "carry":
-    stream = np.concatenate([[1], ids]).astype(np.int32)[None]  # <eos> = id 1
-    wins = [(stream[:, :-1], stream[:, 1:])]
-  else:
-    wins = text_data.windows(text_data.batchify(ids, batch), bptt, full_only=False)
-  for x, y in wins:
-    probs = 0.0
-    for m in models:
-      z = keras.ops.convert_to_numpy(m(x)).astype(np.float64)
-      z = np.exp(z - z.max(-1, keepdims=True))
-      probs = probs + z / z.sum(-1, keepdims=True)
-    probs /= len(models)
-    total -= np.log(np.take_along_axis(probs, y[..., None], -1)).sum()
-    count += y.size
-  return float(np.exp(total / count))
-
-
-def test_two_generations_and_ensemble(tmp_path):
-  _corpus(str(tmp_path))
-  run_dir = str(tmp_path / "run")
-  cfg = config.Config(
-    task="lm",
-    dataset="ptb",
-    ptb_dir=str(tmp_path),
-    arch="lstm-1-16",
-    gens=2,
-    epochs=3,
-    batch_size=4,
-    bptt=6,
-    lr=1.0,
-    momentum=0.0,
-    nesterov=False,
-    weight_decay=0.0,
-    clip_norm=5.0,
-    loss="ban_l",
-    lr_plateau_decay=0.25,
-    run_dir=run_dir,
-    verbose="0",
-    lr_plateau_min_delta=1000.0,
-  )  # only epoch 1 improves (on inf): the rate decays after every later epoch
-  results = main.run(cfg)
-  data = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=6)
+def test_two_generations_and_ensemble(lm_run):
+  ptb_dir, run_dir, results = lm_run
+  batch, bptt = e2e_runs.LM_BATCH, e2e_runs.LM_BPTT
+  data = text_data.TextDataset("ptb", ptb_dir=ptb_dir, bptt=bptt)
   vocab = data.info.vocab
   saved = json.load(open(os.path.join(run_dir, "results.json")))
   assert [g["gen"] for g in saved["generations"]] == [0, 1, 2]
@@ -104,7 +53,7 @@ def test_two_generations_and_ensemble(tmp_path):
     }  # Task.stock_model
     members.append(model)
     for split, key in (("val", "val_perplexity"), ("test", "test_perplexity")):
-      want = _numpy_perplexity([model], data.ids[split], 4, 6)
+      want = _numpy_perplexity([model], data.ids[split], batch, bptt)
       np.testing.assert_allclose(metrics[key], want, rtol=1e-4)
       np.testing.assert_allclose(saved["generations"][gen][key], want, rtol=1e-4)
     assert 1.0 < metrics["test_perplexity"] < len(vocab)  # learned something
@@ -128,11 +77,11 @@ def test_two_generations_and_ensemble(tmp_path):
   ens = export.read_json(os.path.join(run_dir, "ensemble_2", "metrics.json"))
   assert ens["members"] == [1, 2]
   np.testing.assert_allclose(
-    ens["test_perplexity"], _numpy_perplexity(members[1:], data.ids["test"], 4, 6), rtol=1e-4
+    ens["test_perplexity"], _numpy_perplexity(members[1:], data.ids["test"], batch, bptt), rtol=1e-4
   )
   np.testing.assert_allclose(
     saved["ensembles"][0]["val_perplexity"],
-    _numpy_perplexity(members[1:], data.ids["val"], 4, 6),
+    _numpy_perplexity(members[1:], data.ids["val"], batch, bptt),
     rtol=1e-4,
   )
   assert results["ensembles"][0]["name"] == "BANE-2"

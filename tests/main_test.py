@@ -1,20 +1,14 @@
-"""End to end through the binary: the run-dir contract on tfds mock CIFAR-10, flags."""
+"""The binary: flags, the paper defaults, usage errors (exit code 2, one line, nothing written)."""
 
-import glob
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-import tensorflow_datasets as tfds
 from absl import flags
 
-from ban_tf import data
 from ban_tf import errors
-from ban_tf import export
 from ban_tf import main
-from ban_tf import teacher as teacher_lib
 from tests.conftest import REPO
 
 
@@ -117,101 +111,6 @@ def test_binary_exit_code_2_one_line_and_nothing_written(tmp_path):
   assert not run_dir.exists()
 
 
-@pytest.mark.slow
-def test_end_to_end_two_generations_on_mock_cifar10(tmp_path, monkeypatch):
-  """`--gens=2` through main.run: the whole run-dir contract, teachers read from disk."""
-  loaded = []
-  real_load = teacher_lib.Teacher.load
-
-  def spy(path, *args, **kwargs):
-    loaded.append(os.path.abspath(path))
-    return real_load(path, *args, **kwargs)
-
-  monkeypatch.setattr(teacher_lib.Teacher, "load", spy)
-  # tfds' mock replaces download_and_prepare; our fail-fast network probe must not stop it.
-  monkeypatch.setattr(data, "_online", lambda: True)
-  run_dir = str(tmp_path / "run")
-  cfg = parse(
-    "--dataset=cifar10",
-    "--arch=tiny",
-    "--gens=2",
-    "--epochs=2",
-    "--batch_size=16",
-    "--val_examples=16",
-    f"--run_dir={run_dir}",
-    "--verbose=0",
-  )
-  with tfds.testing.mock_data(num_examples=64):
-    results = main.run(cfg)
-
-  # Generation k's teacher is generation k-1's SavedModel, loaded from disk.
-  assert loaded == [
-    os.path.abspath(os.path.join(run_dir, f"gen_{k}", "saved_model")) for k in (0, 1)
-  ]
-  stored = json.load(open(os.path.join(run_dir, "config.json")))
-  assert stored["gens"] == 2 and stored["resolved"]["loss"] == "ban"
-  for k in range(3):
-    gdir = os.path.join(run_dir, f"gen_{k}")
-    for name in (
-      "saved_model/saved_model.pb",
-      "model.keras",
-      "metrics.json",
-      "history.json",
-      "DONE",
-    ):
-      assert os.path.exists(os.path.join(gdir, name)), (k, name)
-    row = "Teacher" if k == 0 else f"BAN-{k}"  # TensorBoard: one run per row, run_dir/tb/<row>
-    assert glob.glob(os.path.join(run_dir, "tb", row, "events.out.tfevents.*"))
-    assert not os.path.exists(os.path.join(gdir, "ckpt"))  # cleaned once DONE
-    metrics = json.load(open(os.path.join(gdir, "metrics.json")))
-    assert metrics["gen"] == k and metrics["seed"] == k
-    assert metrics["teacher"] == (
-      None if k == 0 else os.path.join(run_dir, f"gen_{k - 1}", "saved_model")
-    )
-    assert metrics["objective"]["loss"] == ("labels" if k == 0 else "ban")
-    assert [h["epoch"] for h in json.load(open(os.path.join(gdir, "history.json")))] == [1, 2]
-  assert os.path.exists(os.path.join(run_dir, "ensemble_2", "saved_model", "saved_model.pb"))
-  assert export.is_done(os.path.join(run_dir, "ensemble_2"))
-
-  res = json.load(open(os.path.join(run_dir, "results.json")))
-  assert [g["gen"] for g in res["generations"]] == [0, 1, 2]
-  assert [g["role"] for g in res["generations"]] == ["teacher", "BAN-1", "BAN-2"]
-  for g in res["generations"]:
-    assert {
-      "gen",
-      "role",
-      "arch",
-      "params",
-      "test_accuracy",
-      "test_error",
-      "val_accuracy",
-      "epochs",
-      "seconds",
-    } <= set(g)
-    assert 0.0 <= g["test_accuracy"] <= 1.0
-    assert g["test_error"] == pytest.approx(1.0 - g["test_accuracy"])
-    assert g["epochs"] == 2 and g["arch"] == "tiny" and g["params"] > 0
-  assert [e["members"] for e in res["ensembles"]] == [[1, 2]]
-  assert res == json.loads(json.dumps(res))  # plain JSON types
-  table = open(os.path.join(run_dir, "results.md")).read()
-  for row in ("| Teacher |", "| BAN-1 |", "| BAN-2 |", "| BANE-2 |"):
-    assert row in table
-  assert len(results["generations"]) == 3
-
-  # Mock CIFAR-10 test split: every member's and the ensemble's accuracy are
-  # multiples of 1/64 (the denominator is the whole test set).
-  for acc in [g["test_accuracy"] for g in res["generations"]] + [
-    res["ensembles"][0]["test_accuracy"]
-  ]:
-    assert abs(acc * 64 - round(acc * 64)) < 1e-4
-
-  # Rerunning the same command skips every finished generation.
-  before = {k: os.path.getmtime(os.path.join(run_dir, f"gen_{k}", "DONE")) for k in range(3)}
-  with tfds.testing.mock_data(num_examples=64):
-    again = main.run(cfg)
-  assert [g["test_accuracy"] for g in again["generations"]] == [
-    g["test_accuracy"] for g in res["generations"]
-  ]
-  assert before == {
-    k: os.path.getmtime(os.path.join(run_dir, f"gen_{k}", "DONE")) for k in range(3)
-  }
+# The run-directory contract of a finished two-generation run (every file, teachers read from disk,
+# results.json, results.md, a rerun skips everything): multireplica_test.py::
+# test_run_exports_what_it_reports, on 1 and 2 replicas (it trained the same kind of run).

@@ -15,6 +15,7 @@ and do not divide the batch and the replica count:
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from absl import flags
 from ban_tf import distiller as distiller_lib
 from ban_tf import main as main_lib
 from ban_tf import models
+from tests import e2e_runs
 from tests.conftest import REPO, SHARED_TFDS, run_main, strategy_for
 
 C = 10
@@ -127,9 +129,9 @@ def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
       v.assign(v * 60.0)
     model = distiller_lib.Distiller(student, perplexity=True)  # as the LM task builds it
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # fit below leaves the weights as they are
-  ce = np.concatenate(
-    [_np_ce(student.predict(x, verbose=0).reshape(-1, vocab), y.reshape(-1)) for x, y in wins]
-  )
+  # The golden CE from eager calls on one device (no distributed predict to trace per shape).
+  logits = lambda x: keras.ops.convert_to_numpy(student(x)).reshape(-1, vocab)
+  ce = np.concatenate([_np_ce(logits(x), y.reshape(-1)) for x, y in wins])
   ds = None
   for x, y in wins:
     d = tf.data.Dataset.from_tensors((x, y))
@@ -144,12 +146,7 @@ def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
     tuple(np.stack(a) for a in zip(*[(x, y) for x, y in wins[:2]]))
   ).map(lambda x, y: (x, y, w))
   half = np.concatenate(
-    [
-      _np_ce(
-        student.predict(x[: rows // 2], verbose=0).reshape(-1, vocab), y[: rows // 2].reshape(-1)
-      )
-      for x, y in wins[:2]
-    ]
+    [_np_ce(logits(x[: rows // 2]), y[: rows // 2].reshape(-1)) for x, y in wins[:2]]
   )
   got_w = model.evaluate(weighted, verbose=0, return_dict=True)
   np.testing.assert_allclose(got_w["label_loss"], half.mean(), rtol=1e-5)
@@ -272,13 +269,16 @@ def _assert_evaluate_matches_results(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas,gens", [(1, 0), (2, 2)])
-def test_run_exports_what_it_reports(tmp_path, capsys, replicas, gens):
+def test_run_exports_what_it_reports(tmp_path, capsys, monkeypatch, replicas, gens):
   """Mock fashion_mnist (100 examples per split), batch 12: the last test batch holds
   4 examples, the last val batch 1: a replica's share is empty, and the issue's command
-  (2 replicas, 2 generations) crashed. The same command again skips every generation and
-  changes no file. 3 replicas (--sync_batchnorm, a share of 4, 0, 0):
-  test_run_matrix_on_several_replicas."""
+  (2 replicas, 2 generations) crashed. The run directory's contract (_assert_run_directory:
+  every file, teachers read from disk, results.json and results.md); the same command again
+  skips every generation and changes no file. Stored per-example outputs reproduce the
+  reported errors and (2 replicas) a one-device recomputation. 3 replicas (--sync_batchnorm,
+  a share of 4, 0, 0): test_run_matrix_on_several_replicas."""
   from ban_tf import config, main  # pylint: disable=g-import-not-at-top
+  from ban_tf import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
 
   run_dir = str(tmp_path / "run")
   cfg = config.Config(
@@ -287,24 +287,114 @@ def test_run_exports_what_it_reports(tmp_path, capsys, replicas, gens):
     train_examples=60,
     val_examples=37,
     batch_size=12,
-    epochs=1,
+    epochs=2,
     gens=gens,
     num_cpu_devices=replicas,
     run_dir=run_dir,
     lr=0.05,
     verbose="0",
   )
+  loaded = []  # every teacher the run loads
+  real_load = teacher_lib.Teacher.load
+
+  def spy(path, *args, **kwargs):
+    loaded.append(os.path.abspath(path))
+    return real_load(path, *args, **kwargs)
+
   with _mock_fashion_mnist(100):
-    main.run(cfg)
+    with monkeypatch.context() as m:
+      m.setattr(teacher_lib.Teacher, "load", spy)
+      summary = main.run(cfg)
     results = _assert_evaluate_matches_results(run_dir)
+    _assert_run_directory(run_dir, gens, cfg.epochs, loaded, n_test=100)
+    assert len(summary["generations"]) == gens + 1
+    # Every generation's stored outputs (predictions.npz) give the reported errors, and equal
+    # its SavedModel's outputs recomputed on one device (predictions_test.py's checks, here on
+    # 2 replicas; their one-replica run is predictions_test's).
+    gens_stored = {"Teacher" if g == 0 else f"BAN-{g}": f"gen_{g}" for g in range(gens + 1)}
+    e2e_runs.assert_image_outputs(run_dir, gens_stored, n_test=100, n_val=37)
+    if replicas > 1:
+      scratch = str(tmp_path / "recomputed")
+      e2e_runs.assert_outputs_equal_a_recomputation(run_dir, gens_stored.values(), scratch)
+    again = []
 
     def rerun():
       capsys.readouterr()
-      main.run(cfg)
+      again.append(main.run(cfg))
       return capsys.readouterr().out
 
     _assert_rerun_changes_nothing(run_dir, rerun, gens)
+  assert [g["test_accuracy"] for g in again[0]["generations"]] == [
+    g["test_accuracy"] for g in results["generations"]
+  ]
   assert len(results["generations"]) == gens + 1 and len(results["ensembles"]) == max(gens - 1, 0)
+
+
+def _assert_run_directory(run_dir, gens, epochs, loaded, n_test):
+  """The run directory of a finished image run of `gens` generations (the label loss, the
+  default seed): generation k's teacher is generation k-1's SavedModel loaded from disk
+  (`loaded`: the paths Teacher.load was given), every generation's files and TensorBoard run,
+  checkpoints cleaned, metrics.json, history.json, the BANE-k ensembles, results.json's fields
+  (plain JSON) and results.md's rows; accuracies count whole examples of the `n_test` test set."""
+  from ban_tf import export  # pylint: disable=g-import-not-at-top
+
+  assert loaded == [
+    os.path.abspath(os.path.join(run_dir, f"gen_{k}", "saved_model")) for k in range(gens)
+  ]
+  stored = json.load(open(os.path.join(run_dir, "config.json")))
+  assert stored["gens"] == gens and stored["resolved"]["loss"] == "ban"
+  for k in range(gens + 1):
+    gdir = os.path.join(run_dir, f"gen_{k}")
+    for name in ("saved_model/saved_model.pb", "model.keras", "metrics.json", "history.json"):
+      assert os.path.exists(os.path.join(gdir, name)), (k, name)
+    assert os.path.exists(os.path.join(gdir, "DONE")), k
+    row = "Teacher" if k == 0 else f"BAN-{k}"  # TensorBoard: one run per row, run_dir/tb/<row>
+    assert glob.glob(os.path.join(run_dir, "tb", row, "events.out.tfevents.*"))
+    assert not os.path.exists(os.path.join(gdir, "ckpt"))  # cleaned once DONE
+    metrics = json.load(open(os.path.join(gdir, "metrics.json")))
+    assert metrics["gen"] == k and metrics["seed"] == k
+    assert metrics["teacher"] == (
+      None if k == 0 else os.path.join(run_dir, f"gen_{k - 1}", "saved_model")
+    )
+    assert metrics["objective"]["loss"] == ("labels" if k == 0 else "ban")
+    history = json.load(open(os.path.join(gdir, "history.json")))
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+  for k in range(2, gens + 1):
+    assert os.path.exists(os.path.join(run_dir, f"ensemble_{k}", "saved_model", "saved_model.pb"))
+    assert export.is_done(os.path.join(run_dir, f"ensemble_{k}"))
+
+  res = json.load(open(os.path.join(run_dir, "results.json")))
+  assert [g["gen"] for g in res["generations"]] == list(range(gens + 1))
+  assert [g["role"] for g in res["generations"]] == ["teacher"] + [
+    f"BAN-{k}" for k in range(1, gens + 1)
+  ]
+  for g in res["generations"]:
+    assert {
+      "gen",
+      "role",
+      "arch",
+      "params",
+      "test_accuracy",
+      "test_error",
+      "val_accuracy",
+      "epochs",
+      "seconds",
+    } <= set(g)
+    assert 0.0 <= g["test_accuracy"] <= 1.0
+    assert g["test_error"] == pytest.approx(1.0 - g["test_accuracy"])
+    assert g["epochs"] == epochs and g["arch"] == "tiny" and g["params"] > 0
+  assert [e["members"] for e in res["ensembles"]] == [
+    list(range(1, k + 1)) for k in range(2, gens + 1)
+  ]
+  assert res == json.loads(json.dumps(res))  # plain JSON types
+  table = open(os.path.join(run_dir, "results.md")).read()
+  rows = ["Teacher"] + [f"BAN-{k}" for k in range(1, gens + 1)]
+  for row in rows + [f"BANE-{k}" for k in range(2, gens + 1)]:
+    assert f"| {row} |" in table
+  # Every member's and every ensemble's accuracy is a multiple of 1/n_test (the denominator is
+  # the whole test set).
+  for acc in [g["test_accuracy"] for g in res["generations"] + res["ensembles"]]:
+    assert abs(acc * n_test - round(acc * n_test)) < 1e-4
 
 
 def _synchronized_batchnorm(run_dir):
@@ -335,9 +425,7 @@ _LM_BATCH, _LM_BPTT = 6, 7
 
 
 def _lm_argv(directory):
-  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
-
-  lm_ref._corpus(directory)  # pylint: disable=protected-access
+  e2e_runs.lm_corpus(directory)
   return [
     "--task=lm",
     "--dataset=ptb",
@@ -645,7 +733,6 @@ def _check_ok(result):
 def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
   """The last row's val perplexity (BANE-k if any) == NumPy on its model.keras files."""
   from ban_tf import text_data  # pylint: disable=g-import-not-at-top
-  from tests import lm_e2e_test as lm_ref  # pylint: disable=g-import-not-at-top
 
   ids = text_data.TextDataset("ptb", ptb_dir=ptb_dir, bptt=_LM_BPTT).ids
   row = (results["ensembles"] or results["generations"])[-1]
@@ -653,7 +740,7 @@ def _assert_lm_matches_numpy(run_dir, results, ptb_dir, state):
     keras.saving.load_model(os.path.join(run_dir, f"gen_{g}", "model.keras"), compile=False)
     for g in row.get("members", [row.get("gen")])
   ]
-  want = lm_ref._numpy_perplexity(members, ids["val"], _LM_BATCH, _LM_BPTT, state)  # pylint: disable=protected-access
+  want = e2e_runs.numpy_perplexity(members, ids["val"], _LM_BATCH, _LM_BPTT, state)
   np.testing.assert_allclose(row["val_perplexity"], want, rtol=1e-5)
 
 

@@ -1,10 +1,11 @@
 """Per-example outputs (predictions.py): the file format, what runs store, and what reports derive.
 
 Fast: the file format (round trip, damaged files), the LM sentence layout, the results tables.
-Slow (one tiny image run on 1 and on 2 replicas, one tiny LM run): every finished model's stored
-outputs reproduce the numbers the run reported (error, perplexity), results.json rows carry the
-paired comparisons, a run without stored outputs gets them from report/evaluate, a damaged file
-is an error naming the fix.
+Slow (one tiny image run on one replica, and lm_e2e_test's LM run, e2e_runs.lm_run): every
+finished model's stored outputs reproduce the numbers the run reported (error, perplexity),
+results.json rows carry the paired comparisons, a run without stored outputs gets them from
+report/evaluate, a damaged file is an error naming the fix. The same image checks on two
+replicas: multireplica_test.py::test_run_exports_what_it_reports.
 """
 
 import json
@@ -20,6 +21,7 @@ from ban_tf import manifest
 from ban_tf import predictions
 from ban_tf import results as results_lib
 from ban_tf import stats
+from tests import e2e_runs
 from tests.conftest import SHARED_TFDS
 from tests.conftest import run_main_once
 
@@ -270,87 +272,34 @@ _IMAGE = [
 
 
 @pytest.fixture(scope="module")
-def image_runs(tmp_path_factory):
+def image_run(tmp_path_factory):
   if not os.path.isdir(os.path.join(SHARED_TFDS, "fashion_mnist")):
     pytest.skip("no shared fashion_mnist")
-  out = {}
-  for replicas in (1, 2):
-    d = str(tmp_path_factory.mktemp("img") / f"r{replicas}")
-    assert run_main_once(_IMAGE + [f"--run_dir={d}", f"--num_cpu_devices={replicas}"]) == 0
-    out[replicas] = d
-  return out
+  d = str(tmp_path_factory.mktemp("img") / "r1")
+  assert run_main_once(_IMAGE + [f"--run_dir={d}"]) == 0
+  return d
 
 
 _MODELS = {"Teacher": "gen_0", "BAN-1": "gen_1", "Baseline": "baseline"}
-
-
-def _rows(run_dir):
-  res = json.load(open(os.path.join(run_dir, "results.json")))
-  return {r.key: r.entry for r in results_lib.rows(res)}
+_rows = e2e_runs.rows
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_image_outputs_reproduce_the_reported_errors(image_runs, replicas):
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
+def test_image_outputs_reproduce_the_reported_errors(image_run, tmp_path):
+  """One replica here; on two (and a replica's empty share of the last batch):
+  multireplica_test.py::test_run_exports_what_it_reports[2-2], with the same checks.
 
-  task = tasks.get("image")
-  run_dir = image_runs[replicas]
-  rows = _rows(run_dir)
-  labels = None
-  for key, name in _MODELS.items():
-    out = predictions.read(os.path.join(run_dir, name), task.prediction_arrays)
-    assert set(out) == {"test", "val"}
-    assert out["test"]["labels"].shape == (100,) and out["val"]["labels"].shape == (50,)
-    assert out["test"]["probabilities"].dtype == np.float16
-    # The reported error (the Distiller's, on `replicas` replicas; 1 - float32 accuracy) from the
-    # stored outputs: the same count of wrong examples (one example = 1 point of 100, 2 of 50).
-    assert task.headline_from(out["test"]) == pytest.approx(100 * rows[key]["test_error"], abs=1e-4)
-    assert task.headline_from(out["val"]) == pytest.approx(
-      100 * (1 - rows[key]["val_accuracy"]), abs=1e-4
-    )
-    np.testing.assert_allclose(
-      out["test"]["probabilities"].astype(np.float32).sum(-1), 1, atol=5e-3
-    )
-    if labels is not None:
-      np.testing.assert_array_equal(out["test"]["labels"], labels)  # the same examples, in order
-    labels = out["test"]["labels"]
-    entry = manifest.read(run_dir)[name]
-    assert entry["predictions_sha256"] == manifest.file_digest(
-      predictions.path(os.path.join(run_dir, name))
-    )
+  What the run stored also equals the SavedModels' outputs recomputed here (on one device
+  with the default strategy)."""
+  e2e_runs.assert_image_outputs(image_run, _MODELS, n_test=100, n_val=50)
+  e2e_runs.assert_outputs_equal_a_recomputation(image_run, _MODELS.values(), str(tmp_path))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_outputs_stored_under_replicas_equal_a_one_device_recomputation(
-  image_runs, replicas, tmp_path
-):
-  """What a run on 1 or 2 replicas stored equals the SavedModel's outputs recomputed here, on
-  one device with the default strategy (the runs' weights differ: training on 2 replicas sums
-  gradients in another order, so the two runs' outputs are not compared with each other)."""
-  from ban_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+def test_image_rows_carry_paired_comparisons(image_run):
   from ban_tf import tasks  # pylint: disable=g-import-not-at-top
 
-  run_dir = image_runs[replicas]
-  cfg = config_lib.Config.from_dict(json.load(open(os.path.join(run_dir, "config.json"))))
-  task = tasks.get("image")
-  dataset = task.load_data(cfg)
-  for name in _MODELS.values():
-    copy = tmp_path / name
-    shutil.copytree(os.path.join(run_dir, name, "saved_model"), copy / "saved_model")
-    task.store_predictions(cfg, dataset, str(copy))
-    stored, again = predictions.read(os.path.join(run_dir, name)), predictions.read(str(copy))
-    for split in ("test", "val"):
-      for k in task.prediction_arrays:
-        np.testing.assert_array_equal(stored[split][k], again[split][k])
-
-
-@pytest.mark.slow
-def test_image_rows_carry_paired_comparisons(image_runs):
-  from ban_tf import tasks  # pylint: disable=g-import-not-at-top
-
-  run_dir = image_runs[1]
+  run_dir = image_run
   rows = _rows(run_dir)
   assert "vs_teacher" not in rows["Teacher"] and "vs_baseline" not in rows["Baseline"]
   out = {k: predictions.read(os.path.join(run_dir, n))["test"] for k, n in _MODELS.items()}
@@ -391,18 +340,18 @@ def _strip_outputs(run_dir):
 
 
 @pytest.mark.slow
-def test_report_computes_missing_outputs_of_an_old_run(image_runs, tmp_path):
+def test_report_computes_missing_outputs_of_an_old_run(image_run, tmp_path):
   from ban_tf import report  # pylint: disable=g-import-not-at-top
 
   run_dir = str(tmp_path / "old")
-  shutil.copytree(image_runs[1], run_dir)
-  before = _rows(image_runs[1])
+  shutil.copytree(image_run, run_dir)
+  before = _rows(image_run)
   _strip_outputs(run_dir)
   assert "vs_teacher" not in _rows(run_dir)["BAN-1"]
   report.write_report(run_dir, hparams=False)
   for name in _MODELS.values():
     new = predictions.read(os.path.join(run_dir, name))
-    old = predictions.read(os.path.join(image_runs[1], name))
+    old = predictions.read(os.path.join(image_run, name))
     for split in ("test", "val"):
       for k in old[split]:
         np.testing.assert_array_equal(new[split][k], old[split][k])
@@ -413,11 +362,11 @@ def test_report_computes_missing_outputs_of_an_old_run(image_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_computes_missing_outputs(image_runs, tmp_path):
+def test_evaluate_computes_missing_outputs(image_run, tmp_path):
   from ban_tf import evaluate  # pylint: disable=g-import-not-at-top
 
   run_dir = str(tmp_path / "old")
-  shutil.copytree(image_runs[2], run_dir)
+  shutil.copytree(image_run, run_dir)
   _strip_outputs(run_dir)
   got = evaluate.evaluate_run(run_dir)
   assert sorted(got["predictions_computed"]) == ["baseline", "gen_0", "gen_1"]
@@ -426,11 +375,11 @@ def test_evaluate_computes_missing_outputs(image_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_or_replaced_outputs_stop_the_report(image_runs, tmp_path):
+def test_damaged_or_replaced_outputs_stop_the_report(image_run, tmp_path):
   from ban_tf import report  # pylint: disable=g-import-not-at-top
 
   run_dir = str(tmp_path / "bad")
-  shutil.copytree(image_runs[1], run_dir)
+  shutil.copytree(image_run, run_dir)
   p = predictions.path(os.path.join(run_dir, "gen_1"))
   data = open(p, "rb").read()
   open(p, "wb").write(data[: len(data) // 2])
@@ -447,35 +396,11 @@ def test_damaged_or_replaced_outputs_stop_the_report(image_runs, tmp_path):
 
 # ---- language model ---------------------------------------------------------------------------------------
 
-_WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
-
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-  ptb = tmp_path_factory.mktemp("ptb")
-  rng = np.random.RandomState(0)
-  for name, lines in (("train", 200), ("valid", 40), ("test", 41)):
-    with open(ptb / f"ptb.{name}.txt", "w") as f:
-      for _ in range(lines):
-        f.write(" " + " ".join(str(w) for w in rng.choice(_WORDS, rng.randint(3, 9))) + " \n")
-  d = str(tmp_path_factory.mktemp("lm") / "run")
-  argv = [
-    "--task=lm",
-    "--dataset=ptb",
-    f"--ptb_dir={ptb}",
-    "--arch=lstm-1-16",
-    "--batch_size=4",
-    "--bptt=6",
-    "--lr=1.0",
-    "--momentum=0",
-    "--weight_decay=0",
-    "--epochs=1",
-    "--gens=2",
-    "--verbose=0",
-    f"--run_dir={d}",
-  ]
-  assert run_main_once(argv) == 0
-  return d
+  """lm_e2e_test's run (e2e_runs.lm_run: Teacher, BAN-1, BAN-2, BANE-2), trained once."""
+  return e2e_runs.lm_run(tmp_path_factory)[1]
 
 
 @pytest.mark.slow
@@ -491,11 +416,13 @@ def test_lm_outputs_reproduce_the_reported_perplexity(lm_run):
       assert o["nll"].dtype == np.float32 and o["sentence"].dtype == np.int32
       # Every token of the split scored once (carry: one stream); sentences = corpus lines.
       assert o["sentence"][0] == 0 and np.all(np.diff(o["sentence"]) >= 0)
-      assert o["sentence"][-1] + 1 == (41 if split == "test" else 40)
+      lines = e2e_runs.LM_LINES["test" if split == "test" else "valid"]
+      assert o["sentence"][-1] + 1 == lines
       ppl = math.exp(float(np.mean(o["nll"], dtype=np.float64)))
       assert ppl == pytest.approx(rows[key][f"{split}_perplexity"], rel=1e-5)
   v = rows["BAN-1"]["vs_teacher"]
-  assert v["unit"] == "tokens" and v["detail"] == "41 sentences" and v["p"] is not None
+  assert v["unit"] == "tokens" and v["p"] is not None
+  assert v["detail"] == f"{e2e_runs.LM_LINES['test']} sentences"
   t = predictions.read(os.path.join(lm_run, "gen_0"))["test"]
   b = predictions.read(os.path.join(lm_run, "gen_1"))["test"]
   assert v == stats.paired_lm(b["nll"], t["nll"], t["sentence"]).to_json()

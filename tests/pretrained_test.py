@@ -242,34 +242,20 @@ def test_content_digest_sees_every_byte_and_name(tmp_path):
 # ---- end to end ---------------------------------------------------------------------
 
 
-@needs_data
-@pytest.mark.parametrize("name", ["logits_sm", "logits.keras", "module_sm", "folder/saved_model"])
-def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypatch, capsys):
-  """Its test accuracy is the one plain Keras computes; it teaches BAN-1; the Teacher row shows it.
-
-  folder/saved_model: a plain export that sits in a saved_model/ folder, passed as --teacher=folder
-  (once taken for a damaged ban_tf generation: "has no fingerprint.npz").
-  """
-  src, want = teachers
-  arg = os.path.join(src, name)
-  if name == "folder/saved_model":
-    shutil.copytree(os.path.join(src, "module_sm"), str(tmp_path / name))
-    arg = str(tmp_path / "folder")
+def _assert_plain_keras_teacher(run_dir, arg, gens, want, out, err):
+  """gen_0 of `run_dir` imported the plain-Keras teacher `arg` (given as --teacher=`arg`, with
+  --gens=`gens`): its test accuracy is the one plain Keras computes; it serves the same logits;
+  it teaches BAN-1 (gens >= 1); the Teacher row, results.md and the console show it (`out`,
+  `err`: the run's console text)."""
   label = os.path.basename(arg)
-  run_dir = str(tmp_path / "run")
-  gens = 1 if name == "logits_sm" else 0  # one of them teaches a student
-  code, out, err = _main(
-    monkeypatch, capsys, _ARGS + [f"--gens={gens}", f"--teacher={arg}", f"--run_dir={run_dir}"]
-  )
-  assert code == 0, err
   m = export.read_json(os.path.join(run_dir, "gen_0", "metrics.json"))
   assert m["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)  # 512 images: exact
-  assert m["pretrained"] and m["source"]["path"] == arg and m["epochs"] == 0
+  assert m["pretrained"] and m["source"]["path"] == os.path.abspath(arg) and m["epochs"] == 0
   assert (
     m["params"] == 784 * 32 + 32 + 32 * 10 + 10
   )  # module_sm: a tf.Module, read from its signature
   np.testing.assert_allclose(_serve(run_dir, want["x"]), want["logits"], rtol=1e-4, atol=1e-4)
-  assert os.path.exists(os.path.join(run_dir, "gen_0", "model.keras")) == name.endswith(".keras")
+  assert os.path.exists(os.path.join(run_dir, "gen_0", "model.keras")) == arg.endswith(".keras")
   if gens:
     assert export.read_json(os.path.join(run_dir, "gen_1", "metrics.json"))["teacher"].endswith(
       "gen_0/saved_model"
@@ -283,6 +269,29 @@ def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypat
   assert os.path.exists(os.path.join(run_dir, "report.png"))
   results = export.read_json(os.path.join(run_dir, "results.json"))
   assert results["generations"][0]["test_error"] == pytest.approx(1 - want["test_accuracy"])
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["logits_sm", "folder/saved_model"])
+def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypatch, capsys):
+  """Its test accuracy is the one plain Keras computes; the Teacher row shows it.
+
+  folder/saved_model: a plain export that sits in a saved_model/ folder, passed as --teacher=folder
+  (once taken for a damaged ban_tf generation: "has no fingerprint.npz"). The same checks of
+  logits.keras: test_relative_teacher_rerun_from_another_directory; of module_sm, teaching BAN-1:
+  test_replaced_teacher_is_refused_and_a_removed_one_is_not.
+  """
+  src, want = teachers
+  arg = os.path.join(src, name)
+  if name == "folder/saved_model":
+    shutil.copytree(os.path.join(src, "module_sm"), str(tmp_path / name))
+    arg = str(tmp_path / "folder")
+  run_dir = str(tmp_path / "run")
+  code, out, err = _main(
+    monkeypatch, capsys, _ARGS + ["--gens=0", f"--teacher={arg}", f"--run_dir={run_dir}"]
+  )
+  assert code == 0, err
+  _assert_plain_keras_teacher(run_dir, arg, 0, want, out, err)
 
 
 @needs_data
@@ -432,11 +441,13 @@ def test_replaced_teacher_is_refused_and_a_removed_one_is_not(
   teachers, tmp_path, monkeypatch, capsys
 ):
   """Also: --ensemble_include_teacher reads a SavedModel teacher (no model.keras) through its `serve`."""
-  src, _ = teachers
+  src, want = teachers
   path, run_dir = str(tmp_path / "teacher_sm"), str(tmp_path / "run")
   shutil.copytree(os.path.join(src, "module_sm"), path)
   argv = _ARGS + [f"--teacher={path}", "--ensemble_include_teacher", f"--run_dir={run_dir}"]
-  assert _main(monkeypatch, capsys, argv + ["--gens=1"])[0] == 0
+  code, out, err = _main(monkeypatch, capsys, argv + ["--gens=1"])
+  assert code == 0, err
+  _assert_plain_keras_teacher(run_dir, path, 1, want, out, err)  # a tf.Module teaches BAN-1
   before = {
     f: os.stat(os.path.join(run_dir, "gen_1", f)).st_mtime_ns for f in ("metrics.json", "DONE")
   }
@@ -457,7 +468,7 @@ def test_replaced_teacher_is_refused_and_a_removed_one_is_not(
 def test_relative_teacher_rerun_from_another_directory(teachers, tmp_path, monkeypatch, capsys):
   """--teacher=t.keras (relative) rerun from a directory where it names nothing: the run's
   gen_0 copy serves, nothing retrained; where it names another file: refused."""
-  src, _ = teachers
+  src, want = teachers
   run_dir = str(tmp_path / "run")
   for name, model in (("a", "logits.keras"), ("c", "probs.keras")):
     (tmp_path / name).mkdir()
@@ -465,7 +476,9 @@ def test_relative_teacher_rerun_from_another_directory(teachers, tmp_path, monke
   (tmp_path / "b").mkdir()
   argv = _ARGS + ["--teacher=t.keras", "--gens=0", f"--run_dir={run_dir}"]
   monkeypatch.chdir(tmp_path / "a")
-  assert _main(monkeypatch, capsys, argv)[0] == 0
+  code, out, err = _main(monkeypatch, capsys, argv)
+  assert code == 0, err
+  _assert_plain_keras_teacher(run_dir, "t.keras", 0, want, out, err)  # logits.keras, imported
   done = os.stat(os.path.join(run_dir, "gen_0", "DONE")).st_mtime_ns
   monkeypatch.chdir(tmp_path / "b")  # t.keras names nothing here
   code, _, err = _main(monkeypatch, capsys, argv)

@@ -4,8 +4,8 @@ Unit: the placeholder's resolution (Config.for_seed / seed_runs / resolved_teach
 one-line usage errors, raised before any run directory is made. End to end on the shared
 fashion_mnist (tiny arch, 256 examples, 1 epoch): a --seeds=2 teacher run, then
 --seeds=2 --teacher=<it>/seed_{seed}/gen_0 imports each seed's own teacher, reruns resume
-(also once the teachers are gone), a replaced teacher is refused, and a fixed --teacher is
-recorded and announced as fixed.
+(also once the teachers are gone), a replaced teacher is refused (one run of students does all
+three), and a fixed --teacher is recorded and announced as fixed.
 """
 
 import dataclasses
@@ -237,8 +237,12 @@ def _source(run_dir, seed):
 
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
 def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, capsys):
+  """Each seed imports its own teacher; a rerun resumes, also once the teachers are gone; a
+  seed's teacher replaced since it was imported is refused (one line)."""
+  teachers = str(tmp_path / "t")
+  shutil.copytree(teacher_seeds, teachers)  # the replacement below changes it
   students = str(tmp_path / "s")
-  template = f"{teacher_seeds}/seed_{{seed}}/gen_0"
+  template = f"{teachers}/seed_{{seed}}/gen_0"
   argv = _ARGS + ["--gens=1", "--seeds=2", f"--teacher={template}", f"--run_dir={students}"]
   code, out, err = run_main(monkeypatch, capsys, argv)
   assert code == 0, err
@@ -250,7 +254,7 @@ def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, c
   sha = {}
   for seed in (0, 100):
     src = _source(students, seed)
-    own = os.path.join(teacher_seeds, f"seed_{seed}", "gen_0")
+    own = os.path.join(teachers, f"seed_{seed}", "gen_0")
     assert src["path"] == os.path.abspath(own) and src["given"] == own  # the resolved path
     assert src["sha256"] == checks.source_sha256(os.path.join(own, "saved_model"))
     sha[seed] = src["sha256"]
@@ -275,29 +279,13 @@ def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, c
 
   # The teachers gone: each seed run resumes from its own gen_0 copy.
   gone = str(tmp_path / "t_gone")
-  os.rename(teacher_seeds, gone)
-  try:
-    code, out, err = run_main(monkeypatch, capsys, argv)
-    assert code == 0, err
-    assert students_metrics() == before
-  finally:
-    os.rename(gone, teacher_seeds)
-
-
-@pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
-def test_a_replaced_seeds_teacher_is_refused(teacher_seeds, tmp_path, monkeypatch, capsys):
-  teachers = str(tmp_path / "t")
-  shutil.copytree(teacher_seeds, teachers)
-  students = str(tmp_path / "s")
-  argv = _ARGS + [
-    "--gens=0",
-    "--seeds=2",
-    f"--teacher={teachers}/seed_{{seed}}/gen_0",
-    f"--run_dir={students}",
-  ]
-  code, _, err = run_main(monkeypatch, capsys, argv)
+  os.rename(teachers, gone)
+  code, out, err = run_main(monkeypatch, capsys, argv)
   assert code == 0, err
-  # Seed 100's teacher replaced by seed 0's since it was imported.
+  assert students_metrics() == before
+  os.rename(gone, teachers)
+
+  # Seed 100's teacher replaced by seed 0's since it was imported: refused.
   shutil.rmtree(os.path.join(teachers, "seed_100", "gen_0"))
   shutil.copytree(
     os.path.join(teachers, "seed_0", "gen_0"), os.path.join(teachers, "seed_100", "gen_0")
@@ -306,6 +294,7 @@ def test_a_replaced_seeds_teacher_is_refused(teacher_seeds, tmp_path, monkeypatc
   lines = err.strip().splitlines()
   assert code == 2 and len(lines) == 1, err
   assert f"--teacher={teachers}/seed_100/gen_0 changed since this run imported it" in lines[0]
+  assert students_metrics() == before
 
 
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
