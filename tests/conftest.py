@@ -147,6 +147,20 @@ IMAGE_ARGS = [
   "--deterministic",
 ]
 _LM_WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split()
+# The tiny language-model recipe (add --ptb_dir, --epochs and what a test varies): a one-layer
+# 16-unit LSTM, BAN+L, plain SGD with clipping.
+LM_ARGS = [
+  "--task=lm",
+  "--dataset=ptb",
+  "--arch=lstm-1-16",
+  "--batch_size=4",
+  "--bptt=6",
+  "--lr=1.0",
+  "--momentum=0",
+  "--weight_decay=0",
+  "--clip_norm=5",
+  "--loss=ban_l",
+]
 
 
 def lm_args(ptb_dir):
@@ -160,21 +174,7 @@ def lm_args(ptb_dir):
     with open(os.path.join(ptb_dir, f"ptb.{name}.txt"), "w") as f:
       for _ in range(lines):
         f.write(" " + " ".join(str(w) for w in rng.choice(_LM_WORDS, rng.randint(3, 9))) + " \n")
-  return [
-    "--task=lm",
-    "--dataset=ptb",
-    f"--ptb_dir={ptb_dir}",
-    "--arch=lstm-1-16",
-    "--batch_size=4",
-    "--bptt=6",
-    "--lr=1.0",
-    "--momentum=0",
-    "--weight_decay=0",
-    "--clip_norm=5",
-    "--loss=ban_l",
-    "--epochs=2",
-    "--verbose=0",
-  ]
+  return [f"--ptb_dir={ptb_dir}"] + LM_ARGS + ["--epochs=2", "--verbose=0"]
 
 
 def copy_run(src, tmp_path, name="run"):

@@ -23,6 +23,7 @@ from ban_tf import errors
 from ban_tf import export
 from ban_tf import main as main_lib
 from ban_tf import train
+from tests.conftest import LM_ARGS
 from tests.conftest import SHARED_TFDS
 from tests.conftest import run_main
 
@@ -576,21 +577,7 @@ def test_language_model_teacher_from_a_run(tmp_path, monkeypatch, capsys):
     with open(tmp_path / f"ptb.{name}.txt", "w") as f:
       for _ in range(lines):
         f.write(" " + " ".join(rng.choice(words, rng.randint(3, 9))) + " \n")
-  lm = [
-    "--task=lm",
-    "--dataset=ptb",
-    f"--ptb_dir={tmp_path}",
-    "--arch=lstm-1-16",
-    "--batch_size=4",
-    "--bptt=6",
-    "--lr=1.0",
-    "--momentum=0",
-    "--weight_decay=0",
-    "--clip_norm=5",
-    "--loss=ban_l",
-    "--epochs=1",
-    "--verbose=0",
-  ]
+  lm = [f"--ptb_dir={tmp_path}"] + LM_ARGS + ["--epochs=1", "--verbose=0"]
   first, second = str(tmp_path / "teacher"), str(tmp_path / "students")
   assert _main(monkeypatch, capsys, lm + ["--gens=0", f"--run_dir={first}"])[0] == 0
   code, _, err = _main(

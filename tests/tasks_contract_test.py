@@ -33,6 +33,7 @@ from ban_tf import evaluate
 from ban_tf import export
 from ban_tf import report
 from ban_tf import tasks
+from tests.conftest import LM_ARGS
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
 from tests.conftest import run_main
@@ -67,19 +68,7 @@ def _image_argv(tmp_path):
 
 def _lm_argv(tmp_path):
   ptb = _corpus(str(tmp_path))
-  return [
-    "--task=lm",
-    "--dataset=ptb",
-    f"--ptb_dir={ptb}",
-    "--arch=lstm-1-16",
-    "--batch_size=4",
-    "--bptt=6",
-    "--lr=1.0",
-    "--momentum=0",
-    "--weight_decay=0",
-    "--clip_norm=5",
-    "--loss=ban_l",
-  ]
+  return [f"--ptb_dir={ptb}"] + LM_ARGS
 
 
 _RUNS = {"image": _image_argv, "lm": _lm_argv}
