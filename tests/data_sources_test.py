@@ -88,6 +88,10 @@ def test_image_folder_training_order_is_a_function_of_seed_and_epoch(tmp_path):
   # The fixed file order mixes the classes: a held-out tail and a head are not one class.
   held = data.Dataset(None, image_folder=str(tmp_path / "pets"), val_examples=6, train_examples=6)
   assert len(set(_all(held.val(6))[1].tolist())) > 1
+  # The held-out files are the last ones training reads (read alone, not after a skip).
+  tail = _all(held._train_src.skip(data._count(held._train_src) - 6).batch(64))
+  np.testing.assert_array_equal(_all(held.val(6))[0], tail[0])
+  np.testing.assert_array_equal(_all(held.val(6))[1], tail[1])
   assert (
     held.info.num_train == 6 and len(set(_all(held._train_src.take(6).batch(6))[1].tolist())) > 1
   )
@@ -168,6 +172,49 @@ def test_tfds_split_slices_and_named_validation():
     data.Dataset(
       "fashion_mnist", SHARED_TFDS, train_split="train[:10]", val_split="test[:5]", val_examples=2
     )
+
+
+@_HAS_TFDS
+@pytest.mark.parametrize(
+  "spec, n",
+  [("train", 64), ("train[-200:]", 60), ("train[1000:1300]", 64), ("train[:300]+test[:50]", 80)],
+)
+def test_held_out_examples_are_the_last_the_training_split_reads(spec, n):
+  """--val_examples=n holds out the last n examples the training split reads, in its order,
+  whether read alone (one file: a tfds slice of just them) or after a skip (a union)."""
+  ds = data.Dataset(
+    "fashion_mnist", SHARED_TFDS, train_split=spec, val_examples=n, test_split="test[5000:]"
+  )
+  source = data._tfds_source("fashion_mnist", SHARED_TFDS, spec, None, "test", (), None, None, None)
+  total = data._count(source["train"])
+  want = _all(source["train"].skip(total - n).batch(4096))
+  got = _all(ds.val(32))
+  assert ds.info.num_val == n and ds.info.num_train == total - n
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+@_HAS_TFDS
+def test_held_out_examples_of_one_file_are_read_alone():
+  """What data._last asks tfds to read: only the n examples of a one-file split (a skip over
+  the split parses every example before them, ~4 s per pass over fashion_mnist's
+  60,000); the whole spec, then a skip, when the split reads several files (tfds interleaves
+  them)."""
+  builder = data._builder("fashion_mnist", SHARED_TFDS)
+  asked = []
+
+  def read(split):
+    asked.append(split)
+    return tf.data.Dataset.range(1000)
+
+  data._last(builder, "train[:90%]", 64, read)
+  (one,) = asked
+  (part,) = one.to_absolute(builder.info.splits)
+  assert (part.splitname, part.from_, part.to) == ("train", 53936, 54000)
+  asked.clear()
+  tail = data._last(builder, "train[:10]+test[:5]", 3, read)
+  assert asked == ["train[:10]+test[:5]"]
+  assert list(tail.as_numpy_iterator()) == [997, 998, 999]
 
 
 @_HAS_TFDS
