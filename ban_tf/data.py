@@ -728,9 +728,9 @@ def _last(builder, spec, n, read):
   """
   try:
     files = builder.info.splits[spec].file_instructions
-  except Exception:  # pylint: disable=broad-except  (unknown file layout: skip, as below)
-    files = ()
-  parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+    parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+  except Exception:  # pylint: disable=broad-except  (no split metadata, e.g. tfds.testing.mock_data)
+    files = parts = ()
   if len(files) == 1 and len(parts) == 1:
     end = parts[0].to
     if end is None:

@@ -215,6 +215,13 @@ def test_held_out_examples_of_one_file_are_read_alone():
   tail = data._last(builder, "train[:10]+test[:5]", 3, read)
   assert asked == ["train[:10]+test[:5]"]
   assert list(tail.as_numpy_iterator()) == [997, 998, 999]
+  asked.clear()
+  from ban_tf import bench  # pylint: disable=g-import-not-at-top  # its tfds mock, as bench runs it
+
+  with bench.tfds_mock(10):  # tfds.testing.mock_data: no split metadata, so the skip
+    mocked = data._builder("fashion_mnist", None)
+    assert list(data._last(mocked, "train", 2, read).as_numpy_iterator()) == [998, 999]
+  assert asked == ["train"]
 
 
 @_HAS_TFDS
