@@ -191,6 +191,7 @@ def test_probability_teachers_teach_their_log_probabilities(tmp_path):
     distiller.Distiller(_net(6), probs, teacher_outputs="softmax")
 
 
+@pytest.mark.slow
 def test_compiled_metrics_and_one_hot_labels_on_two_replicas():
   """1 vs 2 replicas: the same student weights and the same logged extra metric."""
   x, y = _data()

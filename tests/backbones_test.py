@@ -182,6 +182,7 @@ def test_share_stem_head_refused_and_feature_widths_checked():
   assert ":" not in config.Config(arch="keras:ResNet50").default_run_dir()
 
 
+@pytest.mark.slow
 def test_grey_images_are_replicated_to_rgb():
   keras.utils.set_random_seed(0)
   grey = models.build_model("keras:MobileNetV3Small", 3, (32, 32, 1))
@@ -193,6 +194,7 @@ def test_grey_images_are_replicated_to_rgb():
   )
 
 
+@pytest.mark.slow
 def test_batchnorm_fused_nested_and_stock_copy():
   """The backbone's BatchNormalization layers are fused (as in the CIFAR zoo), found by
   the Distiller's replica averaging and by --sync_batchnorm, and model.keras gets stock
@@ -214,6 +216,7 @@ def test_batchnorm_fused_nested_and_stock_copy():
   assert all(l.synchronized for l in bns)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights():
   def build():
     keras.utils.set_random_seed(5)
@@ -224,6 +227,7 @@ def test_same_seed_same_weights():
 
 
 # ---- --init_weights -----------------------------------------------------------
+@pytest.mark.slow
 def test_init_weights_from_a_local_file_and_missing_files(tmp_path, monkeypatch):
   """A backbone's weights saved from keras.applications (include_top=False) start the
   model; the classifier stays fresh. Missing files are one-line usage errors."""

@@ -53,6 +53,7 @@ def _scalars(logdir):
   }
 
 
+@pytest.mark.slow
 def test_logged_learning_rate_is_the_one_each_epoch_used(monkeypatch, capsys, tmp_path):
   """--epochs=3 --lr=0.1, milestones 0.3,0.6,0.8 -> boundaries after epochs 1, 2, 2: 0.1, 0.02, 0.0008."""
   run_dir = str(tmp_path / "run")
@@ -68,6 +69,7 @@ def test_logged_learning_rate_is_the_one_each_epoch_used(monkeypatch, capsys, tm
   assert all(h["kd_loss"] == 0 for h in history)
 
 
+@pytest.mark.slow
 def test_resumed_run_writes_each_tensorboard_point_once(monkeypatch, capsys, caplog, tmp_path):
   """Stopped between epoch 2's TensorBoard write and its checkpoint, then rerun."""
   run_dir = str(tmp_path / "run")
@@ -94,6 +96,7 @@ def test_resumed_run_writes_each_tensorboard_point_once(monkeypatch, capsys, cap
 
 
 @pytest.mark.parametrize("fault,signum", [("sigint", signal.SIGINT), ("sigterm", signal.SIGTERM)])
+@pytest.mark.slow
 def test_signal_prints_one_line_exits_128_plus_signum_and_rerun_resumes(
   monkeypatch, capsys, caplog, tmp_path, fault, signum
 ):

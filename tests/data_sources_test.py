@@ -177,7 +177,7 @@ def test_tfds_split_slices_and_named_validation():
 @_HAS_TFDS
 @pytest.mark.parametrize(
   "spec, n",
-  [("train", 64), ("train[-200:]", 60), ("train[1000:1300]", 64), ("train[:300]+test[:50]", 80)],
+  [("train[-200:]", 60), ("train[1000:1300]", 64), ("train[:300]+test[:50]", 80)],
 )
 def test_held_out_examples_are_the_last_the_training_split_reads(spec, n):
   """--val_examples=n holds out the last n examples the training split reads, in its order,

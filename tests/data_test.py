@@ -87,6 +87,7 @@ def test_pipelines_give_identical_batches_from_a_resumed_epoch(fmnist):
   assert n == 2 * 3 * 32
 
 
+@pytest.mark.slow
 def test_training_on_either_path_gives_identical_weights(fmnist):
   def fit(device):
     keras.utils.set_random_seed(0)

@@ -170,6 +170,7 @@ def test_teacher_batchnorm_statistics_do_not_move(tmp_path):
   "loss,temperature,label_weight",
   [("labels", 1.0, 0.0), ("ban", 1.0, 0.0), ("kd", 4.0, 0.5), ("cwtm", 1.0, 1.0)],
 )
+@pytest.mark.slow
 def test_one_vs_two_replicas_same_update(teacher_dir, loss, temperature, label_weight):
   kwargs = dict(loss=loss, temperature=temperature, label_weight=label_weight, weight_decay=5e-3)
   tdir = None if loss == "labels" else teacher_dir

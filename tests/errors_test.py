@@ -203,6 +203,7 @@ def test_broken_teacher_is_refused_before_anything_is_written(
   assert _snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_changed_experiment_flag_is_refused_unless_overwrite(monkeypatch, capsys, run_copy):
   before = _snapshot(run_copy)
   code, err = _main(monkeypatch, capsys, FINISHED + [f"--run_dir={run_copy}", "--lr=0.05"])
@@ -293,6 +294,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_exits_2_keeps_checkpoint_and_resumes(monkeypatch, capsys, caplog, small_disk):
   disk, fault = small_disk
   run_dir = os.path.join(disk, "run")
@@ -323,6 +325,7 @@ def test_real_divergence_exits_1_with_a_clear_message(monkeypatch, capsys, tmp_p
   assert not (run_dir / "gen_0" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_nan_keeps_last_good_checkpoint_and_rerun_resumes(monkeypatch, capsys, caplog, tmp_path):
   run_dir = str(tmp_path / "run")
   argv = BASE + [f"--run_dir={run_dir}", "--epochs=2"]

@@ -69,6 +69,7 @@ def test_serving_signature_names_and_fixed_size(tmp_path, arch):
     loaded.serve(tf.zeros((1, 16, 16, 3)))  # H and W are part of the signature
 
 
+@pytest.mark.slow
 def test_tflite_conversion_keeps_the_fixed_size_and_names(tmp_path):
   model = tiny(9, "lite")
   path = str(tmp_path / "saved_model")
@@ -249,6 +250,7 @@ def test_missing_and_mismatched_teacher(tmp_path):
 
 
 @pytest.mark.parametrize("with_features", [False, True])
+@pytest.mark.slow
 def test_load_teacher_reads_the_savedmodel_once_and_checks_that_copy(
   tmp_path, monkeypatch, with_features
 ):
@@ -303,6 +305,7 @@ def test_write_json_is_atomic(tmp_path):
   assert os.listdir(tmp_path) == ["m.json"]
 
 
+@pytest.mark.slow
 def test_ensemble_is_mean_of_member_probabilities(tmp_path):
   members = [tiny(10 + i, f"g{i}") for i in range(3)]
   ens = generations.build_ensemble(members)
@@ -331,6 +334,7 @@ def test_ensemble_members():
   assert generations.ensemble_members(2, include_teacher=True) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_classify_reads_what_serving_default_names_its_output(tmp_path, capsys):
   """evaluate --images: `logits` are softmaxed and `probabilities` taken as they are, by name, not
   by guessing from the values; a signature-only SavedModel works; an unnamed output says so."""

@@ -332,6 +332,7 @@ def test_report_on_a_read_only_run_directory(read_only_run, tmp_path):
   assert os.path.exists(out["png"])
 
 
+@pytest.mark.slow
 def test_report_cli_prints_one_error_line(tmp_path):
   run = _fake_run(str(tmp_path / "run"), 0, [0.1, 0.09, 0.08, 0.07])
   os.makedirs(os.path.join(run, "results.md"))
@@ -353,6 +354,7 @@ def test_report_cli_prints_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["main", "evaluate", "report"])
+@pytest.mark.slow
 def test_help_into_a_closed_pipe_ends_quietly(module):
   """`python -m ban_tf.main --help | head`: the reader has gone before the help is written."""
   read, write = os.pipe()
@@ -460,6 +462,7 @@ def test_vocab_and_labels_are_read_from_inside_or_beside_the_saved_model(tmp_pat
   assert evaluate.class_names(str(old / "saved_model"), 2) == ["cat", "dog"]
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_noise_stays_off_the_console_unless_verbose(tmp_path):
   """Was ~9 lines of TensorFlow's C++ banner on stderr for the Python API and ban_tf.evaluate
   (the training binary already kept it for log.txt); --verbose still shows it."""

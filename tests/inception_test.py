@@ -144,6 +144,7 @@ def test_host_and_device_pipelines_identical_from_a_resumed_epoch(fmnist, replic
   assert not np.array_equal(other[0][0], host[0][0])
 
 
+@pytest.mark.slow
 def test_training_on_either_path_gives_identical_weights(fmnist):
   def fit(device):
     keras.utils.set_random_seed(0)
@@ -180,6 +181,7 @@ def _counted(ds):
   return ds.map(tick), reads
 
 
+@pytest.mark.slow
 def test_a_split_larger_than_the_cache_budget_streams_in_the_same_order(monkeypatch):
   """Over _CACHE_BYTES the training split is re-read every epoch (not cached) and, with a
   buffer as large as the cached one, the batches are the same, also from a resumed epoch,
@@ -316,6 +318,7 @@ def test_resume_with_another_augment_is_refused():
   assert parse("--augment=flip_crop").experiment_diff(stored) == []
 
 
+@pytest.mark.slow
 def test_mock_imagenette_end_to_end(monkeypatch, tmp_path):
   """A tiny run on tfds' own mock of imagenette (tfds.testing.mock_data: random images of
   random sizes 5..49 px through the builder's as_dataset and feature decoding, as a user's

@@ -128,6 +128,7 @@ def test_training_state_is_the_stream_state_and_resets_per_epoch(replicas):
   np.testing.assert_allclose(_local(strategy, state.student_state), want.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_steps_golden_and_one_two_three_replicas():
   rows = (
     np.random.RandomState(5).randint(0, V, (6, 17)).astype(np.int32)
@@ -176,6 +177,7 @@ def test_batch_must_split_evenly_over_replicas():
       distiller_lib.CarriedState(lm_models.stateful(student), 16, 3, 1)
 
 
+@pytest.mark.slow
 def test_evaluation_is_the_whole_stream_whatever_the_batch(tmp_path):
   _corpus(tmp_path)
   ds = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=6, state="carry")
@@ -214,6 +216,7 @@ def test_training_windows_come_in_order_every_epoch(tmp_path):
     np.testing.assert_array_equal(x, want[k % steps][0])
 
 
+@pytest.mark.slow
 def test_stateful_endpoint_reproduces_the_model(tmp_path):
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}" for i in range(11))
   keras.utils.set_random_seed(0)
@@ -262,6 +265,7 @@ def test_stateful_endpoint_reproduces_the_model(tmp_path):
     teacher_lib.Teacher.load(old, stateful=True)
 
 
+@pytest.mark.slow
 def test_resume_from_an_epoch_checkpoint_is_exact(tmp_path):
   _corpus(tmp_path)
   ds = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=5, state="carry")

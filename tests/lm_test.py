@@ -240,6 +240,7 @@ def _one_clipped_step(replicas, x, y, clip_norm):
   return before, [v.numpy() for v in student.trainable_variables]
 
 
+@pytest.mark.slow
 def test_clip_norm_clips_the_global_gradient():
   rng = np.random.RandomState(2)
   x = rng.randint(0, 13, (4, 5)).astype(np.int32)

@@ -117,6 +117,7 @@ def _lm_windows(rows, length, bptt, vocab, seed):
   return out
 
 
+@pytest.mark.slow
 def test_lm_perplexity_is_exp_of_global_token_mean(strategy):
   from ban_tf import lm_models  # pylint: disable=g-import-not-at-top
 
@@ -203,6 +204,7 @@ def test_batchnorm_statistics_are_one_set(strategy, sync):
     assert not np.allclose(var.numpy(), ref.numpy(), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_trains_like_one_device():
   """Synchronised BN: a 3-replica step equals the one-device step on the global batch."""
   rng = np.random.RandomState(1)
@@ -793,6 +795,7 @@ def test_evaluation_draws_its_input_once(replicas):
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.slow
 def test_repeated_evaluations_of_a_padded_cached_split_are_exact(replicas):
   """20 evaluations on 2 and 3 replicas of the data.py pipeline (cached, last batch padded with
   zero-weight examples): every one gives NumPy's count on the real examples."""

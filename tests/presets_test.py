@@ -40,7 +40,6 @@ PRESETS = sorted(
 # Every preset, Table 6's too (for what needs no model built).
 _ALL_PRESETS = sorted(glob.glob(os.path.join(REPO, "flags", "paper", "*.flags")))
 _CLASSES = {"cifar10": 10, "cifar100": 100}
-_BUILT = set()
 
 
 @functools.cache  # a Config is frozen: parsed once per file
@@ -88,18 +87,26 @@ def test_preset(path):
     assert cfg.teacher_arch == "densenet-90-60" and cfg.arch_for(0) == "densenet-90-60"
   # The paper trains on all 50,000 images: no hold-out, no subset.
   assert cfg.val_examples == 0 and cfg.train_examples == 0
-  for gen in (0, 1):
-    arch = cfg.arch_for(gen)
-    if (arch, num_classes) in _BUILT:
-      continue
-    keras.backend.clear_session()
-    model = models.build_model(arch, num_classes, (32, 32, 3))
-    assert model.get_layer("logits").kernel.shape[-1] == num_classes
-    _BUILT.add((arch, num_classes))
+  assert {(cfg.arch_for(gen), num_classes) for gen in (0, 1)} <= set(_MODELS)  # built below
   if cfg.share_stem_head:  # the shared layers must have the same shapes
     teacher_w = models.densenet_widths(cfg.teacher_arch)
     spec = models.parse_arch(cfg.arch_for(1))
     assert spec["stem"] == teacher_w["stem"] and spec["out"] == teacher_w["features"]
+
+
+# Every (architecture, classes) a preset trains as teacher or student: full-size paper models.
+_MODELS = sorted(
+  {(c.arch_for(g), _CLASSES[c.dataset]) for p in PRESETS for c in [_config(p)] for g in (0, 1)}
+)
+
+
+@pytest.mark.slow  # full-size DenseNet-BC / WRN / ResNet models: ~1-10 s each to build
+@pytest.mark.parametrize("arch, num_classes", _MODELS, ids=lambda v: str(v))
+def test_preset_models_build(arch, num_classes):
+  """Each model a preset trains builds, with one logit per class of its data set."""
+  keras.backend.clear_session()
+  model = models.build_model(arch, num_classes, (32, 32, 3))
+  assert model.get_layer("logits").kernel.shape[-1] == num_classes
 
 
 def _by_run_dir():

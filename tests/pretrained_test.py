@@ -274,6 +274,7 @@ def _assert_plain_keras_teacher(run_dir, arg, gens, want, out, err):
 
 @needs_data
 @pytest.mark.parametrize("name", ["logits_sm", "folder/saved_model"])
+@pytest.mark.slow
 def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypatch, capsys):
   """Its test accuracy is the one plain Keras computes; the Teacher row shows it.
 
@@ -297,6 +298,7 @@ def test_plain_keras_teacher_is_generation_0(name, teachers, tmp_path, monkeypat
 
 @needs_data
 @pytest.mark.parametrize("name", ["probs_sm", "probs.keras"])
+@pytest.mark.slow
 def test_probability_teacher_gives_the_logits_teachers_targets(
   name, teachers, tmp_path, monkeypatch, capsys
 ):
@@ -409,6 +411,7 @@ def test_damaged_teachers_are_one_line_errors(teachers, tmp_path, monkeypatch, c
 
 
 @needs_data
+@pytest.mark.slow
 def test_ban_tf_probability_saved_model_teaches(tmp_path, monkeypatch, capsys):
   """A BANE-style SavedModel ({"pixels"} -> {"probabilities"}, as export writes ensembles) as --teacher.
 
@@ -438,6 +441,7 @@ def test_ban_tf_probability_saved_model_teaches(tmp_path, monkeypatch, capsys):
 
 
 @needs_data
+@pytest.mark.slow
 def test_replaced_teacher_is_refused_and_a_removed_one_is_not(
   teachers, tmp_path, monkeypatch, capsys
 ):
@@ -466,6 +470,7 @@ def test_replaced_teacher_is_refused_and_a_removed_one_is_not(
   assert export.is_done(os.path.join(run_dir, "gen_2")) and "| BANE-2 | ensemble of T,1,2 |" in out
 
 
+@pytest.mark.slow
 def test_relative_teacher_rerun_from_another_directory(teachers, tmp_path, monkeypatch, capsys):
   """--teacher=t.keras (relative) rerun from a directory where it names nothing: the run's
   gen_0 copy serves, nothing retrained; where it names another file: refused."""
@@ -491,6 +496,7 @@ def test_relative_teacher_rerun_from_another_directory(teachers, tmp_path, monke
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
   """Train the teacher once (--teacher_dropout), then students of it with their own seeds."""
   teacher_run = str(tmp_path / "teacher")
@@ -550,6 +556,7 @@ def test_a_runs_generation_teaches_other_runs(tmp_path, monkeypatch, capsys):
 
 
 @needs_data
+@pytest.mark.slow
 def test_teacher_measured_on_two_replicas(teachers, tmp_path, monkeypatch, capsys):
   """Global evaluation: 2 replicas (512 test images in batches of 64) give plain Keras' accuracy."""
   src, want = teachers
@@ -569,6 +576,7 @@ def test_teacher_measured_on_two_replicas(teachers, tmp_path, monkeypatch, capsy
   assert got == pytest.approx(want["test_accuracy"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_language_model_teacher_from_a_run(tmp_path, monkeypatch, capsys):
   """An LM generation teaches another run: copied, re-measured to the same perplexities."""
   rng = np.random.RandomState(0)

@@ -192,6 +192,7 @@ def test_damaged_finished_run_is_refused_and_changes_nothing(
   assert not os.path.exists(os.path.join(run, "gen_3"))
 
 
+@pytest.mark.slow
 def test_damaged_ensemble_metrics_is_rebuilt_with_a_warning(
   finished, tmp_path, monkeypatch, capsys, caplog
 ):
@@ -356,6 +357,7 @@ def _empty_newest_index(ckpt):
   os.truncate(os.path.join(ckpt, "ckpt-2.index"), 0)
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_falls_back_repairs_and_resumes_bit_identically(
   partial, reference, tmp_path, monkeypatch, capsys, caplog
 ):

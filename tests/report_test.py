@@ -155,6 +155,7 @@ def test_parent_of_seed_runs_gives_mean_and_std(tmp_path):
   ) in md
 
 
+@pytest.mark.slow
 def test_cli_with_run_dirs_list(tmp_path):
   a = _fake_run(str(tmp_path / "a"), 0, [0.2, 0.18, 0.17, 0.16], baseline=0.19)
   b = _fake_run(str(tmp_path / "b"), 1, [0.22, 0.2, 0.15, 0.14], baseline=0.21)
@@ -464,6 +465,7 @@ def test_comparison_says_a_fixed_teacher_is_one_model_and_names_runs_one_way(tmp
   assert rows["BAN-1 (own)"]["runs"] == [own] and "shared_by" not in rows["Teacher (own)"]
 
 
+@pytest.mark.slow
 def test_comparison_refuses_different_test_sets(tmp_path):
   teacher, ban, _ = _table2_row(tmp_path)
   other = _run(
@@ -803,6 +805,7 @@ class _StubImages:
     return None
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_reports_comparisons(tmp_path, monkeypatch, capsys):
   """`ban_tf.evaluate --run_dir` prints each row's Δ vs teacher (and vs baseline) with its 95% CI,
   p and verdict, the cells results.md has, and the method/legend lines (it printed the plain

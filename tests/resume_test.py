@@ -193,6 +193,7 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(baseline, tmp_path
   np.testing.assert_array_equal(fp[0], fp[1])
 
 
+@pytest.mark.slow
 def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path, monkeypatch):
   """Resuming builds the (per-epoch shuffled) training pipeline once, from the next epoch."""
   from ban_tf import config, data, export, train  # pylint: disable=g-import-not-at-top
@@ -229,6 +230,7 @@ def test_resume_builds_the_input_pipeline_once_from_the_restored_epoch(tmp_path,
   assert result["epochs"] == 2 and os.path.exists(os.path.join(gen_dir, "DONE"))
 
 
+@pytest.mark.slow
 def test_final_val_figures_are_the_last_epochs_validation_live_and_resumed(tmp_path, monkeypatch):
   """The final val figures reuse the last epoch's validation (no second pass), live and after a
   resume past the last checkpoint, and equal a fresh evaluation of the saved model."""

@@ -236,6 +236,7 @@ def _source(run_dir, seed):
 
 
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
+@pytest.mark.slow
 def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, capsys):
   """Each seed imports its own teacher; a rerun resumes, also once the teachers are gone; a
   seed's teacher replaced since it was imported is refused (one line)."""
@@ -298,6 +299,7 @@ def test_one_teacher_per_seed_end_to_end(teacher_seeds, tmp_path, monkeypatch, c
 
 
 @pytest.mark.skipif(not _HAS_DATA, reason="no shared fashion_mnist")
+@pytest.mark.slow
 def test_a_fixed_teacher_is_recorded_and_announced(teacher_seeds, tmp_path, monkeypatch, capsys):
   students = str(tmp_path / "f")
   teacher = f"{teacher_seeds}/seed_0/gen_0"

@@ -49,6 +49,7 @@ def teachers(tmp_path_factory):
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 def test_a_mixed_precision_teacher_computes_in_bfloat16(teachers):
   t32, t16 = teachers
   assert t32.compute_dtype_found == "float32"

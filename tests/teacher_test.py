@@ -59,6 +59,7 @@ def _eq(got, want):
 
 
 # ---- every kind: the logits of calling the model directly, bit for bit -----------------
+@pytest.mark.slow
 def test_generation_savedmodel_logits_and_facts(saved):
   root, net = saved
   path = str(root / "gen")
@@ -88,6 +89,7 @@ def test_generation_savedmodel_features(saved):
   assert t.feature_dim == net.get_layer("features").output.shape[-1] == out.features.shape[-1]
 
 
+@pytest.mark.slow
 def test_plain_savedmodel_signature_logits_and_probabilities(saved):
   root, net = saved
   x = tf.constant(_x())
@@ -105,6 +107,7 @@ def test_plain_savedmodel_signature_logits_and_probabilities(saved):
   np.testing.assert_allclose(t(x).logits, np.log(_probs(net)(x).numpy()), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_keras_model_keras_file_and_tfsmlayer_wrapped(saved):
   root, net = saved
   x = tf.constant(_x())

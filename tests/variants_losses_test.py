@@ -98,6 +98,7 @@ def _one_step(strategy, init, teacher_init, data, **kw):
   ],
   ids=["cwtm", "features", "features_projection"],
 )
+@pytest.mark.slow
 def test_two_replica_update_equals_one_replica(kw):
   rng = np.random.default_rng(2)
   x = rng.uniform(-1, 1, (16, 8, 8, 1)).astype("float32")
