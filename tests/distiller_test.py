@@ -190,6 +190,7 @@ def test_one_vs_two_replicas_same_update(teacher_dir, loss, temperature, label_w
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.slow
 def test_clip_norm_clips_the_unscaled_gradient_under_mixed_float16(replicas):
   """clip_norm bounds the true gradient's norm under mixed_float16 too: one SGD step (lr 1)
   moves the weights by clip_norm, as in float32 (once: the loss-scaled gradient was clipped,

@@ -117,6 +117,7 @@ def _batches(ds):
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.slow
 def test_host_and_device_pipelines_identical_from_a_resumed_epoch(fmnist, replicas):
   """train(device_augment=False) == augment_batch in the step, per replica; epoch 1 of a
   resumed run (first_epoch=1) == epoch 1 of an uninterrupted one."""

@@ -109,6 +109,7 @@ def _local(strategy, var):
 
 
 @pytest.mark.parametrize("replicas", [1, 3])  # 2: as 3 (and in the golden test below)
+@pytest.mark.slow
 def test_training_state_is_the_stream_state_and_resets_per_epoch(replicas):
   rows = (
     np.random.RandomState(2).randint(0, V, (6, 13)).astype(np.int32)

@@ -288,6 +288,7 @@ def test_plateau_lr_previous_epoch_reference():
 
 # ---- export round trip --------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["lstm-1-16", "cnn-lstm-small"])
+@pytest.mark.slow
 def test_export_round_trip_ids_to_logits(tmp_path, arch):
   vocab = ("<unk>", "<eos>") + tuple(f"w{i}" for i in range(30))
   model = lm_models.build_model(arch, vocab)

@@ -351,6 +351,7 @@ def test_probability_teacher_gives_the_logits_teachers_targets(
     ),
   ],
 )
+@pytest.mark.slow
 def test_mismatches_are_one_line_errors(
   name, extra, fragment, teachers, tmp_path, monkeypatch, capsys
 ):

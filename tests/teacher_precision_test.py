@@ -56,6 +56,7 @@ def test_a_mixed_precision_teacher_computes_in_bfloat16(teachers):
   assert t16.compute_dtype_found == "bfloat16"
 
 
+@pytest.mark.slow
 def test_kd_target_of_bf16_teacher_is_float32_and_close_to_float32_teacher(teachers):
   t32, t16 = teachers
   x = tf.constant(np.random.RandomState(0).uniform(0, 255, (64,) + SHAPE).astype(np.float32))

@@ -76,6 +76,7 @@ def test_generation_savedmodel_logits_and_facts(saved):
   assert t.variables and t.trainable_variables == []
 
 
+@pytest.mark.slow
 def test_generation_savedmodel_features(saved):
   root, net = saved
   path = str(root / "gen")
@@ -182,6 +183,7 @@ def test_distiller_step_has_no_teacher_kind_branches():
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.slow
 def test_targets_under_replicas_are_todays_bit_for_bit(saved, replicas):
   """Each replica's targets: exactly what today's TFSMLayer gave there (and, up to the
   kernels' batch-size rounding, the one-device endpoint's)."""
