@@ -180,6 +180,7 @@ def _local_values(strategy, v):
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["averaged", "sync_batchnorm"])
+@pytest.mark.slow
 def test_batchnorm_statistics_are_one_set(strategy, sync):
   rng = np.random.RandomState(0)
   x = rng.uniform(0, 255, (12, 8, 8, 3)).astype(np.float32)

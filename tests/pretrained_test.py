@@ -370,6 +370,7 @@ def test_mismatches_are_one_line_errors(
 
 
 @needs_data
+@pytest.mark.slow
 def test_damaged_teachers_are_one_line_errors(teachers, tmp_path, monkeypatch, capsys):
   """A truncated saved_model.pb, a SavedModel without variables/ (once tracebacks), and a ban_tf
   generation whose variables were damaged (once advising to retrain a generation of another run)."""
