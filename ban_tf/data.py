@@ -726,12 +726,11 @@ def _last(builder, spec, n, read):
   file: tfds interleaves the files of a split as it reads them, so the last examples read
   are not the last of the last file.
   """
-  try:
-    files = builder.info.splits[spec].file_instructions
+  files = _split_rows(builder, spec)  # None without split metadata (tfds.testing.mock_data)
+  parts = ()
+  if files and len(files) == 1:
     parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
-  except Exception:  # pylint: disable=broad-except  (no split metadata, e.g. tfds.testing.mock_data)
-    files = parts = ()
-  if len(files) == 1 and len(parts) == 1:
+  if len(parts) == 1:
     end = parts[0].to
     if end is None:
       end = builder.info.splits[parts[0].splitname].num_examples
