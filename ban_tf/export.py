@@ -170,29 +170,42 @@ def _input_spec(model, input_shape, spec=None):
 def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None, stateful=None):
   """SavedModel with `serving_default` (input `pixels` or `tokens`, output {output_name}),
   `serve` (the same, returning the bare tensor, as ban_tf has always read it) and, when
-  the model has a "features" layer, `features` and `logits_and_features` endpoints."""
+  the model has a "features" layer, `features` and `logits_and_features` endpoints.
+
+  The model is traced once, into one tf.function (`core`) that every endpoint calls;
+  endpoints that each called the model traced it once each (an export took longer and the
+  SavedModel was larger; figures in docs/performance.md).
+  """
   signature = [_input_spec(model, input_shape, spec)]
   archive = keras.export.ExportArchive()
   archive.track(model)
-  # Registered first and under this name: what TF Serving, TFLite and saved_model_cli use.
-  archive.add_endpoint(
-    "serving_default",
-    lambda x: {output_name: tf.cast(model(x, training=False), tf.float32)},
-    input_signature=signature,
-  )
-  archive.add_endpoint(SERVE, lambda x: model(x, training=False), input_signature=signature)
   if _has_features(model):
     both = keras.Model(
       model.inputs, {"logits": model.outputs[0], "features": model.get_layer("features").output}
     )
+    core = tf.function(
+      lambda x: both(x, training=False), input_signature=signature, autograph=False
+    )
+    logits = lambda x: core(x)["logits"]
+  else:
+    core = tf.function(
+      lambda x: model(x, training=False), input_signature=signature, autograph=False
+    )
+    logits = core
+  # Registered first and under this name: what TF Serving, TFLite and saved_model_cli use.
+  archive.add_endpoint(
+    "serving_default",
+    lambda x: {output_name: tf.cast(logits(x), tf.float32)},
+    input_signature=signature,
+  )
+  archive.add_endpoint(SERVE, logits, input_signature=signature)
+  if _has_features(model):
     archive.add_endpoint(
-      FEATURES,
-      lambda x: tf.cast(both(x, training=False)["features"], tf.float32),
-      input_signature=signature,
+      FEATURES, lambda x: tf.cast(core(x)["features"], tf.float32), input_signature=signature
     )
     archive.add_endpoint(
       BOTH,
-      lambda x: {k: tf.cast(v, tf.float32) for k, v in both(x, training=False).items()},
+      lambda x: {k: tf.cast(v, tf.float32) for k, v in core(x).items()},
       input_signature=signature,
     )
   if stateful is not None:  # shares the model's weights (lm_models.stateful)

@@ -29,6 +29,7 @@ BASE = [
   "--dataset=fashion_mnist",
   "--arch=tiny",
   "--train_examples=256",
+  "--test_split=test[:256]",  # a console, not accuracy: 256 test images, not 10,000
   "--batch_size=32",
   "--epochs=1",
   "--gens=0",
@@ -188,7 +189,7 @@ def test_binary_console_is_quiet_fits_a_screen_and_sigterm_exits_143(tmp_path):
   out = proc.stdout.splitlines()
   assert len(out) <= 12, proc.stdout
   assert out[0].startswith(
-    "fashion_mnist (train/val/test 256/0/10000 examples), tiny, 1 generation of ban"
+    "fashion_mnist (train/val/test 256/0/256 examples), tiny, 1 generation of ban"
   )
   assert out[2] == "gen 0/1 teacher: tiny (1.5k params), labels only, no teacher, seed 0"
   assert (

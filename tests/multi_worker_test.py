@@ -1,8 +1,8 @@
 """--strategy=multi_worker end to end: two worker processes on 127.0.0.1 (CPU).
 
 Runs the teacher and one BAN generation (tiny net, 128 fashion_mnist examples, one
-epoch) and checks that both workers end each generation with identical weights
-(the chief's metrics.json digest against the other worker's log line), that only
+epoch, 200 test images) and checks that both workers end each generation with identical
+weights (the chief's metrics.json digest against the other worker's log line), that only
 the chief wrote the run directory, and that every output was written once.
 """
 
@@ -61,6 +61,7 @@ def test_two_workers_train_identical_weights_and_chief_writes_once(tmp_path):
       "--dataset=fashion_mnist",
       f"--data_dir={SHARED_TFDS}",
       "--train_examples=128",
+      "--test_split=test[:200]",  # 200 test images, not 10,000: a 2-process eval is slow
       "--epochs=1",
       "--gens=1",
       "--batch_size=32",
