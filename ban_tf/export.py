@@ -224,7 +224,15 @@ def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None,
 
 
 def export_saved_model(
-  model, path, input_shape=None, class_names=(), output_name=LOGITS, *, spec=None, stateful=None
+  model,
+  path,
+  input_shape=None,
+  class_names=(),
+  output_name=LOGITS,
+  *,
+  spec=None,
+  stateful=None,
+  return_loaded=False,
 ):
   """Exports to a temporary directory, fingerprints, renames into place.
 
@@ -241,7 +249,9 @@ def export_saved_model(
   weights, [tokens [N, T], state float32 [N, S]] -> [outputs, state [N, S]]
   (lm_models.stateful), served as `serve_stateful` ({output_name, "state"}), so a
   caller can carry the state across consecutive windows. Returns the fingerprint
-  outputs of `serve`.
+  outputs of `serve`; with `return_loaded`, (those, the tf.saved_model.load object they
+  were computed with), so a caller that reads the SavedModel next need not load it again
+  (the files it was loaded from are the ones renamed into `path`).
   """
   tmp = _tmp_path(path)
   shutil.rmtree(tmp, ignore_errors=True)
@@ -250,14 +260,15 @@ def export_saved_model(
     x = spec.example_inputs()
   else:
     x = fingerprint_inputs(input_shape or tuple(model.inputs[0].shape[1:]))
-  y = _call_saved_model(tmp, x)
+  loaded = tf.saved_model.load(tmp)
+  y = _call_saved_model(tmp, x, loaded)
   np.savez(os.path.join(tmp, FINGERPRINT_FILE), inputs=x, outputs=y)
   if class_names:
     with open(os.path.join(tmp, LABELS_FILE), "w") as f:
       f.write("".join(f"{name}\n" for name in class_names))
   faults.kill_if("kill_during_export", os.path.basename(os.path.dirname(os.path.abspath(path))))
   _replace_dir(tmp, path)
-  return y
+  return (y, loaded) if return_loaded else y
 
 
 def save_keras(model, path):

@@ -338,13 +338,15 @@ class ModelDir:
     4. `extra_files`: (file name, write(path)) pairs, each written atomically into the
        model directory and its sha256 recorded in the manifest entry (`files_sha256`);
        `outputs(model_dir)`: writes the per-example outputs (layout.PREDICTIONS,
-       predictions.py) through the written SavedModel (task.store_predictions); its sha256
+       predictions.py) through the written SavedModel (task.store_predictions, called with
+       `loaded=` the export's tf.saved_model.load of it, or None); its sha256
        is recorded in the entry as `predictions_sha256` (manifest.digests).
     5. metrics.json (`result`); 6. the manifest entry: the digests, `record` and the
        extra files'; 7. DONE; then the training checkpoints are removed.
     """
     assert (model is None) != (copy_from is None), "seal: a model or copy_from"
     self.make()
+    loaded = None  # the written SavedModel, loaded (the export's), for `outputs`
     if copy_from is not None:
       _copy_tree(copy_from, self.saved_model)
       keras_path = layout.beside(copy_from, layout.KERAS)
@@ -356,7 +358,7 @@ class ModelDir:
           os.path.join(self.saved_model, export.LABELS_FILE),
         )
     else:
-      export.export_saved_model(
+      _, loaded = export.export_saved_model(
         model,
         self.saved_model,
         spec.input_shape,
@@ -364,6 +366,7 @@ class ModelDir:
         output_name=output_name,
         spec=spec,
         stateful=task.stateful_model(model) if stateful is _TASK else stateful,
+        return_loaded=True,
       )
     for name, text in spec.assets:  # inside the SavedModel, as an image model's labels.txt
       export.write_text(text, os.path.join(self.saved_model, name))
@@ -390,7 +393,7 @@ class ModelDir:
       os.replace(tmp, path)
       files[name] = manifest.file_digest(path)
     if outputs is not None:
-      outputs(self.path)
+      outputs(self.path, loaded=loaded)
     export.write_json(result, os.path.join(self.path, layout.METRICS))
     # Bound to the run outside the model directory, before DONE (manifest.py).
     fields = dict(record or {}, **manifest.digests(self.path))

@@ -99,11 +99,12 @@ def split_arrays(dataset, batch_size):
 def store_outputs(model, splits, probabilities):
   """seal's `outputs`: writes predictions.npz (predictions.write, the arrays of
   tasks/image.py's per_example) of the Keras `model` on `splits` (split_arrays). The
-  shortcut past task.store_predictions (which reloads the SavedModel and reads the data
-  set again for every model) is the point: one read of the data for the whole run.
+  shortcut past task.store_predictions (which reads the SavedModel and the data set
+  again for every model) is the point: one read of the data for the whole run.
   `probabilities`: the model outputs probabilities (an ensemble), else logits."""
 
-  def write(model_dir):
+  def write(model_dir, loaded=None):
+    del loaded  # the Keras model is read, not the SavedModel
     arrays = {}
     for split, (x, y) in splits.items():
       out = model.predict(x, batch_size=256, verbose=0).astype(np.float64)

@@ -210,9 +210,12 @@ class Task:
     """
     raise NotImplementedError
 
-  def store_predictions(self, cfg, dataset, model_dir, *, probabilities=False):
+  def store_predictions(self, cfg, dataset, model_dir, *, probabilities=False, loaded=None):
     """Computes model_dir/predictions.npz from model_dir/saved_model (test, and val when the
     data set has one), scored as the run's evaluation scores; returns its path.
+
+    `loaded`: that SavedModel's tf.saved_model.load object when the caller holds one
+    (rundir.ModelDir.seal, from the export); else it is loaded here.
 
     Raises:
       errors.UsageError: the SavedModel cannot be loaded (evaluate.load's message).
@@ -225,7 +228,7 @@ class Task:
         f"{saved} is missing: its per-example outputs cannot be computed; restore it, or retrain it"
       )
     try:
-      model = tf.saved_model.load(saved)
+      model = loaded if loaded is not None else tf.saved_model.load(saved)
     except Exception as e:  # pylint: disable=broad-except  (truncated proto, scrambled variables)
       raise errors.UsageError(
         f"{saved} cannot be loaded ({type(e).__name__}): it is damaged; restore it, or retrain it"
