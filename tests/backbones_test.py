@@ -307,22 +307,6 @@ _E2E = [
 ]
 
 
-def _e2e_run(folder, run_dir, fault=None, extra=()):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
-  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
-
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("BAN_TF_FAULT", None)
-  if fault:
-    env["BAN_TF_FAULT"] = fault
-  cmd = [sys.executable, "-m", "ban_tf.main", f"--image_folder={folder}", f"--run_dir={run_dir}"]
-  return subprocess.run(
-    cmd + _E2E + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
-  )
-
-
 def _json(run_dir, rel):
   import json  # pylint: disable=g-import-not-at-top
 
@@ -341,13 +325,15 @@ def _json(run_dir, rel):
 def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(
   tmp_path, monkeypatch, capsys, caplog
 ):
-  """keras:MobileNetV3Small, teacher and BAN-1 on a folder of generated JPEGs: killed mid-
+  """keras:MobileNetV3Small, teacher and BAN-1 on a folder of generated JPEGs: stopped mid-
   generation 1 and resumed equals the uninterrupted run; a rerun trains nothing; the
   SavedModel serves raw pixels and model.keras loads in plain Keras with equal outputs.
 
   The teacher is trained once (--gens=0) and copied: both runs extend it with --gens=1, as
-  multireplica_test's run matrix does. Only the killed run is a process of its own (a real
-  SIGKILL); the others run main() in this process.
+  multireplica_test's run matrix does. Every run is main() in this process; the "kill" is a
+  full disk where generation 1's epoch-2 checkpoint is saved (the epoch-1 checkpoint is kept),
+  the restore path a SIGKILL takes too (a real SIGKILL: multireplica_test's image-2replica
+  cell, tasks_contract_test, resume_test).
   """
   import json  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
@@ -369,8 +355,11 @@ def test_ban_run_of_a_keras_backbone_on_jpegs_resumes_exactly_and_exports(
   main(full, gens=0)
   shutil.copytree(full, killed)
   assert "Epoch " in main(full)  # --verbose=2 prints Keras' epochs (the rerun's check below)
-  proc = _e2e_run(folder, killed, fault="kill_after_checkpoint@gen_1/epoch_1", extra=["--gens=1"])
-  assert proc.returncode < 0, proc.stderr[-3000:]
+  monkeypatch.setenv("BAN_TF_FAULT", "enospc@gen_1/epoch_2")
+  argv = [f"--image_folder={folder}", f"--run_dir={killed}"] + _E2E + ["--gens=1"]
+  code, _, err = run_main(monkeypatch, capsys, argv)
+  assert code == 2 and "no space left" in err, err[-3000:]
+  monkeypatch.delenv("BAN_TF_FAULT")
   assert os.path.exists(os.path.join(killed, "gen_0", "DONE"))
   assert not os.path.exists(os.path.join(killed, "gen_1", "DONE"))
   with caplog.at_level(logging.INFO, logger="absl"):

@@ -45,10 +45,11 @@ _WORDS = "the cat dog sat on mat a big small red ran fast slow house tree".split
 LM_LINES = {"train": 300, "valid": 50, "test": 50}  # lines (sentences) of each split
 
 
-def lm_corpus(directory, seed=0):
-  """Writes a PTB-format corpus (ptb.{train,valid,test}.txt, LM_LINES lines) into `directory`."""
+def lm_corpus(directory, seed=0, lines_per_split=None):
+  """Writes a PTB-format corpus (ptb.{train,valid,test}.txt, `lines_per_split` lines, by
+  default LM_LINES) into `directory`."""
   rng = np.random.RandomState(seed)
-  for name, lines in LM_LINES.items():
+  for name, lines in (lines_per_split or LM_LINES).items():
     with open(os.path.join(directory, f"ptb.{name}.txt"), "w") as f:
       for _ in range(lines):
         # A little structure to learn: "the" is followed by a noun.

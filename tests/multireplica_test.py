@@ -410,7 +410,9 @@ def _synchronized_batchnorm(run_dir):
 # ---- the run matrix on several replicas: fresh, evaluate, rerun, kill and resume, report ----------
 # Split sizes that divide neither the batch nor the replicas. Image: 200 train examples at
 # batch 24 (the last 8 dropped), 50 val and 100 test (last batches of 2 and 4: on 3 replicas
-# one share is empty). LM: the lm_e2e corpus at batch 6 and bptt 7 (the last window shorter).
+# one share is empty). LM: a 96/28/28-line corpus (e2e_runs.lm_corpus) at batch 6 and bptt 7:
+# 15/5/5 windows, the last of every split shorter (5/3/3 tokens); a third of the lm_e2e corpus's
+# training steps, which on 2-3 replicas cost about 50 ms each.
 _IMAGE = [
   "--task=image",
   "--dataset=fashion_mnist",
@@ -425,10 +427,11 @@ _IMAGE = [
 
 
 _LM_BATCH, _LM_BPTT = 6, 7
+_LM_LINES = {"train": 96, "valid": 28, "test": 28}
 
 
 def _lm_argv(directory):
-  e2e_runs.lm_corpus(directory)
+  e2e_runs.lm_corpus(directory, lines_per_split=_LM_LINES)
   return [
     "--task=lm",
     "--dataset=ptb",
@@ -798,7 +801,7 @@ def test_evaluation_draws_its_input_once(replicas):
 @pytest.mark.parametrize("replicas", [2, 3])
 @pytest.mark.slow
 def test_repeated_evaluations_of_a_padded_cached_split_are_exact(replicas):
-  """20 evaluations on 2 and 3 replicas of the data.py pipeline (cached, last batch padded with
+  """10 evaluations on 2 and 3 replicas of the data.py pipeline (cached, last batch padded with
   zero-weight examples): every one gives NumPy's count on the real examples."""
   from ban_tf import data  # pylint: disable=g-import-not-at-top
 
@@ -808,7 +811,7 @@ def test_repeated_evaluations_of_a_padded_cached_split_are_exact(replicas):
   src = tf.data.Dataset.from_tensor_slices((x.astype(np.uint8), y))
   model = _scorer(strategy_for(replicas))
   want = np.mean(np.argmax(model.student(tf.constant(x)).numpy(), -1) == y)
-  for _ in range(20):
+  for _ in range(10):
     ds = fake._eval(src, 100, 24)  # pylint: disable=protected-access  (4 x 24 + 4 padded)
     got = model.evaluate(ds, verbose=0, return_dict=True)["accuracy"]
     assert got == pytest.approx(want, abs=1e-7)

@@ -25,6 +25,7 @@ import tensorflow as tf
 from tests.conftest import IMAGE_ARGS
 from tests.conftest import REPO
 from tests.conftest import SHARED_TFDS
+from tests.conftest import run_main_once
 
 # The shared tiny run (256 test images, --deterministic) with 2 epochs, a student, dropout
 # (its RNG state must resume too) and the log lines the test reads.
@@ -73,9 +74,9 @@ def _mtimes(gen_dir):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
+  """The uninterrupted run, main() in this process (the killed ones are processes of their own)."""
   run_dir = str(tmp_path_factory.mktemp("baseline") / "run")
-  proc = _run(run_dir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert run_main_once(ARGS + [f"--run_dir={run_dir}"]) == 0
   return run_dir
 
 
