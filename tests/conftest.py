@@ -203,18 +203,3 @@ def fabricated_image_run(tmp_path_factory):
 
   run_dir = str(tmp_path_factory.mktemp("fabricated_image") / "run")
   return fabricate.finished_run(run_dir, gens=2, cfg=config_of(IMAGE_ARGS + ["--gens=2"]))
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
-def pytest_collection_modifyitems(items):
-  """Tests that share a module- or session-scoped fixture (a trained run, exported teachers)
-  run in one pytest-xdist worker (`--dist=loadgroup`, pytest.ini), so each such fixture is
-  built once in the suite, not once in every worker that draws one of its tests. Grouped by
-  the name of the first such fixture a test uses: lm_e2e_test's and predictions_test's
-  `lm_run` are one run (e2e_runs.once, per process), so one group."""
-  for item in items:
-    for name in item.fixturenames:
-      defs = item._fixtureinfo.name2fixturedefs.get(name)  # pylint: disable=protected-access
-      if defs and defs[-1].scope in ("module", "session"):
-        item.add_marker(pytest.mark.xdist_group(name))
-        break
