@@ -179,7 +179,8 @@ def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None,
   signature = [_input_spec(model, input_shape, spec)]
   archive = keras.export.ExportArchive()
   archive.track(model)
-  if _has_features(model):
+  has_features = _has_features(model)
+  if has_features:
     both = keras.Model(
       model.inputs, {"logits": model.outputs[0], "features": model.get_layer("features").output}
     )
@@ -199,7 +200,7 @@ def _write_archive(model, path, input_shape=None, output_name=LOGITS, spec=None,
     input_signature=signature,
   )
   archive.add_endpoint(SERVE, logits, input_signature=signature)
-  if _has_features(model):
+  if has_features:
     archive.add_endpoint(
       FEATURES, lambda x: tf.cast(core(x)["features"], tf.float32), input_signature=signature
     )
