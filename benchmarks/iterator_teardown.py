@@ -21,10 +21,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (in main)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lifetimes", ["1", "3", "10", "20"], "Seconds each iterator is drawn from.")
