@@ -1,12 +1,15 @@
 """How long TensorFlow takes to delete a tf.data iterator, plain and distributed.
 
-    python benchmarks/iterator_teardown.py [--lifetimes=1,3,10,20] [--replicas=2] [--autotune=on|off]
+    python benchmarks/iterator_teardown.py [--lifetimes=1,3,10,20] [--replicas=2]
+        [--autotune=on|off] [--replica_autotune=on|off]
 
 Each lifetime L: an iterator over a small map/batch/prefetch pipeline is drawn from for L
 seconds (a batch every ~2 ms), then deleted, and the deletion is timed; first a plain
 iterator, then one over `strategy.experimental_distribute_dataset` on `--replicas` logical
 CPUs (MirroredStrategy, what Keras' fit and evaluate draw from with several replicas). One
-line per iterator: `kind=plain|distributed lifetime_s=L delete_s=D`.
+line per iterator: `kind=plain|distributed lifetime_s=L delete_s=D`. `--autotune=off` turns
+tf.data autotuning off for that pipeline, `--replica_autotune=off` for the per-replica datasets
+that tf.distribute's MultiDeviceIterator builds around it (as ban_tf.data does; both off: the fix).
 
 Why it exists, what it found and what it costs the test suite and real runs:
 docs/performance.md, "Iterator teardown with several replicas" (deleting a distributed
@@ -27,6 +30,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("lifetimes", ["1", "3", "10", "20"], "Seconds each iterator is drawn from.")
 flags.DEFINE_integer("replicas", 2, "Logical CPU devices of the distributed iterator.")
 flags.DEFINE_enum("autotune", "on", ["on", "off"], "tf.data.Options().autotune.enabled.")
+flags.DEFINE_enum(
+  "replica_autotune", "on", ["on", "off"], "The same, on tf.distribute's per-replica datasets."
+)
 
 
 def _pipeline(tf):
@@ -36,6 +42,20 @@ def _pipeline(tf):
   options = tf.data.Options()
   options.autotune.enabled = FLAGS.autotune == "on"
   return ds.with_options(options)
+
+
+def _untune_replica_datasets(tf):
+  """What ban_tf.data._untune_replica_pipelines does (a copy: benchmarks/ does not import ban_tf)."""
+  from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
+
+  make = mdi._create_device_dataset
+
+  def untuned(*args, **kwargs):
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return make(*args, **kwargs).with_options(options)
+
+  mdi._create_device_dataset = untuned
 
 
 def _time_delete(make_iterator, lifetime):
@@ -63,9 +83,14 @@ def main(argv):
     [f"/cpu:{i}" for i in range(FLAGS.replicas)],
     cross_device_ops=tf.distribute.ReductionToOneDevice(),
   )
+  if FLAGS.replica_autotune == "off":
+    _untune_replica_datasets(tf)
   ds = _pipeline(tf)
   distributed = strategy.experimental_distribute_dataset(ds)
-  print(f"tensorflow={tf.__version__} replicas={FLAGS.replicas} autotune={FLAGS.autotune}")
+  print(
+    f"tensorflow={tf.__version__} replicas={FLAGS.replicas} autotune={FLAGS.autotune} "
+    f"replica_autotune={FLAGS.replica_autotune}"
+  )
   for kind, make in (("plain", lambda: iter(ds)), ("distributed", lambda: iter(distributed))):
     for lifetime in (float(s) for s in FLAGS.lifetimes):
       took = _time_delete(make, lifetime)
