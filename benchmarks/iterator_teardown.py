@@ -12,8 +12,8 @@ tf.data autotuning off for that pipeline, `--replica_autotune=off` for the per-r
 that tf.distribute's MultiDeviceIterator builds around it (as ban_tf.data does; both off: the fix).
 
 Why it exists, what it found and what it costs the test suite and real runs:
-docs/performance.md, "Iterator teardown with several replicas" (deleting a distributed
-iterator sometimes waits, with no CPU in use, for a tf.data thread).
+docs/performance.md, "Iterator teardown with several replicas" (deleting an autotuned iterator,
+distributed ones most, can wait with no CPU in use for tf.data's autotuning thread).
 """
 
 import gc
