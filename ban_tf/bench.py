@@ -153,7 +153,9 @@ def describe_device():
 def _fixed_batch_iterator(model, batch):
   import tensorflow as tf  # lazy: TensorFlow; bench's flag errors come before it
 
-  ds = tf.data.Dataset.from_tensors(tuple(batch)).repeat()
+  from ban_tf import tfdata  # lazy: TensorFlow; bench's flag errors come before it
+
+  ds = tfdata.untuned(tf.data.Dataset.from_tensors(tuple(batch)).repeat())
   return iter(model.distribute_strategy.experimental_distribute_dataset(ds))
 
 
@@ -288,8 +290,10 @@ def time_decode(dataset, cfg, reps, input_batches):
   (`data.Dataset.train_source`): the host's ceiling when nothing is cached (image folders
   of JPEGs: file reads and JPEG decoding, plus the resize to --image_size)."""
   per_rep = input_batches or dataset.steps_per_epoch(cfg.batch_size)
-  ds = dataset.train_source().repeat().batch(cfg.batch_size).prefetch(2)
-  it = iter(ds)
+  from ban_tf import tfdata  # lazy: TensorFlow; bench's flag errors come before it
+
+  ds = tfdata.untuned(dataset.train_source().repeat().batch(cfg.batch_size).prefetch(2))
+  it = iter(ds)  # as training reads it: no autotuning
   next(it)  # warm-up: threads and the first files
   samples = []
   for _ in range(reps):

@@ -47,6 +47,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from ban_tf import errors
+from ban_tf import tfdata
 
 AUTOTUNE = tf.data.AUTOTUNE
 _STATS_EXAMPLES = 10000  # training examples used for the per-channel mean/std
@@ -595,31 +596,10 @@ def augment_batch(images, indices, seed, mode, pad=4):
 def _distributable(ds):
   """Multi-worker input: every worker builds the same pipeline and keeps its share of
   the batches (DATA sharding); tfds' single-file splits cannot be sharded by FILE.
-  No tf.data autotuning, here or on the per-replica pipelines tf.distribute adds."""
+  Autotuning off: tfdata.untuned."""
   options = tf.data.Options()
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-  # Else deleting an iterator can wait 60 s: docs/performance.md, "Iterator teardown with several replicas"
-  options.autotune.enabled = False
-  _untune_replica_pipelines()
-  return ds.with_options(options)
-
-
-def _untune_replica_pipelines():
-  """Autotuning off on the per-replica datasets of tf.distribute's MultiDeviceIterator (a
-  generator and a fixed prefetch: nothing to tune), for the wait above. Once per process."""
-  from tensorflow.python.data.ops import multi_device_iterator_ops as mdi  # lazy: private
-
-  make = getattr(mdi, "_create_device_dataset", None)
-  if make is None or getattr(make, "untuned", False):
-    return
-
-  def untuned(*args, **kwargs):
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return make(*args, **kwargs).with_options(options)
-
-  untuned.untuned = True
-  mdi._create_device_dataset = untuned
+  return tfdata.untuned(ds.with_options(options))
 
 
 def _to_float(images, labels):

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from ban_tf import errors
+from ban_tf import tfdata
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -181,7 +182,7 @@ class TextDataset:
         or [np.zeros([0], np.int64)]
       )
     ds = tf.data.Dataset.from_tensor_slices(order).map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
-    return ds.prefetch(tf.data.AUTOTUNE), len(wins)
+    return tfdata.untuned(ds.prefetch(tf.data.AUTOTUNE)), len(wins)
 
   def val(self, batch_size):
     return self._eval("val", batch_size)
@@ -212,7 +213,7 @@ class TextDataset:
       if full < n:
         parts.append(tf.data.Dataset.from_tensors((x[:, full:], y[:, full:])))
       ds = parts[0] if len(parts) == 1 else parts[0].concatenate(parts[1])
-      return ds.prefetch(tf.data.AUTOTUNE)
+      return tfdata.untuned(ds.prefetch(tf.data.AUTOTUNE))
     wins = windows(batchify(self.ids[split], batch_size), self.info.bptt, full_only=False)
     if not wins:
       raise errors.UsageError(
@@ -222,7 +223,7 @@ class TextDataset:
     for x, y in wins:  # at most two distinct window lengths
       d = tf.data.Dataset.from_tensors((x, y))
       ds = d if ds is None else ds.concatenate(d)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return tfdata.untuned(ds.prefetch(tf.data.AUTOTUNE))
 
   def eval_sentences(self, split, batch_size):
     """int32 [scored tokens]: the sentence of each token `val`/`test` score, in their order.

@@ -9,10 +9,10 @@ iterator, then one over `strategy.experimental_distribute_dataset` on `--replica
 CPUs (MirroredStrategy, what Keras' fit and evaluate draw from with several replicas). One
 line per iterator: `kind=plain|distributed lifetime_s=L delete_s=D`. `--autotune=off` turns
 tf.data autotuning off for that pipeline, `--replica_autotune=off` for the per-replica datasets
-that tf.distribute's MultiDeviceIterator builds around it (as ban_tf.data does; both off: the fix).
+that tf.distribute's MultiDeviceIterator builds around it (as ban_tf.tfdata does; both off: the fix).
 
 Why it exists, what it found and what it costs the test suite and real runs:
-docs/performance.md, "Iterator teardown with several replicas" (deleting an autotuned iterator,
+docs/performance.md, "Iterator teardown" (deleting an autotuned iterator,
 distributed ones most, can wait with no CPU in use for tf.data's autotuning thread).
 """
 
@@ -45,7 +45,8 @@ def _pipeline(tf):
 
 
 def _untune_replica_datasets(tf):
-  """What ban_tf.data._untune_replica_pipelines does (a copy: benchmarks/ does not import ban_tf)."""
+  """What ban_tf.tfdata does to the per-replica datasets, copied so that this file alone
+  reproduces the wait for a TensorFlow bug report (it imports no ban_tf)."""
   from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
 
   make = mdi._create_device_dataset
