@@ -1,49 +1,67 @@
-"""The tf.data options of every pipeline ban_tf iterates: their one owner.
+"""The autotuning options of the tf.data pipelines ban_tf iterates: their one owner.
 
 Autotuning is off, on ban_tf's pipelines and on the per-replica datasets that
-`tf.distribute`'s MultiDeviceIterator builds around them, because deleting an iterator
-that autotunes can block for up to a minute (TensorFlow 2.21: a lost wake-up of the
-iterator's autotuning thread, `Model::OptimizeLoop`; docs/performance.md, "Iterator
-teardown"). Nothing else changes: with autotuning off, `num_parallel_calls=AUTOTUNE`
-stays at TensorFlow's fixed default, min(16, CPU cores), and the elements, their order
-and every number computed from them are the same.
+`tf.distribute`'s MultiDeviceIterator builds around them: with it, deleting an iterator
+can block for up to a minute in TensorFlow 2.21 (the cause, the figures and what is not
+covered: docs/performance.md, "Iterator teardown"). Parallel transformations given
+`tf.data.AUTOTUNE` then run at `autotune.initial_parallelism`, set here to the CPU cores
+this process may use (TensorFlow's default, 16, would cap a larger host; autotuning
+would have tuned up to the cores). The elements and their order do not change.
 """
 
+import functools
+import os
+
+from absl import logging
 import tensorflow as tf
 
-# Private, and the only way to reach the per-replica datasets' options (TensorFlow gives
-# them its defaults); tests/tfdata_test.py fails if TensorFlow moves it.
+# Private: the only way to reach the per-replica datasets' options (TensorFlow gives them
+# its defaults). tests/tfdata_test.py fails if TensorFlow moves it; ban_tf then warns once.
 from tensorflow.python.data.ops import multi_device_iterator_ops
 
 
 def untuned(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """`ds` with tf.data autotuning off (same elements, same order).
+  """`ds` without tf.data autotuning: the same elements in the same order.
 
-  Also, once per process, turns it off on the per-replica datasets of any distributed
-  iterator made afterwards (MirroredStrategy with 2 or more replicas: Keras' fit,
+  Also, once per process (and so for any code in it, ban_tf's or not), turns autotuning off
+  on the per-replica datasets of every distributed iterator made afterwards
+  (MirroredStrategy or MultiWorkerMirroredStrategy with 2 or more devices: Keras' fit,
   evaluate and predict).
 
   Args:
     ds: any tf.data.Dataset.
 
   Returns:
-    `ds.with_options(...)`, with `options().autotune.enabled` False.
+    `ds.with_options(...)`: `options().autotune.enabled` False and
+    `options().autotune.initial_parallelism` the number of usable CPU cores.
   """
   _untune_replica_datasets()
+  return ds.with_options(_options())
+
+
+def _options():
   options = tf.data.Options()
   options.autotune.enabled = False
-  return ds.with_options(options)
+  options.autotune.initial_parallelism = len(os.sched_getaffinity(0))
+  return options
 
 
 def _untune_replica_datasets():
-  make = multi_device_iterator_ops._create_device_dataset  # pylint: disable=protected-access
+  make = getattr(multi_device_iterator_ops, "_create_device_dataset", None)
+  if make is None:
+    logging.log_first_n(
+      logging.WARNING,
+      "this TensorFlow has no multi_device_iterator_ops._create_device_dataset: per-replica "
+      "datasets keep autotuning (docs/performance.md, 'Iterator teardown')",
+      1,
+    )
+    return
   if getattr(make, "ban_tf_untuned", False):
     return
 
+  @functools.wraps(make)
   def create_device_dataset(*args, **kwargs):
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return make(*args, **kwargs).with_options(options)
+    return make(*args, **kwargs).with_options(_options())
 
   create_device_dataset.ban_tf_untuned = True
   multi_device_iterator_ops._create_device_dataset = create_device_dataset  # pylint: disable=protected-access

@@ -1,10 +1,8 @@
-"""tfdata.untuned: no tf.data autotuning on any pipeline ban_tf iterates, nor on the
-per-replica datasets tf.distribute builds around them (deleting an autotuning iterator
-can wait up to a minute: docs/performance.md, "Iterator teardown"); same elements.
+"""tfdata.untuned: tf.data autotuning off on ban_tf's pipelines and on the per-replica
+datasets tf.distribute builds around them, the elements unchanged (why: docs/performance.md,
+"Iterator teardown"; the wait's timings are benchmarks/iterator_teardown.py's)."""
 
-Timings are benchmarks/iterator_teardown.py's; these tests check the options that
-remove the wait, so a TensorFlow that moves them fails here rather than waiting again.
-"""
+import os
 
 import numpy as np
 import pytest
@@ -17,16 +15,13 @@ from tests import e2e_runs
 from tests.conftest import SHARED_TFDS
 from tests.conftest import strategy_for
 
-
-def _autotunes(ds):
-  return ds.options().autotune.enabled is not False  # None: TensorFlow's default, on
+_CORES = len(os.sched_getaffinity(0))
 
 
-def _per_replica_datasets(iterator):
-  """The datasets behind each replica's iterator of a distributed iterator (TensorFlow 2.21's
-  private attributes: input_lib's worker iterators -> OwnedMultiDeviceIterator)."""
-  (worker,) = iterator._iterators  # pylint: disable=protected-access
-  return [it._dataset for it in worker._iterator._device_iterators]  # pylint: disable=protected-access
+def _untuned(ds):
+  """Whether `ds` runs without autotuning, parallel transformations on every usable core."""
+  tune = ds.options().autotune
+  return tune.enabled is False and tune.initial_parallelism == _CORES  # None: TensorFlow's default
 
 
 def _pipeline():
@@ -34,32 +29,34 @@ def _pipeline():
   return ds.batch(6).prefetch(tf.data.AUTOTUNE)
 
 
+_WANT = [np.arange(40)[i : i + 6] ** 2 for i in range(0, 40, 6)]  # 6 batches of 6, one of 4
+
+
 def test_untuned_keeps_the_elements_and_their_order():
-  assert _autotunes(_pipeline()) and not _autotunes(tfdata.untuned(_pipeline()))
-  want = [b.numpy() for b in _pipeline()]
+  assert not _untuned(_pipeline()) and _untuned(tfdata.untuned(_pipeline()))
   got = [b.numpy() for b in tfdata.untuned(_pipeline())]
-  assert len(got) == len(want) == 7
-  for a, b in zip(got, want):
+  assert len(got) == len(_WANT) == 7
+  for a, b in zip(got, _WANT):
     np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_per_replica_datasets_do_not_autotune_and_batches_are_unchanged(replicas):
+def test_host_and_per_replica_datasets_are_untuned_and_batches_unchanged(replicas):
+  """The pipeline the strategy draws from and each device's dataset (TensorFlow 2.21's private
+  attributes: input_lib's worker iterator -> OwnedMultiDeviceIterator): a TensorFlow that
+  moves them, or stops calling the wrapped function, fails here."""
   strategy = strategy_for(replicas)
-  tfdata.untuned(_pipeline())  # installs the per-replica option, once per process
   iterator = iter(strategy.experimental_distribute_dataset(tfdata.untuned(_pipeline())))
-  per_replica = _per_replica_datasets(iterator)
-  assert len(per_replica) == replicas
-  assert not any(_autotunes(ds) for ds in per_replica)
-  got = [strategy.experimental_local_results(b) for b in iterator]
-  want = [
-    strategy.experimental_local_results(b)
-    for b in strategy.experimental_distribute_dataset(_pipeline())
+  (worker,) = iterator._iterators  # pylint: disable=protected-access
+  assert _untuned(worker._dataset)  # pylint: disable=protected-access
+  devices = worker._iterator._device_iterators  # pylint: disable=protected-access
+  assert len(devices) == replicas and all(_untuned(it._dataset) for it in devices)
+  got = [
+    np.concatenate([x.numpy() for x in strategy.experimental_local_results(b)]) for b in iterator
   ]
-  assert len(got) == len(want)
-  for a, b in zip(got, want):
-    for x, y in zip(a, b):
-      np.testing.assert_array_equal(x.numpy(), y.numpy())
+  assert len(got) == len(_WANT)
+  for a, b in zip(got, _WANT):  # each global batch split over the replicas, in order
+    np.testing.assert_array_equal(a, b)
 
 
 _AUGMENT = [("none", False), ("flip_crop", False), ("flip_crop", True)]
@@ -76,4 +73,4 @@ def test_every_image_and_language_model_pipeline_is_untuned(tmp_path):
     lm = text_data.TextDataset("ptb", ptb_dir=str(tmp_path), bptt=5, state=state)
     pipelines += [lm.train(2, seed=0)[0], lm.val(2), lm.test(2)]
   assert len(pipelines) == 11
-  assert not any(_autotunes(ds) for ds in pipelines)
+  assert all(_untuned(ds) for ds in pipelines)
