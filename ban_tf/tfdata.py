@@ -16,7 +16,8 @@ from absl import logging
 import tensorflow as tf
 
 # Private: the only way to reach the per-replica datasets' options (TensorFlow gives them
-# its defaults). tests/tfdata_test.py fails if TensorFlow moves it; ban_tf then warns once.
+# its defaults). tests/tfdata_test.py fails if TensorFlow changes it; if the function is
+# gone, ban_tf warns once and runs without the per-replica half.
 from tensorflow.python.data.ops import multi_device_iterator_ops
 
 
@@ -42,8 +43,15 @@ def untuned(ds: tf.data.Dataset) -> tf.data.Dataset:
 def _options():
   options = tf.data.Options()
   options.autotune.enabled = False
-  options.autotune.initial_parallelism = len(os.sched_getaffinity(0))
+  options.autotune.initial_parallelism = usable_cores()
   return options
+
+
+def usable_cores() -> int:
+  """The CPU cores this process may run on (its affinity where the OS has one, as on Linux)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def _untune_replica_datasets():

@@ -15,7 +15,7 @@ from tests import e2e_runs
 from tests.conftest import SHARED_TFDS
 from tests.conftest import strategy_for
 
-_CORES = len(os.sched_getaffinity(0))
+_CORES = len(os.sched_getaffinity(0))  # Linux, as CI (tfdata.usable_cores falls back elsewhere)
 
 
 def _untuned(ds):
