@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.data.ops import multi_device_iterator_ops
 
 from ban_tf import data
 from ban_tf import text_data
@@ -74,3 +75,11 @@ def test_every_image_and_language_model_pipeline_is_untuned(tmp_path):
     pipelines += [lm.train(2, seed=0)[0], lm.val(2), lm.test(2)]
   assert len(pipelines) == 11
   assert all(_untuned(ds) for ds in pipelines)
+
+
+def test_a_tensorflow_without_the_private_function_warns_and_still_untunes(monkeypatch, caplog):
+  monkeypatch.delattr(multi_device_iterator_ops, "_create_device_dataset")
+  with caplog.at_level("WARNING", logger="absl"):
+    ds = tfdata.untuned(_pipeline())
+  assert _untuned(ds)
+  assert "per-replica datasets keep autotuning" in caplog.text, caplog.text
