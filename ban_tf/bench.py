@@ -131,13 +131,15 @@ def describe_device():
   """One line: the device the steps run on and the thread settings."""
   import tensorflow as tf  # lazy: TensorFlow; bench's flag errors come before it
 
+  from ban_tf import tfdata  # lazy: TensorFlow; bench's flag errors come before it
+
   gpus = tf.config.list_physical_devices("GPU")
   if gpus:
     details = tf.config.experimental.get_device_details(gpus[0])
     device = f"GPU x{len(gpus)} ({details.get('device_name', 'unknown')})"
   else:
     device = "CPU"
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = tfdata.usable_cores()
   inter = tf.config.threading.get_inter_op_parallelism_threads()
   intra = tf.config.threading.get_intra_op_parallelism_threads()
 
